@@ -1,0 +1,213 @@
+"""``voxel_mlp``: a small MLP applied to the feature vector of every voxel, fused."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import mlp_torch
+from .backend import resolve_backend
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+# Limits of the fused Triton kernel (its code unrolls exactly FUSED_MAX_LAYERS layers).
+FUSED_MAX_LAYERS = 6
+FUSED_MAX_WIDTH = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(t: object, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"voxel_mlp: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"voxel_mlp: {what} has dtype {t.dtype}; floating point is required "
+            f"(convert with .float())"
+        )
+    return t
+
+
+def _validate(x, weights, biases, activation, channels_last) -> None:
+    _check_float(x, "x")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"voxel_mlp: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
+        )
+    if channels_last:
+        if x.ndim < 1:
+            raise ValueError("voxel_mlp: x must have a channel axis last, got a 0-d tensor")
+    elif x.ndim != 5:
+        raise ValueError(
+            f"voxel_mlp: x must be (N, C, D, H, W), got shape {tuple(x.shape)}; "
+            "for (..., C) arrays such as (X, Y, Z, n) pass channels_last=True"
+        )
+    if isinstance(weights, torch.Tensor) or isinstance(biases, torch.Tensor):
+        raise ValueError("voxel_mlp: weights and biases must be lists of tensors, one per layer")
+    if len(weights) == 0:
+        raise ValueError("voxel_mlp: weights is empty; give at least one (out, in) matrix")
+    if len(weights) != len(biases):
+        raise ValueError(
+            f"voxel_mlp: {len(weights)} weight matrices but {len(biases)} bias vectors"
+        )
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    expected_in = channels
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check_float(w, f"weights[{i}]")
+        _check_float(b, f"biases[{i}]")
+        if w.ndim != 2:
+            raise ValueError(
+                f"voxel_mlp: weights[{i}] must be (out, in), got shape {tuple(w.shape)}"
+            )
+        if w.shape[1] != expected_in:
+            source = (
+                f"x has {channels} channels"
+                if i == 0
+                else (f"weights[{i - 1}] has shape {tuple(weights[i - 1].shape)}")
+            )
+            raise ValueError(
+                f"voxel_mlp: weights[{i}] has shape {tuple(w.shape)} but {source}; "
+                f"weights[{i}] needs {expected_in} input columns"
+            )
+        if b.shape != (w.shape[0],):
+            raise ValueError(
+                f"voxel_mlp: biases[{i}] has shape {tuple(b.shape)}, expected ({w.shape[0]},) "
+                f"to match weights[{i}] of shape {tuple(w.shape)}"
+            )
+        if w.device != x.device or b.device != x.device:
+            raise ValueError(
+                f"voxel_mlp: layer {i} lives on {w.device}/{b.device} but x on {x.device}; "
+                "move the weights with .to(x.device)"
+            )
+        expected_in = w.shape[0]
+
+
+def _fused_unsupported(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> str:
+    """Why the fused Triton kernel cannot run this call ('' when it can)."""
+    if dtype == torch.float64:
+        return "float64 inputs (the kernel computes in float32); use backend='torch'"
+    if len(weights) > FUSED_MAX_LAYERS:
+        return f"{len(weights)} layers; the fused kernel takes at most {FUSED_MAX_LAYERS}"
+    widest = max(max(w.shape) for w in weights)
+    if widest > FUSED_MAX_WIDTH:
+        return f"a layer of width {widest}; the fused kernel takes widths up to {FUSED_MAX_WIDTH}"
+    return ""
+
+
+def _channels_first(t: torch.Tensor | None, channels_last: bool) -> torch.Tensor | None:
+    """View ``(N, C, *S)`` or ``(*S, C)`` as ``(C, N, *S)`` / ``(C, *S)``."""
+    if t is None:
+        return None
+    return t.movedim(-1, 0) if channels_last else t.movedim(1, 0)
+
+
+def _as_ncdhw(t: torch.Tensor) -> torch.Tensor:
+    """View a channels-last ``(*S, C)`` tensor as ``(1, C, a, b, c)`` for the Triton kernel."""
+    if t.ndim > 4:
+        t = t.reshape(-1, t.shape[-1])  # a view when the leading dims flatten, else a copy
+    t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    return t.movedim(-1, 0).unsqueeze(0)
+
+
+class _VoxelMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation, channels_last, backend, n_layers, *params):
+        weights, biases = params[:n_layers], params[n_layers:]
+        k = weights[-1].shape[0]
+        dtype = weights[0].dtype
+        if channels_last:
+            out = torch.empty((*x.shape[:-1], k), dtype=dtype, device=x.device)
+        else:
+            out = torch.empty((x.shape[0], k, *x.shape[2:]), dtype=dtype, device=x.device)
+        if out.numel():
+            if backend == "triton":
+                from . import mlp_triton
+
+                if channels_last:
+                    mlp_triton.mlp_forward(
+                        _as_ncdhw(x), _as_ncdhw(out), weights, biases, activation
+                    )
+                else:
+                    mlp_triton.mlp_forward(x, out, weights, biases, activation)
+            else:
+                mlp_torch.mlp_forward(
+                    _channels_first(x, channels_last),
+                    _channels_first(out, channels_last),
+                    weights,
+                    biases,
+                    activation,
+                )
+        ctx.save_for_backward(x, *params)
+        ctx.meta = (activation, channels_last, n_layers)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        activation, channels_last, n_layers = ctx.meta
+        x, *params = ctx.saved_tensors
+        weights, biases = params[:n_layers], params[n_layers:]
+        grad_x = (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if ctx.needs_input_grad[0]
+            else None
+        )
+        gw, gb = mlp_torch.mlp_backward(
+            _channels_first(x, channels_last),
+            _channels_first(grad_out, channels_last),
+            weights,
+            biases,
+            activation,
+            _channels_first(grad_x, channels_last),
+        )
+        return (grad_x, None, None, None, None, *gw, *gb)
+
+
+def voxel_mlp(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    activation: str = "relu",
+    *,
+    channels_last: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply an MLP to the channel vector of every voxel, all layers fused.
+
+    Parameters
+    ----------
+    x : Tensor ``(N, C, D, H, W)``, or ``(..., C)`` with ``channels_last=True``
+        Any strides. float32 or float64; float16/bfloat16 are accepted and computed in float32.
+    weights : list of Tensor ``(out_l, in_l)``
+        ``in_0 == C`` and ``in_l == out_{l-1}``; the last ``out`` is ``K``.
+    biases : list of Tensor ``(out_l,)``
+    activation : {"relu", "gelu", "silu", "tanh", "sigmoid", "identity"}
+        Applied between layers, not after the last one. ``gelu`` is the exact (erf) form.
+    channels_last : bool
+        Read ``x`` as ``(..., C)`` (for example ``(X, Y, Z, n)``) and return ``(..., K)``.
+    backend : {"auto", "triton", "torch"}
+        ``auto``: the fused Triton kernel for CUDA tensors when triton imports, else the blocked
+        torch path (cache-sized blocks; peak extra memory independent of the volume size).
+
+    Returns
+    -------
+    Tensor ``(N, K, D, H, W)`` or ``(..., K)``, contiguous; float32 (float64 when ``x`` or a
+    parameter is float64). Differentiable in ``x``, ``weights`` and ``biases``.
+
+    Raises
+    ------
+    ValueError
+        Wrong number of dimensions, channel count not matching ``weights[0]``, mismatched layer
+        shapes, non-float dtypes, unknown activation or backend, tensors on different devices.
+    """
+    _validate(x, weights, biases, activation, channels_last)
+    params = [*weights, *biases]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in [x, *params]) else torch.float32
+    params = [p.to(dtype) for p in params]
+    chosen = resolve_backend(
+        backend,
+        x.device,
+        op="voxel_mlp",
+        triton_unsupported=_fused_unsupported(params[: len(weights)], dtype),
+    )
+    return _VoxelMLPFunction.apply(x, activation, channels_last, chosen, len(weights), *params)

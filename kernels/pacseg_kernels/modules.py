@@ -1,0 +1,192 @@
+"""``nn.Module`` faces of the ops."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .mlp import ACTIVATIONS, voxel_mlp
+
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Identity: "identity",
+}
+
+
+class VoxelMLP(nn.Module):
+    """A per-voxel MLP (stacked ``nn.Linear`` layers) applied with the fused ``voxel_mlp`` op.
+
+    Parameters
+    ----------
+    in_channels : int
+        Features per voxel, ``C``.
+    hidden : sequence of int
+        Widths of the hidden layers (may be empty: one linear layer).
+    out_channels : int
+        Outputs per voxel, ``K``.
+    activation : str
+        One of ``pacseg_kernels.mlp.ACTIVATIONS``, applied between layers.
+    channels_last : bool
+        Inputs are ``(..., C)`` instead of ``(N, C, D, H, W)``.
+    backend : {"auto", "triton", "torch"}
+
+    Shape
+    -----
+    Input ``(N, C, D, H, W)`` (or ``(..., C)``), output ``(N, K, D, H, W)`` (or ``(..., K)``).
+    The parameters are ``layers[i].weight`` / ``layers[i].bias`` as in ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: Sequence[int],
+        out_channels: int,
+        activation: str = "relu",
+        *,
+        channels_last: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"VoxelMLP: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
+            )
+        widths = [in_channels, *hidden, out_channels]
+        if any(int(w) < 1 for w in widths):
+            raise ValueError(f"VoxelMLP: every width must be >= 1, got {widths}")
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.activation = activation
+        self.channels_last = channels_last
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return voxel_mlp(
+            x,
+            [layer.weight for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            self.activation,
+            channels_last=self.channels_last,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, channels_last={self.channels_last}"
+
+    @classmethod
+    def _from_layers(cls, weights, biases, activation, **kwargs) -> VoxelMLP:
+        widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            if w.shape[1] != widths[i]:
+                raise ValueError(
+                    f"VoxelMLP: layer {i} has weight {tuple(w.shape)} but layer {i - 1} "
+                    f"outputs {widths[i]} features; the Linear layers do not chain"
+                )
+            if b is not None and tuple(b.shape) != (w.shape[0],):
+                raise ValueError(
+                    f"VoxelMLP: layer {i} has bias {tuple(b.shape)} for weight {tuple(w.shape)}"
+                )
+        model = cls(widths[0], widths[1:-1], widths[-1], activation, **kwargs)
+        with torch.no_grad():
+            for layer, w, b in zip(model.layers, weights, biases):
+                layer.weight.copy_(w)
+                if b is None:
+                    layer.bias.zero_()
+                else:
+                    layer.bias.copy_(b)
+        return model
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, **kwargs) -> VoxelMLP:
+        """Build from ``nn.Sequential(Linear, act, Linear, act, ..., Linear)``.
+
+        The activation modules must all be of one kind (``ReLU``, ``GELU()`` exact, ``SiLU``,
+        ``Tanh``, ``Sigmoid`` or ``Identity``); keyword arguments go to the constructor.
+        """
+        linears, acts = [], []
+        for i, module in enumerate(seq):
+            if isinstance(module, nn.Linear):
+                if len(linears) != len(acts):
+                    raise ValueError(
+                        f"VoxelMLP.from_sequential: module {i} is a second Linear in a row"
+                    )
+                linears.append(module)
+            elif type(module) in _ACTIVATION_MODULES:
+                if len(linears) != len(acts) + 1:
+                    raise ValueError(
+                        f"VoxelMLP.from_sequential: module {i} ({type(module).__name__}) "
+                        "must follow a Linear"
+                    )
+                if isinstance(module, nn.GELU) and module.approximate != "none":
+                    raise ValueError(
+                        "VoxelMLP.from_sequential: GELU(approximate='tanh') is not supported; "
+                        "use the exact GELU()"
+                    )
+                acts.append(_ACTIVATION_MODULES[type(module)])
+            else:
+                raise ValueError(
+                    f"VoxelMLP.from_sequential: module {i} is {type(module).__name__}; only "
+                    "Linear layers and activations "
+                    f"({', '.join(t.__name__ for t in _ACTIVATION_MODULES)}) are supported"
+                )
+        if not linears or len(acts) != len(linears) - 1:
+            raise ValueError(
+                "VoxelMLP.from_sequential: expected Linear, activation, ..., Linear "
+                f"(found {len(linears)} Linear and {len(acts)} activation modules)"
+            )
+        if len(set(acts)) > 1:
+            raise ValueError(f"VoxelMLP.from_sequential: mixed activations {acts}; use one kind")
+        activation = acts[0] if acts else kwargs.pop("activation", "relu")
+        kwargs.pop("activation", None)
+        return cls._from_layers(
+            [m.weight.detach() for m in linears],
+            [None if m.bias is None else m.bias.detach() for m in linears],
+            activation,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], activation: str = "relu", **kwargs
+    ) -> VoxelMLP:
+        """Build from the state dict of stacked ``nn.Linear`` layers, in the dict's order.
+
+        Keys are ``<prefix>.weight`` (2-D) with an optional ``<prefix>.bias`` (1-D), as written
+        by ``nn.Sequential(...).state_dict()`` or a module with ``fc1``, ``fc2``, ... attributes.
+        The activation between layers is not stored in a state dict: give it here.
+        """
+        weights, biases = [], []
+        prefixes = []
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"VoxelMLP.from_state_dict: {key!r} is not a tensor")
+            prefix, _, kind = key.rpartition(".")
+            if kind == "weight":
+                if value.ndim != 2:
+                    raise ValueError(
+                        f"VoxelMLP.from_state_dict: {key!r} has shape {tuple(value.shape)}; "
+                        "only Linear (2-D) weights are supported"
+                    )
+                prefixes.append(prefix)
+                weights.append(value)
+            elif kind != "bias":
+                raise ValueError(
+                    f"VoxelMLP.from_state_dict: unexpected key {key!r}; only '<layer>.weight' and "
+                    "'<layer>.bias' of Linear layers are supported"
+                )
+        if not weights:
+            raise ValueError("VoxelMLP.from_state_dict: no '<layer>.weight' entries found")
+        for prefix in prefixes:
+            bias = state_dict.get(f"{prefix}.bias" if prefix else "bias")
+            biases.append(bias)
+        known = {f"{p}.{k}" if p else k for p in prefixes for k in ("weight", "bias")}
+        orphans = [k for k in state_dict if k not in known]
+        if orphans:
+            raise ValueError(f"VoxelMLP.from_state_dict: biases without a weight: {orphans}")
+        return cls._from_layers(weights, biases, activation, **kwargs)
