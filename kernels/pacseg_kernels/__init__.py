@@ -4,7 +4,18 @@ Tensor ops only (torch, and triton for CUDA tensors); this package never imports
 """
 
 from .backend import triton_available
+from .crf import pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
-from .modules import VoxelMLP
+from .modules import PacConv3d, PacCRF3d, VoxelMLP
+from .pac import pac3d
 
-__all__ = ["ACTIVATIONS", "VoxelMLP", "triton_available", "voxel_mlp"]
+__all__ = [
+    "ACTIVATIONS",
+    "PacCRF3d",
+    "PacConv3d",
+    "VoxelMLP",
+    "pac3d",
+    "pac_crf3d",
+    "triton_available",
+    "voxel_mlp",
+]

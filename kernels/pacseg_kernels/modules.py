@@ -1,4 +1,4 @@
-"""``nn.Module`` faces of the ops."""
+"""``nn.Module`` faces of the ops: VoxelMLP, PacConv3d, PacCRF3d."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .crf import pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
+from .pac import pac3d, triple
 
 _ACTIVATION_MODULES = {
     nn.ReLU: "relu",
@@ -190,3 +192,98 @@ class VoxelMLP(nn.Module):
         if orphans:
             raise ValueError(f"VoxelMLP.from_state_dict: biases without a weight: {orphans}")
         return cls._from_layers(weights, biases, activation, **kwargs)
+
+
+class PacConv3d(nn.Module):
+    """Pixel-adaptive 3D convolution with a learned filter; ``nn.Conv3d``-like constructor.
+
+    ``forward(input, guide)``: input ``(N, C_in, D, H, W)``, guide ``(N, F, D, H, W)`` ->
+    ``(N, C_out, D_out, H_out, W_out)`` (see ``pacseg_kernels.pac3d``). The weight
+    ``(C_out, C_in // groups, kd, kh, kw)`` and bias are initialised as in ``nn.Conv3d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        normalize: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        kernel = triple(kernel_size, "kernel_size", "PacConv3d")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"PacConv3d: groups={groups} must divide in_channels={in_channels} and "
+                f"out_channels={out_channels}"
+            )
+        # Borrow nn.Conv3d's initialisation so a PacConv3d starts like the conv it generalises.
+        ref = nn.Conv3d(in_channels, out_channels, kernel, groups=groups, bias=bias)
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.normalize, self.backend = groups, normalize, backend
+
+    def forward(self, input: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        return pac3d(
+            input,
+            guide,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        c_out, c_in_g, *k = self.weight.shape
+        return (
+            f"{c_in_g * self.groups}, {c_out}, kernel_size={tuple(k)}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, normalize={self.normalize}"
+        )
+
+
+class PacCRF3d(nn.Module):
+    """Mean-field refinement layer: ``forward(unary, guide)`` -> refined logits (``pac_crf3d``)."""
+
+    def __init__(
+        self,
+        iterations: int = 5,
+        kernel_size=5,
+        dilation=1,
+        compat: float = 1.0,
+        spatial_sigma=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.iterations, self.kernel_size, self.dilation = iterations, kernel_size, dilation
+        self.compat, self.spatial_sigma, self.backend = compat, spatial_sigma, backend
+
+    def forward(self, unary: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        return pac_crf3d(
+            unary,
+            guide,
+            iterations=self.iterations,
+            kernel_size=self.kernel_size,
+            dilation=self.dilation,
+            compat=self.compat,
+            spatial_sigma=self.spatial_sigma,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"iterations={self.iterations}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"compat={self.compat}, spatial_sigma={self.spatial_sigma}"
+        )

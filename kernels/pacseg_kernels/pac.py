@@ -1,0 +1,226 @@
+"""``pac3d``: 3D pixel-adaptive convolution (Su et al., CVPR 2019), derived from its definition.
+
+``out[n,o,i] = bias[o] + sum_{c,t} W[o,c,t] * K[n,i,t] * x[n, c, i*s - p + t*d]`` with
+``K[n,i,t] = exp(-1/2 * sum_f (g[n,f,centre(i)] - g[n,f,i*s - p + t*d])^2)``, the window centre
+``centre(i) = i*s - p + (k-1)/2*d``; taps outside the input contribute nothing and the guide is
+zero-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import pac_torch
+from .backend import resolve_backend
+from .pac_torch import PacGeometry
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def triple(value, name: str, op: str) -> tuple[int, int, int]:
+    """An int or a 3-sequence of ints as a (d, h, w) triple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value, value)
+    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise ValueError(f"{op}: {name} must be an int or a tuple of 3 ints (d, h, w), got {value!r}")
+
+
+def check_float(t, what: str, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{op}: {what} has dtype {t.dtype}; a floating dtype is required (use .float())"
+        )
+    return t
+
+
+def check_volume_pair(x, guide, op: str, x_name: str = "input") -> None:
+    """Both ``(N, C, D, H, W)`` float tensors on one device with the same N, D, H, W."""
+    check_float(x, x_name, op)
+    check_float(guide, "guide", op)
+    for t, name in ((x, x_name), (guide, "guide")):
+        if t.ndim != 5:
+            raise ValueError(f"{op}: {name} must be (N, C, D, H, W), got shape {tuple(t.shape)}")
+    if guide.shape[0] != x.shape[0] or guide.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"{op}: guide has shape {tuple(guide.shape)} but {x_name} {tuple(x.shape)}; the batch "
+            "and spatial sizes (N, D, H, W) must match"
+        )
+    if guide.device != x.device:
+        raise ValueError(f"{op}: guide is on {guide.device} but {x_name} on {x.device}")
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    present = [t for t in tensors if t is not None]
+    return torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+
+
+def geometry(x, weight, kernel_size, stride, padding, dilation, op: str) -> PacGeometry:
+    if weight is not None:
+        kernel = tuple(weight.shape[2:])
+        if kernel_size is not None and triple(kernel_size, "kernel_size", op) != kernel:
+            raise ValueError(
+                f"{op}: kernel_size={kernel_size!r} disagrees with weight of shape "
+                f"{tuple(weight.shape)}; drop kernel_size or make them agree"
+            )
+    elif kernel_size is None:
+        raise ValueError(f"{op}: weight=None (adaptive filtering) needs kernel_size")
+    else:
+        kernel = triple(kernel_size, "kernel_size", op)
+    stride = triple(stride, "stride", op)
+    padding = triple(padding, "padding", op)
+    dilation = triple(dilation, "dilation", op)
+    if any(k < 1 or k % 2 == 0 for k in kernel):
+        raise ValueError(
+            f"{op}: kernel sizes must be odd and >= 1 (the window needs a centre), got {kernel}"
+        )
+    if any(s < 1 for s in stride):
+        raise ValueError(f"{op}: stride must be >= 1, got {stride}")
+    if any(p < 0 for p in padding):
+        raise ValueError(f"{op}: padding must be >= 0, got {padding}")
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"{op}: dilation must be >= 1, got {dilation}")
+    geo = PacGeometry(tuple(x.shape[2:]), kernel, stride, padding, dilation)
+    if any(o < 1 for o in geo.out_shape):
+        raise ValueError(
+            f"{op}: input of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel} "
+            f"with dilation {dilation} and padding {padding} (output size {geo.out_shape})"
+        )
+    return geo
+
+
+class _PacFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, guide, weight, bias, geo, groups, normalize, tap_scale, backend):
+        dtype = compute_dtype(x, guide, weight, bias)
+        c_out = x.shape[1] if weight is None else weight.shape[0]
+        out = torch.empty((x.shape[0], c_out, *geo.out_shape), dtype=dtype, device=x.device)
+        w = None if weight is None else weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        if out.numel():
+            if backend == "triton":
+                from . import pac_triton
+
+                pac_triton.pac_forward(x, guide, w, b, geo, groups, normalize, tap_scale, out)
+            else:
+                pac_torch.pac_forward(x, guide, w, b, geo, groups, normalize, tap_scale, out)
+        ctx.save_for_backward(x, guide, weight)
+        ctx.meta = (geo, groups, normalize, tap_scale, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, guide, weight = ctx.saved_tensors
+        geo, groups, normalize, tap_scale, has_bias = ctx.meta
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            weight is not None and ctx.needs_input_grad[2],
+            has_bias and ctx.needs_input_grad[3],
+        )
+        gx, gg, gw, gb = pac_torch.pac_backward(
+            x, guide, weight, geo, groups, normalize, tap_scale, grad_out, needs
+        )
+        cast = [(gx, x), (gg, guide), (gw, weight)]
+        gx, gg, gw = (None if g is None else g.to(t.dtype) for g, t in cast)
+        return gx, gg, gw, gb, None, None, None, None, None
+
+
+def pac_apply(x, guide, weight, bias, geo, groups, normalize, tap_scale, backend, op):
+    """Dispatch to a backend and run with autograd (validated arguments)."""
+    dtype = compute_dtype(x, guide, weight, bias)
+    reason = (
+        "float64 inputs (the kernel computes in float32); use backend='torch'"
+        if dtype == torch.float64
+        else ""
+    )
+    chosen = resolve_backend(backend, x.device, op=op, triton_unsupported=reason)
+    return _PacFunction.apply(x, guide, weight, bias, geo, groups, normalize, tap_scale, chosen)
+
+
+def pac3d(
+    input: torch.Tensor,
+    guide: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    kernel_size=None,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """3D pixel-adaptive convolution: ``conv3d`` whose filter is modulated per voxel by the guide.
+
+    Parameters
+    ----------
+    input : Tensor ``(N, C_in, D, H, W)``, any strides, float.
+    guide : Tensor ``(N, F, D, H, W)``: the adapting features (for example the image, scaled by
+        ``1 / sigma``); zero-padded where the window leaves the volume.
+    weight : Tensor ``(C_out, C_in // groups, kd, kh, kw)`` or None
+        As in ``conv3d``. None means depthwise all-ones (pure adaptive filtering; ``C_out ==
+        C_in``, ``kernel_size`` required).
+    bias : Tensor ``(C_out,)`` or None.
+    stride, padding, dilation : int or (d, h, w)
+        ``conv3d`` semantics and output size; padding >= 0; kernel sizes odd.
+    groups : int
+        ``conv3d`` groups (with a weight).
+    kernel_size : int or (d, h, w), optional
+        Required when ``weight`` is None; must agree with the weight otherwise.
+    normalize : bool
+        Replace ``K`` by ``K / sum_t K`` over the in-bounds taps of each window.
+    backend : {"auto", "triton", "torch"}
+
+    Returns
+    -------
+    Tensor ``(N, C_out, D_out, H_out, W_out)``, float32 (float64 if any input is float64).
+    Differentiable in ``input``, ``guide``, ``weight`` and ``bias``. With a constant guide and
+    ``normalize=False`` it equals ``conv3d`` exactly. Memory ``O(N * (C_in + F + C_out))`` voxels:
+    no unfold, the adapting kernel is recomputed tap by tap and never stored whole.
+    """
+    op = "pac3d"
+    check_volume_pair(input, guide, op)
+    if weight is not None:
+        check_float(weight, "weight", op)
+        if weight.ndim != 5:
+            raise ValueError(
+                f"{op}: weight must be (C_out, C_in/groups, kd, kh, kw), got shape {tuple(weight.shape)}"
+            )
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    c_in = input.shape[1]
+    if weight is None:
+        if groups != 1:
+            raise ValueError(
+                f"{op}: groups={groups} needs a weight; weight=None is already depthwise"
+            )
+        c_out = c_in
+    else:
+        c_out = weight.shape[0]
+        if c_in % groups or c_out % groups:
+            raise ValueError(
+                f"{op}: groups={groups} must divide both input channels ({c_in}) and output "
+                f"channels ({c_out})"
+            )
+        if weight.shape[1] != c_in // groups:
+            raise ValueError(
+                f"{op}: weight has shape {tuple(weight.shape)} but input has {c_in} channels and "
+                f"groups={groups}; weight.shape[1] must be {c_in // groups}"
+            )
+        if weight.device != input.device:
+            raise ValueError(f"{op}: weight is on {weight.device} but input on {input.device}")
+    if bias is not None:
+        check_float(bias, "bias", op)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({c_out},)")
+        if bias.device != input.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but input on {input.device}")
+    geo = geometry(input, weight, kernel_size, stride, padding, dilation, op)
+    return pac_apply(input, guide, weight, bias, geo, groups, bool(normalize), None, backend, op)
