@@ -117,7 +117,8 @@ def crf_reference(
     else:
         sig = spatial_sigma if isinstance(spatial_sigma, (tuple, list)) else (spatial_sigma,) * 3
         ws = torch.tensor(
-            [math.exp(-0.5 * sum((o / s) ** 2 for o, s in zip(off, sig))) for off in offsets]
+            [math.exp(-0.5 * sum((o / s) ** 2 for o, s in zip(off, sig))) for off in offsets],
+            dtype=torch.float64,
         )
     ws[centre] = 0.0
     w = (

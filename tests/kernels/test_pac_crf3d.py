@@ -1,0 +1,120 @@
+"""pac_crf3d and PacCRF3d (torch path) against the float64 reference."""
+
+import pytest
+import torch
+
+import pacseg_kernels.pac_torch as pac_torch
+from pacseg_kernels import PacCRF3d, pac_crf3d
+from tests.kernels.reference import crf_reference
+
+# N, K (classes), F (guide channels), spatial, kernel, dilation, spatial_sigma, compat, iterations
+CASES = [
+    (1, 2, 1, (6, 7, 8), 3, 1, None, 1.0, 1),
+    (2, 3, 3, (5, 9, 6), (1, 5, 3), (1, 1, 2), 1.5, 2.5, 3),
+    (1, 4, 2, (7, 5, 5), 5, 1, (0.8, 1.2, 2.0), 0.7, 5),
+    (1, 1, 1, (4, 4, 4), 3, 2, None, 1.0, 2),  # one class: messages are all 1
+    (2, 2, 8, (1, 11, 10), (1, 3, 3), 1, None, 3.0, 4),  # depth 1
+]
+
+
+def _tensors(case, gen, dtype=torch.float32):
+    n, k, f, spatial = case[:4]
+    unary = 2 * torch.randn(n, k, *spatial, generator=gen, dtype=dtype)
+    guide = 0.8 * torch.randn(n, f, *spatial, generator=gen, dtype=dtype)
+    return unary, guide
+
+
+@pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
+@pytest.mark.parametrize("tile", [None, 29])
+def test_matches_reference(case, tile, monkeypatch):
+    if tile is not None:
+        monkeypatch.setattr(pac_torch, "TILE_VOXELS", tile)
+    *_, kernel, dilation, sigma, compat, iterations = case
+    gen = torch.Generator().manual_seed(hash(case[3]) % 2**31)
+    unary, guide = _tensors(case, gen)
+    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, backend="torch")
+    ref = crf_reference(unary, guide, iterations, kernel, dilation, compat, sigma)
+    assert out.shape == unary.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_iterations_returns_unary():
+    unary, guide = torch.randn(1, 3, 4, 5, 6), torch.randn(1, 1, 4, 5, 6)
+    assert torch.equal(pac_crf3d(unary, guide, iterations=0), unary)
+
+
+def test_isolated_voxels_keep_their_unary():
+    """A voxel whose guide is far from all neighbours gets no message: its probabilities stay."""
+    unary = torch.randn(1, 2, 5, 5, 5)
+    guide = torch.zeros(1, 1, 5, 5, 5)
+    guide[0, 0, 2, 2, 2] = 1e4  # every weight to or from it underflows to 0
+    out = pac_crf3d(unary, guide, iterations=3, kernel_size=3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, :, 2, 2, 2].softmax(0), unary[0, :, 2, 2, 2].softmax(0))
+    huge = pac_crf3d(
+        unary, torch.arange(125.0).view(1, 1, 5, 5, 5) * 1e3, iterations=2, kernel_size=3
+    )
+    torch.testing.assert_close(huge.softmax(1), unary.softmax(1))
+
+
+def test_refinement_removes_isolated_label_noise():
+    """Flat guide inside two regions: mean field flips noisy voxels to their region's class."""
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.zeros(1, 12, 12, 12, dtype=torch.long)
+    truth[:, :, :, 6:] = 1
+    unary = torch.nn.functional.one_hot(truth, 2).permute(0, 4, 1, 2, 3).float() * 2 - 1
+    flips = torch.rand(1, 1, 12, 12, 12, generator=gen) < 0.1
+    noisy = torch.where(flips, -unary, unary)
+    guide = truth[:, None].float() * 10  # the boundary is in the guide
+    out = pac_crf3d(noisy, guide, iterations=5, kernel_size=3, compat=4.0)
+    assert (noisy.argmax(1) != truth).sum() > 50
+    assert (out.argmax(1) != truth).sum() == 0
+
+
+def test_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    unary = torch.randn(1, 3, 3, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    guide = (0.7 * torch.randn(1, 2, 3, 4, 3, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    def f(unary, guide):
+        return pac_crf3d(unary, guide, iterations=2, kernel_size=3, compat=1.3, spatial_sigma=1.0)
+
+    assert torch.autograd.gradcheck(f, (unary, guide))
+
+
+def test_module_and_float64():
+    unary, guide = _tensors(CASES[1], torch.Generator().manual_seed(1), torch.float64)
+    layer = PacCRF3d(
+        iterations=3, kernel_size=(1, 5, 3), dilation=(1, 1, 2), compat=2.5, spatial_sigma=1.5
+    )
+    out = layer(unary, guide)
+    assert out.dtype == torch.float64
+    ref = crf_reference(unary, guide, 3, (1, 5, 3), (1, 1, 2), 2.5, 1.5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert "iterations=3" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(kernel_size=4), r"odd.*\(4, 4, 4\)"),
+        (dict(iterations=-1), r"iterations must be an int >= 0, got -1"),
+        (dict(dilation=0), r"dilation must be >= 1"),
+        (dict(spatial_sigma=0.0), r"spatial_sigma must be positive"),
+        (dict(spatial_sigma=(1.0, 2.0)), r"spatial_sigma must be None, a number or 3 numbers"),
+        (dict(compat=float("nan")), r"compat must be a finite number"),
+        (dict(backend="cuda"), r"backend must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pac_crf3d(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 1, 4, 4, 4), **kwargs)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match=r"guide has shape \(1, 1, 4, 4, 3\) but unary"):
+        pac_crf3d(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 1, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"unary has dtype torch.int64"):
+        pac_crf3d(torch.zeros(1, 2, 4, 4, 4, dtype=torch.long), torch.randn(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"unary must be \(N, C, D, H, W\)"):
+        pac_crf3d(torch.randn(2, 4, 4, 4), torch.randn(1, 4, 4, 4))
