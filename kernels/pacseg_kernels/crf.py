@@ -7,6 +7,7 @@ from numbers import Real
 
 import torch
 
+from .backend import resolve_backend
 from .pac import check_volume_pair, compute_dtype, pac_apply, triple
 from .pac_torch import PacGeometry
 
@@ -104,6 +105,17 @@ def pac_crf3d(
     scale = spatial_tap_weights(geo, sigma)
     grad = torch.is_grad_enabled() and (unary.requires_grad or guide.requires_grad)
     q = torch.softmax(unary, dim=1)
+    if not grad and dtype == torch.float32:
+        chosen = resolve_backend(backend, unary.device, op=op)
+        if chosen == "triton":
+            from . import pac_triton
+
+            # One fused kernel per step: message, compatibility and softmax.
+            logits, q_next = torch.empty_like(q), torch.empty_like(q)
+            for _ in range(iterations):
+                pac_triton.crf_step(q, guide, unary, geo, scale, float(compat), logits, q_next)
+                q, q_next = q_next, q
+            return logits
     for step in range(iterations):
         message = pac_apply(q, guide, None, None, geo, 1, True, scale, backend, op)
         if grad:
