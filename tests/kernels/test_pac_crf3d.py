@@ -38,6 +38,15 @@ def test_matches_reference(case, tile, monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(9)
+    unary = torch.randn(6, 5, 1, 4, 3, generator=gen).permute(2, 4, 0, 3, 1)  # (1, 3, 6, 4, 5)
+    guide = torch.randn(1, 2, 12, 4, 5, generator=gen)[:, :, ::2]
+    for backend in ("torch", "auto"):
+        out = pac_crf3d(unary, guide, iterations=2, kernel_size=3, backend=backend)
+        torch.testing.assert_close(out.double(), crf_reference(unary, guide, 2, 3), rtol=1e-4, atol=1e-4)
+
+
 def test_zero_iterations_returns_unary():
     unary, guide = torch.randn(1, 3, 4, 5, 6), torch.randn(1, 1, 4, 5, 6)
     assert torch.equal(pac_crf3d(unary, guide, iterations=0), unary)

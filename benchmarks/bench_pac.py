@@ -1,0 +1,238 @@
+"""Benchmark of ``pac3d`` and ``pac_crf3d`` against what people use instead.
+
+* ``pac3d`` (weight given, 'same' padding, guide of 3 channels) vs an unfold (im2col) PAC
+  written here the way the public 2D reference code works, and vs ``conv3d`` on the same shape
+  (the price of adaptivity). Unfold runs are skipped, with the memory they would need, where
+  their im2col tensors exceed what this machine can allocate.
+* ``pac_crf3d`` (5 iterations, 2 classes, kernel 5, bilateral guide) vs pydensecrf2's dense CRF
+  (permutohedral lattice) on a 60x256x256 volume, when pydensecrf2 is installed
+  (``pip install 'napari-pacseg[bench]'``), and one mean-field step at the pac3d sizes.
+Each measurement runs in a fresh interpreter (time and peak memory). Writes
+``benchmarks/results/pac-<device>.md``.
+
+Usage: python benchmarks/bench_pac.py [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common
+from pacseg_kernels import pac3d, pac_crf3d
+
+UNFOLD_LIMIT_BYTES = 12 * 2**30  # half of this machine's 24 GiB: beyond, unfold would swap or die
+
+
+def unfold_pac(x, guide, weight, padding):
+    """PAC through im2col, as the public 2D code does it (stride 1, 'same' padding)."""
+    k = weight.shape[2:]
+
+    def cols(t):
+        t = F.pad(t, (padding,) * 6)
+        for axis, size in enumerate(k):
+            t = t.unfold(2 + axis, size, 1)
+        return t.flatten(-3)  # (N, C, D, H, W, T)
+
+    g = cols(guide)
+    centre = g.shape[-1] // 2
+    kern = torch.exp(-0.5 * (g - g[..., centre : centre + 1]).square().sum(1))  # (N, D, H, W, T)
+    return torch.einsum("oct,ncdhwt->nodhw", weight.flatten(2), cols(x) * kern[:, None])
+
+
+def unfold_bytes(n_vox, c, f, k) -> int:
+    """im2col bytes of the unfold PAC: input and guide columns, their difference, the product."""
+    return 4 * n_vox * k**3 * (2 * c + 2 * f + 1)
+
+
+def _timed(fn, device) -> tuple[float, int]:
+    peak_fn = common.cuda_peak_extra_bytes if device == "cuda" else common.cpu_peak_extra_bytes
+    start = time.perf_counter()
+    peak = peak_fn(fn)
+    first = time.perf_counter() - start
+    t = (
+        first
+        if first > 2.0 and device == "cpu"
+        else common.best_time(fn, device, repeats=3, warmup=0)
+    )
+    return t, peak
+
+
+def worker(kind: str, method: str, shape: tuple[int, ...], c: int, k: int, device: str) -> dict:
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "pac":
+        x = torch.randn(1, c, *shape, generator=gen).to(device)
+        guide = torch.randn(1, 3, *shape, generator=gen).to(device)
+        weight = (torch.randn(c, c, k, k, k, generator=gen) / (c * k**3) ** 0.5).to(device)
+        fns = {
+            "ours": lambda: pac3d(x, guide, weight, padding=k // 2),
+            "unfold": lambda: unfold_pac(x, guide, weight, k // 2),
+            "conv3d": lambda: F.conv3d(x, weight, padding=k // 2),
+        }
+        t, peak = _timed(fns[method], device)
+        return {"time": t, "peak_extra": peak}
+    # CRF: a bright-blobs volume, unary from a noisy foreground probability.
+    d, h, w = shape
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    image = (np.sin(6 * xx) * np.sin(5 * yy) * np.cos(3 * zz) > 0.2).astype(np.float32)
+    image += 0.3 * np.random.default_rng(0).standard_normal(image.shape).astype(np.float32)
+    prob = np.clip(0.5 + 0.35 * (image - 0.5), 0.01, 0.99).astype(np.float32)
+    probs = np.stack([1 - prob, prob])  # (2, D, H, W)
+    if method == "densecrf":
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import create_pairwise_bilateral, unary_from_softmax
+
+        def run():
+            crf = dcrf.DenseCRF(d * h * w, 2)
+            crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+            feats = create_pairwise_bilateral(
+                sdims=(2.0, 2.0, 2.0), schan=(0.25,), img=image[..., None], chdim=3
+            )
+            crf.addPairwiseEnergy(feats, compat=3)
+            return np.array(crf.inference(k))
+
+        t, peak = _timed(run, "cpu")
+        return {"time": t, "peak_extra": peak}
+    unary = torch.from_numpy(np.log(probs))[None].to(device)
+    guide = torch.from_numpy(image / 0.25)[None, None].to(device)
+
+    def run():
+        return pac_crf3d(unary, guide, iterations=k, kernel_size=5, compat=3.0, spatial_sigma=2.0)
+
+    t, peak = _timed(run, device)
+    return {"time": t, "peak_extra": peak}
+
+
+def measure(kind, method, shape, c, k, device) -> dict:
+    args = [kind, method, "x".join(map(str, shape)), str(c), str(k), device]
+    try:
+        return common.run_isolated(__file__, args)
+    except RuntimeError as err:  # an allocation failure in the worker is a result, not a crash
+        return {"error": str(err).strip().splitlines()[-1][:120]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, method, shape, c, k, device = args.worker
+        res = worker(kind, method, tuple(int(s) for s in shape.split("x")), int(c), int(k), device)
+        print(json.dumps(res))
+        return
+
+    dev = args.device
+    sizes = [16] if args.quick else ([64, 128] if dev == "cpu" else [256])
+    channels = [2, 4] if args.quick else [2, 4, 8, 16]
+    kernels = [3, 5] if args.quick else [3, 5, 7]
+    crf_shape = (12, 48, 48) if args.quick else (60, 256, 256)
+    command = "python benchmarks/bench_pac.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"# pac3d / pac_crf3d benchmark, {common.device_name(dev)}",
+        "",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')})  ",
+        f"Machine: {common.describe_machine(dev)}  ",
+        "float32, batch 1, guide 3 channels, C_in = C_out = C, 'same' padding, stride 1. Memory "
+        "ratio: (input + guide + peak extra) / (input + guide + output bytes).",
+        "",
+        "| size | C | k | ours (s) | unfold (s) | conv3d (s) | ours vs unfold | ours / conv3d "
+        "| ours peak extra MiB | ours memory ratio | unfold peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(r, key="time"):
+        return f"{r[key]:.4g}" if key in r else r.get("skipped", "failed: " + r.get("error", "?"))
+
+    for size in sizes:
+        n_vox = size**3
+        for c in channels:
+            for k in kernels:
+                shape = (size,) * 3
+                ours = measure("pac", "ours", shape, c, k, dev)
+                conv = measure("pac", "conv3d", shape, c, k, dev)
+                need = unfold_bytes(n_vox, c, 3, k)
+                if need > UNFOLD_LIMIT_BYTES:
+                    unf = {"skipped": f"needs ~{need / 2**30:.0f} GiB"}
+                else:
+                    unf = measure("pac", "unfold", shape, c, k, dev)
+                io_bytes = 4 * n_vox * (c + 3 + c)
+                ratio = (
+                    (4 * n_vox * (c + 3) + ours["peak_extra"]) / io_bytes
+                    if "peak_extra" in ours
+                    else float("nan")
+                )
+                speed = (
+                    f"{unf['time'] / ours['time']:.3g}x"
+                    if "time" in unf and "time" in ours
+                    else "-"
+                )
+                vs_conv = (
+                    f"{ours['time'] / conv['time']:.3g}"
+                    if "time" in conv and "time" in ours
+                    else "-"
+                )
+                unf_mem = common.mib(unf["peak_extra"]) if "peak_extra" in unf else "-"
+                lines.append(
+                    f"| {size}^3 | {c} | {k} | {fmt(ours)} | {fmt(unf)} | {fmt(conv)} | {speed} | {vs_conv} "
+                    f"| {common.mib(ours.get('peak_extra', float('nan')))} | {ratio:.2f} | {unf_mem} |"
+                )
+                print(lines[-1], flush=True)
+
+    lines += [
+        "",
+        "One mean-field step (`pac_crf3d`, iterations=1, kernel 5, 2 classes) at the same sizes:",
+        "",
+    ]
+    lines += ["| shape | time (s) | peak extra MiB |", "|---|---|---|"]
+    for size in sizes:
+        r = measure("crf", "ours", (size,) * 3, 2, 1, dev)
+        lines.append(f"| {size}^3 | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} |")
+
+    d, h, w = crf_shape
+    io_bytes = 4 * d * h * w * (2 + 1 + 2)
+    lines += [
+        "",
+        f"CRF refinement, 5 iterations, 2 classes, {d}x{h}x{w}: ours (`pac_crf3d`, kernel 5, spatial "
+        "sigma 2, bilateral guide) vs pydensecrf2 (dense CRF, permutohedral lattice, spatial sigma 2, "
+        "intensity sigma 0.25, one thread). Memory ratio as above with unary (2 ch) + guide (1 ch).",
+        "",
+        "| method | time (s) | peak extra MiB | memory ratio | ours faster by |",
+        "|---|---|---|---|---|",
+    ]
+    ours = measure("crf", "ours", crf_shape, 2, 5, dev)
+    rows = [("pac_crf3d (ours)", ours)]
+    if dev == "cpu" and importlib.util.find_spec("pydensecrf") is not None:
+        rows.append(("pydensecrf2", measure("crf", "densecrf", crf_shape, 2, 5, "cpu")))
+    elif dev == "cpu":
+        rows.append(
+            ("pydensecrf2", {"skipped": "not installed (pip install 'napari-pacseg[bench]')"})
+        )
+    for name, r in rows:
+        ratio = (
+            (4 * d * h * w * 3 + r["peak_extra"]) / io_bytes if "peak_extra" in r else float("nan")
+        )
+        faster = f"{r['time'] / ours['time']:.3g}x" if "time" in r and "time" in ours else "-"
+        lines.append(
+            f"| {name} | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} | {ratio:.2f} | {faster} |"
+        )
+
+    name = f"pac-{common.device_name(dev)}{'-quick' if args.quick else ''}.md"
+    path = common.write_result(name, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
