@@ -44,7 +44,9 @@ def test_non_contiguous_inputs():
     guide = torch.randn(1, 2, 12, 4, 5, generator=gen)[:, :, ::2]
     for backend in ("torch", "auto"):
         out = pac_crf3d(unary, guide, iterations=2, kernel_size=3, backend=backend)
-        torch.testing.assert_close(out.double(), crf_reference(unary, guide, 2, 3), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            out.double(), crf_reference(unary, guide, 2, 3), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_zero_iterations_returns_unary():
