@@ -1,4 +1,4 @@
-"""``nn.Module`` faces of the ops: VoxelMLP, PacConv3d, PacCRF3d."""
+"""``nn.Module`` faces of the ops: VoxelMLP, PacConv3d, PacCRF3d, MaxUnpool3d."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from .crf import pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
 from .pac import pac3d, triple
+from .unpool import max_unpool3d
 
 _ACTIVATION_MODULES = {
     nn.ReLU: "relu",
@@ -287,3 +288,36 @@ class PacCRF3d(nn.Module):
             f"iterations={self.iterations}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
             f"compat={self.compat}, spatial_sigma={self.spatial_sigma}"
         )
+
+
+class MaxUnpool3d(nn.Module):
+    """``nn.MaxUnpool3d`` with the deterministic ``pacseg_kernels.max_unpool3d``.
+
+    ``forward(values, indices, output_size=None)``: ``(N, C, D, H, W)`` values and their int64
+    indices (from ``max_pool3d_with_indices``) -> ``(N, C, D_out, H_out, W_out)``.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.backend = (
+            kernel_size,
+            stride,
+            padding,
+            backend,
+        )
+
+    def forward(
+        self, values: torch.Tensor, indices: torch.Tensor, output_size=None
+    ) -> torch.Tensor:
+        return max_unpool3d(
+            values,
+            indices,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            output_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
