@@ -126,7 +126,9 @@ def test_gradient_matches_torch(kernel_stride):
     # output (the last) gets a gradient, which is the true gradient of the forward (torch's
     # backward gives it to every copy). gradcheck below confirms ours.
     v = vals.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: max_unpool3d(v, idx, kernel, stride, output_size=size), (v,))
+    assert torch.autograd.gradcheck(
+        lambda v: max_unpool3d(v, idx, kernel, stride, output_size=size), (v,)
+    )
 
 
 def test_gradient_of_duplicates_goes_to_the_winner():
