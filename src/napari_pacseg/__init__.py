@@ -7,4 +7,22 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+from .features import FeatureSpec, compute_features
+from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
+from .model_io import ModelFileError, import_torch_mlp, load_model, save_model
+
+__all__ = [
+    "ClassInfo",
+    "ContextConfig",
+    "FeatureSpec",
+    "HeadConfig",
+    "ModelConfig",
+    "ModelFileError",
+    "PacSegModel",
+    "RefineConfig",
+    "__version__",
+    "compute_features",
+    "import_torch_mlp",
+    "load_model",
+    "save_model",
+]

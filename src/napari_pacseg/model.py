@@ -1,0 +1,257 @@
+"""``PacSegModel``: the trained segmentation model, built only from a JSON-able config.
+
+image -> intensity normalisation -> feature bank (+ optional context encoder/decoder that pools
+with indices and unpools with ``max_unpool3d``) -> per-voxel MLP head (``voxel_mlp``) -> logits.
+Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_unpool3d
+
+from .features import FeatureSpec, compute_features
+
+MAX_WIDTH = 1024
+MAX_LAYERS = 8
+MAX_CLASSES = 255
+MAX_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """A small 3D encoder/decoder whose output joins the features.
+
+    Level ``l``: conv3d (``channels[l]``, ``kernel_size``) + ReLU, then max pooling by ``pool``
+    with indices; back up: ``max_unpool3d`` to the level's size, add the level's activations,
+    conv3d + ReLU to the channels of the level above (``channels[0]`` at the top).
+    """
+
+    channels: tuple[int, ...] = (8, 16)
+    kernel_size: int = 3
+    pool: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.channels) <= 4 or not all(
+            isinstance(c, int) and 1 <= c <= MAX_CHANNELS for c in self.channels
+        ):
+            raise ValueError(
+                f"ContextConfig: channels must be 1 to 4 ints in [1, {MAX_CHANNELS}], got {self.channels}"
+            )
+        if self.kernel_size not in (1, 3, 5):
+            raise ValueError(
+                f"ContextConfig: kernel_size must be 1, 3 or 5, got {self.kernel_size}"
+            )
+        if self.pool not in (2, 3, 4):
+            raise ValueError(f"ContextConfig: pool must be 2, 3 or 4, got {self.pool}")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The per-voxel MLP: hidden widths and activation (between layers)."""
+
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if len(self.hidden) > MAX_LAYERS - 1 or not all(
+            isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in self.hidden
+        ):
+            raise ValueError(
+                f"HeadConfig: hidden must be at most {MAX_LAYERS - 1} widths in [1, {MAX_WIDTH}], got {self.hidden}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"HeadConfig: activation {self.activation!r} is not one of {ACTIVATIONS}"
+            )
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Default ``pac_crf3d`` parameters; the guide is the normalised image divided by ``guide_sigma``."""
+
+    iterations: int = 5
+    kernel_size: int = 5
+    dilation: int = 1
+    compat: float = 3.0
+    spatial_sigma: float | None = 2.0
+    guide_sigma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.iterations, int) and 0 <= self.iterations <= 50):
+            raise ValueError(
+                f"RefineConfig: iterations must be an int in [0, 50], got {self.iterations!r}"
+            )
+        if not (
+            isinstance(self.kernel_size, int)
+            and self.kernel_size % 2 == 1
+            and 1 <= self.kernel_size <= 15
+        ):
+            raise ValueError(
+                f"RefineConfig: kernel_size must be odd in [1, 15], got {self.kernel_size!r}"
+            )
+        if not (isinstance(self.dilation, int) and 1 <= self.dilation <= 8):
+            raise ValueError(
+                f"RefineConfig: dilation must be an int in [1, 8], got {self.dilation!r}"
+            )
+        for name in ("compat", "guide_sigma"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float))
+                or not value == value
+                or abs(value) == float("inf")
+            ):
+                raise ValueError(f"RefineConfig: {name} must be a finite number, got {value!r}")
+        if self.guide_sigma <= 0:
+            raise ValueError(f"RefineConfig: guide_sigma must be > 0, got {self.guide_sigma}")
+        if self.spatial_sigma is not None and not (
+            isinstance(self.spatial_sigma, (int, float)) and self.spatial_sigma > 0
+        ):
+            raise ValueError(
+                f"RefineConfig: spatial_sigma must be None or > 0, got {self.spatial_sigma!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """A class: its name and RGBA colour (components in [0, 1])."""
+
+    name: str
+    color: tuple[float, float, float, float]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
+            raise ValueError(
+                f"ClassInfo: name must be a non-empty string of at most 100 characters, got {self.name!r}"
+            )
+        if len(self.color) != 4 or not all(
+            isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.color
+        ):
+            raise ValueError(
+                f"ClassInfo: color must be 4 numbers in [0, 1] (RGBA), got {self.color!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a ``PacSegModel`` (JSON-able; see ``config_to_dict``).
+
+    ``classes[0]`` is the background. ``spacing`` is the (z, y, x) voxel size the model was
+    trained at, in the units of ``features.sigmas``. ``provenance`` records how it was made.
+    """
+
+    in_channels: int
+    classes: tuple[ClassInfo, ...]
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    context: ContextConfig | None = None
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.in_channels, int) and 1 <= self.in_channels <= MAX_CHANNELS):
+            raise ValueError(
+                f"ModelConfig: in_channels must be an int in [1, {MAX_CHANNELS}], got {self.in_channels!r}"
+            )
+        if not 2 <= len(self.classes) <= MAX_CLASSES:
+            raise ValueError(
+                f"ModelConfig: need 2 to {MAX_CLASSES} classes (class 0 = background), got {len(self.classes)}"
+            )
+        if len(self.spacing) != 3 or not all(
+            isinstance(s, (int, float)) and s > 0 for s in self.spacing
+        ):
+            raise ValueError(
+                f"ModelConfig: spacing must be 3 positive numbers (z, y, x), got {self.spacing!r}"
+            )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.provenance.items()):
+            raise ValueError("ModelConfig: provenance must map strings to strings")
+        if self.n_features > MAX_WIDTH:
+            raise ValueError(
+                f"ModelConfig: {self.n_features} features per voxel; at most {MAX_WIDTH} are supported"
+            )
+
+    @property
+    def n_features(self) -> int:
+        """Width of the head's input: the feature bank (+ the context decoder's channels)."""
+        n = self.in_channels * self.features.channels_per_image_channel()
+        return n + (self.context.channels[0] if self.context else 0)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+class _Context(nn.Module):
+    def __init__(self, cfg: ContextConfig, in_channels: int) -> None:
+        super().__init__()
+        ch, k = cfg.channels, cfg.kernel_size
+        self.pool = cfg.pool
+        self.enc = nn.ModuleList(
+            nn.Conv3d(in_channels if i == 0 else ch[i - 1], c, k, padding=k // 2)
+            for i, c in enumerate(ch)
+        )
+        self.dec = nn.ModuleList(
+            nn.Conv3d(c, ch[max(i - 1, 0)], k, padding=k // 2) for i, c in enumerate(ch)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips, pooled = [], []
+        for conv in self.enc:
+            h = F.relu(conv(x))
+            skips.append(h)
+            x, idx = max_pool3d_with_indices(h, self.pool)
+            pooled.append(idx)
+        for level in reversed(range(len(self.enc))):
+            size = skips[level].shape
+            x = max_unpool3d(x, pooled[level], self.pool, output_size=size) + skips[level]
+            x = F.relu(self.dec[level](x))
+        return x
+
+
+def normalize_intensity(image: torch.Tensor, low: float = 1.0, high: float = 99.8) -> torch.Tensor:
+    """Map each channel's ``low``..``high`` percentiles to 0..1 (a model trained on one volume
+    then sees the same range on another volume of the same kind). ``(N, C, D, H, W)`` float32."""
+    n, c = image.shape[:2]
+    flat = image.reshape(n, c, -1).float()
+    step = max(1, flat.shape[-1] // (1 << 22))  # quantile on at most ~4M samples per channel
+    sample = flat[..., ::step]
+    lo = torch.quantile(sample, low / 100, dim=-1, keepdim=True)
+    hi = torch.quantile(sample, high / 100, dim=-1, keepdim=True)
+    scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return ((flat - lo) / scale).reshape(image.shape)
+
+
+class PacSegModel(nn.Module):
+    """Features -> (context) -> MLP head -> class logits, rebuilt from a ``ModelConfig``.
+
+    ``forward(image)``: ``(N, C, D, H, W)`` float image (raw intensities; normalised inside)
+    -> logits ``(N, K, D, H, W)`` float32. ``spacing`` (z, y, x) defaults to the training spacing.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.context = _Context(config.context, config.in_channels) if config.context else None
+        self.head = VoxelMLP(
+            config.n_features, config.head.hidden, config.n_classes, config.head.activation
+        )
+
+    def features(self, image: torch.Tensor, spacing=None) -> torch.Tensor:
+        """Head input ``(N, n_features, D, H, W)`` of a normalised image."""
+        feats = compute_features(image, self.config.features, spacing or self.config.spacing)
+        if self.context is not None:
+            feats = torch.cat([feats, self.context(image)], dim=1)
+        return feats
+
+    def forward(self, image: torch.Tensor, spacing=None) -> torch.Tensor:
+        if image.ndim != 5 or image.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"PacSegModel: expected an image (N, {self.config.in_channels}, D, H, W), got shape {tuple(image.shape)}"
+            )
+        return self.head(self.features(normalize_intensity(image), spacing))

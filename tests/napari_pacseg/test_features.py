@@ -1,0 +1,95 @@
+"""Feature bank: analytic checks of the Gaussian-derivative filters, in physical units."""
+
+import pytest
+import torch
+
+from napari_pacseg import FeatureSpec, compute_features
+
+
+def _grid(shape, spacing):
+    axes = [torch.arange(n, dtype=torch.float32) * s for n, s in zip(shape, spacing)]
+    return torch.meshgrid(*axes, indexing="ij")
+
+
+def _centre(t, margin=8):
+    return t[..., margin:-margin, margin:-margin, margin:-margin]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 0.5, 0.5)])
+def test_derivatives_of_known_functions(spacing):
+    shape = (24, 40, 40)
+    z, y, x = _grid(shape, spacing)
+    spec = FeatureSpec(
+        kinds=("gaussian", "gradient_magnitude", "laplacian", "hessian_eigenvalues"), sigmas=(1.0,)
+    )
+    # linear ramp: gradient magnitude is the slope per physical unit
+    ramp = (3.0 * z + 4.0 * x)[None, None]
+    f = compute_features(ramp, spec, spacing)
+    names = spec.names()
+    assert f.shape == (1, len(names), *shape)
+    torch.testing.assert_close(
+        _centre(f[:, names.index("gradient_magnitude@1")]),
+        torch.full_like(_centre(ramp[:, 0]), 5.0),
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    torch.testing.assert_close(
+        _centre(f[:, names.index("gaussian@1")]), _centre(ramp[:, 0]), rtol=1e-4, atol=1e-3
+    )
+    # quadratic: Laplacian 2(a + b + c), Hessian eigenvalues 2a, 2b, 2c (sorted)
+    quad = (0.5 * z**2 - 1.0 * y**2 + 0.25 * x**2)[None, None]
+    f = compute_features(quad, spec, spacing)
+    torch.testing.assert_close(
+        _centre(f[:, names.index("laplacian@1")]),
+        torch.full_like(_centre(quad[:, 0]), -0.5),
+        rtol=1e-2,
+        atol=2e-2,
+    )
+    for i, value in enumerate([-2.0, 0.5, 1.0]):
+        got = _centre(f[:, names.index(f"hessian_eigenvalues_{i}@1")])
+        torch.testing.assert_close(got, torch.full_like(got, value), rtol=1e-2, atol=2e-2)
+
+
+def test_constant_image_and_multichannel_layout():
+    spec = FeatureSpec(sigmas=(1.0, 2.0))
+    img = torch.full((2, 3, 8, 9, 10), 0.7)
+    img[:, 1] = -1.0
+    f = compute_features(img, spec)
+    per = spec.channels_per_image_channel()
+    assert f.shape == (2, 3 * per, 8, 9, 10) and per == len(spec.names())
+    torch.testing.assert_close(
+        f[:, per + spec.names().index("gaussian@2")], torch.full((2, 8, 9, 10), -1.0)
+    )
+    torch.testing.assert_close(
+        f[:, spec.names().index("laplacian@1")], torch.zeros(2, 8, 9, 10), atol=1e-5, rtol=0
+    )
+
+
+def test_sigma_is_physical():
+    """The same object sampled at two spacings gives the same smoothed profile."""
+    x = torch.arange(81, dtype=torch.float32)
+    fine = torch.exp(-0.5 * ((x - 40) / 6) ** 2).view(1, 1, 1, 1, 81)  # a blob, sampled every unit
+    coarse = fine[..., ::2].clone()  # ... and every 2 units
+    spec = FeatureSpec(kinds=("gaussian",), sigmas=(4.0,), include_raw=False)
+    a = compute_features(fine, spec, (1.0, 1.0, 1.0))[0, 0, 0, 0, ::2]
+    b = compute_features(coarse, spec, (1.0, 1.0, 2.0))[0, 0, 0, 0]
+    torch.testing.assert_close(a, b, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(kinds=("edges",)), "unknown feature kinds"),
+        (dict(sigmas=(0.0,)), "sigmas must be positive"),
+        (dict(kinds=(), include_raw=False), "no features"),
+        (dict(kinds=("gaussian", "gaussian")), "repeat"),
+    ],
+)
+def test_bad_specs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureSpec(**kwargs)
+
+
+def test_sigma_too_large_for_spacing():
+    with pytest.raises(ValueError, match="voxels with spacing"):
+        compute_features(torch.zeros(1, 1, 4, 4, 4), FeatureSpec(sigmas=(100.0,)), (0.1, 1.0, 1.0))
