@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .mlp import FUSED_MAX_LAYERS as MAX_LAYERS
+from .triton_helpers import unravel3
 
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3, "sigmoid": 4, "identity": 5}
 
@@ -65,9 +66,7 @@ def _voxel_mlp_kernel(
     item = (pid // blocks_per_item).to(tl.int64)
     v = (pid % blocks_per_item).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     live = v < n_voxels
-    iw = v % size_w
-    ih = (v // size_w) % size_h
-    id_ = v // (size_w * size_h)
+    id_, ih, iw = unravel3(v, size_h, size_w)
 
     c = tl.arange(0, P0)
     x_off = item * sxn + id_ * sxd + ih * sxh + iw * sxw

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .pac_torch import PacGeometry, exp_limits
+from .triton_helpers import unravel3
 
 
 def _p2(n: int, least: int = 1) -> int:
@@ -47,9 +48,7 @@ def _pac_kernel(
     v = (pid % n_vblocks).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     n_out = out_d * out_h * out_w
     live = v < n_out
-    ow = v % out_w
-    oh = (v // out_w) % out_h
-    od = v // (out_w * out_h)
+    od, oh, ow = unravel3(v, out_h, out_w)
 
     f = tl.arange(0, F_P)
     ci = tl.arange(0, CI_P)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_helpers import unravel3
+
 BLOCK = 256
 
 
@@ -33,9 +35,7 @@ def _unpool_gather_kernel(
     o = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     n_out = out_d * out_h * out_w
     live = o < n_out
-    ow = o % out_w
-    oh = (o // out_w) % out_h
-    od = o // (out_w * out_h)
+    od, oh, ow = unravel3(o, out_h, out_w)
     wd, wh, ww = od // k_d, oh // k_h, ow // k_w
     covered = live & (wd < in_d) & (wh < in_h) & (ww < in_w)
     n = plane // channels
@@ -59,9 +59,7 @@ def _winner_kernel(
     i = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     n_in = in_d * in_h * in_w
     live = i < n_in
-    iw = i % in_w
-    ih = (i // in_w) % in_h
-    id_ = i // (in_w * in_h)
+    id_, ih, iw = unravel3(i, in_h, in_w)
     n = plane // channels
     c = plane % channels
     idx = tl.load(i_ptr + n * sin + c * sic + id_ * sid + ih * sih + iw * siw, mask=live, other=0)
@@ -81,9 +79,7 @@ def _winner_gather_kernel(
     w = tl.load(win_ptr + plane * n_out + o, mask=live, other=-1)
     hit = live & (w >= 0)
     w = tl.where(hit, w, 0)
-    iw = w % in_w
-    ih = (w // in_w) % in_h
-    id_ = w // (in_w * in_h)
+    id_, ih, iw = unravel3(w, in_h, in_w)
     n = plane // channels
     c = plane % channels
     val = tl.load(v_ptr + n * svn + c * svc + id_ * svd + ih * svh + iw * svw, mask=hit, other=0.0)
