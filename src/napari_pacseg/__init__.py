@@ -10,6 +10,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from .features import FeatureSpec, compute_features
 from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
 from .model_io import ModelFileError, import_torch_mlp, load_model, save_model
+from .pipeline import Segmentation, SegmentationCancelled, segment
+from .training import train
 
 __all__ = [
     "ClassInfo",
@@ -20,9 +22,13 @@ __all__ = [
     "ModelFileError",
     "PacSegModel",
     "RefineConfig",
+    "Segmentation",
+    "SegmentationCancelled",
     "__version__",
     "compute_features",
     "import_torch_mlp",
     "load_model",
     "save_model",
+    "segment",
+    "train",
 ]

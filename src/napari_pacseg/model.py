@@ -214,17 +214,32 @@ class _Context(nn.Module):
         return x
 
 
+def intensity_range(
+    image: torch.Tensor, low: float = 1.0, high: float = 99.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``low`` and ``high`` percentiles of ``(N, C, D, H, W)``, each ``(N, C, 1, 1, 1)``.
+
+    Computed on at most ~4M evenly strided samples per channel.
+    """
+    n, c = image.shape[:2]
+    flat = image.reshape(n, c, -1)
+    step = max(1, flat.shape[-1] // (1 << 22))
+    sample = flat[..., ::step].float()
+    lo = torch.quantile(sample, low / 100, dim=-1).view(n, c, 1, 1, 1)
+    hi = torch.quantile(sample, high / 100, dim=-1).view(n, c, 1, 1, 1)
+    return lo, hi
+
+
+def apply_range(image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Map ``lo``..``hi`` to 0..1 (float32); a flat channel (hi == lo) is only shifted."""
+    scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return (image.float() - lo) / scale
+
+
 def normalize_intensity(image: torch.Tensor, low: float = 1.0, high: float = 99.8) -> torch.Tensor:
     """Map each channel's ``low``..``high`` percentiles to 0..1 (a model trained on one volume
     then sees the same range on another volume of the same kind). ``(N, C, D, H, W)`` float32."""
-    n, c = image.shape[:2]
-    flat = image.reshape(n, c, -1).float()
-    step = max(1, flat.shape[-1] // (1 << 22))  # quantile on at most ~4M samples per channel
-    sample = flat[..., ::step]
-    lo = torch.quantile(sample, low / 100, dim=-1, keepdim=True)
-    hi = torch.quantile(sample, high / 100, dim=-1, keepdim=True)
-    scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return ((flat - lo) / scale).reshape(image.shape)
+    return apply_range(image, *intensity_range(image, low, high))
 
 
 class PacSegModel(nn.Module):
@@ -242,6 +257,26 @@ class PacSegModel(nn.Module):
             config.n_features, config.head.hidden, config.n_classes, config.head.activation
         )
 
+    def halo(self, spacing=None) -> tuple[int, int, int]:
+        """Voxels per axis beyond which the logits of a voxel do not depend on the image
+        (features and context encoder/decoder), for tiling."""
+        spacing = spacing or self.config.spacing
+        halo = list(self.config.features.radius(spacing))
+        ctx = self.config.context
+        if ctx is not None:
+            reach = sum(
+                ctx.pool**level * (ctx.kernel_size // 2) * 2 for level in range(len(ctx.channels))
+            )
+            reach += ctx.pool ** len(ctx.channels)
+            halo = [max(h, reach) for h in halo]
+        return tuple(halo)
+
+    @property
+    def grid(self) -> int:
+        """Tile origins must be multiples of this (the context net's pooling grid)."""
+        ctx = self.config.context
+        return ctx.pool ** len(ctx.channels) if ctx is not None else 1
+
     def features(self, image: torch.Tensor, spacing=None) -> torch.Tensor:
         """Head input ``(N, n_features, D, H, W)`` of a normalised image."""
         feats = compute_features(image, self.config.features, spacing or self.config.spacing)
@@ -255,3 +290,7 @@ class PacSegModel(nn.Module):
                 f"PacSegModel: expected an image (N, {self.config.in_channels}, D, H, W), got shape {tuple(image.shape)}"
             )
         return self.head(self.features(normalize_intensity(image), spacing))
+
+    def logits(self, normalized: torch.Tensor, spacing=None) -> torch.Tensor:
+        """Logits ``(N, K, D, H, W)`` of an image already normalised (see ``apply_range``)."""
+        return self.head(self.features(normalized, spacing))

@@ -1,0 +1,199 @@
+"""``train()``: a PacSegModel from a few scribbles (a sparse napari Labels array)."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .features import FeatureSpec
+from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range, intensity_range
+from .model_io import DEFAULT_COLORS
+from .pipeline import SegmentationCancelled, _tiles, as_volume, check_spacing, resolve_device
+
+MAX_SAMPLES_PER_CLASS = 20000
+TRAIN_TILE = (32, 96, 96)
+
+
+def train(
+    image,
+    scribbles,
+    *,
+    spacing=None,
+    channel_axis: int | None = None,
+    features: FeatureSpec | None = None,
+    hidden=(64, 64),
+    context=None,
+    steps: int | None = None,
+    device="auto",
+    seed: int = 0,
+    class_names=None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> PacSegModel:
+    """Train the per-voxel MLP head on the labelled voxels of ``scribbles``.
+
+    Parameters
+    ----------
+    image : ``(D, H, W)`` array, or 4D with ``channel_axis``.
+    scribbles : integer array of the image's spatial shape: 0 unlabelled, 1..K the classes
+        (1 = background), as painted in a napari Labels layer. Every value 1..K must occur.
+    features : the feature bank (default ``FeatureSpec()``, sigmas in the units of ``spacing``).
+    hidden : widths of the MLP's hidden layers.
+    context : not supported yet (a ``ValueError`` says so rather than silently ignoring it).
+    steps : optimisation steps (default 400): full-batch Adam on at most 20000 voxels per class,
+        class-balanced cross entropy. Deterministic for a given ``seed`` on one device.
+    progress, should_cancel : as in ``segment`` (``progress(step, steps)``).
+    """
+    if context is not None:
+        raise ValueError(
+            "train: training the context encoder/decoder is not implemented yet; use context=None"
+        )
+    vol = as_volume(image, channel_axis)
+    marks = np.asarray(scribbles)
+    if marks.shape != vol.shape[1:]:
+        raise ValueError(
+            f"train: scribbles have shape {marks.shape} but the image's spatial shape is {vol.shape[1:]}"
+        )
+    if not np.issubdtype(marks.dtype, np.integer):
+        raise ValueError(
+            f"train: scribbles must be an integer (Labels) array, got dtype {marks.dtype}"
+        )
+    if marks.min() < 0:
+        raise ValueError(
+            "train: scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
+        )
+    present = np.unique(marks[marks > 0])
+    if present.size == 0:
+        raise ValueError(
+            "train: the scribbles label no voxel; paint at least two classes (1 = background)"
+        )
+    k = int(present.max())
+    if k < 2:
+        raise ValueError(
+            "train: only one class is painted; paint background (1) and at least one more class"
+        )
+    missing = sorted(set(range(1, k + 1)) - set(present.tolist()))
+    if missing:
+        raise ValueError(
+            f"train: scribble values must be 1..{k} with each present; missing {missing}"
+        )
+    spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
+    spec = features or FeatureSpec()
+    steps = 400 if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"train: steps must be >= 1, got {steps}")
+    names = (
+        list(class_names)
+        if class_names is not None
+        else ["background"] + [f"class {v}" for v in range(2, k + 1)]
+    )
+    if len(names) != k:
+        raise ValueError(f"train: {len(names)} class names for {k} classes")
+    classes = tuple(
+        ClassInfo(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)
+    )
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    config = ModelConfig(
+        in_channels=vol.shape[0],
+        classes=classes,
+        features=spec,
+        head=HeadConfig(tuple(int(h) for h in hidden)),
+        spacing=spacing,
+        provenance={
+            "method": "train() from scribbles",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "library": _version(),
+            "labelled_voxels": str(int(np.count_nonzero(marks))),
+            "seed": str(seed),
+        },
+    )
+    model = PacSegModel(config)
+    x, y = _labelled_features(vol, marks, model, spacing, gen, should_cancel)
+    _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
+    return model.cpu().eval()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"napari-pacseg {__version__}"
+
+
+@torch.no_grad()
+def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
+    """Features ``(M, F)`` and class indices ``(M,)`` of (a class-balanced sample of) the labelled
+    voxels, computed only on tiles that hold scribbles, each with a halo for the filters."""
+    full = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
+    lo, hi = intensity_range(full)
+    halo = model.halo(spacing)
+    xs, ys = [], []
+    for box in _tiles(marks.shape, TRAIN_TILE, 1):
+        if should_cancel is not None and should_cancel():
+            raise SegmentationCancelled("training cancelled; no model was produced")
+        core = tuple(slice(a, b) for a, b in box)
+        tile_marks = marks[core]
+        if not tile_marks.any():
+            continue
+        ext = [(max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, marks.shape)]
+        region = full[(slice(None), slice(None), *(slice(s, e) for s, e in ext))]
+        feats = model.features(apply_range(region, lo, hi), spacing)[0]
+        feats = feats[(slice(None), *(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext)))]
+        where = np.nonzero(tile_marks)
+        xs.append(feats[(slice(None), *(torch.from_numpy(w) for w in where))].T)
+        ys.append(torch.from_numpy(tile_marks[where].astype(np.int64) - 1))
+    x, y = torch.cat(xs), torch.cat(ys)
+    keep = []
+    for c in range(int(y.max()) + 1):
+        idx = torch.nonzero(y == c).flatten()
+        if idx.numel() > MAX_SAMPLES_PER_CLASS:
+            idx = idx[torch.randperm(idx.numel(), generator=gen)[:MAX_SAMPLES_PER_CLASS]]
+        keep.append(idx)
+    keep = torch.cat(keep)
+    return x[keep], y[keep]
+
+
+def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
+    """Class-balanced full-batch Adam on standardised features; the standardisation is then
+    folded into the first layer, so the saved model takes raw features."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    layers = model.head.layers
+    with torch.no_grad():
+        for layer in layers:
+            bound = 1 / layer.in_features**0.5
+            layer.weight.copy_((torch.rand(layer.weight.shape, generator=gen) * 2 - 1) * bound)
+            layer.bias.copy_((torch.rand(layer.bias.shape, generator=gen) * 2 - 1) * bound)
+    model.head.to(x.device)
+    counts = torch.bincount(y, minlength=k).float()
+    loss_fn = nn.CrossEntropyLoss(weight=(counts.sum() / (k * counts.clamp_min(1))))
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    act = model.head.activation
+    for step in range(steps):
+        if should_cancel is not None and should_cancel():
+            raise SegmentationCancelled("training cancelled; no model was produced")
+        h = xs
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i < len(layers) - 1:
+                h = _act(h, act)
+        loss = loss_fn(h, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step + 1, steps)
+    with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - W m / s)
+        first = layers[0]
+        first.bias.sub_(first.weight @ (mean / std))
+        first.weight.div_(std)
+
+
+def _act(h, name):
+    from pacseg_kernels.mlp_torch import activate
+
+    return activate(h, name)
