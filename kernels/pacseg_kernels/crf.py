@@ -9,7 +9,8 @@ import torch
 
 from . import pac_torch
 from .backend import resolve_backend
-from .pac import check_volume_pair, compute_dtype, pac_apply, triple
+from .checks import FLOAT64_UNFUSED, compute_dtype, triple
+from .pac import check_volume_pair, pac_apply
 from .pac_torch import PacGeometry
 
 
@@ -113,7 +114,7 @@ def pac_crf3d(
             if step < iterations - 1:
                 q = torch.softmax(logits, dim=1)
         return logits
-    reason = "float64 inputs (the kernel computes in float32)" if dtype == torch.float64 else ""
+    reason = FLOAT64_UNFUSED if dtype == torch.float64 else ""
     chosen = resolve_backend(backend, unary.device, op=op, triton_unsupported=reason)
     logits = torch.empty(unary.shape, dtype=dtype, device=unary.device)
     if chosen == "triton":

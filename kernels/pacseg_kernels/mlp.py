@@ -9,27 +9,17 @@ from torch.autograd.function import once_differentiable
 
 from . import mlp_torch
 from .backend import resolve_backend
+from .checks import FLOAT64_UNFUSED, check_float
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 # Limits of the fused Triton kernel (its code unrolls exactly FUSED_MAX_LAYERS layers).
 FUSED_MAX_LAYERS = 6
 FUSED_MAX_WIDTH = 256
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_float(t: object, what: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"voxel_mlp: {what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"voxel_mlp: {what} has dtype {t.dtype}; floating point is required "
-            f"(convert with .float())"
-        )
-    return t
+_OP = "voxel_mlp"
 
 
 def _validate(x, weights, biases, activation, channels_last) -> None:
-    _check_float(x, "x")
+    check_float(x, "x", _OP)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"voxel_mlp: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
@@ -53,8 +43,8 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
     channels = x.shape[-1] if channels_last else x.shape[1]
     expected_in = channels
     for i, (w, b) in enumerate(zip(weights, biases)):
-        _check_float(w, f"weights[{i}]")
-        _check_float(b, f"biases[{i}]")
+        check_float(w, f"weights[{i}]", _OP)
+        check_float(b, f"biases[{i}]", _OP)
         if w.ndim != 2:
             raise ValueError(
                 f"voxel_mlp: weights[{i}] must be (out, in), got shape {tuple(w.shape)}"
@@ -85,7 +75,7 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
 def _fused_unsupported(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> str:
     """Why the fused Triton kernel cannot run this call ('' when it can)."""
     if dtype == torch.float64:
-        return "float64 inputs (the kernel computes in float32); use backend='torch'"
+        return FLOAT64_UNFUSED
     if len(weights) > FUSED_MAX_LAYERS:
         return f"{len(weights)} layers; the fused kernel takes at most {FUSED_MAX_LAYERS}"
     widest = max(max(w.shape) for w in weights)

@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .checks import triple
 from .crf import pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
-from .pac import pac3d, triple
+from .pac import pac3d
 from .unpool import max_unpool3d
 
 _ACTIVATION_MODULES = {

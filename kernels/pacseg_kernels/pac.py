@@ -8,35 +8,13 @@ zero-padded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import pac_torch
 from .backend import resolve_backend
+from .checks import FLOAT64_UNFUSED, check_float, compute_dtype, triple
 from .pac_torch import PacGeometry
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def triple(value, name: str, op: str) -> tuple[int, int, int]:
-    """An int or a 3-sequence of ints as a (d, h, w) triple."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value, value)
-    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value):
-        return tuple(value)
-    raise ValueError(f"{op}: {name} must be an int or a tuple of 3 ints (d, h, w), got {value!r}")
-
-
-def check_float(t, what: str, op: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{op}: {what} has dtype {t.dtype}; a floating dtype is required (use .float())"
-        )
-    return t
 
 
 def check_volume_pair(x, guide, op: str, x_name: str = "input") -> None:
@@ -53,11 +31,6 @@ def check_volume_pair(x, guide, op: str, x_name: str = "input") -> None:
         )
     if guide.device != x.device:
         raise ValueError(f"{op}: guide is on {guide.device} but {x_name} on {x.device}")
-
-
-def compute_dtype(*tensors) -> torch.dtype:
-    present = [t for t in tensors if t is not None]
-    return torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
 
 
 def geometry(x, weight, kernel_size, stride, padding, dilation, op: str) -> PacGeometry:
@@ -135,11 +108,7 @@ class _PacFunction(torch.autograd.Function):
 def pac_apply(x, guide, weight, bias, geo, groups, normalize, tap_scale, backend, op):
     """Dispatch to a backend and run with autograd (validated arguments)."""
     dtype = compute_dtype(x, guide, weight, bias)
-    reason = (
-        "float64 inputs (the kernel computes in float32); use backend='torch'"
-        if dtype == torch.float64
-        else ""
-    )
+    reason = FLOAT64_UNFUSED if dtype == torch.float64 else ""
     chosen = resolve_backend(backend, x.device, op=op, triton_unsupported=reason)
     return _PacFunction.apply(x, guide, weight, bias, geo, groups, normalize, tap_scale, chosen)
 

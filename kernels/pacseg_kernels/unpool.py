@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from . import unpool_torch
 from .backend import resolve_backend
-from .pac import triple
+from .checks import triple
 
 _OP = "max_unpool3d"
 

@@ -21,29 +21,22 @@ CHUNK_VOXELS = 1 << 18
 
 
 def indices_in_windows(indices: torch.Tensor, kernel, out_size) -> bool:
-    """True when every index lies inside its own non-overlapping window (as max pooling makes)."""
-    return bool(_window_offsets(indices, kernel, out_size, check=True) is not None)
+    """True when every index lies inside its own non-overlapping window (as max pooling makes).
 
-
-def _window_offsets(indices, kernel, out_size, check=False):
-    """In-window offset ``(a * kh + b) * kw + c`` of each index; None (with ``check``) when an
-    index lies outside its window. ``indices``: ``(..., D, H, W)`` pooled grid."""
+    ``indices``: ``(..., D, H, W)`` on the pooled grid, flattened per plane of ``out_size``.
+    """
     _, oh, ow = out_size
-    kd, kh, kw = kernel
     idx = indices.long()
     d, rem = idx.div(oh * ow, rounding_mode="floor"), idx.remainder(oh * ow)
-    h, w = rem.div(ow, rounding_mode="floor"), rem.remainder(ow)
-    shape = indices.shape[-3:]
-    grids = [
-        torch.arange(s, device=indices.device).view([-1 if i == a else 1 for i in range(3)])
-        for a, s in enumerate(shape)
-    ]
-    a, b, c = d - grids[0] * kd, h - grids[1] * kh, w - grids[2] * kw
-    if check:
-        inside = (a >= 0) & (a < kd) & (b >= 0) & (b < kh) & (c >= 0) & (c < kw)
-        if not bool(inside.all()):
-            return None
-    return (a * kh + b) * kw + c
+    coords = (d, rem.div(ow, rounding_mode="floor"), rem.remainder(ow))
+    inside = torch.ones((), dtype=torch.bool, device=indices.device)
+    for axis, (coord, k, size) in enumerate(zip(coords, kernel, indices.shape[-3:])):
+        window = torch.arange(size, device=indices.device).view(
+            [-1 if i == axis else 1 for i in range(3)]
+        )
+        offset = coord - window * k
+        inside = inside & (offset >= 0) & (offset < k)
+    return bool(inside.all())
 
 
 def unpool(values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -91,9 +92,7 @@ def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
         unknown = sorted(set(refine) - known)
         if unknown:
             raise ValueError(f"refine: unknown parameters {unknown}; known: {sorted(known)}")
-        return RefineConfig(
-            **{**{f.name: getattr(base, f.name) for f in fields(RefineConfig)}, **refine}
-        )
+        return dataclasses.replace(base, **refine)
     raise ValueError(
         f"refine must be True, False or a dict of RefineConfig overrides, got {refine!r}"
     )

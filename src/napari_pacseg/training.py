@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pacseg_kernels.mlp_torch import activate
+
 from .features import FeatureSpec
 from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range, intensity_range
 from .model_io import DEFAULT_COLORS
@@ -180,7 +182,7 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
         for i, layer in enumerate(layers):
             h = layer(h)
             if i < len(layers) - 1:
-                h = _act(h, act)
+                h = activate(h, act)
         loss = loss_fn(h, y)
         opt.zero_grad()
         loss.backward()
@@ -191,9 +193,3 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
         first = layers[0]
         first.bias.sub_(first.weight @ (mean / std))
         first.weight.div_(std)
-
-
-def _act(h, name):
-    from pacseg_kernels.mlp_torch import activate
-
-    return activate(h, name)
