@@ -11,3 +11,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Import triton (when installed) before any test loads Qt: importing triton's LLVM after Mesa's
+# software OpenGL has loaded its own LLVM crashes the process (the napari tests create GL
+# contexts; the kernel tests import triton).
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass

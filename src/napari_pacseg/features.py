@@ -88,14 +88,70 @@ def _gauss_kernels(sigma_vox: float, dtype, device):
     return [k.to(dtype=dtype, device=device) for k in (g, d1, d2)]
 
 
-def _conv_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Filter ``t`` ``(M, 1, D, H, W)`` along spatial ``axis`` with reflect-like edge padding."""
-    r = kernel.numel() // 2
-    shape = [1, 1, 1, 1, 1]
-    shape[2 + axis] = kernel.numel()
+def _filter_axis(t: torch.Tensor, kernels, axis: int) -> list[torch.Tensor]:
+    """Filter ``t`` ``(M, 1, D, H, W)`` along spatial ``axis`` with several 1-D kernels of one
+    length (replicate edges), one shifted slice per tap shared by all kernels.
+
+    A loop of ``add_`` over shifted views: on the CPU this is 10-25x faster than ``conv3d`` with
+    a one-channel 1-D kernel (which falls back to torch's slow unfolded convolution).
+    """
+    n = t.shape[2 + axis]
+    r = kernels[0].numel() // 2
     pad = [0, 0, 0, 0, 0, 0]
     pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-    return F.conv3d(F.pad(t, pad, mode="replicate"), kernel.view(shape))
+    padded = F.pad(t, pad, mode="replicate")
+    weights = [k.tolist() for k in kernels]
+    outs = [torch.zeros_like(t) for _ in kernels]
+    for j in range(2 * r + 1):
+        view = padded.narrow(2 + axis, j, n)
+        for out, w in zip(outs, weights):
+            if w[j] != 0.0:
+                out.add_(view, alpha=w[j])
+    return outs
+
+
+def _derivatives(flat: torch.Tensor, kernels, wanted: set) -> dict:
+    """Gaussian derivatives of ``flat`` for each order triple in ``wanted`` (z, y, x orders,
+    each 0..2), sharing the z and y passes between triples (19 instead of 30 passes when all
+    orders up to 2 are wanted). ``kernels[axis][order]`` is the 1-D kernel."""
+    out = {}
+    z_orders = sorted({o[0] for o in wanted})
+    zs = dict(zip(z_orders, _filter_axis(flat, [kernels[0][o] for o in z_orders], 0)))
+    for oz, tz in zs.items():
+        y_orders = sorted({o[1] for o in wanted if o[0] == oz})
+        ys = dict(zip(y_orders, _filter_axis(tz, [kernels[1][o] for o in y_orders], 1)))
+        for oy, ty in ys.items():
+            x_orders = sorted({o[2] for o in wanted if o[:2] == (oz, oy)})
+            for ox, tx in zip(x_orders, _filter_axis(ty, [kernels[2][o] for o in x_orders], 2)):
+                out[oz, oy, ox] = tx
+    return out
+
+
+def symmetric_eigvals3(a00, a11, a22, a01, a02, a12) -> list[torch.Tensor]:
+    """Eigenvalues (ascending) of symmetric 3x3 matrices given by their 6 entries (same-shape
+    tensors), in closed form (trigonometric solution of the characteristic cubic).
+
+    Orders of magnitude faster than batched ``torch.linalg.eigvalsh`` on millions of tiny
+    matrices. Float32 error, relative to the largest entry: ~1e-6 typically, up to 1e-4 for
+    close eigenvalues and 1e-3 for repeated ones (``acos`` is ill-conditioned there).
+    """
+    q = (a00 + a11 + a22) / 3
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    p = torch.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2 * p1) / 6)
+    safe = torch.where(p > 0, p, torch.ones_like(p))
+    # det(B) / 2 with B = (A - q I) / p
+    det = (
+        b00 * (b11 * b22 - a12 * a12)
+        - a01 * (a01 * b22 - a12 * a02)
+        + a02 * (a01 * a12 - b11 * a02)
+    )
+    r = (det / (2 * safe**3)).clamp(-1, 1)
+    phi = torch.acos(r) / 3
+    largest = q + 2 * p * torch.cos(phi)
+    smallest = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
+    middle = 3 * q - largest - smallest
+    return [smallest, middle, largest]
 
 
 def compute_features(
@@ -115,8 +171,16 @@ def compute_features(
     the features in ``spec.names()`` order.
     """
     n, c = image.shape[:2]
-    flat = image.reshape(n * c, 1, *image.shape[2:]).float()
+    flat = image.reshape(n * c, 1, *image.shape[2:]).float().contiguous()
     out = [flat] if spec.include_raw else []
+    kinds = set(spec.kinds)
+    wanted = set()
+    if "gaussian" in kinds:
+        wanted.add((0, 0, 0))
+    if "gradient_magnitude" in kinds:
+        wanted |= {(1, 0, 0), (0, 1, 0), (0, 0, 1)}
+    if kinds & {"laplacian", "hessian_eigenvalues"}:
+        wanted |= {(2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1)}
     for sigma in spec.sigmas:
         sig_vox = [sigma / sp for sp in spacing]
         if max(sig_vox) > MAX_SIGMA_VOXELS:
@@ -125,46 +189,24 @@ def compute_features(
                 f"at most {MAX_SIGMA_VOXELS:g} voxels are supported (check the spacing units)"
             )
         kernels = [_gauss_kernels(s, flat.dtype, flat.device) for s in sig_vox]
-
-        def filtered(orders, kernels=kernels, spacing=spacing):
-            t = flat
-            scale = 1.0
-            for axis in range(3):
-                t = _conv_axis(t, kernels[axis][orders[axis]], axis)
-                scale /= spacing[axis] ** orders[axis]
-            return t * scale
-
-        wanted = set(spec.kinds)
-        first = (
-            [filtered(tuple(int(a == b) for b in range(3))) for a in range(3)]
-            if "gradient_magnitude" in wanted
-            else None
-        )
-        need_hessian = wanted & {"laplacian", "hessian_eigenvalues"}
-        hess = {}
-        if need_hessian:
-            for a in range(3):
-                for b in range(a, 3):
-                    orders = [0, 0, 0]
-                    orders[a] += 1
-                    orders[b] += 1
-                    hess[a, b] = filtered(tuple(orders))
+        d = _derivatives(flat, kernels, wanted)
+        for (oz, oy, ox), t in d.items():  # per physical unit
+            scale = 1.0 / (spacing[0] ** oz * spacing[1] ** oy * spacing[2] ** ox)
+            if scale != 1.0:
+                t.mul_(scale)
         for kind in spec.kinds:
             if kind == "gaussian":
-                out.append(filtered((0, 0, 0)))
+                out.append(d[0, 0, 0])
             elif kind == "gradient_magnitude":
-                out.append(torch.sqrt(sum(g * g for g in first)))
+                gz, gy, gx = d[1, 0, 0], d[0, 1, 0], d[0, 0, 1]
+                out.append(torch.sqrt(gz * gz + gy * gy + gx * gx))
             elif kind == "laplacian":
-                out.append(hess[0, 0] + hess[1, 1] + hess[2, 2])
+                out.append(d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2])
             else:
-                h = torch.stack(
-                    [
-                        torch.stack([hess[min(a, b), max(a, b)] for b in range(3)], -1)
-                        for a in range(3)
-                    ],
-                    -2,
-                )  # (M, 1, D, H, W, 3, 3)
-                eig = torch.linalg.eigvalsh(h)  # ascending
-                out.extend(eig[..., i] for i in range(3))
+                out.extend(
+                    symmetric_eigvals3(
+                        d[2, 0, 0], d[0, 2, 0], d[0, 0, 2], d[1, 1, 0], d[1, 0, 1], d[0, 1, 1]
+                    )
+                )
     feats = torch.cat(out, dim=1)  # (N*C, F, D, H, W)
     return feats.reshape(n, c * feats.shape[1], *image.shape[2:])

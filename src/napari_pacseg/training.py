@@ -173,7 +173,8 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
     model.head.to(x.device)
     counts = torch.bincount(y, minlength=k).float()
     loss_fn = nn.CrossEntropyLoss(weight=(counts.sum() / (k * counts.clamp_min(1))))
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    params = list(model.head.parameters())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     act = model.head.activation
     for step in range(steps):
         if should_cancel is not None and should_cancel():
@@ -184,12 +185,24 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
             if i < len(layers) - 1:
                 h = activate(h, act)
         loss = loss_fn(h, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        grads = torch.autograd.grad(loss, params)
+        _adam_step(params, grads, moments, step + 1)
         if progress is not None:
             progress(step + 1, steps)
     with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - W m / s)
         first = layers[0]
         first.bias.sub_(first.weight @ (mean / std))
         first.weight.div_(std)
+
+
+@torch.no_grad()
+def _adam_step(params, grads, moments, t: int, lr: float = 1e-2, betas=(0.9, 0.999), eps=1e-8):
+    """One Adam update (Kingma & Ba), written out: ``torch.optim`` imports ``torch._dynamo``,
+    which imports triton, and importing triton's LLVM after Qt's software OpenGL (Mesa
+    llvmpipe) has loaded its own LLVM crashes the process, i.e. training inside napari."""
+    b1, b2 = betas
+    for p, g, (m, v) in zip(params, grads, moments):
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1**t))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from napari_pacseg import FeatureSpec, compute_features
+from napari_pacseg.features import symmetric_eigvals3
 
 
 def _grid(shape, spacing):
@@ -93,3 +94,23 @@ def test_bad_specs(kwargs, message):
 def test_sigma_too_large_for_spacing():
     with pytest.raises(ValueError, match="voxels with spacing"):
         compute_features(torch.zeros(1, 1, 4, 4, 4), FeatureSpec(sigmas=(100.0,)), (0.1, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["random", "repeated", "diagonal", "zero"])
+def test_closed_form_eigenvalues_match_eigvalsh(kind):
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(5000, 3, 3, generator=gen, dtype=torch.float64)
+    a = a + a.transpose(1, 2)
+    if kind == "repeated":  # eigenvalues (l, l, m): rank-one update of a multiple of I
+        v = torch.randn(5000, 3, 1, generator=gen, dtype=torch.float64)
+        a = 2.5 * torch.eye(3, dtype=torch.float64) + v @ v.transpose(1, 2)
+    elif kind == "diagonal":
+        a = torch.diag_embed(torch.randn(5000, 3, generator=gen, dtype=torch.float64))
+    elif kind == "zero":
+        a = torch.zeros(10, 3, 3, dtype=torch.float64)
+    want = torch.linalg.eigvalsh(a)
+    entries = [a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]]
+    got = torch.stack(symmetric_eigvals3(*[e.float() for e in entries]), -1).double()
+    scale = a.flatten(1).abs().amax(1, keepdim=True).clamp_min(1)
+    tol = 2e-3 if kind == "repeated" else 2e-4  # acos loses digits near close eigenvalues
+    assert ((got - want).abs() / scale).max() < tol
