@@ -21,6 +21,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 SHAPE = (64, 256, 256)
 SPACING = (1.0, 0.4, 0.4)  # (z, y, x) um
+DEMO_SIGMAS = (0.5, 1.0, 2.0)  # um: the demo model's feature scales
 
 
 def _blur(vol: np.ndarray, sigmas_vox) -> np.ndarray:
@@ -117,7 +118,7 @@ def main() -> None:
     )
     tmp.replace(HERE / "nuclei.npz")
     model = train(
-        image, scribbles, spacing=SPACING, features=FeatureSpec(sigmas=(0.5, 1.0, 2.0)),
+        image, scribbles, spacing=SPACING, features=FeatureSpec(sigmas=DEMO_SIGMAS),
         class_names=["background", "nucleus"], seed=0,
     )  # fmt: skip
     save_model(model, HERE / "nuclei_demo.safetensors")

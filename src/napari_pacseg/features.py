@@ -16,6 +16,7 @@ import torch.nn.functional as F
 FEATURE_KINDS = ("gaussian", "gradient_magnitude", "laplacian", "hessian_eigenvalues")
 _PER_SCALE = {"gaussian": 1, "gradient_magnitude": 1, "laplacian": 1, "hessian_eigenvalues": 3}
 MAX_SIGMA_VOXELS = 64.0
+EIGEN_SLAB = 8  # z planes per step of the Hessian eigenvalues (bounds their temporaries)
 
 
 @dataclass(frozen=True)
@@ -88,42 +89,50 @@ def _gauss_kernels(sigma_vox: float, dtype, device):
     return [k.to(dtype=dtype, device=device) for k in (g, d1, d2)]
 
 
-def _filter_axis(t: torch.Tensor, kernels, axis: int) -> list[torch.Tensor]:
+def _filter_axis(t: torch.Tensor, kernels, axis: int, keep: slice) -> list[torch.Tensor]:
     """Filter ``t`` ``(M, 1, D, H, W)`` along spatial ``axis`` with several 1-D kernels of one
-    length (replicate edges), one shifted slice per tap shared by all kernels.
+    length (replicate edges), one shifted slice per tap shared by all kernels; only the range
+    ``keep`` of that axis is computed and returned.
 
     A loop of ``add_`` over shifted views: on the CPU this is 10-25x faster than ``conv3d`` with
     a one-channel 1-D kernel (which falls back to torch's slow unfolded convolution).
     """
-    n = t.shape[2 + axis]
     r = kernels[0].numel() // 2
+    start, stop, _ = keep.indices(t.shape[2 + axis])
     pad = [0, 0, 0, 0, 0, 0]
     pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
     padded = F.pad(t, pad, mode="replicate")
     weights = [k.tolist() for k in kernels]
-    outs = [torch.zeros_like(t) for _ in kernels]
+    shape = list(t.shape)
+    shape[2 + axis] = stop - start
+    outs = [t.new_zeros(shape) for _ in kernels]
     for j in range(2 * r + 1):
-        view = padded.narrow(2 + axis, j, n)
+        view = padded.narrow(2 + axis, start + j, stop - start)
         for out, w in zip(outs, weights):
             if w[j] != 0.0:
                 out.add_(view, alpha=w[j])
     return outs
 
 
-def _derivatives(flat: torch.Tensor, kernels, wanted: set) -> dict:
-    """Gaussian derivatives of ``flat`` for each order triple in ``wanted`` (z, y, x orders,
-    each 0..2), sharing the z and y passes between triples (19 instead of 30 passes when all
-    orders up to 2 are wanted). ``kernels[axis][order]`` is the 1-D kernel."""
+def _derivatives(flat: torch.Tensor, kernels, wanted: set, crop) -> dict:
+    """Gaussian derivatives of ``flat`` inside ``crop`` (3 slices) for each order triple in
+    ``wanted`` (z, y, x orders, each 0..2). The z pass keeps only the cropped z range, the y
+    pass the cropped y range, and so on, and the z and y passes are shared between triples
+    (19 instead of 30 passes when all orders up to 2 are wanted), so a tile's halo costs only
+    the passes that need it. ``kernels[axis][order]`` is the 1-D kernel."""
     out = {}
     z_orders = sorted({o[0] for o in wanted})
-    zs = dict(zip(z_orders, _filter_axis(flat, [kernels[0][o] for o in z_orders], 0)))
-    for oz, tz in zs.items():
+    zs = dict(zip(z_orders, _filter_axis(flat, [kernels[0][o] for o in z_orders], 0, crop[0])))
+    for oz in z_orders:
+        tz = zs.pop(oz)
         y_orders = sorted({o[1] for o in wanted if o[0] == oz})
-        ys = dict(zip(y_orders, _filter_axis(tz, [kernels[1][o] for o in y_orders], 1)))
-        for oy, ty in ys.items():
+        ys = dict(zip(y_orders, _filter_axis(tz, [kernels[1][o] for o in y_orders], 1, crop[1])))
+        del tz
+        for oy in y_orders:
+            ty = ys.pop(oy)
             x_orders = sorted({o[2] for o in wanted if o[:2] == (oz, oy)})
-            for ox, tx in zip(x_orders, _filter_axis(ty, [kernels[2][o] for o in x_orders], 2)):
-                out[oz, oy, ox] = tx
+            xs = _filter_axis(ty, [kernels[2][o] for o in x_orders], 2, crop[2])
+            out.update(((oz, oy, ox), tx) for ox, tx in zip(x_orders, xs))
     return out
 
 
@@ -155,7 +164,7 @@ def symmetric_eigvals3(a00, a11, a22, a01, a02, a12) -> list[torch.Tensor]:
 
 
 def compute_features(
-    image: torch.Tensor, spec: FeatureSpec, spacing=(1.0, 1.0, 1.0)
+    image: torch.Tensor, spec: FeatureSpec, spacing=(1.0, 1.0, 1.0), crop=None
 ) -> torch.Tensor:
     """Feature bank of an image.
 
@@ -164,15 +173,34 @@ def compute_features(
     image : Tensor ``(N, C, D, H, W)``, float32 (already intensity-normalised).
     spec : FeatureSpec
     spacing : (z, y, x) voxel size in the units of ``spec.sigmas``.
+    crop : optional 3 slices (z, y, x): return only this region. The filters still see the
+        whole image (so a tile's halo serves as their support), but only the region is
+        combined and stored, which is what a tiled caller needs and saves most of the memory.
 
     Returns
     -------
-    Tensor ``(N, C * spec.channels_per_image_channel(), D, H, W)``, float32; per image channel
-    the features in ``spec.names()`` order.
+    Tensor ``(N, C * spec.channels_per_image_channel(), d, h, w)``, float32, ``(d, h, w)`` the
+    spatial shape of the image or of ``crop``; per image channel the features in
+    ``spec.names()`` order.
     """
     n, c = image.shape[:2]
     flat = image.reshape(n * c, 1, *image.shape[2:]).float().contiguous()
-    out = [flat] if spec.include_raw else []
+    region = (slice(None), slice(None), *(crop or (slice(None),) * 3))
+    cropped_shape = flat[region].shape[2:]
+    out = torch.empty(
+        (n * c, spec.channels_per_image_channel(), *cropped_shape),
+        dtype=flat.dtype,
+        device=flat.device,
+    )
+    j = 0
+
+    def put(t: torch.Tensor) -> None:
+        nonlocal j
+        out[:, j : j + 1] = t
+        j += 1
+
+    if spec.include_raw:
+        put(flat[region])
     kinds = set(spec.kinds)
     wanted = set()
     if "gaussian" in kinds:
@@ -189,24 +217,25 @@ def compute_features(
                 f"at most {MAX_SIGMA_VOXELS:g} voxels are supported (check the spacing units)"
             )
         kernels = [_gauss_kernels(s, flat.dtype, flat.device) for s in sig_vox]
-        d = _derivatives(flat, kernels, wanted)
+        d = _derivatives(flat, kernels, wanted, region[2:])
         for (oz, oy, ox), t in d.items():  # per physical unit
             scale = 1.0 / (spacing[0] ** oz * spacing[1] ** oy * spacing[2] ** ox)
             if scale != 1.0:
                 t.mul_(scale)
         for kind in spec.kinds:
             if kind == "gaussian":
-                out.append(d[0, 0, 0])
+                put(d[0, 0, 0])
             elif kind == "gradient_magnitude":
                 gz, gy, gx = d[1, 0, 0], d[0, 1, 0], d[0, 0, 1]
-                out.append(torch.sqrt(gz * gz + gy * gy + gx * gx))
+                put(torch.sqrt(gz * gz + gy * gy + gx * gx))
             elif kind == "laplacian":
-                out.append(d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2])
-            else:
-                out.extend(
-                    symmetric_eigvals3(
-                        d[2, 0, 0], d[0, 2, 0], d[0, 0, 2], d[1, 1, 0], d[1, 0, 1], d[0, 1, 1]
-                    )
-                )
-    feats = torch.cat(out, dim=1)  # (N*C, F, D, H, W)
-    return feats.reshape(n, c * feats.shape[1], *image.shape[2:])
+                put(d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2])
+            else:  # in z slabs: the closed form's temporaries are a dozen volumes
+                entries = [d[o] for o in ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))]  # fmt: skip
+                for z in range(0, cropped_shape[0], EIGEN_SLAB):
+                    slab = [e[:, :, z : z + EIGEN_SLAB] for e in entries]
+                    for i, ev in enumerate(symmetric_eigvals3(*slab)):
+                        out[:, j + i : j + i + 1, z : z + EIGEN_SLAB] = ev
+                j += 3
+        del d
+    return out.reshape(n, c * out.shape[1], *cropped_shape)

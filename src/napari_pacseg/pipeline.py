@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -14,9 +17,15 @@ import torch
 
 from pacseg_kernels import pac_crf3d
 
+from .features import compute_features
 from .model import PacSegModel, RefineConfig, apply_range, intensity_range
 
-DEFAULT_TILE = (64, 128, 128)
+# Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
+# memory stays under 4x the float32 image (benchmarks/bench_pipeline.py). The refinement holds
+# few channels per voxel, so its tiles are deeper, which shrinks the share of its halo.
+UNARY_TILE = (32, 128, 128)
+REFINE_TILE = (64, 128, 128)
+STAGES = ("features", "context", "head", "refine")
 
 
 class SegmentationCancelled(RuntimeError):
@@ -31,11 +40,14 @@ class Segmentation:
         other class its scribble value (model class index + 1).
     matte : ``(D, H, W)`` float32 in [0, 1]: 1 - P(background) after refinement.
     probabilities : ``(K, D, H, W)`` float32 class probabilities when asked for, else None.
+    timings : wall seconds per stage, summed over tiles: ``features``, ``context``, ``head``,
+        ``refine``, and ``total`` (the whole call, input checks and output writes included).
     """
 
     labels: np.ndarray
     matte: np.ndarray
     probabilities: np.ndarray | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:
@@ -123,21 +135,29 @@ def segment(
 ) -> Segmentation:
     """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
 
+    Two passes over tiles: the first computes the head's logits of each tile (features and
+    context net on the tile plus their halo) into one ``(K - 1, D, H, W)`` float32 buffer of
+    logit differences; the second refines each tile with the CRF on the tile plus the CRF's
+    reach. Every halo covers the whole receptive field, so results do not depend on tiling,
+    and memory is bounded by the tile size plus that buffer and the outputs.
+
     Parameters
     ----------
     image : array ``(D, H, W)`` or 4D with ``channel_axis``; numpy or anything ``np.asarray``
         takes (a dask array is read tile by tile only through ``segment_zarr``; here it is loaded).
-    model : PacSegModel
+    model : PacSegModel (not modified; it is copied to the device when that is another one).
     spacing : (z, y, x) voxel size in the model's units (napari's layer ``scale``); defaults to
         the spacing the model was trained at.
     refine : True (model defaults), False, or a dict overriding ``RefineConfig`` fields.
     device : "auto", "cpu", "cuda", "cuda:1", ...; on a CUDA out-of-memory error the tile is
         retried smaller, then on the CPU, with a warning.
-    tile_shape : core tile size (D, H, W); each tile is computed with a halo covering the
-        features, the context net and every refinement step, so results do not depend on it.
-    progress : called as ``progress(done_tiles, total_tiles)``.
+    tile_shape : core tile size (D, H, W) of both passes (default: ``UNARY_TILE`` for the
+        first, ``REFINE_TILE`` for the second).
+    progress : called as ``progress(done_tiles, total_tiles)`` over both passes.
     should_cancel : polled between tiles; True raises ``SegmentationCancelled``.
+    return_probabilities : also return the ``(K, D, H, W)`` class probabilities.
     """
+    start = time.perf_counter()
     vol = as_volume(image, channel_axis)
     if vol.shape[0] != model.config.in_channels:
         raise ValueError(
@@ -146,60 +166,114 @@ def segment(
         )
     spacing = check_spacing(spacing, model.config.spacing)
     params = refine_params(model, refine)
-    dev = resolve_device(device)
-    tile_shape = tuple(tile_shape or DEFAULT_TILE)
-    if len(tile_shape) != 3 or not all(int(t) >= 1 for t in tile_shape):
-        raise ValueError(f"tile_shape must be 3 positive ints (D, H, W), got {tile_shape!r}")
+    if params is not None and not params.iterations:
+        params = None
+    if tile_shape is not None:
+        tile_shape = tuple(tile_shape)
+        if len(tile_shape) != 3 or not all(int(t) >= 1 for t in tile_shape):
+            raise ValueError(f"tile_shape must be 3 positive ints (D, H, W), got {tile_shape!r}")
+    runner = _TileRunner(resolve_device(device), model, progress, should_cancel)
     shape = vol.shape[1:]
-    full = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
-    lo, hi = intensity_range(full)
-    halo = list(model.halo(spacing))
-    if params is not None and params.iterations:
-        reach = params.iterations * (params.kernel_size // 2) * params.dilation
-        halo = [h + reach for h in halo]
+    lo, hi = volume_intensity_range(vol)
     k = model.config.n_classes
+    # Softmax and the Potts mean field only see differences between a voxel's logits, so the
+    # logits are kept as differences to the background's: one channel fewer.
+    diffs = np.empty((k - 1, *shape), dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8 if k <= 255 else np.uint16)
     matte = np.zeros(shape, dtype=np.float32)
     probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
-    model = model.eval()
-    pending = _tiles(shape, tile_shape, model.grid)
-    done, total = 0, len(pending)
-    while pending:
-        box = pending.pop(0)
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("segmentation cancelled; no result was produced")
-        try:
-            p = _tile_probabilities(full, lo, hi, box, halo, model, params, spacing, dev)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            sizes = [b - a for a, b in box]
-            if max(sizes) > model.grid * 8:  # split the tile, try again on the same device
-                warnings.warn(
-                    f"GPU out of memory on a tile of {sizes}; retrying with smaller tiles",
-                    stacklevel=2,
-                )
-                smaller = [max(model.grid, s // 2) for s in sizes]
-                sub = _tiles(sizes, smaller, model.grid)
-                pending = [
-                    tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(box, s)) for s in sub
-                ] + pending
-                total += len(sub) - 1
-                continue
-            warnings.warn(
-                "GPU out of memory even on small tiles; continuing on the CPU", stacklevel=2
-            )
-            dev = torch.device("cpu")
-            pending.insert(0, box)
-            continue
+    timings = dict.fromkeys(STAGES, 0.0)
+    unary_boxes = _tiles(shape, tile_shape or UNARY_TILE, model.grid)
+    final_boxes = _tiles(shape, tile_shape or REFINE_TILE, 1)
+    runner.total = len(unary_boxes) + len(final_boxes)
+    halo = model.halo(spacing)
+
+    def unary_pass(box, dev, dev_model):
+        d = _tile_logit_diffs(vol, lo, hi, box, halo, dev_model, spacing, dev, timings)
+        diffs[(slice(None), *(slice(a, b) for a, b in box))] = d
+
+    runner.run(unary_boxes, unary_pass)
+    if params is not None:
+        kernel, sigma = params.window(spacing)
+        reach = tuple(params.iterations * (kk // 2) * params.dilation for kk in kernel)
+    else:
+        kernel, sigma, reach = None, None, (0, 0, 0)
+
+    def final_pass(box, dev, _):
+        p = _tile_probabilities(vol, lo, hi, diffs, box, reach, params, kernel, sigma, dev, timings)
         sl = tuple(slice(a, b) for a, b in box)
         labels[sl] = _labels_from(p)
         matte[sl] = 1.0 - p[0]
         if probs is not None:
             probs[(slice(None), *sl)] = p
-        done += 1
-        if progress is not None:
-            progress(done, total)
-    return Segmentation(labels, matte, probs)
+
+    runner.run(final_boxes, final_pass)
+    timings["total"] = time.perf_counter() - start
+    return Segmentation(labels, matte, probs, timings)
+
+
+class _TileRunner:
+    """Runs a pass over tiles: cancellation, progress over all passes, and the out-of-memory
+    policy (split the tile and retry on the same device, then continue on the CPU)."""
+
+    def __init__(self, device, model, progress, should_cancel) -> None:
+        self.device, self.model = device, model
+        self.progress, self.should_cancel = progress, should_cancel
+        self.done = self.total = 0
+        self._copies: dict[torch.device, PacSegModel] = {}
+
+    def model_on(self, device: torch.device) -> PacSegModel:
+        """The model on ``device``: the caller's own when already there, else a copy."""
+        if device not in self._copies:
+            here = next(self.model.parameters()).device
+            same = here.type == device.type and (device.index is None or here == device)
+            self._copies[device] = (
+                self.model.eval() if same else copy.deepcopy(self.model).to(device).eval()
+            )
+        return self._copies[device]
+
+    def run(self, boxes, work) -> None:
+        pending = list(boxes)
+        while pending:
+            box = pending.pop(0)
+            if self.should_cancel is not None and self.should_cancel():
+                raise SegmentationCancelled("segmentation cancelled; no result was produced")
+            try:
+                work(box, self.device, self.model_on(self.device))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                sizes = [b - a for a, b in box]
+                grid = self.model.grid
+                if max(sizes) > grid * 8:  # split the tile, try again on the same device
+                    warnings.warn(
+                        f"GPU out of memory on a tile of {sizes}; retrying with smaller tiles",
+                        stacklevel=3,
+                    )
+                    smaller = [max(grid, s // 2) for s in sizes]
+                    sub = _tiles(sizes, smaller, grid)
+                    pending = [
+                        tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(box, s)) for s in sub
+                    ] + pending
+                    self.total += len(sub) - 1
+                    continue
+                warnings.warn(
+                    "GPU out of memory even on small tiles; continuing on the CPU", stacklevel=3
+                )
+                self.device = torch.device("cpu")
+                pending.insert(0, box)
+                continue
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+
+
+def volume_intensity_range(vol: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``intensity_range`` of a ``(C, D, H, W)`` array from at most ~4M evenly strided voxels
+    per channel, converted to float32 on their own (never the whole volume)."""
+    flat = vol.reshape(vol.shape[0], -1)
+    step = max(1, flat.shape[1] // (1 << 22))
+    sample = torch.from_numpy(np.ascontiguousarray(flat[:, ::step], dtype=np.float32))
+    return intensity_range(sample[None, :, :, None, None])
 
 
 def _labels_from(p: np.ndarray) -> np.ndarray:
@@ -208,28 +282,77 @@ def _labels_from(p: np.ndarray) -> np.ndarray:
     return np.where(best == 0, 0, best + 1)
 
 
+class _Stopwatch:
+    """Adds the wall time of each ``with watch("stage"):`` block to ``timings[stage]``
+    (CUDA work is synchronised so it is charged to the stage that launched it)."""
+
+    def __init__(self, timings: dict, device: torch.device) -> None:
+        self.timings, self.cuda = timings, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timings[stage] += time.perf_counter() - start
+
+
+def _region(vol, ext, dev) -> torch.Tensor:
+    """``(1, C, d, h, w)`` float32 on ``dev``: the image inside the box ``ext``."""
+    region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
+    return torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None].to(dev)
+
+
 @torch.no_grad()
-def _tile_probabilities(full, lo, hi, box, halo, model, params, spacing, dev) -> np.ndarray:
-    """Class probabilities ``(K, *core)`` of one core box, computed on the box plus its halo."""
+def _tile_logit_diffs(vol, lo, hi, box, halo, model, spacing, dev, timings) -> np.ndarray:
+    """Logits minus the background logit, ``(K - 1, *core)`` float32, of one core box, computed
+    from the box plus its halo (features and context net). ``vol`` is ``(C, D, H, W)`` in its own
+    dtype; only the region is made float32."""
     grid = model.grid
     ext = []
-    for (a, b), h, n in zip(box, halo, full.shape[2:]):
+    for (a, b), h, n in zip(box, halo, vol.shape[1:]):
         start = max(0, a - h)
         start -= start % grid  # keep the context net's pooling grid aligned with the volume's
         ext.append((start, min(n, b + h)))
-    region = full[(slice(None), slice(None), *(slice(s, e) for s, e in ext))].to(dev)
-    norm = apply_range(region, lo.to(dev), hi.to(dev))
-    logits = model.to(dev).logits(norm, spacing)
-    if params is not None and params.iterations:
-        logits = pac_crf3d(
-            logits,
-            norm / params.guide_sigma,
-            iterations=params.iterations,
-            kernel_size=params.kernel_size,
-            dilation=params.dilation,
-            compat=params.compat,
-            spatial_sigma=params.spatial_sigma,
-        )
-    p = torch.softmax(logits, dim=1)[0]
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
-    return p[(slice(None), *core)].cpu().numpy()
+    watch = _Stopwatch(timings, dev)
+    with watch("features"):
+        norm = apply_range(_region(vol, ext, dev), lo.to(dev), hi.to(dev))
+        feats = compute_features(norm, model.config.features, spacing, crop=core)
+    if model.context is not None:
+        with watch("context"):
+            feats = torch.cat([feats, model.context(norm)[(slice(None), slice(None), *core)]], 1)
+    del norm
+    with watch("head"):
+        logits = model.head(feats)[0]
+        del feats
+        out = (logits[1:] - logits[:1]).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def _tile_probabilities(
+    vol, lo, hi, diffs, box, reach, params, kernel, sigma, dev, timings
+) -> np.ndarray:
+    """Class probabilities ``(K, *core)`` of one core box: the stored logit differences, refined
+    by ``pac_crf3d`` on the box plus the CRF's ``reach`` when ``params`` is given."""
+    ext = [(max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, vol.shape[1:])]
+    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    d = diffs[(slice(None), *(slice(s, e) for s, e in ext))]
+    logits = torch.zeros((1, d.shape[0] + 1, *d.shape[1:]), dtype=torch.float32, device=dev)
+    logits[0, 1:] = torch.from_numpy(d).to(dev)
+    if params is not None:
+        with _Stopwatch(timings, dev)("refine"):
+            guide = apply_range(_region(vol, ext, dev), lo.to(dev), hi.to(dev))
+            logits = pac_crf3d(
+                logits.div_(params.temperature),
+                guide.div_(params.guide_sigma),
+                iterations=params.iterations,
+                kernel_size=kernel,
+                dilation=params.dilation,
+                compat=params.compat,
+                spatial_sigma=sigma,
+            )
+    p = torch.softmax(logits[(slice(None), slice(None), *core)], dim=1)[0]
+    return p.cpu().numpy()

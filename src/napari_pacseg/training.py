@@ -18,6 +18,11 @@ from .pipeline import SegmentationCancelled, _tiles, as_volume, check_spacing, r
 
 MAX_SAMPLES_PER_CLASS = 20000
 TRAIN_TILE = (32, 96, 96)
+# Std of the Gaussian noise added to the standardised features at every step. Scribbles are
+# few and clustered, so without it the head fits them with huge logits and draws the boundary
+# wherever the nearest scribble happens to be; with it, the decision boundary sits between the
+# classes in feature space (measured in benchmarks/bench_quality.py).
+INPUT_NOISE = 1.0
 
 
 def train(
@@ -116,7 +121,8 @@ def train(
     )
     model = PacSegModel(config)
     x, y = _labelled_features(vol, marks, model, spacing, gen, should_cancel)
-    _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
     return model.cpu().eval()
 
 
@@ -160,8 +166,9 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
 
 
 def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
-    """Class-balanced full-batch Adam on standardised features; the standardisation is then
-    folded into the first layer, so the saved model takes raw features."""
+    """Class-balanced full-batch Adam on standardised features, with ``INPUT_NOISE`` added at each
+    step; the standardisation is then folded into the first layer, so the saved model takes raw
+    features."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     layers = model.head.layers
@@ -180,6 +187,8 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
         if should_cancel is not None and should_cancel():
             raise SegmentationCancelled("training cancelled; no model was produced")
         h = xs
+        if INPUT_NOISE > 0:
+            h = xs + INPUT_NOISE * torch.randn(xs.shape, generator=gen).to(xs.device)
         for i, layer in enumerate(layers):
             h = layer(h)
             if i < len(layers) - 1:

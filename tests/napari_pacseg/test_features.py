@@ -114,3 +114,20 @@ def test_closed_form_eigenvalues_match_eigvalsh(kind):
     scale = a.flatten(1).abs().amax(1, keepdim=True).clamp_min(1)
     tol = 2e-3 if kind == "repeated" else 2e-4  # acos loses digits near close eigenvalues
     assert ((got - want).abs() / scale).max() < tol
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "crop"),
+    [
+        ((9, 20, 17), (1.0, 1.0, 1.0), (slice(2, 7), slice(5, 15), slice(0, 17))),
+        ((12, 31, 26), (2.0, 0.5, 0.5), (slice(0, 4), slice(9, 31), slice(3, 4))),
+        ((6, 14, 40), (0.7, 0.3, 0.9), (slice(1, 6), slice(0, 14), slice(20, 33))),
+    ],
+)
+def test_crop_equals_cropping_the_whole(shape, spacing, crop):
+    gen = torch.Generator().manual_seed(sum(shape))
+    image = torch.rand(2, 1, *shape, generator=gen)
+    spec = FeatureSpec(sigmas=(0.6, 1.5))
+    whole = compute_features(image, spec, spacing)
+    part = compute_features(image, spec, spacing, crop=crop)
+    torch.testing.assert_close(part, whole[(slice(None), slice(None), *crop)], atol=1e-6, rtol=1e-5)

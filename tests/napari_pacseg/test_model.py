@@ -16,6 +16,7 @@ from napari_pacseg import (
     ModelConfig,
     ModelFileError,
     PacSegModel,
+    RefineConfig,
     import_torch_mlp,
     load_model,
     save_model,
@@ -239,3 +240,37 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
             evil, features=FeatureSpec(kinds=("gaussian",), sigmas=(1.0,)), classes=["a", "b"]
         )
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "spacing", "kernel", "sigma"),
+    [
+        (
+            RefineConfig(kernel_size=5, spatial_sigma=2.0),
+            (1.0, 1.0, 1.0),
+            (5, 5, 5),
+            (2.0, 2.0, 2.0),
+        ),
+        (
+            RefineConfig(kernel_size=5, spatial_sigma=2.0),
+            (1.0, 0.4, 0.4),
+            (3, 5, 5),
+            (0.8, 2.0, 2.0),
+        ),
+        (RefineConfig(kernel_size=7, spatial_sigma=None), (0.3, 0.3, 2.0), (7, 7, 3), None),
+        (RefineConfig(kernel_size=1), (1.0, 0.4, 0.4), (1, 1, 1), (0.8, 2.0, 2.0)),
+    ],
+)
+def test_refine_window_follows_the_spacing(config, spacing, kernel, sigma):
+    got_kernel, got_sigma = config.window(spacing)
+    assert got_kernel == kernel
+    if sigma is None:
+        assert got_sigma is None
+    else:
+        assert got_sigma == pytest.approx(sigma)
+
+
+@pytest.mark.parametrize("field", ["temperature", "guide_sigma"])
+def test_refine_config_refuses_non_positive(field):
+    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+        RefineConfig(**{field: 0.0})

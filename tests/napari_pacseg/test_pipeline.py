@@ -85,7 +85,7 @@ def test_progress_and_cancel(trained):
     image, _, _, model = trained
     calls = []
     segment(image, model, tile_shape=(8, 20, 20), progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(i, 8) for i in range(1, 9)]
+    assert calls == [(i, 16) for i in range(1, 17)]  # 8 tiles, two passes
     polled = []
 
     def cancel_after_two():
@@ -99,7 +99,7 @@ def test_progress_and_cancel(trained):
 
 def test_gpu_out_of_memory_retries_smaller(trained, monkeypatch):
     image, _, _, model = trained
-    real = pipeline._tile_probabilities
+    real = pipeline._tile_logit_diffs
     failed = []
 
     def flaky(full, lo, hi, box, *args):
@@ -108,10 +108,10 @@ def test_gpu_out_of_memory_retries_smaller(trained, monkeypatch):
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(full, lo, hi, box, *args)
 
-    monkeypatch.setattr(pipeline, "_tile_probabilities", flaky)
+    monkeypatch.setattr(pipeline, "_tile_logit_diffs", flaky)
     with pytest.warns(UserWarning, match="retrying with smaller tiles"):
         result = segment(image, model)
-    monkeypatch.setattr(pipeline, "_tile_probabilities", real)
+    monkeypatch.setattr(pipeline, "_tile_logit_diffs", real)
     assert np.array_equal(result.labels, segment(image, model).labels)
 
 
@@ -176,3 +176,36 @@ def test_train_refuses_gaps_and_context(trained):
         train(image, gap)
     with pytest.raises(ValueError, match="not implemented yet"):
         train(image, scribbles, context=ContextConfig())
+
+
+def test_timings_per_stage(trained):
+    image, _, _, model = trained
+    timings = segment(image, model).timings
+    assert set(timings) == {"features", "context", "head", "refine", "total"}
+    assert all(v >= 0 for v in timings.values())
+    assert timings["context"] == 0  # this model has no context net
+    assert timings["features"] + timings["head"] + timings["refine"] <= timings["total"]
+    assert segment(image, model, refine=False).timings["refine"] == 0
+
+
+def test_train_works_under_no_grad(trained):
+    image, scribbles, _, model = trained
+    with torch.no_grad():
+        again = train(
+            image,
+            scribbles,
+            spacing=(2.0, 1.0, 1.0),
+            features=FeatureSpec(sigmas=(1.0, 2.0)),
+            steps=150,
+        )
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_callers_model_stays_where_it_is(trained):
+    _, _, _, model = trained
+    runner = pipeline._TileRunner(torch.device("cpu"), model, None, None)
+    assert runner.model_on(torch.device("cpu")) is model
+    moved = runner.model_on(torch.device("meta"))
+    assert moved is not model and next(moved.parameters()).device.type == "meta"
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -1,0 +1,49 @@
+"""Run APOC's OpenCL random-forest pixel classifier for ``bench_quality.py``.
+
+APOC pins numpy < 2, which napari-pacseg's own stack (zarr >= 3) cannot share, so it runs in a
+separate interpreter: ``python -m venv .apoc-venv && .apoc-venv/bin/pip install apoc
+pocl-binary-distribution`` (pocl gives an OpenCL CPU device). Reads ``IN.npz`` (image,
+scribbles), writes ``OUT.npz`` (labels, train_s, predict_s) for each feature set named.
+
+Usage: .apoc-venv/bin/python benchmarks/apoc_worker.py IN.npz OUT.npz FEATURESET...
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apoc
+import numpy as np
+import pyclesperanto_prototype as cle
+
+
+def main() -> None:
+    src, dst, *feature_sets = sys.argv[1:]
+    # Prefer a PoCL build that knows this CPU (Debian's pocl-opencl-icd picks a kernel-library
+    # variant; the PoCL bundled in pyopencl's wheel fails with "unknown target CPU 'generic'"
+    # on CPUs newer than its LLVM).
+    for platform in __import__("pyopencl").get_platforms():
+        if "debian" in platform.version.lower() or "DISTRO" in platform.version:
+            cle.select_device(platform.get_devices()[0].name)
+            break
+    print(f"apoc on {cle.get_device()}", file=sys.stderr)
+    data = np.load(src)
+    image, scribbles = data["image"].astype(np.float32), data["scribbles"]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in feature_sets:
+            features = apoc.PredefinedFeatureSet[name].value
+            clf = apoc.PixelClassifier(opencl_filename=str(Path(tmp) / f"{name}.cl"))
+            start = time.perf_counter()
+            clf.train(features, scribbles, image)
+            trained = time.perf_counter()
+            labels = np.asarray(clf.predict(image=image))
+            done = time.perf_counter()
+            out[f"{name}_labels"] = labels.astype(np.uint8)
+            out[f"{name}_times"] = np.array([trained - start, done - trained])
+    np.savez_compressed(dst, **out)
+
+
+if __name__ == "__main__":
+    main()

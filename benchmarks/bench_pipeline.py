@@ -1,0 +1,136 @@
+"""End-to-end ``segment()``: time and peak memory per stage, at 256^3 on CPU (512^3 on a GPU).
+
+The volume is the bundled sample (64x256x256, spacing 1 x 0.4 x 0.4 um) repeated along z (and,
+for 512^3, along y and x), as uint16, segmented with the bundled demo model
+(``sample_data/nuclei_demo.safetensors``: 19 features at 3 scales, MLP 19-64-64-2). Each run
+happens in a fresh interpreter, so the peak-memory reading (resident memory above what the
+loaded image and model already take) is not hidden by memory kept from earlier work. Per-stage
+times come from ``Segmentation.timings``; "total" is the whole ``segment()`` call.
+
+For reference, the same process also times the feature bank an ilastik-style classifier computes
+first (scikit-image's ``multiscale_basic_features``, sigmas 1..8, as in bench_quality.py), when
+scikit-image is installed.
+
+Targets (issue 5): CPU 256^3 end to end <= 30 s with peak memory <= 4x the image's float32 size;
+GPU 512^3 <= 1 s. Writes ``benchmarks/results/pipeline-<device>.md``.
+
+Usage: python benchmarks/bench_pipeline.py [--device cpu|cuda] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common
+from napari_pacseg import load_model, segment
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def _volume(size: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    data = np.load(SAMPLE / "nuclei.npz")
+    image = data["image"]
+    reps = [-(-size // n) for n in image.shape]
+    vol = np.tile(image, reps)[:size, :size, :size]
+    return np.ascontiguousarray(vol), tuple(float(s) for s in data["spacing"])
+
+
+def worker(method: str, size: int, device: str) -> dict:
+    image, spacing = _volume(size)
+    if method == "skimage-features":
+        from skimage.feature import multiscale_basic_features
+
+        out = {}
+
+        def run():
+            start = time.perf_counter()
+            multiscale_basic_features(image.astype(np.float32), sigma_min=1, sigma_max=8)
+            out["total"] = time.perf_counter() - start
+
+        peak = common.cpu_peak_extra_bytes(run)
+        return {"timings": out, "peak": peak}
+    model = load_model(SAMPLE / "nuclei_demo.safetensors")
+    refine = method == "segment"
+    if device == "cuda":
+        segment(image[:64, :128, :128], model, spacing=spacing, refine=refine, device=device)
+        measure = common.cuda_peak_extra_bytes
+    else:
+        measure = common.cpu_peak_extra_bytes
+    result = {}
+
+    def run():
+        result["seg"] = segment(image, model, spacing=spacing, refine=refine, device=device)
+
+    peak = measure(run)
+    return {"timings": result["seg"].timings, "peak": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--size", type=int, default=None, help="edge (default 256 CPU, 512 GPU)")
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SIZE", "DEVICE"))
+    args = parser.parse_args()
+    if args.worker:
+        method, size, device = args.worker
+        print(json.dumps(worker(method, int(size), device)))
+        return
+    if not (SAMPLE / "nuclei_demo.safetensors").exists():
+        sys.exit("the sample is missing; run: python sample_data/make_sample.py")
+    size = args.size or (512 if args.device == "cuda" else 256)
+    float_bytes = 4 * size**3
+    methods = [("segment", "ours, refined (model defaults)"), ("segment-norefine", "ours, no refinement")]  # fmt: skip
+    if args.device == "cpu" and importlib.util.find_spec("skimage") is not None:
+        methods.append(("skimage-features", "ilastik-style features only (skimage, sigmas 1..8)"))
+    rows = []
+    for method, label in methods:
+        print(f"{label} ...", flush=True)
+        res = common.run_isolated(__file__, [method, str(size), args.device])
+        rows.append((label, res["timings"], res["peak"]))
+        print(f"  {res['timings']}, peak {common.mib(res['peak'])} MiB", flush=True)
+
+    stages = ("features", "context", "head", "refine", "total")
+    lines = [
+        f"# segment() end to end ({args.device})",
+        "",
+        f"Command: `python benchmarks/bench_pipeline.py --device {args.device} --size {size}`  ",
+        f"Machine: {common.describe_machine(args.device)}  ",
+        f"Volume: {size}^3 uint16 (the sample repeated), demo model; image as float32 = "
+        f"{common.mib(float_bytes)} MiB. Peak = memory above the loaded image and model "
+        f"({'CUDA allocator' if args.device == 'cuda' else 'resident set'}), outputs included.",
+        "",
+        "| method | "
+        + " | ".join(f"{s} s" for s in stages)
+        + " | peak MiB | peak / float32 image |",
+        "|---|" + "---|" * (len(stages) + 2),
+    ]
+    for label, timings, peak in rows:
+        cells = [f"{timings[s]:.2f}" if s in timings else "-" for s in stages]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {common.mib(peak)} | {peak / float_bytes:.2f}x |"
+        )
+    ours, ref = rows[0][1]["total"], rows[-1][1]["total"]
+    if rows[-1][0].startswith("ilastik"):
+        lines += ["", f"Whole refined segmentation vs the skimage feature bank alone: {ref / ours:.1f}x faster."]  # fmt: skip
+    target = "30 s and 4x" if args.device == "cpu" else "1 s"
+    lines += ["", f"Target: {target}."]
+    path = common.write_result(
+        f"pipeline-{common.device_name(args.device)}.md", "\n".join(lines) + "\n"
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

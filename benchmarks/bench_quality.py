@@ -1,0 +1,197 @@
+"""Segmentation quality from sparse scribbles: ours vs what users pick instead.
+
+On the bundled sample (``sample_data/nuclei.npz``) and, to show the spread, on further volumes
+made by the same generator with other seeds, every method is trained from the same scribbles
+(well under 0.5% of the voxels) and scored against the ground truth:
+
+* Otsu: one global threshold on the raw image (numpy, here); "best threshold" is the global
+  threshold with the highest Dice, chosen by looking at the truth (an oracle, for reference).
+* RF (ilastik-style): scikit-image's ``multiscale_basic_features`` (intensity, edges, texture
+  at sigmas 1..8 voxels) + scikit-learn's random forest (100 trees) on the scribbled voxels,
+  the trainable-segmentation recipe of the scikit-image gallery.
+* APOC: its OpenCL random-forest ``PixelClassifier`` (feature set ``small_quick``), run in a
+  separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
+* ours: ``train()`` with the sample's demo settings, then ``segment()`` without and with the
+  PAC-CRF refinement (model defaults).
+
+Scores: Dice of the foreground, and the boundary F-score: the share of predicted boundary
+voxels within ``TOLERANCE_UM`` of the true boundary (precision) and vice versa (recall),
+distances in physical units. Times are wall times of training and of prediction here.
+Writes ``benchmarks/results/quality-cpu.md``.
+
+Usage: python benchmarks/bench_quality.py [--apoc-python PATH] [--seeds 11 3 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
+import make_sample
+
+import common
+from napari_pacseg import FeatureSpec, segment, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOLERANCE_UM = 1.0
+DEMO_FEATURES = FeatureSpec(sigmas=make_sample.DEMO_SIGMAS)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(2 * np.count_nonzero(pred & truth) / (pred.sum() + truth.sum()))
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+
+
+def boundary_f(pred: np.ndarray, truth: np.ndarray, spacing, tol: float = TOLERANCE_UM) -> float:
+    """Boundary F-score: boundary voxels within ``tol`` (physical units) of the other boundary."""
+    bp, bt = _boundary(pred), _boundary(truth)
+    if not bp.any() or not bt.any():
+        return 0.0
+    to_truth = ndimage.distance_transform_edt(~bt, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~bp, sampling=spacing)
+    precision = float(np.mean(to_truth[bp] <= tol))
+    recall = float(np.mean(to_pred[bt] <= tol))
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def otsu_threshold(image: np.ndarray, bins: int = 1024) -> float:
+    hist, edges = np.histogram(image, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[np.argmax(between)])
+
+
+def best_threshold(image: np.ndarray, truth: np.ndarray) -> float:
+    lo, hi = np.percentile(image, [50, 99.9])
+    return max(dice(image > t, truth) for t in np.linspace(lo, hi, 60))
+
+
+def run_rf(image, scribbles):
+    from skimage.feature import multiscale_basic_features
+    from sklearn.ensemble import RandomForestClassifier
+
+    start = time.perf_counter()
+    feats = multiscale_basic_features(image.astype(np.float32), sigma_min=1, sigma_max=8)
+    marked = scribbles > 0
+    clf = RandomForestClassifier(n_estimators=100, n_jobs=-1, max_depth=10, random_state=0)
+    clf.fit(feats[marked], scribbles[marked])
+    trained = time.perf_counter()
+    labels = clf.predict(feats.reshape(-1, feats.shape[-1])).reshape(image.shape)
+    return labels == 2, trained - start, time.perf_counter() - trained
+
+
+def run_apoc(python: str, image, scribbles):
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, image=image, scribbles=scribbles)
+        subprocess.run(
+            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), "small_quick"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        out = np.load(dst)
+        train_s, predict_s = out["small_quick_times"]
+        return out["small_quick_labels"] == 2, float(train_s), float(predict_s)
+
+
+def evaluate(name, image, truth, scribbles, spacing, apoc_python):
+    truth = truth.astype(bool)
+    rows = []
+
+    def add(method, pred, train_s=None, predict_s=None):
+        rows.append(
+            (method, dice(pred, truth), boundary_f(pred, truth, spacing), train_s, predict_s)
+        )
+        print(f"  {method}: Dice {rows[-1][1]:.3f}, boundary F {rows[-1][2]:.3f}", flush=True)
+
+    start = time.perf_counter()
+    t = otsu_threshold(image)
+    add("Otsu threshold", image > t, None, time.perf_counter() - start)
+    rows.append(("best global threshold (oracle)", best_threshold(image, truth), None, None, None))
+    add("RF, ilastik-style (skimage + sklearn)", *run_rf(image, scribbles))
+    if apoc_python:
+        add("APOC PixelClassifier (small_quick)", *run_apoc(apoc_python, image, scribbles))
+    start = time.perf_counter()
+    model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
+    train_s = time.perf_counter() - start
+    for refine, label in ((False, "ours, no refinement"), (True, "ours, PAC-CRF refined")):
+        start = time.perf_counter()
+        seg = segment(image, model, spacing=spacing, refine=refine)
+        add(label, seg.labels > 0, train_s, time.perf_counter() - start)
+    return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
+
+
+def _table(rows) -> list[str]:
+    lines = ["| method | Dice | boundary F | train s | predict s |", "|---|---|---|---|---|"]
+    for method, d, bf, tr, pr in rows:
+        cells = [f"{d:.3f}", "-" if bf is None else f"{bf:.3f}"]
+        cells += ["-" if v is None else f"{v:.1f}" for v in (tr, pr)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_apoc = ROOT / ".apoc-venv" / "bin" / "python"
+    parser.add_argument(
+        "--apoc-python", default=str(default_apoc) if default_apoc.exists() else "",
+        help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
+    args = parser.parse_args()
+
+    sample = ROOT / "sample_data" / "nuclei.npz"
+    if not sample.exists():
+        sys.exit(f"{sample} is missing; run: python sample_data/make_sample.py")
+    data = np.load(sample)
+    spacing = tuple(float(s) for s in data["spacing"])
+    volumes = [("bundled sample (seed 0)", data["image"], data["truth"], data["scribbles"])]
+    for seed in args.seeds:
+        image, truth, nuclei = make_sample.make_volume(seed=seed)
+        volumes.append((f"generator seed {seed}", image, truth, make_sample.make_scribbles(truth, nuclei, seed=seed + 1)))  # fmt: skip
+    results = []
+    for name, image, truth, scribbles in volumes:
+        print(name, flush=True)
+        results.append(evaluate(name, image, truth, scribbles, spacing, args.apoc_python))
+
+    lines = [
+        "# Segmentation quality from scribbles (CPU)",
+        "",
+        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + args.apoc_python if args.apoc_python else ''}`  ",
+        f"Machine: {common.describe_machine('cpu')}  ",
+        f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x); boundary F-score "
+        f"tolerance {TOLERANCE_UM} um. 'train s' for ours is train(); 'predict s' is segment().",
+        "",
+    ]
+    methods = [r[0] for r in results[0][2]]
+    lines += ["## Mean over all volumes", "", "| method | mean Dice | mean boundary F |", "|---|---|---|"]  # fmt: skip
+    for i, method in enumerate(methods):
+        ds = [r[2][i][1] for r in results]
+        bfs = [r[2][i][2] for r in results if r[2][i][2] is not None]
+        lines.append(f"| {method} | {np.mean(ds):.3f} | {np.mean(bfs):.3f} |" if bfs else f"| {method} | {np.mean(ds):.3f} | - |")  # fmt: skip
+    for name, fraction, rows in results:
+        lines += ["", f"## {name}: scribbles cover {100 * fraction:.3f}% of the voxels", ""]
+        lines += _table(rows)
+    out = common.write_result("quality-cpu.md", "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
