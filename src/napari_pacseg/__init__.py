@@ -10,7 +10,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from .features import FeatureSpec, compute_features
 from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
 from .model_io import ModelFileError, import_torch_mlp, load_model, save_model
-from .pipeline import Segmentation, SegmentationCancelled, segment
+from .pipeline import (
+    Segmentation,
+    SegmentationCancelled,
+    receptive_field,
+    segment,
+    volume_intensity_range,
+)
 from .training import train
 
 __all__ = [
@@ -28,7 +34,9 @@ __all__ = [
     "compute_features",
     "import_torch_mlp",
     "load_model",
+    "receptive_field",
     "save_model",
     "segment",
     "train",
+    "volume_intensity_range",
 ]

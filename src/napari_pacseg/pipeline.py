@@ -132,6 +132,7 @@ def segment(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     return_probabilities: bool = False,
+    intensity_range=None,
 ) -> Segmentation:
     """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
 
@@ -156,6 +157,10 @@ def segment(
     progress : called as ``progress(done_tiles, total_tiles)`` over both passes.
     should_cancel : polled between tiles; True raises ``SegmentationCancelled``.
     return_probabilities : also return the ``(K, D, H, W)`` class probabilities.
+    intensity_range : ``(lo, hi)``, one value per channel: the intensities mapped to 0 and 1
+        (default: ``volume_intensity_range`` of this image). Give the range of the whole volume
+        when segmenting it piece by piece (e.g. dask chunks with ``receptive_field`` as halo),
+        so every piece is normalised alike and the pieces equal the whole.
     """
     start = time.perf_counter()
     vol = as_volume(image, channel_axis)
@@ -174,7 +179,11 @@ def segment(
             raise ValueError(f"tile_shape must be 3 positive ints (D, H, W), got {tile_shape!r}")
     runner = _TileRunner(resolve_device(device), model, progress, should_cancel)
     shape = vol.shape[1:]
-    lo, hi = volume_intensity_range(vol)
+    lo, hi = (
+        volume_intensity_range(vol)
+        if intensity_range is None
+        else _checked_range(intensity_range, vol.shape[0])
+    )
     k = model.config.n_classes
     # Softmax and the Potts mean field only see differences between a voxel's logits, so the
     # logits are kept as differences to the background's: one channel fewer.
@@ -187,17 +196,14 @@ def segment(
     final_boxes = _tiles(shape, tile_shape or REFINE_TILE, 1)
     runner.total = len(unary_boxes) + len(final_boxes)
     halo = model.halo(spacing)
+    reach = _crf_reach(params, spacing)
 
     def unary_pass(box, dev, dev_model):
         d = _tile_logit_diffs(vol, lo, hi, box, halo, dev_model, spacing, dev, timings)
         diffs[(slice(None), *(slice(a, b) for a, b in box))] = d
 
     runner.run(unary_boxes, unary_pass)
-    if params is not None:
-        kernel, sigma = params.window(spacing)
-        reach = tuple(params.iterations * (kk // 2) * params.dilation for kk in kernel)
-    else:
-        kernel, sigma, reach = None, None, (0, 0, 0)
+    kernel, sigma = params.window(spacing) if params is not None else (None, None)
 
     def final_pass(box, dev, _):
         p = _tile_probabilities(vol, lo, hi, diffs, box, reach, params, kernel, sigma, dev, timings)
@@ -267,13 +273,55 @@ class _TileRunner:
                 self.progress(self.done, self.total)
 
 
-def volume_intensity_range(vol: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """``intensity_range`` of a ``(C, D, H, W)`` array from at most ~4M evenly strided voxels
-    per channel, converted to float32 on their own (never the whole volume)."""
-    flat = vol.reshape(vol.shape[0], -1)
-    step = max(1, flat.shape[1] // (1 << 22))
-    sample = torch.from_numpy(np.ascontiguousarray(flat[:, ::step], dtype=np.float32))
-    return intensity_range(sample[None, :, :, None, None])
+def receptive_field(model: PacSegModel, spacing=None, refine=True) -> tuple[int, int, int]:
+    """Voxels per axis ``(z, y, x)`` that a voxel's result depends on beyond itself: the
+    features' and context net's halo plus, with refinement, the CRF's reach. A piece of a
+    volume extended by this much on every side (clipped at the volume's edges) gives exactly
+    the whole-volume result on the piece (with the whole volume's ``intensity_range``; with a
+    context net, pieces must also start on multiples of ``model.grid``)."""
+    spacing = check_spacing(spacing, model.config.spacing)
+    params = refine_params(model, refine)
+    grid = model.grid  # whole pooling cells, so a piece's context net sees the volume's grid
+    return tuple(
+        -(-(h + r) // grid) * grid
+        for h, r in zip(model.halo(spacing), _crf_reach(params, spacing), strict=True)
+    )
+
+
+def _crf_reach(params: RefineConfig | None, spacing) -> tuple[int, int, int]:
+    if params is None or not params.iterations:
+        return (0, 0, 0)
+    kernel, _ = params.window(spacing)
+    return tuple(params.iterations * (k // 2) * params.dilation for k in kernel)
+
+
+def volume_intensity_range(vol) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel intensity range ``(lo, hi)``, each ``(1, C, 1, 1, 1)`` float32, of a
+    ``(C, D, H, W)`` array (numpy, dask or zarr): ``intensity_range`` of a regular grid of at
+    most ~4M voxels (every ``step``-th along each axis, ``step`` set by the shape alone, so every
+    array type gives the same range)."""
+    n = math.prod(vol.shape[1:])
+    step = max(1, math.ceil((n / (1 << 22)) ** (1 / 3)))
+    sample = np.asarray(vol[:, ::step, ::step, ::step], dtype=np.float32)
+    return intensity_range(torch.from_numpy(sample)[None])
+
+
+def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        lo, hi = (
+            torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(-1) for v in intensity_range
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"intensity_range must be (lo, hi) with one number per channel, got {intensity_range!r}"
+        ) from err
+    if lo.numel() != channels or hi.numel() != channels:
+        raise ValueError(
+            f"intensity_range: the image has {channels} channel(s) but lo/hi have {lo.numel()}/{hi.numel()} values"
+        )
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError(f"intensity_range must be finite, got {intensity_range!r}")
+    return lo.view(1, -1, 1, 1, 1), hi.view(1, -1, 1, 1, 1)
 
 
 def _labels_from(p: np.ndarray) -> np.ndarray:

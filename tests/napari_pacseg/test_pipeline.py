@@ -12,6 +12,7 @@ from napari_pacseg import (
     ModelConfig,
     PacSegModel,
     SegmentationCancelled,
+    receptive_field,
     segment,
     train,
 )
@@ -209,3 +210,36 @@ def test_the_callers_model_stays_where_it_is(trained):
     moved = runner.model_on(torch.device("meta"))
     assert moved is not model and next(moved.parameters()).device.type == "meta"
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_pieces_with_the_receptive_field_equal_the_whole(trained, refine):
+    image, _, _, model = trained
+    whole = segment(image, model, refine=refine, return_probabilities=True)
+    rng_lo, rng_hi = (t.flatten().tolist() for t in pipeline.volume_intensity_range(image[None]))
+    halo = receptive_field(model, refine=refine)
+    assert all(h > 0 for h in halo)
+    for box in [((0, 7), (10, 25), (0, 40)), ((9, 16), (0, 40), (13, 21))]:
+        ext = [(max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, image.shape)]
+        piece = segment(
+            image[tuple(slice(s, e) for s, e in ext)],
+            model,
+            refine=refine,
+            return_probabilities=True,
+            intensity_range=(rng_lo, rng_hi),
+        )
+        core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+        inside = tuple(slice(a, b) for a, b in box)
+        np.testing.assert_allclose(
+            piece.probabilities[(slice(None), *core)],
+            whole.probabilities[(slice(None), *inside)],
+            atol=1e-5,
+        )
+
+
+def test_intensity_range_is_checked(trained):
+    image, _, _, model = trained
+    with pytest.raises(ValueError, match="1 channel"):
+        segment(image, model, intensity_range=([0, 1], [1, 2]))
+    with pytest.raises(ValueError, match="finite"):
+        segment(image, model, intensity_range=([0], [float("nan")]))
