@@ -2,7 +2,7 @@
 
 The volume is the bundled sample (64x256x256, spacing 1 x 0.4 x 0.4 um) repeated along z (and,
 for 512^3, along y and x), as uint16, segmented with the bundled demo model
-(``sample_data/nuclei_demo.safetensors``: 19 features at 3 scales, MLP 19-64-64-2). Each run
+(``src/napari_pacseg/data/nuclei_demo.safetensors``: 19 features at 3 scales, MLP 19-64-64-2). Each run
 happens in a fresh interpreter, so the peak-memory reading (resident memory above what the
 loaded image and model already take) is not hidden by memory kept from earlier work. Per-stage
 times come from ``Segmentation.timings``; "total" is the whole ``segment()`` call.
@@ -31,17 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common
-from napari_pacseg import load_model, segment
-
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+from napari_pacseg import segment
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample
 
 
 def _volume(size: int) -> tuple[np.ndarray, tuple[float, float, float]]:
-    data = np.load(SAMPLE / "nuclei.npz")
-    image = data["image"]
+    sample = load_sample()
+    image = sample.image
     reps = [-(-size // n) for n in image.shape]
     vol = np.tile(image, reps)[:size, :size, :size]
-    return np.ascontiguousarray(vol), tuple(float(s) for s in data["spacing"])
+    return np.ascontiguousarray(vol), sample.spacing
 
 
 def worker(method: str, size: int, device: str) -> dict:
@@ -58,7 +57,7 @@ def worker(method: str, size: int, device: str) -> dict:
 
         peak = common.cpu_peak_extra_bytes(run)
         return {"timings": out, "peak": peak}
-    model = load_model(SAMPLE / "nuclei_demo.safetensors")
+    model = load_demo_model()
     refine = method == "segment"
     if device == "cuda":
         segment(image[:64, :128, :128], model, spacing=spacing, refine=refine, device=device)
@@ -84,7 +83,7 @@ def main() -> None:
         method, size, device = args.worker
         print(json.dumps(worker(method, int(size), device)))
         return
-    if not (SAMPLE / "nuclei_demo.safetensors").exists():
+    if not DEMO_MODEL_FILE.exists():
         sys.exit("the sample is missing; run: python sample_data/make_sample.py")
     size = args.size or (512 if args.device == "cuda" else 256)
     float_bytes = 4 * size**3

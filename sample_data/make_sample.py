@@ -2,7 +2,8 @@
 user would paint them, and a demo model trained from those scribbles.
 
 Deterministic (fixed seeds): ``python sample_data/make_sample.py`` rewrites
-``sample_data/nuclei.npz`` and ``sample_data/nuclei_demo.safetensors``.
+``src/napari_pacseg/data/nuclei.npz`` and ``src/napari_pacseg/data/nuclei_demo.safetensors``
+(package data, so an installed plugin has its sample; load them with ``napari_pacseg.sample``).
 
 The volume imitates a widefield/confocal stack of nuclei: ellipsoids with a few touching
 neighbours, chromatin-like texture, uneven illumination, an anisotropic blur (longer along z),
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[1] / "src" / "napari_pacseg" / "data"
 SHAPE = (64, 256, 256)
 SPACING = (1.0, 0.4, 0.4)  # (z, y, x) um
 DEMO_SIGMAS = (0.5, 1.0, 2.0)  # um: the demo model's feature scales
@@ -112,16 +113,17 @@ def main() -> None:
 
     image, truth, nuclei = make_volume()
     scribbles = make_scribbles(truth, nuclei)
-    tmp = HERE / ".nuclei.npz.tmp.npz"
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / ".nuclei.npz.tmp.npz"
     np.savez_compressed(
         tmp, image=image, truth=truth, scribbles=scribbles, spacing=np.array(SPACING)
     )
-    tmp.replace(HERE / "nuclei.npz")
+    tmp.replace(OUT / "nuclei.npz")
     model = train(
         image, scribbles, spacing=SPACING, features=FeatureSpec(sigmas=DEMO_SIGMAS),
         class_names=["background", "nucleus"], seed=0,
     )  # fmt: skip
-    save_model(model, HERE / "nuclei_demo.safetensors")
+    save_model(model, OUT / "nuclei_demo.safetensors")
     print(f"{len(nuclei)} nuclei, {int(truth.sum())} nucleus voxels, "
           f"{int((scribbles == 1).sum())} + {int((scribbles == 2).sum())} scribbled voxels")  # fmt: skip
 

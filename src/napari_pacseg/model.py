@@ -89,7 +89,7 @@ class RefineConfig:
     dilation: int = 1
     compat: float = 10.0
     spatial_sigma: float | None = 2.0
-    guide_sigma: float = 0.2
+    guide_sigma: float = 0.1
     temperature: float = 8.0
 
     def __post_init__(self) -> None:
