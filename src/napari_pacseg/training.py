@@ -11,13 +11,20 @@ from torch import nn
 
 from pacseg_kernels.mlp_torch import activate
 
-from .features import FeatureSpec
-from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range, intensity_range
+from .features import FeatureSpec, compute_features
+from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range
 from .model_io import DEFAULT_COLORS
-from .pipeline import SegmentationCancelled, _tiles, as_volume, check_spacing, resolve_device
+from .pipeline import (
+    SegmentationCancelled,
+    _tiles,
+    as_volume,
+    check_spacing,
+    resolve_device,
+    volume_intensity_range,
+)
 
 MAX_SAMPLES_PER_CLASS = 20000
-TRAIN_TILE = (32, 96, 96)
+TRAIN_TILE = (32, 128, 128)
 # Std of the Gaussian noise added to the standardised features at every step. Scribbles are
 # few and clustered, so without it the head fits them with huge logits and draws the boundary
 # wherever the nearest scribble happens to be; with it, the decision boundary sits between the
@@ -136,8 +143,7 @@ def _version() -> str:
 def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
     """Features ``(M, F)`` and class indices ``(M,)`` of (a class-balanced sample of) the labelled
     voxels, computed only on tiles that hold scribbles, each with a halo for the filters."""
-    full = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
-    lo, hi = intensity_range(full)
+    lo, hi = volume_intensity_range(vol)  # as segment() normalises
     halo = model.halo(spacing)
     xs, ys = [], []
     for box in _tiles(marks.shape, TRAIN_TILE, 1):
@@ -148,9 +154,12 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
         if not tile_marks.any():
             continue
         ext = [(max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, marks.shape)]
-        region = full[(slice(None), slice(None), *(slice(s, e) for s, e in ext))]
-        feats = model.features(apply_range(region, lo, hi), spacing)[0]
-        feats = feats[(slice(None), *(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext)))]
+        region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
+        region = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
+        core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+        feats = compute_features(
+            apply_range(region, lo, hi), model.config.features, spacing, crop=core
+        )[0]
         where = np.nonzero(tile_marks)
         xs.append(feats[(slice(None), *(torch.from_numpy(w) for w in where))].T)
         ys.append(torch.from_numpy(tile_marks[where].astype(np.int64) - 1))

@@ -1,0 +1,154 @@
+"""napari layers of the plugin: class colours and names on Labels layers, the output layers
+("<image> labels", "<image> matte") reused and written in place, the scribbles layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .model_io import DEFAULT_COLORS
+
+TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
+SCRIBBLE_BACKGROUND = (0.6, 0.6, 0.6, 1.0)
+METADATA_KEY = "pacseg"
+
+
+def class_features(names: Sequence[str], values: Sequence[int], zero: str | None = None) -> dict:
+    """A Labels ``features`` table naming each label value (napari shows the name on hover):
+    class ``names[i]`` has value ``values[i]``; value 0 is called ``zero`` unless a class has it."""
+    table = dict(zip(values, names))
+    if 0 not in table and zero is not None:
+        table[0] = zero
+    order = sorted(table)
+    return {"index": order, "class": [table[v] for v in order]}
+
+
+def class_colormap(colors: Sequence[Sequence[float]], values: Sequence[int], zero_color=None):
+    """A ``DirectLabelColormap``: ``colors[i]`` for label value ``values[i]``, value 0 and
+    unknown values transparent (``zero_color`` gives value 0 a colour when no class has it)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    color_dict = {None: TRANSPARENT, 0: zero_color or TRANSPARENT}
+    for value, color in zip(values, colors):
+        color_dict[int(value)] = tuple(float(c) for c in color)
+    return DirectLabelColormap(color_dict=color_dict)
+
+
+def visible_colors(colors: Sequence[Sequence[float]], hidden: int | None = None) -> list[tuple]:
+    """Class colours with every fully transparent one (except class ``hidden``) replaced by a
+    visible default, so every class can be told apart on screen."""
+    out = []
+    for i, color in enumerate(colors):
+        color = tuple(float(c) for c in color)
+        if i != hidden and color[3] == 0:
+            color = (
+                SCRIBBLE_BACKGROUND if i == 0 else DEFAULT_COLORS[1 + i % (len(DEFAULT_COLORS) - 1)]
+            )
+        out.append(TRANSPARENT if i == hidden else color)
+    return out
+
+
+def result_styling(model, background: int) -> dict:
+    """``features`` and ``colormap`` of a result Labels layer for ``model``'s classes with class
+    ``background`` as label 0 (the other classes keep their scribble values)."""
+    from .regions import label_values
+
+    names = [c.name for c in model.config.classes]
+    values = label_values(len(names), background)
+    colors = visible_colors([c.color for c in model.config.classes], hidden=background)
+    return {
+        "features": class_features(names, values),
+        "colormap": class_colormap(colors, values),
+    }
+
+
+def scribble_styling(names: Sequence[str], colors: Sequence[Sequence[float]] | None = None) -> dict:
+    """``features``, ``colormap`` and ``metadata`` of a scribbles Labels layer: class ``i``
+    is painted with value ``i + 1`` (1 = background), 0 is unlabelled."""
+    names = list(names)
+    if colors is None:
+        colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))]
+    values = list(range(1, len(names) + 1))
+    return {
+        "features": class_features(names, values, zero="unlabelled"),
+        "colormap": class_colormap(visible_colors(colors), values),
+        "metadata": {"pacseg_classes": names},
+    }
+
+
+def scribble_class_names(layer) -> list[str] | None:
+    """Class names stored on a scribbles layer (by ``scribble_styling`` or the sample), if any."""
+    names = layer.metadata.get("pacseg_classes")
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+def _find(viewer, name: str, kind: type):
+    if name not in viewer.layers:
+        return None
+    layer = viewer.layers[name]
+    if not isinstance(layer, kind):
+        raise ValueError(
+            f"a layer named {name!r} exists but is not a {kind.__name__} layer; rename or delete "
+            "it so the results can be written"
+        )
+    return layer
+
+
+def output_layers(viewer, image_name: str, shape, scale, translate, model, background: int):
+    """The ``"<image> labels"`` and ``"<image> matte"`` layers (labels above the matte), created
+    full size (zeros) when missing, reused when present (re-allocated as zeros only when their shape is wrong), with
+    the image's scale and translate and the model's class names and colours."""
+    from napari.layers import Image, Labels
+
+    shape = tuple(int(n) for n in shape)
+    dtype = np.uint8 if model.config.n_classes <= 255 else np.uint16
+    labels = _find(viewer, f"{image_name} labels", Labels)
+    matte = _find(viewer, f"{image_name} matte", Image)
+    styling = result_styling(model, background)
+    if matte is None:
+        matte = viewer.add_image(
+            np.zeros(shape, np.float32), name=f"{image_name} matte", scale=scale,
+            translate=translate, colormap="magma", contrast_limits=(0.0, 1.0),
+            blending="additive", opacity=0.7, metadata={METADATA_KEY: {"complete": False}},
+        )  # fmt: skip
+    else:
+        if matte.data.shape != shape:
+            matte.data = np.zeros(shape, np.float32)
+        matte.scale, matte.translate = scale, translate
+        matte.contrast_limits = (0.0, 1.0)
+    if labels is None:
+        labels = viewer.add_labels(
+            np.zeros(shape, dtype), name=f"{image_name} labels", scale=scale,
+            translate=translate, opacity=0.5, metadata={METADATA_KEY: {"complete": False}},
+            **styling,
+        )  # fmt: skip
+    else:
+        if labels.data.shape != shape or labels.data.dtype != dtype:
+            labels.data = np.zeros(shape, dtype)
+        labels.scale, labels.translate = scale, translate
+        labels.features = styling["features"]
+        labels.colormap = styling["colormap"]
+    return labels, matte
+
+
+def write_full(labels_layer, matte_layer, labels: np.ndarray, matte: np.ndarray, what: str) -> None:
+    """Replace both layers' data (one assignment each; no undo history)."""
+    labels_layer.data = labels
+    matte_layer.data = matte
+    matte_layer.contrast_limits = (0.0, 1.0)
+    for layer in (labels_layer, matte_layer):
+        layer.metadata[METADATA_KEY] = {"complete": True, "content": what}
+
+
+def write_region(labels_layer, matte_layer, box, labels: np.ndarray, matte: np.ndarray, what: str):
+    """Write one box of both layers in place (one slice assignment each, no undo history),
+    then refresh them. The metadata records that the layers now hold a partial result."""
+    sl = tuple(slice(a, b) for a, b in box)
+    labels_layer.data[sl] = labels
+    matte_layer.data[sl] = matte
+    for layer in (labels_layer, matte_layer):
+        layer.metadata[METADATA_KEY] = {"complete": False, "content": what, "region": box}
+        layer.refresh()

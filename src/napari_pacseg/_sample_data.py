@@ -1,0 +1,36 @@
+"""napari sample data: the bundled nuclei volume, its ground truth and its scribbles."""
+
+from __future__ import annotations
+
+from ._layers import class_colormap, class_features, scribble_styling
+from .sample import load_sample
+
+SAMPLE_CLASSES = ("background", "nucleus")
+
+
+def make_sample_data() -> list[tuple]:
+    """Layer data tuples: the image (``scale`` = voxel spacing in um), the ground truth as a
+    Labels layer (1 = nucleus; hidden at first) and the scribbles as a Labels layer
+    (1 background, 2 nucleus) that the widget's Train button takes as is."""
+    sample = load_sample()
+    scale = sample.spacing
+    return [
+        (sample.image, {"name": "nuclei", "scale": scale}, "image"),
+        (
+            sample.truth.astype("uint8"),
+            {
+                "name": "nuclei ground truth",
+                "scale": scale,
+                "opacity": 0.4,
+                "visible": False,
+                "features": class_features(["nucleus"], [1], zero="background"),
+                "colormap": class_colormap([(0.2, 0.9, 0.9, 1.0)], [1]),
+            },
+            "labels",
+        ),
+        (
+            sample.scribbles,
+            {"name": "nuclei scribbles", "scale": scale, **scribble_styling(SAMPLE_CLASSES)},
+            "labels",
+        ),
+    ]

@@ -1,0 +1,296 @@
+"""The napari plugin: manifest, sample data, dock widget (full runs, live preview, training,
+cancel, errors) in a real viewer under Xvfb."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+import torch  # noqa: E402
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from napari_pacseg import segment  # noqa: E402
+from napari_pacseg.regions import RegionSegmenter, label_values, labels_and_matte  # noqa: E402
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
+
+CROP = (slice(24, 40), slice(0, 64), slice(0, 64))  # 16 planes of the sample
+TRAIN_CROP = (slice(24, 40), slice(160, 256), slice(0, 96))  # holds scribbles of both classes
+WAIT_MS = 60_000
+
+
+def assert_same_labels(got, want, matte, threshold=0.5):
+    """Labels equal, except where the matte is within float rounding of the threshold (a box
+    refined on its own sums the CRF's taps in another order than the whole volume)."""
+    differ = got != want
+    assert not np.any(differ & (np.abs(matte - threshold) > 1e-4)), int(differ.sum())
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread: the 2-core test machine runs other jobs too, and oversubscribed
+    intra-op threads slow the CPU kernels down by orders of magnitude."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample()
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Error notifications the widget raised (captured instead of shown)."""
+    seen: list[str] = []
+    monkeypatch.setattr("napari_pacseg._widget.show_error", seen.append)
+    return seen
+
+
+@pytest.fixture
+def docked(make_napari_viewer, sample, qtbot):
+    """A viewer with the sample crop, the widget docked through the plugin (live off)."""
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(sample.image[CROP], name="crop", scale=sample.spacing)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    widget.image.value = image
+    yield viewer, widget
+    widget.live_runner.stop()
+    qtbot.waitUntil(
+        lambda: not widget.running and widget.live_runner._worker is None, timeout=WAIT_MS
+    )
+
+
+def test_manifest_and_sample_data(make_napari_viewer):
+    import npe2
+
+    viewer = make_napari_viewer()
+    manifest = npe2.PluginManager.instance().get_manifest("napari-pacseg")
+    assert [w.display_name for w in manifest.contributions.widgets] == ["PAC Segmentation"]
+    assert [s.display_name for s in manifest.contributions.sample_data] == ["PAC-Seg nuclei (3D)"]
+    viewer.open_sample("napari-pacseg", "nuclei")
+    image, truth, scribbles = (
+        viewer.layers[n] for n in ("nuclei", "nuclei ground truth", "nuclei scribbles")
+    )
+    assert image.data.shape == truth.data.shape == scribbles.data.shape == (64, 256, 256)
+    assert tuple(image.scale) == tuple(scribbles.scale) == (1.0, 0.4, 0.4)
+    assert isinstance(truth, napari.layers.Labels) and isinstance(scribbles, napari.layers.Labels)
+    assert set(np.unique(scribbles.data)) == {0, 1, 2}
+    assert list(scribbles.features["class"]) == ["unlabelled", "background", "nucleus"]
+
+
+def test_full_run_outputs_layers_in_place_and_keeps_the_event_loop_turning(
+    docked, qtbot, errors, sample
+):
+    viewer, widget = docked
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    assert "nucleus" in widget.model_info.value and "gaussian" in widget.model_info.value
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(10)
+    widget.run_button.native.click()
+    assert widget.running
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    timer.stop()
+    assert len(ticks) >= 3, "the event loop stalled while the run was in flight"
+    assert errors == []
+    labels, matte = viewer.layers["crop labels"], viewer.layers["crop matte"]
+    assert isinstance(labels, napari.layers.Labels) and isinstance(matte, napari.layers.Image)
+    assert labels.data.shape == matte.data.shape == (16, 64, 64)
+    assert labels.data.dtype == np.uint8 and matte.data.dtype == np.float32
+    assert tuple(labels.scale) == tuple(matte.scale) == sample.spacing
+    assert labels.metadata["pacseg"]["complete"]
+    assert list(labels.features["class"]) == ["background", "nucleus"]
+    assert list(labels.features["index"]) == [0, 2]
+    assert np.allclose(labels.colormap.map([2])[0], (1.0, 0.2, 0.2, 1.0))
+    assert tuple(matte.contrast_limits) == (0.0, 1.0) and matte.blending == "additive"
+    model = load_demo_model()
+    expected = segment(sample.image[CROP], model, spacing=sample.spacing)
+    assert np.array_equal(labels.data, expected.labels)
+    assert np.allclose(matte.data, expected.matte, atol=1e-6)
+    assert 0.02 < (labels.data > 0).mean() < 0.9
+
+    # a second run with other refinement writes into the same layers
+    n_layers = len(viewer.layers)
+    widget.iterations.value = 0
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert len(viewer.layers) == n_layers
+    assert viewer.layers["crop labels"] is labels
+    unrefined = segment(sample.image[CROP], model, spacing=sample.spacing, refine=False)
+    assert np.array_equal(labels.data, unrefined.labels)
+
+
+def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
+    viewer, widget = docked
+    viewer.dims.set_current_step(0, 8)
+    widget.live.value = True
+    widget.load_model_file(DEMO_MODEL_FILE)  # a model change requests a live update
+    runner = widget.live_runner
+    qtbot.waitUntil(lambda: runner.delivered == 1 and not runner.busy, timeout=WAIT_MS)
+    labels, matte = viewer.layers["crop labels"], viewer.layers["crop matte"]
+    assert labels.data.shape == (16, 64, 64)
+    assert not labels.metadata["pacseg"]["complete"]
+    outside = np.ones(16, bool)
+    outside[7:10] = False
+    assert not labels.data[outside].any() and not matte.data[outside].any()
+    assert labels.data[7:10].any()
+    model = load_demo_model()
+    full = segment(sample.image[CROP], model, spacing=sample.spacing)
+    assert_same_labels(labels.data[7:10], full.labels[7:10], full.matte[7:10])
+
+    # a refinement-only change re-runs the CRF only, on the same slab
+    planes = widget._segmenter.stats["logit_planes"]
+    widget.compat.value = 0.0
+    qtbot.waitUntil(lambda: runner.delivered == 2 and not runner.busy, timeout=WAIT_MS)
+    assert widget._segmenter.stats["logit_planes"] == planes
+    assert "refinement only" in widget.status.value
+    changed = segment(sample.image[CROP], model, spacing=sample.spacing, refine={"compat": 0.0})
+    assert_same_labels(labels.data[7:10], changed.labels[7:10], changed.matte[7:10])
+    assert not labels.data[outside].any()
+
+    # a newer request makes the one in flight stale: its result is dropped
+    viewer.dims.set_current_step(0, 3)
+    qtbot.waitUntil(lambda: runner._worker is not None, timeout=WAIT_MS)
+    widget.threshold.value = 0.3
+    qtbot.waitUntil(lambda: runner.delivered == 3 and not runner.busy, timeout=WAIT_MS)
+    assert runner.dropped >= 1
+    probs = segment(
+        sample.image[CROP], model, spacing=sample.spacing, refine={"compat": 0.0},
+        return_probabilities=True,
+    ).probabilities  # fmt: skip
+    want, want_matte = labels_and_matte(probs, 0, 0.3)
+    assert_same_labels(labels.data[2:5], want[2:5], want_matte[2:5], 0.3)
+    assert_same_labels(labels.data[7:10], changed.labels[7:10], changed.matte[7:10])  # kept
+    assert not labels.data[10:].any()
+    assert errors == []
+
+
+def test_visible_box_in_3d_view_is_bounded(docked):
+    from napari_pacseg._live import visible_box
+
+    viewer, _ = docked
+    layer = viewer.layers["crop"]
+    viewer.dims.set_current_step(0, 5)
+    assert visible_box(viewer, layer, None, (16, 64, 64)) == ((4, 7), (0, 64), (0, 64))
+    assert visible_box(viewer, layer, None, (16, 64, 64), max_plane=20)[0] == (4, 7)
+    viewer.dims.ndisplay = 3
+    box = visible_box(viewer, layer, None, (16, 64, 64), box_3d=(4, 16, 16))
+    assert [b - a for a, b in box] == [4, 16, 16]
+
+
+def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path):
+    viewer, widget = docked
+    widget.image.value = viewer.add_image(
+        sample.image[TRAIN_CROP], name="cells", scale=sample.spacing
+    )
+    widget.class_names.value = "background, nucleus"
+    scribbles = widget.new_scribbles_layer()
+    assert scribbles.name == "cells scribbles" and scribbles.data.dtype == np.uint8
+    assert scribbles.data.shape == (16, 96, 96) and tuple(scribbles.scale) == sample.spacing
+    assert list(scribbles.features["class"]) == ["unlabelled", "background", "nucleus"]
+    assert widget.scribbles.value.name == "cells scribbles"  # (the widget sees a proxy)
+
+    widget.train_button.native.click()  # nothing painted yet: a clear error, no crash
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert len(errors) == 1 and "label no voxel" in errors[0]
+
+    scribbles.data = sample.scribbles[TRAIN_CROP].copy()
+    widget.train_steps.value = 60
+    widget.feature_scales.value = "0.5, 1"
+    widget.train_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.model is not None, widget.status.value
+    cfg = widget.model.config
+    assert [c.name for c in cfg.classes] == ["background", "nucleus"]
+    assert cfg.features.sigmas == (0.5, 1.0) and cfg.spacing == sample.spacing
+    assert "trained from 'cells scribbles'" in widget.model_info.value
+
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    labels = viewer.layers["cells labels"].data
+    truth = sample.truth[TRAIN_CROP]
+    dice = 2 * np.count_nonzero((labels > 0) & truth) / ((labels > 0).sum() + truth.sum())
+    assert dice > 0.6, dice  # 57 scribbled voxels, 60 steps: a mechanics check, not a benchmark
+
+    saved = widget.save_model_file(tmp_path / "mine")
+    assert saved.name == "mine.safetensors" and saved.is_file()
+    assert widget.load_model_file(saved)
+    assert widget.model.config.classes == cfg.classes
+    assert len(errors) == 1
+
+
+def test_cancel_full_run(make_napari_viewer, qtbot, errors, sample):
+    viewer = make_napari_viewer()
+    viewer.add_image(sample.image, name="nuclei", scale=sample.spacing)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    widget.load_model_file(DEMO_MODEL_FILE)
+    widget.run_full()
+    assert widget.cancel_button.enabled and not widget.run_button.enabled
+    widget.cancel_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == []
+    assert "cancelled" in widget.status.value
+    assert "nuclei labels" not in viewer.layers, "a cancelled run must not leave a partial result"
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_bad_model_file_gives_a_notification(docked, errors, tmp_path):
+    _, widget = docked
+    bad = tmp_path / "random.safetensors"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert not widget.load_model_file(bad)
+    assert len(errors) == 1 and "could not load the model" in errors[0]
+    assert widget.model is None and widget.status.value.startswith("error")
+    assert widget.load_model_file(DEMO_MODEL_FILE)  # the widget stays usable
+    assert "nucleus" in widget.model_info.value and len(errors) == 1
+
+
+def test_screenshot_shows_the_result(docked, qtbot, errors, tmp_path):
+    viewer, widget = docked
+    widget.load_model_file(DEMO_MODEL_FILE)
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    viewer.dims.set_current_step(0, 8)
+    labels = viewer.layers["crop labels"]
+    with_labels = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = False
+    viewer.layers["crop matte"].visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    changed = np.any(with_labels[..., :3] != without[..., :3], axis=-1)
+    assert 0.01 < changed.mean() < 0.95, "the result layers do not show on the canvas"
+    colours = np.unique(with_labels[changed][:, :3], axis=0)
+    assert len(colours) > 10
+    napari.utils.io.imsave(str(tmp_path / "screenshot.png"), with_labels)
+
+
+def test_labels_and_matte_background_choice_and_threshold():
+    # three voxels (columns) of three classes (rows)
+    p = np.array([[0.6, 0.3, 0.1], [0.3, 0.6, 0.2], [0.1, 0.1, 0.7]], np.float32)
+    labels, matte = labels_and_matte(p)
+    assert labels.tolist() == [0, 2, 3] and np.allclose(matte, [0.4, 0.7, 0.9])
+    labels, matte = labels_and_matte(p, background=1)
+    assert labels.tolist() == [1, 0, 3] and np.allclose(matte, [0.7, 0.4, 0.8])
+    assert label_values(3, 1) == [1, 0, 3]
+    assert labels_and_matte(p, threshold=0.8)[0].tolist() == [0, 0, 3]
+    with pytest.raises(ValueError, match="background class 3"):
+        labels_and_matte(p, background=3)
+
+
+def test_region_segmenter_equals_segment_on_any_box(sample):
+    model = load_demo_model()
+    image = sample.image[CROP]
+    full = segment(image, model, spacing=sample.spacing, return_probabilities=True)
+    seg = RegionSegmenter(image, model, spacing=sample.spacing, device="cpu")
+    box = ((0, 5), (10, 40), (3, 64))
+    p = seg.probabilities(box)
+    # equal up to float rounding (the CRF sums its taps in another order on another extent)
+    np.testing.assert_allclose(p, full.probabilities[:, 0:5, 10:40, 3:64], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="inside the volume"):
+        seg.probabilities(((0, 17), (0, 64), (0, 64)))
