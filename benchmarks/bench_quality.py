@@ -148,6 +148,14 @@ def _table(rows) -> list[str]:
     return lines
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when inside it (for the results file)."""
+    try:
+        return str(Path(path).absolute().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_apoc = ROOT / ".apoc-venv" / "bin" / "python"
@@ -172,7 +180,7 @@ def main() -> None:
     lines = [
         "# Segmentation quality from scribbles (CPU)",
         "",
-        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + args.apoc_python if args.apoc_python else ''}`  ",
+        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + _shown(args.apoc_python) if args.apoc_python else ''}`  ",
         f"Machine: {common.describe_machine('cpu')}  ",
         f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x); boundary F-score "
         f"tolerance {TOLERANCE_UM} um. 'train s' for ours is train(); 'predict s' is segment().",

@@ -1,0 +1,416 @@
+"""The ``pacseg`` command: ``segment`` files and zarr volumes, ``train`` a model, ``info`` on one.
+
+Exit codes: 0 all done; 1 an input failed (one line per failed input on stderr, the other inputs
+still processed); 2 the command cannot run as given (bad options, unreadable model for
+``segment``, output names that clash or would overwrite an input); 130 interrupted (Ctrl-C:
+finished outputs are kept, partial ones removed, so the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """The command cannot run as given (exit 2)."""
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line text progress bar on ``stream`` (stderr). On a terminal it redraws in place;
+    in a log (not a terminal) it prints a line at each quarter; ``quiet`` shows no progress."""
+
+    def __init__(self, stream=None, quiet: bool = False, width: int = 24) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet, self.width = quiet, width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = 0
+        self.last_draw = 0.0
+        self.last_quarter = -1
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started, self.last_quarter = time.perf_counter(), -1
+
+    def update(self, label: str, done: int, total: int, unit: str) -> None:
+        if self.quiet:
+            return
+        if done == 0:
+            self.start()
+        now = time.perf_counter()
+        frac = done / total if total else 0.0
+        filled = round(self.width * frac)
+        bar = "#" * filled + "." * (self.width - filled)
+        text = f"{label} |{bar}| {done}/{total or '?'} {unit} {now - self.started:.0f} s"
+        if self.tty:
+            if done not in (0, total) and now - self.last_draw < 0.1:
+                return
+            self.last_draw = now
+            self.stream.write("\r" + text.ljust(self.shown))
+            self.shown = len(text)
+            self.stream.flush()
+        elif total and int(4 * frac) > self.last_quarter:
+            self.last_quarter = int(4 * frac)
+            print(text, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown = 0
+
+    def print(self, text: str, err: bool = False) -> None:
+        """A line of its own (the bar is cleared first)."""
+        self.clear()
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+# --- argument parsing -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _sigma_or_none(text: str):
+    return None if text.lower() == "none" else _positive_float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacseg",
+        description="napari-pacseg without napari: segment folders of volumes and zarr volumes "
+        "larger than memory (optionally on a dask cluster), train a model, inspect one.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"napari-pacseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment volumes with a model",
+        description="Segment TIFF, NPY, zarr and OME-Zarr volumes. Per input, OUTDIR gets "
+        "<stem>_labels.<ext> (uint8 classes, 0 = background), <stem>_matte.<ext> (float32 "
+        "foreground probability) and, last, <stem>_pacseg.json (model, parameters, versions, "
+        "timings); ext follows the input (.tif, .npy, .zarr). Inputs whose JSON record exists "
+        "are skipped unless --overwrite, so rerunning resumes an interrupted run.",
+    )
+    seg.add_argument("model", type=Path, help="model file (.safetensors)")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="files, zarr folders, folders of volumes or glob patterns")  # fmt: skip
+    seg.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                     help="output folder (created)")  # fmt: skip
+    ref = seg.add_argument_group("refinement (defaults: the model's; see pacseg info MODEL)")
+    ref.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                     help="PAC-CRF refinement (default: on)")  # fmt: skip
+    ref.add_argument(
+        "--iterations", type=int, default=argparse.SUPPRESS, help="mean-field iterations (0-50)"
+    )
+    ref.add_argument(
+        "--kernel-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="odd window size along the finest axis",
+    )
+    ref.add_argument(
+        "--dilation", type=int, default=argparse.SUPPRESS, help="window dilation (1-8)"
+    )
+    ref.add_argument(
+        "--compat", type=float, default=argparse.SUPPRESS, help="Potts compatibility weight"
+    )
+    ref.add_argument("--spatial-sigma", type=_sigma_or_none, default=argparse.SUPPRESS, metavar="SIGMA|none",
+                     help="spatial falloff in voxels of the finest axis, or none")  # fmt: skip
+    ref.add_argument(
+        "--guide-sigma",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
+        help="intensity similarity scale",
+    )
+    ref.add_argument(
+        "--temperature", type=_positive_float, default=argparse.SUPPRESS, help="logit temperature"
+    )
+    run = seg.add_argument_group("how to run")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    run.add_argument("--tile", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
+                     help="tile size of segment() (default: its own)")  # fmt: skip
+    run.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
+                     help="voxel size in the model's units (default: the file's metadata, "
+                     "else the model's training spacing)")  # fmt: skip
+    run.add_argument("--channel-axis", type=int, metavar="AXIS",
+                     help="axis of the channels in the files (default: from metadata)")  # fmt: skip
+    run.add_argument("--chunks", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
+                     help="zarr inputs: chunk of work and of the outputs (default 64 256 256)")  # fmt: skip
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="zarr inputs: run on this dask.distributed scheduler (tcp://host:8786)")  # fmt: skip
+    where.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="zarr inputs: start a local cluster of N worker processes")  # fmt: skip
+    run.add_argument("--overwrite", action="store_true", help="redo inputs already done")
+    run.add_argument("-q", "--quiet", action="store_true", help="one line per input, no bars")
+    seg.set_defaults(handler=_cmd_segment)
+
+    tr = sub.add_parser("train", help="train a model from scribbles",
+                        description="Train a model from an image and its scribbles (0 "
+                        "unlabelled, 1 background, 2.. the classes) and save it.")  # fmt: skip
+    tr.add_argument("image", type=Path, help="image (TIFF, NPY, zarr)")
+    tr.add_argument("scribbles", type=Path, help="integer label volume of the image's shape")
+    tr.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
+                    help="model file to write (.safetensors)")  # fmt: skip
+    tr.add_argument("--sigmas", type=_positive_float, nargs="+",
+                    help="feature scales in physical units (default 1 2 4)")  # fmt: skip
+    tr.add_argument("--kinds", nargs="+", metavar="KIND",
+                    help="feature kinds (default: all of gaussian gradient_magnitude laplacian "
+                    "hessian_eigenvalues)")  # fmt: skip
+    tr.add_argument("--hidden", type=_positive_int, nargs="+", help="MLP widths (default 64 64)")
+    tr.add_argument("--steps", type=_positive_int, help="optimisation steps (default 400)")
+    tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    tr.add_argument("--class-names", nargs="+", metavar="NAME",
+                    help="one name per class, background first")  # fmt: skip
+    tr.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
+                    help="voxel size (default: the image's metadata, else 1 1 1)")  # fmt: skip
+    tr.add_argument("--channel-axis", type=int, metavar="AXIS", help="channel axis of the image")
+    tr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(handler=_cmd_train)
+
+    info = sub.add_parser("info", help="show a model's configuration",
+                          description="Classes, features, head, refinement defaults, spacing, "
+                          "receptive field and provenance of a model file.")  # fmt: skip
+    info.add_argument("model", type=Path, help="model file (.safetensors)")
+    info.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run ``pacseg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (2), --help and --version (0)
+        return int(exit_.code or 0)
+    try:
+        return args.handler(args)
+    except UsageError as err:
+        print(f"pacseg {args.command}: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(
+            f"\npacseg {args.command}: interrupted; finished outputs are kept and the partial one "
+            "removed: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device("cpu" if device == "auto" else device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+
+def _refine_option(args):
+    names = ("iterations", "kernel_size", "dilation", "compat", "spatial_sigma", "guide_sigma",
+             "temperature")  # fmt: skip
+    given = {n: getattr(args, n) for n in names if hasattr(args, n)}  # SUPPRESS: only given
+    if not args.refine:
+        if given:
+            opts = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise UsageError(f"{opts} given with --no-refine; drop them or drop --no-refine")
+        return False
+    return given or True
+
+
+def _cmd_segment(args) -> int:
+    from .batch import iter_segment_files
+    from .model_io import ModelFileError
+    from .pipeline import refine_params
+    from .volume_io import volume_kind
+
+    _check_device(args.device)
+    refine = _refine_option(args)
+    try:
+        from .model_io import load_model
+
+        model = load_model(args.model)
+        refine_params(model, refine)
+    except ModelFileError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(f"refinement options: {err}") from None
+    bar = ProgressBar(quiet=args.quiet)
+    results = iter_segment_files(
+        args.inputs, args.model, args.output, spacing=args.spacing,
+        channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
+        chunks=args.chunks, scheduler=args.scheduler, workers=args.workers,
+        overwrite=args.overwrite,
+        progress=lambda i, n, path, done, total: bar.update(
+            f"[{i + 1}/{n}] {path.name}", done, total,
+            "chunks" if volume_kind(path) == "zarr" else "tiles",
+        ),
+    )  # fmt: skip
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    start, zarr_inputs = time.perf_counter(), 0
+    try:
+        for res in results:
+            counts[res.status] += 1
+            zarr_inputs += volume_kind(res.input) == "zarr"
+            if res.status == "failed":
+                bar.print(f"pacseg: failed: {res.input}: {res.message}", err=True)
+            elif res.status == "skipped":
+                bar.print(f"skipped {res.input}: {res.message}")
+            else:
+                outs = ", ".join(str(p) for p in res.outputs)
+                bar.print(f"done {res.input} -> {outs} ({res.seconds:.1f} s)")
+    except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
+        raise UsageError(str(err)) from None
+    finally:
+        bar.clear()
+    if (args.workers or args.scheduler) and not zarr_inputs and not args.quiet:
+        print(
+            "pacseg segment: note: --workers/--scheduler apply to zarr inputs only; "
+            "TIFF and NPY inputs ran in this process",
+            file=sys.stderr,
+        )
+    if not args.quiet:
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"pacseg segment: {sum(counts.values())} input(s): {summary} ({time.perf_counter() - start:.1f} s)",
+              file=sys.stderr)  # fmt: skip
+    return FAILED if counts["failed"] else 0
+
+
+def _cmd_train(args) -> int:
+    from .batch import check_not_input
+    from .features import FeatureSpec
+    from .model_io import save_model
+    from .training import train
+    from .volume_io import VolumeError, read_volume
+
+    _check_device(args.device)
+    if args.output.suffix != ".safetensors":
+        raise UsageError(f"-o {args.output}: the model file name must end in .safetensors")
+    if args.output.exists() and not args.overwrite:
+        raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    try:
+        check_not_input(args.output, [args.image, args.scribbles])
+        spec = FeatureSpec()
+        spec = dataclasses.replace(
+            spec,
+            **({"sigmas": tuple(args.sigmas)} if args.sigmas else {}),
+            **({"kinds": tuple(args.kinds)} if args.kinds else {}),
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    bar = ProgressBar(quiet=args.quiet)
+    try:
+        image = read_volume(args.image, args.channel_axis)
+        marks = read_volume(args.scribbles).load()[0]
+        spacing = tuple(args.spacing) if args.spacing else image.spacing or (1.0, 1.0, 1.0)
+        model = train(
+            image.load(), marks, spacing=spacing, channel_axis=0, features=spec,
+            hidden=tuple(args.hidden) if args.hidden else (64, 64), steps=args.steps,
+            device=args.device, seed=args.seed, class_names=args.class_names,
+            progress=lambda done, total: bar.update("training", done, total, "steps"),
+        )  # fmt: skip
+        save_model(model, args.output)
+    except (VolumeError, ValueError, OSError) as err:
+        bar.print(f"pacseg train: failed: {' '.join(str(err).split())}", err=True)
+        return FAILED
+    bar.print(
+        f"saved {args.output}: classes {[c.name for c in model.config.classes]}, "
+        f"spacing {spacing}, {int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
+    )
+    return 0
+
+
+def model_summary(model, path: Path) -> dict:
+    """JSON-able description of a model file (what ``pacseg info --json`` prints)."""
+    from .batch import sha256_file
+    from .model_io import config_to_dict
+    from .pipeline import receptive_field
+
+    return {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "config": config_to_dict(model.config),
+        "n_features": model.config.n_features,
+        "grid": model.grid,
+        "receptive_field": {
+            "refined": list(receptive_field(model)),
+            "unrefined": list(receptive_field(model, refine=False)),
+        },
+    }
+
+
+def _cmd_info(args) -> int:
+    from .model_io import ModelFileError, load_model
+
+    try:
+        model = load_model(args.model)
+    except ModelFileError as err:
+        print(f"pacseg info: failed: {err}", file=sys.stderr)
+        return FAILED
+    info = model_summary(model, args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = model.config
+    lines = [
+        f"model        {args.model}",
+        f"sha256       {info['sha256']}",
+        f"channels     {cfg.in_channels}",
+        "classes      " + ", ".join(
+            f"{i + 1 if i else 0}={c.name}" for i, c in enumerate(cfg.classes)
+        ) + "   (label values)",
+        f"features     {', '.join(cfg.features.kinds) or '-'} at sigmas {list(cfg.features.sigmas)}"
+        f"{' + raw' if cfg.features.include_raw else ''} ({cfg.n_features} per voxel)",
+        f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
+        f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
+        "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
+        f"spacing      {tuple(cfg.spacing)} (z, y, x), trained at",
+        f"halo         {tuple(info['receptive_field']['refined'])} voxels (z, y, x) with refinement, "
+        f"{tuple(info['receptive_field']['unrefined'])} without",
+    ]  # fmt: skip
+    lines += ["provenance"] + [f"  {k}: {v}" for k, v in sorted(cfg.provenance.items())]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""Volumes on disk: reading TIFF, NPY, zarr arrays and OME-Zarr images, writing results atomically.
+
+Every reader returns a ``Volume``: the array in the file's own axis order (NPY memory-mapped,
+zarr lazy), a ``Layout`` saying which axes are z, y, x and channels, and the voxel spacing from
+the file's metadata when it has one. Writers put the data under a temporary name in the target's
+folder and rename it into place, so a target path only ever holds a complete file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+NPY_SUFFIXES = (".npy",)
+ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
+INSTALL_HINT = 'pip install "napari-pacseg[dask]"'
+
+# Length units to micrometres (OME-Zarr names, OME-TIFF symbols, ImageJ spellings).
+_TO_MICRONS = {
+    "angstrom": 1e-4, "å": 1e-4, "nanometer": 1e-3, "nm": 1e-3, "micrometer": 1.0, "micron": 1.0,
+    "µm": 1.0, "μm": 1.0, "um": 1.0, "\\u00b5m": 1.0, "millimeter": 1e3, "mm": 1e3,
+    "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6,
+}  # fmt: skip
+
+
+class VolumeError(ValueError):
+    """A file that cannot be read as a volume; the message says why and what to do."""
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError as err:
+        raise VolumeError(f"reading this file needs {module}: {INSTALL_HINT}") from err
+
+
+# --- layout: which raw axes are z, y, x and channels ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the z, y, x and channel axes of a raw array are.
+
+    ``spatial`` : raw axis indices of (z, y, x). ``channel`` : raw index of the channel axis or
+    None. ``fixed`` : raw axes of length 1 that are dropped (a single time point, ...).
+    """
+
+    spatial: tuple[int, int, int]
+    channel: int | None = None
+    fixed: tuple[int, ...] = ()
+
+    def shape(self, raw_shape) -> tuple[int, int, int, int]:
+        """``(C, D, H, W)`` of the view."""
+        c = 1 if self.channel is None else raw_shape[self.channel]
+        return (c, *(raw_shape[a] for a in self.spatial))
+
+    def selection(self, box) -> tuple:
+        """Raw index selecting the spatial ``box`` ``((z0, z1), (y0, y1), (x0, x1))``."""
+        ndim = len(self.spatial) + len(self.fixed) + (self.channel is not None)
+        sel: list = [slice(None)] * ndim
+        for a in self.fixed:
+            sel[a] = 0
+        for a, (s, e) in zip(self.spatial, box):
+            sel[a] = slice(s, e)
+        return tuple(sel)
+
+    def arrange(self, raw_region):
+        """``(C, d, h, w)`` of what ``raw[self.selection(box)]`` returned (numpy or dask)."""
+        kept = [a for a in range(len(self.spatial) + len(self.fixed) + (self.channel is not None))
+                if a not in self.fixed]  # fmt: skip
+        order = ([kept.index(self.channel)] if self.channel is not None else []) + [
+            kept.index(a) for a in self.spatial
+        ]
+        region = raw_region.transpose(order)
+        return region if self.channel is not None else region[None]
+
+    def region(self, raw, box) -> np.ndarray:
+        """The spatial ``box`` of ``raw`` as a numpy ``(C, d, h, w)`` array in its own dtype."""
+        return np.asarray(self.arrange(raw[self.selection(box)]))
+
+    def full(self, raw) -> np.ndarray:
+        return self.region(raw, [(0, n) for n in self.shape(raw.shape)[1:]])
+
+
+def layout_from_axes(axes: str, shape, channel_axis: int | None = None, what: str = "") -> Layout:
+    """Layout of an array whose axes are named by ``axes`` (one letter per axis: ``z y x`` space,
+    ``c`` channels, ``t`` time, ``?`` unknown). ``channel_axis`` (raw index) overrides the names."""
+    ndim = len(shape)
+    names = list(axes.lower()) if axes else ["?"] * ndim
+    where = f"{what}: " if what else ""
+    if len(names) != ndim:
+        raise VolumeError(f"{where}axes {axes!r} do not match the array's {ndim} dimensions")
+    if channel_axis is not None:
+        if not -ndim <= channel_axis < ndim:
+            raise VolumeError(
+                f"{where}channel axis {channel_axis} is out of range for a {ndim}D array of shape {tuple(shape)}"
+            )
+        channel_axis %= ndim
+        names = [("?" if n == "c" else n) for n in names]
+        names[channel_axis] = "c"
+    if names.count("c") > 1:
+        raise VolumeError(
+            f"{where}{names.count('c')} channel axes (axes {axes!r}); pass the channel axis to use"
+        )
+    unknown = [i for i, n in enumerate(names) if n == "?"]
+    missing = [a for a in "zyx" if a not in names]
+    if not axes or all(n in "?c" for n in names):  # no names: the last three non-channel axes
+        while len(unknown) > 3 and shape[unknown[0]] == 1:
+            unknown.pop(0)  # a leading axis of length 1 (stays "?": dropped below)
+        if len(unknown) != 3:
+            hint = (
+                "; a 4D array needs its channel axis (channel_axis / --channel-axis)"
+                if len(unknown) == 4 and "c" not in names
+                else ""
+            )
+            raise VolumeError(
+                f"{where}expected a 3D (z, y, x) array or a 4D one with a channel axis, got shape {tuple(shape)}{hint}"
+            )
+        for i, a in zip(unknown, "zyx"):
+            names[i] = a
+    elif len(missing) == 1 and len(unknown) >= 1 and missing == ["z"]:
+        big = [i for i in unknown if shape[i] > 1] or unknown[:1]
+        names[big[0]] = "z"  # e.g. tifffile's 'QYX' for a plain 3D TIFF
+    fixed = []
+    for i, n in enumerate(names):
+        if n in "zyxc":
+            continue
+        if shape[i] != 1:
+            label = {"t": "a time axis"}.get(n, f"an extra axis {n!r}")
+            raise VolumeError(
+                f"{where}the array has {label} of length {shape[i]} (shape {tuple(shape)}, axes {axes!r}); "
+                "segment one 3D volume at a time (save each time point as its own file)"
+            )
+        fixed.append(i)
+    if any(a not in names for a in "zyx"):
+        raise VolumeError(
+            f"{where}needs z, y and x axes; got shape {tuple(shape)} with axes {axes!r} (a 2D image? "
+            "add a z axis of length 1)"
+        )
+    return Layout(
+        spatial=tuple(names.index(a) for a in "zyx"),
+        channel=names.index("c") if "c" in names else None,
+        fixed=tuple(fixed),
+    )
+
+
+# --- volumes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Volume:
+    """A volume on disk.
+
+    data : the raw array in the file's axis order: numpy (TIFF), ``np.memmap`` (NPY) or
+        ``zarr.Array`` (zarr, OME-Zarr level 0), never loaded whole by the readers.
+    layout : where z, y, x and channels are (``layout.full(data)`` is ``(C, D, H, W)``).
+    kind : "tiff", "npy", "zarr" or "ome-zarr".
+    spacing : ``(z, y, x)`` voxel size in micrometres from the file's metadata, or None.
+    spacing_source : where ``spacing`` came from ("" when None).
+    """
+
+    path: Path
+    kind: str
+    data: object
+    layout: Layout
+    spacing: tuple[float, float, float] | None = None
+    spacing_source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(C, D, H, W)``."""
+        return self.layout.shape(self.data.shape)
+
+    def load(self) -> np.ndarray:
+        """The whole volume as a numpy ``(C, D, H, W)`` array in its own dtype."""
+        return self.layout.full(self.data)
+
+
+def is_zarr_path(path) -> bool:
+    """True for a folder that is a zarr array or group (v2 or v3), or named ``*.zarr``."""
+    path = Path(path)
+    return path.is_dir() and (
+        path.suffix == ".zarr" or any((path / m).exists() for m in ZARR_MARKERS)
+    )
+
+
+def volume_kind(path) -> str | None:
+    """ "tiff", "npy" or "zarr" by name and type; None for anything else."""
+    path = Path(path)
+    if is_zarr_path(path):
+        return "zarr"
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in NPY_SUFFIXES:
+        return "npy"
+    return None
+
+
+def stem(path) -> str:
+    """File name without its format suffixes (``a.ome.tif`` -> ``a``, ``b.zarr`` -> ``b``)."""
+    name = Path(path).name
+    for suffix in (*TIFF_SUFFIXES, *NPY_SUFFIXES, ".zarr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-4] if name.lower().endswith(".ome") else name
+
+
+def read_volume(path, channel_axis: int | None = None) -> Volume:
+    """Open ``path`` (TIFF, NPY, zarr array, OME-Zarr image) without loading zarr data.
+
+    ``channel_axis`` is the raw index of the channel axis, overriding the file's metadata.
+    Raises ``VolumeError`` for missing, unknown or unreadable files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file or folder")
+    kind = volume_kind(path)
+    if kind == "tiff":
+        return read_tiff(path, channel_axis)
+    if kind == "npy":
+        return read_npy(path, channel_axis)
+    if kind == "zarr":
+        return open_zarr(path, channel_axis)
+    raise VolumeError(
+        f"{path}: unknown format; use a TIFF (.tif, .tiff), NumPy (.npy) or zarr / OME-Zarr folder"
+    )
+
+
+def read_npy(path, channel_axis: int | None = None) -> Volume:
+    """An NPY file, memory-mapped (no axis metadata: 3D, or 4D with ``channel_axis``)."""
+    path = Path(path)
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise VolumeError(f"{path}: not a readable .npy array ({err})") from err
+    return Volume(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
+
+
+def read_tiff(path, channel_axis: int | None = None) -> Volume:
+    """The first series of a TIFF, with its axes and, from ImageJ or OME metadata, its spacing."""
+    tifffile = _need("tifffile")
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            data = series.asarray()
+            axes = "".join(
+                {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}.get(a, "?")
+                for a in series.axes
+            )
+            spacing, source = _tiff_spacing(tif)
+    except (tifffile.TiffFileError, OSError, IndexError, ValueError) as err:
+        raise VolumeError(f"{path}: not a readable TIFF ({err})") from err
+    layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
+    return Volume(path, "tiff", data, layout, spacing, source)
+
+
+def _tiff_spacing(tif) -> tuple[tuple[float, float, float] | None, str]:
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            pixels = next(
+                e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")
+            )
+        except (ET.ParseError, StopIteration):
+            pixels = None
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            sizes = []
+            for a in "ZYX":
+                value = float(pixels.get(f"PhysicalSize{a}", 1.0))
+                sizes.append(
+                    value * _TO_MICRONS.get(pixels.get(f"PhysicalSize{a}Unit", "µm").lower(), 1.0)
+                )
+            return _positive(sizes), "OME-TIFF metadata"
+    meta = tif.imagej_metadata
+    if meta and ("spacing" in meta or "unit" in meta):
+        page = tif.pages[0]
+        res = [page.tags.get(t) for t in ("YResolution", "XResolution")]
+        if all(r is not None for r in res):
+            yx = [den / num if num else 1.0 for num, den in (r.value for r in res)]
+            scale = _TO_MICRONS.get(str(meta.get("unit", "um")).lower(), 1.0)
+            sizes = [float(meta.get("spacing", 1.0)) * scale, yx[0] * scale, yx[1] * scale]
+            return _positive(sizes), "ImageJ metadata"
+    return None, ""
+
+
+def _positive(sizes) -> tuple[float, float, float] | None:
+    sizes = tuple(float(s) for s in sizes)
+    return sizes if all(math.isfinite(s) and s > 0 for s in sizes) else None
+
+
+def open_zarr(path, channel_axis: int | None = None) -> Volume:
+    """A zarr array, or an OME-Zarr image (level 0, spacing from its ``multiscales`` scale).
+
+    Nothing is loaded: ``Volume.data`` is the ``zarr.Array``.
+    """
+    zarr = _need("zarr")
+    path = Path(path)
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several kinds for a folder that is not a store
+        raise VolumeError(f"{path}: not a readable zarr array or group ({err})") from err
+    if isinstance(node, zarr.Array):
+        return Volume(path, "zarr", node, layout_from_axes("", node.shape, channel_axis, str(path)))
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    if not multiscales:
+        arrays = sorted(name for name, _ in node.arrays())
+        raise VolumeError(
+            f"{path}: a zarr group without OME-Zarr 'multiscales' metadata; give the path of one "
+            f"of its arrays instead ({', '.join(arrays[:5]) or 'it holds no arrays'})"
+        )
+    try:
+        ms = multiscales[0]
+        dataset = ms["datasets"][0]
+        data = node[dataset["path"]]
+        axes, units = _ome_axes(ms.get("axes"), data.ndim)
+        scale = _ome_scale(dataset, ms, data.ndim)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise VolumeError(f"{path}: malformed OME-Zarr multiscales metadata ({err!r})") from err
+    layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
+    spacing = None
+    if scale is not None:
+        spacing = _positive(
+            scale[a] * _TO_MICRONS.get(str(units[a] or "micrometer").lower(), 1.0)
+            for a in layout.spatial
+        )
+    return Volume(path, "ome-zarr", data, layout, spacing, "OME-Zarr metadata" if spacing else "")
+
+
+def _ome_axes(axes, ndim) -> tuple[str, list]:
+    if axes is None:  # OME-Zarr 0.1/0.2: always tczyx
+        axes = list("tczyx")[-ndim:]
+    letters, units = [], []
+    for a in axes:
+        name, kind, unit = (
+            (a, None, None) if isinstance(a, str) else (a.get("name"), a.get("type"), a.get("unit"))
+        )
+        name = str(name).lower()
+        letters.append(
+            name
+            if name in "zyxct" and len(name) == 1
+            else {"space": "?", "channel": "c", "time": "t"}.get(kind, "?")
+        )
+        units.append(unit)
+    return "".join(letters), units
+
+
+def _ome_scale(dataset, ms, ndim) -> list[float] | None:
+    scale = None
+    for transforms in (
+        dataset.get("coordinateTransformations"),
+        ms.get("coordinateTransformations"),
+    ):
+        for t in transforms or []:
+            if t.get("type") == "scale" and "scale" in t:
+                s = [float(v) for v in t["scale"]]
+                if len(s) != ndim:
+                    raise ValueError(f"a scale of {len(s)} values for {ndim} axes")
+                scale = s if scale is None else [a * b for a, b in zip(scale, s)]
+    return scale
+
+
+# --- atomic writing -----------------------------------------------------------------------------
+
+
+def temporary_sibling(path) -> Path:
+    """A hidden, unique name in ``path``'s folder (same file system, so a rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove(path) -> None:
+    """Delete a file or folder if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def move_into_place(tmp, path, overwrite: bool) -> None:
+    """Rename ``tmp`` (file or folder) to ``path``. An existing ``path`` is replaced only with
+    ``overwrite`` (a folder is first renamed aside, then deleted), else ``FileExistsError``."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        if path.is_dir() and not path.is_symlink():
+            aside = temporary_sibling(path)
+            os.replace(path, aside)
+            os.replace(tmp, path)
+            remove(aside)
+            return
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
+    """``with atomic_output(p) as tmp:`` write ``tmp``; on success it is renamed to ``p``, on any
+    error (Ctrl-C included) it is deleted and ``p`` is untouched."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        move_into_place(tmp, path, overwrite)
+    finally:
+        remove(tmp)
+
+
+def _fsync(path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_npy(path, array, overwrite: bool = False) -> Path:
+    """Write ``array`` as an ``.npy`` file atomically."""
+    with atomic_output(path, overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        _fsync(tmp)
+    return Path(path)
+
+
+def write_tiff(path, array, spacing=None, overwrite: bool = False) -> Path:
+    """Write a ``(D, H, W)`` uint8 or float32 ``array`` as an ImageJ-compatible TIFF atomically,
+    with ``spacing`` ``(z, y, x)`` in micrometres (read back by ``read_tiff``) when given."""
+    tifffile = _need("tifffile")
+    kwargs: dict = {"imagej": True, "photometric": "minisblack", "metadata": {"axes": "ZYX"}}
+    if spacing is not None:
+        z, y, x = (float(s) for s in spacing)
+        kwargs["resolution"] = (1.0 / x, 1.0 / y)
+        kwargs["metadata"].update(spacing=z, unit="um")
+    with atomic_output(path, overwrite) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(array), **kwargs)
+        _fsync(tmp)
+    return Path(path)
+
+
+def write_json(path, obj, overwrite: bool = True) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        _fsync(tmp)
+    return Path(path)
+
+
+def is_temporary(path) -> bool:
+    """True for names made by ``temporary_sibling``."""
+    return re.fullmatch(r"\..+\.\d+-[0-9a-f]{8}\.tmp", Path(path).name) is not None

@@ -1,0 +1,324 @@
+"""segment_zarr: chunked zarr segmentation equals in-memory segment(), locally and on a dask
+LocalCluster (also when a worker is killed mid-run), with bounded memory; volume_io readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("dask.array")
+pytest.importorskip("distributed")
+zarr = pytest.importorskip("zarr")
+tifffile = pytest.importorskip("tifffile")
+
+from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
+from napari_pacseg.batch import ModelPayload, _model_from, segment_zarr  # noqa: E402
+from napari_pacseg.sample import load_demo_model, load_sample  # noqa: E402
+from napari_pacseg.volume_io import (  # noqa: E402
+    VolumeError,
+    layout_from_axes,
+    read_volume,
+    write_tiff,
+)
+
+CHUNKS = (12, 40, 40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # This 2-core machine is shared: torch's spinning OpenMP threads slow down 10-100x when
+    # another process holds the cores. Workers of a LocalCluster are single-threaded anyway.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_demo_model()
+
+
+@pytest.fixture(scope="module")
+def crop():
+    return np.ascontiguousarray(load_sample().image[:24, :80, :80])
+
+
+@pytest.fixture(scope="module")
+def whole(crop, model):
+    return segment(crop, model)
+
+
+def write_zarr(path, array, chunks=(8, 32, 32)):
+    z = zarr.open_array(str(path), mode="w", shape=array.shape, chunks=chunks, dtype=array.dtype)
+    z[:] = array
+    return path
+
+
+def read_outputs(tmp_path):
+    return (
+        zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:],
+        zarr.open_array(str(tmp_path / "matte.zarr"), mode="r")[:],
+    )
+
+
+def assert_same(tmp_path, whole):
+    labels, matte = read_outputs(tmp_path)
+    np.testing.assert_array_equal(labels, whole.labels)
+    np.testing.assert_allclose(matte, whole.matte, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        ) as lc,
+        Client(lc, set_as_default=False) as client,
+    ):
+        yield client
+
+
+# --- equality with the in-memory result ----------------------------------------------------------
+
+
+def test_synchronous_equals_in_memory(tmp_path, crop, model, whole):
+    seen = []
+    res = segment_zarr(
+        write_zarr(tmp_path / "in.zarr", crop),
+        model,
+        tmp_path / "labels.zarr",
+        tmp_path / "matte.zarr",
+        chunks=CHUNKS,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert_same(tmp_path, whole)
+    assert res.n_chunks == 8 and res.chunks == CHUNKS and res.halo == receptive_field(model)
+    assert seen[0] == (0, 8) and seen[-1] == (8, 8)
+    assert zarr.open_array(str(tmp_path / "labels.zarr")).chunks == CHUNKS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "labels.zarr", "matte.zarr"]
+
+
+def test_threads_dask_source_and_channel_axis(tmp_path, crop, model):
+    import dask.array as da
+
+    ref = segment(crop, model, refine=False)
+    source = da.from_array(crop[:, None], chunks=(10, 1, 50, 50))  # (D, C=1, H, W)
+    segment_zarr(source, model, tmp_path / "labels.zarr", tmp_path / "matte.zarr", refine=False,
+                 channel_axis=1, chunks=(16, 48, 48), scheduler="threads")  # fmt: skip
+    assert_same(tmp_path, ref)
+
+
+def test_local_cluster_equals_in_memory(tmp_path, crop, model, whole, cluster):
+    segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
+                 tmp_path / "matte.zarr", chunks=CHUNKS, scheduler=cluster)  # fmt: skip
+    assert_same(tmp_path, whole)
+
+
+def test_worker_killed_mid_run(tmp_path, crop, model, whole, cluster):
+    """SIGKILL one of the two worker processes once the first chunk is done: its chunks are
+    recomputed elsewhere and the output is still exactly the in-memory result."""
+    cluster.wait_for_workers(2)
+    killed = []
+
+    def kill_a_busy_worker(done, total):
+        if done != 1 or killed:
+            return
+        pids = cluster.run(os.getpid)
+        busy = [addr for addr, keys in cluster.processing().items() if keys] or list(pids)
+        killed.append(pids[busy[0]])
+        os.kill(killed[0], signal.SIGKILL)
+
+    segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
+                 tmp_path / "matte.zarr", chunks=(12, 40, 20), scheduler=cluster,
+                 progress=kill_a_busy_worker)  # fmt: skip
+    assert killed
+    assert_same(tmp_path, whole)
+    cluster.wait_for_workers(2, timeout=60)  # the nanny restarted it
+    assert killed[0] not in cluster.run(os.getpid).values()
+
+
+# --- safety --------------------------------------------------------------------------------------
+
+
+def test_refuses_existing_outputs_and_the_input(tmp_path, crop, model):
+    src = write_zarr(tmp_path / "in.zarr", crop[:8, :32, :32])
+    (tmp_path / "labels.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        segment_zarr(src, model, tmp_path / "labels.zarr", refine=False)
+    with pytest.raises(ValueError, match="overwrite the input"):
+        segment_zarr(src, model, src, refine=False, overwrite=True)
+    with pytest.raises(ValueError, match="overwrite the input"):
+        segment_zarr(src, model, src / "labels", refine=False, overwrite=True)
+    res = segment_zarr(src, model, tmp_path / "labels.zarr", refine=False, overwrite=True)
+    assert res.matte is None and zarr.open_array(str(res.labels)).shape == (8, 32, 32)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failing_chunk_leaves_no_output(tmp_path, crop, model):
+    bad = crop.astype(np.float32)
+    bad[20, 70, 70] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        segment_zarr(write_zarr(tmp_path / "in.zarr", bad), model, tmp_path / "labels.zarr",
+                     tmp_path / "matte.zarr", chunks=CHUNKS, refine=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+def test_bad_arguments(tmp_path, crop, model):
+    src = write_zarr(tmp_path / "in.zarr", crop[:8, :32, :32])
+    out = tmp_path / "labels.zarr"
+    with pytest.raises(ValueError, match="chunks"):
+        segment_zarr(src, model, out, chunks=(8, 0, 8))
+    with pytest.raises(ValueError, match="unknown parameters"):
+        segment_zarr(src, model, out, refine={"iterationz": 2})
+    with pytest.raises(ValueError, match="not both"):
+        segment_zarr(src, model, out, scheduler="threads", workers=2)
+    with pytest.raises(ValueError, match="channel"):
+        segment_zarr(write_zarr(tmp_path / "c.zarr", np.zeros((2, 8, 8, 8))), model, out,
+                     channel_axis=0)  # fmt: skip
+    assert not out.exists()
+
+
+def test_model_payload_round_trip(model):
+    payload = ModelPayload.of(model)
+    rebuilt = _model_from(payload)
+    assert rebuilt.config == model.config
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v)
+    assert _model_from(payload) is rebuilt  # cached per process
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from napari_pacseg import load_model
+    from napari_pacseg.batch import segment_zarr
+    model = load_model(sys.argv[1])
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    res = segment_zarr(sys.argv[2], model, sys.argv[3], chunks=(32, 128, 128), refine=False)
+    print(json.dumps({"extra": status("VmHWM") - before, "seconds": res.timings["total"]}))
+    """
+)
+
+
+def _peak_extra(model_file, src, out) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(model_file), str(src), str(out)],
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_is_bounded_by_the_chunk(tmp_path):
+    """A 128 x 512 x 512 zarr volume in 32 chunks of 32 x 128 x 128: the peak memory the run
+    adds stays far below what segment() in memory needs (> 13 bytes per voxel: the float32
+    image, logits and matte, and the labels). What it adds is per chunk plus the whole-volume
+    intensity range, whose sample (every 2nd voxel here) is already at its cap of ~4 M voxels:
+    a larger volume adds only more chunks, done one at a time."""
+    sample = load_sample()
+    box = (slice(16, 48), slice(128, 256), slice(0, 256))  # holds both classes' scribbles
+    fast = train(sample.image[box], sample.scribbles[box], spacing=sample.spacing,
+                 features=FeatureSpec(kinds=("gaussian",), sigmas=(1.0,)), hidden=(8,),
+                 steps=20)  # fmt: skip
+    model_file = save_model(fast, tmp_path / "fast.safetensors")
+    shape = (128, 512, 512)
+    src = zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=shape, chunks=(32, 128, 128),
+                          dtype=np.uint16)  # fmt: skip
+    for z, y, x in np.ndindex(2, 2, 2):
+        src[64 * z : 64 * (z + 1), 256 * y : 256 * (y + 1), 256 * x : 256 * (x + 1)] = sample.image
+    peak = _peak_extra(model_file, tmp_path / "v.zarr", tmp_path / "l.zarr")["extra"]
+    labels = zarr.open_array(str(tmp_path / "l.zarr"), mode="r")
+    assert labels.shape == shape and labels[-32:, 256:, 256:].any()
+    in_memory = 13 * np.prod(shape)
+    print(f"peak extra {peak / 2**20:.0f} MiB; in memory > {in_memory / 2**20:.0f} MiB")
+    assert peak < in_memory / 2
+
+
+# --- volume_io -----------------------------------------------------------------------------------
+
+
+def test_layouts():
+    assert layout_from_axes("", (4, 5, 6)).spatial == (0, 1, 2)
+    lay = layout_from_axes("", (4, 2, 5, 6), channel_axis=1)
+    assert (lay.spatial, lay.channel) == ((0, 2, 3), 1)
+    lay = layout_from_axes("tczyx", (1, 2, 4, 5, 6))
+    assert (lay.spatial, lay.channel, lay.fixed) == ((2, 3, 4), 1, (0,))
+    raw = np.arange(2 * 4 * 5 * 6).reshape(1, 2, 4, 5, 6)
+    np.testing.assert_array_equal(lay.region(raw, ((1, 3), (0, 5), (2, 4))), raw[0, :, 1:3, :, 2:4])
+    lay = layout_from_axes("zcyx", (4, 2, 5, 6))
+    np.testing.assert_array_equal(lay.full(np.ones((4, 2, 5, 6))).shape, (2, 4, 5, 6))
+    assert layout_from_axes("?yx", (4, 5, 6)).spatial == (0, 1, 2)
+    with pytest.raises(VolumeError, match="channel axis"):
+        layout_from_axes("", (4, 2, 5, 6))
+    with pytest.raises(VolumeError, match="time axis of length 3"):
+        layout_from_axes("tzyx", (3, 4, 5, 6))
+    with pytest.raises(VolumeError, match="out of range"):
+        layout_from_axes("", (4, 5, 6), channel_axis=3)
+
+
+def test_tiff_spacing_round_trip(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    write_tiff(tmp_path / "a.tif", data, spacing=(2.0, 0.5, 0.25))
+    vol = read_volume(tmp_path / "a.tif")
+    assert vol.kind == "tiff" and vol.spacing_source == "ImageJ metadata"
+    np.testing.assert_allclose(vol.spacing, (2.0, 0.5, 0.25), rtol=1e-6)
+    np.testing.assert_array_equal(vol.load()[0], data)
+    tifffile.imwrite(tmp_path / "o.ome.tif", data, ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 300, "PhysicalSizeXUnit": "nm",
+                               "PhysicalSizeY": 0.3, "PhysicalSizeZ": 1.5})  # fmt: skip
+    vol = read_volume(tmp_path / "o.ome.tif")
+    np.testing.assert_allclose(vol.spacing, (1.5, 0.3, 0.3))
+    tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
+    vol = read_volume(tmp_path / "plain.tif")
+    assert vol.spacing is None and vol.shape == (1, 4, 5, 6)
+
+
+def test_ome_zarr(tmp_path):
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    level0 = zarr.open_array(str(tmp_path / "img.ome.zarr" / "0"), mode="w", shape=(1, 2, 4, 5, 6),
+                             chunks=(1, 1, 2, 5, 6), dtype="u2")  # fmt: skip
+    level0[:] = np.arange(240, dtype="u2").reshape(1, 2, 4, 5, 6)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"
+    ]
+    root.attrs["multiscales"] = [{
+        "version": "0.4", "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 2.0, 0.5, 0.5]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0, 2.0, 2.0]}],
+    }]  # fmt: skip
+    vol = read_volume(tmp_path / "img.ome.zarr")
+    assert vol.kind == "ome-zarr" and vol.shape == (2, 4, 5, 6)
+    assert vol.spacing == (2.0, 1.0, 1.0) and vol.spacing_source == "OME-Zarr metadata"
+    np.testing.assert_array_equal(vol.load(), level0[0])
+    root.attrs["multiscales"] = []
+    with pytest.raises(VolumeError, match="give the path of one of its arrays"):
+        read_volume(tmp_path / "img.ome.zarr")
+    assert read_volume(tmp_path / "img.ome.zarr" / "0", channel_axis=1).shape == (2, 4, 5, 6)

@@ -1,0 +1,251 @@
+"""The ``pacseg`` command end to end on a folder of small TIFF, NPY and zarr volumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("dask.array")
+zarr = pytest.importorskip("zarr")
+tifffile = pytest.importorskip("tifffile")
+
+from napari_pacseg import batch as batch_module  # noqa: E402
+from napari_pacseg import load_model, receptive_field, segment  # noqa: E402
+from napari_pacseg.cli import ProgressBar, main  # noqa: E402
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
+from napari_pacseg.volume_io import read_volume, write_tiff  # noqa: E402
+
+SHAPE = (16, 48, 48)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # On this shared 2-core machine torch's spinning OpenMP threads slow down 10-100x when
+    # another process holds the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.ascontiguousarray(load_sample().image[20 : 20 + SHAPE[0], :48, :48])
+
+
+@pytest.fixture
+def folder(tmp_path, image):
+    """in/a.tif (ImageJ, with spacing), in/b.npy, in/c.zarr, and model.safetensors."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_tiff(inp / "a.tif", image, spacing=(1.0, 0.4, 0.4))
+    np.save(inp / "b.npy", image[:, ::-1].copy())
+    z = zarr.open_array(str(inp / "c.zarr"), mode="w", shape=SHAPE, chunks=(8, 24, 24), dtype="u2")
+    z[:] = image[::-1]
+    shutil.copy(DEMO_MODEL_FILE, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def run(folder, *args):
+    return main(["segment", str(folder / "model.safetensors"), *map(str, args)])
+
+
+def test_segment_a_folder(folder, image, capsys):
+    assert run(folder, folder / "in", "-o", folder / "out", "--chunks", 8, 24, 24) == 0
+    out = folder / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{s}_{k}" for s, ext in [("a", ".tif"), ("b", ".npy"), ("c", ".zarr")]
+                           for k in ("labels" + ext, "matte" + ext, "pacseg.json"))  # fmt: skip
+    model = load_model(DEMO_MODEL_FILE)
+    ref = segment(image, model)
+    labels = read_volume(out / "a_labels.tif")
+    np.testing.assert_array_equal(labels.load()[0], ref.labels)
+    np.testing.assert_allclose(labels.spacing, (1.0, 0.4, 0.4), rtol=1e-6)
+    np.testing.assert_allclose(tifffile.imread(out / "a_matte.tif"), ref.matte, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.load(out / "b_labels.npy"), segment(image[:, ::-1], model).labels
+    )
+    zref = segment(image[::-1], model)
+    np.testing.assert_array_equal(zarr.open_array(str(out / "c_labels.zarr"))[:], zref.labels)
+    np.testing.assert_allclose(zarr.open_array(str(out / "c_matte.zarr"))[:], zref.matte, atol=1e-5)
+    record = json.loads((out / "a_pacseg.json").read_text())
+    assert record["model"]["sha256"] == batch_module.sha256_file(DEMO_MODEL_FILE)
+    assert record["parameters"]["spacing_source"] == "ImageJ metadata"
+    assert record["parameters"]["refine"]["iterations"] == model.config.refine.iterations
+    assert set(record["versions"]) >= {"napari-pacseg", "torch", "numpy"}
+    assert record["timings"]["total"] > 0 and record["outputs"]["labels"] == "a_labels.tif"
+    zrec = json.loads((out / "c_pacseg.json").read_text())
+    assert (
+        zrec["parameters"]["chunks"] == [8, 24, 24]
+        and zrec["parameters"]["spacing_source"] == "model"
+    )
+    captured = capsys.readouterr()
+    assert captured.out.count("done ") == 3 and "3 done, 0 skipped, 0 failed" in captured.err
+
+
+def test_resume_and_overwrite(folder, capsys):
+    out = folder / "out"
+    assert run(folder, folder / "in" / "a.tif", folder / "in" / "b.npy", "-o", out, "-q") == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    # A crash after the labels of b were written: its record is missing, so b is redone.
+    (out / "b_pacseg.json").unlink()
+    assert run(folder, folder / "in" / "*.tif", folder / "in" / "b.npy", "-o", out, "-q") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("skipped") and lines[1].startswith("done")
+    now = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert (
+        now["a_labels.tif"] == first["a_labels.tif"]
+        and now["b_labels.npy"] != first["b_labels.npy"]
+    )
+    # Other parameters: still skipped (the record marks a complete output), with a hint.
+    assert run(folder, folder / "in" / "a.tif", "-o", out, "--iterations", "2") == 0
+    assert "--overwrite" in capsys.readouterr().out
+    assert run(folder, folder / "in" / "a.tif", "-o", out, "--iterations", "2", "--overwrite") == 0
+    record = json.loads((out / "a_pacseg.json").read_text())
+    assert record["parameters"]["refine"]["iterations"] == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_inputs_among_good_ones(folder, capsys):
+    (folder / "in" / "broken.tif").write_bytes(b"not a tiff at all")
+    np.save(folder / "in" / "flat.npy", np.zeros((4, 5)))
+    code = run(folder, folder / "in", folder / "missing.tif", "-o", folder / "out", "-q")
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("pacseg: failed: ") for line in err)
+    assert any("broken.tif" in line and "not a readable TIFF" in line for line in err)
+    assert any("flat.npy" in line and "3D" in line for line in err)
+    assert any("missing.tif" in line and "no such file" in line for line in err)
+    assert sorted(p.name for p in (folder / "out").glob("*.json")) == [
+        "a_pacseg.json", "b_pacseg.json", "c_pacseg.json"
+    ]  # fmt: skip
+
+
+def test_output_equal_to_an_input_is_refused(folder, capsys):
+    inp = folder / "in"
+    shutil.copy(inp / "a.tif", inp / "a_labels.tif")  # a user's file named like our output
+    before = sorted(p.name for p in inp.iterdir())
+    assert run(folder, inp / "a.tif", inp / "a_labels.tif", "-o", inp) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(p.name for p in inp.iterdir()) == before
+    shutil.copy(inp / "b.npy", folder / "b.npy")
+    assert run(folder, inp / "b.npy", folder / "b.npy", "-o", folder / "out") == 2
+    assert "would both write b_labels.npy" in capsys.readouterr().err
+
+
+def test_usage_errors(folder, capsys):
+    out = folder / "out"
+    assert run(folder, folder / "in", "-o", out, "--no-refine", "--iterations", "3") == 2
+    assert "--iterations given with --no-refine" in capsys.readouterr().err
+    assert run(folder, folder / "in", "-o", out, "--kernel-size", "4") == 2
+    assert "kernel_size must be odd" in capsys.readouterr().err
+    assert run(folder, folder / "in", "-o", out, "--workers", "0") == 2
+    assert run(folder, folder / "in", "-o", out, "--workers", "2", "--scheduler", "tcp://x:1") == 2
+    (folder / "bad.safetensors").write_bytes(b"\0" * 4)
+    assert (
+        main(["segment", str(folder / "bad.safetensors"), str(folder / "in"), "-o", str(out)]) == 2
+    )
+    assert "too short for a model file" in capsys.readouterr().err
+    assert main(["segment"]) == 2 and main([]) == 2
+    assert not out.exists()
+
+
+def test_ctrl_c_leaves_no_partial_output(folder, monkeypatch, capsys):
+    real = batch_module.write_tiff
+    calls = []
+
+    def interrupted_write(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # after a_labels.tif, while writing a_matte.tif
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "write_tiff", interrupted_write)
+    out = folder / "out"
+    assert run(folder, folder / "in" / "b.npy", folder / "in" / "a.tif", "-o", out, "-q") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_labels.tif",
+        "b_labels.npy",
+        "b_matte.npy",
+        "b_pacseg.json",
+    ]  # fmt: skip (a has no record: incomplete, redone by the next run)
+    monkeypatch.setattr(batch_module, "write_tiff", real)
+    assert run(folder, folder / "in" / "b.npy", folder / "in" / "a.tif", "-o", out, "-q") == 0
+    assert (out / "a_pacseg.json").exists() and "skipped" in capsys.readouterr().out
+
+
+def test_entry_point_subprocess(folder):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [shutil.which("pacseg") or "pacseg", "segment", str(folder / "model.safetensors"),
+         str(folder / "in" / "b.npy"), "-o", str(folder / "out"), "--no-refine", "--quiet"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("done ") and proc.stderr == ""
+    assert (
+        json.loads((folder / "out" / "b_pacseg.json").read_text())["parameters"]["refine"] is False
+    )
+
+
+def test_info(folder, capsys):
+    assert main(["info", str(folder / "model.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "0=background, 2=nucleus" in text and "provenance" in text and "halo" in text
+    assert main(["info", str(folder / "model.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["classes"][1]["name"] == "nucleus"
+    assert info["receptive_field"]["refined"] == list(receptive_field(load_model(DEMO_MODEL_FILE)))
+    (folder / "bad.safetensors").write_bytes(b"nonsense" * 4)
+    assert main(["info", str(folder / "bad.safetensors")]) == 1
+    assert "pacseg info: failed" in capsys.readouterr().err
+
+
+def test_train_then_segment(tmp_path, capsys):
+    sample = load_sample()
+    box = (slice(16, 48), slice(128, 256), slice(0, 256))  # holds both classes' scribbles
+    write_tiff(tmp_path / "img.tif", sample.image[box], spacing=sample.spacing)
+    np.save(tmp_path / "marks.npy", sample.scribbles[box])
+    model_file = tmp_path / "m.safetensors"
+    args = ["train", str(tmp_path / "img.tif"), str(tmp_path / "marks.npy"), "-o", str(model_file),
+            "--sigmas", "1", "2", "--hidden", "8", "--steps", "30", "--class-names", "bg", "nuc",
+            "-q"]  # fmt: skip
+    assert main(args) == 0
+    model = load_model(model_file)
+    assert [c.name for c in model.config.classes] == ["bg", "nuc"]
+    assert model.config.features.sigmas == (1.0, 2.0) and model.config.spacing == sample.spacing
+    assert "saved" in capsys.readouterr().out
+    assert main(args) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "img.tif"), "--overwrite"]) == 2  # not .safetensors
+    np.save(tmp_path / "one_class.npy", np.ones_like(sample.scribbles[box]))
+    assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "one_class.npy"), "-o",
+                 str(tmp_path / "n.safetensors"), "--steps", "5", "-q"]) == 1  # fmt: skip
+    assert "only one class" in capsys.readouterr().err
+
+
+def test_progress_bar_in_a_log():
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    for done in range(11):
+        bar.update("[1/1] a.tif", done, 10, "tiles")
+    lines = stream.getvalue().splitlines()
+    assert [line.split("| ")[1].split()[0] for line in lines] == [
+        "0/10",
+        "3/10",
+        "5/10",
+        "8/10",
+        "10/10",
+    ]
+    quiet = io.StringIO()
+    ProgressBar(quiet, quiet=True).update("x", 1, 2, "tiles")
+    assert quiet.getvalue() == ""
