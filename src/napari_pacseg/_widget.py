@@ -139,7 +139,14 @@ class PacSegWidget(Container):
     def _build(self) -> None:
         heading = lambda text: Label(value=f"<b>{text}</b>")  # noqa: E731
         self.image = ComboBox(label="Image", choices=self._image_choices)
-        self.channel_axis = SpinBox(label="Channel axis", min=0, max=3, value=0, visible=False)
+        self.channel_axis = SpinBox(
+            label="Channel axis",
+            min=0,
+            max=3,
+            value=0,
+            visible=False,
+            tooltip="4D images: the channel axis must come first (napari overlays 3D results on the last three axes)",
+        )
         self.spacing_info = Label(label="Spacing (z, y, x)")
         self.model_info = Label(label="Model", value="none loaded")
         self.load_button = PushButton(text="Load model…")
@@ -251,7 +258,15 @@ class PacSegWidget(Container):
             axis, keep = None, [0, 1, 2]
         else:
             axis = int(self.channel_axis.value)
-            keep = [a for a in range(4) if a != axis]
+            if axis != 0:
+                # napari lines a 3D result layer up with the last three axes of a 4D layer,
+                # so only a leading channel axis gives outputs that overlay the image.
+                raise ValueError(
+                    f"the channel axis of {layer.name!r} must be its first axis (it is {axis}): "
+                    "move it first (np.moveaxis(data, axis, 0)) or split the channels into "
+                    "layers (viewer.add_image(data, channel_axis=...)) and pick one"
+                )
+            keep = [1, 2, 3]
         shape = tuple(int(layer.data.shape[a]) for a in keep)
         scale = tuple(float(layer.scale[a]) for a in keep)
         translate = tuple(float(layer.translate[a]) for a in keep)
@@ -261,7 +276,7 @@ class PacSegWidget(Container):
         layer = self.image.value
         four_d = layer is not None and layer.ndim == 4
         if four_d and not self.channel_axis.visible:
-            self.channel_axis.value = int(np.argmin(layer.data.shape))
+            self.channel_axis.value = 0
         self.channel_axis.visible = four_d
         self._update_spacing_info()
         self._request_live()
@@ -270,7 +285,11 @@ class PacSegWidget(Container):
         if self.image.value is None:
             self.spacing_info.value = "(no image)"
             return
-        spacing = self._image_input().scale
+        try:
+            spacing = self._image_input().scale
+        except ValueError as err:  # e.g. a 4D layer whose channel axis is not first
+            self.spacing_info.value = str(err)
+            return
         text = ", ".join(f"{s:g}" for s in spacing) + " (layer scale)"
         if self.model is not None and not np.allclose(spacing, self.model.config.spacing):
             trained = ", ".join(f"{s:g}" for s in self.model.config.spacing)

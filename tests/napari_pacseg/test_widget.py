@@ -294,3 +294,31 @@ def test_region_segmenter_equals_segment_on_any_box(sample):
     np.testing.assert_allclose(p, full.probabilities[:, 0:5, 10:40, 3:64], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="inside the volume"):
         seg.probabilities(((0, 17), (0, 64), (0, 64)))
+
+
+def test_four_d_image_with_a_leading_channel_axis(docked, qtbot, errors, sample):
+    viewer, widget = docked
+    crop = sample.image[TRAIN_CROP].astype(np.float32)
+    two = np.stack([crop, crop.max() - crop])  # (2, D, H, W): channel axis first
+    image = viewer.add_image(two, name="two", scale=(1.0, *sample.spacing))
+    widget.image.value = image
+    assert widget.channel_axis.visible and widget.channel_axis.value == 0
+    widget.class_names.value = "background, nucleus"
+    scribbles = widget.new_scribbles_layer()
+    assert scribbles.data.shape == crop.shape and tuple(scribbles.scale) == sample.spacing
+    scribbles.data = sample.scribbles[TRAIN_CROP].copy()
+    widget.train_steps.value = 60
+    widget.train_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.model is not None and widget.model.config.in_channels == 2, widget.status.value
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    labels = viewer.layers["two labels"]
+    assert labels.data.shape == crop.shape and tuple(labels.scale) == sample.spacing
+    assert np.count_nonzero(labels.data) > 0
+    assert errors == []
+
+    widget.channel_axis.value = 3  # napari could not overlay the result: refused, clearly
+    assert "must be its first axis" in widget.spacing_info.value
+    widget.run_full()
+    assert len(errors) == 1 and "must be its first axis" in errors[0]
