@@ -403,7 +403,7 @@ def _cmd_info(args) -> int:
         f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
         f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
         "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
-        f"spacing      {tuple(cfg.spacing)} (z, y, x), trained at",
+        f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
         f"halo         {tuple(info['receptive_field']['refined'])} voxels (z, y, x) with refinement, "
         f"{tuple(info['receptive_field']['unrefined'])} without",
     ]  # fmt: skip

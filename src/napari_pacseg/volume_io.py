@@ -246,7 +246,11 @@ def read_npy(path, channel_axis: int | None = None) -> Volume:
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as err:
-        raise VolumeError(f"{path}: not a readable .npy array ({err})") from err
+        # numpy's own message for object arrays suggests allow_pickle; we never unpickle.
+        raise VolumeError(
+            f"{path}: not a readable .npy array of numbers (damaged, not an .npy file, or "
+            "holding Python objects, which are never loaded)"
+        ) from err
     return Volume(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
 
 
