@@ -37,6 +37,7 @@ from .model import PacSegModel
 from .model_io import config_from_dict, config_to_dict, load_model
 from .pipeline import (
     check_spacing,
+    extend_box,
     receptive_field,
     refine_params,
     segment,
@@ -380,9 +381,7 @@ def segment_zarr(
         grid = [range(0, n, c) for n, c in zip(shape[1:], chunks)]
         for origin in itertools.product(*grid):
             box = tuple((a, min(a + c, n)) for a, c, n in zip(origin, chunks, shape[1:]))
-            ext = tuple(
-                (max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, shape[1:])
-            )
+            ext, _ = extend_box(box, halo, shape[1:])
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
                             None if tile_shape is None else tuple(tile_shape), rng,
                             str(tmps[0]), str(tmps[1]) if len(tmps) > 1 else None,

@@ -346,6 +346,18 @@ class _Stopwatch:
         self.timings[stage] += time.perf_counter() - start
 
 
+def extend_box(box, halo, shape, grid: int = 1):
+    """``(ext, core)``: ``box`` (3 ``(start, stop)`` pairs) grown by ``halo`` voxels per axis and
+    clipped to ``shape``, its starts rounded down to multiples of ``grid`` (the context net's
+    pooling grid); ``core`` the slices of ``box`` inside ``ext``."""
+    ext = []
+    for (a, b), h, n in zip(box, halo, shape):
+        start = max(0, a - h)
+        ext.append((start - start % grid, min(n, b + h)))
+    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    return tuple(ext), core
+
+
 def _region(vol, ext, dev) -> torch.Tensor:
     """``(1, C, d, h, w)`` float32 on ``dev``: the image inside the box ``ext``."""
     region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
@@ -357,13 +369,7 @@ def _tile_logit_diffs(vol, lo, hi, box, halo, model, spacing, dev, timings) -> n
     """Logits minus the background logit, ``(K - 1, *core)`` float32, of one core box, computed
     from the box plus its halo (features and context net). ``vol`` is ``(C, D, H, W)`` in its own
     dtype; only the region is made float32."""
-    grid = model.grid
-    ext = []
-    for (a, b), h, n in zip(box, halo, vol.shape[1:]):
-        start = max(0, a - h)
-        start -= start % grid  # keep the context net's pooling grid aligned with the volume's
-        ext.append((start, min(n, b + h)))
-    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    ext, core = extend_box(box, halo, vol.shape[1:], model.grid)
     watch = _Stopwatch(timings, dev)
     with watch("features"):
         norm = apply_range(_region(vol, ext, dev), lo.to(dev), hi.to(dev))
@@ -385,8 +391,7 @@ def _tile_probabilities(
 ) -> np.ndarray:
     """Class probabilities ``(K, *core)`` of one core box: the stored logit differences, refined
     by ``pac_crf3d`` on the box plus the CRF's ``reach`` when ``params`` is given."""
-    ext = [(max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, vol.shape[1:])]
-    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    ext, core = extend_box(box, reach, vol.shape[1:])
     d = diffs[(slice(None), *(slice(s, e) for s, e in ext))]
     logits = torch.zeros((1, d.shape[0] + 1, *d.shape[1:]), dtype=torch.float32, device=dev)
     logits[0, 1:] = torch.from_numpy(d).to(dev)

@@ -28,6 +28,7 @@ from .pipeline import (
     _tiles,
     as_volume,
     check_spacing,
+    extend_box,
     refine_params,
     resolve_device,
     volume_intensity_range,
@@ -112,12 +113,10 @@ class RegionSegmenter:
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
             reach = _crf_reach(params, self.spacing)
-            ext = tuple(
-                (max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, self.shape)
-            )
+            ext, core = extend_box(box, reach, self.shape)
             diffs = self._logit_diffs(ext, should_cancel)
             sub = self.vol[(slice(None), *(slice(s, e) for s, e in ext))]
-            rel = tuple((a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+            rel = tuple((c.start, c.stop) for c in core)
             kernel, sigma = params.window(self.spacing) if params is not None else (None, None)
             if should_cancel is not None and should_cancel():
                 raise SegmentationCancelled("region segmentation cancelled")

@@ -19,6 +19,7 @@ from .pipeline import (
     _tiles,
     as_volume,
     check_spacing,
+    extend_box,
     resolve_device,
     volume_intensity_range,
 )
@@ -153,10 +154,9 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
         tile_marks = marks[core]
         if not tile_marks.any():
             continue
-        ext = [(max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, marks.shape)]
+        ext, core = extend_box(box, halo, marks.shape)
         region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
         region = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
-        core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
         feats = compute_features(
             apply_range(region, lo, hi), model.config.features, spacing, crop=core
         )[0]

@@ -33,14 +33,7 @@ from napari_pacseg.volume_io import (  # noqa: E402
 CHUNKS = (12, 40, 40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # This 2-core machine is shared: torch's spinning OpenMP threads slow down 10-100x when
-    # another process holds the cores. Workers of a LocalCluster are single-threaded anyway.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

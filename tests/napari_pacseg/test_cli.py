@@ -10,7 +10,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("dask.array")
 zarr = pytest.importorskip("zarr")
@@ -25,14 +24,7 @@ from napari_pacseg.volume_io import read_volume, write_tiff  # noqa: E402
 SHAPE = (16, 48, 48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On this shared 2-core machine torch's spinning OpenMP threads slow down 10-100x when
-    # another process holds the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,13 @@ def _blobs(shape=(16, 40, 40), seed=0):
     return image.astype(np.float32), scribbles, truth
 
 
+TRAIN_SETTINGS = dict(spacing=(2.0, 1.0, 1.0), features=FeatureSpec(sigmas=(1.0, 2.0)), steps=150)
+
+
 @pytest.fixture(scope="module")
 def trained():
     image, scribbles, truth = _blobs()
-    model = train(
-        image,
-        scribbles,
-        spacing=(2.0, 1.0, 1.0),
-        features=FeatureSpec(sigmas=(1.0, 2.0)),
-        steps=150,
-    )
-    return image, scribbles, truth, model
+    return image, scribbles, truth, train(image, scribbles, **TRAIN_SETTINGS)
 
 
 def test_segment_finds_the_objects(trained):
@@ -192,13 +188,7 @@ def test_timings_per_stage(trained):
 def test_train_works_under_no_grad(trained):
     image, scribbles, _, model = trained
     with torch.no_grad():
-        again = train(
-            image,
-            scribbles,
-            spacing=(2.0, 1.0, 1.0),
-            features=FeatureSpec(sigmas=(1.0, 2.0)),
-            steps=150,
-        )
+        again = train(image, scribbles, **TRAIN_SETTINGS)
     for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
 

@@ -8,7 +8,6 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-import torch  # noqa: E402
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_pacseg import segment  # noqa: E402
@@ -27,14 +26,7 @@ def assert_same_labels(got, want, matte, threshold=0.5):
     assert not np.any(differ & (np.abs(matte - threshold) > 1e-4)), int(differ.sum())
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: the 2-core test machine runs other jobs too, and oversubscribed
-    intra-op threads slow the CPU kernels down by orders of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

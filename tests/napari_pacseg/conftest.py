@@ -1,0 +1,15 @@
+"""Fixtures shared by the napari_pacseg tests."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: on a shared 2-core machine torch's spinning OpenMP
+    threads slow down 10-100x when another process holds the cores (and LocalCluster workers
+    are single-threaded anyway). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
