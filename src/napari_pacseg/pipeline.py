@@ -218,6 +218,15 @@ def segment(
     return Segmentation(labels, matte, probs, timings)
 
 
+def model_on_device(model: PacSegModel, device: torch.device) -> PacSegModel:
+    """``model`` in eval mode on ``device``: the caller's own object when it is already there,
+    else a copy (``nn.Module.to`` moves in place, and callers keep using their model)."""
+    here = next(model.parameters()).device
+    if here.type == device.type and (device.index is None or here == device):
+        return model.eval()
+    return copy.deepcopy(model).to(device).eval()
+
+
 class _TileRunner:
     """Runs a pass over tiles: cancellation, progress over all passes, and the out-of-memory
     policy (split the tile and retry on the same device, then continue on the CPU)."""
@@ -231,11 +240,7 @@ class _TileRunner:
     def model_on(self, device: torch.device) -> PacSegModel:
         """The model on ``device``: the caller's own when already there, else a copy."""
         if device not in self._copies:
-            here = next(self.model.parameters()).device
-            same = here.type == device.type and (device.index is None or here == device)
-            self._copies[device] = (
-                self.model.eval() if same else copy.deepcopy(self.model).to(device).eval()
-            )
+            self._copies[device] = model_on_device(self.model, device)
         return self._copies[device]
 
     def run(self, boxes, work) -> None:

@@ -11,7 +11,6 @@ the box equals the whole-volume ``segment`` result there.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from .pipeline import (
     as_volume,
     check_spacing,
     extend_box,
+    model_on_device,
     refine_params,
     resolve_device,
     volume_intensity_range,
@@ -73,9 +73,7 @@ class RegionSegmenter:
         self.shape = tuple(self.vol.shape[1:])
         self.spacing = check_spacing(spacing, model.config.spacing)
         self.device = resolve_device(device)
-        here = next(model.parameters()).device
-        same = here.type == self.device.type and (self.device.index is None or here == self.device)
-        self.model = model.eval() if same else copy.deepcopy(model).to(self.device).eval()
+        self.model = model_on_device(model, self.device)
         self.config = model.config
         self.halo = self.model.halo(self.spacing)
         self.max_cache_bytes = int(max_cache_bytes)
