@@ -7,7 +7,7 @@ from numbers import Real
 
 import torch
 
-from . import pac_torch
+from . import crf_torch
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, compute_dtype, triple
 from .pac import check_volume_pair, pac_apply
@@ -127,32 +127,5 @@ def pac_crf3d(
             pac_triton.crf_step(q, guide, unary, geo, scale, float(compat), logits, q_next)
             q, q_next = q_next, q
         return logits
-    # Pad q and the guide once: every tile then reads views, no per-tile copies. The guide's
-    # padding is FAR_GUIDE (exact zero weights), valid because 'same' padding keeps every window
-    # centre inside; the padded geometry has no padding of its own.
-    n_img, shape = unary.shape[0], unary.shape[2:]
-    padded = tuple(s + 2 * p for s, p in zip(shape, pad))
-    inner = (slice(None), slice(None), *(slice(p, p + s) for s, p in zip(shape, pad)))
-    g_pad = torch.full(
-        (n_img, guide.shape[1], *padded), pac_torch.FAR_GUIDE, dtype=dtype, device=unary.device
-    )
-    g_pad[inner] = guide
-    q_pad = torch.zeros((n_img, unary.shape[1], *padded), dtype=dtype, device=unary.device)
-    _softmax_into(unary, q_pad[inner])
-    geo_pad = PacGeometry(padded, kernel, (1, 1, 1), (0, 0, 0), dil)
-    den = torch.empty((n_img, *shape), dtype=dtype, device=unary.device)
-    for step in range(iterations):
-        pac_torch.pac_forward(
-            q_pad, g_pad, None, None, geo_pad, 1, True, scale, logits, den, step > 0
-        )
-        logits.sub_(1).mul_(float(compat)).add_(unary)  # unary - compat * (1 - M)
-        if step < iterations - 1:
-            _softmax_into(logits, q_pad[inner])
+    crf_torch.mean_field(unary, guide, iterations, kernel, dil, float(compat), scale, logits)
     return logits
-
-
-def _softmax_into(logits: torch.Tensor, q: torch.Tensor) -> None:
-    """``q = softmax(logits, dim=1)`` written into ``q`` without volume-sized temporaries."""
-    torch.sub(logits, logits.amax(dim=1, keepdim=True), out=q)
-    q.exp_()
-    q.div_(q.sum(dim=1, keepdim=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,9 +253,14 @@ def intensity_range(
     flat = image.reshape(n, c, -1)
     step = max(1, flat.shape[-1] // (1 << 22))
     sample = flat[..., ::step].float()
-    lo = torch.quantile(sample, low / 100, dim=-1).view(n, c, 1, 1, 1)
-    hi = torch.quantile(sample, high / 100, dim=-1).view(n, c, 1, 1, 1)
-    return lo, hi
+    if sample.device.type == "cpu":  # numpy selects (partition); torch.quantile sorts: 13x slower
+        q = np.quantile(sample.detach().numpy(), [low / 100, high / 100], axis=-1)
+        q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    else:
+        q = torch.quantile(
+            sample, torch.tensor([low / 100, high / 100], device=sample.device), dim=-1
+        )
+    return q[0].view(n, c, 1, 1, 1), q[1].view(n, c, 1, 1, 1)
 
 
 def apply_range(image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

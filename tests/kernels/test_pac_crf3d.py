@@ -1,8 +1,11 @@
 """pac_crf3d and PacCRF3d (torch path) against the float64 reference."""
 
+import math
+
 import pytest
 import torch
 
+import pacseg_kernels.crf_torch as crf_torch
 import pacseg_kernels.pac_torch as pac_torch
 from pacseg_kernels import PacCRF3d, pac_crf3d
 from tests.kernels.reference import crf_reference
@@ -14,6 +17,7 @@ CASES = [
     (1, 4, 2, (7, 5, 5), 5, 1, (0.8, 1.2, 2.0), 0.7, 5),
     (1, 1, 1, (4, 4, 4), 3, 2, None, 1.0, 2),  # one class: messages are all 1
     (2, 2, 8, (1, 11, 10), (1, 3, 3), 1, None, 3.0, 4),  # depth 1
+    (1, 3, 2, (11, 6, 7), (5, 3, 3), (2, 1, 1), 1.0, 1.5, 4),  # z reach 4: wavefront lag 4
 ]
 
 
@@ -24,11 +28,30 @@ def _tensors(case, gen, dtype=torch.float32):
     return unary, guide
 
 
+# How the torch path runs the steps: the wavefront that keeps the weights (slabs of one plane,
+# of two planes with a shorter last slab, of the whole volume), or the steps recomputing them
+# (with pac_torch's default tiles, or tiny ones).
+ENGINES = {
+    "wavefront-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1),
+    "wavefront-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS=None),
+    "wavefront-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30),
+    "recompute": dict(RING_BUDGET=0.0),
+    "recompute-tile29": dict(RING_BUDGET=0.0, TILE_VOXELS=29),
+}
+
+
+def use_engine(name: str, spatial, monkeypatch) -> None:
+    for attr, value in ENGINES[name].items():
+        if attr == "SLAB_VOXELS" and value is None:
+            value = 2 * spatial[1] * spatial[2]
+        module = pac_torch if attr == "TILE_VOXELS" else crf_torch
+        monkeypatch.setattr(module, attr, value)
+
+
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
-@pytest.mark.parametrize("tile", [None, 29])
-def test_matches_reference(case, tile, monkeypatch):
-    if tile is not None:
-        monkeypatch.setattr(pac_torch, "TILE_VOXELS", tile)
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_matches_reference(case, engine, monkeypatch):
+    use_engine(engine, case[3], monkeypatch)
     *_, kernel, dilation, sigma, compat, iterations = case
     gen = torch.Generator().manual_seed(hash(case[3]) % 2**31)
     unary, guide = _tensors(case, gen)
@@ -54,8 +77,10 @@ def test_zero_iterations_returns_unary():
     assert torch.equal(pac_crf3d(unary, guide, iterations=0), unary)
 
 
-def test_isolated_voxels_keep_their_unary():
+@pytest.mark.parametrize("engine", ["wavefront-1", "recompute"])
+def test_isolated_voxels_keep_their_unary(engine, monkeypatch):
     """A voxel whose guide is far from all neighbours gets no message: its probabilities stay."""
+    use_engine(engine, (5, 5, 5), monkeypatch)
     unary = torch.randn(1, 2, 5, 5, 5)
     guide = torch.zeros(1, 1, 5, 5, 5)
     guide[0, 0, 2, 2, 2] = 1e4  # every weight to or from it underflows to 0
