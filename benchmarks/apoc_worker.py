@@ -3,9 +3,10 @@
 APOC pins numpy < 2, which napari-pacseg's own stack (zarr >= 3) cannot share, so it runs in a
 separate interpreter: ``python -m venv .apoc-venv && .apoc-venv/bin/pip install apoc
 pocl-binary-distribution`` (pocl gives an OpenCL CPU device). Reads ``IN.npz`` (image,
-scribbles), writes ``OUT.npz`` (labels, train_s, predict_s) for each feature set named.
+scribbles), trains and predicts ``REPEATS`` times per feature set named (a fresh classifier
+each time), writes ``OUT.npz``: the labels and the (train_s, predict_s) of every repeat.
 
-Usage: .apoc-venv/bin/python benchmarks/apoc_worker.py IN.npz OUT.npz FEATURESET...
+Usage: .apoc-venv/bin/python benchmarks/apoc_worker.py IN.npz OUT.npz REPEATS FEATURESET...
 """
 
 import sys
@@ -19,7 +20,7 @@ import pyclesperanto_prototype as cle
 
 
 def main() -> None:
-    src, dst, *feature_sets = sys.argv[1:]
+    src, dst, repeats, *feature_sets = sys.argv[1:]
     # Prefer a PoCL build that knows this CPU (Debian's pocl-opencl-icd picks a kernel-library
     # variant; the PoCL bundled in pyopencl's wheel fails with "unknown target CPU 'generic'"
     # on CPUs newer than its LLVM).
@@ -34,14 +35,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in feature_sets:
             features = apoc.PredefinedFeatureSet[name].value
-            clf = apoc.PixelClassifier(opencl_filename=str(Path(tmp) / f"{name}.cl"))
-            start = time.perf_counter()
-            clf.train(features, scribbles, image)
-            trained = time.perf_counter()
-            labels = np.asarray(clf.predict(image=image))
-            done = time.perf_counter()
+            times = []
+            for i in range(int(repeats)):
+                cl_file = str(Path(tmp) / f"{name}_{i}.cl")
+                clf = apoc.PixelClassifier(opencl_filename=cl_file)
+                start = time.perf_counter()
+                clf.train(features, scribbles, image)
+                trained = time.perf_counter()
+                labels = np.asarray(clf.predict(image=image))
+                done = time.perf_counter()
+                times.append([trained - start, done - trained])
             out[f"{name}_labels"] = labels.astype(np.uint8)
-            out[f"{name}_times"] = np.array([trained - start, done - trained])
+            out[f"{name}_times"] = np.array(times)
     np.savez_compressed(dst, **out)
 
 

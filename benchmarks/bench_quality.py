@@ -16,10 +16,12 @@ made by the same generator with other seeds, every method is trained from the sa
 
 Scores: Dice of the foreground, and the boundary F-score: the share of predicted boundary
 voxels within ``TOLERANCE_UM`` of the true boundary (precision) and vice versa (recall),
-distances in physical units. Times are wall times of training and of prediction here.
-Writes ``benchmarks/results/quality-cpu.md``.
+distances in physical units. Times are wall times of training and of prediction here; for
+APOC and ours the median of ``--repeats`` runs (this 2-core VM's speed drifts by up to 2x
+from minute to minute), for the RF (10x slower) one run. Writes
+``benchmarks/results/quality-cpu.md``.
 
-Usage: python benchmarks/bench_quality.py [--apoc-python PATH] [--seeds 11 3 5]
+Usage: python benchmarks/bench_quality.py [--apoc-python PATH] [--seeds 11 3 5] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE_UM = 0.4  # one voxel in y and x: at 1 um every method but the RF scores > 0.98
 DEMO_FEATURES = FeatureSpec(sigmas=make_sample.DEMO_SIGMAS)
+APOC = "APOC PixelClassifier (small_quick)"
+RF = "RF, ilastik-style (skimage + sklearn)"
+OURS = "ours, PAC-CRF refined"
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -99,20 +104,33 @@ def run_rf(image, scribbles):
     return labels == 2, trained - start, time.perf_counter() - trained
 
 
-def run_apoc(python: str, image, scribbles):
+def run_apoc(python: str, image, scribbles, repeats: int):
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, image=image, scribbles=scribbles)
         subprocess.run(
-            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), "small_quick"],
+            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), str(repeats), "small_quick"],
             check=True, capture_output=True,
         )  # fmt: skip
         out = np.load(dst)
-        train_s, predict_s = out["small_quick_times"]
+        train_s, predict_s = np.median(out["small_quick_times"], axis=0)
         return out["small_quick_labels"] == 2, float(train_s), float(predict_s)
 
 
-def evaluate(name, image, truth, scribbles, spacing, apoc_python):
+def run_ours(image, scribbles, spacing, refine, repeats: int):
+    """Labels of the last of ``repeats`` train + segment runs, median train and segment times."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
+        trained = time.perf_counter()
+        seg = segment(image, model, spacing=spacing, refine=refine)
+        times.append((trained - start, time.perf_counter() - trained))
+    train_s, predict_s = np.median(times, axis=0)
+    return seg.labels > 0, float(train_s), float(predict_s)
+
+
+def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
     truth = truth.astype(bool)
     rows = []
 
@@ -126,17 +144,32 @@ def evaluate(name, image, truth, scribbles, spacing, apoc_python):
     t = otsu_threshold(image)
     add("Otsu threshold", image > t, None, time.perf_counter() - start)
     rows.append(("best global threshold (oracle)", best_threshold(image, truth), None, None, None))
-    add("RF, ilastik-style (skimage + sklearn)", *run_rf(image, scribbles))
+    add(RF, *run_rf(image, scribbles))
     if apoc_python:
-        add("APOC PixelClassifier (small_quick)", *run_apoc(apoc_python, image, scribbles))
-    start = time.perf_counter()
-    model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
-    train_s = time.perf_counter() - start
-    for refine, label in ((False, "ours, no refinement"), (True, "ours, PAC-CRF refined")):
-        start = time.perf_counter()
-        seg = segment(image, model, spacing=spacing, refine=refine)
-        add(label, seg.labels > 0, train_s, time.perf_counter() - start)
+        add(APOC, *run_apoc(apoc_python, image, scribbles, repeats))
+    for refine, label in ((False, "ours, no refinement"), (True, OURS)):
+        add(label, *run_ours(image, scribbles, spacing, refine, repeats))
     return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
+
+
+def _ratios(results, methods) -> list[str]:
+    """Ours (refined) against each peer that ran: mean Dice, boundary F and end-to-end time."""
+
+    def mean(method, col):
+        i = methods.index(method)
+        return float(np.mean([r[2][i][col] for r in results]))
+
+    def end_to_end(method):
+        return mean(method, 3) + mean(method, 4)
+
+    lines = ["Ours (PAC-CRF refined) vs each peer, same run, same scribbles (time: train + predict):", ""]  # fmt: skip
+    for peer in (p for p in (APOC, RF) if p in methods):
+        lines.append(
+            f"- vs {peer}: mean Dice {mean(OURS, 1) / mean(peer, 1):.3f}x, mean boundary F "
+            f"{mean(OURS, 2) / mean(peer, 2):.3f}x, time {end_to_end(OURS):.1f} s vs "
+            f"{end_to_end(peer):.1f} s = {end_to_end(peer) / end_to_end(OURS):.2f}x faster"
+        )
+    return lines
 
 
 def _table(rows) -> list[str]:
@@ -164,6 +197,7 @@ def main() -> None:
         help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of APOC and ours")
     args = parser.parse_args()
 
     sample = load_sample()
@@ -175,12 +209,14 @@ def main() -> None:
     results = []
     for name, image, truth, scribbles in volumes:
         print(name, flush=True)
-        results.append(evaluate(name, image, truth, scribbles, spacing, args.apoc_python))
+        results.append(
+            evaluate(name, image, truth, scribbles, spacing, args.apoc_python, args.repeats)
+        )
 
     lines = [
         "# Segmentation quality from scribbles (CPU)",
         "",
-        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + _shown(args.apoc_python) if args.apoc_python else ''}`  ",
+        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + _shown(args.apoc_python) if args.apoc_python else ''}{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`  ",
         f"Machine: {common.describe_machine('cpu')}  ",
         f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x); boundary F-score "
         f"tolerance {TOLERANCE_UM} um. 'train s' for ours is train(); 'predict s' is segment().",
@@ -194,6 +230,7 @@ def main() -> None:
             vals = [r[2][i][col] for r in results if r[2][i][col] is not None]
             cells.append(f"{np.mean(vals):.{3 if col < 3 else 1}f}" if vals else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", *_ratios(results, methods)]
     for name, fraction, rows in results:
         lines += ["", f"## {name}: scribbles cover {100 * fraction:.3f}% of the voxels", ""]
         lines += _table(rows)

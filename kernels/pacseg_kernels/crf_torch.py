@@ -109,7 +109,16 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
     part = torch.empty((planes, h, w), dtype=dtype, device=device)
     message = torch.empty((k, planes, h, w), dtype=dtype, device=device)
     g_pad = torch.full((guide.shape[1], *padded), pac_torch.FAR_GUIDE, dtype=dtype, device=device)
-    probs = [torch.zeros((k, *padded), dtype=dtype, device=device) for _ in range(2)]
+    # Only the first K - 1 classes' probabilities are ever read (the last one's message is what
+    # the others leave), so only they are kept.
+    probs = [torch.zeros((k - 1, *padded), dtype=dtype, device=device) for _ in range(2)]
+    exps = torch.empty((k, planes, h, w), dtype=dtype, device=device)
+
+    def softmax_head(logits: torch.Tensor, dst: torch.Tensor) -> None:
+        """``dst`` ``(K - 1, nz, h, w)`` = the first K - 1 channels of softmax(logits, 0)."""
+        e = exps[:, : logits.shape[1]]
+        torch.sub(logits, logits.amax(0, keepdim=True), out=e).exp_()
+        torch.div(e[: k - 1], e.sum(0, keepdim=True), out=dst)
 
     def guide_weights(slot: int, z0: int, nz: int) -> None:
         den = rden[slot, :nz]
@@ -152,11 +161,14 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
         torch.sub(msg, 1, out=logits).mul_(compat).add_(unary[n, :, z0 : z0 + nz])
         if s < iterations:
             dst = probs[s % 2][:, z0 + reach[0] : z0 + reach[0] + nz, interior[1], interior[2]]
-            _softmax_into(logits[None], dst[None])
+            softmax_head(logits, dst)
 
     for n in range(n_img):
         g_pad[(slice(None), *interior)] = guide[n]
-        _softmax_into(unary[n][None], probs[0][(slice(None), *interior)][None])
+        for z0 in range(0, d, planes):
+            nz = min(planes, d - z0)
+            dst = probs[0][:, reach[0] + z0 : reach[0] + z0 + nz, interior[1], interior[2]]
+            softmax_head(unary[n, :, z0 : z0 + nz], dst)
         for j in range(n_slabs + (iterations - 1) * lag):
             if j < n_slabs:
                 z0 = j * planes

@@ -21,10 +21,12 @@ from .features import compute_features
 from .model import PacSegModel, RefineConfig, apply_range, intensity_range
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
-# memory stays under 4x the float32 image (benchmarks/bench_pipeline.py). The refinement holds
-# few channels per voxel, so its tiles are deeper, which shrinks the share of its halo.
+# memory stays under 4x the float32 image (benchmarks/bench_pipeline.py; 64-plane refinement
+# tiles took 4.3x: the mean field keeps its weights for a few planes of 77 taps).
 UNARY_TILE = (32, 128, 128)
-REFINE_TILE = (64, 128, 128)
+REFINE_TILE = (32, 128, 128)
+# Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
+REFINE_FULL_DEPTH = 64
 STAGES = ("features", "context", "head", "refine")
 
 
@@ -122,6 +124,13 @@ def unary_tile(shape, halo) -> tuple[int, int, int]:
     return (max(1, budget // plane), shape[1], shape[2])
 
 
+def refine_tile(shape) -> tuple[int, int, int]:
+    """Core tile of the refinement pass: ``REFINE_TILE``, but the whole depth for volumes at
+    most ``REFINE_FULL_DEPTH`` planes deep."""
+    depth = shape[0] if shape[0] <= REFINE_FULL_DEPTH else REFINE_TILE[0]
+    return (depth, *REFINE_TILE[1:])
+
+
 def _tiles(shape, tile, grid):
     """Core boxes of at most ``tile`` voxels per axis, origins on multiples of ``grid``."""
     tile = [max(grid, t - t % grid) for t in tile]
@@ -165,7 +174,7 @@ def segment(
     device : "auto", "cpu", "cuda", "cuda:1", ...; on a CUDA out-of-memory error the tile is
         retried smaller, then on the CPU, with a warning.
     tile_shape : core tile size (D, H, W) of both passes (default: ``unary_tile()`` for the
-        first, ``REFINE_TILE`` for the second).
+        first, ``refine_tile()`` for the second).
     progress : called as ``progress(done_tiles, total_tiles)`` over both passes.
     should_cancel : polled between tiles; True raises ``SegmentationCancelled``.
     return_probabilities : also return the ``(K, D, H, W)`` class probabilities.
@@ -206,7 +215,7 @@ def segment(
     timings = dict.fromkeys(STAGES, 0.0)
     halo = model.halo(spacing)
     unary_boxes = _tiles(shape, tile_shape or unary_tile(shape, halo), model.grid)
-    final_boxes = _tiles(shape, tile_shape or REFINE_TILE, 1)
+    final_boxes = _tiles(shape, tile_shape or refine_tile(shape), 1)
     runner.total = len(unary_boxes) + len(final_boxes)
     reach = _crf_reach(params, spacing)
 

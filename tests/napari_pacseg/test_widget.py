@@ -103,8 +103,9 @@ def test_full_run_outputs_layers_in_place_and_keeps_the_event_loop_turning(
     assert tuple(matte.contrast_limits) == (0.0, 1.0) and matte.blending == "additive"
     model = load_demo_model()
     expected = segment(sample.image[CROP], model, spacing=sample.spacing)
-    assert np.array_equal(labels.data, expected.labels)
-    assert np.allclose(matte.data, expected.matte, atol=1e-6)
+    # the run's worker thread sums with torch's default thread count, this thread with one
+    assert_same_labels(labels.data, expected.labels, expected.matte)
+    assert np.allclose(matte.data, expected.matte, atol=1e-5)
     assert 0.02 < (labels.data > 0).mean() < 0.9
 
     # a second run with other refinement writes into the same layers
@@ -115,7 +116,7 @@ def test_full_run_outputs_layers_in_place_and_keeps_the_event_loop_turning(
     assert len(viewer.layers) == n_layers
     assert viewer.layers["crop labels"] is labels
     unrefined = segment(sample.image[CROP], model, spacing=sample.spacing, refine=False)
-    assert np.array_equal(labels.data, unrefined.labels)
+    assert_same_labels(labels.data, unrefined.labels, unrefined.matte)
 
 
 def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
