@@ -5,7 +5,8 @@ then every tap is a strided view of the slabs. The adapting kernel ``K`` of one 
 into a tile-sized buffer, used, and overwritten by the next tap, so extra memory is a few tile
 buffers whatever the volume size.
 
-The same engine serves ``pac3d`` and the mean-field message of ``pac_crf3d``: a per-tap scale
+The same engine serves ``pac3d`` and, where ``crf_torch`` cannot keep the weights, the mean-field
+message of ``pac_crf3d``: a per-tap scale
 ``s_t`` multiplies ``K`` (``w = s_t * K``; a zero scale skips the tap), and with ``normalize`` the
 result is divided by ``sum_t w`` over the in-bounds taps (0 where that sum is 0).
 """

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 FEATURE_KINDS = ("gaussian", "gradient_magnitude", "laplacian", "hessian_eigenvalues")
 _PER_SCALE = {"gaussian": 1, "gradient_magnitude": 1, "laplacian": 1, "hessian_eigenvalues": 3}
 MAX_SIGMA_VOXELS = 64.0
-EIGEN_SLAB = 8  # z planes per step of the Hessian eigenvalues (bounds their temporaries)
+EIGEN_VOXELS = 1 << 16  # voxels per step of the Hessian eigenvalues (bounds their temporaries)
 
 
 @dataclass(frozen=True)
@@ -258,10 +258,11 @@ def compute_features(
                 put(d[2, 0, 0] + d[0, 2, 0] + d[0, 0, 2])
             else:  # in z slabs: the closed form's temporaries are a dozen volumes
                 entries = [d[o] for o in ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))]  # fmt: skip
-                for z in range(0, cropped_shape[0], EIGEN_SLAB):
-                    slab = [e[:, :, z : z + EIGEN_SLAB] for e in entries]
+                step = max(1, EIGEN_VOXELS // math.prod(cropped_shape[1:]))
+                for z in range(0, cropped_shape[0], step):
+                    slab = [e[:, :, z : z + step] for e in entries]
                     for i, ev in enumerate(symmetric_eigvals3(*slab)):
-                        out[:, j + i : j + i + 1, z : z + EIGEN_SLAB] = ev
+                        out[:, j + i : j + i + 1, z : z + step] = ev
                 j += 3
         del d
     return out.reshape(n, c * out.shape[1], *cropped_shape)
