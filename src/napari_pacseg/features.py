@@ -6,9 +6,10 @@ of a volume mean the same thing whatever its sampling.
 
 Derivatives are central differences of the Gaussian-smoothed image (the Gaussian convolved
 with ``[-1/2, 0, 1/2]`` or ``[1, -2, 1]`` per axis, a separable filter exact on polynomials up
-to degree 2). Measured on the sample's tiles: 5-7x fewer filter passes than one separable
-Gaussian-derivative filter per derivative, for the same segmentation quality
-(benchmarks/bench_quality.py).
+to degree 2): one smoothing per sigma instead of one Gaussian-derivative filter per derivative.
+Measured against the Gaussian-derivative bank it replaced (benchmarks/bench_quality.py, same
+scribbles): features of the sample 1.4 s -> 0.56 s, mean Dice of the refined result over the
+four benchmark volumes 0.904 -> 0.932.
 """
 
 from __future__ import annotations
