@@ -13,7 +13,8 @@ slab ``j`` overwrites step ``s - 2`` there, whose last reader (step ``s - 1`` on
 ``j + L``) ran earlier at the same wavefront position, since steps run in increasing order.
 
 When even one-plane slabs would need more memory than ``RING_BUDGET`` times the inputs and the
-output (very large planes), the steps recompute the weights instead (``pac_torch``).
+output (large planes with windows that reach 2+ planes in z, or many steps), every step
+recomputes the weights instead, tile by tile (``pac_torch``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _slab_planes(unary, guide, iterations, kernel, dilation) -> int | None:
     d, h, w = unary.shape[2:]
     planes = max(1, min(d, -(-SLAB_VOXELS // (h * w))))
     taps = math.prod(kernel)
-    budget = RING_BUDGET * unary[0].element_size() * (2 * unary[0].numel() + guide[0].numel())
+    budget = RING_BUDGET * unary.element_size() * (2 * unary[0].numel() + guide[0].numel())
     while True:
         if _ring_slabs(iterations, kernel, dilation, planes) * (taps + 2) * planes * h * w * unary.element_size() <= budget:  # fmt: skip
             return planes
@@ -87,6 +88,10 @@ def _windows(t: torch.Tensor, first: int, z: int, n_planes: int, kernel, dilatio
 
 
 def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, planes) -> None:
+    """The wavefront of the module docstring over slabs of ``planes`` planes; arguments as in
+    ``mean_field``. Per image: the padded guide, two ``(K - 1)``-channel padded probability
+    buffers, and the ring of weights ``(ring, kd, kh, kw, planes, H, W)`` with each slab's
+    ``1 / sum_t w`` and ``sum_t w > 0``."""
     n_img, k, d, h, w = unary.shape
     dtype, device = out.dtype, out.device
     reach = tuple((kk - 1) // 2 * dd for kk, dd in zip(kernel, dilation))
