@@ -9,8 +9,11 @@ made by the same generator with other seeds, every method is trained from the sa
 * RF (ilastik-style): scikit-image's ``multiscale_basic_features`` (intensity, edges, texture
   at sigmas 1..8 voxels) + scikit-learn's random forest (100 trees) on the scribbled voxels,
   the trainable-segmentation recipe of the scikit-image gallery.
-* APOC: its OpenCL random-forest ``PixelClassifier`` (feature set ``small_quick``), run in a
-  separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
+* APOC: its OpenCL random-forest ``PixelClassifier`` with its two fastest feature sets,
+  ``small_quick`` and ``small_dog_log`` (its richer sets took 10-50x longer on the sample for
+  no better Dice, one run each of ``apoc_worker.py`` on 2026-11-23: ``object_size_1_to_5_px``
+  0.847 in 51 s, ``object_size_5_to_10_px`` 0.675 in 138 s, against ``small_quick``'s 0.889 in
+  3.1 s; train + predict), run in a separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
 * ours: ``train()`` with the sample's demo settings, then ``segment()`` without and with the
   PAC-CRF refinement (model defaults).
 
@@ -48,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE_UM = 0.4  # one voxel in y and x: at 1 um every method but the RF scores > 0.98
 DEMO_FEATURES = FeatureSpec(sigmas=make_sample.DEMO_SIGMAS)
-APOC = "APOC PixelClassifier (small_quick)"
+APOC_SETS = ("small_quick", "small_dog_log")
+APOC = {name: f"APOC PixelClassifier ({name})" for name in APOC_SETS}
 RF = "RF, ilastik-style (skimage + sklearn)"
 OURS = "ours, PAC-CRF refined"
 UNREFINED = "ours, no refinement"
@@ -105,17 +109,21 @@ def run_rf(image, scribbles):
     return labels == 2, trained - start, time.perf_counter() - trained
 
 
-def run_apoc(python: str, image, scribbles, repeats: int):
+def run_apoc(python: str, image, scribbles, repeats: int) -> dict:
+    """Per APOC feature set: (labels == 2, median train s, median predict s)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, image=image, scribbles=scribbles)
         subprocess.run(
-            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), str(repeats), "small_quick"],
+            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), str(repeats), *APOC_SETS],
             check=True, capture_output=True,
         )  # fmt: skip
         out = np.load(dst)
-        train_s, predict_s = np.median(out["small_quick_times"], axis=0)
-        return out["small_quick_labels"] == 2, float(train_s), float(predict_s)
+        results = {}
+        for name in APOC_SETS:
+            train_s, predict_s = np.median(out[f"{name}_times"], axis=0)
+            results[name] = (out[f"{name}_labels"] == 2, float(train_s), float(predict_s))
+        return results
 
 
 def run_ours(image, scribbles, spacing, refine, repeats: int):
@@ -147,7 +155,8 @@ def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
     rows.append(("best global threshold (oracle)", best_threshold(image, truth), None, None, None))
     add(RF, *run_rf(image, scribbles))
     if apoc_python:
-        add(APOC, *run_apoc(apoc_python, image, scribbles, repeats))
+        for feature_set, result in run_apoc(apoc_python, image, scribbles, repeats).items():
+            add(APOC[feature_set], *result)
     for refine, label in ((False, UNREFINED), (True, OURS)):
         add(label, *run_ours(image, scribbles, spacing, refine, repeats))
     return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
@@ -165,7 +174,7 @@ def _ratios(results, methods) -> list[str]:
 
     lines = ["Ours vs each peer, same run, same scribbles (time: mean train + predict):", ""]
     for ours in (OURS, UNREFINED):
-        for peer in (p for p in (APOC, RF) if p in methods):
+        for peer in (p for p in (*APOC.values(), RF) if p in methods):
             ratio = end_to_end(peer) / end_to_end(ours)
             speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
             lines.append(
