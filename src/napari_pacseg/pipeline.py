@@ -112,18 +112,6 @@ def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
     )
 
 
-def unary_tile(shape, halo) -> tuple[int, int, int]:
-    """Core tile of the features-and-head pass for a volume of ``shape`` whose filters reach
-    ``halo`` voxels: slabs of whole planes when they fit ``UNARY_TILE``'s voxel count (with the
-    z halo's planes within 4 times it), since a tile's y and x halos cost filter passes while
-    its z halo only costs reading more planes; else ``UNARY_TILE``."""
-    budget = math.prod(UNARY_TILE)
-    plane = shape[1] * shape[2]
-    if plane > budget or (1 + 2 * halo[0]) * plane > 4 * budget:
-        return UNARY_TILE
-    return (max(1, budget // plane), shape[1], shape[2])
-
-
 def refine_tile(shape) -> tuple[int, int, int]:
     """Core tile of the refinement pass: ``REFINE_TILE``, but the whole depth for volumes at
     most ``REFINE_FULL_DEPTH`` planes deep."""
@@ -173,7 +161,7 @@ def segment(
     refine : True (model defaults), False, or a dict overriding ``RefineConfig`` fields.
     device : "auto", "cpu", "cuda", "cuda:1", ...; on a CUDA out-of-memory error the tile is
         retried smaller, then on the CPU, with a warning.
-    tile_shape : core tile size (D, H, W) of both passes (default: ``unary_tile()`` for the
+    tile_shape : core tile size (D, H, W) of both passes (default: ``UNARY_TILE`` for the
         first, ``refine_tile()`` for the second).
     progress : called as ``progress(done_tiles, total_tiles)`` over both passes.
     should_cancel : polled between tiles; True raises ``SegmentationCancelled``.
@@ -214,7 +202,7 @@ def segment(
     probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
     timings = dict.fromkeys(STAGES, 0.0)
     halo = model.halo(spacing)
-    unary_boxes = _tiles(shape, tile_shape or unary_tile(shape, halo), model.grid)
+    unary_boxes = _tiles(shape, tile_shape or UNARY_TILE, model.grid)
     final_boxes = _tiles(shape, tile_shape or refine_tile(shape), 1)
     runner.total = len(unary_boxes) + len(final_boxes)
     reach = _crf_reach(params, spacing)
