@@ -135,11 +135,10 @@ def _derivatives(s: torch.Tensor, wanted: set, spacing) -> dict:
     out = {}
     for order in wanted:
         axes = [a for a in range(3) for _ in range(order[a])]
-        unit = [0, 0, 0]
-        if not axes:
-            out[order] = s[..., inner, inner, inner].clone()
+        if not axes:  # the smoothed image itself (a view: callers copy it)
+            out[order] = s[..., inner, inner, inner]
         elif len(axes) == 1 or axes[0] == axes[1]:  # d/da or d2/da2
-            step = list(unit)
+            step = [0, 0, 0]
             step[axes[0]] = 1
             plus, minus = shifted(*step), shifted(*(-v for v in step))
             if len(axes) == 1:
