@@ -126,17 +126,20 @@ def run_apoc(python: str, image, scribbles, repeats: int) -> dict:
         return results
 
 
-def run_ours(image, scribbles, spacing, refine, repeats: int):
-    """Labels of the last of ``repeats`` train + segment runs, median train and segment times."""
-    times = []
+def run_ours(image, scribbles, spacing, repeats: int) -> dict:
+    """Per refinement setting (False, True): labels of the last of ``repeats`` runs of train()
+    then segment() both ways, the median train time (shared) and median segment time."""
+    train_times, predict_times, labels = [], {False: [], True: []}, {}
     for _ in range(repeats):
         start = time.perf_counter()
         model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
-        trained = time.perf_counter()
-        seg = segment(image, model, spacing=spacing, refine=refine)
-        times.append((trained - start, time.perf_counter() - trained))
-    train_s, predict_s = np.median(times, axis=0)
-    return seg.labels > 0, float(train_s), float(predict_s)
+        train_times.append(time.perf_counter() - start)
+        for refine in (False, True):
+            start = time.perf_counter()
+            labels[refine] = segment(image, model, spacing=spacing, refine=refine).labels > 0
+            predict_times[refine].append(time.perf_counter() - start)
+    train_s = float(np.median(train_times))
+    return {r: (labels[r], train_s, float(np.median(predict_times[r]))) for r in (False, True)}
 
 
 def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
@@ -157,8 +160,9 @@ def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
     if apoc_python:
         for feature_set, result in run_apoc(apoc_python, image, scribbles, repeats).items():
             add(APOC[feature_set], *result)
+    ours = run_ours(image, scribbles, spacing, repeats)
     for refine, label in ((False, UNREFINED), (True, OURS)):
-        add(label, *run_ours(image, scribbles, spacing, refine, repeats))
+        add(label, *ours[refine])
     return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
 
 
