@@ -12,13 +12,16 @@ Two probability buffers suffice (even steps in one, odd steps in the other): ste
 slab ``j`` overwrites step ``s - 2`` there, whose last reader (step ``s - 1`` on slab
 ``j + L``) ran earlier at the same wavefront position, since steps run in increasing order.
 
-When even one-plane slabs would need more memory than ``RING_BUDGET`` times the inputs and the
-output (large planes with windows that reach 2+ planes in z, or many steps), every step
-recomputes the weights instead, tile by tile (``pac_torch``).
+The wavefront runs over z when its weights fit ``RING_BUDGET`` times the inputs and the
+output, else over y (on ``(H, D, W)`` views of the same memory): a y plane is smaller than a
+z plane in volumes thinner than they are tall, such as refinement tiles with windows that
+reach 2+ planes in z. When neither fits (or many steps), every step recomputes the weights
+instead, tile by tile (``pac_torch``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +33,8 @@ from .pac_torch import PacGeometry
 RING_BUDGET = 2.0
 # Voxels per slab worth one torch call: planes smaller than this are grouped.
 SLAB_VOXELS = 1 << 14
+# Axes the wavefront may run over, in order of preference (0: z, 1: y).
+WAVEFRONT_AXES = (0, 1)
 
 
 def mean_field(
@@ -48,21 +53,49 @@ def mean_field(
     contiguous, all of one float dtype; ``scale`` the spatial tap weights in ``geo.taps()``
     order (0 for the centre).
     """
-    slab = _slab_planes(unary, guide, iterations, kernel, dilation)
-    if slab is None:
+    plan = wavefront_plan(unary, guide, iterations, kernel, dilation)
+    if plan is None:
         _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out)
-    else:
-        _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, slab)
+    elif plan[0] == 0:
+        _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1])
+    else:  # over y: the same maths on (N, C, H, D, W) views, taps reordered to match
+        order = (1, 0, 2)
+        scale_yzx = torch.tensor(scale).view(kernel).permute(order).flatten().tolist()
+        kernel, dilation = (tuple(t[i] for i in order) for t in (kernel, dilation))
+        unary, guide, out = (t.transpose(2, 3) for t in (unary, guide, out))
+        _wavefront(unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1])
 
 
-def _slab_planes(unary, guide, iterations, kernel, dilation) -> int | None:
-    """Planes per slab for the wavefront, or None when its weights would not fit the budget."""
-    d, h, w = unary.shape[2:]
+def wavefront_plan(unary, guide, iterations, kernel, dilation) -> tuple[int, int] | None:
+    """``(axis, planes)``: the wavefront's axis (0: z, 1: y) and planes per slab, or None when
+    its weights fit the budget along neither axis. z is tried first: its planes are
+    contiguous."""
+    budget = RING_BUDGET * unary.element_size() * (2 * unary[0].numel() + guide[0].numel())
+    for axis in WAVEFRONT_AXES:
+        order = (axis, 1 - axis, 2)
+        planes = _slab_planes(
+            tuple(unary.shape[2 + i] for i in order),
+            iterations,
+            tuple(kernel[i] for i in order),
+            tuple(dilation[i] for i in order),
+            budget / unary.element_size(),
+        )
+        if planes is not None:
+            return axis, planes
+    return None
+
+
+def _slab_planes(shape, iterations, kernel, dilation, budget) -> int | None:
+    """Planes per slab of a wavefront over the first axis of ``shape`` whose weights (and
+    their sums) take at most ``budget`` elements, or None."""
+    d, h, w = shape
     planes = max(1, min(d, -(-SLAB_VOXELS // (h * w))))
     taps = math.prod(kernel)
-    budget = RING_BUDGET * unary.element_size() * (2 * unary[0].numel() + guide[0].numel())
     while True:
-        if _ring_slabs(iterations, kernel, dilation, planes) * (taps + 2) * planes * h * w * unary.element_size() <= budget:  # fmt: skip
+        if (
+            _ring_slabs(iterations, kernel, dilation, planes) * (taps + 2) * planes * h * w
+            <= budget
+        ):
             return planes
         if planes == 1:
             return None
@@ -75,23 +108,65 @@ def _ring_slabs(iterations, kernel, dilation, planes) -> int:
     return (iterations - 1) * -(-reach // planes) + 1
 
 
-def _windows(t: torch.Tensor, first: int, z: int, n_planes: int, kernel, dilation, shape):
-    """``(kh, kw, n_planes, H, W)`` view of the padded ``(Dp, Hp, Wp)`` tensor ``t``: the
-    in-plane taps of the window row whose z offset index is ``first``, for output planes
-    ``z .. z + n_planes`` of an output of in-plane ``shape``."""
+def _windows(t: torch.Tensor, z: int, n_planes: int, kernel, dilation, shape):
+    """``(kd, kh, kw, n_planes, H, W)`` view of the padded ``(Dp, Hp, Wp)`` tensor ``t``: every
+    tap of the window, for output planes ``z .. z + n_planes`` of an output of in-plane
+    ``shape``."""
     sd, sh, sw = t.stride()
     return t.as_strided(
-        (kernel[1], kernel[2], n_planes, *shape),
-        (sh * dilation[1], sw * dilation[2], sd, sh, sw),
-        t.storage_offset() + (z + first * dilation[0]) * sd,
+        (*kernel, n_planes, *shape),
+        (sd * dilation[0], sh * dilation[1], sw * dilation[2], sd, sh, sw),
+        t.storage_offset() + z * sd,
     )
+
+
+class _SlabViews:
+    """Flat work buffers and, per slab thickness ``nz`` (the last slab may be thinner), the
+    views of them a slab uses, made once: at these sizes the wavefront is bound by the cost of
+    each torch call as much as by the arithmetic, so it issues one call per pass over all taps
+    and prepares every view it can."""
+
+    def __init__(self, ring, kernel, planes, plane_shape, k, n_guide, dtype, device):
+        new = functools.partial(torch.empty, dtype=dtype, device=device)
+        self.kernel, self.plane_shape, self.k = kernel, plane_shape, k
+        self.taps = math.prod(kernel)
+        size = planes * plane_shape[0] * plane_shape[1]
+        self.weights = new((ring, self.taps * size))
+        self.rden, self.has = new((ring, size)), new((ring, size))
+        self.products = new(self.taps * size)
+        self.message, self.exps = new(k * size), new(k * size)
+        self.squares = new(self.taps * size) if n_guide > 1 else None
+        self._cache: dict[int, dict] = {}
+
+    def __call__(self, nz: int) -> dict:
+        views = self._cache.get(nz)
+        if views is None:
+            n = nz * self.plane_shape[0] * self.plane_shape[1]
+            slab, taps = (nz, *self.plane_shape), (*self.kernel, nz, *self.plane_shape)
+            weights = [w[: self.taps * n] for w in self.weights]
+            message = self.message[: self.k * n]
+            views = self._cache[nz] = {
+                "weights": [w.view(self.taps, n) for w in weights],  # (T, n)
+                "weights_taps": [w.view(taps) for w in weights],  # (kd, kh, kw, nz, H, W)
+                "den": [r[:n] for r in self.rden],  # (n,)
+                "rden": [r[:n].view(slab) for r in self.rden],
+                "has": [h[:n].view(slab) for h in self.has],
+                "products": self.products[: self.taps * n].view(self.taps, n),
+                "products_taps": self.products[: self.taps * n].view(taps),
+                "message": message.view(self.k, *slab),
+                "message_rows": list(message.view(self.k, n)),
+                "exps": self.exps[: self.k * n].view(self.k, *slab),
+            }
+            if self.squares is not None:
+                views["squares_taps"] = self.squares[: self.taps * n].view(taps)
+        return views
 
 
 def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, planes) -> None:
     """The wavefront of the module docstring over slabs of ``planes`` planes; arguments as in
     ``mean_field``. Per image: the padded guide, two ``(K - 1)``-channel padded probability
-    buffers, and the ring of weights ``(ring, kd, kh, kw, planes, H, W)`` with each slab's
-    ``1 / sum_t w`` and ``sum_t w > 0``."""
+    buffers, and the ring of weights ``(ring, T, planes * H * W)`` (``T`` taps, in
+    ``geo.taps()`` order) with each slab's ``1 / sum_t w`` and ``sum_t w > 0``."""
     n_img, k, d, h, w = unary.shape
     dtype, device = out.dtype, out.device
     reach = tuple((kk - 1) // 2 * dd for kk, dd in zip(kernel, dilation))
@@ -100,80 +175,84 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
     lag = -(-reach[0] // planes)
     ring = _ring_slabs(iterations, kernel, dilation, planes)
     n_slabs = -(-d // planes)
-    kd, kh, kw = kernel
     floor, cut = pac_torch.exp_limits(dtype)
+    tiny = torch.finfo(dtype).tiny
     # log of the tap scale; -inf (a weight of exactly 0 after the cut) for the centre.
     log_scale = torch.tensor(
         [math.log(v) if v > 0 else -math.inf for v in scale], dtype=dtype, device=device
-    ).view(kd, kh, kw, 1, 1, 1)
-    weights = torch.empty((ring, kd, kh, kw, planes, h, w), dtype=dtype, device=device)
-    rden = torch.empty((ring, planes, h, w), dtype=dtype, device=device)
-    has = torch.empty((ring, planes, h, w), dtype=dtype, device=device)
-    diff = torch.empty((kh, kw, planes, h, w), dtype=dtype, device=device)
-    products = torch.empty((kh, kw, planes, h, w), dtype=dtype, device=device)
-    part = torch.empty((planes, h, w), dtype=dtype, device=device)
-    message = torch.empty((k, planes, h, w), dtype=dtype, device=device)
-    g_pad = torch.full((guide.shape[1], *padded), pac_torch.FAR_GUIDE, dtype=dtype, device=device)
+    ).view(-1, 1)
+    n_guide = guide.shape[1]
+    views = _SlabViews(ring, kernel, planes, (h, w), k, n_guide, dtype, device)
+    g_pad = torch.full((n_guide, *padded), pac_torch.FAR_GUIDE, dtype=dtype, device=device)
+    g_inner = g_pad[(slice(None), *interior)]
+    g_rows, g_centres = list(g_pad), list(g_inner)
     # Only the first K - 1 classes' probabilities are ever read (the last one's message is what
     # the others leave), so only they are kept.
     probs = [torch.zeros((k - 1, *padded), dtype=dtype, device=device) for _ in range(2)]
-    exps = torch.empty((k, planes, h, w), dtype=dtype, device=device)
+    prob_rows = [list(p) for p in probs]
+    prob_inner = [p[(slice(None), *interior)] for p in probs]
 
-    def softmax_head(logits: torch.Tensor, dst: torch.Tensor) -> None:
-        """``dst`` ``(K - 1, nz, h, w)`` = the first K - 1 channels of softmax(logits, 0)."""
-        e = exps[:, : logits.shape[1]]
-        torch.sub(logits, logits.amax(0, keepdim=True), out=e).exp_()
-        torch.div(e[: k - 1], e.sum(0, keepdim=True), out=dst)
+    def windows(t, z0, nz):
+        return _windows(t, z0, nz, kernel, dilation, (h, w))
+
+    def softmax_head(logits: torch.Tensor, dst: torch.Tensor, exps: torch.Tensor) -> None:
+        """``dst`` ``(K - 1, nz, H, W)`` = the first K - 1 channels of softmax(logits, 0)."""
+        torch.sub(logits, logits.amax(0, keepdim=True), out=exps).exp_()
+        torch.div(exps[: k - 1], exps.sum(0, keepdim=True), out=dst)
 
     def guide_weights(slot: int, z0: int, nz: int) -> None:
-        den = rden[slot, :nz]
-        for a in range(kd):
-            kern = weights[slot, a, :, :, :nz]
-            for f in range(g_pad.shape[0]):
-                taps = _windows(g_pad[f], a, z0, nz, kernel, dilation, (h, w))
-                centre = g_pad[f, z0 + reach[0] : z0 + reach[0] + nz, interior[1], interior[2]]
-                if f == 0:
-                    torch.sub(taps, centre, out=kern).square_()
-                else:
-                    torch.sub(taps, centre, out=diff[:, :, :nz]).square_()
-                    kern.add_(diff[:, :, :nz])
-            kern.mul_(-0.5).add_(log_scale[a]).clamp_(min=floor).exp_()
-            torch.nn.functional.threshold_(kern, cut, 0.0)
-            if a == 0:
-                torch.sum(kern, (0, 1), out=den)
-            else:
-                torch.sum(kern, (0, 1), out=part[:nz])
-                den.add_(part[:nz])
-        torch.gt(den, 0, out=has[slot, :nz])
-        den.masked_fill_(den == 0, 1.0).reciprocal_()
+        v = views(nz)
+        kern, kern_taps = v["weights"][slot], v["weights_taps"][slot]
+        for f in range(n_guide):
+            centre = g_centres[f].narrow(0, z0, nz)
+            target = kern_taps if f == 0 else v["squares_taps"]
+            torch.sub(windows(g_rows[f], z0, nz), centre, out=target)
+            if n_guide > 1:
+                target.square_()
+                if f > 0:
+                    kern_taps.add_(target)
+        if n_guide == 1:  # log_scale - d^2 / 2 in one pass
+            torch.addcmul(log_scale, kern, kern, value=-0.5, out=kern)
+        else:
+            torch.add(log_scale, kern, alpha=-0.5, out=kern)
+        kern.clamp_(min=floor).exp_()
+        torch.nn.functional.threshold_(kern, cut, 0.0)
+        den = v["den"][slot]
+        torch.sum(kern, 0, out=den)
+        torch.gt(den, 0, out=v["has"][slot].view(-1))
+        # The weights are 0 or >= cut > tiny, so the clamp only turns 0 into tiny: a voxel with
+        # no weight gets a finite 1 / sum that multiplies messages of exactly 0.
+        den.clamp_(min=tiny).reciprocal_()
 
-    def step(n: int, s: int, slot: int, z0: int, nz: int) -> None:
-        """Mean-field step ``s`` (1-based) of image ``n`` on output planes ``z0 .. z0 + nz``."""
-        src, msg = probs[(s - 1) % 2], message[:, :nz]
+    def step(s: int, slot: int, z0: int, nz: int, unary_n, out_n) -> None:
+        """Mean-field step ``s`` (1-based) on output planes ``z0 .. z0 + nz`` of one image."""
+        v = views(nz)
+        msg, rows = v["message"], v["message_rows"]
         for c in range(k - 1):  # the last class's message is what the others leave
-            for a in range(kd):
-                taps = _windows(src[c], a, z0, nz, kernel, dilation, (h, w))
-                torch.mul(taps, weights[slot, a, :, :, :nz], out=products[:, :, :nz])
-                if a == 0:
-                    torch.sum(products[:, :, :nz], (0, 1), out=msg[c])
-                else:
-                    torch.sum(products[:, :, :nz], (0, 1), out=part[:nz])
-                    msg[c].add_(part[:nz])
-        msg[: k - 1].mul_(rden[slot, :nz])
+            src = windows(prob_rows[(s - 1) % 2][c], z0, nz)
+            torch.mul(src, v["weights_taps"][slot], out=v["products_taps"])
+            torch.sum(v["products"], 0, out=rows[c])
+        head = msg[: k - 1]
+        head.mul_(v["rden"][slot])
         # sum_c M_c = 1 where a voxel has any weight (the probabilities sum to 1), else 0.
-        torch.sub(has[slot, :nz], msg[: k - 1].sum(0), out=msg[k - 1])
-        logits = out[n, :, z0 : z0 + nz]
-        torch.sub(msg, 1, out=logits).mul_(compat).add_(unary[n, :, z0 : z0 + nz])
+        if k == 2:
+            torch.sub(v["has"][slot], msg[0], out=msg[1])
+        else:
+            torch.sum(head, 0, out=msg[k - 1])
+            torch.sub(v["has"][slot], msg[k - 1], out=msg[k - 1])
+        logits = out_n.narrow(1, z0, nz)
+        torch.add(unary_n.narrow(1, z0, nz), msg.sub_(1), alpha=compat, out=logits)
         if s < iterations:
-            dst = probs[s % 2][:, z0 + reach[0] : z0 + reach[0] + nz, interior[1], interior[2]]
-            softmax_head(logits, dst)
+            softmax_head(logits, prob_inner[s % 2].narrow(1, z0, nz), v["exps"])
 
     for n in range(n_img):
-        g_pad[(slice(None), *interior)] = guide[n]
+        g_inner.copy_(guide[n])
+        unary_n, out_n = unary[n], out[n]
         for z0 in range(0, d, planes):
             nz = min(planes, d - z0)
-            dst = probs[0][:, reach[0] + z0 : reach[0] + z0 + nz, interior[1], interior[2]]
-            softmax_head(unary[n, :, z0 : z0 + nz], dst)
+            softmax_head(
+                unary_n.narrow(1, z0, nz), prob_inner[0].narrow(1, z0, nz), views(nz)["exps"]
+            )
         for j in range(n_slabs + (iterations - 1) * lag):
             if j < n_slabs:
                 z0 = j * planes
@@ -182,7 +261,7 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
                 slab = j - (s - 1) * lag
                 if 0 <= slab < n_slabs:
                     z0 = slab * planes
-                    step(n, s, slab % ring, z0, min(planes, d - z0))
+                    step(s, slab % ring, z0, min(planes, d - z0), unary_n, out_n)
 
 
 def _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out) -> None:

@@ -28,22 +28,28 @@ def _tensors(case, gen, dtype=torch.float32):
     return unary, guide
 
 
-# How the torch path runs the steps: the wavefront that keeps the weights (slabs of one plane,
-# of two planes with a shorter last slab, of the whole volume), or the steps recomputing them
-# (with pac_torch's default tiles, or tiny ones).
+# How the torch path runs the steps: the wavefront that keeps the weights, over z or over y
+# (slabs of one plane, of two planes with a shorter last slab where the axis is odd, of the
+# whole volume), or the steps recomputing them (with pac_torch's default tiles, or tiny ones).
+Z, Y = dict(WAVEFRONT_AXES=(0,)), dict(WAVEFRONT_AXES=(1,))
 ENGINES = {
-    "wavefront-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1),
-    "wavefront-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS=None),
-    "wavefront-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30),
+    "wavefront-z-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Z),
+    "wavefront-z-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Z),
+    "wavefront-z-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Z),
+    "wavefront-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y),
+    "wavefront-y-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Y),
+    "wavefront-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y),
     "recompute": dict(RING_BUDGET=0.0),
     "recompute-tile29": dict(RING_BUDGET=0.0, TILE_VOXELS=29),
 }
 
 
 def use_engine(name: str, spatial, monkeypatch) -> None:
-    for attr, value in ENGINES[name].items():
-        if attr == "SLAB_VOXELS" and value is None:
-            value = 2 * spatial[1] * spatial[2]
+    engine = ENGINES[name]
+    for attr, value in engine.items():
+        if value == "two planes":
+            d, h, w = spatial
+            value = 2 * (d if engine["WAVEFRONT_AXES"] == (1,) else h) * w
         module = pac_torch if attr == "TILE_VOXELS" else crf_torch
         monkeypatch.setattr(module, attr, value)
 
@@ -77,7 +83,7 @@ def test_zero_iterations_returns_unary():
     assert torch.equal(pac_crf3d(unary, guide, iterations=0), unary)
 
 
-@pytest.mark.parametrize("engine", ["wavefront-1", "recompute"])
+@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-1", "recompute"])
 def test_isolated_voxels_keep_their_unary(engine, monkeypatch):
     """A voxel whose guide is far from all neighbours gets no message: its probabilities stay."""
     use_engine(engine, (5, 5, 5), monkeypatch)

@@ -236,18 +236,19 @@ def test_intensity_range_is_checked(trained):
         segment(image, model, intensity_range=([0], [float("nan")]))
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 0.4, 0.4), (1.0, 1.0, 1.0)])
 @pytest.mark.parametrize("shape", [(256, 256, 256), (64, 256, 256)])
-def test_default_refinement_tiles_keep_their_weights(shape):
-    """The mean field of a default refinement tile (anisotropic sample spacing) runs as the
-    wavefront that computes its weights once, not the path that recomputes them every step."""
+def test_default_refinement_tiles_keep_their_weights(shape, spacing):
+    """The mean field of a default refinement tile (anisotropic sample spacing: 3x5x5 windows,
+    isotropic: 5x5x5) runs as a wavefront that computes its weights once, not as the path that
+    recomputes them every step."""
     from pacseg_kernels import crf_torch
 
     refine = RefineConfig()
-    spacing = (1.0, 0.4, 0.4)
     kernel, _ = refine.window(spacing)
     reach = pipeline._crf_reach(refine, spacing)
     tile = pipeline.refine_tile(shape)
     ext = [min(n, t + 2 * r) for n, t, r in zip(shape, tile, reach)]
     unary, guide = torch.empty(1, 2, *ext), torch.empty(1, 1, *ext)
-    planes = crf_torch._slab_planes(unary, guide, refine.iterations, kernel, (1, 1, 1))
-    assert planes is not None
+    plan = crf_torch.wavefront_plan(unary, guide, refine.iterations, kernel, (1, 1, 1))
+    assert plan is not None
