@@ -60,7 +60,9 @@ def mean_field(
         _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1])
     else:  # over y: the same maths on (N, C, H, D, W) views, taps reordered to match
         order = (1, 0, 2)
-        scale_yzx = torch.tensor(scale).view(kernel).permute(order).flatten().tolist()
+        scale_yzx = (
+            torch.tensor(scale, dtype=torch.float64).view(kernel).permute(order).flatten().tolist()
+        )
         kernel, dilation = (tuple(t[i] for i in order) for t in (kernel, dilation))
         unary, guide, out = (t.transpose(2, 3) for t in (unary, guide, out))
         _wavefront(unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1])

@@ -124,7 +124,9 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (unary, guide))
 
 
-def test_module_and_float64():
+@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-2", "recompute"])
+def test_module_and_float64(engine, monkeypatch):
+    use_engine(engine, CASES[1][3], monkeypatch)
     unary, guide = _tensors(CASES[1], torch.Generator().manual_seed(1), torch.float64)
     layer = PacCRF3d(
         iterations=3, kernel_size=(1, 5, 3), dilation=(1, 1, 2), compat=2.5, spatial_sigma=1.5
