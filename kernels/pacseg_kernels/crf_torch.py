@@ -165,10 +165,12 @@ class _SlabViews:
 
 
 def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, planes) -> None:
-    """The wavefront of the module docstring over slabs of ``planes`` planes; arguments as in
-    ``mean_field``. Per image: the padded guide, two ``(K - 1)``-channel padded probability
-    buffers, and the ring of weights ``(ring, T, planes * H * W)`` (``T`` taps, in
-    ``geo.taps()`` order) with each slab's ``1 / sum_t w`` and ``sum_t w > 0``."""
+    """The wavefront of the module docstring over slabs of ``planes`` planes of the first
+    spatial axis; arguments as in ``mean_field``, but ``unary``, ``guide`` and ``out`` may be
+    strided views (the y wavefront passes transposed ones). Per image: the padded guide, two
+    ``(K - 1)``-channel padded probability buffers, and the ring of weights
+    ``(ring, T, planes * H * W)`` (``T`` taps, in ``geo.taps()`` order) with each slab's
+    ``1 / sum_t w`` and ``sum_t w > 0``."""
     n_img, k, d, h, w = unary.shape
     dtype, device = out.dtype, out.device
     reach = tuple((kk - 1) // 2 * dd for kk, dd in zip(kernel, dilation))
