@@ -153,6 +153,7 @@ class _SlabViews:
                 "den": [r[:n] for r in self.rden],  # (n,)
                 "rden": [r[:n].view(slab) for r in self.rden],
                 "has": [h[:n].view(slab) for h in self.has],
+                "has_flat": [h[:n] for h in self.has],  # (n,)
                 "products": self.products[: self.taps * n].view(self.taps, n),
                 "products_taps": self.products[: self.taps * n].view(taps),
                 "message": message.view(self.k, *slab),
@@ -223,7 +224,7 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
         torch.nn.functional.threshold_(kern, cut, 0.0)
         den = v["den"][slot]
         torch.sum(kern, 0, out=den)
-        torch.gt(den, 0, out=v["has"][slot].view(-1))
+        torch.gt(den, 0, out=v["has_flat"][slot])
         # The weights are 0 or >= cut > tiny, so the clamp only turns 0 into tiny: a voxel with
         # no weight gets a finite 1 / sum that multiplies messages of exactly 0.
         den.clamp_(min=tiny).reciprocal_()

@@ -156,9 +156,9 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
             continue
         # Only the scribbles' bounding box in this tile needs features: strokes lie in a few
         # planes, so this is often 100x fewer voxels than the tile (plus its halo).
-        hit = np.nonzero(tile_marks)
-        box = tuple((a + int(w.min()), a + int(w.max()) + 1) for (a, _), w in zip(box, hit))
-        tile_marks = marks[tuple(slice(a, b) for a, b in box)]
+        hit = [(int(w.min()), int(w.max()) + 1) for w in np.nonzero(tile_marks)]
+        tile_marks = tile_marks[tuple(slice(lo, hi) for lo, hi in hit)]
+        box = tuple((a + lo, a + hi) for (a, _), (lo, hi) in zip(box, hit))
         ext, core = extend_box(box, halo, marks.shape)
         region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
         region = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
