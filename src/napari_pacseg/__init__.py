@@ -9,7 +9,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .features import FeatureSpec, compute_features
 from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
-from .model_io import ModelFileError, import_torch_mlp, load_model, save_model
+from .model_io import (
+    ModelFileError,
+    ModelFileWarning,
+    import_torch_mlp,
+    load_model,
+    save_model,
+)
 from .pipeline import (
     Segmentation,
     SegmentationCancelled,
@@ -26,6 +32,7 @@ __all__ = [
     "HeadConfig",
     "ModelConfig",
     "ModelFileError",
+    "ModelFileWarning",
     "PacSegModel",
     "RefineConfig",
     "Segmentation",

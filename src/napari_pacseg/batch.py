@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_spacing
 from .model import PacSegModel
 from .model_io import config_from_dict, config_to_dict, load_model
 from .pipeline import (
-    check_spacing,
     extend_box,
     receptive_field,
     refine_params,
@@ -47,12 +47,16 @@ from .volume_io import (
     INSTALL_HINT,
     Layout,
     Volume,
+    VolumeError,
+    describe_bad_chunk,
     is_zarr_path,
     layout_from_axes,
     move_into_place,
     open_zarr,
+    read_region,
     read_volume,
     remove,
+    remove_stale_temporaries,
     stem,
     temporary_sibling,
     volume_kind,
@@ -139,6 +143,7 @@ class _ChunkJob:
     labels_path: str
     matte_path: str | None
     read_here: bool  # source is the zarr array to read ``ext`` from, else the region itself
+    source_name: str  # the input, for messages
 
 
 def _segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
@@ -146,7 +151,11 @@ def _segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
     zarr array (the region is read here) or the region itself, ``(C, d, h, w)``."""
     import zarr
 
-    region = job.layout.region(source, job.ext) if job.read_here else np.asarray(source)
+    region = (
+        read_region(source, job.layout, job.ext, job.source_name)
+        if job.read_here
+        else np.asarray(source)
+    )
     seg = segment(
         region,
         _model_from(job.model),
@@ -264,9 +273,41 @@ def _scheduler(scheduler, workers):
 def _resolve_spacing(spacing, volume, model) -> tuple[tuple[float, float, float], str]:
     if spacing is not None:
         return check_spacing(spacing, None), "argument"
+    if volume is not None and volume.spacing_problem:
+        raise VolumeError(
+            f"{volume.path}: {volume.spacing_problem}; give the voxel size (--spacing Z Y X, or "
+            "spacing=...)"
+        )
     if volume is not None and volume.spacing is not None:
         return volume.spacing, volume.spacing_source
     return check_spacing(None, model.config.spacing), "model"
+
+
+def source_paths(source) -> list[Path]:
+    """The files or folders on this machine that ``source`` reads from: a path, a ``Volume``, a
+    ``zarr.Array`` (its store's folder + the array's path), a ``np.memmap``, or a dask array
+    (the zarr arrays and memmaps its graph holds). Empty for in-memory data."""
+    if isinstance(source, (str, os.PathLike)):
+        return [Path(source)]
+    if isinstance(source, Volume):
+        return [source.path]
+    if isinstance(source, np.memmap):
+        return [Path(source.filename)] if source.filename else []
+    graph = getattr(source, "__dask_graph__", None)
+    if callable(graph):
+        found: list[Path] = []
+        for value in dict(graph()).values():  # from_array / from_zarr keep the array as a value
+            value = getattr(value, "value", value)  # dask's DataNode wrapper
+            if not callable(getattr(value, "__dask_graph__", None)):
+                found += source_paths(value)
+        return found
+    store = getattr(source, "store", None)
+    if store is not None and hasattr(source, "shape"):  # a zarr.Array (v2 or v3)
+        root = getattr(store, "root", None) or getattr(store, "path", None)
+        if not isinstance(root, (str, os.PathLike)) or "://" in str(root):
+            return []  # in memory, or a remote store
+        return [Path(root) / str(getattr(source, "path", "") or "")]
+    return []
 
 
 def check_not_input(output, inputs) -> None:
@@ -339,9 +380,9 @@ def segment_zarr(
     start = time.perf_counter()
     raw, layout, volume, readable = _open_source(source, channel_axis)
     outputs = [Path(p) for p in (labels_out, matte_out) if p is not None]
-    if volume is not None:
-        for out in outputs:
-            check_not_input(out, [volume.path])
+    inputs = source_paths(volume if volume is not None else raw)
+    for out in outputs:  # also with overwrite=True: an input is never replaced
+        check_not_input(out, inputs)
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ValueError("labels_out and matte_out must be different paths")
     for out in outputs:
@@ -358,6 +399,8 @@ def segment_zarr(
     chunks = _check_chunks(chunks, shape[1:], model.grid)
     halo = receptive_field(model, spacing, refine)
     kind, client, owned = _scheduler(scheduler, workers)
+    for out in outputs:
+        remove_stale_temporaries(out)
     tmps = [temporary_sibling(p) for p in outputs]
     futures = []
     try:
@@ -366,8 +409,16 @@ def segment_zarr(
             dask.array.from_array(raw, chunks=raw.chunks) if readable else dask.array.asarray(raw)
         )
         view = layout.arrange(view[layout.selection([(0, n) for n in shape[1:]])])
-        with dask.config.set(scheduler=client):
-            lo, hi = volume_intensity_range(view)
+        try:
+            with dask.config.set(scheduler=client):
+                lo, hi = volume_intensity_range(view)
+        except (MemoryError, KeyboardInterrupt, ValueError):  # ValueError: values out of range
+            raise
+        except Exception as err:  # a damaged chunk: name it and the file
+            where = str(getattr(volume, "path", "the source"))
+            raise VolumeError(
+                f"{where}: {describe_bad_chunk(raw, (slice(None),) * raw.ndim, err)}"
+            ) from err
         rng = (lo.flatten().tolist(), hi.flatten().tolist())
         t_range = time.perf_counter() - t0
         attrs = {"spacing": list(spacing), "source": str(getattr(volume, "path", "array"))}
@@ -385,7 +436,7 @@ def segment_zarr(
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
                             None if tile_shape is None else tuple(tile_shape), rng,
                             str(tmps[0]), str(tmps[1]) if len(tmps) > 1 else None,
-                            readable)  # fmt: skip
+                            readable, str(getattr(volume, "path", "source")))  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
         token = payload.digest[:8] + os.urandom(4).hex()
@@ -500,35 +551,71 @@ def output_paths(path, outdir) -> dict[str, Path]:
     }
 
 
+OUTPUT_KINDS = ("_labels", "_matte", "_instances")
+
+
+def read_record(path) -> dict | None:
+    """A ``<stem>_pacseg.json`` record of ours as a dict, or None when ``path`` is missing, not
+    JSON, or not a record written by pacseg."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None
+    if not isinstance(record.get("input"), str) or not isinstance(record.get("outputs"), dict):
+        return None
+    return record
+
+
 def _is_output(path: Path) -> bool:
-    """A ``*_labels.*`` / ``*_matte.*`` file with its ``*_pacseg.json`` record beside it."""
+    """A ``*_labels.*`` / ``*_matte.*`` / ``*_instances.*`` name that the ``*_pacseg.json``
+    record beside it lists as an output (complete or not)."""
     name = stem(path)
-    for suffix in ("_labels", "_matte"):
+    for suffix in OUTPUT_KINDS:
         if name.endswith(suffix):
-            return (path.parent / f"{name[: -len(suffix)]}_pacseg.json").exists()
+            record = read_record(path.parent / f"{name[: -len(suffix)]}_pacseg.json")
+            return record is not None and path.name in record["outputs"].values()
     return False
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that is False for a symlink loop or an unreadable path, not an error."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def expand_inputs(inputs) -> list[tuple[Path, str]]:
     """Files, zarr folders, plain folders (their volumes, not recursive, skipping hidden names
     and this tool's outputs) and glob patterns -> ``[(path, problem)]`` in order, without
-    repeats; ``problem`` is "" or why the entry cannot be segmented."""
+    repeats; ``problem`` is "" or why the entry cannot be segmented.
+
+    What a folder or a pattern finds is not taken as an input when it is a pacseg output: one
+    that a record lists, or one named as an output of another volume found (``x_labels.npy``
+    beside ``x.npy``), so a run whose output folder is its input folder resumes cleanly."""
     entries: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
-        if not path.exists() and GLOB_CHARS & set(str(item)):
+        if not _exists(path) and GLOB_CHARS & set(str(item)):
             matches = [Path(m) for m in sorted(glob.glob(str(item)))]
-            matches = [m for m in matches if volume_kind(m) and not _is_output(m)]
-            entries += [(m, "") for m in matches] or [(path, "the pattern matches no volume")]
-        elif path.is_dir() and not is_zarr_path(path):
-            found = [
-                c for c in sorted(path.iterdir())
-                if not c.name.startswith(".") and volume_kind(c) and not _is_output(c)
-            ]  # fmt: skip
+            found = _volumes(matches)
+            entries += [(m, "") for m in found] or [(path, "the pattern matches no volume")]
+        elif path.is_symlink() and not _exists(path):
+            entries.append((path, "a broken symbolic link (or a link loop)"))
+        elif _exists(path) and path.is_dir() and not is_zarr_path(path):
+            try:
+                children = sorted(path.iterdir())
+            except OSError as err:
+                entries.append((path, f"cannot list the folder ({err.strerror or err})"))
+                continue
+            found = _volumes([c for c in children if not c.name.startswith(".")])
             entries += [(c, "") for c in found] or [
                 (path, "the folder holds no TIFF, NPY or zarr volume")
             ]
-        elif not path.exists():
+        elif not _exists(path):
             entries.append((path, "no such file or folder"))
         elif volume_kind(path) is None:
             entries.append(
@@ -538,11 +625,31 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
             entries.append((path, ""))
     seen, unique = set(), []
     for path, problem in entries:
-        key = path.resolve()
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            key, problem = path.absolute(), problem or "a symbolic link loop"
         if key not in seen:
             seen.add(key)
             unique.append((path, problem))
     return unique
+
+
+def _volumes(paths) -> list[Path]:
+    """The volumes among ``paths`` that are not outputs of pacseg or of one another."""
+    found = []
+    for p in paths:
+        try:
+            if _exists(p) and volume_kind(p) and not _is_output(p):
+                found.append(p)
+        except OSError:  # unreadable, or a link loop inside the folder
+            continue
+    names = {
+        (p.parent, f"{stem(p)}{kind}{OUTPUT_SUFFIX.get(volume_kind(p) or 'tiff', '.tif')}")
+        for p in found
+        for kind in OUTPUT_KINDS
+    }
+    return [p for p in found if (p.parent, p.name) not in names]
 
 
 def _check_outputs(entries, outdir) -> None:
@@ -623,7 +730,17 @@ def iter_segment_files(
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"output folder {outdir} is a file; give a folder")
     _check_outputs(entries, outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the output folder {outdir} ({err.strerror or err}); give a folder "
+            "you can write to"
+        ) from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output folder {outdir} is not writable; give a folder you can write to"
+        )
     common = {
         "refine": False if params is None else dataclasses.asdict(params),
         "channel_axis": channel_axis,
@@ -709,8 +826,13 @@ class _FileRun:
         if problem:
             return FileResult(path, "failed", problem)
         record = paths["record"]
-        if record.exists() and not self.overwrite:
+        old = read_record(record) if _exists(record) else None
+        ours = old is not None and old["input"] == str(path.resolve())
+        if ours and old.get("status", "complete") == "complete" and not self.overwrite:
             return FileResult(path, "skipped", self._skip_reason(record), record=record)
+        clash = self._foreign_output(paths, old if ours else None)
+        if clash:
+            return FileResult(path, "failed", clash)
 
         def tiles(done, total):
             if self.progress is not None:
@@ -718,21 +840,53 @@ class _FileRun:
 
         tiles(0, 0)
         started = _now()
+        head = {"format": RECORD_FORMAT, "version": 2, "input": str(path.resolve()),
+                "outputs": {k: paths[k].name for k in ("labels", "matte")}}  # fmt: skip
+        complete = False
         try:
-            remove(record)  # first: from here on, the outputs are incomplete until it is back
+            # First a record that claims the outputs as ours but incomplete: a run killed while
+            # writing them leaves it, so the rerun knows it may replace them.
+            write_json(record, {**head, "status": "incomplete", "started": started})
             details = self._segment(path, paths, tiles)
             write_json(record, {
-                "format": RECORD_FORMAT, "version": 1, "input": str(path.resolve()),
-                "outputs": {k: paths[k].name for k in ("labels", "matte")},
-                "model": self.model_info, "parameters": {**self.common, **details.pop("parameters")},
+                **head, "status": "complete", "model": self.model_info,
+                "parameters": {**self.common, **details.pop("parameters")},
                 **details, "versions": versions(), "started": started, "finished": _now(),
             })  # fmt: skip
+            complete = True
         except Exception as err:
             message = _one_line(err).removeprefix(f"{path}: ")
             return FileResult(path, "failed", message, seconds=time.perf_counter() - start)
+        finally:
+            if not complete and not any(_exists(paths[k]) for k in ("labels", "matte")):
+                remove(record)  # nothing of ours to claim: leave the folder as it was
         seconds = time.perf_counter() - start
         return FileResult(path, "done", f"done in {seconds:.1f} s",
                           (paths["labels"], paths["matte"]), record, seconds)  # fmt: skip
+
+    def _foreign_output(self, paths: dict[str, Path], record: dict | None) -> str:
+        """Why an existing file at one of the output paths may not be replaced ("" if none):
+        only pacseg's own earlier output of this input (its record lists it) is, or anything
+        with ``overwrite``."""
+        if self.overwrite:
+            return ""
+        owned = set(record["outputs"].values()) if record is not None else set()
+        for what in ("record", "labels", "matte"):
+            out = paths[what]
+            if not (_exists(out) or out.is_symlink()):
+                continue
+            if what == "record" and record is None:
+                return (
+                    f"{out} exists but is not pacseg's record of this input; it is left as it is: "
+                    "move it away, pass --overwrite to replace it, or choose another output folder"
+                )
+            if what != "record" and out.name not in owned:
+                return (
+                    f"the {what} output {out} exists and was not written by pacseg for this "
+                    "input; it is left as it is: move it away, pass --overwrite to replace it, "
+                    "or choose another output folder"
+                )
+        return ""
 
     def _skip_reason(self, record: Path) -> str:
         try:

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
@@ -72,7 +73,7 @@ class ProgressBar:
     def print(self, text: str, err: bool = False) -> None:
         """A line of its own (the bar is cleared first)."""
         self.clear()
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        print(printable(text), file=sys.stderr if err else sys.stdout, flush=True)
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -82,9 +83,11 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {_clip(text)}"
+        ) from None
+    if not 1 <= value <= 1 << 31:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_clip(text)}")
     return value
 
 
@@ -92,18 +95,65 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {_clip(text)}") from None
+    if not (math.isfinite(value) and 0 < value < 1e12):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {_clip(text)}")
     return value
 
 
-def _sigma_or_none(text: str):
-    return None if text.lower() == "none" else _positive_float(text)
+REFINE_HELP = {
+    "iterations": "mean-field iterations",
+    "kernel_size": "odd window size along the finest axis",
+    "dilation": "window dilation",
+    "compat": "Potts compatibility weight",
+    "spatial_sigma": "spatial falloff in voxels of the finest axis",
+    "guide_sigma": "intensity similarity scale",
+    "temperature": "logit temperature",
+}
+
+
+def _in_range(name: str):
+    """argparse type of a refinement option: a number in ``REFINE_RANGES[name]``."""
+    from .model import REFINE_RANGES
+
+    low, high = REFINE_RANGES[name]
+    integer = isinstance(low, int)
+
+    def parse(text: str):
+        if name == "spatial_sigma" and text.lower() == "none":
+            return None
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {_clip(text)}") from None
+        if not (low <= value <= high) or (name == "kernel_size" and value % 2 == 0):
+            odd = "an odd integer" if name == "kernel_size" else "a value"
+            raise argparse.ArgumentTypeError(
+                f"expected {odd} in [{low:g}, {high:g}], got {_clip(text)}"
+            )
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    text = repr(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line (with where to find the usage)."""
+
+    def error(self, message: str):
+        self.exit(
+            USAGE_ERROR, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pacseg",
         description="napari-pacseg without napari: segment folders of volumes and zarr volumes "
         "larger than memory (optionally on a dask cluster), train a model, inspect one.",
@@ -130,32 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref = seg.add_argument_group("refinement (defaults: the model's; see pacseg info MODEL)")
     ref.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                      help="PAC-CRF refinement (default: on)")  # fmt: skip
-    ref.add_argument(
-        "--iterations", type=int, default=argparse.SUPPRESS, help="mean-field iterations (0-50)"
-    )
-    ref.add_argument(
-        "--kernel-size",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="odd window size along the finest axis",
-    )
-    ref.add_argument(
-        "--dilation", type=int, default=argparse.SUPPRESS, help="window dilation (1-8)"
-    )
-    ref.add_argument(
-        "--compat", type=float, default=argparse.SUPPRESS, help="Potts compatibility weight"
-    )
-    ref.add_argument("--spatial-sigma", type=_sigma_or_none, default=argparse.SUPPRESS, metavar="SIGMA|none",
-                     help="spatial falloff in voxels of the finest axis, or none")  # fmt: skip
-    ref.add_argument(
-        "--guide-sigma",
-        type=_positive_float,
-        default=argparse.SUPPRESS,
-        help="intensity similarity scale",
-    )
-    ref.add_argument(
-        "--temperature", type=_positive_float, default=argparse.SUPPRESS, help="logit temperature"
-    )
+    from .model import REFINE_RANGES
+
+    for name, text in REFINE_HELP.items():
+        low, high = REFINE_RANGES[name]
+        extra = ", or none" if name == "spatial_sigma" else ""
+        ref.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_in_range(name),
+            default=argparse.SUPPRESS,
+            metavar="N" if isinstance(low, int) else "X",
+            help=f"{text} ({low:g}-{high:g}{extra})",
+        )
     run = seg.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--tile", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
@@ -212,16 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run ``pacseg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # names a terminal cannot show are escaped, not fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage errors (2), --help and --version (0)
         return int(exit_.code or 0)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.handler(args)
     except UsageError as err:
-        print(f"pacseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"pacseg {args.command}: error: {printable(str(err))}", file=sys.stderr)
         return USAGE_ERROR
+    except (ValueError, TypeError, OSError) as err:  # a user error no handler anticipated
+        print(f"pacseg {args.command}: error: {printable(_flat(err))}", file=sys.stderr)
+        return FAILED
+    except MemoryError:
+        print(
+            f"pacseg {args.command}: error: out of memory; use smaller --tile or --chunks, or "
+            "convert the volume to zarr",
+            file=sys.stderr,
+        )
+        return FAILED
     except KeyboardInterrupt:
         print(
             f"\npacseg {args.command}: interrupted; finished outputs are kept and the partial one "
@@ -231,24 +282,38 @@ def main(argv=None) -> int:
         return INTERRUPTED
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (an old model file without a checksum, ...) as one line, not Python's format."""
+    print(f"pacseg: warning: {printable(_flat(message))}", file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences, newlines) and unpaired
+    surrogates shown as escapes, so a name in a file can never drive the terminal."""
+    return "".join(
+        c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in text
+    )
+
+
+def _flat(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 # --- commands -------------------------------------------------------------------------------------
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from .checks import resolve_device
 
     try:
-        dev = torch.device("cpu" if device == "auto" else device)
-    except RuntimeError as err:
-        raise UsageError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+        resolve_device(device)
+    except ValueError as err:
+        raise UsageError(f"--device: {err}") from None
 
 
 def _refine_option(args):
-    names = ("iterations", "kernel_size", "dilation", "compat", "spatial_sigma", "guide_sigma",
-             "temperature")  # fmt: skip
-    given = {n: getattr(args, n) for n in names if hasattr(args, n)}  # SUPPRESS: only given
+    given = {n: getattr(args, n) for n in REFINE_HELP if hasattr(args, n)}  # SUPPRESS: only given
     if not args.refine:
         if given:
             opts = ", ".join("--" + n.replace("_", "-") for n in given)
@@ -265,13 +330,14 @@ def _cmd_segment(args) -> int:
 
     _check_device(args.device)
     refine = _refine_option(args)
-    try:
-        from .model_io import load_model
+    from .model_io import load_model
 
+    try:
         model = load_model(args.model)
-        refine_params(model, refine)
-    except ModelFileError as err:
+    except (ModelFileError, OSError) as err:
         raise UsageError(str(err)) from None
+    try:
+        refine_params(model, refine)
     except ValueError as err:
         raise UsageError(f"refinement options: {err}") from None
     bar = ProgressBar(quiet=args.quiet)
@@ -365,6 +431,10 @@ def model_summary(model, path: Path) -> dict:
     from .model_io import config_to_dict
     from .pipeline import receptive_field
 
+    try:
+        refined = list(receptive_field(model))
+    except ValueError as err:  # default refinement over the work limits: say so, still describe
+        refined = f"not usable: {err}"
     return {
         "path": str(path),
         "sha256": sha256_file(path),
@@ -372,10 +442,14 @@ def model_summary(model, path: Path) -> dict:
         "n_features": model.config.n_features,
         "grid": model.grid,
         "receptive_field": {
-            "refined": list(receptive_field(model)),
+            "refined": refined,
             "unrefined": list(receptive_field(model, refine=False)),
         },
     }
+
+
+def _halo_text(halo) -> str:
+    return halo if isinstance(halo, str) else f"{tuple(halo)} voxels (z, y, x)"
 
 
 def _cmd_info(args) -> int:
@@ -384,7 +458,7 @@ def _cmd_info(args) -> int:
     try:
         model = load_model(args.model)
     except ModelFileError as err:
-        print(f"pacseg info: failed: {err}", file=sys.stderr)
+        print(f"pacseg info: failed: {printable(str(err))}", file=sys.stderr)
         return FAILED
     info = model_summary(model, args.model)
     if args.json:
@@ -404,11 +478,11 @@ def _cmd_info(args) -> int:
         f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
         "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
         f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
-        f"halo         {tuple(info['receptive_field']['refined'])} voxels (z, y, x) with refinement, "
-        f"{tuple(info['receptive_field']['unrefined'])} without",
+        f"halo         {_halo_text(info['receptive_field']['refined'])} with refinement, "
+        f"{_halo_text(info['receptive_field']['unrefined'])} without",
     ]  # fmt: skip
     lines += ["provenance"] + [f"  {k}: {v}" for k, v in sorted(cfg.provenance.items())]
-    print("\n".join(lines))
+    print("\n".join(printable(line) for line in lines))
     return 0
 
 

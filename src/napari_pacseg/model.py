@@ -7,6 +7,8 @@ Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
 
 from __future__ import annotations
 
+import numbers
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,12 +18,35 @@ from torch import nn
 
 from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_unpool3d
 
+from .checks import is_int, is_real, short_repr
 from .features import FeatureSpec, compute_features
 
 MAX_WIDTH = 1024
 MAX_LAYERS = 8
 MAX_CLASSES = 255
 MAX_CHANNELS = 64
+MAX_PROVENANCE_CHARS = 10_000
+
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def unprintable_chars(text: str) -> list[str]:
+    """The characters of ``text`` that must never reach a terminal or a label: control
+    characters (the ``\\x1b`` of ANSI escapes, newlines), lone surrogates (not encodable),
+    line and paragraph separators, bidirectional overrides."""
+    return [
+        c
+        for c in text
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
+    ]
+
+
+def _as_tuple(obj, name: str) -> None:
+    """Store a list given for a tuple field of a frozen dataclass as a tuple."""
+    if isinstance(getattr(obj, name), list):
+        object.__setattr__(obj, name, tuple(getattr(obj, name)))
 
 
 @dataclass(frozen=True)
@@ -38,18 +63,23 @@ class ContextConfig:
     pool: int = 2
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.channels) <= 4 or not all(
-            isinstance(c, int) and 1 <= c <= MAX_CHANNELS for c in self.channels
+        _as_tuple(self, "channels")
+        if (
+            not isinstance(self.channels, tuple)
+            or not 1 <= len(self.channels) <= 4
+            or not all(is_int(c) and 1 <= c <= MAX_CHANNELS for c in self.channels)
         ):
             raise ValueError(
-                f"ContextConfig: channels must be 1 to 4 ints in [1, {MAX_CHANNELS}], got {self.channels}"
+                f"ContextConfig: channels must be 1 to 4 ints in [1, {MAX_CHANNELS}], got {short_repr(self.channels)}"
             )
-        if self.kernel_size not in (1, 3, 5):
+        if not is_int(self.kernel_size) or self.kernel_size not in (1, 3, 5):
             raise ValueError(
-                f"ContextConfig: kernel_size must be 1, 3 or 5, got {self.kernel_size}"
+                f"ContextConfig: kernel_size must be the int 1, 3 or 5, got {short_repr(self.kernel_size)}"
             )
-        if self.pool not in (2, 3, 4):
-            raise ValueError(f"ContextConfig: pool must be 2, 3 or 4, got {self.pool}")
+        if not is_int(self.pool) or self.pool not in (2, 3, 4):
+            raise ValueError(
+                f"ContextConfig: pool must be the int 2, 3 or 4, got {short_repr(self.pool)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -60,16 +90,33 @@ class HeadConfig:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        if len(self.hidden) > MAX_LAYERS - 1 or not all(
-            isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in self.hidden
+        _as_tuple(self, "hidden")
+        if (
+            not isinstance(self.hidden, tuple)
+            or len(self.hidden) > MAX_LAYERS - 1
+            or not all(is_int(w) and 1 <= w <= MAX_WIDTH for w in self.hidden)
         ):
             raise ValueError(
-                f"HeadConfig: hidden must be at most {MAX_LAYERS - 1} widths in [1, {MAX_WIDTH}], got {self.hidden}"
+                f"HeadConfig: hidden must be at most {MAX_LAYERS - 1} widths (ints) in [1, {MAX_WIDTH}], got {short_repr(self.hidden)}"
             )
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"HeadConfig: activation {self.activation!r} is not one of {ACTIVATIONS}"
+                f"HeadConfig: activation {short_repr(self.activation)} is not one of {ACTIVATIONS}"
             )
+
+
+# Allowed ranges of the refinement parameters (inclusive): wide enough for any sensible use,
+# narrow enough that the mean field stays finite in float32 (logits / temperature, guide /
+# guide_sigma, compat * (1 - message)) and the work bounded. The CLI's help states them.
+REFINE_RANGES: dict[str, tuple[float, float]] = {
+    "iterations": (0, 50),
+    "kernel_size": (1, 15),
+    "dilation": (1, 8),
+    "compat": (0.0, 100.0),
+    "spatial_sigma": (0.1, 50.0),
+    "guide_sigma": (0.01, 10.0),
+    "temperature": (0.1, 100.0),
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +130,12 @@ class RefineConfig:
     similar intensity pass messages). The head's logits are divided by ``temperature`` first: a
     head trained on a few scribbles is overconfident, and a larger temperature lets the image's
     edges overrule it near boundaries, where it only extrapolates.
+
+    Ranges (``REFINE_RANGES``; anything else is a ``ValueError``): iterations an int in
+    [0, 50]; kernel_size an odd int in [1, 15]; dilation an int in [1, 8]; compat in [0, 100];
+    spatial_sigma None or in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100].
+    Within them every step is finite in float32. ``segment`` further bounds the work of the
+    window at a given spacing (``pipeline.check_refine_work``).
     """
 
     iterations: int = 5
@@ -94,39 +147,27 @@ class RefineConfig:
     temperature: float = 8.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.iterations, int) and 0 <= self.iterations <= 50):
-            raise ValueError(
-                f"RefineConfig: iterations must be an int in [0, 50], got {self.iterations!r}"
-            )
-        if not (
-            isinstance(self.kernel_size, int)
-            and self.kernel_size % 2 == 1
-            and 1 <= self.kernel_size <= 15
-        ):
-            raise ValueError(
-                f"RefineConfig: kernel_size must be odd in [1, 15], got {self.kernel_size!r}"
-            )
-        if not (isinstance(self.dilation, int) and 1 <= self.dilation <= 8):
-            raise ValueError(
-                f"RefineConfig: dilation must be an int in [1, 8], got {self.dilation!r}"
-            )
-        for name in ("compat", "guide_sigma", "temperature"):
+        for name, (low, high) in REFINE_RANGES.items():
             value = getattr(self, name)
-            if (
-                not isinstance(value, (int, float))
-                or not value == value
-                or abs(value) == float("inf")
-            ):
-                raise ValueError(f"RefineConfig: {name} must be a finite number, got {value!r}")
-        for name in ("guide_sigma", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RefineConfig: {name} must be > 0, got {getattr(self, name)}")
-        if self.spatial_sigma is not None and not (
-            isinstance(self.spatial_sigma, (int, float)) and self.spatial_sigma > 0
-        ):
-            raise ValueError(
-                f"RefineConfig: spatial_sigma must be None or > 0, got {self.spatial_sigma!r}"
-            )
+            if name == "spatial_sigma" and value is None:
+                continue
+            integer = isinstance(low, int)
+            kind = numbers.Integral if integer else numbers.Real
+            ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+            ok = ok and (integer or value == value) and low <= value <= high
+            if name == "kernel_size":
+                ok = ok and value % 2 == 1
+            if not ok:
+                what = (
+                    "an odd int" if name == "kernel_size" else "an int" if integer else "a number"
+                )
+                none = "None or " if name == "spatial_sigma" else ""
+                raise ValueError(
+                    f"RefineConfig: {name} must be {none}{what} in [{low:g}, {high:g}], got "
+                    f"{short_repr(value)}"
+                )
+            # numpy scalars become Python numbers, so the config stays JSON-able
+            object.__setattr__(self, name, int(value) if integer else float(value))
 
     def window(self, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:
         """``(kernel_size, spatial_sigma)`` per axis (voxels) for a ``(z, y, x)`` spacing:
@@ -155,13 +196,22 @@ class ClassInfo:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
             raise ValueError(
-                f"ClassInfo: name must be a non-empty string of at most 100 characters, got {self.name!r}"
+                f"ClassInfo: name must be a non-empty string of at most 100 characters, got {short_repr(self.name)}"
             )
-        if len(self.color) != 4 or not all(
-            isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.color
+        bad = unprintable_chars(self.name)
+        if bad:
+            raise ValueError(
+                f"ClassInfo: name {short_repr(self.name)} holds control or invisible characters "
+                f"{short_repr(''.join(dict.fromkeys(bad)))}; use printable text"
+            )
+        _as_tuple(self, "color")
+        if (
+            not isinstance(self.color, tuple)
+            or len(self.color) != 4
+            or not all(is_real(v) and 0 <= v <= 1 for v in self.color)
         ):
             raise ValueError(
-                f"ClassInfo: color must be 4 numbers in [0, 1] (RGBA), got {self.color!r}"
+                f"ClassInfo: color must be 4 numbers in [0, 1] (RGBA), got {short_repr(self.color)}"
             )
 
 
@@ -183,22 +233,61 @@ class ModelConfig:
     provenance: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.in_channels, int) and 1 <= self.in_channels <= MAX_CHANNELS):
+        from .features import MAX_SIGMA_VOXELS
+
+        if not (is_int(self.in_channels) and 1 <= self.in_channels <= MAX_CHANNELS):
             raise ValueError(
-                f"ModelConfig: in_channels must be an int in [1, {MAX_CHANNELS}], got {self.in_channels!r}"
+                f"ModelConfig: in_channels must be an int in [1, {MAX_CHANNELS}], got {short_repr(self.in_channels)}"
             )
+        _as_tuple(self, "classes")
+        if not isinstance(self.classes, tuple) or not all(
+            isinstance(c, ClassInfo) for c in self.classes
+        ):
+            raise ValueError("ModelConfig: classes must be a tuple of ClassInfo")
         if not 2 <= len(self.classes) <= MAX_CLASSES:
             raise ValueError(
                 f"ModelConfig: need 2 to {MAX_CLASSES} classes (class 0 = background), got {len(self.classes)}"
             )
-        if len(self.spacing) != 3 or not all(
-            isinstance(s, (int, float)) and s > 0 for s in self.spacing
+        for name, kind in (
+            ("features", FeatureSpec),
+            ("head", HeadConfig),
+            ("refine", RefineConfig),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(
+                    f"ModelConfig: {name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}"
+                )
+        if self.context is not None and not isinstance(self.context, ContextConfig):
+            raise ValueError(
+                f"ModelConfig: context must be None or a ContextConfig, got {type(self.context).__name__}"
+            )
+        _as_tuple(self, "spacing")
+        if (
+            not isinstance(self.spacing, tuple)
+            or len(self.spacing) != 3
+            or not all(is_real(s) and s > 0 for s in self.spacing)
         ):
             raise ValueError(
-                f"ModelConfig: spacing must be 3 positive numbers (z, y, x), got {self.spacing!r}"
+                f"ModelConfig: spacing must be 3 positive finite numbers (z, y, x), got {short_repr(self.spacing)}"
             )
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.provenance.items()):
+        if not isinstance(self.provenance, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.provenance.items()
+        ):
             raise ValueError("ModelConfig: provenance must map strings to strings")
+        for k, v in self.provenance.items():
+            if not 0 < len(k) <= 100 or len(v) > MAX_PROVENANCE_CHARS or unprintable_chars(k + v):
+                raise ValueError(
+                    f"ModelConfig: provenance entry {short_repr(k)} must be a key of 1 to 100 and a value of at most "
+                    f"{MAX_PROVENANCE_CHARS} printable characters (no control characters)"
+                )
+        spec = self.features
+        if spec.kinds and spec.sigmas:
+            widest = max(spec.sigmas) / min(self.spacing)
+            if not widest <= MAX_SIGMA_VOXELS:
+                raise ValueError(
+                    f"ModelConfig: sigma {short_repr(max(spec.sigmas))} is {short_repr(widest)} voxels at spacing "
+                    f"{short_repr(self.spacing, 60)}; at most {MAX_SIGMA_VOXELS:g} are supported (check the spacing units)"
+                )
         if self.n_features > MAX_WIDTH:
             raise ValueError(
                 f"ModelConfig: {self.n_features} features per voxel; at most {MAX_WIDTH} are supported"

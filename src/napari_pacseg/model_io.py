@@ -1,22 +1,34 @@
 """The model file: ONE ``.safetensors`` file, the config as JSON in its metadata.
 
-Layout (the safetensors format): 8 bytes little-endian header length, a JSON header mapping
-tensor names to ``{"dtype", "shape", "data_offsets"}`` plus ``"__metadata__"``, then the raw
-little-endian float32 data. Our metadata key ``"napari_pacseg"`` holds
-``{"format": "napari-pacseg-model", "version": 1, "config": {...}}``.
+Layout (the safetensors format): 8 bytes little-endian header length ``n``, ``n`` bytes of a
+UTF-8 JSON header mapping tensor names to ``{"dtype", "shape", "data_offsets"}`` plus
+``"__metadata__"``, then the raw little-endian float32 data: the tensors' byte ranges tile it
+exactly (no gap, no overlap, nothing after the last one). Our metadata key ``"napari_pacseg"``
+holds the JSON text of ``{"format": "napari-pacseg-model", "version": 2, "written_by": ...,
+"config": {...}, "checksum": "sha256:<64 hex digits>"}`` (see ``model_checksum``).
 
-Loading parses and checks everything (sizes, offsets, names, shapes, finiteness, the config)
-before building anything, and never unpickles: the file is only bytes and JSON.
+Version 1 files (written before the checksum) still load, with a ``ModelFileWarning`` asking to
+re-save them; a version 2 file must have a checksum.
+
+Loading parses and checks everything (sizes, offsets, names, shapes, JSON types, finiteness,
+the config, the checksum) before building anything, and never unpickles: the file is only
+bytes and JSON. Whatever the bytes, ``load_model`` raises only ``ModelFileError``, with one
+line naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
+import re
+import stat
 import struct
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +36,28 @@ import torch
 
 from pacseg_kernels import VoxelMLP
 
+from .checks import is_int, short_repr
 from .features import FeatureSpec
-from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
+from .model import (
+    MAX_LAYERS,
+    MAX_WIDTH,
+    ClassInfo,
+    ContextConfig,
+    HeadConfig,
+    ModelConfig,
+    PacSegModel,
+    RefineConfig,
+    unprintable_chars,
+)
 
 FORMAT = "napari-pacseg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata holds a checksum; 1: none (still read, with a warning)
 META_KEY = "napari_pacseg"
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 30
+MAX_JSON_DEPTH = 32  # our header and config nest 5 deep at most
+MAX_JSON_INT = 1 << 53  # larger integers in the config are refused as out of range
+_CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 DEFAULT_COLORS = [
     (0.0, 0.0, 0.0, 0.0),
@@ -48,37 +74,72 @@ class ModelFileError(ValueError):
     """A model file that cannot be loaded; the message says why and what to do."""
 
 
+class ModelFileWarning(UserWarning):
+    """A model file that loads but lacks a safeguard (a version 1 file has no checksum)."""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters of ``text`` (an error's message)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --- config <-> JSON ---------------------------------------------------------------------------
 
 
 def config_to_dict(config: ModelConfig) -> dict:
     """JSON-able dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return json.loads(json.dumps(dataclasses.asdict(config), allow_nan=False))
 
 
-def _obj(cls, data, where: str, convert=None) -> object:
-    if not isinstance(data, dict):
+def _int(value, where):
+    """A JSON integer: not a float (``3.0``), not a boolean, at most ``MAX_JSON_INT``."""
+    if not is_int(value):
         raise ModelFileError(
-            f"model config: {where} must be a JSON object, got {type(data).__name__}"
+            f"model config: {where} must be an integer, got {_kind(value)} {short_repr(value)}"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ModelFileError(f"model config: unknown keys in {where}: {unknown}")
-    missing = [
-        n for n, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data
-    ]  # fmt: skip
-    if missing:
-        raise ModelFileError(f"model config: {where} lacks required keys {missing}")
-    kwargs = {k: (convert or {}).get(k, _plain)(v, f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ModelFileError(f"model config: {where}: {err}") from err
+    if abs(value) > MAX_JSON_INT:
+        raise ModelFileError(f"model config: {where} = {short_repr(value)} is out of range")
+    return value
+
+
+def _float(value, where):
+    """A JSON number (integer or not), finite, not a boolean; kept as written."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelFileError(
+            f"model config: {where} must be a number, got {_kind(value)} {short_repr(value)}"
+        )
+    if (is_int(value) and abs(value) > MAX_JSON_INT) or not math.isfinite(value):
+        raise ModelFileError(
+            f"model config: {where} = {short_repr(value)} is not a finite number in range"
+        )
+    return value
+
+
+def _bool(value, where):
+    if not isinstance(value, bool):
+        raise ModelFileError(
+            f"model config: {where} must be true or false, got {_kind(value)} {short_repr(value)}"
+        )
+    return value
+
+
+def _str(value, where):
+    if not isinstance(value, str):
+        raise ModelFileError(
+            f"model config: {where} must be a string, got {_kind(value)} {short_repr(value)}"
+        )
+    return value
+
+
+def _kind(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
 
 
 def _plain(value, where):
+    """A JSON value for a field of unknown type: lists become tuples; the dataclass checks it."""
     if isinstance(value, list):
         return tuple(_plain(v, where) for v in value)
     if isinstance(value, dict):
@@ -86,53 +147,144 @@ def _plain(value, where):
     return value
 
 
-def _strict_types(value, kinds, where):
-    """``value`` when it is one of ``kinds`` (bool is not an int here)."""
-    if isinstance(value, bool) and bool not in kinds:
-        raise ModelFileError(f"model config: {where} must be {kinds}, got a boolean")
-    if not isinstance(value, kinds):
+def _list(value, where):
+    if not isinstance(value, list):
         raise ModelFileError(
-            f"model config: {where} has type {type(value).__name__}, expected {kinds}"
+            f"model config: {where} must be a list, got {_kind(value)} {short_repr(value)}"
         )
     return value
 
 
-def _ints(value, where):
-    return tuple(_strict_types(v, (int,), where) for v in _plain(value, where))
+def _tuple_of(item, length=None):
+    def convert(value, where):
+        items = _list(value, where)
+        if length is not None and len(items) != length:
+            raise ModelFileError(
+                f"model config: {where} must be a list of {length}, got {len(items)} items"
+            )
+        return tuple(item(v, f"{where}[{i}]") for i, v in enumerate(items))
+
+    return convert
+
+
+def _optional(convert):
+    return lambda value, where: None if value is None else convert(value, where)
+
+
+_SCALARS = {"int": _int, "float": _float, "bool": _bool, "str": _str}
+
+
+def _converter(annotation: str):
+    """The JSON check of a dataclass field from its annotation (a string: the model modules
+    use ``from __future__ import annotations``); ``_plain`` for anything else."""
+    a = annotation.replace(" ", "")
+    for none in ("|None", "None|"):
+        if none in a:
+            return _optional(_converter(a.replace(none, "")))
+    if a in _SCALARS:
+        return _SCALARS[a]
+    m = re.fullmatch(r"tuple\[(\w+),\.\.\.\]", a)
+    if m and m[1] in _SCALARS:
+        return _tuple_of(_SCALARS[m[1]])
+    m = re.fullmatch(r"tuple\[(\w+(?:,\w+)*)\]", a)
+    if m and len(set(m[1].split(","))) == 1 and m[1].split(",")[0] in _SCALARS:
+        return _tuple_of(_SCALARS[m[1].split(",")[0]], len(m[1].split(",")))
+    return _plain
+
+
+def _obj(cls, data, where: str, convert=None) -> object:
+    if not isinstance(data, dict):
+        raise ModelFileError(
+            f"model config: {where} must be a JSON object, got {_kind(data)} {short_repr(data)}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ModelFileError(f"model config: unknown keys in {where}: {short_repr(unknown, 80)}")
+    missing = [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data
+    ]  # fmt: skip
+    if missing:
+        raise ModelFileError(f"model config: {where} lacks required keys {missing}")
+    convert = convert or {}
+    kwargs = {
+        k: convert.get(k, _converter(str(fields[k].type)))(v, f"{where}.{k}")
+        for k, v in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise ModelFileError(f"model config: {where}: {_clip(err)}") from err
 
 
 def config_from_dict(data) -> ModelConfig:
-    """Rebuild a ``ModelConfig``, refusing unknown or missing keys and wrong types."""
+    """Rebuild a ``ModelConfig``, refusing unknown or missing keys and wrong JSON types: an int
+    field takes only an integer (not ``3.0`` or ``true``), a float field only a finite number,
+    a string field only a string. Raises ``ModelFileError``."""
     convert = {
-        "in_channels": lambda v, w: _strict_types(v, (int,), w),
-        "features": lambda v, w: _obj(
-            FeatureSpec, v, w, {"include_raw": lambda x, ww: _strict_types(x, (bool,), ww)}
-        ),
-        "head": lambda v, w: _obj(HeadConfig, v, w, {"hidden": _ints}),
-        "context": lambda v, w: (
-            None if v is None else _obj(ContextConfig, v, w, {"channels": _ints})
-        ),
+        "features": lambda v, w: _obj(FeatureSpec, v, w),
+        "head": lambda v, w: _obj(HeadConfig, v, w),
+        "context": lambda v, w: None if v is None else _obj(ContextConfig, v, w),
         "refine": lambda v, w: _obj(RefineConfig, v, w),
         "classes": lambda v, w: tuple(
             _obj(ClassInfo, c, f"{w}[{i}]") for i, c in enumerate(_list(v, w))
         ),
-        "provenance": lambda v, w: _provenance(v, w),
+        "provenance": _provenance,
     }
     return _obj(ModelConfig, data, "config", convert)
 
 
-def _list(value, where):
-    if not isinstance(value, list):
-        raise ModelFileError(f"model config: {where} must be a list, got {type(value).__name__}")
-    return value
-
-
 def _provenance(value, where):
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ModelFileError(f"model config: {where} must map strings to strings")
     return dict(value)
+
+
+# --- the checksum ------------------------------------------------------------------------------
+
+
+def _canonical_json(value) -> bytes:
+    """The canonical text of a JSON value: Python's ``json.dumps`` with sorted keys, no
+    spaces, ASCII only (other characters as ``\\uXXXX``), NaN refused; floats as ``repr``."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def model_checksum(meta: Mapping, tensors: Iterable[tuple[str, str, tuple, bytes]]) -> str:
+    """``"sha256:<hex>"`` of a model file's content, as stored in (and checked against) its
+    metadata's ``"checksum"``.
+
+    What is hashed, in this order, each item framed as its length (8 bytes, unsigned little
+    endian) followed by its bytes:
+
+    1. ``_canonical_json(meta)``: the ``napari_pacseg`` metadata object WITHOUT its
+       ``"checksum"`` key (format, version, written_by and the whole config), re-serialised
+       canonically (sorted keys, separators ``,`` and ``:``, ASCII), so the hash does not
+       depend on the JSON's spacing or key order, but any changed value (a flipped digit of
+       a sigma) changes it;
+    2. for each tensor, in sorted order of the names: the name (UTF-8), the dtype (``F32``),
+       the shape as compact JSON (``[64,19]``) and the tensor's raw bytes (little-endian
+       float32, as in the file).
+
+    The data offsets are not hashed: ``load_model`` checks separately that they tile the data
+    exactly, and the bytes are hashed per name, so swapped offsets change the hash. The rest
+    of the safetensors header (other ``__metadata__`` keys, padding) is not covered.
+    """
+    h = hashlib.sha256()
+
+    def field(data) -> None:
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+
+    field(_canonical_json({k: v for k, v in meta.items() if k != "checksum"}))
+    for name, dtype, shape, raw in sorted(tensors, key=lambda t: t[0]):
+        field(name.encode("utf-8"))
+        field(dtype.encode("ascii"))
+        field(json.dumps([int(s) for s in shape], separators=(",", ":")).encode("ascii"))
+        field(raw)
+    return "sha256:" + h.hexdigest()
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -140,28 +292,51 @@ def _provenance(value, where):
 
 def save_model(model: PacSegModel, path) -> Path:
     """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically: a temporary file in the
-    same folder, flushed, then renamed over the target. Returns the path."""
+    same folder, flushed, then renamed over the target. Returns the path.
+
+    Raises ``ValueError`` (and writes nothing) when a weight is NaN or infinite (after the
+    float32 conversion), or when the config would not load back. The metadata holds a
+    ``model_checksum`` of the config and the weights."""
     from . import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_model: the file name must end in .safetensors, got {path.name!r}")
-    tensors = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
-    }
+    if not isinstance(model, PacSegModel):
+        raise ValueError(f"save_model: expected a PacSegModel, got {type(model).__name__}")
+    tensors = {}
+    for name, value in model.state_dict().items():
+        t = value.detach().to("cpu", torch.float32).contiguous()
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"save_model: weight {name!r} holds NaN or infinite values (in float32); the model "
+                f"is broken (retrain it) and {path.name} was not written"
+            )
+        tensors[name] = t.numpy().astype("<f4", copy=False).tobytes()
+    config = config_to_dict(model.config)
+    try:
+        config_from_dict(json.loads(json.dumps(config)))
+    except ModelFileError as err:
+        raise ValueError(
+            f"save_model: the config would not load back ({err}); {path.name} was not written"
+        ) from err
+    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "written_by": f"napari-pacseg {__version__}",
-            "config": config_to_dict(model.config)}  # fmt: skip
-    header: dict = {"__metadata__": {META_KEY: json.dumps(meta)}}
+            "config": config}  # fmt: skip
+    meta["checksum"] = model_checksum(
+        meta, [(name, "F32", shapes[name], tensors[name]) for name in tensors]
+    )
+    header: dict = {"__metadata__": {META_KEY: json.dumps(meta, allow_nan=False)}}
     offset = 0
     for name in sorted(tensors):
-        size = tensors[name].numel() * 4
+        size = len(tensors[name])
         header[name] = {
             "dtype": "F32",
-            "shape": list(tensors[name].shape),
+            "shape": shapes[name],
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -169,7 +344,7 @@ def save_model(model: PacSegModel, path) -> Path:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name in sorted(tensors):
-                f.write(tensors[name].numpy().astype("<f4", copy=False).tobytes())
+                f.write(tensors[name])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -182,118 +357,295 @@ def save_model(model: PacSegModel, path) -> Path:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _read_header(path: Path) -> tuple[dict, int, int]:
-    size = path.stat().st_size
-    if size < 8:
+class _Refused(ValueError):
+    """JSON that parses but is not allowed here (a duplicate key, NaN)."""
+
+
+def _unique_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"duplicate key {short_repr(key)}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name):
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _parse_json(raw, name: str, what: str):
+    """``raw`` (bytes or str) as strict JSON: no duplicate keys, no NaN/Infinity, at most
+    ``MAX_JSON_DEPTH`` deep."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise ModelFileError(f"{name}: {what} is not valid JSON (nested too deeply)") from None
+    except _Refused as err:
+        raise ModelFileError(f"{name}: {what} is not valid JSON ({err})") from None
+    except (UnicodeError, ValueError) as err:  # JSONDecodeError, or a number of 4300+ digits
+        reason = "a number with too many digits" if "digits" in str(err) else _clip(err, 120)
+        raise ModelFileError(f"{name}: {what} is not valid JSON ({reason})") from None
+    if _too_deep(value):
         raise ModelFileError(
-            f"{path.name}: {size} bytes is too short for a model file (empty or truncated)"
+            f"{name}: {what} is not valid JSON here (nested over {MAX_JSON_DEPTH} deep)"
         )
+    return value
+
+
+def _file_name(path: Path) -> str:
+    """The file's name for a message (escaped when it would not print as it is)."""
+    name = path.name or str(path)
+    return name if name.isprintable() and not unprintable_chars(name) else ascii(name)
+
+
+def _read_meta(name: str, header: dict) -> tuple[ModelConfig, dict]:
+    meta_block = header.get("__metadata__")
+    if not isinstance(meta_block, dict) or META_KEY not in meta_block:
+        raise ModelFileError(
+            f"{name}: a safetensors file without '{META_KEY}' metadata: not a napari-pacseg model "
+            "(a plain PyTorch MLP can be imported with import_torch_mlp)"
+        )
+    if not all(isinstance(v, str) for v in meta_block.values()):
+        raise ModelFileError(
+            f"{name}: the __metadata__ values must be strings (safetensors format): corrupt"
+        )
+    meta = _parse_json(meta_block[META_KEY], name, f"the '{META_KEY}' metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{name}: metadata format is not {FORMAT!r}")
+    version = meta.get("version")
+    if not is_int(version) or version < 1:
+        raise ModelFileError(
+            f"{name}: metadata version {short_repr(version)} is not a positive integer"
+        )
+    written_by = meta.get("written_by", "a newer release")
+    if not isinstance(written_by, str):
+        raise ModelFileError(f"{name}: metadata written_by is not a string")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{name}: written in model format version {short_repr(version)} by {short_repr(written_by, 60)}; "
+            f"this napari-pacseg reads up to version {FORMAT_VERSION}: upgrade napari-pacseg"
+        )
+    unknown = sorted(set(meta) - {"format", "version", "written_by", "config", "checksum"})
+    if unknown:
+        raise ModelFileError(f"{name}: unknown metadata keys {short_repr(unknown, 80)}")
+    checksum = meta.get("checksum")
+    if checksum is None and version >= 2:
+        raise ModelFileError(
+            f"{name}: file is corrupt: no checksum in a version {version} file (it was edited or damaged)"
+        )
+    if checksum is not None and not (
+        isinstance(checksum, str) and _CHECKSUM_RE.fullmatch(checksum)
+    ):
+        raise ModelFileError(
+            f"{name}: file is corrupt: the checksum {short_repr(checksum)} is not 'sha256:' and 64 hex digits"
+        )
+    try:
+        config = config_from_dict(meta.get("config"))
+    except ModelFileError as err:
+        raise ModelFileError(f"{name}: {err}") from None
+    return config, meta
+
+
+def _is_uint(value) -> bool:
+    return is_int(value) and value >= 0
+
+
+def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
+    """The model in ``path`` and whether it has a checksum; ``ModelFileError`` otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such model file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFileError(f"{name}: is a folder, not a model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(f"{name}: is not a regular file (a pipe or device?), not a model file")
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ModelFileError(
+                f"{name}: {size} bytes is too short for a model file (empty or truncated)"
+            )
+        if size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
+            raise ModelFileError(f"{name}: {size} bytes is over the size limit of a model file")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
             raise ModelFileError(
-                f"{path.name}: declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
+                f"{name}: declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
                 "it is not a napari-pacseg model, or it is corrupted"
             )
         if 8 + n > size:
             raise ModelFileError(
-                f"{path.name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
+                f"{name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
             )
         raw = f.read(n)
+        if len(raw) != n:
+            raise ModelFileError(f"{name}: the file ended while reading its header: truncated")
+        header = _parse_json(raw, name, "the header")
+        if not isinstance(header, dict):
+            raise ModelFileError(f"{name}: the header is JSON {_kind(header)}, not an object")
+        config, meta = _read_meta(name, header)
+        try:
+            model = PacSegModel(config)
+        except (ValueError, TypeError, RuntimeError, ArithmeticError, MemoryError) as err:
+            raise ModelFileError(
+                f"{name}: the model cannot be built from its config ({_clip(err, 120)})"
+            ) from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        missing = sorted(set(expected) - set(entries))
+        unexpected = sorted(set(entries) - set(expected))
+        if missing or unexpected:
+            raise ModelFileError(
+                f"{name}: tensors do not match the config: missing {short_repr(missing, 80)}, "
+                f"unexpected {short_repr(unexpected, 80)}"
+            )
+        layout = []
+        for tensor in sorted(entries):
+            entry, shown = entries[tensor], short_repr(tensor)
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has a malformed header entry (it needs exactly "
+                    "dtype, shape and data_offsets)"
+                )
+            if entry["dtype"] != "F32":
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has dtype {short_repr(entry['dtype'])}; F32 expected"
+                )
+            shape = entry["shape"]
+            if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has shape {short_repr(shape)}: not a list of "
+                    "non-negative integers"
+                )
+            if tuple(shape) != expected[tensor]:
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has shape {short_repr(tuple(shape))} but the config needs {expected[tensor]}"
+                )
+            offsets = entry["data_offsets"]
+            if not (
+                isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_uint, offsets))
+            ):
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has data_offsets {short_repr(offsets)}: not a list "
+                    "of 2 non-negative integers [start, end]"
+                )
+            start, stop = offsets
+            need = 4 * math.prod(expected[tensor])
+            if stop - start != need:
+                raise ModelFileError(
+                    f"{name}: tensor {shown} has bad data offsets {short_repr(offsets)}: its "
+                    f"shape needs {need} bytes"
+                )
+            layout.append((start, stop, tensor))
+        layout.sort()
+        end = 0
+        for start, stop, tensor in layout:
+            if start < end:
+                raise ModelFileError(
+                    f"{name}: tensor {short_repr(tensor)} overlaps the tensor before it (data "
+                    f"offset {start} < {end}): corrupt"
+                )
+            if start > end:
+                raise ModelFileError(
+                    f"{name}: {start - end} unused bytes before tensor {short_repr(tensor)} "
+                    "(a gap in the data): corrupt"
+                )
+            end = stop
+        data_start = 8 + n
+        if end > MAX_TENSOR_BYTES:
+            raise ModelFileError(
+                f"{name}: {end} bytes of weights, over the {MAX_TENSOR_BYTES}-byte limit"
+            )
+        if data_start + end > size:
+            raise ModelFileError(
+                f"{name}: the tensors need {end} bytes but the file holds {size - data_start} "
+                "after the header: truncated"
+            )
+        if data_start + end < size:
+            raise ModelFileError(
+                f"{name}: {size - data_start - end} trailing bytes after the last tensor: corrupt "
+                "(or not a file written by save_model)"
+            )
+        data = f.read(end)
+        if len(data) != end:
+            raise ModelFileError(f"{name}: the file ended while reading the weights: truncated")
+    view = memoryview(data)
+    state, non_finite = {}, None
+    for start, stop, tensor in layout:
+        arr = np.frombuffer(view[start:stop], dtype="<f4").reshape(expected[tensor])
+        if non_finite is None and not np.isfinite(arr).all():
+            non_finite = tensor
+        state[tensor] = torch.from_numpy(arr.astype(np.float32))  # a copy, native order
+    checksum = meta.get("checksum")
+    intact = checksum is None or checksum == model_checksum(
+        meta, [(t, "F32", expected[t], view[a:b]) for a, b, t in layout]
+    )
+    if non_finite is not None:
+        raise ModelFileError(
+            f"{name}: tensor {short_repr(non_finite)} holds NaN or infinite values"
+            + ("" if intact else " (file is corrupt: checksum mismatch)")
+        )
+    if not intact:
+        raise ModelFileError(
+            f"{name}: file is corrupt: checksum mismatch (the weights or the config changed "
+            "after it was written); use an intact copy"
+        )
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
         raise ModelFileError(
-            f"{path.name}: the header is not valid JSON ({err}); not a safetensors model file"
-        ) from err
-    if not isinstance(header, dict):
-        raise ModelFileError(
-            f"{path.name}: the header is JSON {type(header).__name__}, not an object"
-        )
-    return header, 8 + n, size
-
-
-def _read_meta(path: Path, header: dict) -> ModelConfig:
-    meta_block = header.get("__metadata__")
-    if not isinstance(meta_block, dict) or META_KEY not in meta_block:
-        raise ModelFileError(
-            f"{path.name}: a safetensors file without '{META_KEY}' metadata: not a napari-pacseg model "
-            "(a plain PyTorch MLP can be imported with import_torch_mlp)"
-        )
-    try:
-        meta = json.loads(meta_block[META_KEY])
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ModelFileError(
-            f"{path.name}: the '{META_KEY}' metadata is not valid JSON ({err})"
-        ) from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path.name}: metadata format is not {FORMAT!r}")
-    version = meta.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ModelFileError(f"{path.name}: metadata version {version!r} is not a positive integer")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path.name}: written in model format version {version} by {meta.get('written_by', 'a newer release')}; "
-            f"this napari-pacseg reads up to version {FORMAT_VERSION}: upgrade napari-pacseg"
-        )
-    unknown = sorted(set(meta) - {"format", "version", "written_by", "config"})
-    if unknown:
-        raise ModelFileError(f"{path.name}: unknown metadata keys {unknown}")
-    return config_from_dict(meta.get("config"))
+            f"{name}: the weights do not fit the model ({_clip(err, 120)})"
+        ) from None
+    return model, checksum is not None
 
 
 def load_model(path, device="cpu") -> PacSegModel:
     """Load a model written by ``save_model``, checking everything before building it.
 
-    Raises ``ModelFileError`` (a ``ValueError``) naming the problem: not a file of ours, newer
-    format version, unknown or missing config keys, tensors missing, unexpected, misshapen,
-    out of bounds or not finite, sizes over the limits. Nothing is ever unpickled.
+    Raises ``ModelFileError`` (a ``ValueError``), one line naming the file and the problem,
+    for ANY content of the file: not a file (a folder, missing, unreadable), not a file of
+    ours, a newer format version, malformed or duplicate-key JSON, unknown or missing config
+    keys or wrong JSON types in it (``3.0`` for an int), values out of range, tensors
+    missing, unexpected, misshapen, overlapping, with gaps or trailing bytes, out of bounds
+    or not finite, sizes over the limits, a checksum mismatch. Nothing is ever unpickled.
+
+    A version 1 file (no checksum) loads with a ``ModelFileWarning``: re-save it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    header, data_start, size = _read_header(path)
-    config = _read_meta(path, header)
-    model = PacSegModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    missing, unexpected = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
-    if missing or unexpected:
+    name = _file_name(path)
+    try:
+        model, has_checksum = _load(path, name)
+    except ModelFileError:
+        raise
+    except OSError as err:
         raise ModelFileError(
-            f"{path.name}: tensors do not match the config: missing {missing}, unexpected {unexpected}"
-        )
-    total = 0
-    for name, entry in entries.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise ModelFileError(f"{path.name}: tensor {name!r} has a malformed header entry")
-        if entry["dtype"] != "F32":
-            raise ModelFileError(
-                f"{path.name}: tensor {name!r} has dtype {entry['dtype']!r}; F32 expected"
-            )
-        if tuple(entry["shape"]) != expected[name]:
-            raise ModelFileError(
-                f"{path.name}: tensor {name!r} has shape {tuple(entry['shape'])} but the config needs {expected[name]}"
-            )
-        start, stop = entry["data_offsets"]
-        if stop - start != 4 * math.prod(expected[name]) or start < 0 or data_start + stop > size:
-            raise ModelFileError(
-                f"{path.name}: tensor {name!r} has bad data offsets {entry['data_offsets']} (truncated?)"
-            )
-        total += stop - start
-    if total > MAX_TENSOR_BYTES:
+            f"{name}: cannot be read ({_clip(err.strerror or type(err).__name__, 80)})"
+        ) from None
+    except Exception as err:  # a check missed: still one line, never a traceback
         raise ModelFileError(
-            f"{path.name}: {total} bytes of weights, over the {MAX_TENSOR_BYTES}-byte limit"
+            f"{name}: not a valid model file (a check failed unexpectedly: {type(err).__name__}: {_clip(err, 80)})"
+        ) from err
+    if not has_checksum:
+        warnings.warn(
+            f"{name}: a version 1 model file without a checksum, so damage to it cannot be "
+            "detected; re-save it (load_model, then save_model) to add one",
+            ModelFileWarning,
+            stacklevel=2,
         )
-    state = {}
-    with open(path, "rb") as f:
-        for name, entry in entries.items():
-            start, stop = entry["data_offsets"]
-            f.seek(data_start + start)
-            arr = np.frombuffer(f.read(stop - start), dtype="<f4").reshape(expected[name])
-            if not np.isfinite(arr).all():
-                raise ModelFileError(f"{path.name}: tensor {name!r} holds NaN or infinite values")
-            state[name] = torch.from_numpy(arr.astype(np.float32))
-    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
@@ -301,6 +653,10 @@ def load_model(path, device="cpu") -> PacSegModel:
 
 
 def _class_infos(classes) -> tuple[ClassInfo, ...]:
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise ValueError(
+            f"import_torch_mlp: classes must be a list of names or ClassInfo, got {short_repr(classes)}"
+        )
     infos = []
     for i, c in enumerate(classes):
         if isinstance(c, ClassInfo):
@@ -312,6 +668,62 @@ def _class_infos(classes) -> tuple[ClassInfo, ...]:
                 )
             )
     return tuple(infos)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return _clip(lines[0], 200) if lines else type(err).__name__
+
+
+def _checked_state(state, source: str) -> dict[str, torch.Tensor]:
+    """``state`` as float32 CPU tensors, refusing what ``VoxelMLP.from_state_dict`` cannot
+    take or should not: non-string keys, non-tensors, non-float or sparse tensors, empty or
+    over-wide dimensions, too many layers, NaN/inf (after the float32 conversion)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"import_torch_mlp: expected a state dict (name -> tensor), got {type(state).__name__}"
+        )
+    if not state:
+        raise ValueError(
+            f"import_torch_mlp: {source} holds an empty state dict (no Linear layers); save the "
+            "model with torch.save(model.state_dict(), path)"
+        )
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ValueError(
+                f"import_torch_mlp: {source} has the key {short_repr(key)}, not a string; expected "
+                "the state dict of stacked nn.Linear layers"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"import_torch_mlp: {short_repr(key)} in {source} is a {type(value).__name__}, not a "
+                "tensor (a checkpoint? pass its model state dict, e.g. checkpoint['state_dict'])"
+            )
+        if value.layout != torch.strided or value.is_complex() or not value.is_floating_point():
+            raise ValueError(
+                f"import_torch_mlp: {short_repr(key)} is a {value.dtype} {value.layout} tensor; "
+                "dense floating-point weights expected"
+            )
+        if value.device.type == "meta":
+            raise ValueError(f"import_torch_mlp: {short_repr(key)} is a meta tensor (no data)")
+        if value.ndim not in (1, 2) or not all(1 <= s <= MAX_WIDTH for s in value.shape):
+            raise ValueError(
+                f"import_torch_mlp: {short_repr(key)} has shape {tuple(value.shape)}; Linear weights "
+                f"(2-D) and biases (1-D) of 1 to {MAX_WIDTH} features expected"
+            )
+        t = value.detach().to("cpu", torch.float32).clone()
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"import_torch_mlp: {short_repr(key)} holds NaN or infinite values (in float32)"
+            )
+        out[key] = t
+    layers = sum(t.ndim == 2 for t in out.values())
+    if layers > MAX_LAYERS:
+        raise ValueError(
+            f"import_torch_mlp: {layers} Linear layers; at most {MAX_LAYERS} are supported"
+        )
+    return out
 
 
 def import_torch_mlp(
@@ -334,27 +746,49 @@ def import_torch_mlp(
     features : FeatureSpec
         The features the MLP was trained on, in ``FeatureSpec.names()`` order per channel.
     classes : names or ``ClassInfo`` of the MLP's outputs, background first.
+
+    Raises ``ValueError`` with a one-line reason for anything else: an empty or unreadable
+    file, an empty state dict, entries that are not Linear weights, NaN/inf weights.
     """
-    if isinstance(path_or_state_dict, (str, Path)):
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = Path(path_or_state_dict)
+        source = _file_name(path)
         if path.suffix not in (".pt", ".pth"):
-            raise ValueError(f"import_torch_mlp: expected a .pt or .pth file, got {path.name!r}")
+            raise ValueError(f"import_torch_mlp: expected a .pt or .pth file, got {source}")
+        if path.is_dir():
+            raise ValueError(f"import_torch_mlp: {source} is a folder, not a .pt file")
+        if not path.is_file():
+            raise ValueError(f"import_torch_mlp: {path}: no such file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"import_torch_mlp: {source} is empty (0 bytes)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(
-                f"import_torch_mlp: {path.name} could not be loaded as plain tensors "
-                f"(torch.load with weights_only=True refused it: {str(err).splitlines()[0][:200]}); "
+                f"import_torch_mlp: {source} could not be loaded as plain tensors "
+                f"(torch.load with weights_only=True refused it: {_first_line(err)}); "
                 "save the model with torch.save(model.state_dict(), path)"
             ) from err
     else:
-        state = path_or_state_dict
-    if not isinstance(state, Mapping):
-        raise ValueError(
-            f"import_torch_mlp: expected a state dict (name -> tensor), got {type(state).__name__}"
-        )
-    mlp = VoxelMLP.from_state_dict(state, activation=activation)
+        state, source = path_or_state_dict, "the state dict"
+    state = _checked_state(state, source)
+    try:
+        mlp = VoxelMLP.from_state_dict(state, activation=activation)
+    except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as err:
+        reason = re.sub(r"^VoxelMLP(\.from_state_dict)?: ", "", _first_line(err))
+        raise ValueError(f"import_torch_mlp: {reason}") from None
     infos = _class_infos(classes)
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Iterable):
+        raise ValueError(
+            f"import_torch_mlp: spacing must be 3 numbers (z, y, x), got {short_repr(spacing)}"
+        )
+    spacing = tuple(spacing)
+    if not all(
+        isinstance(s, numbers.Real) and not isinstance(s, (bool, np.bool_)) for s in spacing
+    ):
+        raise ValueError(
+            f"import_torch_mlp: spacing must be 3 numbers (z, y, x), got {short_repr(spacing)}"
+        )
     widths = [mlp.layers[0].in_features] + [layer.out_features for layer in mlp.layers]
     config = ModelConfig(
         in_channels=in_channels,

@@ -17,6 +17,7 @@ import torch
 
 from pacseg_kernels import pac_crf3d
 
+from .checks import FLOAT32_MAX, as_volume, check_ints, check_spacing, resolve_device, short_repr
 from .features import compute_features
 from .model import PacSegModel, RefineConfig, apply_range, intensity_range
 
@@ -28,6 +29,12 @@ REFINE_TILE = (32, 128, 128)
 # Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
 REFINE_FULL_DEPTH = 64
 STAGES = ("features", "context", "head", "refine")
+# Bounds on the refinement's work, beyond which a run would take hours on a CPU or every tile
+# would have to hold most of the volume: tap visits per voxel (iterations x window taps; the
+# model default is 5 x 74 = 370) and the CRF's reach per axis (iterations x window radius x
+# dilation; the default reaches 5 or 10 voxels).
+MAX_TAP_STEPS = 10_000
+MAX_CRF_REACH = 64
 
 
 class SegmentationCancelled(RuntimeError):
@@ -52,48 +59,6 @@ class Segmentation:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:
-    """``(C, D, H, W)`` view of a 3D image, or of a 4D one with ``channel_axis``; checks values."""
-    arr = np.asarray(image)
-    if channel_axis is None:
-        if arr.ndim != 3:
-            raise ValueError(
-                f"{what} must be 3D (D, H, W), got shape {arr.shape}; for a multichannel 4D image "
-                "pass channel_axis"
-            )
-        arr = arr[None]
-    else:
-        if arr.ndim != 4:
-            raise ValueError(
-                f"{what} with channel_axis={channel_axis} must be 4D, got shape {arr.shape}"
-            )
-        arr = np.moveaxis(arr, channel_axis, 0)
-    if arr.size == 0:
-        raise ValueError(f"{what} is empty (shape {arr.shape})")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"{what} has dtype {arr.dtype}; a numeric image is required")
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise ValueError(f"{what} holds {bad} NaN or infinite values; fill or mask them first")
-    return arr
-
-
-def check_spacing(spacing, default) -> tuple[float, float, float]:
-    if spacing is None:
-        return tuple(float(s) for s in default)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive numbers (z, y, x), got {spacing!r}")
-    return spacing
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
     """The refinement to run: model defaults (True), none (False), or overrides (a dict)."""
     if refine is False:
@@ -103,12 +68,50 @@ def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
         return base
     if isinstance(refine, dict):
         known = {f.name for f in fields(RefineConfig)}
-        unknown = sorted(set(refine) - known)
+        unknown = sorted(set(map(str, refine)) - known)
         if unknown:
-            raise ValueError(f"refine: unknown parameters {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"refine: unknown parameters {short_repr(unknown)}; known: {sorted(known)}"
+            )
         return dataclasses.replace(base, **refine)
     raise ValueError(
-        f"refine must be True, False or a dict of RefineConfig overrides, got {refine!r}"
+        f"refine must be True, False or a dict of RefineConfig overrides, got {short_repr(refine)}"
+    )
+
+
+def check_refine_work(params: RefineConfig | None, spacing) -> None:
+    """``ValueError`` when the refinement at ``spacing`` would visit more than ``MAX_TAP_STEPS``
+    window taps per voxel or reach more than ``MAX_CRF_REACH`` voxels along an axis."""
+    if params is None or not params.iterations:
+        return
+    kernel, _ = params.window(spacing)
+    steps = params.iterations * (math.prod(kernel) - 1)
+    reach = _crf_reach(params, spacing)
+    fix = "lower iterations, kernel_size or dilation"
+    if steps > MAX_TAP_STEPS:
+        raise ValueError(
+            f"refinement too costly: {params.iterations} iterations x {math.prod(kernel) - 1} "
+            f"taps of a {kernel} window = {steps} tap visits per voxel, over the limit of "
+            f"{MAX_TAP_STEPS} (the default is {5 * 74}); {fix}"
+        )
+    if max(reach) > MAX_CRF_REACH:
+        raise ValueError(
+            f"refinement reaches {reach} voxels (iterations x window radius x dilation), over "
+            f"the limit of {MAX_CRF_REACH}: every tile would need most of the volume; {fix}"
+        )
+
+
+def as_model(model) -> PacSegModel:
+    """``model`` itself, or the model file at that path (``load_model``)."""
+    if isinstance(model, PacSegModel):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from .model_io import load_model
+
+        return load_model(model)
+    raise TypeError(
+        f"model must be a PacSegModel or the path of a model file (see load_model), got "
+        f"{type(model).__name__}"
     )
 
 
@@ -172,6 +175,7 @@ def segment(
         so every piece is normalised alike and the pieces equal the whole.
     """
     start = time.perf_counter()
+    model = as_model(model)
     vol = as_volume(image, channel_axis)
     if vol.shape[0] != model.config.in_channels:
         raise ValueError(
@@ -182,10 +186,9 @@ def segment(
     params = refine_params(model, refine)
     if params is not None and not params.iterations:
         params = None
+    check_refine_work(params, spacing)
     if tile_shape is not None:
-        tile_shape = tuple(tile_shape)
-        if len(tile_shape) != 3 or not all(int(t) >= 1 for t in tile_shape):
-            raise ValueError(f"tile_shape must be 3 positive ints (D, H, W), got {tile_shape!r}")
+        tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
     runner = _TileRunner(resolve_device(device), model, progress, should_cancel)
     shape = vol.shape[1:]
     lo, hi = (
@@ -295,6 +298,7 @@ def receptive_field(model: PacSegModel, spacing=None, refine=True) -> tuple[int,
     context net, pieces must also start on multiples of ``model.grid``)."""
     spacing = check_spacing(spacing, model.config.spacing)
     params = refine_params(model, refine)
+    check_refine_work(params, spacing)
     grid = model.grid  # whole pooling cells, so a piece's context net sees the volume's grid
     return tuple(
         -(-(h + r) // grid) * grid
@@ -316,7 +320,13 @@ def volume_intensity_range(vol) -> tuple[torch.Tensor, torch.Tensor]:
     array type gives the same range)."""
     n = math.prod(vol.shape[1:])
     step = max(1, math.ceil((n / (1 << 22)) ** (1 / 3)))
-    sample = np.asarray(vol[:, ::step, ::step, ::step], dtype=np.float32)
+    sample = np.asarray(vol[:, ::step, ::step, ::step], dtype=np.float64)  # no overflow here
+    if sample.size and not (np.isfinite(sample).all() and np.abs(sample).max() <= FLOAT32_MAX / 4):
+        raise ValueError(
+            "the image holds NaN, infinite values or values beyond the float32 range the "
+            f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); clean or rescale it first"
+        )
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
     return intensity_range(torch.from_numpy(sample)[None])
 
 
@@ -396,6 +406,12 @@ def _tile_logit_diffs(vol, lo, hi, box, halo, model, spacing, dev, timings) -> n
         logits = model.head(feats)[0]
         del feats
         out = (logits[1:] - logits[:1]).cpu().numpy()
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"the model gives non-finite logits on the image in the box {short_repr(box)}: its "
+            "weights or the image's values are out of range (max |weight| "
+            f"{max(float(p.abs().max()) for p in model.parameters()):.3g}); retrain or rescale"
+        )
     return out
 
 
@@ -416,10 +432,24 @@ def _tile_probabilities(
                 logits.div_(params.temperature),
                 guide.div_(params.guide_sigma),
                 iterations=params.iterations,
-                kernel_size=kernel,
+                kernel_size=useful_window(kernel, params.dilation, d.shape[1:]),
                 dilation=params.dilation,
                 compat=params.compat,
                 spatial_sigma=sigma,
             )
-    p = torch.softmax(logits[(slice(None), slice(None), *core)], dim=1)[0]
-    return p.cpu().numpy()
+    p = torch.softmax(logits[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
+    if not np.isfinite(p).all():
+        raise ValueError(
+            f"the refinement gave NaN in the box {short_repr(box)}: the image's normalised values "
+            "are out of range for the guide; clip outliers or pass intensity_range"
+        )
+    return p
+
+
+def useful_window(kernel, dilation: int, shape) -> tuple[int, ...]:
+    """``kernel`` cut, per axis, to the taps that can land inside a box of ``shape`` (taps
+    further out never do, for any voxel of the box, so the mean field is the same without
+    them): the radius at most ``(size - 1) // dilation``."""
+    return tuple(
+        2 * min(k // 2, (n - 1) // dilation) + 1 for k, n in zip(kernel, shape, strict=True)
+    )

@@ -26,6 +26,7 @@ from .pipeline import (
     _tile_probabilities,
     _tiles,
     as_volume,
+    check_refine_work,
     check_spacing,
     extend_box,
     model_on_device,
@@ -106,6 +107,7 @@ class RegionSegmenter:
         params = refine_params(self.model, refine)
         if params is not None and not params.iterations:
             params = None
+        check_refine_work(params, self.spacing)
         key = (box, params)
         with self._lock:
             if self._last is not None and self._last[0] == key:

@@ -11,18 +11,11 @@ from torch import nn
 
 from pacseg_kernels.mlp_torch import activate
 
+from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
 from .features import FeatureSpec, compute_features
 from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range
 from .model_io import DEFAULT_COLORS
-from .pipeline import (
-    SegmentationCancelled,
-    _tiles,
-    as_volume,
-    check_spacing,
-    extend_box,
-    resolve_device,
-    volume_intensity_range,
-)
+from .pipeline import SegmentationCancelled, _tiles, extend_box, volume_intensity_range
 
 MAX_SAMPLES_PER_CLASS = 20000
 TRAIN_TILE = (32, 128, 128)
@@ -68,39 +61,30 @@ def train(
             "train: training the context encoder/decoder is not implemented yet; use context=None"
         )
     vol = as_volume(image, channel_axis)
+    if isinstance(scribbles, (str, bytes)) or scribbles is None:
+        raise TypeError(f"train: scribbles must be an integer array, got {short_repr(scribbles)}")
     marks = np.asarray(scribbles)
     if marks.shape != vol.shape[1:]:
         raise ValueError(
             f"train: scribbles have shape {marks.shape} but the image's spatial shape is {vol.shape[1:]}"
         )
-    if not np.issubdtype(marks.dtype, np.integer):
+    if not (np.issubdtype(marks.dtype, np.integer) or marks.dtype == bool):
         raise ValueError(
             f"train: scribbles must be an integer (Labels) array, got dtype {marks.dtype}"
         )
-    if marks.min() < 0:
-        raise ValueError(
-            "train: scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
-        )
-    present = np.unique(marks[marks > 0])
-    if present.size == 0:
-        raise ValueError(
-            "train: the scribbles label no voxel; paint at least two classes (1 = background)"
-        )
-    k = int(present.max())
-    if k < 2:
-        raise ValueError(
-            "train: only one class is painted; paint background (1) and at least one more class"
-        )
-    missing = sorted(set(range(1, k + 1)) - set(present.tolist()))
-    if missing:
-        raise ValueError(
-            f"train: scribble values must be 1..{k} with each present; missing {missing}"
-        )
+    k = _classes_painted(marks)
     spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     spec = features or FeatureSpec()
-    steps = 400 if steps is None else int(steps)
-    if steps < 1:
-        raise ValueError(f"train: steps must be >= 1, got {steps}")
+    if not isinstance(spec, FeatureSpec):
+        raise TypeError(f"train: features must be a FeatureSpec, got {type(spec).__name__}")
+    steps = 400 if steps is None else check_int(steps, "train: steps", 1, 100_000)
+    hidden = check_ints(hidden, None, "train: hidden (MLP widths)", 1, 1024)
+    if class_names is not None and (
+        isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__")
+    ):
+        raise ValueError(
+            f"train: class_names must be a list of names, background first, got {short_repr(class_names)}"
+        )
     names = (
         list(class_names)
         if class_names is not None
@@ -108,6 +92,8 @@ def train(
     )
     if len(names) != k:
         raise ValueError(f"train: {len(names)} class names for {k} classes")
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"train: class names must be strings, got {short_repr(names)}")
     classes = tuple(
         ClassInfo(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)
     )
@@ -117,7 +103,7 @@ def train(
         in_channels=vol.shape[0],
         classes=classes,
         features=spec,
-        head=HeadConfig(tuple(int(h) for h in hidden)),
+        head=HeadConfig(hidden),
         spacing=spacing,
         provenance={
             "method": "train() from scribbles",
@@ -131,7 +117,48 @@ def train(
     x, y = _labelled_features(vol, marks, model, spacing, gen, should_cancel)
     with torch.enable_grad():  # also when called under torch.no_grad()
         _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
-    return model.cpu().eval()
+    model = model.cpu().eval()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError(
+            "train: the optimisation diverged (the weights are not finite); check the image for "
+            "extreme values and try fewer steps"
+        )
+    return model
+
+
+MAX_LABEL = 255
+
+
+def _classes_painted(marks: np.ndarray) -> int:
+    """The number of classes K in ``marks``: values 0 (unlabelled) and 1..K, each present."""
+    if marks.size and int(marks.min()) < 0:
+        raise ValueError(
+            "train: scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
+        )
+    present = np.unique(marks[marks > 0]).tolist()
+    big = [v for v in present if v > MAX_LABEL]
+    if big:
+        shown = ", ".join(str(v) for v in big[:3]) + (", ..." if len(big) > 3 else "")
+        raise ValueError(
+            f"train: scribble values must be at most {MAX_LABEL} (one per class); found "
+            f"{len(big)} larger value(s): {shown}. Relabel the scribbles 1..K"
+        )
+    if not present:
+        raise ValueError(
+            "train: the scribbles label no voxel; paint at least two classes (1 = background)"
+        )
+    k = int(present[-1])
+    if k < 2:
+        raise ValueError(
+            "train: only one class is painted; paint background (1) and at least one more class"
+        )
+    missing = sorted(set(range(1, k + 1)) - set(present))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"train: scribble values must be 1..{k} with each present; missing {shown}"
+        )
+    return k
 
 
 def _version() -> str:

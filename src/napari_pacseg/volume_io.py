@@ -9,11 +9,14 @@ folder and rename it into place, so a target path only ever holds a complete fil
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -169,6 +172,8 @@ class Volume:
     kind : "tiff", "npy", "zarr" or "ome-zarr".
     spacing : ``(z, y, x)`` voxel size in micrometres from the file's metadata, or None.
     spacing_source : where ``spacing`` came from ("" when None).
+    spacing_problem : why metadata that should give the spacing could not be read ("" when
+        none): the caller then needs a spacing of its own (``--spacing``) rather than a guess.
     """
 
     path: Path
@@ -177,6 +182,7 @@ class Volume:
     layout: Layout
     spacing: tuple[float, float, float] | None = None
     spacing_source: str = ""
+    spacing_problem: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -258,22 +264,56 @@ def read_tiff(path, channel_axis: int | None = None) -> Volume:
     """The first series of a TIFF, with its axes and, from ImageJ or OME metadata, its spacing."""
     tifffile = _need("tifffile")
     path = Path(path)
+    quiet = logging.getLogger("tifffile")  # it logs damage itself; we report it in one line
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            _check_complete(tif, series, path.stat().st_size)
             data = series.asarray()
             axes = "".join(
                 {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}.get(a, "?")
                 for a in series.axes
             )
-            spacing, source = _tiff_spacing(tif)
-    except (tifffile.TiffFileError, OSError, IndexError, ValueError) as err:
+            spacing, source, problem = _tiff_spacing(tif)
+    except VolumeError as err:
+        raise VolumeError(f"{path}: {err}") from None
+    except (tifffile.TiffFileError, OSError, IndexError, ValueError, KeyError) as err:
         raise VolumeError(f"{path}: not a readable TIFF ({err})") from err
+    finally:
+        quiet.setLevel(level)
     layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
-    return Volume(path, "tiff", data, layout, spacing, source)
+    return Volume(path, "tiff", data, layout, spacing, source, problem)
 
 
-def _tiff_spacing(tif) -> tuple[tuple[float, float, float] | None, str]:
+def _check_complete(tif, series, size: int) -> None:
+    """``VolumeError`` when the file ends before the data its header declares (truncated)."""
+    declared = (tif.imagej_metadata or {}).get("images")
+    planes = math.prod(n for n, a in zip(series.shape, series.axes) if a not in "YXS")
+    if isinstance(declared, int) and declared > planes:
+        raise VolumeError(
+            f"truncated or damaged: its ImageJ header declares {declared} images but only "
+            f"{planes} can be read; copy the file again from its source"
+        )
+    offset = getattr(series, "dataoffset", None)
+    if offset is not None and offset + series.nbytes > size:
+        raise VolumeError(
+            f"truncated: the image data needs {offset + series.nbytes} bytes but the file has "
+            f"{size}; copy the file again from its source"
+        )
+    for page in tif.pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+        if ends and max(ends) > size:
+            raise VolumeError(
+                f"truncated: page {page.index} needs {max(ends)} bytes but the file has {size}; "
+                "copy the file again from its source"
+            )
+
+
+def _tiff_spacing(tif) -> tuple[tuple[float, float, float] | None, str, str]:
+    """``(spacing, source, problem)`` from OME or ImageJ metadata; ``problem`` says why
+    metadata that is there could not be used."""
     if tif.is_ome and tif.ome_metadata:
         try:
             pixels = next(
@@ -284,21 +324,36 @@ def _tiff_spacing(tif) -> tuple[tuple[float, float, float] | None, str]:
         if pixels is not None and pixels.get("PhysicalSizeX"):
             sizes = []
             for a in "ZYX":
-                value = float(pixels.get(f"PhysicalSize{a}", 1.0))
+                text = pixels.get(f"PhysicalSize{a}", "1")
+                try:
+                    value = float(text)
+                except ValueError:
+                    return (
+                        None,
+                        "",
+                        f"its OME metadata has PhysicalSize{a}={text[:40]!r}, not a number",
+                    )
                 sizes.append(
                     value * _TO_MICRONS.get(pixels.get(f"PhysicalSize{a}Unit", "µm").lower(), 1.0)
                 )
-            return _positive(sizes), "OME-TIFF metadata"
+            spacing = _positive(sizes)
+            problem = "" if spacing else f"its OME metadata gives the voxel size {sizes}"
+            return spacing, "OME-TIFF metadata" if spacing else "", problem
     meta = tif.imagej_metadata
     if meta and ("spacing" in meta or "unit" in meta):
         page = tif.pages[0]
         res = [page.tags.get(t) for t in ("YResolution", "XResolution")]
         if all(r is not None for r in res):
-            yx = [den / num if num else 1.0 for num, den in (r.value for r in res)]
-            scale = _TO_MICRONS.get(str(meta.get("unit", "um")).lower(), 1.0)
-            sizes = [float(meta.get("spacing", 1.0)) * scale, yx[0] * scale, yx[1] * scale]
-            return _positive(sizes), "ImageJ metadata"
-    return None, ""
+            try:
+                yx = [den / num if num else 1.0 for num, den in (r.value for r in res)]
+                scale = _TO_MICRONS.get(str(meta.get("unit", "um")).lower(), 1.0)
+                sizes = [float(meta.get("spacing", 1.0)) * scale, yx[0] * scale, yx[1] * scale]
+            except (TypeError, ValueError):
+                return None, "", "its ImageJ metadata has a voxel size that is not a number"
+            spacing = _positive(sizes)
+            problem = "" if spacing else f"its ImageJ metadata gives the voxel size {sizes}"
+            return spacing, "ImageJ metadata" if spacing else "", problem
+    return None, "", ""
 
 
 def _positive(sizes) -> tuple[float, float, float] | None:
@@ -332,17 +387,23 @@ def open_zarr(path, channel_axis: int | None = None) -> Volume:
         dataset = ms["datasets"][0]
         data = node[dataset["path"]]
         axes, units = _ome_axes(ms.get("axes"), data.ndim)
-        scale = _ome_scale(dataset, ms, data.ndim)
-    except (KeyError, IndexError, TypeError, ValueError) as err:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise VolumeError(f"{path}: malformed OME-Zarr multiscales metadata ({err!r})") from err
     layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
-    spacing = None
-    if scale is not None:
-        spacing = _positive(
-            scale[a] * _TO_MICRONS.get(str(units[a] or "micrometer").lower(), 1.0)
-            for a in layout.spatial
-        )
-    return Volume(path, "ome-zarr", data, layout, spacing, "OME-Zarr metadata" if spacing else "")
+    spacing, problem = None, ""
+    try:  # a bad scale costs only the spacing: the data stays readable with spacing given
+        scale = _ome_scale(dataset, ms, data.ndim)
+        if scale is not None:
+            sizes = [
+                scale[a] * _TO_MICRONS.get(str(units[a] or "micrometer").lower(), 1.0)
+                for a in layout.spatial
+            ]
+            spacing = _positive(sizes)
+            problem = "" if spacing else f"its OME-Zarr scale gives the voxel size {sizes}"
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        problem = f"its OME-Zarr scale metadata cannot be read ({str(err)[:80]})"
+    source = "OME-Zarr metadata" if spacing else ""
+    return Volume(path, "ome-zarr", data, layout, spacing, source, problem)
 
 
 def _ome_axes(axes, ndim) -> tuple[str, list]:
@@ -378,13 +439,106 @@ def _ome_scale(dataset, ms, ndim) -> list[float] | None:
     return scale
 
 
+def read_region(raw, layout: Layout, box, where) -> np.ndarray:
+    """``layout.region(raw, box)``, with a ``VolumeError`` naming ``where`` (the file) and the
+    damaged chunk when the store cannot decode it (a raw codec error names neither)."""
+    try:
+        return layout.region(raw, box)
+    except (MemoryError, KeyboardInterrupt, VolumeError):
+        raise
+    except Exception as err:
+        raise VolumeError(
+            f"{where}: {describe_bad_chunk(raw, layout.selection(box), err)}"
+        ) from err
+
+
+def describe_bad_chunk(raw, selection, err) -> str:
+    """The first chunk of ``raw`` inside ``selection`` that fails to read, as a message."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    chunks = getattr(raw, "chunks", None)
+    if not chunks or len(chunks) != len(raw.shape) or not isinstance(chunks[0], int):
+        return f"cannot read the data ({reason}); the file may be damaged"
+    ranges = []
+    for sel, n, c in zip(selection, raw.shape, chunks):
+        if isinstance(sel, slice):
+            start, stop, _ = sel.indices(n)
+        else:
+            start, stop = int(sel), int(sel) + 1
+        ranges.append(range(start // c, max(start // c + 1, -(-stop // c))))
+    for index in itertools.product(*ranges):
+        part = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, raw.shape))
+        try:
+            raw[part]
+        except Exception:
+            voxels = ", ".join(f"{s.start}:{s.stop}" for s in part)
+            return (
+                f"chunk {index} (array index [{voxels}]) cannot be decoded ({reason}); the file is "
+                "damaged: restore or rewrite that chunk"
+            )
+    return f"cannot read the data ({reason}); the file may be damaged"
+
+
 # --- atomic writing -----------------------------------------------------------------------------
 
 
+def _host() -> str:
+    """This machine's name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+
+
+# ``.<name>.<pid>-<8 hex>@<host>.tmp`` (the host is absent in names written before it was added).
+_TEMPORARY = re.compile(
+    r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}(?:@(?P<host>[A-Za-z0-9_-]+))?\.tmp"
+)
+
+
 def temporary_sibling(path) -> Path:
-    """A hidden, unique name in ``path``'s folder (same file system, so a rename is atomic)."""
+    """A hidden, unique name in ``path``'s folder (same file system, so a rename is atomic). It
+    holds this process's id and host, so a later run can tell a dead process's leftover from the
+    temporary of a run still in progress (``remove_stale_temporaries``)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}.tmp")
+
+
+def is_temporary(path) -> bool:
+    """True for names made by ``temporary_sibling``."""
+    return _TEMPORARY.fullmatch(Path(path).name) is not None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Delete the temporaries of ``path`` (``temporary_sibling`` names in its folder) left by
+    processes of this host that no longer run (a SIGKILL, a power cut); those of live processes,
+    and of other hosts sharing the folder, are kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    prefix = f".{path.name}."
+    for entry in siblings:
+        if not entry.name.startswith(prefix):
+            continue
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match["name"] != path.name:
+            continue
+        if match["host"] not in (None, _host()) or _alive(int(match["pid"])):
+            continue
+        remove(entry)
+        removed.append(entry)
+    return removed
 
 
 def remove(path) -> None:
@@ -420,6 +574,7 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    remove_stale_temporaries(path)
     tmp = temporary_sibling(path)
     try:
         yield tmp
@@ -463,8 +618,3 @@ def write_json(path, obj, overwrite: bool = True) -> Path:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
         _fsync(tmp)
     return Path(path)
-
-
-def is_temporary(path) -> bool:
-    """True for names made by ``temporary_sibling``."""
-    return re.fullmatch(r"\..+\.\d+-[0-9a-f]{8}\.tmp", Path(path).name) is not None

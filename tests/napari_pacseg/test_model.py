@@ -272,5 +272,5 @@ def test_refine_window_follows_the_spacing(config, spacing, kernel, sigma):
 
 @pytest.mark.parametrize("field", ["temperature", "guide_sigma"])
 def test_refine_config_refuses_non_positive(field):
-    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+    with pytest.raises(ValueError, match=f"{field} must be a number in"):
         RefineConfig(**{field: 0.0})

@@ -1,0 +1,186 @@
+"""Checks of what users pass in: images, spacings, sizes, devices. Each failure is a ``ValueError``
+(``TypeError`` for a wrong kind of object) whose one-line message says what was wrong and what to
+do, with values clipped so that a 300-digit number or a huge array never floods a message."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+import torch
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_int(value) -> bool:
+    """A real ``int`` (``bool`` is not one here; neither is ``3.0``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite real number: an ``int`` or ``float``, not a ``bool`` or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def short_repr(value, limit: int = 40) -> str:
+    """``value`` for an error message: ASCII (control characters and lone surrogates escaped),
+    one line, at most ``limit`` characters; a huge integer is described, not printed."""
+    if is_int(value) and value.bit_length() > 128:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = ascii(value)
+    except Exception:  # e.g. an int of over 4300 digits inside a tuple, or a failing repr
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:
+    """``(C, D, H, W)`` view of a 3D image, or of a 4D one with ``channel_axis``; any strides.
+
+    Refuses non-numeric and complex dtypes, empty arrays, and float values that are NaN,
+    infinite, or beyond the float32 range the pipeline computes in.
+    """
+    if isinstance(image, (str, bytes)) or image is None:
+        raise TypeError(f"{what} must be an array, got {short_repr(image)}")
+    arr = np.asarray(image)
+    if np.iscomplexobj(arr):
+        raise ValueError(
+            f"{what} has the complex dtype {arr.dtype}; segment its magnitude (np.abs) or its "
+            "real part explicitly"
+        )
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"{what} has dtype {arr.dtype}; a numeric image is required")
+    if channel_axis is None:
+        if arr.ndim != 3:
+            raise ValueError(
+                f"{what} must be 3D (D, H, W), got shape {short_repr(arr.shape)}; for a multichannel "
+                "4D image pass channel_axis"
+            )
+        arr = arr[None]
+    else:
+        if arr.ndim != 4:
+            raise ValueError(
+                f"{what} with channel_axis={short_repr(channel_axis)} must be 4D, got shape {short_repr(arr.shape)}"
+            )
+        axis = check_int(channel_axis, "channel_axis", low=-4, high=3)
+        arr = np.moveaxis(arr, axis, 0)
+    if arr.size == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape})")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"{what} holds {bad} NaN or infinite values; fill or mask them first")
+        peak = max(abs(float(arr.min())), abs(float(arr.max())))
+        if peak > FLOAT32_MAX / 4:  # differences of two values must stay finite in float32
+            raise ValueError(
+                f"{what} holds values up to {peak:.3g}, beyond the float32 range the "
+                f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); rescale it first"
+            )
+    return arr
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int (a Python or numpy integer; not a bool, float or string) within
+    ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
+    value = operator.index(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer in {span}, got {short_repr(value)}")
+    return value
+
+
+def check_number(value, name: str) -> float:
+    """``value`` as a finite float (a real number; not a bool or string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {short_repr(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {short_repr(value)}")
+    return value
+
+
+def _sequence(value, n: int, name: str, example: str) -> list:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be {n} {example}, got {short_repr(value)}")
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(f"{name} must be {n} {example}, got {short_repr(value)}")
+    return items
+
+
+def check_spacing(spacing, default, n: int = 3) -> tuple[float, ...]:
+    """``spacing`` (``n`` positive finite numbers, z first), or ``default`` when None."""
+    if spacing is None:
+        spacing = default
+    example = "positive numbers (z, y, x)"
+    items = _sequence(spacing, n, "spacing", example)
+    values = []
+    for s in items:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
+            raise ValueError(f"spacing must be {n} {example}, got {short_repr(spacing)}")
+        s = float(s)
+        if not (math.isfinite(s) and 0 < s < 1e12):
+            raise ValueError(f"spacing must be {n} {example}, got {short_repr(spacing)}")
+        values.append(s)
+    return tuple(values)
+
+
+def check_ints(value, n: int | None, name: str, low: int = 1, high: int | None = None) -> tuple:
+    """``value`` as a tuple of ints in ``[low, high]`` (``n`` of them when ``n`` is given)."""
+    if n is not None:
+        items = _sequence(value, n, name, "integers")
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of integers, got {short_repr(value)}")
+    else:
+        items = list(value)
+    return tuple(check_int(v, f"{name} entries", low, high) for v in items)
+
+
+def resolve_device(device) -> torch.device:
+    """``torch.device`` of "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1",
+    "mps" or a ``torch.device``; ``ValueError`` for a malformed name or a device this machine
+    does not have."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {short_repr(device)}"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device {short_repr(device)} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {short_repr(str(device))}: CUDA is not available here (no NVIDIA GPU, or a "
+                "torch build without CUDA); use device='cpu' or 'auto'"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {short_repr(str(device))}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device {short_repr(str(device))}: MPS is not available here; use 'cpu'"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(
+            f"device {short_repr(str(device))} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'"
+        )
+    return dev
