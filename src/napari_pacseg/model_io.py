@@ -49,6 +49,7 @@ from .model import (
     RefineConfig,
     unprintable_chars,
 )
+from .volume_io import remove_stale_temporaries, temporary_sibling
 
 FORMAT = "napari-pacseg-model"
 FORMAT_VERSION = 2  # 2: the metadata holds a checksum; 1: none (still read, with a warning)
@@ -116,20 +117,22 @@ def _float(value, where):
     return value
 
 
-def _bool(value, where):
-    if not isinstance(value, bool):
-        raise ModelFileError(
-            f"model config: {where} must be true or false, got {_kind(value)} {short_repr(value)}"
-        )
-    return value
+def _of_type(kind: type, wanted: str):
+    """A check that a JSON value is a ``kind`` (described as ``wanted``)."""
+
+    def check(value, where):
+        if not isinstance(value, kind):
+            raise ModelFileError(
+                f"model config: {where} must be {wanted}, got {_kind(value)} {short_repr(value)}"
+            )
+        return value
+
+    return check
 
 
-def _str(value, where):
-    if not isinstance(value, str):
-        raise ModelFileError(
-            f"model config: {where} must be a string, got {_kind(value)} {short_repr(value)}"
-        )
-    return value
+_bool = _of_type(bool, "true or false")
+_str = _of_type(str, "a string")
+_list = _of_type(list, "a list")
 
 
 def _kind(value) -> str:
@@ -144,14 +147,6 @@ def _plain(value, where):
         return tuple(_plain(v, where) for v in value)
     if isinstance(value, dict):
         raise ModelFileError(f"model config: {where} must not be an object")
-    return value
-
-
-def _list(value, where):
-    if not isinstance(value, list):
-        raise ModelFileError(
-            f"model config: {where} must be a list, got {_kind(value)} {short_repr(value)}"
-        )
     return value
 
 
@@ -338,7 +333,8 @@ def save_model(model: PacSegModel, path) -> Path:
         offset += size
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))

@@ -439,6 +439,8 @@ def test_cli_on_a_folder_of_mixed_inputs(tmp_path, image, capsys):
     assert digest(d) == before
     done = sorted(p.name for p in out.glob("*_pacseg.json"))
     assert done == ["good2_pacseg.json", "good_pacseg.json"]
+    for matte in (np.load(out / "good_matte.npy"), tifffile.imread(out / "good2_matte.tif")):
+        assert np.isfinite(matte).all() and 0 <= matte.min() <= matte.max() <= 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
