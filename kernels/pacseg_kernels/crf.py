@@ -9,9 +9,14 @@ import torch
 
 from . import crf_torch
 from .backend import resolve_backend
-from .checks import FLOAT64_UNFUSED, compute_dtype, triple
-from .pac import check_volume_pair, pac_apply
+from .checks import FLOAT64_UNFUSED, check_taps, compute_dtype, is_int, short_repr, triple
+from .pac import bad_guide_mask, check_volume_pair, pac_apply, window_any
 from .pac_torch import PacGeometry
+
+# Most mean-field steps pac_crf3d runs (it converges in a handful; 10^9 would never finish).
+MAX_ITERATIONS = 1000
+# Largest |compat|: beyond it the unary no longer matters and logits lose float32 precision.
+MAX_COMPAT = 1e6
 
 
 def spatial_tap_weights(geo: PacGeometry, spatial_sigma) -> list[float]:
@@ -27,27 +32,46 @@ def spatial_tap_weights(geo: PacGeometry, spatial_sigma) -> list[float]:
             weights.append(0.0)
         elif spatial_sigma is None:
             weights.append(1.0)
-        else:
+        else:  # (o / s) * (o / s), not ** 2: a tiny sigma gives inf (weight 0), no OverflowError
             weights.append(
-                math.exp(-0.5 * sum((o / s) ** 2 for o, s in zip(offsets, spatial_sigma)))
+                math.exp(-0.5 * sum((o / s) * (o / s) for o, s in zip(offsets, spatial_sigma)))
             )
     return weights
+
+
+def useful_kernel(kernel, dilation, shape) -> tuple[int, int, int]:
+    """``kernel`` clipped per axis to the largest window whose taps can land in a volume of
+    ``shape``: ``2 * ((n - 1) // dilation) + 1``. Every window centre lies inside the volume, so
+    a tap further than ``n - 1`` voxels from it is out of bounds for every voxel, weighs exactly
+    0 and changes nothing: the mean field is the same with or without it."""
+    return tuple(min(k, 2 * ((n - 1) // d) + 1) for k, d, n in zip(kernel, dilation, shape))
 
 
 def _sigma_triple(spatial_sigma, op: str):
     if spatial_sigma is None:
         return None
-    if isinstance(spatial_sigma, Real) and not isinstance(spatial_sigma, bool):
+    if _is_number(spatial_sigma):
         sigma = (float(spatial_sigma),) * 3
-    elif isinstance(spatial_sigma, (tuple, list)) and len(spatial_sigma) == 3:
+    elif (
+        isinstance(spatial_sigma, (tuple, list))
+        and len(spatial_sigma) == 3
+        and all(_is_number(s) for s in spatial_sigma)
+    ):
         sigma = tuple(float(s) for s in spatial_sigma)
     else:
         raise ValueError(
-            f"{op}: spatial_sigma must be None, a number or 3 numbers (d, h, w), got {spatial_sigma!r}"
+            f"{op}: spatial_sigma must be None, a number or 3 numbers (d, h, w), got "
+            f"{short_repr(spatial_sigma)}"
         )
     if not all(math.isfinite(s) and s > 0 for s in sigma):
-        raise ValueError(f"{op}: spatial_sigma must be positive and finite, got {spatial_sigma!r}")
+        raise ValueError(
+            f"{op}: spatial_sigma must be positive and finite, got {short_repr(spatial_sigma)}"
+        )
     return sigma
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, (bool, torch.Tensor))
 
 
 def pac_crf3d(
@@ -70,11 +94,15 @@ def pac_crf3d(
 
     Parameters
     ----------
-    unary : Tensor ``(N, K, D, H, W)``: class logits (K >= 1), float.
-    guide : Tensor ``(N, F, D, H, W)``: features that decide affinity (scale them by 1/sigma).
-    iterations : int >= 0
-    kernel_size : odd int or (d, h, w) triple; dilation : int >= 1 or triple.
-    compat : float: Potts compatibility strength.
+    unary : Tensor ``(N, K, D, H, W)``: class logits (K >= 1), float; no dimension of size 0.
+    guide : Tensor ``(N, F, D, H, W)``: features that decide affinity (scale them by 1/sigma);
+        F >= 1 (a constant guide weighs every tap equally).
+    iterations : int in [0, 1000]
+    kernel_size : odd int or (d, h, w) triple; dilation : int >= 1 or triple. A window larger
+        than the volume is clipped to ``2 * ((n - 1) // dilation) + 1`` per axis (``n`` the
+        volume's size): the taps beyond can never land in the volume, so the result is the
+        same. The clipped window may have at most 32768 (32^3) taps.
+    compat : float: Potts compatibility strength, finite, ``|compat| <= 1e6``.
     spatial_sigma : None, float or (d, h, w): Gaussian spatial falloff in voxels (dilation
         included in the offsets); None weighs all taps of the window equally.
     backend : {"auto", "triton", "torch"}
@@ -84,24 +112,70 @@ def pac_crf3d(
     Tensor ``(N, K, D, H, W)``: the refined logits ``unary - P`` of the last step (``unary``
     itself when ``iterations == 0``), float32 (float64 for float64 inputs). Differentiable in
     ``unary`` and ``guide``.
+
+    Non-finite values are never turned into finite logits silently: a NaN or +inf logit in
+    ``unary`` makes its voxel's probabilities NaN, and each step spreads NaN one window
+    further (a -inf logit is a probability of 0 and stays -inf). A guide value that is NaN or
+    +-inf makes NaN every voxel within ``iterations`` windows of it (all classes).
+
+    Raises
+    ------
+    ValueError
+        Wrong dims or dtypes, mismatched shapes or devices, a dimension of size 0 (batch,
+        classes, guide features, spatial), even kernel sizes, more than 32768 taps, iterations
+        outside [0, 1000], a non-finite or too large compat, bad spatial_sigma, bools or strings
+        where numbers are meant.
     """
     op = "pac_crf3d"
-    check_volume_pair(unary, guide, op, x_name="unary")
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ValueError(f"{op}: iterations must be an int >= 0, got {iterations!r}")
-    if not isinstance(compat, Real) or not math.isfinite(compat):
-        raise ValueError(f"{op}: compat must be a finite number, got {compat!r}")
-    kernel = triple(kernel_size, "kernel_size", op)
-    dil = triple(dilation, "dilation", op)
-    if any(k < 1 or k % 2 == 0 for k in kernel):
-        raise ValueError(f"{op}: kernel sizes must be odd and >= 1, got {kernel}")
-    if any(d < 1 for d in dil):
-        raise ValueError(f"{op}: dilation must be >= 1, got {dil}")
-    sigma = _sigma_triple(spatial_sigma, op)
+    check_volume_pair(unary, guide, op, x_name="unary", what="class (K >= 1 logits per voxel)")
+    iterations, kernel, dil, compat, sigma = check_crf_params(
+        iterations, kernel_size, dilation, compat, spatial_sigma, op
+    )
+    kernel = useful_kernel(kernel, dil, unary.shape[2:])
+    check_taps(kernel, op, "kernel_size (clipped to the volume)")
     dtype = compute_dtype(unary, guide)
     unary = unary.to(dtype)
     if iterations == 0:
         return unary
+    logits = _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op)
+    bad = bad_guide_mask(guide)
+    if bad is not None:  # the kernels give such taps weight 0; make what they reach NaN instead
+        pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
+        for _ in range(iterations):  # each step spreads the NaN by one window
+            bad = window_any(bad, kernel, (1, 1, 1), pad, dil).to(torch.float32)
+            if bool(bad.all()):
+                break
+        logits = logits.masked_fill(bad > 0, float("nan"))
+    return logits
+
+
+def check_crf_params(iterations, kernel_size, dilation, compat, spatial_sigma, op: str):
+    """Validated ``(iterations, kernel, dilation, compat, sigma)`` of ``pac_crf3d``; kernel and
+    dilation as triples, sigma as a triple or None. ``ValueError`` naming ``op`` otherwise."""
+    if not is_int(iterations) or iterations < 0:
+        raise ValueError(f"{op}: iterations must be an int >= 0, got {short_repr(iterations)}")
+    if iterations > MAX_ITERATIONS:
+        raise ValueError(
+            f"{op}: iterations must be at most {MAX_ITERATIONS} (mean field settles in a few "
+            f"steps), got {short_repr(iterations)}"
+        )
+    if not _is_number(compat) or not math.isfinite(compat) or abs(compat) > MAX_COMPAT:
+        raise ValueError(
+            f"{op}: compat must be a finite number in [-{MAX_COMPAT:g}, {MAX_COMPAT:g}], got "
+            f"{short_repr(compat)}"
+        )
+    kernel = triple(kernel_size, "kernel_size", op)
+    dil = triple(dilation, "dilation", op)
+    if any(k < 1 or k % 2 == 0 for k in kernel):
+        raise ValueError(f"{op}: kernel sizes must be odd and >= 1, got {short_repr(kernel)}")
+    if any(d < 1 for d in dil):
+        raise ValueError(f"{op}: dilation must be >= 1, got {short_repr(dil)}")
+    sigma = _sigma_triple(spatial_sigma, op)
+    return int(iterations), kernel, dil, float(compat), sigma
+
+
+def _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op):
+    """The refined logits of ``pac_crf3d`` (validated arguments, ``iterations >= 1``)."""
     pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
     geo = PacGeometry(tuple(unary.shape[2:]), kernel, (1, 1, 1), pad, dil)
     scale = spatial_tap_weights(geo, sigma)

@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from . import mlp_torch
 from .backend import resolve_backend
-from .checks import FLOAT64_UNFUSED, check_float
+from .checks import FLOAT64_UNFUSED, VOLUME_AXES, check_float, check_not_empty, short_repr
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 # Limits of the fused Triton kernel (its code unrolls exactly FUSED_MAX_LAYERS layers).
@@ -20,19 +20,32 @@ _OP = "voxel_mlp"
 
 def _validate(x, weights, biases, activation, channels_last) -> None:
     check_float(x, "x", _OP)
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(
-            f"voxel_mlp: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
+            f"voxel_mlp: unknown activation {short_repr(activation)}; choose one of {ACTIVATIONS}"
+        )
+    if channels_last not in (True, False):
+        raise ValueError(
+            f"voxel_mlp: channels_last must be True or False, got {short_repr(channels_last)}"
         )
     if channels_last:
         if x.ndim < 1:
             raise ValueError("voxel_mlp: x must have a channel axis last, got a 0-d tensor")
+        axes = (*(f"axis {i}" for i in range(x.ndim - 1)), "C (channels, last)")
     elif x.ndim != 5:
         raise ValueError(
             f"voxel_mlp: x must be (N, C, D, H, W), got shape {tuple(x.shape)}; "
             "for (..., C) arrays such as (X, Y, Z, n) pass channels_last=True"
         )
-    if isinstance(weights, torch.Tensor) or isinstance(biases, torch.Tensor):
+    else:
+        axes = VOLUME_AXES
+    check_not_empty(x, "x", _OP, axes, what="feature per voxel")
+    if (
+        isinstance(weights, (torch.Tensor, str))
+        or isinstance(biases, (torch.Tensor, str))
+        or not isinstance(weights, Sequence)
+        or not isinstance(biases, Sequence)
+    ):
         raise ValueError("voxel_mlp: weights and biases must be lists of tensors, one per layer")
     if len(weights) == 0:
         raise ValueError("voxel_mlp: weights is empty; give at least one (out, in) matrix")
@@ -48,6 +61,11 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
         if w.ndim != 2:
             raise ValueError(
                 f"voxel_mlp: weights[{i}] must be (out, in), got shape {tuple(w.shape)}"
+            )
+        if w.shape[0] == 0:
+            raise ValueError(
+                f"voxel_mlp: weights[{i}] has shape {tuple(w.shape)}: a layer of 0 units; every "
+                "layer needs at least one output"
             )
         if w.shape[1] != expected_in:
             source = (
@@ -184,11 +202,24 @@ def voxel_mlp(
     Tensor ``(N, K, D, H, W)`` or ``(..., K)``, contiguous; float32 (float64 when ``x`` or a
     parameter is float64). Differentiable in ``x``, ``weights`` and ``biases``.
 
+    Non-finite values
+    -----------------
+    Voxels are independent. A voxel with NaN among its input features gets NaN in every
+    output, on every path (oneDNN's fused layers, the blocked ``addmm`` path and the Triton
+    kernel), as ``nn.Sequential`` gives. +-inf inputs and layers that overflow follow IEEE
+    arithmetic as the same layers do in torch: an output is non-finite wherever
+    ``nn.Sequential``'s is (the Triton kernel may give inf where torch gives NaN, e.g. exact
+    GELU of +inf), and only what makes it finite in torch, a saturating activation (tanh,
+    sigmoid, ReLU of -inf), makes it finite here. Nothing is checked or raised for them.
+    (Finite inputs near the float32 limit may overflow in torch's ops and not in the Triton
+    kernel's: torch's GELU gives inf above ~1.7e38.)
+
     Raises
     ------
     ValueError
-        Wrong number of dimensions, channel count not matching ``weights[0]``, mismatched layer
-        shapes, non-float dtypes, unknown activation or backend, tensors on different devices.
+        Wrong number of dimensions, a dimension of size 0 (no voxels or no channels), channel
+        count not matching ``weights[0]``, a layer of 0 units, mismatched layer shapes,
+        non-float dtypes, unknown activation or backend, tensors on different devices.
     """
     _validate(x, weights, biases, activation, channels_last)
     params = [*weights, *biases]

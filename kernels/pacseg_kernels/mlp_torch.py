@@ -8,6 +8,7 @@ Layout: channels first, so one block of voxels is a ``(C, n)`` matrix and a laye
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -150,10 +151,46 @@ def mlp_forward(
                 h = _activate_(nxt, activation)
 
 
+def relu_safe_input_bound(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> float:
+    """Largest ``max|x|`` for which no hidden pre-activation of the ReLU MLP can be non-finite.
+
+    oneDNN's fused ReLU returns 0 for a NaN pre-activation, where ``torch.relu`` (and so
+    ``nn.Sequential``) returns NaN. A hidden NaN needs a non-finite value before it (a NaN or
+    inf input, or a layer that overflowed), so a block whose inputs are finite and below this
+    bound cannot meet the difference. With ``R_l = max_i sum_j |W_l[i, j]|`` and ``B_l =
+    max |b_l|``, every partial sum of layer ``l`` is at most ``M_l = R_l * M_{l-1} + B_l``
+    (``|relu(z)| <= |z|``); the bound keeps ``M_l`` of every hidden layer below half the
+    largest float32. It is never above that either, even where the weights are 0 (0 * NaN is
+    NaN), so NaN and inf inputs always fail it; NaN (never passes a comparison) when a weight or
+    bias is not finite.
+    """
+    limit = torch.finfo(torch.float32).max / 2
+    bound = limit
+    scale, offset = 1.0, 0.0  # M_l = scale * M_0 + offset
+    for w, b in zip(weights[:-1], biases[:-1]):
+        r = float(w.detach().abs().double().sum(1).amax())
+        m = float(b.detach().abs().double().amax()) if b.numel() else 0.0
+        scale, offset = r * scale, r * offset + m
+        if not (math.isfinite(scale) and math.isfinite(offset)) or offset > limit:
+            return math.nan
+        if scale > 0:
+            bound = min(bound, (limit - offset) / scale)
+    return bound
+
+
 def _forward_onednn(x, out, weights, biases, activation) -> None:
-    """``mlp_forward`` with oneDNN's fused linear + activation, on ``(n, C)`` row blocks."""
+    """``mlp_forward`` with oneDNN's fused linear + activation, on ``(n, C)`` row blocks.
+
+    Its fused ReLU maps NaN to 0; a block whose input could lead to a NaN pre-activation (see
+    ``relu_safe_input_bound``: checked with one ``aminmax`` of the block, which also sees NaN and
+    inf) runs its ReLUs in torch instead, so NaN propagates as in ``nn.Sequential``. The other
+    activations of oneDNN already give what torch gives for NaN and +-inf.
+    """
     op = _onednn_linear()
     attr, algorithm = _ONEDNN_ATTR[activation]
+    # Only ReLU between layers needs the check (one layer has none).
+    check = activation == "relu" and len(weights) > 1
+    bound = relu_safe_input_bound(weights, biases) if check else math.inf
     width = max(w.shape[0] for w in weights)
     # The op allocates each layer's (block, width) output afresh. glibc serves allocations above
     # its mmap threshold with fresh, page-faulted mappings (measured: 4x slower overall here) and
@@ -162,14 +199,21 @@ def _forward_onednn(x, out, weights, biases, activation) -> None:
     torch.empty(2 * ONEDNN_BLOCK * width + 1024, dtype=torch.float32)  # allocated, freed at once
     last = len(weights) - 1
     for index, n in spatial_blocks(tuple(x.shape[1:]), ONEDNN_BLOCK):
-        h = x[(slice(None), *index)].reshape(x.shape[0], n).t()
-        if h.dtype != torch.float32:
-            h = h.float()
+        rows = x[(slice(None), *index)].reshape(x.shape[0], n)  # (C, n)
+        block = rows.t() if rows.dtype == torch.float32 else rows.t().float()
+        h = block
         for layer, (w, b) in enumerate(zip(weights, biases)):
-            if layer == last:
-                h = op(h, w, b, "none", [], "")
-            else:
-                h = op(h, w, b, attr, [], algorithm)
+            h = op(h, w, b, "none", [], "") if layer == last else op(h, w, b, attr, [], algorithm)
+        if check:
+            # One pass over the block (still in cache), in its contiguous orientation; NaN
+            # fails the comparison. A failing block is redone with torch's ReLU.
+            lo, hi = torch.aminmax(rows if rows.stride(-1) == 1 else rows.t())
+            if not max(-float(lo), float(hi)) <= bound:
+                h = block
+                for layer, (w, b) in enumerate(zip(weights, biases)):
+                    h = op(h, w, b, "none", [], "")
+                    if layer < last:
+                        h.relu_()
         target = out[(slice(None), *index)]
         target.copy_(h.t().reshape(target.shape))
 

@@ -28,7 +28,9 @@ def padded_width(n: int) -> int:
 @triton.jit
 def _activation(h, ACT: tl.constexpr):
     if ACT == 0:
-        h = tl.maximum(h, 0.0)
+        # Not tl.maximum: without propagate_nan its NaN result is unspecified (the GPU's max
+        # returns the other operand), and NaN must stay NaN as in torch.relu.
+        h = tl.where(h < 0.0, 0.0, h)
     elif ACT == 1:
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 2:
@@ -41,13 +43,20 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dense(h, w_ptr, b_ptr, IN_P: tl.constexpr, OUT_P: tl.constexpr, PRECISION: tl.constexpr):
-    """``h @ W.T + b`` for a ``(BLOCK_V, IN_P)`` tile; W is stored zero-padded ``(OUT_P, IN_P)``."""
+def _dense(
+    h, w_ptr, b_ptr, n_out, IN_P: tl.constexpr, OUT_P: tl.constexpr, PRECISION: tl.constexpr
+):
+    """``h @ W.T + b`` for a ``(BLOCK_V, IN_P)`` tile; W is stored zero-padded ``(OUT_P, IN_P)``.
+
+    The padded units (columns ``>= n_out``) are set to exactly 0: their zero weights would turn
+    an inf among the inputs into NaN (inf * 0), which the next layer would spread to every unit
+    of the voxel where torch gives a finite or infinite value.
+    """
     rows = tl.arange(0, IN_P)
     cols = tl.arange(0, OUT_P)
     w_t = tl.load(w_ptr + cols[None, :] * IN_P + rows[:, None])
-    out = tl.dot(h, w_t, input_precision=PRECISION)
-    return out + tl.load(b_ptr + cols)[None, :]
+    out = tl.dot(h, w_t, input_precision=PRECISION) + tl.load(b_ptr + cols)[None, :]
+    return tl.where(cols[None, :] < n_out, out, 0.0)
 
 
 @triton.jit
@@ -55,6 +64,7 @@ def _voxel_mlp_kernel(
     x_ptr, out_ptr,
     w0, b0, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
     n_voxels, blocks_per_item, size_h, size_w, channels, classes,
+    n1, n2, n3, n4, n5,
     sxn, sxc, sxd, sxh, sxw,
     son, sok, sod, soh, sow,
     NUM_LAYERS: tl.constexpr,
@@ -76,17 +86,17 @@ def _voxel_mlp_kernel(
         other=0.0,
     ).to(tl.float32)
 
-    h = _dense(h, w0, b0, P0, P1, PRECISION)
+    h = _dense(h, w0, b0, n1, P0, P1, PRECISION)
     if NUM_LAYERS > 1:
-        h = _dense(_activation(h, ACT), w1, b1, P1, P2, PRECISION)
+        h = _dense(_activation(h, ACT), w1, b1, n2, P1, P2, PRECISION)
     if NUM_LAYERS > 2:
-        h = _dense(_activation(h, ACT), w2, b2, P2, P3, PRECISION)
+        h = _dense(_activation(h, ACT), w2, b2, n3, P2, P3, PRECISION)
     if NUM_LAYERS > 3:
-        h = _dense(_activation(h, ACT), w3, b3, P3, P4, PRECISION)
+        h = _dense(_activation(h, ACT), w3, b3, n4, P3, P4, PRECISION)
     if NUM_LAYERS > 4:
-        h = _dense(_activation(h, ACT), w4, b4, P4, P5, PRECISION)
+        h = _dense(_activation(h, ACT), w4, b4, n5, P4, P5, PRECISION)
     if NUM_LAYERS > 5:
-        h = _dense(_activation(h, ACT), w5, b5, P5, P6, PRECISION)
+        h = _dense(_activation(h, ACT), w5, b5, classes, P5, P6, PRECISION)
 
     if NUM_LAYERS == 1:
         k = tl.arange(0, P1)
@@ -142,6 +152,8 @@ def mlp_forward(
     widths += [16] * (MAX_LAYERS + 1 - len(widths))
     params = _padded_layers(weights, biases)
     params += [params[0], params[1]] * (MAX_LAYERS - len(weights))
+    # Real widths of layer outputs 1..5 (the last layer's is ``classes``); unused ones any.
+    units = [wt.shape[0] for wt in weights[:-1]] + [out.shape[1]] * (MAX_LAYERS - len(weights))
     widest = max(widths)
     block_v = 128 if widest <= 64 else 64 if widest <= 128 else 32
     n_voxels = d * h * w
@@ -152,7 +164,7 @@ def mlp_forward(
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     _voxel_mlp_kernel[(n * blocks,)](
         x, out, *params,
-        n_voxels, blocks, h, w, c, out.shape[1],
+        n_voxels, blocks, h, w, c, out.shape[1], *units,
         *x.stride(), *out.stride(),
         NUM_LAYERS=len(weights),
         P0=widths[0], P1=widths[1], P2=widths[2], P3=widths[3],

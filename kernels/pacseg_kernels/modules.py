@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import triple
-from .crf import pac_crf3d
+from .checks import check_taps, is_int, short_repr, triple
+from .crf import check_crf_params, pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
 from .pac import pac3d
 from .unpool import max_unpool3d
@@ -62,9 +62,18 @@ class VoxelMLP(nn.Module):
             raise ValueError(
                 f"VoxelMLP: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
             )
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise ValueError(
+                f"VoxelMLP: hidden must be a sequence of ints (widths of the hidden layers), got "
+                f"{short_repr(hidden)}"
+            )
         widths = [in_channels, *hidden, out_channels]
-        if any(int(w) < 1 for w in widths):
-            raise ValueError(f"VoxelMLP: every width must be >= 1, got {widths}")
+        if not all(is_int(w) and w >= 1 for w in widths):
+            raise ValueError(
+                f"VoxelMLP: every width (in_channels, hidden, out_channels) must be an int >= 1, "
+                f"got {short_repr(widths)}"
+            )
+        widths = [int(w) for w in widths]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.activation = activation
         self.channels_last = channels_last
@@ -219,7 +228,28 @@ class PacConv3d(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        kernel = triple(kernel_size, "kernel_size", "PacConv3d")
+        op = "PacConv3d"
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+        ):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{op}: {name} must be an int >= 1, got {short_repr(value)}")
+        kernel = triple(kernel_size, "kernel_size", op)
+        if any(k < 1 or k % 2 == 0 for k in kernel):
+            raise ValueError(
+                f"{op}: kernel sizes must be odd and >= 1 (the window needs a centre), got "
+                f"{short_repr(kernel)}"
+            )
+        check_taps(kernel, op)
+        for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+            triple(value, name, op)
+        if bias not in (True, False) or normalize not in (True, False):
+            raise ValueError(
+                f"{op}: bias and normalize must be True or False, got {short_repr(bias)}, "
+                f"{short_repr(normalize)}"
+            )
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"PacConv3d: groups={groups} must divide in_channels={in_channels} and "
@@ -269,6 +299,7 @@ class PacCRF3d(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_crf_params(iterations, kernel_size, dilation, compat, spatial_sigma, "PacCRF3d")
         self.iterations, self.kernel_size, self.dilation = iterations, kernel_size, dilation
         self.compat, self.spatial_sigma, self.backend = compat, spatial_sigma, backend
 
@@ -300,6 +331,9 @@ class MaxUnpool3d(nn.Module):
 
     def __init__(self, kernel_size, stride=None, padding=0, *, backend: str = "auto") -> None:
         super().__init__()
+        for name, value in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding)):
+            if value is not None or name != "stride":
+                triple(value, name, "MaxUnpool3d")
         self.kernel_size, self.stride, self.padding, self.backend = (
             kernel_size,
             stride,

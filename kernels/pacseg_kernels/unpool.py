@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from . import unpool_torch
 from .backend import resolve_backend
-from .checks import triple
+from .checks import check_not_empty, check_taps, is_int, short_repr, triple
 
 _OP = "max_unpool3d"
 
@@ -36,22 +37,29 @@ def unpool_output_size(in_shape, kernel, stride, padding, output_size) -> tuple[
     if output_size is None:
         size = default
     else:
+        if (
+            isinstance(output_size, (str, bytes))
+            or not isinstance(output_size, Sequence)
+            or not all(is_int(v) for v in output_size)
+            or len(output_size) not in (3, 5)
+        ):
+            raise ValueError(
+                f"{_OP}: output_size must hold 3 ints (D, H, W) or 5 (N, C, D, H, W), got "
+                f"{short_repr(output_size)}"
+            )
         size = tuple(int(v) for v in output_size)
         if len(size) == 5:
             size = size[2:]
-        if len(size) != 3:
-            raise ValueError(
-                f"{_OP}: output_size must hold 3 sizes (D, H, W) or 5 (N, C, D, H, W), got {output_size!r}"
-            )
         for axis, (got, low, s) in enumerate(zip(size, default, stride)):
             if not low - s < got < low + s:
                 raise ValueError(
-                    f"{_OP}: output_size {size} is not reachable from input size {tuple(in_shape)}: "
-                    f"axis {axis} must lie in ({low - s}, {low + s})"
+                    f"{_OP}: output_size {short_repr(size)} is not reachable from input size "
+                    f"{tuple(in_shape)}: axis {axis} must lie in ({low - s}, {low + s})"
                 )
     if any(s < 1 for s in size):
         raise ValueError(
-            f"{_OP}: the output size {size} is empty; check kernel_size, stride and padding"
+            f"{_OP}: the output size {short_repr(size)} is empty; check kernel_size, stride and "
+            "padding"
         )
     return size
 
@@ -117,7 +125,9 @@ def max_unpool3d(
     Raises
     ------
     ValueError
-        Indices out of range, negative, of a float dtype, or shaped unlike ``values``; bad sizes.
+        Indices out of range, negative, of a float dtype, or shaped unlike ``values``; bad sizes:
+        a dimension of size 0, a kernel or stride of more than 32768 (32^3) voxels, an
+        unreachable or empty output size, bools or strings where ints are meant.
     """
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         raise ValueError(
@@ -146,13 +156,20 @@ def max_unpool3d(
         raise ValueError(
             f"{_OP}: values must be (N, C, D, H, W) or (C, D, H, W), got shape {tuple(values.shape)}"
         )
+    check_not_empty(values, "values", _OP)
     kernel = triple(kernel_size, "kernel_size", _OP)
     stride_t = kernel if stride is None else triple(stride, "stride", _OP)
     pad = triple(padding, "padding", _OP)
     if any(k < 1 for k in kernel) or any(s < 1 for s in stride_t) or any(p < 0 for p in pad):
         raise ValueError(
-            f"{_OP}: need kernel_size >= 1, stride >= 1, padding >= 0; got {kernel}, {stride_t}, {pad}"
+            f"{_OP}: need kernel_size >= 1, stride >= 1, padding >= 0; got "
+            f"{short_repr(kernel)}, {short_repr(stride_t)}, {short_repr(pad)}"
         )
+    # Each pooled value stands for a window of prod(kernel) voxels, and the windows step by
+    # stride: beyond MAX_TAPS the output is that many times the input (kernel_size=1000 on one
+    # voxel would be a 4 GB output).
+    check_taps(kernel, _OP)
+    check_taps(stride_t, _OP, "stride")
     out_size = unpool_output_size(values.shape[2:], kernel, stride_t, pad, output_size)
     plane = math.prod(out_size)
     if indices.numel():

@@ -11,6 +11,8 @@ import operator
 import numpy as np
 import torch
 
+from pacseg_kernels.checks import short_repr
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -27,18 +29,6 @@ def is_real(value) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond the float range
         return False
-
-
-def short_repr(value, limit: int = 40) -> str:
-    """``value`` for an error message: ASCII (control characters and lone surrogates escaped),
-    one line, at most ``limit`` characters; a huge integer is described, not printed."""
-    if is_int(value) and value.bit_length() > 128:
-        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-    try:
-        text = ascii(value)
-    except Exception:  # e.g. an int of over 4300 digits inside a tuple, or a failing repr
-        text = f"<a {type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:

@@ -432,7 +432,7 @@ def _tile_probabilities(
                 logits.div_(params.temperature),
                 guide.div_(params.guide_sigma),
                 iterations=params.iterations,
-                kernel_size=useful_window(kernel, params.dilation, d.shape[1:]),
+                kernel_size=kernel,
                 dilation=params.dilation,
                 compat=params.compat,
                 spatial_sigma=sigma,
@@ -444,12 +444,3 @@ def _tile_probabilities(
             "are out of range for the guide; clip outliers or pass intensity_range"
         )
     return p
-
-
-def useful_window(kernel, dilation: int, shape) -> tuple[int, ...]:
-    """``kernel`` cut, per axis, to the taps that can land inside a box of ``shape`` (taps
-    further out never do, for any voxel of the box, so the mean field is the same without
-    them): the radius at most ``(size - 1) // dilation``."""
-    return tuple(
-        2 * min(k // 2, (n - 1) // dilation) + 1 for k, n in zip(kernel, shape, strict=True)
-    )

@@ -149,9 +149,11 @@ def test_float64_and_half_inputs(cpu_path):
 
 
 def test_empty_volume():
+    # Issue 15 item 13: a dimension of size 0 is refused by every op, naming it (it used to
+    # return an empty output here, and IndexError / ZeroDivisionError in pac_crf3d).
     weights, biases = _mlp(3, [4], 2, torch.Generator().manual_seed(0))
-    out = voxel_mlp(torch.empty(2, 3, 0, 4, 5), weights, biases)
-    assert out.shape == (2, 2, 0, 4, 5)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 0, 4, 5\): D is 0 \(axis 2\)"):
+        voxel_mlp(torch.empty(2, 3, 0, 4, 5), weights, biases)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -356,14 +356,10 @@ def test_negative_strides_are_accepted(image, model):
         torch.testing.assert_close(a, b)
 
 
-def test_windows_wider_than_the_volume_give_the_same_result(model):
+def test_windows_deeper_than_the_volume(model):
     thin = np.ascontiguousarray(load_sample().image[30:32, :40, :40])  # 2 planes: z taps <= 1
     wide = segment(thin, model, spacing=(0.4, 0.4, 0.4), refine={"iterations": 2})
-    from napari_pacseg.pipeline import useful_window
-
-    assert useful_window((5, 5, 5), 1, (2, 40, 40)) == (3, 5, 5)
-    assert useful_window((15, 3, 3), 2, (5, 40, 40)) == (5, 3, 3)
-    assert np.isfinite(wide.matte).all()
+    assert np.isfinite(wide.matte).all() and wide.labels.shape == thin.shape
 
 
 # --- readers: truncated and damaged files ----------------------------------------------------
