@@ -7,8 +7,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
+from .classes import ClassInfo, labels_from_probabilities
 from .features import FeatureSpec, compute_features
-from .model import ClassInfo, ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
+from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
 from .model_io import (
     ModelFileError,
     ModelFileWarning,
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "compute_features",
     "import_torch_mlp",
+    "labels_from_probabilities",
     "load_model",
     "receptive_field",
     "save_model",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .model_io import DEFAULT_COLORS
+from .classes import DEFAULT_COLORS, label_values
 
 TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 SCRIBBLE_BACKGROUND = (0.6, 0.6, 0.6, 1.0)
@@ -52,8 +52,6 @@ def visible_colors(colors: Sequence[Sequence[float]], hidden: int | None = None)
 def result_styling(model, background: int) -> dict:
     """``features`` and ``colormap`` of a result Labels layer for ``model``'s classes with class
     ``background`` as label 0 (the other classes keep their scribble values)."""
-    from .regions import label_values
-
     names = [c.name for c in model.config.classes]
     values = label_values(len(names), background)
     colors = visible_colors([c.color for c in model.config.classes], hidden=background)
@@ -104,7 +102,7 @@ def output_layers(viewer, image_name: str, shape, scale, translate, model, backg
     from napari.layers import Image, Labels
 
     shape = tuple(int(n) for n in shape)
-    dtype = np.uint8 if model.config.n_classes <= 255 else np.uint16
+    dtype = np.uint8  # at most MAX_CLASSES = 255 classes
     labels = _find(viewer, f"{image_name} labels", Labels)
     matte = _find(viewer, f"{image_name} matte", Image)
     styling = result_styling(model, background)

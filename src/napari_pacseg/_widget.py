@@ -20,7 +20,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSlider,
-    FloatSpinBox,
     Label,
     LineEdit,
     PushButton,
@@ -31,6 +30,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
+from ._controls import refine_controls, refine_values, set_refine_controls
 from ._layers import (
     METADATA_KEY,
     output_layers,
@@ -40,10 +40,11 @@ from ._layers import (
     write_region,
 )
 from ._live import LiveRunner, Outcome, run_caught, visible_box
+from .classes import labels_from_probabilities
 from .features import FeatureSpec
 from .model_io import ModelFileError, load_model, save_model
 from .pipeline import SegmentationCancelled, segment
-from .regions import RegionSegmenter, labels_and_matte
+from .regions import RegionSegmenter
 from .training import train
 
 if TYPE_CHECKING:
@@ -51,15 +52,6 @@ if TYPE_CHECKING:
 
     from .model import PacSegModel
 
-REFINE_CONTROLS = (
-    "iterations",
-    "kernel_size",
-    "dilation",
-    "guide_sigma",
-    "spatial_sigma",
-    "compat",
-    "temperature",
-)
 DEFAULT_CLASSES = "background, foreground"
 
 
@@ -159,19 +151,9 @@ class PacSegWidget(Container):
         )
         self.train_steps = SpinBox(label="Training steps", min=10, max=5000, step=10, value=400)
         self.train_button = PushButton(text="Train from scribbles")
-        self.iterations = SpinBox(label="Iterations", min=0, max=50, value=5)
-        self.kernel_size = ComboBox(label="Kernel size", choices=list(range(1, 16, 2)), value=5)
-        self.dilation = SpinBox(label="Dilation", min=1, max=8, value=1)
-        self.guide_sigma = FloatSpinBox(
-            label="Guide sigma", min=0.01, max=10.0, step=0.01, value=0.2
-        )
-        self.spatial_sigma = FloatSpinBox(
-            label="Spatial sigma (0: off)", min=0.0, max=50.0, step=0.5, value=2.0
-        )
-        self.compat = FloatSpinBox(label="Compatibility", min=0.0, max=100.0, step=0.5, value=10.0)
-        self.temperature = FloatSpinBox(
-            label="Temperature", min=0.1, max=100.0, step=0.5, value=8.0
-        )
+        self.refine_controls = refine_controls()
+        for name, control in self.refine_controls.items():
+            setattr(self, name, control)
         self.reset_refine_button = PushButton(text="Model defaults")
         self.threshold = FloatSlider(
             label="Matte threshold", min=0.0, max=1.0, step=0.01, value=0.5
@@ -188,9 +170,7 @@ class PacSegWidget(Container):
                 heading("Model"), self.model_info, self.load_button, self.save_button,
                 heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
                 self.feature_scales, self.train_steps, self.train_button,
-                heading("Refinement"), self.iterations, self.kernel_size, self.dilation,
-                self.guide_sigma, self.spatial_sigma, self.compat, self.temperature,
-                self.reset_refine_button,
+                heading("Refinement"), *self.refine_controls.values(), self.reset_refine_button,
                 heading("Output"), self.threshold, self.background, self.device,
                 self.live, self.run_button, self.cancel_button, self.status,
             ]
@@ -208,8 +188,13 @@ class PacSegWidget(Container):
         self.reset_refine_button.clicked.connect(self._reset_refine)
         self.run_button.clicked.connect(self.run_full)
         self.cancel_button.clicked.connect(self.cancel)
-        for name in (*REFINE_CONTROLS, "threshold", "background", "device"):
-            getattr(self, name).changed.connect(self._request_live)
+        for control in (
+            *self.refine_controls.values(),
+            self.threshold,
+            self.background,
+            self.device,
+        ):
+            control.changed.connect(self._request_live)
         self.live.changed.connect(self._on_live_toggled)
         dims = self.viewer.dims.events
         self._viewer_hooks = [
@@ -365,14 +350,7 @@ class PacSegWidget(Container):
         self._request_live()
 
     def _set_refine_controls(self) -> None:
-        ref = self.model.config.refine
-        self.iterations.value = ref.iterations
-        self.kernel_size.value = ref.kernel_size
-        self.dilation.value = ref.dilation
-        self.guide_sigma.value = ref.guide_sigma
-        self.spatial_sigma.value = 0.0 if ref.spatial_sigma is None else ref.spatial_sigma
-        self.compat.value = ref.compat
-        self.temperature.value = ref.temperature
+        set_refine_controls(self.refine_controls, self.model.config.refine)
 
     def _reset_refine(self) -> None:
         if self.model is None:
@@ -393,16 +371,7 @@ class PacSegWidget(Container):
 
     def refine_overrides(self) -> dict:
         """The refinement controls as ``segment(refine=...)`` overrides."""
-        sigma = float(self.spatial_sigma.value)
-        return {
-            "iterations": int(self.iterations.value),
-            "kernel_size": int(self.kernel_size.value),
-            "dilation": int(self.dilation.value),
-            "guide_sigma": float(self.guide_sigma.value),
-            "spatial_sigma": sigma if sigma > 0 else None,
-            "compat": float(self.compat.value),
-            "temperature": float(self.temperature.value),
-        }
+        return refine_values(self.refine_controls)
 
     # --- scribbles and training -------------------------------------------------------------------
 
@@ -504,9 +473,9 @@ class PacSegWidget(Container):
             seg = segment(
                 inp.data, model, spacing=inp.scale, channel_axis=inp.channel_axis, refine=refine,
                 device=self.device.value, progress=progress, should_cancel=should_cancel,
-                return_probabilities=True,
+                threshold=threshold, background=background,
             )  # fmt: skip
-            return labels_and_matte(seg.probabilities, background, threshold)
+            return seg.labels, seg.matte
 
         def done(result):
             labels, matte = result
@@ -626,7 +595,7 @@ class PacSegWidget(Container):
             inp.channel_axis,
             self.device.value,
         )
-        out = (int(self.background.value), float(self.threshold.value))
+        out = (float(self.threshold.value), int(self.background.value))
         key = (seg_key, box, tuple(sorted(refine.items())), out)
         names = (f"{inp.layer.name} labels", f"{inp.layer.name} matte")
         if key == self._live_done_key and all(n in self.viewer.layers for n in names):
@@ -648,7 +617,7 @@ class PacSegWidget(Container):
             seg = self._segmenter
         planes = seg.stats["logit_planes"]
         p = seg.probabilities(job["box"], job["refine"], should_cancel)
-        labels, matte = labels_and_matte(p, *job["out"])
+        labels, matte = labels_from_probabilities(p, *job["out"])
         new = seg.stats["logit_planes"] - planes
         return labels, matte, new, time.perf_counter() - start
 
@@ -657,7 +626,7 @@ class PacSegWidget(Container):
         inp = job["inp"]
         if inp.layer not in self.viewer.layers:
             return
-        layers = self._outputs(inp, job["model"], job["out"][0])
+        layers = self._outputs(inp, job["model"], job["out"][1])
         if layers is None:
             return
         (z0, z1), (y0, y1), (x0, x1) = job["box"]

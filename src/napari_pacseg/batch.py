@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .checks import check_spacing
+from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .model import PacSegModel
 from .model_io import config_from_dict, config_to_dict, load_model
 from .pipeline import (
@@ -139,6 +140,7 @@ class _ChunkJob:
     refine: object
     device: str
     tile_shape: tuple[int, int, int] | None
+    threshold: float
     intensity_range: tuple[list[float], list[float]]
     labels_path: str
     matte_path: str | None
@@ -165,6 +167,7 @@ def _segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
         device=job.device,
         tile_shape=job.tile_shape,
         intensity_range=job.intensity_range,
+        threshold=job.threshold,
     )
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(job.box, job.ext))
     where = tuple(slice(a, b) for a, b in job.box)
@@ -337,6 +340,7 @@ def segment_zarr(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> ZarrResult:
     """Segment a volume larger than memory, chunk by chunk, into zarr arrays.
 
@@ -369,6 +373,7 @@ def segment_zarr(
         call (scripts that use it need an ``if __name__ == "__main__":`` guard).
     overwrite : replace existing outputs (else ``FileExistsError`` before any work).
     progress : called as ``progress(done_chunks, total_chunks)`` in this process.
+    threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
 
     Returns
     -------
@@ -396,6 +401,7 @@ def segment_zarr(
         )
     spacing, spacing_source = _resolve_spacing(spacing, volume, model)
     refine_params(model, refine)  # checks the overrides before any work
+    threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
     chunks = _check_chunks(chunks, shape[1:], model.grid)
     halo = receptive_field(model, spacing, refine)
     kind, client, owned = _scheduler(scheduler, workers)
@@ -434,7 +440,7 @@ def segment_zarr(
             box = tuple((a, min(a + c, n)) for a, c, n in zip(origin, chunks, shape[1:]))
             ext, _ = extend_box(box, halo, shape[1:])
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
-                            None if tile_shape is None else tuple(tile_shape), rng,
+                            None if tile_shape is None else tuple(tile_shape), threshold, rng,
                             str(tmps[0]), str(tmps[1]) if len(tmps) > 1 else None,
                             readable, str(getattr(volume, "path", "source")))  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
@@ -715,6 +721,7 @@ def iter_segment_files(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, Path, int, int], None] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ):
     """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
     if isinstance(model, (str, os.PathLike)):
@@ -725,6 +732,7 @@ def iter_segment_files(
     model_info["weights_sha256"] = ModelPayload.of(model).digest
     model_info["classes"] = [c.name for c in model.config.classes]
     params = refine_params(model, refine)  # checks overrides before any work
+    threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
     entries = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -746,6 +754,7 @@ def iter_segment_files(
         "channel_axis": channel_axis,
         "device": str(device),
         "tile_shape": None if tile_shape is None else list(tile_shape),
+        "threshold": threshold,
     }
     run = _FileRun(model, model_info, common, spacing, refine, device, tile_shape, chunks,
                    scheduler, workers, overwrite, progress, len(entries))  # fmt: skip
@@ -780,6 +789,7 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
     chunks, scheduler, workers : as in ``segment_zarr``, for zarr inputs only; a cluster from
         ``workers`` is started once, at the first zarr input, for all of them.
     overwrite : redo inputs whose complete output exists.
+    threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
         or chunks (zarr inputs); ``done == 0`` when an input starts.
 
@@ -908,6 +918,7 @@ class _FileRun:
             res = segment_zarr(
                 volume, self.model, paths["labels"], paths["matte"], spacing=self.spacing,
                 channel_axis=self.common["channel_axis"], refine=self.refine, chunks=self.chunks,
+                threshold=self.common["threshold"],
                 device=self.device, tile_shape=self.tile_shape, scheduler=self.scheduler(),
                 overwrite=True, progress=tiles,
             )  # fmt: skip
@@ -918,7 +929,8 @@ class _FileRun:
         spacing, source = _resolve_spacing(self.spacing, volume, self.model)
         image = volume.load()
         seg = segment(image, self.model, spacing=spacing, channel_axis=0, refine=self.refine,
-                      device=self.device, tile_shape=self.tile_shape, progress=tiles)  # fmt: skip
+                      device=self.device, tile_shape=self.tile_shape, progress=tiles,
+                      threshold=self.common["threshold"])  # fmt: skip
         if volume.kind == "npy":
             write_npy(paths["labels"], seg.labels, overwrite=True)
             write_npy(paths["matte"], seg.matte, overwrite=True)

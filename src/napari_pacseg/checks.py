@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import unicodedata
 
 import numpy as np
 import torch
@@ -14,6 +15,27 @@ import torch
 from pacseg_kernels.checks import short_repr
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def unprintable_chars(text: str) -> list[str]:
+    """The characters of ``text`` that must never reach a terminal or a label: control
+    characters (the ``\\x1b`` of ANSI escapes, newlines), lone surrogates (not encodable),
+    line and paragraph separators, bidirectional overrides."""
+    return [
+        c
+        for c in text
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
+    ]
+
+
+def as_tuple_field(obj, name: str) -> None:
+    """Store a list given for a tuple field of a frozen dataclass as a tuple."""
+    if isinstance(getattr(obj, name), list):
+        object.__setattr__(obj, name, tuple(getattr(obj, name)))
 
 
 def is_int(value) -> bool:

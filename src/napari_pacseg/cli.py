@@ -101,41 +101,36 @@ def _positive_float(text: str) -> float:
     return value
 
 
-REFINE_HELP = {
-    "iterations": "mean-field iterations",
-    "kernel_size": "odd window size along the finest axis",
-    "dilation": "window dilation",
-    "compat": "Potts compatibility weight",
-    "spatial_sigma": "spatial falloff in voxels of the finest axis",
-    "guide_sigma": "intensity similarity scale",
-    "temperature": "logit temperature",
-}
-
-
-def _in_range(name: str):
-    """argparse type of a refinement option: a number in ``REFINE_RANGES[name]``."""
-    from .model import REFINE_RANGES
-
-    low, high = REFINE_RANGES[name]
-    integer = isinstance(low, int)
+def _in_range(name: str, spec):
+    """argparse type of the refinement option ``name``: a value allowed by its ``Param``."""
 
     def parse(text: str):
-        if name == "spatial_sigma" and text.lower() == "none":
+        if spec.optional and text.lower() == "none":
             return None
         try:
-            value = int(text) if integer else float(text)
+            value = int(text) if spec.integer else float(text)
         except ValueError:
-            kind = "an integer" if integer else "a number"
+            kind = "an integer" if spec.integer else "a number"
             raise argparse.ArgumentTypeError(f"expected {kind}, got {_clip(text)}") from None
-        if not (low <= value <= high) or (name == "kernel_size" and value % 2 == 0):
-            odd = "an odd integer" if name == "kernel_size" else "a value"
+        if not (spec.low <= value <= spec.high) or (spec.odd and value % 2 == 0):
+            odd = "an odd integer" if spec.odd else "a value"
             raise argparse.ArgumentTypeError(
-                f"expected {odd} in [{low:g}, {high:g}], got {_clip(text)}"
+                f"expected {odd} in [{spec.low:g}, {spec.high:g}], got {_clip(text)}"
             )
         return value
 
     parse.__name__ = name  # argparse names the type in its messages
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {_clip(text)}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {_clip(text)}")
+    return value
 
 
 def _clip(text: str, limit: int = 40) -> str:
@@ -180,18 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     ref = seg.add_argument_group("refinement (defaults: the model's; see pacseg info MODEL)")
     ref.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                      help="PAC-CRF refinement (default: on)")  # fmt: skip
-    from .model import REFINE_RANGES
+    from .model import refine_params_schema
 
-    for name, text in REFINE_HELP.items():
-        low, high = REFINE_RANGES[name]
-        extra = ", or none" if name == "spatial_sigma" else ""
+    for name, spec in refine_params_schema().items():
         ref.add_argument(
             "--" + name.replace("_", "-"),
-            type=_in_range(name),
+            type=_in_range(name, spec),
             default=argparse.SUPPRESS,
-            metavar="N" if isinstance(low, int) else "X",
-            help=f"{text} ({low:g}-{high:g}{extra})",
+            metavar="N" if spec.integer else "X",
+            help=f"{spec.help} ({spec.low:g}-{spec.high:g}{', or none' if spec.optional else ''})",
         )
+    out = seg.add_argument_group("labels")
+    out.add_argument("--threshold", type=_fraction, default=0.5, metavar="X",
+                     help="foreground where the matte (1 - P(background)) is >= X, then the most "
+                     "probable other class (0-1, default 0.5)")  # fmt: skip
     run = seg.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--tile", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
@@ -313,7 +310,9 @@ def _check_device(device: str) -> None:
 
 
 def _refine_option(args):
-    given = {n: getattr(args, n) for n in REFINE_HELP if hasattr(args, n)}  # SUPPRESS: only given
+    from .model import refine_params_schema
+
+    given = {n: getattr(args, n) for n in refine_params_schema() if hasattr(args, n)}  # given only
     if not args.refine:
         if given:
             opts = ", ".join("--" + n.replace("_", "-") for n in given)
@@ -345,7 +344,7 @@ def _cmd_segment(args) -> int:
         args.inputs, args.model, args.output, spacing=args.spacing,
         channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
         chunks=args.chunks, scheduler=args.scheduler, workers=args.workers,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, threshold=args.threshold,
         progress=lambda i, n, path, done, total: bar.update(
             f"[{i + 1}/{n}] {path.name}", done, total,
             "chunks" if volume_kind(path) == "zarr" else "tiles",

@@ -8,8 +8,7 @@ Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
 from __future__ import annotations
 
 import numbers
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -18,35 +17,14 @@ from torch import nn
 
 from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_unpool3d
 
-from .checks import is_int, is_real, short_repr
+from .checks import as_tuple_field, is_int, is_real, short_repr, unprintable_chars
+from .classes import MAX_CLASSES, ClassInfo
 from .features import FeatureSpec, compute_features
 
 MAX_WIDTH = 1024
 MAX_LAYERS = 8
-MAX_CLASSES = 255
 MAX_CHANNELS = 64
 MAX_PROVENANCE_CHARS = 10_000
-
-_BIDI_CONTROLS = frozenset(
-    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-)
-
-
-def unprintable_chars(text: str) -> list[str]:
-    """The characters of ``text`` that must never reach a terminal or a label: control
-    characters (the ``\\x1b`` of ANSI escapes, newlines), lone surrogates (not encodable),
-    line and paragraph separators, bidirectional overrides."""
-    return [
-        c
-        for c in text
-        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
-    ]
-
-
-def _as_tuple(obj, name: str) -> None:
-    """Store a list given for a tuple field of a frozen dataclass as a tuple."""
-    if isinstance(getattr(obj, name), list):
-        object.__setattr__(obj, name, tuple(getattr(obj, name)))
 
 
 @dataclass(frozen=True)
@@ -63,7 +41,7 @@ class ContextConfig:
     pool: int = 2
 
     def __post_init__(self) -> None:
-        _as_tuple(self, "channels")
+        as_tuple_field(self, "channels")
         if (
             not isinstance(self.channels, tuple)
             or not 1 <= len(self.channels) <= 4
@@ -90,7 +68,7 @@ class HeadConfig:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        _as_tuple(self, "hidden")
+        as_tuple_field(self, "hidden")
         if (
             not isinstance(self.hidden, tuple)
             or len(self.hidden) > MAX_LAYERS - 1
@@ -105,20 +83,34 @@ class HeadConfig:
             )
 
 
-# Allowed ranges of the refinement parameters (inclusive): wide enough for any sensible use,
-# narrow enough that the mean field stays finite in float32 (logits / temperature, guide /
-# guide_sigma, compat * (1 - message)) and the work bounded. The CLI's help states them.
-REFINE_RANGES: dict[str, tuple[float, float]] = {
-    "iterations": (0, 50),
-    "kernel_size": (1, 15),
-    "dilation": (1, 8),
-    "compat": (0.0, 100.0),
-    "spatial_sigma": (0.1, 50.0),
-    "guide_sigma": (0.01, 10.0),
-    "temperature": (0.1, 100.0),
-}
+@dataclass(frozen=True)
+class Param:
+    """How a parameter is shown and bounded: the schema from which the widget's controls and
+    the command's flags are made, so their ranges, steps and help cannot drift from the config.
+
+    ``low``/``high``: the allowed range (inclusive); ``step``: the control's step; ``odd``: odd
+    integers only; ``optional``: None is allowed (off; the widget's control shows it as 0).
+    """
+
+    label: str
+    help: str
+    low: float
+    high: float
+    step: float = 1
+    odd: bool = False
+    optional: bool = False
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int)
 
 
+def _param(default, label: str, help: str, low, high, **kwargs):
+    return field(default=default, metadata={"param": Param(label, help, low, high, **kwargs)})
+
+
+# Ranges: wide enough for any sensible use, narrow enough that the mean field stays finite in
+# float32 (logits / temperature, guide / guide_sigma, compat * (1 - message)) and bounded work.
 @dataclass(frozen=True)
 class RefineConfig:
     """Default ``pac_crf3d`` parameters.
@@ -131,43 +123,50 @@ class RefineConfig:
     head trained on a few scribbles is overconfident, and a larger temperature lets the image's
     edges overrule it near boundaries, where it only extrapolates.
 
-    Ranges (``REFINE_RANGES``; anything else is a ``ValueError``): iterations an int in
-    [0, 50]; kernel_size an odd int in [1, 15]; dilation an int in [1, 8]; compat in [0, 100];
-    spatial_sigma None or in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100].
-    Within them every step is finite in float32. ``segment`` further bounds the work of the
-    window at a given spacing (``pipeline.check_refine_work``).
+    Each field carries its ``Param`` (``refine_params_schema()``): label, help, range and step.
+    Ranges (anything else is a ``ValueError``): iterations an int in [0, 50]; kernel_size an
+    odd int in [1, 15]; dilation an int in [1, 8]; compat in [0, 100]; spatial_sigma None or
+    in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100]. Within them every step
+    is finite in float32. ``segment`` further bounds the work of the window at a given spacing
+    (``pipeline.check_refine_work``).
     """
 
-    iterations: int = 5
-    kernel_size: int = 5
-    dilation: int = 1
-    compat: float = 10.0
-    spatial_sigma: float | None = 2.0
-    guide_sigma: float = 0.1
-    temperature: float = 8.0
+    iterations: int = _param(5, "Iterations", "mean-field iterations", 0, 50)
+    kernel_size: int = _param(
+        5, "Kernel size", "odd window size along the finest axis", 1, 15, step=2, odd=True
+    )
+    dilation: int = _param(1, "Dilation", "window dilation", 1, 8)
+    compat: float = _param(
+        10.0, "Compatibility", "Potts compatibility weight", 0.0, 100.0, step=0.5
+    )
+    spatial_sigma: float | None = _param(
+        2.0, "Spatial sigma", "spatial falloff in voxels of the finest axis", 0.1, 50.0,
+        step=0.5, optional=True,
+    )  # fmt: skip
+    guide_sigma: float = _param(
+        0.1, "Guide sigma", "intensity similarity scale", 0.01, 10.0, step=0.01
+    )
+    temperature: float = _param(8.0, "Temperature", "logit temperature", 0.1, 100.0, step=0.5)
 
     def __post_init__(self) -> None:
-        for name, (low, high) in REFINE_RANGES.items():
+        for name, spec in refine_params_schema().items():
             value = getattr(self, name)
-            if name == "spatial_sigma" and value is None:
+            if spec.optional and value is None:
                 continue
-            integer = isinstance(low, int)
-            kind = numbers.Integral if integer else numbers.Real
+            kind = numbers.Integral if spec.integer else numbers.Real
             ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
-            ok = ok and (integer or value == value) and low <= value <= high
-            if name == "kernel_size":
+            ok = ok and (spec.integer or value == value) and spec.low <= value <= spec.high
+            if spec.odd:
                 ok = ok and value % 2 == 1
             if not ok:
-                what = (
-                    "an odd int" if name == "kernel_size" else "an int" if integer else "a number"
-                )
-                none = "None or " if name == "spatial_sigma" else ""
+                what = "an odd int" if spec.odd else "an int" if spec.integer else "a number"
+                none = "None or " if spec.optional else ""
                 raise ValueError(
-                    f"RefineConfig: {name} must be {none}{what} in [{low:g}, {high:g}], got "
-                    f"{short_repr(value)}"
+                    f"RefineConfig: {name} must be {none}{what} in [{spec.low:g}, {spec.high:g}], "
+                    f"got {short_repr(value)}"
                 )
             # numpy scalars become Python numbers, so the config stays JSON-able
-            object.__setattr__(self, name, int(value) if integer else float(value))
+            object.__setattr__(self, name, int(value) if spec.integer else float(value))
 
     def window(self, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:
         """``(kernel_size, spatial_sigma)`` per axis (voxels) for a ``(z, y, x)`` spacing:
@@ -186,33 +185,9 @@ class RefineConfig:
         return kernel, sigma
 
 
-@dataclass(frozen=True)
-class ClassInfo:
-    """A class: its name and RGBA colour (components in [0, 1])."""
-
-    name: str
-    color: tuple[float, float, float, float]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
-            raise ValueError(
-                f"ClassInfo: name must be a non-empty string of at most 100 characters, got {short_repr(self.name)}"
-            )
-        bad = unprintable_chars(self.name)
-        if bad:
-            raise ValueError(
-                f"ClassInfo: name {short_repr(self.name)} holds control or invisible characters "
-                f"{short_repr(''.join(dict.fromkeys(bad)))}; use printable text"
-            )
-        _as_tuple(self, "color")
-        if (
-            not isinstance(self.color, tuple)
-            or len(self.color) != 4
-            or not all(is_real(v) and 0 <= v <= 1 for v in self.color)
-        ):
-            raise ValueError(
-                f"ClassInfo: color must be 4 numbers in [0, 1] (RGBA), got {short_repr(self.color)}"
-            )
+def refine_params_schema() -> dict[str, Param]:
+    """``RefineConfig``'s fields and their ``Param``, in field order."""
+    return {f.name: f.metadata["param"] for f in fields(RefineConfig)}
 
 
 @dataclass(frozen=True)
@@ -239,7 +214,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: in_channels must be an int in [1, {MAX_CHANNELS}], got {short_repr(self.in_channels)}"
             )
-        _as_tuple(self, "classes")
+        as_tuple_field(self, "classes")
         if not isinstance(self.classes, tuple) or not all(
             isinstance(c, ClassInfo) for c in self.classes
         ):
@@ -261,7 +236,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: context must be None or a ContextConfig, got {type(self.context).__name__}"
             )
-        _as_tuple(self, "spacing")
+        as_tuple_field(self, "spacing")
         if (
             not isinstance(self.spacing, tuple)
             or len(self.spacing) != 3

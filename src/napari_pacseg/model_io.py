@@ -36,7 +36,8 @@ import torch
 
 from pacseg_kernels import VoxelMLP
 
-from .checks import is_int, short_repr
+from .checks import is_int, short_repr, unprintable_chars
+from .classes import class_infos
 from .features import FeatureSpec
 from .model import (
     MAX_LAYERS,
@@ -47,7 +48,6 @@ from .model import (
     ModelConfig,
     PacSegModel,
     RefineConfig,
-    unprintable_chars,
 )
 from .volume_io import remove_stale_temporaries, temporary_sibling
 
@@ -59,16 +59,6 @@ MAX_TENSOR_BYTES = 1 << 30
 MAX_JSON_DEPTH = 32  # our header and config nest 5 deep at most
 MAX_JSON_INT = 1 << 53  # larger integers in the config are refused as out of range
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-DEFAULT_COLORS = [
-    (0.0, 0.0, 0.0, 0.0),
-    (1.0, 0.2, 0.2, 1.0),
-    (0.2, 0.8, 0.2, 1.0),
-    (0.3, 0.5, 1.0, 1.0),
-    (1.0, 0.8, 0.1, 1.0),
-    (0.8, 0.3, 1.0, 1.0),
-    (0.1, 0.9, 0.9, 1.0),
-]
 
 
 class ModelFileError(ValueError):
@@ -648,24 +638,6 @@ def load_model(path, device="cpu") -> PacSegModel:
 # --- importing a plain PyTorch MLP -------------------------------------------------------------
 
 
-def _class_infos(classes) -> tuple[ClassInfo, ...]:
-    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
-        raise ValueError(
-            f"import_torch_mlp: classes must be a list of names or ClassInfo, got {short_repr(classes)}"
-        )
-    infos = []
-    for i, c in enumerate(classes):
-        if isinstance(c, ClassInfo):
-            infos.append(c)
-        else:
-            infos.append(
-                ClassInfo(
-                    str(c), DEFAULT_COLORS[i % len(DEFAULT_COLORS)] if i else DEFAULT_COLORS[0]
-                )
-            )
-    return tuple(infos)
-
-
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return _clip(lines[0], 200) if lines else type(err).__name__
@@ -773,7 +745,7 @@ def import_torch_mlp(
     except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as err:
         reason = re.sub(r"^VoxelMLP(\.from_state_dict)?: ", "", _first_line(err))
         raise ValueError(f"import_torch_mlp: {reason}") from None
-    infos = _class_infos(classes)
+    infos = class_infos(classes, "import_torch_mlp")
     if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Iterable):
         raise ValueError(
             f"import_torch_mlp: spacing must be 3 numbers (z, y, x), got {short_repr(spacing)}"

@@ -18,6 +18,7 @@ import torch
 from pacseg_kernels import pac_crf3d
 
 from .checks import FLOAT32_MAX, as_volume, check_ints, check_spacing, resolve_device, short_repr
+from .classes import DEFAULT_THRESHOLD, check_output_rule, labels_from_probabilities
 from .features import compute_features
 from .model import PacSegModel, RefineConfig, apply_range, intensity_range
 
@@ -45,8 +46,8 @@ class SegmentationCancelled(RuntimeError):
 class Segmentation:
     """Result of ``segment``.
 
-    labels : ``(D, H, W)`` uint8 (uint16 beyond 255 values): class per voxel, background 0, every
-        other class its scribble value (model class index + 1).
+    labels : ``(D, H, W)`` uint8: class per voxel by ``classes.labels_from_probabilities``
+        (background 0, every other class its scribble value, model class index + 1).
     matte : ``(D, H, W)`` float32 in [0, 1]: 1 - P(background) after refinement.
     probabilities : ``(K, D, H, W)`` float32 class probabilities when asked for, else None.
     timings : wall seconds per stage, summed over tiles: ``features``, ``context``, ``head``,
@@ -145,6 +146,8 @@ def segment(
     should_cancel: Callable[[], bool] | None = None,
     return_probabilities: bool = False,
     intensity_range=None,
+    threshold: float = DEFAULT_THRESHOLD,
+    background: int = 0,
 ) -> Segmentation:
     """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
 
@@ -169,6 +172,9 @@ def segment(
     progress : called as ``progress(done_tiles, total_tiles)`` over both passes.
     should_cancel : polled between tiles; True raises ``SegmentationCancelled``.
     return_probabilities : also return the ``(K, D, H, W)`` class probabilities.
+    threshold, background : the label rule (``classes.labels_from_probabilities``): matte =
+        1 - P(class ``background``); a voxel whose matte is >= ``threshold`` takes the most
+        probable other class, the rest are 0.
     intensity_range : ``(lo, hi)``, one value per channel: the intensities mapped to 0 and 1
         (default: ``volume_intensity_range`` of this image). Give the range of the whole volume
         when segmenting it piece by piece (e.g. dask chunks with ``receptive_field`` as halo),
@@ -187,6 +193,7 @@ def segment(
     if params is not None and not params.iterations:
         params = None
     check_refine_work(params, spacing)
+    threshold, background = check_output_rule(threshold, background, model.config.n_classes)
     if tile_shape is not None:
         tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
     runner = _TileRunner(resolve_device(device), model, progress, should_cancel)
@@ -200,7 +207,7 @@ def segment(
     # Softmax and the Potts mean field only see differences between a voxel's logits, so the
     # logits are kept as differences to the background's: one channel fewer.
     diffs = np.empty((k - 1, *shape), dtype=np.float32)
-    labels = np.zeros(shape, dtype=np.uint8 if k <= 255 else np.uint16)
+    labels = np.zeros(shape, dtype=np.uint8)
     matte = np.zeros(shape, dtype=np.float32)
     probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
     timings = dict.fromkeys(STAGES, 0.0)
@@ -220,8 +227,7 @@ def segment(
     def final_pass(box, dev, _):
         p = _tile_probabilities(vol, lo, hi, diffs, box, reach, params, kernel, sigma, dev, timings)
         sl = tuple(slice(a, b) for a, b in box)
-        labels[sl] = _labels_from(p)
-        matte[sl] = 1.0 - p[0]
+        labels[sl], matte[sl] = labels_from_probabilities(p, threshold, background)
         if probs is not None:
             probs[(slice(None), *sl)] = p
 
@@ -348,12 +354,6 @@ def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.
     return lo.view(1, -1, 1, 1, 1), hi.view(1, -1, 1, 1, 1)
 
 
-def _labels_from(p: np.ndarray) -> np.ndarray:
-    """Class index 0 (background) -> 0; class index i -> its scribble value i + 1."""
-    best = p.argmax(0)
-    return np.where(best == 0, 0, best + 1)
-
-
 class _Stopwatch:
     """Adds the wall time of each ``with watch("stage"):`` block to ``timings[stage]``
     (CUDA work is synchronised so it is charged to the stage that launched it)."""
@@ -384,8 +384,10 @@ def extend_box(box, halo, shape, grid: int = 1):
 
 def _region(vol, ext, dev) -> torch.Tensor:
     """``(1, C, d, h, w)`` float32 on ``dev``: the image inside the box ``ext``."""
-    region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
-    return torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None].to(dev)
+    region = np.ascontiguousarray(vol[(slice(None), *(slice(s, e) for s, e in ext))], np.float32)
+    if not region.flags.writeable:  # a read-only memory map of float32 data (an NPY input)
+        region = region.copy()
+    return torch.from_numpy(region)[None].to(dev)
 
 
 @torch.no_grad()

@@ -182,32 +182,3 @@ def _runs(values: list[int]) -> list[list[int]]:
         else:
             runs.append([v])
     return runs
-
-
-def labels_and_matte(
-    probabilities: np.ndarray, background: int = 0, threshold: float = 0.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and matte from class probabilities ``(K, ...)``.
-
-    matte = 1 - P(``background``). A voxel whose matte is above ``threshold`` gets the most
-    probable of the other classes, the rest get 0. Label values follow the scribbles: class
-    ``i`` is ``i + 1``, the chosen background class is 0. For two classes, ``background=0``
-    and ``threshold=0.5`` give ``segment``'s argmax labels.
-    """
-    k = probabilities.shape[0]
-    if not 0 <= background < k:
-        raise ValueError(f"background class {background} is not one of the {k} classes")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    matte = (1.0 - probabilities[background]).astype(np.float32)
-    others = probabilities.copy()
-    others[background] = -1.0
-    best = others.argmax(0)
-    values = np.array(label_values(k, background), dtype=np.uint8 if k <= 255 else np.uint16)
-    labels = np.where(matte > threshold, values[best], 0).astype(values.dtype)
-    return labels, matte
-
-
-def label_values(n_classes: int, background: int = 0) -> list[int]:
-    """Label value of each class: ``i + 1``, except 0 for the background class."""
-    return [0 if i == background else i + 1 for i in range(n_classes)]

@@ -12,10 +12,10 @@ from torch import nn
 from pacseg_kernels.mlp_torch import activate
 
 from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
+from .classes import class_infos
 from .features import FeatureSpec, compute_features
-from .model import ClassInfo, HeadConfig, ModelConfig, PacSegModel, apply_range
-from .model_io import DEFAULT_COLORS
-from .pipeline import SegmentationCancelled, _tiles, extend_box, volume_intensity_range
+from .model import HeadConfig, ModelConfig, PacSegModel, apply_range
+from .pipeline import SegmentationCancelled, _region, _tiles, extend_box, volume_intensity_range
 
 MAX_SAMPLES_PER_CLASS = 20000
 TRAIN_TILE = (32, 128, 128)
@@ -92,11 +92,7 @@ def train(
     )
     if len(names) != k:
         raise ValueError(f"train: {len(names)} class names for {k} classes")
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError(f"train: class names must be strings, got {short_repr(names)}")
-    classes = tuple(
-        ClassInfo(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)
-    )
+    classes = class_infos(names, "train")
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     config = ModelConfig(
@@ -187,8 +183,7 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
         tile_marks = tile_marks[tuple(slice(lo, hi) for lo, hi in hit)]
         box = tuple((a + lo, a + hi) for (a, _), (lo, hi) in zip(box, hit))
         ext, core = extend_box(box, halo, marks.shape)
-        region = vol[(slice(None), *(slice(s, e) for s, e in ext))]
-        region = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None]
+        region = _region(vol, ext, torch.device("cpu"))
         feats = compute_features(
             apply_range(region, lo, hi), model.config.features, spacing, crop=core
         )[0]

@@ -23,7 +23,7 @@ tifffile = pytest.importorskip("tifffile")
 from napari_pacseg import save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import segment_zarr, source_paths  # noqa: E402
 from napari_pacseg.cli import main  # noqa: E402
-from napari_pacseg.model import REFINE_RANGES, RefineConfig  # noqa: E402
+from napari_pacseg.model import RefineConfig, refine_params_schema  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 from napari_pacseg.volume_io import (  # noqa: E402
     VolumeError,
@@ -269,7 +269,8 @@ def test_refine_ranges_are_in_the_docstring_and_the_cli_help(capsys):
     doc = " ".join(RefineConfig.__doc__.split())
     assert main(["segment", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for name, (low, high) in REFINE_RANGES.items():
+    for name, spec in refine_params_schema().items():
+        low, high = spec.low, spec.high
         assert f"{name}" in doc and f"[{low:g}, {high:g}]" in doc, name
         assert f"({low:g}-{high:g}" in help_text, name
 

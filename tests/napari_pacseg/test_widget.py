@@ -11,7 +11,8 @@ napari = pytest.importorskip("napari")
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_pacseg import segment  # noqa: E402
-from napari_pacseg.regions import RegionSegmenter, label_values, labels_and_matte  # noqa: E402
+from napari_pacseg.classes import labels_from_probabilities  # noqa: E402
+from napari_pacseg.regions import RegionSegmenter  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 
 CROP = (slice(24, 40), slice(0, 64), slice(0, 64))  # 16 planes of the sample
@@ -157,7 +158,7 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
         sample.image[CROP], model, spacing=sample.spacing, refine={"compat": 0.0},
         return_probabilities=True,
     ).probabilities  # fmt: skip
-    want, want_matte = labels_and_matte(probs, 0, 0.3)
+    want, want_matte = labels_from_probabilities(probs, 0.3, 0)
     assert_same_labels(labels.data[2:5], want[2:5], want_matte[2:5], 0.3)
     assert_same_labels(labels.data[7:10], changed.labels[7:10], changed.matte[7:10])  # kept
     assert not labels.data[10:].any()
@@ -261,19 +262,6 @@ def test_screenshot_shows_the_result(docked, qtbot, errors, tmp_path):
     colours = np.unique(with_labels[changed][:, :3], axis=0)
     assert len(colours) > 10
     napari.utils.io.imsave(str(tmp_path / "screenshot.png"), with_labels)
-
-
-def test_labels_and_matte_background_choice_and_threshold():
-    # three voxels (columns) of three classes (rows)
-    p = np.array([[0.6, 0.3, 0.1], [0.3, 0.6, 0.2], [0.1, 0.1, 0.7]], np.float32)
-    labels, matte = labels_and_matte(p)
-    assert labels.tolist() == [0, 2, 3] and np.allclose(matte, [0.4, 0.7, 0.9])
-    labels, matte = labels_and_matte(p, background=1)
-    assert labels.tolist() == [1, 0, 3] and np.allclose(matte, [0.7, 0.4, 0.8])
-    assert label_values(3, 1) == [1, 0, 3]
-    assert labels_and_matte(p, threshold=0.8)[0].tolist() == [0, 0, 3]
-    with pytest.raises(ValueError, match="background class 3"):
-        labels_and_matte(p, background=3)
 
 
 def test_region_segmenter_equals_segment_on_any_box(sample):
