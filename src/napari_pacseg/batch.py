@@ -35,15 +35,10 @@ import torch
 
 from .checks import check_spacing
 from .classes import DEFAULT_THRESHOLD, check_output_rule
-from .model import PacSegModel
+from .engine import extend_box, refine_params
+from .model import PacSegModel, volume_intensity_range
 from .model_io import config_from_dict, config_to_dict, load_model
-from .pipeline import (
-    extend_box,
-    receptive_field,
-    refine_params,
-    segment,
-    volume_intensity_range,
-)
+from .pipeline import receptive_field, segment
 from .volume_io import (
     INSTALL_HINT,
     Layout,

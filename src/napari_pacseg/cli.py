@@ -323,8 +323,8 @@ def _refine_option(args):
 
 def _cmd_segment(args) -> int:
     from .batch import iter_segment_files
+    from .engine import refine_params
     from .model_io import ModelFileError
-    from .pipeline import refine_params
     from .volume_io import volume_kind
 
     _check_device(args.device)

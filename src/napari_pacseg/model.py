@@ -7,6 +7,8 @@ Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_unpool3d
 
-from .checks import as_tuple_field, is_int, is_real, short_repr, unprintable_chars
+from .checks import FLOAT32_MAX, as_tuple_field, is_int, is_real, short_repr, unprintable_chars
 from .classes import MAX_CLASSES, ClassInfo
 from .features import FeatureSpec, compute_features
 
@@ -128,7 +130,7 @@ class RefineConfig:
     odd int in [1, 15]; dilation an int in [1, 8]; compat in [0, 100]; spatial_sigma None or
     in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100]. Within them every step
     is finite in float32. ``segment`` further bounds the work of the window at a given spacing
-    (``pipeline.check_refine_work``).
+    (``engine.settle``).
     """
 
     iterations: int = _param(5, "Iterations", "mean-field iterations", 0, 50)
@@ -333,10 +335,26 @@ def apply_range(image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torc
     return (image.float() - lo) / scale
 
 
-def normalize_intensity(image: torch.Tensor, low: float = 1.0, high: float = 99.8) -> torch.Tensor:
-    """Map each channel's ``low``..``high`` percentiles to 0..1 (a model trained on one volume
-    then sees the same range on another volume of the same kind). ``(N, C, D, H, W)`` float32."""
-    return apply_range(image, *intensity_range(image, low, high))
+def volume_intensity_range(vol) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel intensity range ``(lo, hi)``, each ``(1, C, 1, 1, 1)`` float32, of a
+    ``(C, D, H, W)`` array (numpy, dask, zarr or a CPU tensor): ``intensity_range`` of a regular
+    grid of at most ~4M voxels (every ``step``-th along each axis, ``step`` set by the shape
+    alone, so every array type gives the same range). ``ValueError`` for NaN, infinite values
+    or values beyond the float32 range the segmentation computes in."""
+    n = math.prod(vol.shape[1:])
+    step = max(1, math.ceil((n / (1 << 22)) ** (1 / 3)))
+    sample = np.asarray(vol[:, ::step, ::step, ::step], dtype=np.float64)  # no overflow here
+    if sample.size and not (np.isfinite(sample).all() and np.abs(sample).max() <= FLOAT32_MAX / 4):
+        raise ValueError(
+            "the image holds NaN, infinite values or values beyond the float32 range the "
+            f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); clean or rescale it first"
+        )
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    return intensity_range(torch.from_numpy(sample)[None])
+
+
+def _no_watch(stage: str):
+    return contextlib.nullcontext()
 
 
 class PacSegModel(nn.Module):
@@ -374,20 +392,49 @@ class PacSegModel(nn.Module):
         ctx = self.config.context
         return ctx.pool ** len(ctx.channels) if ctx is not None else 1
 
-    def features(self, image: torch.Tensor, spacing=None) -> torch.Tensor:
-        """Head input ``(N, n_features, D, H, W)`` of a normalised image."""
-        feats = compute_features(image, self.config.features, spacing or self.config.spacing)
+    def crop_features(self, normalized: torch.Tensor, spacing=None, crop=None, watch=_no_watch):
+        """Head input ``(N, n_features, *crop)`` float32 of ``crop`` (3 slices; default: all)
+        of a normalised image ``(N, C, D, H, W)``: the feature bank and the context net see the
+        whole image (a tile's halo is their support) and only the crop is kept. ``watch(stage)``
+        gives a context manager that times "features" and "context"."""
+        spacing = spacing or self.config.spacing
+        with watch("features"):
+            feats = compute_features(normalized, self.config.features, spacing, crop=crop)
         if self.context is not None:
-            feats = torch.cat([feats, self.context(image)], dim=1)
+            with watch("context"):
+                ctx = self.context(normalized)
+                if crop is not None:
+                    ctx = ctx[(slice(None), slice(None), *crop)]
+                feats = torch.cat([feats, ctx], dim=1)
         return feats
 
-    def forward(self, image: torch.Tensor, spacing=None) -> torch.Tensor:
+    def crop_logits(self, normalized: torch.Tensor, spacing=None, crop=None, watch=_no_watch):
+        """Class logits ``(N, K, *crop)`` float32 of ``crop`` of a normalised image: features ->
+        context -> head, what ``segment`` runs on every tile (its "head" stage timed by
+        ``watch``)."""
+        feats = self.crop_features(normalized, spacing, crop, watch)
+        with watch("head"):
+            return self.head(feats)
+
+    def forward(self, image: torch.Tensor, spacing=None, intensity_range=None) -> torch.Tensor:
+        """Unrefined class logits ``(N, K, D, H, W)`` float32 of raw images ``(N, C, D, H, W)``.
+
+        Each image is normalised by ``intensity_range`` (``(lo, hi)`` tensors broadcasting to
+        ``(N, C, 1, 1, 1)``), by default by its own ``volume_intensity_range``, as ``segment``
+        does; the logits are then ``segment``'s before refinement (up to float rounding of the
+        tiling). ``spacing`` (z, y, x) defaults to the training spacing.
+        """
         if image.ndim != 5 or image.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"PacSegModel: expected an image (N, {self.config.in_channels}, D, H, W), got shape {tuple(image.shape)}"
             )
-        return self.head(self.features(normalize_intensity(image), spacing))
-
-    def logits(self, normalized: torch.Tensor, spacing=None) -> torch.Tensor:
-        """Logits ``(N, K, D, H, W)`` of an image already normalised (see ``apply_range``)."""
-        return self.head(self.features(normalized, spacing))
+        if intensity_range is None:
+            ranges = [volume_intensity_range(im.detach().cpu()) for im in image]
+            lo = torch.cat([r[0] for r in ranges]).to(image.device)
+            hi = torch.cat([r[1] for r in ranges]).to(image.device)
+        else:
+            lo, hi = (
+                torch.as_tensor(v, dtype=torch.float32, device=image.device)
+                for v in intensity_range
+            )
+        return self.crop_logits(apply_range(image, lo, hi), spacing)

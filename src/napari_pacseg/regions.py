@@ -17,23 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import engine
+from .engine import SegmentationCancelled, model_on_device, prepare, split_box
 from .model import PacSegModel
-from .pipeline import (
-    UNARY_TILE,
-    SegmentationCancelled,
-    _crf_reach,
-    _tile_logit_diffs,
-    _tile_probabilities,
-    _tiles,
-    as_volume,
-    check_refine_work,
-    check_spacing,
-    extend_box,
-    model_on_device,
-    refine_params,
-    resolve_device,
-    volume_intensity_range,
-)
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -65,20 +51,15 @@ class RegionSegmenter:
         device="auto",
         max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        self.vol = as_volume(image, channel_axis)
-        if self.vol.shape[0] != model.config.in_channels:
-            raise ValueError(
-                f"the image has {self.vol.shape[0]} channel(s) but the model expects "
-                f"{model.config.in_channels}"
-            )
-        self.shape = tuple(self.vol.shape[1:])
-        self.spacing = check_spacing(spacing, model.config.spacing)
-        self.device = resolve_device(device)
+        self.plan = prepare(
+            image, model, spacing=spacing, channel_axis=channel_axis, refine=False, device=device
+        )
+        self.shape = self.plan.shape
+        self.spacing = self.plan.settings.spacing
+        self.device = self.plan.device
         self.model = model_on_device(model, self.device)
         self.config = model.config
-        self.halo = self.model.halo(self.spacing)
         self.max_cache_bytes = int(max_cache_bytes)
-        self.lo, self.hi = volume_intensity_range(self.vol)
         self._planes: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._last: tuple[tuple, np.ndarray] | None = None
@@ -104,27 +85,17 @@ class RegionSegmenter:
         ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles;
         True raises ``SegmentationCancelled``. The same request twice returns the cached array."""
         box = self.check_box(box)
-        params = refine_params(self.model, refine)
-        if params is not None and not params.iterations:
-            params = None
-        check_refine_work(params, self.spacing)
-        key = (box, params)
+        plan = self.plan.with_refine(refine)
+        key = (box, plan.settings.refine)
         with self._lock:
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
-            reach = _crf_reach(params, self.spacing)
-            ext, core = extend_box(box, reach, self.shape)
+            ext = plan.refine_extent(box)
             diffs = self._logit_diffs(ext, should_cancel)
-            sub = self.vol[(slice(None), *(slice(s, e) for s, e in ext))]
-            rel = tuple((c.start, c.stop) for c in core)
-            kernel, sigma = params.window(self.spacing) if params is not None else (None, None)
             if should_cancel is not None and should_cancel():
                 raise SegmentationCancelled("region segmentation cancelled")
-            p = _tile_probabilities(
-                sub, self.lo, self.hi, diffs, rel, reach, params, kernel, sigma, self.device,
-                self.timings,
-            )  # fmt: skip
-            if params is not None:
+            p = engine.refine(plan, box, diffs, self.device, self.timings)
+            if plan.settings.refine is not None:
                 self.stats["crf_runs"] += 1
             self._last = (key, p)
             return p
@@ -147,18 +118,11 @@ class RegionSegmenter:
                 out[:, z - z0] = plane
         for run in _runs(missing):
             box = ((run[0], run[-1] + 1), ys, xs)
-            size = tuple(b - a for a, b in box)
-            for tile in _tiles(size, UNARY_TILE, self.model.grid):
+            for tile in split_box(box, engine.UNARY_TILE, self.plan.settings.grid):
                 if should_cancel is not None and should_cancel():
                     raise SegmentationCancelled("region segmentation cancelled")
-                abs_tile = tuple((o + a, o + b) for (o, _), (a, b) in zip(box, tile))
-                d = _tile_logit_diffs(
-                    self.vol, self.lo, self.hi, abs_tile, self.halo, self.model, self.spacing,
-                    self.device, self.timings,
-                )  # fmt: skip
-                (ta, tb), (ya, yb), (xa, xb) = (
-                    (a - s, b - s) for (a, b), (s, _) in zip(abs_tile, ext)
-                )
+                d = engine.logits(self.plan, tile, self.model, self.device, self.timings)
+                (ta, tb), (ya, yb), (xa, xb) = ((a - s, b - s) for (a, b), (s, _) in zip(tile, ext))
                 out[:, ta:tb, ya:yb, xa:xb] = d
             for z in run:
                 self._store((window, z), out[:, z - z0].copy())

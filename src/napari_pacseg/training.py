@@ -13,9 +13,9 @@ from pacseg_kernels.mlp_torch import activate
 
 from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
 from .classes import class_infos
-from .features import FeatureSpec, compute_features
-from .model import HeadConfig, ModelConfig, PacSegModel, apply_range
-from .pipeline import SegmentationCancelled, _region, _tiles, extend_box, volume_intensity_range
+from .engine import SegmentationCancelled, features, prepare, split_box, whole
+from .features import FeatureSpec
+from .model import HeadConfig, ModelConfig, PacSegModel
 
 MAX_SAMPLES_PER_CLASS = 20000
 TRAIN_TILE = (32, 128, 128)
@@ -110,7 +110,8 @@ def train(
         },
     )
     model = PacSegModel(config)
-    x, y = _labelled_features(vol, marks, model, spacing, gen, should_cancel)
+    plan = prepare(vol, model, spacing=spacing, channel_axis=0, refine=False, device="cpu")
+    x, y = _labelled_features(plan, marks, gen, should_cancel)
     with torch.enable_grad():  # also when called under torch.no_grad()
         _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
     model = model.cpu().eval()
@@ -164,14 +165,13 @@ def _version() -> str:
 
 
 @torch.no_grad()
-def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
+def _labelled_features(plan, marks, gen, should_cancel):
     """Features ``(M, F)`` and class indices ``(M,)`` of (a class-balanced sample of) the labelled
     voxels, computed only on the scribbles' bounding box in each tile, with a halo for the
-    filters."""
-    lo, hi = volume_intensity_range(vol)  # as segment() normalises
-    halo = model.halo(spacing)
+    filters, normalised as ``segment`` normalises (the plan's range)."""
     xs, ys = [], []
-    for box in _tiles(marks.shape, TRAIN_TILE, 1):
+    cpu = torch.device("cpu")
+    for box in split_box(whole(marks.shape), TRAIN_TILE):
         if should_cancel is not None and should_cancel():
             raise SegmentationCancelled("training cancelled; no model was produced")
         tile_marks = marks[tuple(slice(a, b) for a, b in box)]
@@ -180,13 +180,9 @@ def _labelled_features(vol, marks, model, spacing, gen, should_cancel):
         # Only the scribbles' bounding box in this tile needs features: strokes lie in a few
         # planes, so this is often 100x fewer voxels than the tile (plus its halo).
         hit = [(int(w.min()), int(w.max()) + 1) for w in np.nonzero(tile_marks)]
-        tile_marks = tile_marks[tuple(slice(lo, hi) for lo, hi in hit)]
-        box = tuple((a + lo, a + hi) for (a, _), (lo, hi) in zip(box, hit))
-        ext, core = extend_box(box, halo, marks.shape)
-        region = _region(vol, ext, torch.device("cpu"))
-        feats = compute_features(
-            apply_range(region, lo, hi), model.config.features, spacing, crop=core
-        )[0]
+        tile_marks = tile_marks[tuple(slice(a, b) for a, b in hit)]
+        box = tuple((o + a, o + b) for (o, _), (a, b) in zip(box, hit))
+        feats = features(plan, box, plan.model, cpu, {})
         where = np.nonzero(tile_marks)
         xs.append(feats[(slice(None), *(torch.from_numpy(w) for w in where))].T)
         ys.append(torch.from_numpy(tile_marks[where].astype(np.int64) - 1))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import napari_pacseg.engine as engine
 import napari_pacseg.pipeline as pipeline
 from napari_pacseg import (
     ClassInfo,
@@ -97,19 +98,19 @@ def test_progress_and_cancel(trained):
 
 def test_gpu_out_of_memory_retries_smaller(trained, monkeypatch):
     image, _, _, model = trained
-    real = pipeline._tile_logit_diffs
+    real = engine.logits
     failed = []
 
-    def flaky(full, lo, hi, box, *args):
+    def flaky(plan, box, *args):
         if not failed:
             failed.append(box)
             raise torch.cuda.OutOfMemoryError("simulated")
-        return real(full, lo, hi, box, *args)
+        return real(plan, box, *args)
 
-    monkeypatch.setattr(pipeline, "_tile_logit_diffs", flaky)
+    monkeypatch.setattr(engine, "logits", flaky)
     with pytest.warns(UserWarning, match="retrying with smaller tiles"):
         result = segment(image, model)
-    monkeypatch.setattr(pipeline, "_tile_logit_diffs", real)
+    monkeypatch.setattr(engine, "logits", real)
     assert np.array_equal(result.labels, segment(image, model).labels)
 
 
@@ -195,8 +196,8 @@ def test_train_works_under_no_grad(trained):
 
 
 def test_the_callers_model_stays_where_it_is(trained):
-    _, _, _, model = trained
-    runner = pipeline._TileRunner(torch.device("cpu"), model, None, None)
+    image, _, _, model = trained
+    runner = engine.TileRunner(engine.prepare(image, model, device="cpu"))
     assert runner.model_on(torch.device("cpu")) is model
     moved = runner.model_on(torch.device("meta"))
     assert moved is not model and next(moved.parameters()).device.type == "meta"
@@ -242,12 +243,14 @@ def test_default_refinement_tiles_keep_their_weights(shape, spacing):
     """The mean field of a default refinement tile (anisotropic sample spacing: 3x5x5 windows,
     isotropic: 5x5x5) runs as a wavefront that computes its weights once, not as the path that
     recomputes them every step."""
+    from napari_pacseg.sample import load_demo_model
     from pacseg_kernels import crf_torch
 
     refine = RefineConfig()
-    kernel, _ = refine.window(spacing)
-    reach = pipeline._crf_reach(refine, spacing)
-    tile = pipeline.refine_tile(shape)
+    settings = engine.settle(load_demo_model(), spacing, refine)
+    kernel, reach = settings.kernel, settings.reach
+    assert kernel == refine.window(spacing)[0]
+    tile = engine.refine_tile(shape)
     ext = [min(n, t + 2 * r) for n, t, r in zip(shape, tile, reach)]
     unary, guide = torch.empty(1, 2, *ext), torch.empty(1, 1, *ext)
     plan = crf_torch.wavefront_plan(unary, guide, refine.iterations, kernel, (1, 1, 1))

@@ -1,0 +1,448 @@
+"""The engine under every face: a validated plan, and the two stages that run on boxes of it.
+
+``prepare(image, model, ...)`` checks everything once and returns a ``Plan``: the volume view,
+the spacing, the refinement to run (``Settings``: window, halo, reach), the device, the whole
+volume's intensity range, the label rule and the tiles. Two stages run on boxes of a plan:
+
+- ``logits(plan, box, ...)``: the model's logits (features -> context -> head, owned by the model:
+  ``PacSegModel.crop_logits``) of a box, from the box plus the features' halo, kept as
+  differences to the background's logit ``(K - 1, d, h, w)``;
+- ``refine(plan, box, diffs, ...)``: class probabilities ``(K, d, h, w)`` of a box from the logit
+  differences of ``plan.refine_extent(box)``, refined by ``pac_crf3d`` guided by the image.
+
+Every halo covers the whole receptive field, so a box's result is the same whatever the tiling:
+``segment``, the live ``RegionSegmenter``, ``train``'s feature extraction, ``receptive_field``
+and each zarr chunk (through ``segment``) all run on a plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pacseg_kernels import pac_crf3d
+
+from .checks import as_volume, check_ints, check_spacing, resolve_device, short_repr
+from .classes import DEFAULT_THRESHOLD, check_output_rule
+from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range
+
+# Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
+# memory stays under 4x the float32 image (benchmarks/bench_pipeline.py; 64-plane refinement
+# tiles took 4.3x: the mean field keeps its weights for a few planes of 77 taps).
+UNARY_TILE = (32, 128, 128)
+REFINE_TILE = (32, 128, 128)
+# Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
+REFINE_FULL_DEPTH = 64
+STAGES = ("features", "context", "head", "refine")
+# Bounds on the refinement's work, beyond which a run would take hours on a CPU or every tile
+# would have to hold most of the volume: tap visits per voxel (iterations x window taps; the
+# model default is 5 x 74 = 370) and the CRF's reach per axis (iterations x window radius x
+# dilation; the default reaches 5 or 10 voxels).
+MAX_TAP_STEPS = 10_000
+MAX_CRF_REACH = 64
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+class SegmentationCancelled(RuntimeError):
+    """Raised by ``segment``/``train`` when ``should_cancel()`` returned True; nothing is returned."""
+
+
+# --- what does not depend on the image ------------------------------------------------------------
+
+
+def as_model(model) -> PacSegModel:
+    """``model`` itself, or the model file at that path (``load_model``)."""
+    if isinstance(model, PacSegModel):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from .model_io import load_model
+
+        return load_model(model)
+    raise TypeError(
+        f"model must be a PacSegModel or the path of a model file (see load_model), got "
+        f"{type(model).__name__}"
+    )
+
+
+def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
+    """The refinement to run: model defaults (True), none (False), or overrides (a dict)."""
+    if refine is False:
+        return None
+    base = model.config.refine
+    if refine is True:
+        return base
+    if isinstance(refine, RefineConfig):
+        return refine
+    if isinstance(refine, dict):
+        known = {f.name for f in dataclasses.fields(RefineConfig)}
+        unknown = sorted(set(map(str, refine)) - known)
+        if unknown:
+            raise ValueError(
+                f"refine: unknown parameters {short_repr(unknown)}; known: {sorted(known)}"
+            )
+        return dataclasses.replace(base, **refine)
+    raise ValueError(
+        f"refine must be True, False or a dict of RefineConfig overrides, got {short_repr(refine)}"
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The image-independent part of a plan, for one model at one spacing.
+
+    spacing : ``(z, y, x)``. refine : the ``RefineConfig`` to run, None for no refinement (also
+    for 0 iterations). kernel, sigma : the CRF window and spatial sigma per axis (voxels), None
+    without refinement. halo : voxels the logits of a voxel depend on beyond it (features,
+    context net). reach : voxels the CRF carries messages. grid : the context net's pooling
+    grid (tile origins are multiples of it).
+    """
+
+    spacing: tuple[float, float, float]
+    refine: RefineConfig | None
+    kernel: tuple[int, int, int] | None
+    sigma: tuple[float, float, float] | None
+    halo: tuple[int, int, int]
+    reach: tuple[int, int, int]
+    grid: int
+
+    @property
+    def receptive_field(self) -> tuple[int, int, int]:
+        """``halo + reach`` per axis, rounded up to whole pooling cells (see ``receptive_field``)."""
+        return tuple(-(-(h + r) // self.grid) * self.grid for h, r in zip(self.halo, self.reach))
+
+
+def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
+    """Checked ``Settings`` of ``model`` at ``spacing`` (default: its training spacing) with
+    ``refine`` (True, False, a dict of overrides or a ``RefineConfig``)."""
+    spacing = check_spacing(spacing, model.config.spacing)
+    params = refine_params(model, refine)
+    if params is not None and not params.iterations:
+        params = None
+    kernel, sigma = params.window(spacing) if params is not None else (None, None)
+    reach = (
+        (0, 0, 0)
+        if params is None
+        else tuple(params.iterations * (k // 2) * params.dilation for k in kernel)
+    )
+    settings = Settings(spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid)
+    _check_refine_work(settings)
+    return settings
+
+
+def _check_refine_work(s: Settings) -> None:
+    """``ValueError`` when the refinement would visit more than ``MAX_TAP_STEPS`` window taps
+    per voxel or reach more than ``MAX_CRF_REACH`` voxels along an axis."""
+    if s.refine is None:
+        return
+    taps = math.prod(s.kernel) - 1
+    steps = s.refine.iterations * taps
+    fix = "lower iterations, kernel_size or dilation"
+    if steps > MAX_TAP_STEPS:
+        raise ValueError(
+            f"refinement too costly: {s.refine.iterations} iterations x {taps} taps of a "
+            f"{s.kernel} window = {steps} tap visits per voxel, over the limit of "
+            f"{MAX_TAP_STEPS} (the default is {5 * 74}); {fix}"
+        )
+    if max(s.reach) > MAX_CRF_REACH:
+        raise ValueError(
+            f"refinement reaches {s.reach} voxels (iterations x window radius x dilation), over "
+            f"the limit of {MAX_CRF_REACH}: every tile would need most of the volume; {fix}"
+        )
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a segmentation of one image needs, validated once by ``prepare``.
+
+    vol : ``(C, D, H, W)`` view of the image in its own dtype (any strides). model : the caller's
+    model (stages run a copy on ``device`` when it lives elsewhere). settings : ``Settings``.
+    device : where the stages run. lo, hi : the intensities mapped to 0 and 1, ``(1, C, 1, 1, 1)``
+    float32. threshold, background : the label rule (``classes.labels_from_probabilities``).
+    tile : core tile ``(D, H, W)`` of both passes, or None for ``UNARY_TILE`` / ``refine_tile``.
+    """
+
+    vol: np.ndarray
+    model: PacSegModel
+    settings: Settings
+    device: torch.device
+    lo: torch.Tensor
+    hi: torch.Tensor
+    threshold: float = DEFAULT_THRESHOLD
+    background: int = 0
+    tile: tuple[int, int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.vol.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        return self.model.config.n_classes
+
+    def with_refine(self, refine) -> Plan:
+        """The same plan with another refinement (the image, range and device are shared)."""
+        settings = settle(self.model, self.settings.spacing, refine)
+        return dataclasses.replace(self, settings=settings)
+
+    def unary_boxes(self) -> list[Box]:
+        """Core boxes of the logits pass (origins on the model's pooling grid)."""
+        return split_box(whole(self.shape), self.tile or UNARY_TILE, self.settings.grid)
+
+    def refine_boxes(self) -> list[Box]:
+        """Core boxes of the refinement pass."""
+        return split_box(whole(self.shape), self.tile or refine_tile(self.shape), 1)
+
+    def refine_extent(self, box: Box) -> Box:
+        """``box`` grown by the CRF's reach (clipped to the volume): what ``refine`` reads."""
+        return extend_box(box, self.settings.reach, self.shape)[0]
+
+
+def prepare(
+    image,
+    model,
+    *,
+    spacing=None,
+    channel_axis: int | None = None,
+    refine=True,
+    device="auto",
+    tile_shape=None,
+    intensity_range=None,
+    threshold: float = DEFAULT_THRESHOLD,
+    background: int = 0,
+) -> Plan:
+    """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
+    model = as_model(model)
+    vol = as_volume(image, channel_axis)
+    if vol.shape[0] != model.config.in_channels:
+        raise ValueError(
+            f"the image has {vol.shape[0]} channel(s) but the model expects {model.config.in_channels}"
+            + ("" if channel_axis is not None else "; pass channel_axis for a multichannel image")
+        )
+    settings = settle(model, spacing, refine)
+    threshold, background = check_output_rule(threshold, background, model.config.n_classes)
+    if tile_shape is not None:
+        tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
+    dev = resolve_device(device)
+    lo, hi = (
+        volume_intensity_range(vol)
+        if intensity_range is None
+        else _checked_range(intensity_range, vol.shape[0])
+    )
+    return Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape)
+
+
+def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        lo, hi = (
+            torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(-1) for v in intensity_range
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"intensity_range must be (lo, hi) with one number per channel, got "
+            f"{short_repr(intensity_range)}"
+        ) from err
+    if lo.numel() != channels or hi.numel() != channels:
+        raise ValueError(
+            f"intensity_range: the image has {channels} channel(s) but lo/hi have {lo.numel()}/{hi.numel()} values"
+        )
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError(f"intensity_range must be finite, got {short_repr(intensity_range)}")
+    return lo.view(1, -1, 1, 1, 1), hi.view(1, -1, 1, 1, 1)
+
+
+# --- boxes ----------------------------------------------------------------------------------------
+
+
+def whole(shape) -> Box:
+    return tuple((0, int(n)) for n in shape)
+
+
+def refine_tile(shape) -> tuple[int, int, int]:
+    """Core tile of the refinement pass: ``REFINE_TILE``, but the whole depth for volumes at
+    most ``REFINE_FULL_DEPTH`` planes deep."""
+    depth = shape[0] if shape[0] <= REFINE_FULL_DEPTH else REFINE_TILE[0]
+    return (depth, *REFINE_TILE[1:])
+
+
+def split_box(box: Box, tile, grid: int = 1) -> list[Box]:
+    """``box`` cut into boxes of at most ``tile`` voxels per axis, origins (relative to the
+    box) on multiples of ``grid``."""
+    tile = [max(grid, t - t % grid) for t in tile]
+    return list(
+        itertools.product(
+            *[[(s, min(s + t, b)) for s in range(a, b, t)] for (a, b), t in zip(box, tile)]
+        )
+    )
+
+
+def extend_box(box, halo, shape, grid: int = 1):
+    """``(ext, core)``: ``box`` (3 ``(start, stop)`` pairs) grown by ``halo`` voxels per axis and
+    clipped to ``shape``, its starts rounded down to multiples of ``grid`` (the context net's
+    pooling grid); ``core`` the slices of ``box`` inside ``ext``."""
+    ext = []
+    for (a, b), h, n in zip(box, halo, shape):
+        start = max(0, a - h)
+        ext.append((start - start % grid, min(n, b + h)))
+    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    return tuple(ext), core
+
+
+def region(vol, ext, dev) -> torch.Tensor:
+    """``(1, C, d, h, w)`` float32 on ``dev``: the image inside the box ``ext``."""
+    part = np.ascontiguousarray(vol[(slice(None), *(slice(s, e) for s, e in ext))], np.float32)
+    if not part.flags.writeable:  # a read-only memory map of float32 data (an NPY input)
+        part = part.copy()
+    return torch.from_numpy(part)[None].to(dev)
+
+
+# --- the two stages -------------------------------------------------------------------------------
+
+
+class Stopwatch:
+    """Adds the wall time of each ``with watch("stage"):`` block to ``timings[stage]``
+    (CUDA work is synchronised so it is charged to the stage that launched it)."""
+
+    def __init__(self, timings: dict, device: torch.device) -> None:
+        self.timings, self.cuda = timings, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def features(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> torch.Tensor:
+    """Head input ``(n_features, *box)`` float32 of a box, from the box plus its halo."""
+    ext, core = extend_box(box, plan.settings.halo, plan.shape, plan.settings.grid)
+    norm = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+    return model.crop_features(norm, plan.settings.spacing, core, Stopwatch(timings, dev))[0]
+
+
+@torch.no_grad()
+def logits(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> np.ndarray:
+    """Logits minus the background logit, ``(K - 1, *box)`` float32, of one box, computed from
+    the box plus its halo by ``model`` (the plan's model, on ``dev``)."""
+    ext, core = extend_box(box, plan.settings.halo, plan.shape, plan.settings.grid)
+    watch = Stopwatch(timings, dev)
+    with watch("features"):
+        norm = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+    out = model.crop_logits(norm, plan.settings.spacing, core, watch)[0]
+    del norm
+    with watch("head"):
+        out = (out[1:] - out[:1]).cpu().numpy()
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"the model gives non-finite logits on the image in the box {short_repr(box)}: its "
+            "weights or the image's values are out of range (max |weight| "
+            f"{max(float(p.abs().max()) for p in model.parameters()):.3g}); retrain or rescale"
+        )
+    return out
+
+
+@torch.no_grad()
+def refine(plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict) -> np.ndarray:
+    """Class probabilities ``(K, *box)`` float32 of one box: ``diffs`` (``(K - 1, ...)``, the
+    logit differences of ``plan.refine_extent(box)``) refined by ``pac_crf3d`` on that extent
+    when the plan refines."""
+    ext = plan.refine_extent(box)
+    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
+    out = torch.zeros((1, diffs.shape[0] + 1, *diffs.shape[1:]), dtype=torch.float32, device=dev)
+    out[0, 1:] = torch.from_numpy(np.ascontiguousarray(diffs)).to(dev)
+    s = plan.settings
+    if s.refine is not None:
+        with Stopwatch(timings, dev)("refine"):
+            guide = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+            out = pac_crf3d(
+                out.div_(s.refine.temperature),
+                guide.div_(s.refine.guide_sigma),
+                iterations=s.refine.iterations,
+                kernel_size=s.kernel,
+                dilation=s.refine.dilation,
+                compat=s.refine.compat,
+                spatial_sigma=s.sigma,
+            )
+    p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
+    if not np.isfinite(p).all():
+        raise ValueError(
+            f"the refinement gave NaN in the box {short_repr(box)}: the image's normalised values "
+            "are out of range for the guide; clip outliers or pass intensity_range"
+        )
+    return p
+
+
+# --- running a pass over boxes --------------------------------------------------------------------
+
+
+def model_on_device(model: PacSegModel, device: torch.device) -> PacSegModel:
+    """``model`` in eval mode on ``device``: the caller's own object when it is already there,
+    else a copy (``nn.Module.to`` moves in place, and callers keep using their model)."""
+    here = next(model.parameters()).device
+    if here.type == device.type and (device.index is None or here == device):
+        return model.eval()
+    return copy.deepcopy(model).to(device).eval()
+
+
+class TileRunner:
+    """Runs a pass over boxes: cancellation, progress over all passes, and the out-of-memory
+    policy (split the box and retry on the same device, then continue on the CPU)."""
+
+    def __init__(self, plan: Plan, progress=None, should_cancel: Callable[[], bool] | None = None):
+        self.device, self.model, self.grid = plan.device, plan.model, plan.settings.grid
+        self.progress, self.should_cancel = progress, should_cancel
+        self.done = self.total = 0
+        self._copies: dict[torch.device, PacSegModel] = {}
+
+    def model_on(self, device: torch.device) -> PacSegModel:
+        """The model on ``device``: the caller's own when already there, else a copy."""
+        if device not in self._copies:
+            self._copies[device] = model_on_device(self.model, device)
+        return self._copies[device]
+
+    def run(self, boxes, work) -> None:
+        """``work(box, device, model_on_device)`` for each box."""
+        pending = list(boxes)
+        while pending:
+            box = pending.pop(0)
+            if self.should_cancel is not None and self.should_cancel():
+                raise SegmentationCancelled("segmentation cancelled; no result was produced")
+            try:
+                work(box, self.device, self.model_on(self.device))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                sizes = [b - a for a, b in box]
+                if max(sizes) > self.grid * 8:  # split the box, try again on the same device
+                    warnings.warn(
+                        f"GPU out of memory on a tile of {sizes}; retrying with smaller tiles",
+                        stacklevel=3,
+                    )
+                    sub = split_box(box, [max(self.grid, n // 2) for n in sizes], self.grid)
+                    pending = sub + pending
+                    self.total += len(sub) - 1
+                    continue
+                warnings.warn(
+                    "GPU out of memory even on small tiles; continuing on the CPU", stacklevel=3
+                )
+                self.device = torch.device("cpu")
+                pending.insert(0, box)
+                continue
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, self.total)
