@@ -40,13 +40,16 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
     else:
         axes = VOLUME_AXES
     check_not_empty(x, "x", _OP, axes, what="feature per voxel")
-    if (
-        isinstance(weights, (torch.Tensor, str))
-        or isinstance(biases, (torch.Tensor, str))
-        or not isinstance(weights, Sequence)
-        or not isinstance(biases, Sequence)
+    if isinstance(weights, (torch.Tensor, str, bytes)) or isinstance(
+        biases, (torch.Tensor, str, bytes)
     ):
         raise ValueError("voxel_mlp: weights and biases must be lists of tensors, one per layer")
+    try:  # any iterable of tensors: a list, a tuple, an nn.ParameterList, a generator...
+        weights, biases = list(weights), list(biases)
+    except TypeError:
+        raise ValueError(
+            "voxel_mlp: weights and biases must be lists of tensors, one per layer"
+        ) from None
     if len(weights) == 0:
         raise ValueError("voxel_mlp: weights is empty; give at least one (out, in) matrix")
     if len(weights) != len(biases):

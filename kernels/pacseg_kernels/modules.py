@@ -62,7 +62,7 @@ class VoxelMLP(nn.Module):
             raise ValueError(
                 f"VoxelMLP: unknown activation {activation!r}; choose one of {ACTIVATIONS}"
             )
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
             raise ValueError(
                 f"VoxelMLP: hidden must be a sequence of ints (widths of the hidden layers), got "
                 f"{short_repr(hidden)}"

@@ -1,12 +1,6 @@
 """napari-pacseg: interactive volumetric segmentation for napari with PAC refinement."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("napari-pacseg")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
-
+from ._version import __version__
 from .classes import ClassInfo, labels_from_probabilities
 from .features import FeatureSpec, compute_features
 from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig

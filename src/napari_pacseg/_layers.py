@@ -1,5 +1,6 @@
 """napari layers of the plugin: class colours and names on Labels layers, the output layers
-("<image> labels", "<image> matte") reused and written in place, the scribbles layer."""
+("<image> labels", "<image> matte") reused and written in place, the scribbles layer, and the
+region of a layer the viewer shows (what the live preview computes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from .classes import DEFAULT_COLORS, label_values
 TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 SCRIBBLE_BACKGROUND = (0.6, 0.6, 0.6, 1.0)
 METADATA_KEY = "pacseg"
+
+SLAB_HALF = 1  # 2D view: planes on each side of the current one (3 planes in all)
+MAX_PLANE = 1024  # 2D view: in-plane extent beyond which only a window around the centre is done
+BOX_3D = (32, 192, 192)  # 3D view: the bounded region around the camera centre (z, y, x)
 
 
 def class_features(names: Sequence[str], values: Sequence[int], zero: str | None = None) -> dict:
@@ -83,6 +88,13 @@ def scribble_class_names(layer) -> list[str] | None:
     return None
 
 
+def scribbles_of(layer) -> tuple:
+    """``(data, name, class names)`` of a scribbles layer (``(None, "", None)`` for None)."""
+    if layer is None:
+        return None, "", None
+    return layer.data, layer.name, scribble_class_names(layer)
+
+
 def _find(viewer, name: str, kind: type):
     if name not in viewer.layers:
         return None
@@ -95,20 +107,67 @@ def _find(viewer, name: str, kind: type):
     return layer
 
 
-def output_layers(viewer, image_name: str, shape, scale, translate, model, background: int):
-    """The ``"<image> labels"`` and ``"<image> matte"`` layers (labels above the matte), created
-    full size (zeros) when missing, reused when present (re-allocated as zeros only when their shape is wrong), with
-    the image's scale and translate and the model's class names and colours."""
+def image_choices(viewer) -> list[tuple[str, object]]:
+    """(name, layer) of the viewer's image layers the widget can segment: 3D, or 4D with a
+    channel axis, not RGB, not an output of ours."""
+    from napari.layers import Image
+
+    return [
+        (layer.name, layer)
+        for layer in viewer.layers
+        if isinstance(layer, Image)
+        and layer.ndim in (3, 4)
+        and not layer.rgb
+        and METADATA_KEY not in layer.metadata
+    ]
+
+
+def scribble_choices(viewer) -> list[tuple[str, object]]:
+    """(name, layer) of the viewer's Labels layers that can be scribbles (not outputs of ours)."""
+    from napari.layers import Labels
+
+    return [
+        (layer.name, layer)
+        for layer in viewer.layers
+        if isinstance(layer, Labels) and METADATA_KEY not in layer.metadata
+    ]
+
+
+def add_scribbles(viewer, image, names: Sequence[str], colors=None):
+    """An empty uint8 Labels layer ``"<image> scribbles"`` with ``image``'s spatial shape,
+    scale and translate (``image``: a ``session.ImageInput``), styled by ``scribble_styling``,
+    in paint mode with label 1 selected."""
+    layer = viewer.add_labels(
+        np.zeros(image.shape, np.uint8), name=f"{image.name} scribbles", scale=image.scale,
+        translate=image.translate, **scribble_styling(names, colors),
+    )  # fmt: skip
+    layer.mode = "paint"
+    layer.selected_label = 1
+    return layer
+
+
+def output_names(image_name: str) -> tuple[str, str]:
+    """Names of the output layers of an image: ``"<image> labels"``, ``"<image> matte"``."""
+    return f"{image_name} labels", f"{image_name} matte"
+
+
+def output_layers(viewer, image, model, background: int):
+    """The ``"<image> labels"`` and ``"<image> matte"`` layers (labels above the matte) of
+    ``image`` (a ``session.ImageInput``: name, spatial shape, scale, translate), created full
+    size (zeros) when missing, reused when present (re-allocated as zeros only when their
+    shape is wrong), with the image's scale and translate and the model's class names and
+    colours."""
     from napari.layers import Image, Labels
 
-    shape = tuple(int(n) for n in shape)
+    shape, scale, translate = tuple(int(n) for n in image.shape), image.scale, image.translate
+    labels_name, matte_name = output_names(image.name)
     dtype = np.uint8  # at most MAX_CLASSES = 255 classes
-    labels = _find(viewer, f"{image_name} labels", Labels)
-    matte = _find(viewer, f"{image_name} matte", Image)
+    labels = _find(viewer, labels_name, Labels)
+    matte = _find(viewer, matte_name, Image)
     styling = result_styling(model, background)
     if matte is None:
         matte = viewer.add_image(
-            np.zeros(shape, np.float32), name=f"{image_name} matte", scale=scale,
+            np.zeros(shape, np.float32), name=matte_name, scale=scale,
             translate=translate, colormap="magma", contrast_limits=(0.0, 1.0),
             blending="additive", opacity=0.7, metadata={METADATA_KEY: {"complete": False}},
         )  # fmt: skip
@@ -119,7 +178,7 @@ def output_layers(viewer, image_name: str, shape, scale, translate, model, backg
         matte.contrast_limits = (0.0, 1.0)
     if labels is None:
         labels = viewer.add_labels(
-            np.zeros(shape, dtype), name=f"{image_name} labels", scale=scale,
+            np.zeros(shape, dtype), name=labels_name, scale=scale,
             translate=translate, opacity=0.5, metadata={METADATA_KEY: {"complete": False}},
             **styling,
         )  # fmt: skip
@@ -150,3 +209,49 @@ def write_region(labels_layer, matte_layer, box, labels: np.ndarray, matte: np.n
     for layer in (labels_layer, matte_layer):
         layer.metadata[METADATA_KEY] = {"complete": False, "content": what, "region": box}
         layer.refresh()
+
+
+def visible_box(
+    viewer,
+    layer,
+    channel_axis: int | None,
+    shape,
+    *,
+    slab_half: int = SLAB_HALF,
+    max_plane: int = MAX_PLANE,
+    box_3d=BOX_3D,
+) -> tuple[tuple[int, int], ...]:
+    """The spatial box ``((z0, z1), (y0, y1), (x0, x1))`` of ``layer`` that the live mode
+    computes: in a 2D view the slab of ``2 * slab_half + 1`` planes around the current step of
+    the axis not shown (the in-plane extent cut to ``max_plane`` around the camera centre); in
+    a 3D view (or when a channel axis is displayed) a box of at most ``box_3d`` voxels around
+    the camera centre."""
+    nd = layer.ndim
+    offset = viewer.dims.ndim - nd
+    displayed = list(viewer.dims.displayed)
+    point = list(viewer.dims.point)
+    scene = getattr(viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+    camera = scene.camera if scene is not None else viewer.camera
+    center = list(camera.center)[-len(displayed) :]
+    for axis, c in zip(displayed, center):
+        point[axis] = c
+    data_point = np.asarray(layer.world_to_data(point), dtype=float)[-nd:]
+    spatial_axes = [a for a in range(nd) if channel_axis is None or a != channel_axis % nd]
+    centre = [data_point[a] for a in spatial_axes]
+    shown = {spatial_axes.index(d - offset) for d in displayed if d - offset in spatial_axes}
+    if viewer.dims.ndisplay == 2 and len(shown) == 2:
+        (slab_axis,) = {0, 1, 2} - shown
+        sizes = [max_plane] * 3
+        sizes[slab_axis] = 2 * slab_half + 1
+    else:
+        sizes = list(box_3d)
+    return tuple(_window(c, s, n) for c, s, n in zip(centre, sizes, shape))
+
+
+def _window(centre: float, size: int, n: int) -> tuple[int, int]:
+    """``size`` consecutive indices (fewer at the edges of ``[0, n)``) centred on ``centre``."""
+    c = int(np.clip(round(float(centre)), 0, n - 1))
+    if size >= n:
+        return (0, n)
+    start = int(np.clip(c - size // 2, 0, n - size))
+    return (start, start + size)

@@ -44,6 +44,13 @@ def read_zarr(path):
     kwargs = {"name": path.name.removesuffix(".zarr").removesuffix(".ome")}
     if volume.spacing is not None:
         kwargs["scale"] = volume.spacing
+    elif volume.spacing_problem:  # shown, not guessed: the user sets the layer's scale
+        from napari.utils.notifications import show_warning
+
+        show_warning(
+            f"{path.name}: {volume.spacing_problem}; the layer has scale 1, set its voxel size "
+            "(layer scale) before segmenting"
+        )
     if data.shape[0] == 1:
         data = data[0]
     else:

@@ -32,6 +32,28 @@ def unprintable_chars(text: str) -> list[str]:
     ]
 
 
+def printable(text: str) -> str:
+    """``text`` with the characters of ``unprintable_chars`` (and any other non-printable one)
+    shown as escapes, so a name from a file can never drive a terminal."""
+    bad = set(unprintable_chars(text))
+    return "".join(repr(c)[1:-1] if c in bad or not c.isprintable() else c for c in text)
+
+
+def one_line(text, limit: int = 500) -> str:
+    """``text`` (or an exception's message) on one line of at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_line(err: BaseException, limit: int = 500) -> str:
+    """An exception as one line for a user: its message (``ValueError``/``OSError``: written for
+    users), else prefixed by its type; out of memory says what to do."""
+    if isinstance(err, MemoryError):
+        return "out of memory; convert the volume to zarr and segment it in chunks"
+    text = one_line(err, limit) or type(err).__name__
+    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+
+
 def as_tuple_field(obj, name: str) -> None:
     """Store a list given for a tuple field of a frozen dataclass as a tuple."""
     if isinstance(getattr(obj, name), list):
@@ -137,6 +159,8 @@ def check_spacing(spacing, default, n: int = 3) -> tuple[float, ...]:
     items = _sequence(spacing, n, "spacing", example)
     values = []
     for s in items:
+        if isinstance(s, torch.Tensor) and s.numel() == 1 and s.is_floating_point():
+            s = s.item()  # a napari or torch user's scalar tensor
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
             raise ValueError(f"spacing must be {n} {example}, got {short_repr(spacing)}")
         s = float(s)

@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .checks import one_line, printable, short_repr
+
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
 
 
@@ -84,10 +86,10 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {_clip(text)}"
+            f"expected a positive integer, got {short_repr(text)}"
         ) from None
     if not 1 <= value <= 1 << 31:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_clip(text)}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {short_repr(text)}")
     return value
 
 
@@ -95,9 +97,9 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {_clip(text)}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
     if not (math.isfinite(value) and 0 < value < 1e12):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {_clip(text)}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {short_repr(text)}")
     return value
 
 
@@ -111,11 +113,11 @@ def _in_range(name: str, spec):
             value = int(text) if spec.integer else float(text)
         except ValueError:
             kind = "an integer" if spec.integer else "a number"
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {_clip(text)}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {short_repr(text)}") from None
         if not (spec.low <= value <= spec.high) or (spec.odd and value % 2 == 0):
             odd = "an odd integer" if spec.odd else "a value"
             raise argparse.ArgumentTypeError(
-                f"expected {odd} in [{spec.low:g}, {spec.high:g}], got {_clip(text)}"
+                f"expected {odd} in [{spec.low:g}, {spec.high:g}], got {short_repr(text)}"
             )
         return value
 
@@ -127,15 +129,10 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {_clip(text)}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {_clip(text)}")
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {short_repr(text)}")
     return value
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    text = repr(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="napari-pacseg without napari: segment folders of volumes and zarr volumes "
         "larger than memory (optionally on a dask cluster), train a model, inspect one.",
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"napari-pacseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -205,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="zarr inputs: run on this dask.distributed scheduler (tcp://host:8786)")  # fmt: skip
     where.add_argument("--workers", type=_positive_int, metavar="N",
                        help="zarr inputs: start a local cluster of N worker processes")  # fmt: skip
-    run.add_argument("--overwrite", action="store_true", help="redo inputs already done")
+    run.add_argument("--overwrite", action="store_true",
+                     help="redo inputs already done, and replace files at output paths that "
+                     "pacseg did not write (never an input)")  # fmt: skip
     run.add_argument("-q", "--quiet", action="store_true", help="one line per input, no bars")
     seg.set_defaults(handler=_cmd_segment)
 
@@ -261,7 +260,7 @@ def main(argv=None) -> int:
         print(f"pacseg {args.command}: error: {printable(str(err))}", file=sys.stderr)
         return USAGE_ERROR
     except (ValueError, TypeError, OSError) as err:  # a user error no handler anticipated
-        print(f"pacseg {args.command}: error: {printable(_flat(err))}", file=sys.stderr)
+        print(f"pacseg {args.command}: error: {printable(one_line(err))}", file=sys.stderr)
         return FAILED
     except MemoryError:
         print(
@@ -281,20 +280,7 @@ def main(argv=None) -> int:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (an old model file without a checksum, ...) as one line, not Python's format."""
-    print(f"pacseg: warning: {printable(_flat(message))}", file=sys.stderr)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (terminal escape sequences, newlines) and unpaired
-    surrogates shown as escapes, so a name in a file can never drive the terminal."""
-    return "".join(
-        c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in text
-    )
-
-
-def _flat(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
+    print(f"pacseg: warning: {printable(one_line(message))}", file=sys.stderr)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -323,22 +309,10 @@ def _refine_option(args):
 
 def _cmd_segment(args) -> int:
     from .batch import iter_segment_files
-    from .engine import refine_params
-    from .model_io import ModelFileError
     from .volume_io import volume_kind
 
     _check_device(args.device)
     refine = _refine_option(args)
-    from .model_io import load_model
-
-    try:
-        model = load_model(args.model)
-    except (ModelFileError, OSError) as err:
-        raise UsageError(str(err)) from None
-    try:
-        refine_params(model, refine)
-    except ValueError as err:
-        raise UsageError(f"refinement options: {err}") from None
     bar = ProgressBar(quiet=args.quiet)
     results = iter_segment_files(
         args.inputs, args.model, args.output, spacing=args.spacing,
@@ -381,11 +355,10 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .batch import check_not_input
     from .features import FeatureSpec
     from .model_io import save_model
     from .training import train
-    from .volume_io import VolumeError, read_volume
+    from .volume_io import VolumeError, check_not_input, read_volume
 
     _check_device(args.device)
     if args.output.suffix != ".safetensors":
@@ -406,6 +379,10 @@ def _cmd_train(args) -> int:
     try:
         image = read_volume(args.image, args.channel_axis)
         marks = read_volume(args.scribbles).load()[0]
+        if args.spacing is None and image.spacing_problem:
+            raise VolumeError(
+                f"{args.image}: {image.spacing_problem}; give the voxel size with --spacing Z Y X"
+            )
         spacing = tuple(args.spacing) if args.spacing else image.spacing or (1.0, 1.0, 1.0)
         model = train(
             image.load(), marks, spacing=spacing, channel_axis=0, features=spec,
@@ -424,34 +401,8 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def model_summary(model, path: Path) -> dict:
-    """JSON-able description of a model file (what ``pacseg info --json`` prints)."""
-    from .batch import sha256_file
-    from .model_io import config_to_dict
-    from .pipeline import receptive_field
-
-    try:
-        refined = list(receptive_field(model))
-    except ValueError as err:  # default refinement over the work limits: say so, still describe
-        refined = f"not usable: {err}"
-    return {
-        "path": str(path),
-        "sha256": sha256_file(path),
-        "config": config_to_dict(model.config),
-        "n_features": model.config.n_features,
-        "grid": model.grid,
-        "receptive_field": {
-            "refined": refined,
-            "unrefined": list(receptive_field(model, refine=False)),
-        },
-    }
-
-
-def _halo_text(halo) -> str:
-    return halo if isinstance(halo, str) else f"{tuple(halo)} voxels (z, y, x)"
-
-
 def _cmd_info(args) -> int:
+    from .describe import model_lines, model_summary
     from .model_io import ModelFileError, load_model
 
     try:
@@ -463,25 +414,7 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    cfg = model.config
-    lines = [
-        f"model        {args.model}",
-        f"sha256       {info['sha256']}",
-        f"channels     {cfg.in_channels}",
-        "classes      " + ", ".join(
-            f"{i + 1 if i else 0}={c.name}" for i, c in enumerate(cfg.classes)
-        ) + "   (label values)",
-        f"features     {', '.join(cfg.features.kinds) or '-'} at sigmas {list(cfg.features.sigmas)}"
-        f"{' + raw' if cfg.features.include_raw else ''} ({cfg.n_features} per voxel)",
-        f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
-        f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
-        "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
-        f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
-        f"halo         {_halo_text(info['receptive_field']['refined'])} with refinement, "
-        f"{_halo_text(info['receptive_field']['unrefined'])} without",
-    ]  # fmt: skip
-    lines += ["provenance"] + [f"  {k}: {v}" for k, v in sorted(cfg.provenance.items())]
-    print("\n".join(printable(line) for line in lines))
+    print("\n".join(printable(line) for line in model_lines(model, info)))
     return 0
 
 

@@ -44,12 +44,12 @@ REFINE_TILE = (32, 128, 128)
 # Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
 REFINE_FULL_DEPTH = 64
 STAGES = ("features", "context", "head", "refine")
-# Bounds on the refinement's work, beyond which a run would take hours on a CPU or every tile
-# would have to hold most of the volume: tap visits per voxel (iterations x window taps; the
-# model default is 5 x 74 = 370) and the CRF's reach per axis (iterations x window radius x
-# dilation; the default reaches 5 or 10 voxels).
+# Bounds on the refinement's work, beyond which a run would take hours on a CPU: tap visits per
+# voxel (iterations x window taps; the model default is 5 x 74 = 370 at the sample's spacing),
+# and how many times over the refinement tiles, each grown by the CRF's reach (iterations x
+# window radius x dilation), cover the volume (the defaults: 1.2-2.2x).
 MAX_TAP_STEPS = 10_000
-MAX_CRF_REACH = 64
+MAX_REFINE_OVERLAP = 8.0
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -142,22 +142,36 @@ def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
 
 def _check_refine_work(s: Settings) -> None:
     """``ValueError`` when the refinement would visit more than ``MAX_TAP_STEPS`` window taps
-    per voxel or reach more than ``MAX_CRF_REACH`` voxels along an axis."""
+    per voxel."""
     if s.refine is None:
         return
     taps = math.prod(s.kernel) - 1
     steps = s.refine.iterations * taps
-    fix = "lower iterations, kernel_size or dilation"
     if steps > MAX_TAP_STEPS:
+        default = RefineConfig()
+        usual = default.iterations * (math.prod(default.window(s.spacing)[0]) - 1)
         raise ValueError(
             f"refinement too costly: {s.refine.iterations} iterations x {taps} taps of a "
             f"{s.kernel} window = {steps} tap visits per voxel, over the limit of "
-            f"{MAX_TAP_STEPS} (the default is {5 * 74}); {fix}"
+            f"{MAX_TAP_STEPS} (the default refinement makes {usual} at this spacing); lower "
+            "iterations or kernel_size"
         )
-    if max(s.reach) > MAX_CRF_REACH:
+
+
+def _check_overlap(plan: Plan) -> None:
+    """``ValueError`` when the default refinement tiles, grown by the CRF's reach, would cover
+    the volume more than ``MAX_REFINE_OVERLAP`` times (a reach far beyond the tile size)."""
+    if plan.settings.refine is None:
+        return
+    boxes = plan.refine_boxes()
+    covered = sum(math.prod(b - a for a, b in plan.refine_extent(box)) for box in boxes)
+    ratio = covered / math.prod(plan.shape)
+    if ratio > MAX_REFINE_OVERLAP:
         raise ValueError(
-            f"refinement reaches {s.reach} voxels (iterations x window radius x dilation), over "
-            f"the limit of {MAX_CRF_REACH}: every tile would need most of the volume; {fix}"
+            f"refinement reaches {plan.settings.reach} voxels (iterations x window radius x "
+            f"dilation): its {len(boxes)} tiles would refine {ratio:.1f}x the volume's voxels "
+            f"(limit {MAX_REFINE_OVERLAP:g}x); lower iterations or dilation, or pass a larger "
+            "tile_shape"
         )
 
 
@@ -242,7 +256,10 @@ def prepare(
         if intensity_range is None
         else _checked_range(intensity_range, vol.shape[0])
     )
-    return Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape)
+    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape)
+    if tile_shape is None:  # tiles the caller chose are theirs to choose
+        _check_overlap(plan)
+    return plan
 
 
 def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ import stat
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from pacseg_kernels import VoxelMLP
 
-from .checks import is_int, short_repr, unprintable_chars
+from .checks import is_int, one_line, printable, short_repr
 from .classes import class_infos
 from .features import FeatureSpec
 from .model import (
@@ -49,7 +50,8 @@ from .model import (
     PacSegModel,
     RefineConfig,
 )
-from .volume_io import remove_stale_temporaries, temporary_sibling
+from .provenance import LIBRARY
+from .volume_io import write_bytes
 
 FORMAT = "napari-pacseg-model"
 FORMAT_VERSION = 2  # 2: the metadata holds a checksum; 1: none (still read, with a warning)
@@ -67,12 +69,6 @@ class ModelFileError(ValueError):
 
 class ModelFileWarning(UserWarning):
     """A model file that loads but lacks a safeguard (a version 1 file has no checksum)."""
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    """One line of at most ``limit`` characters of ``text`` (an error's message)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- config <-> JSON ---------------------------------------------------------------------------
@@ -200,7 +196,7 @@ def _obj(cls, data, where: str, convert=None) -> object:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, ArithmeticError) as err:
-        raise ModelFileError(f"model config: {where}: {_clip(err)}") from err
+        raise ModelFileError(f"model config: {where}: {one_line(err)}") from err
 
 
 def config_from_dict(data) -> ModelConfig:
@@ -282,11 +278,17 @@ def save_model(model: PacSegModel, path) -> Path:
     Raises ``ValueError`` (and writes nothing) when a weight is NaN or infinite (after the
     float32 conversion), or when the config would not load back. The metadata holds a
     ``model_checksum`` of the config and the weights."""
-    from . import __version__
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_model: the file name must end in .safetensors, got {path.name!r}")
+    write_bytes(path, model_bytes(model, path.name), overwrite=True)
+    return path
+
+
+def model_bytes(model: PacSegModel, name: str = "the model") -> bytes:
+    """The bytes of ``model``'s file (what ``save_model`` writes; ``model_from_bytes`` reads
+    them back with every check of ``load_model``). ``ValueError`` as ``save_model``."""
+    path = Path(name)
     if not isinstance(model, PacSegModel):
         raise ValueError(f"save_model: expected a PacSegModel, got {type(model).__name__}")
     tensors = {}
@@ -306,7 +308,7 @@ def save_model(model: PacSegModel, path) -> Path:
             f"save_model: the config would not load back ({err}); {path.name} was not written"
         ) from err
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "written_by": f"napari-pacseg {__version__}",
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "written_by": LIBRARY,
             "config": config}  # fmt: skip
     meta["checksum"] = model_checksum(
         meta, [(name, "F32", shapes[name], tensors[name]) for name in tensors]
@@ -323,21 +325,22 @@ def save_model(model: PacSegModel, path) -> Path:
         offset += size
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     raw += b" " * (-len(raw) % 8)
-    remove_stale_temporaries(path)
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in sorted(tensors):
-                f.write(tensors[name])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return b"".join([struct.pack("<Q", len(raw)), raw, *(tensors[n] for n in sorted(tensors))])
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A model as the bytes of its file (``model_bytes``): what travels to dask workers, which
+    rebuild it with ``model_from_bytes``, i.e. every check of ``load_model``; no code is
+    pickled. ``digest`` (sha256 of the bytes) tells models apart."""
+
+    data: bytes
+    digest: str
+
+    @classmethod
+    def of(cls, model: PacSegModel) -> ModelPayload:
+        data = model_bytes(model)
+        return cls(data, hashlib.sha256(data).hexdigest())
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def _parse_json(raw, name: str, what: str):
     except _Refused as err:
         raise ModelFileError(f"{name}: {what} is not valid JSON ({err})") from None
     except (UnicodeError, ValueError) as err:  # JSONDecodeError, or a number of 4300+ digits
-        reason = "a number with too many digits" if "digits" in str(err) else _clip(err, 120)
+        reason = "a number with too many digits" if "digits" in str(err) else one_line(err, 120)
         raise ModelFileError(f"{name}: {what} is not valid JSON ({reason})") from None
     if _too_deep(value):
         raise ModelFileError(
@@ -393,8 +396,7 @@ def _parse_json(raw, name: str, what: str):
 
 def _file_name(path: Path) -> str:
     """The file's name for a message (escaped when it would not print as it is)."""
-    name = path.name or str(path)
-    return name if name.isprintable() and not unprintable_chars(name) else ascii(name)
+    return printable(path.name or str(path))
 
 
 def _read_meta(name: str, header: dict) -> tuple[ModelConfig, dict]:
@@ -459,116 +461,122 @@ def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
         raise ModelFileError(f"{name}: is a folder, not a model file")
     if not stat.S_ISREG(st.st_mode):
         raise ModelFileError(f"{name}: is not a regular file (a pipe or device?), not a model file")
+    if st.st_size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
+        raise ModelFileError(f"{name}: {st.st_size} bytes is over the size limit of a model file")
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
+        data = f.read(8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES + 1)
+    return _from_bytes(data, name)
+
+
+def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
+    """The model in a file's bytes and whether it has a checksum; ``ModelFileError`` otherwise."""
+    size = len(file)
+    if size < 8:
+        raise ModelFileError(
+            f"{name}: {size} bytes is too short for a model file (empty or truncated)"
+        )
+    if size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
+        raise ModelFileError(f"{name}: {size} bytes is over the size limit of a model file")
+    (n,) = struct.unpack("<Q", file[:8])
+    if n > MAX_HEADER_BYTES:
+        raise ModelFileError(
+            f"{name}: declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
+            "it is not a napari-pacseg model, or it is corrupted"
+        )
+    if 8 + n > size:
+        raise ModelFileError(
+            f"{name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
+        )
+    raw = file[8 : 8 + n]
+    if len(raw) != n:
+        raise ModelFileError(f"{name}: the file ended while reading its header: truncated")
+    header = _parse_json(raw, name, "the header")
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{name}: the header is JSON {_kind(header)}, not an object")
+    config, meta = _read_meta(name, header)
+    try:
+        model = PacSegModel(config)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, MemoryError) as err:
+        raise ModelFileError(
+            f"{name}: the model cannot be built from its config ({one_line(err, 120)})"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{name}: tensors do not match the config: missing {short_repr(missing, 80)}, "
+            f"unexpected {short_repr(unexpected, 80)}"
+        )
+    layout = []
+    for tensor in sorted(entries):
+        entry, shown = entries[tensor], short_repr(tensor)
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise ModelFileError(
-                f"{name}: {size} bytes is too short for a model file (empty or truncated)"
+                f"{name}: tensor {shown} has a malformed header entry (it needs exactly "
+                "dtype, shape and data_offsets)"
             )
-        if size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
-            raise ModelFileError(f"{name}: {size} bytes is over the size limit of a model file")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
+        if entry["dtype"] != "F32":
             raise ModelFileError(
-                f"{name}: declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
-                "it is not a napari-pacseg model, or it is corrupted"
+                f"{name}: tensor {shown} has dtype {short_repr(entry['dtype'])}; F32 expected"
             )
-        if 8 + n > size:
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
             raise ModelFileError(
-                f"{name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
+                f"{name}: tensor {shown} has shape {short_repr(shape)}: not a list of "
+                "non-negative integers"
             )
-        raw = f.read(n)
-        if len(raw) != n:
-            raise ModelFileError(f"{name}: the file ended while reading its header: truncated")
-        header = _parse_json(raw, name, "the header")
-        if not isinstance(header, dict):
-            raise ModelFileError(f"{name}: the header is JSON {_kind(header)}, not an object")
-        config, meta = _read_meta(name, header)
-        try:
-            model = PacSegModel(config)
-        except (ValueError, TypeError, RuntimeError, ArithmeticError, MemoryError) as err:
+        if tuple(shape) != expected[tensor]:
             raise ModelFileError(
-                f"{name}: the model cannot be built from its config ({_clip(err, 120)})"
-            ) from None
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        missing = sorted(set(expected) - set(entries))
-        unexpected = sorted(set(entries) - set(expected))
-        if missing or unexpected:
-            raise ModelFileError(
-                f"{name}: tensors do not match the config: missing {short_repr(missing, 80)}, "
-                f"unexpected {short_repr(unexpected, 80)}"
+                f"{name}: tensor {shown} has shape {short_repr(tuple(shape))} but the config needs {expected[tensor]}"
             )
-        layout = []
-        for tensor in sorted(entries):
-            entry, shown = entries[tensor], short_repr(tensor)
-            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has a malformed header entry (it needs exactly "
-                    "dtype, shape and data_offsets)"
-                )
-            if entry["dtype"] != "F32":
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has dtype {short_repr(entry['dtype'])}; F32 expected"
-                )
-            shape = entry["shape"]
-            if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has shape {short_repr(shape)}: not a list of "
-                    "non-negative integers"
-                )
-            if tuple(shape) != expected[tensor]:
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has shape {short_repr(tuple(shape))} but the config needs {expected[tensor]}"
-                )
-            offsets = entry["data_offsets"]
-            if not (
-                isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_uint, offsets))
-            ):
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has data_offsets {short_repr(offsets)}: not a list "
-                    "of 2 non-negative integers [start, end]"
-                )
-            start, stop = offsets
-            need = 4 * math.prod(expected[tensor])
-            if stop - start != need:
-                raise ModelFileError(
-                    f"{name}: tensor {shown} has bad data offsets {short_repr(offsets)}: its "
-                    f"shape needs {need} bytes"
-                )
-            layout.append((start, stop, tensor))
-        layout.sort()
-        end = 0
-        for start, stop, tensor in layout:
-            if start < end:
-                raise ModelFileError(
-                    f"{name}: tensor {short_repr(tensor)} overlaps the tensor before it (data "
-                    f"offset {start} < {end}): corrupt"
-                )
-            if start > end:
-                raise ModelFileError(
-                    f"{name}: {start - end} unused bytes before tensor {short_repr(tensor)} "
-                    "(a gap in the data): corrupt"
-                )
-            end = stop
-        data_start = 8 + n
-        if end > MAX_TENSOR_BYTES:
+        offsets = entry["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_uint, offsets))):
             raise ModelFileError(
-                f"{name}: {end} bytes of weights, over the {MAX_TENSOR_BYTES}-byte limit"
+                f"{name}: tensor {shown} has data_offsets {short_repr(offsets)}: not a list "
+                "of 2 non-negative integers [start, end]"
             )
-        if data_start + end > size:
+        start, stop = offsets
+        need = 4 * math.prod(expected[tensor])
+        if stop - start != need:
             raise ModelFileError(
-                f"{name}: the tensors need {end} bytes but the file holds {size - data_start} "
-                "after the header: truncated"
+                f"{name}: tensor {shown} has bad data offsets {short_repr(offsets)}: its "
+                f"shape needs {need} bytes"
             )
-        if data_start + end < size:
+        layout.append((start, stop, tensor))
+    layout.sort()
+    end = 0
+    for start, stop, tensor in layout:
+        if start < end:
             raise ModelFileError(
-                f"{name}: {size - data_start - end} trailing bytes after the last tensor: corrupt "
-                "(or not a file written by save_model)"
+                f"{name}: tensor {short_repr(tensor)} overlaps the tensor before it (data "
+                f"offset {start} < {end}): corrupt"
             )
-        data = f.read(end)
-        if len(data) != end:
-            raise ModelFileError(f"{name}: the file ended while reading the weights: truncated")
+        if start > end:
+            raise ModelFileError(
+                f"{name}: {start - end} unused bytes before tensor {short_repr(tensor)} "
+                "(a gap in the data): corrupt"
+            )
+        end = stop
+    data_start = 8 + n
+    if end > MAX_TENSOR_BYTES:
+        raise ModelFileError(
+            f"{name}: {end} bytes of weights, over the {MAX_TENSOR_BYTES}-byte limit"
+        )
+    if data_start + end > size:
+        raise ModelFileError(
+            f"{name}: the tensors need {end} bytes but the file holds {size - data_start} "
+            "after the header: truncated"
+        )
+    if data_start + end < size:
+        raise ModelFileError(
+            f"{name}: {size - data_start - end} trailing bytes after the last tensor: corrupt "
+            "(or not a file written by save_model)"
+        )
+    data = file[data_start : data_start + end]
+    if len(data) != end:
+        raise ModelFileError(f"{name}: the file ended while reading the weights: truncated")
     view = memoryview(data)
     state, non_finite = {}, None
     for start, stop, tensor in layout:
@@ -594,7 +602,7 @@ def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelFileError(
-            f"{name}: the weights do not fit the model ({_clip(err, 120)})"
+            f"{name}: the weights do not fit the model ({one_line(err, 120)})"
         ) from None
     return model, checksum is not None
 
@@ -613,24 +621,35 @@ def load_model(path, device="cpu") -> PacSegModel:
     """
     path = Path(path)
     name = _file_name(path)
+    return _checked(_load, path, name, device)
+
+
+def model_from_bytes(data: bytes, name: str = "model bytes", device="cpu") -> PacSegModel:
+    """The model in ``data`` (``model_bytes`` or a model file's content), with every check
+    and message of ``load_model`` (``name`` stands for the file in them)."""
+    return _checked(_from_bytes, bytes(data), name, device)
+
+
+def _checked(read, source, name: str, device) -> PacSegModel:
+    """``read(source, name)`` with every failure a one-line ``ModelFileError`` naming ``name``."""
     try:
-        model, has_checksum = _load(path, name)
+        model, has_checksum = read(source, name)
     except ModelFileError:
         raise
     except OSError as err:
         raise ModelFileError(
-            f"{name}: cannot be read ({_clip(err.strerror or type(err).__name__, 80)})"
+            f"{name}: cannot be read ({one_line(err.strerror or type(err).__name__, 80)})"
         ) from None
     except Exception as err:  # a check missed: still one line, never a traceback
         raise ModelFileError(
-            f"{name}: not a valid model file (a check failed unexpectedly: {type(err).__name__}: {_clip(err, 80)})"
+            f"{name}: not a valid model file (a check failed unexpectedly: {type(err).__name__}: {one_line(err, 80)})"
         ) from err
     if not has_checksum:
         warnings.warn(
             f"{name}: a version 1 model file without a checksum, so damage to it cannot be "
             "detected; re-save it (load_model, then save_model) to add one",
             ModelFileWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return model.to(device).eval()
 
@@ -640,7 +659,7 @@ def load_model(path, device="cpu") -> PacSegModel:
 
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
-    return _clip(lines[0], 200) if lines else type(err).__name__
+    return one_line(lines[0], 200) if lines else type(err).__name__
 
 
 def _checked_state(state, source: str) -> dict[str, torch.Tensor]:

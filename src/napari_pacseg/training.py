@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +15,7 @@ from .classes import class_infos
 from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
 from .model import HeadConfig, ModelConfig, PacSegModel
+from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
 TRAIN_TILE = (32, 128, 128)
@@ -101,13 +101,7 @@ def train(
         features=spec,
         head=HeadConfig(hidden),
         spacing=spacing,
-        provenance={
-            "method": "train() from scribbles",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "library": _version(),
-            "labelled_voxels": str(int(np.count_nonzero(marks))),
-            "seed": str(seed),
-        },
+        provenance=training_provenance(np.count_nonzero(marks), seed),
     )
     model = PacSegModel(config)
     plan = prepare(vol, model, spacing=spacing, channel_axis=0, refine=False, device="cpu")
@@ -156,12 +150,6 @@ def _classes_painted(marks: np.ndarray) -> int:
             f"train: scribble values must be 1..{k} with each present; missing {shown}"
         )
     return k
-
-
-def _version() -> str:
-    from . import __version__
-
-    return f"napari-pacseg {__version__}"
 
 
 @torch.no_grad()

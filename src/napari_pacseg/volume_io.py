@@ -235,6 +235,8 @@ def read_volume(path, channel_axis: int | None = None) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
     kind = volume_kind(path)
+    if kind in ("tiff", "npy") and not path.is_file():
+        raise VolumeError(f"{path}: not a regular file (a folder, a pipe or a device?)")
     if kind == "tiff":
         return read_tiff(path, channel_axis)
     if kind == "npy":
@@ -251,7 +253,7 @@ def read_npy(path, channel_axis: int | None = None) -> Volume:
     path = Path(path)
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:
         # numpy's own message for object arrays suggests allow_pickle; we never unpickle.
         raise VolumeError(
             f"{path}: not a readable .npy array of numbers (damaged, not an .npy file, or "
@@ -478,6 +480,40 @@ def describe_bad_chunk(raw, selection, err) -> str:
     return f"cannot read the data ({reason}); the file may be damaged"
 
 
+# --- outputs that must not be inputs ------------------------------------------------------------
+
+
+def resolved(path) -> Path:
+    """``path.resolve()``, with a ``ValueError`` for a symbolic link loop."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        raise ValueError(f"{path}: a symbolic link loop; remove or fix the link") from None
+
+
+class InputGuard:
+    """Tells whether an output would be, contain or lie inside one of ``inputs`` (resolved once:
+    a check costs the depth of the output's path, not the number of inputs)."""
+
+    def __init__(self, inputs) -> None:
+        self.inputs = {resolved(p) for p in inputs}
+        self.ancestors = {a for p in self.inputs for a in p.parents}
+
+    def check(self, output) -> None:
+        out = resolved(output)
+        hit = out in self.inputs or out in self.ancestors
+        hit = hit or next((a for a in out.parents if a in self.inputs), None) is not None
+        if hit:
+            raise ValueError(
+                f"output {output} would overwrite the input at {out}; choose another output"
+            )
+
+
+def check_not_input(output, inputs) -> None:
+    """``ValueError`` when ``output`` is, contains or lies inside one of ``inputs``."""
+    InputGuard(inputs).check(output)
+
+
 # --- atomic writing -----------------------------------------------------------------------------
 
 
@@ -517,24 +553,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_SCANNED: set[Path] = set()  # folders already cleaned by this process
+
+
 def remove_stale_temporaries(path) -> list[Path]:
-    """Delete the temporaries of ``path`` (``temporary_sibling`` names in its folder) left by
+    """Delete the temporaries (``temporary_sibling`` names) in ``path``'s folder left by
     processes of this host that no longer run (a SIGKILL, a power cut); those of live processes,
-    and of other hosts sharing the folder, are kept. Returns what was removed."""
-    path = Path(path)
+    and of other hosts sharing the folder, are kept. A folder is scanned once per process (the
+    first write into it), so a batch of thousands of outputs lists it once. Returns what was
+    removed."""
+    folder = Path(path).parent
+    try:
+        key = folder.resolve()
+    except (OSError, RuntimeError):
+        return []
+    if key in _SCANNED:
+        return []
     removed = []
     try:
-        siblings = list(path.parent.iterdir())
+        entries = list(folder.iterdir())
     except OSError:
         return removed
-    prefix = f".{path.name}."
-    for entry in siblings:
-        if not entry.name.startswith(prefix):
-            continue
+    _SCANNED.add(key)
+    for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or match["name"] != path.name:
-            continue
-        if match["host"] not in (None, _host()) or _alive(int(match["pid"])):
+        if match is None or match["host"] not in (None, _host()) or _alive(int(match["pid"])):
             continue
         remove(entry)
         removed.append(entry)
@@ -608,6 +651,14 @@ def write_tiff(path, array, spacing=None, overwrite: bool = False) -> Path:
         kwargs["metadata"].update(spacing=z, unit="um")
     with atomic_output(path, overwrite) as tmp:
         tifffile.imwrite(tmp, np.ascontiguousarray(array), **kwargs)
+        _fsync(tmp)
+    return Path(path)
+
+
+def write_bytes(path, data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_bytes(data)
         _fsync(tmp)
     return Path(path)
 

@@ -21,7 +21,8 @@ zarr = pytest.importorskip("zarr")
 tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
-from napari_pacseg.batch import ModelPayload, _model_from, segment_zarr  # noqa: E402
+from napari_pacseg.batch import ModelPayload, segment_zarr  # noqa: E402
+from napari_pacseg.batch_zarr import model_from_payload  # noqa: E402
 from napari_pacseg.sample import load_demo_model, load_sample  # noqa: E402
 from napari_pacseg.volume_io import (  # noqa: E402
     VolumeError,
@@ -189,11 +190,11 @@ def test_bad_arguments(tmp_path, crop, model):
 
 def test_model_payload_round_trip(model):
     payload = ModelPayload.of(model)
-    rebuilt = _model_from(payload)
+    rebuilt = model_from_payload(payload)
     assert rebuilt.config == model.config
     for k, v in model.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[k], v)
-    assert _model_from(payload) is rebuilt  # cached per process
+    assert model_from_payload(payload) is rebuilt  # cached per process
 
 
 # --- memory --------------------------------------------------------------------------------------

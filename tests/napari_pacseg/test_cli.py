@@ -15,9 +15,10 @@ pytest.importorskip("dask.array")
 zarr = pytest.importorskip("zarr")
 tifffile = pytest.importorskip("tifffile")
 
-from napari_pacseg import batch as batch_module  # noqa: E402
+from napari_pacseg import batch_files as batch_module  # noqa: E402
 from napari_pacseg import load_model, receptive_field, segment  # noqa: E402
 from napari_pacseg.cli import ProgressBar, main  # noqa: E402
+from napari_pacseg.provenance import sha256_file  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
 from napari_pacseg.volume_io import read_volume, write_tiff  # noqa: E402
 
@@ -68,7 +69,7 @@ def test_segment_a_folder(folder, image, capsys):
     np.testing.assert_array_equal(zarr.open_array(str(out / "c_labels.zarr"))[:], zref.labels)
     np.testing.assert_allclose(zarr.open_array(str(out / "c_matte.zarr"))[:], zref.matte, atol=1e-5)
     record = json.loads((out / "a_pacseg.json").read_text())
-    assert record["model"]["sha256"] == batch_module.sha256_file(DEMO_MODEL_FILE)
+    assert record["model"]["sha256"] == sha256_file(DEMO_MODEL_FILE)
     assert record["parameters"]["spacing_source"] == "ImageJ metadata"
     assert record["parameters"]["refine"]["iterations"] == model.config.refine.iterations
     assert set(record["versions"]) >= {"napari-pacseg", "torch", "numpy"}
@@ -126,9 +127,16 @@ def test_output_equal_to_an_input_is_refused(folder, capsys):
     inp = folder / "in"
     shutil.copy(inp / "a.tif", inp / "a_labels.tif")  # a user's file named like our output
     before = sorted(p.name for p in inp.iterdir())
-    assert run(folder, inp / "a.tif", inp / "a_labels.tif", "-o", inp) == 2
-    assert "would overwrite the input" in capsys.readouterr().err
+    # a_labels.tif is a.tif's output name, so it is not an input (skipped), and a.tif fails:
+    # its output path holds a file that pacseg did not write. Nothing is touched.
+    assert run(folder, inp / "a.tif", inp / "a_labels.tif", "-o", inp) == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.out and "a pacseg output of a.tif" in captured.out
+    assert "was not written by pacseg" in captured.err
     assert sorted(p.name for p in inp.iterdir()) == before
+    assert run(folder, inp / "a.tif", "-o", inp / "a.tif") == 2  # OUTDIR is a file
+    assert run(folder, inp / "c.zarr", "-o", inp / "c.zarr" / "out") == 2  # inside an input
+    assert "would overwrite the input" in capsys.readouterr().err
     shutil.copy(inp / "b.npy", folder / "b.npy")
     assert run(folder, inp / "b.npy", folder / "b.npy", "-o", folder / "out") == 2
     assert "would both write b_labels.npy" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_zarr_outputs_never_replace_a_users_folder(tmp_path, image, capsys):
 # --- 2. segment_zarr never replaces its input --------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["path", "zarr.Array", "dask", "group member"])
+@pytest.mark.parametrize("kind", ["path", "zarr.Array", "dask", "dask inline", "group member"])
 def test_segment_zarr_refuses_its_input_as_output(tmp_path, image, model, kind):
     import dask.array as da
 
@@ -140,6 +140,7 @@ def test_segment_zarr_refuses_its_input_as_output(tmp_path, image, model, kind):
         "path": tmp_path / "in.zarr",
         "zarr.Array": arr,
         "dask": da.from_zarr(arr) + 0,
+        "dask inline": da.from_zarr(arr, inline_array=True)[::1] * 1,
         "group member": arr,
     }[kind]
     if kind == "group member":
@@ -157,7 +158,7 @@ def test_segment_zarr_refuses_its_input_as_output(tmp_path, image, model, kind):
 
 
 def test_resume_in_the_input_folder(tmp_path, image, capsys, monkeypatch):
-    from napari_pacseg import batch as batch_module
+    from napari_pacseg import batch_files as batch_module
 
     np.save(tmp_path / "x.npy", image)
     real = batch_module.write_npy
@@ -180,6 +181,77 @@ def test_resume_in_the_input_folder(tmp_path, image, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("skipped")  # the outputs are not new inputs
 
 
+def test_resume_with_a_shell_expanded_pattern(tmp_path, image, capsys):
+    np.save(tmp_path / "a.npy", image)
+    assert run(DEMO_MODEL_FILE, tmp_path / "a.npy", "-o", tmp_path, "-q", "--iterations", 1) == 0
+    capsys.readouterr()
+    expanded = sorted(tmp_path.glob("*.npy"))  # what the shell makes of *.npy: the outputs too
+    assert len(expanded) == 3
+    assert run(DEMO_MODEL_FILE, *expanded, "-o", tmp_path, "-q", "--iterations", 1) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(line.startswith("skipped") for line in out)
+    assert sum("a pacseg output of a.npy" in line for line in out) == 2
+
+
+def test_a_failed_overwrite_run_restores_the_record(tmp_path, image, capsys):
+    """--overwrite on an input that then fails must not leave a record claiming the user's
+    file, so a later run without --overwrite still refuses to replace it."""
+    d = tmp_path / "d"
+    d.mkdir()
+    bad = image.astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    np.save(d / "cells.npy", bad)
+    np.save(d / "cells_labels.npy", np.ones(image.shape, np.uint16))  # the user's
+    (d / "cells_pacseg.json").write_text('{"my": "own notes"}')
+    before = digest(d)
+    assert run(DEMO_MODEL_FILE, d / "cells.npy", "-o", d, "-q", "--overwrite") == 1
+    assert digest(d) == before
+    np.save(d / "cells.npy", image)
+    before = digest(d)
+    assert run(DEMO_MODEL_FILE, d / "cells.npy", "-o", d, "-q", "--iterations", 1) == 1
+    assert "not pacseg's record" in capsys.readouterr().err
+    assert digest(d) == before
+
+
+def test_a_moved_project_still_resumes(tmp_path, image, capsys):
+    project = tmp_path / "p"
+    project.mkdir()
+    np.save(project / "a.npy", image)
+    assert (
+        run(DEMO_MODEL_FILE, project / "a.npy", "-o", project / "out", "-q", "--iterations", 1) == 0
+    )
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    capsys.readouterr()
+    assert run(DEMO_MODEL_FILE, moved / "a.npy", "-o", moved / "out", "-q", "--iterations", 1) == 0
+    assert capsys.readouterr().out.startswith("skipped")
+
+
+def test_a_malformed_record_fails_its_input_only(tmp_path, image, capsys):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_pacseg.json").write_text(
+        json.dumps({"format": "napari-pacseg-result", "input": "x", "outputs": {"labels": ["x"]}})
+    )
+    code = run(DEMO_MODEL_FILE, tmp_path / "a.npy", tmp_path / "b.npy", "-o", out, "-q",
+               "--iterations", 1)  # fmt: skip
+    assert code == 1
+    assert "not pacseg's record" in capsys.readouterr().err
+    assert (out / "b_pacseg.json").exists()
+
+
+def test_output_folder_link_loops(tmp_path, image, capsys):
+    np.save(tmp_path / "x.npy", image)
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for out in ("loop", "dangling"):
+        assert run(DEMO_MODEL_FILE, tmp_path / "x.npy", "-o", tmp_path / out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "symbolic link" in err[0] and "Traceback" not in err[0]
+
+
 # --- 4. temporaries of killed runs ---------------------------------------------------------------
 
 
@@ -192,14 +264,17 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     stale = mine.with_name(mine.name.replace(f".{os.getpid()}-", f".{pid}-"))
     old_style = tmp_path / f".v_labels.zarr.{pid}-0123abcd.tmp"  # written before hosts were named
     other_host = tmp_path / f".v_labels.zarr.{pid}-0123abcd@elsewhere.tmp"
-    unrelated = tmp_path / f".other.zarr.{pid}-0123abcd.tmp"
-    for p in (mine, stale, old_style, other_host, unrelated):
+    other_name = tmp_path / f".other.zarr.{pid}-0123abcd.tmp"  # another output's, also dead
+    not_ours = tmp_path / ".notes.tmp"
+    for p in (mine, stale, old_style, other_host, other_name, not_ours):
         p.mkdir()
         (p / "chunk").write_bytes(b"x")
-    assert all(is_temporary(p) for p in (mine, stale, old_style, other_host))
+    assert all(is_temporary(p) for p in (mine, stale, old_style, other_host, other_name))
+    assert not is_temporary(not_ours)
     removed = remove_stale_temporaries(target)
-    assert sorted(removed) == sorted([stale, old_style])
-    assert mine.exists() and other_host.exists() and unrelated.exists()
+    assert sorted(removed) == sorted([stale, old_style, other_name])
+    assert mine.exists() and other_host.exists() and not_ours.exists()
+    assert remove_stale_temporaries(target) == []  # a folder is scanned once per process
 
 
 def test_sigkilled_zarr_run_leaves_nothing_after_the_rerun(tmp_path, image):
@@ -210,11 +285,10 @@ def test_sigkilled_zarr_run_leaves_nothing_after_the_rerun(tmp_path, image):
     out = tmp_path / "out"
     script = (
         "import os, signal\n"
-        "from napari_pacseg import batch\n"
-        "real = batch._segment_chunk\n"
+        "from napari_pacseg import batch_zarr\n"
         "def die(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "batch._segment_chunk = die\n"
+        "batch_zarr.segment_chunk = die\n"
         "from napari_pacseg.cli import main\n"
         f"main(['segment', {str(DEMO_MODEL_FILE)!r}, {str(inp)!r}, '-o', {str(out)!r}, '-q'])\n"
     )
@@ -256,13 +330,22 @@ def test_images_that_would_give_nan_are_refused(image, model, make, message):
         ({"kernel_size": "5"}, "kernel_size must be an odd int"),
         ({"spatial_sigma": float("nan")}, "spatial_sigma must be None or a number"),
         ({"iterations": 50, "kernel_size": 15}, "refinement too costly"),
-        ({"iterations": 40, "kernel_size": 3, "dilation": 8}, "over the limit of 64"),
+        ({"iterations": 40, "kernel_size": 3, "dilation": 8, "wide": True}, "limit 8x"),
         ({"bogus": 1}, "unknown parameters"),
     ],
 )
 def test_refinement_out_of_range_is_refused(image, model, refine, message):
+    refine = dict(refine)
+    if refine.pop("wide", False):  # wider than the default tiles, so the reach matters
+        image = np.random.default_rng(0).normal(100, 10, (8, 300, 300)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         segment(image, model, refine=refine)
+
+
+def test_long_reach_is_fine_when_the_tiles_hold_the_volume(image, model):
+    # 50 iterations of a 3x5x5 window reach (50, 100, 100) voxels: one tile holds this volume
+    result = segment(image, model, refine={"iterations": 50})
+    assert np.isfinite(result.matte).all()
 
 
 def test_refine_ranges_are_in_the_docstring_and_the_cli_help(capsys):
@@ -432,7 +515,8 @@ def test_cli_on_a_folder_of_mixed_inputs(tmp_path, image, capsys):
     assert "Traceback" not in captured.err and all(e.startswith("pacseg: failed: ") for e in err)
     failed = sorted(line.split(": ")[2].rsplit("/", 1)[-1] for line in err)
     assert failed == sorted(["broken.tif", "flat.npy", "nan.npy", "complex.npy", "objects.npy",
-                             "empty.npy", "loop_a.npy", "big.zarr"])  # fmt: skip
+                             "empty.npy", "loop_a.npy", "loop_b.npy", "dangling.npy",
+                             "big.zarr"])  # fmt: skip
     assert digest(d) == before
     done = sorted(p.name for p in out.glob("*_pacseg.json"))
     assert done == ["good2_pacseg.json", "good_pacseg.json"]

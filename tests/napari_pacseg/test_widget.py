@@ -92,6 +92,7 @@ def test_full_run_outputs_layers_in_place_and_keeps_the_event_loop_turning(
     timer.stop()
     assert len(ticks) >= 3, "the event loop stalled while the run was in flight"
     assert errors == []
+    assert widget.status.value.startswith("full volume done in"), widget.status.value
     labels, matte = viewer.layers["crop labels"], viewer.layers["crop matte"]
     assert isinstance(labels, napari.layers.Labels) and isinstance(matte, napari.layers.Image)
     assert labels.data.shape == matte.data.shape == (16, 64, 64)
@@ -139,10 +140,10 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
     assert_same_labels(labels.data[7:10], full.labels[7:10], full.matte[7:10])
 
     # a refinement-only change re-runs the CRF only, on the same slab
-    planes = widget._segmenter.stats["logit_planes"]
+    planes = widget.session.segmenter.stats["logit_planes"]
     widget.compat.value = 0.0
     qtbot.waitUntil(lambda: runner.delivered == 2 and not runner.busy, timeout=WAIT_MS)
-    assert widget._segmenter.stats["logit_planes"] == planes
+    assert widget.session.segmenter.stats["logit_planes"] == planes
     assert "refinement only" in widget.status.value
     changed = segment(sample.image[CROP], model, spacing=sample.spacing, refine={"compat": 0.0})
     assert_same_labels(labels.data[7:10], changed.labels[7:10], changed.matte[7:10])
@@ -166,7 +167,7 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
 
 
 def test_visible_box_in_3d_view_is_bounded(docked):
-    from napari_pacseg._live import visible_box
+    from napari_pacseg._layers import visible_box
 
     viewer, _ = docked
     layer = viewer.layers["crop"]

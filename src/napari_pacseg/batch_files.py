@@ -1,0 +1,493 @@
+"""Batches of files for the ``pacseg`` command: ``segment_files`` runs files, folders and glob
+patterns (TIFF, NPY, zarr) into one output folder, with a JSON record per input that claims its
+outputs, so reruns resume and a user's own files are never replaced."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batch_zarr import open_scheduler, resolve_spacing, segment_zarr
+from .checks import check_int, check_ints, error_line
+from .classes import DEFAULT_THRESHOLD, check_output_rule
+from .engine import refine_params, settle
+from .model_io import ModelPayload, load_model
+from .pipeline import segment
+from .provenance import now, sha256_file, versions
+from .volume_io import (
+    NPY_SUFFIXES,
+    TIFF_SUFFIXES,
+    InputGuard,
+    is_zarr_path,
+    read_volume,
+    remove,
+    resolved,
+    stem,
+    volume_kind,
+    write_bytes,
+    write_json,
+    write_npy,
+    write_tiff,
+)
+
+# Default chunk (z, y, x): ~4 M voxels, so a task (chunk + halo, the features of one tile, the
+# logits of the chunk) stays within a few hundred MiB and the halo adds ~2x work at most for the
+# demo model's receptive field of (13, 30, 30).
+# --- batches of files -------------------------------------------------------------------------
+
+RECORD_FORMAT = "napari-pacseg-result"
+OUTPUT_SUFFIX = {"tiff": ".tif", "npy": ".npy", "zarr": ".zarr"}
+GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class FileResult:
+    """The outcome for one input of ``segment_files``.
+
+    status : "done", "skipped" (a complete output exists: its record is there) or "failed".
+    message : one line: the reason for a failure or a skip, else a summary.
+    outputs : the labels and matte paths written. record : the JSON record's path.
+    seconds : wall time spent on this input.
+    """
+
+    input: Path
+    status: str
+    message: str = ""
+    outputs: tuple[Path, ...] = ()
+    record: Path | None = None
+    seconds: float = 0.0
+
+
+def output_name(path, outdir, kind: str) -> Path:
+    """``outdir / <stem><kind>.<ext>``: an output of the input ``path`` (``ext`` follows the
+    input: .tif, .npy or .zarr)."""
+    ext = OUTPUT_SUFFIX.get(volume_kind(path) or "tiff", ".tif")
+    return Path(outdir) / f"{stem(path)}{kind}{ext}"
+
+
+def output_paths(path, outdir) -> dict[str, Path]:
+    """``labels``, ``matte`` and ``record`` paths of an input: ``<stem>_labels.<ext>``,
+    ``<stem>_matte.<ext>`` and ``<stem>_pacseg.json`` in ``outdir``."""
+    return {
+        "labels": output_name(path, outdir, "_labels"),
+        "matte": output_name(path, outdir, "_matte"),
+        "record": Path(outdir) / f"{stem(path)}_pacseg.json",
+    }
+
+
+OUTPUT_KINDS = ("_labels", "_matte", "_instances")
+
+
+def read_record(path) -> dict | None:
+    """A ``<stem>_pacseg.json`` record of ours as a dict, or None when ``path`` is missing, not
+    JSON, or not a record written by pacseg."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None
+    outputs = record.get("outputs")
+    if not isinstance(record.get("input"), str) or not isinstance(outputs, dict):
+        return None
+    if not all(isinstance(v, str) for v in outputs.values()):
+        return None
+    return record
+
+
+def _is_output(path: Path) -> bool:
+    """A ``*_labels.*`` / ``*_matte.*`` / ``*_instances.*`` name that the ``*_pacseg.json``
+    record beside it lists as an output (complete or not)."""
+    name = stem(path)
+    for suffix in OUTPUT_KINDS:
+        if name.endswith(suffix):
+            record = read_record(path.parent / f"{name[: -len(suffix)]}_pacseg.json")
+            return record is not None and path.name in record["outputs"].values()
+    return False
+
+
+def _identity(path: Path):
+    """What tells whether a file or folder at ``path`` was replaced: its inode, size and
+    modification time (None when there is nothing there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that is False for a symlink loop or an unreadable path, not an error."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+class Skip(str):
+    """An entry's "problem" that is no problem: the reason it is skipped (not an input)."""
+
+
+def expand_inputs(inputs) -> list[tuple[Path, str]]:
+    """Files, zarr folders, plain folders (their volumes, not recursive, skipping hidden names)
+    and glob patterns -> ``[(path, problem)]`` in order, without repeats; ``problem`` is "", why
+    the entry cannot be segmented, or a ``Skip`` saying why it is not an input.
+
+    A pacseg output is not an input: one that a record lists, or one named as an output of
+    another volume given (``x_labels.npy`` beside ``x.npy``), so a run whose output folder is
+    its input folder resumes cleanly. Found by a folder or a pattern, it is left out; named
+    explicitly (a shell-expanded ``*.npy``), it is reported as skipped."""
+    entries: list[tuple[Path, str, bool]] = []  # (path, problem, named explicitly)
+    for item in inputs:
+        path = Path(item)
+        if not _exists(path) and GLOB_CHARS & set(str(item)):
+            found = _volumes([Path(m) for m in sorted(glob.glob(str(item)))])
+            entries += found or [(path, "the pattern matches no volume", True)]
+        elif path.is_symlink() and not _exists(path):
+            entries.append((path, "a broken symbolic link (or a link loop)", True))
+        elif _exists(path) and path.is_dir() and not is_zarr_path(path):
+            try:
+                children = sorted(path.iterdir())
+            except OSError as err:
+                entries.append((path, f"cannot list the folder ({err.strerror or err})", True))
+                continue
+            found = _volumes([c for c in children if not c.name.startswith(".")])
+            entries += found or [(path, "the folder holds no TIFF, NPY or zarr volume", True)]
+        elif not _exists(path):
+            entries.append((path, "no such file or folder", True))
+        elif volume_kind(path) is None:
+            entries.append(
+                (path, "unknown format: use .tif/.tiff, .npy, or a zarr/OME-Zarr folder", True)
+            )
+        elif not (path.is_file() or path.is_dir()):
+            entries.append((path, "not a regular file (a pipe or a device?)", True))
+        else:
+            entries.append((path, "", True))
+    seen, unique = set(), []
+    for path, problem, _ in _without_outputs(entries):
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            key, problem = path.absolute(), problem or "a symbolic link loop"
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, problem))
+    return unique
+
+
+def _volumes(paths) -> list[tuple[Path, str, bool]]:
+    """Entries for the volumes among ``paths`` (a folder's contents, a pattern's matches);
+    broken links with a volume's name are entries that say so."""
+    found = []
+    for p in paths:
+        try:
+            if p.is_symlink() and not _exists(p):
+                if p.suffix.lower() in (*TIFF_SUFFIXES, *NPY_SUFFIXES, ".zarr"):
+                    found.append((p, "a broken symbolic link (or a link loop)", False))
+            elif _exists(p) and volume_kind(p):
+                found.append((p, "", False))
+        except OSError:  # unreadable
+            continue
+    return found
+
+
+def _without_outputs(entries):
+    """``entries`` without the pacseg outputs among them (see ``expand_inputs``)."""
+    owner = {}
+    for p, problem, _ in entries:
+        if not problem:
+            for kind in OUTPUT_KINDS:
+                owner.setdefault(output_name(p, p.parent, kind), p)
+    for p, problem, explicit in entries:
+        src = owner.get(p) if not problem else None
+        recorded = not problem and _is_output(p)
+        if (src is not None and src != p) or recorded:
+            if explicit:
+                of = f"of {src.name} " if src is not None and src != p else ""
+                yield p, Skip(f"a pacseg output {of}(not an input)"), explicit
+            continue
+        yield p, problem, explicit
+
+
+def _check_outputs(entries, outdir) -> None:
+    """``ValueError`` when two inputs would write the same outputs, or an output is an input."""
+    owner: dict[Path, Path] = {}
+    inputs = [p for p, problem in entries if not problem]
+    guard = InputGuard(inputs)
+    for path in inputs:
+        for out in output_paths(path, outdir).values():
+            key = resolved(out)
+            if key in owner:
+                raise ValueError(
+                    f"{owner[key]} and {path} would both write {out.name}; rename one of them "
+                    "or segment them into different output folders"
+                )
+            owner[key] = path
+            guard.check(out)
+
+
+def iter_segment_files(
+    inputs,
+    model,
+    outdir,
+    *,
+    spacing=None,
+    channel_axis: int | None = None,
+    refine=True,
+    device="auto",
+    tile_shape=None,
+    chunks=None,
+    scheduler=None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, Path, int, int], None] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+):
+    """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        model = load_model(path)  # first: a folder or a bad file is a ModelFileError
+        model_info = {"path": str(resolved(path)), "sha256": sha256_file(path)}
+    else:
+        model_info = {"path": None, "sha256": None}
+    model_info["weights_sha256"] = ModelPayload.of(model).digest
+    model_info["classes"] = [c.name for c in model.config.classes]
+    params = refine_params(model, refine)  # checks overrides before any work
+    if spacing is not None:  # the same for every input: check the refinement's work once
+        settle(model, spacing, refine)
+    threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
+    if tile_shape is not None:
+        tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
+    if chunks is not None:
+        chunks = check_ints(chunks, 3, "chunks", 1, 1 << 20)
+    if channel_axis is not None:
+        channel_axis = check_int(channel_axis, "channel_axis", -8, 7)
+    entries = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+    outdir = Path(outdir)
+    if outdir.is_symlink() and not _exists(outdir):
+        raise ValueError(f"output folder {outdir} is a broken symbolic link; give a folder")
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"output folder {outdir} is a file; give a folder")
+    _check_outputs(entries, outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the output folder {outdir} ({err.strerror or err}); give a folder "
+            "you can write to"
+        ) from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output folder {outdir} is not writable; give a folder you can write to"
+        )
+    common = {
+        "refine": False if params is None else dataclasses.asdict(params),
+        "channel_axis": channel_axis,
+        "device": str(device),
+        "tile_shape": None if tile_shape is None else list(tile_shape),
+        "threshold": threshold,
+    }
+    run = _FileRun(model, model_info, common, spacing, refine, device, tile_shape, chunks,
+                   scheduler, workers, overwrite, progress, len(entries))  # fmt: skip
+    try:
+        for index, (path, problem) in enumerate(entries):
+            yield run.one(index, path, problem, output_paths(path, outdir))
+    finally:
+        run.close()
+
+
+def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
+    """Segment files, folders or glob patterns of volumes into ``outdir``, one by one.
+
+    Per input: ``<stem>_labels.<ext>`` (uint8 classes), ``<stem>_matte.<ext>`` (float32
+    1 - P(background)) and ``<stem>_pacseg.json``, the record: written first with ``"status":
+    "incomplete"`` (it claims the outputs as pacseg's), then ``"complete"`` with the input,
+    outputs, model path and sha256, parameters, spacing and its source, versions, timings. An
+    input whose record says complete is skipped unless ``overwrite``; one whose record says
+    incomplete is redone (so rerunning after a crash or Ctrl-C resumes). A file at an output
+    path that no record of this input claims is never replaced without ``overwrite``: that
+    input fails and nothing is touched; a run that fails restores the record it found.
+    TIFF inputs give ImageJ TIFFs (with the spacing), NPY inputs NPY files, both via ``segment``
+    in memory; zarr and OME-Zarr inputs give zarr arrays via ``segment_zarr``.
+
+    Parameters
+    ----------
+    inputs : a path or pattern, or a list of them: files (.tif, .tiff, .npy), zarr/OME-Zarr
+        folders, plain folders (their volumes, not recursive) or glob patterns.
+    model : PacSegModel, or the path of a model file (loaded with ``load_model``; its sha256
+        goes into the records).
+    outdir : output folder (created). An output that would be one of the inputs is refused
+        (``ValueError`` before any work), as are two inputs with the same output names.
+    spacing, channel_axis, refine, device, tile_shape : as in ``segment`` (``spacing`` default:
+        the file's metadata, else the model's). channel_axis is the raw axis in the file.
+    chunks, scheduler, workers : as in ``segment_zarr``, for zarr inputs only; a cluster from
+        ``workers`` is started once, at the first zarr input, for all of them.
+    overwrite : redo inputs whose complete output exists.
+    threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
+    progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
+        or chunks (zarr inputs); ``done == 0`` when an input starts.
+
+    Returns
+    -------
+    list of FileResult, in input order. Failures (unreadable file, wrong channels, ...) are
+    recorded there and do not stop the other inputs; KeyboardInterrupt does (outputs being
+    written are removed, finished ones kept).
+    """
+    return list(iter_segment_files(inputs, model, outdir, **kwargs))
+
+
+class _FileRun:
+    """The state of one ``segment_files`` call: the model, options and a lazily started client."""
+
+    def __init__(self, model, model_info, common, spacing, refine, device, tile_shape, chunks,
+                 scheduler, workers, overwrite, progress, n) -> None:  # fmt: skip
+        self.model, self.model_info, self.common = model, model_info, common
+        self.spacing, self.refine, self.device, self.tile_shape = (
+            spacing,
+            refine,
+            device,
+            tile_shape,
+        )
+        self.chunks, self.overwrite, self.progress, self.n = chunks, overwrite, progress, n
+        self.scheduler_args = (scheduler, workers)
+        self.client, self.owned = None, False
+
+    def scheduler(self):
+        if self.client is None:
+            _, self.client, self.owned = open_scheduler(*self.scheduler_args)
+        return self.client
+
+    def close(self) -> None:
+        if self.owned:
+            cluster = getattr(self.client, "cluster", None)
+            self.client.close()
+            if cluster is not None:
+                cluster.close()
+        self.client, self.owned = None, False
+
+    def one(self, index: int, path: Path, problem: str, paths: dict[str, Path]) -> FileResult:
+        start = time.perf_counter()
+        if isinstance(problem, Skip):
+            return FileResult(path, "skipped", str(problem))
+        if problem:
+            return FileResult(path, "failed", problem)
+        record = paths["record"]
+        old = read_record(record) if _exists(record) else None
+        ours = old is not None and old["input"] == str(path.resolve())
+        moved = old is not None and Path(old["input"]).name == path.name  # a renamed folder
+        done = old is not None and old.get("status", "complete") == "complete"
+        if done and (ours or moved) and not self.overwrite:
+            return FileResult(path, "skipped", self._skip_reason(old, record), record=record)
+        clash = self._foreign_output(paths, old if ours else None)
+        if clash:
+            return FileResult(path, "failed", clash)
+
+        def tiles(done, total):
+            if self.progress is not None:
+                self.progress(index, self.n, path, done, total)
+
+        tiles(0, 0)
+        started = now()
+        head = {"format": RECORD_FORMAT, "version": 2, "input": str(path.resolve()),
+                "outputs": {k: paths[k].name for k in ("labels", "matte")}}  # fmt: skip
+        before = {k: _identity(paths[k]) for k in ("record", "labels", "matte")}
+        previous = record.read_bytes() if before["record"] is not None else None
+        complete = False
+        try:
+            # First a record that claims the outputs as ours but incomplete: a run killed while
+            # writing them leaves it, so the rerun knows it may replace them.
+            write_json(record, {**head, "status": "incomplete", "started": started})
+            details = self._segment(path, paths, tiles)
+            write_json(record, {
+                **head, "status": "complete", "model": self.model_info,
+                "parameters": {**self.common, **details.pop("parameters")},
+                **details, "versions": versions(), "started": started, "finished": now(),
+            })  # fmt: skip
+            complete = True
+        except Exception as err:
+            message = error_line(err).removeprefix(f"{path}: ")
+            return FileResult(path, "failed", message, seconds=time.perf_counter() - start)
+        finally:
+            if not complete and all(_identity(paths[k]) == before[k] for k in ("labels", "matte")):
+                # No output was replaced: the record goes back to what it was (or away), so it
+                # never claims files this run did not write.
+                if previous is None:
+                    remove(record)
+                else:
+                    write_bytes(record, previous)
+        seconds = time.perf_counter() - start
+        return FileResult(path, "done", f"done in {seconds:.1f} s",
+                          (paths["labels"], paths["matte"]), record, seconds)  # fmt: skip
+
+    def _foreign_output(self, paths: dict[str, Path], record: dict | None) -> str:
+        """Why an existing file at one of the output paths may not be replaced ("" if none):
+        only pacseg's own earlier output of this input (its record lists it) is, or anything
+        with ``overwrite``."""
+        if self.overwrite:
+            return ""
+        owned = set(record["outputs"].values()) if record is not None else set()
+        for what in ("record", "labels", "matte"):
+            out = paths[what]
+            if not (_exists(out) or out.is_symlink()):
+                continue
+            if what == "record" and record is None:
+                return (
+                    f"{out} exists but is not pacseg's record of this input; it is left as it is: "
+                    "move it away, pass --overwrite to replace it, or choose another output folder"
+                )
+            if what != "record" and out.name not in owned:
+                return (
+                    f"the {what} output {out} exists and was not written by pacseg for this "
+                    "input; it is left as it is: move it away, pass --overwrite to replace it, "
+                    "or choose another output folder"
+                )
+        return ""
+
+    def _skip_reason(self, old: dict, record: Path) -> str:
+        try:
+            same = old["model"]["weights_sha256"] == self.model_info["weights_sha256"] and all(
+                old["parameters"].get(k) == v for k, v in self.common.items() if k != "device"
+            )
+        except (KeyError, TypeError, AttributeError):
+            same = False
+        return (
+            f"already done ({record.name})"
+            if same
+            else f"already done with another model or parameters ({record.name}); pass --overwrite to redo it"
+        )
+
+    def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
+        volume = read_volume(path, self.common["channel_axis"])
+        if volume.kind in ("zarr", "ome-zarr"):
+            res = segment_zarr(
+                volume, self.model, paths["labels"], paths["matte"], spacing=self.spacing,
+                channel_axis=self.common["channel_axis"], refine=self.refine, chunks=self.chunks,
+                threshold=self.common["threshold"],
+                device=self.device, tile_shape=self.tile_shape, scheduler=self.scheduler(),
+                overwrite=True, progress=tiles,
+            )  # fmt: skip
+            parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
+                          "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip
+            return {"shape": list(res.shape), "dtype": str(volume.data.dtype),
+                    "parameters": parameters, "timings": res.timings}  # fmt: skip
+        spacing, source = resolve_spacing(self.spacing, volume, self.model)
+        image = volume.load()
+        seg = segment(image, self.model, spacing=spacing, channel_axis=0, refine=self.refine,
+                      device=self.device, tile_shape=self.tile_shape, progress=tiles,
+                      threshold=self.common["threshold"])  # fmt: skip
+        if volume.kind == "npy":
+            write_npy(paths["labels"], seg.labels, overwrite=True)
+            write_npy(paths["matte"], seg.matte, overwrite=True)
+        else:
+            write_tiff(paths["labels"], seg.labels, spacing, overwrite=True)
+            write_tiff(paths["matte"], seg.matte, spacing, overwrite=True)
+        return {"shape": list(image.shape), "dtype": str(image.dtype),
+                "parameters": {"spacing": list(spacing), "spacing_source": source},
+                "timings": seg.timings}  # fmt: skip

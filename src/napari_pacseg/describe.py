@@ -1,0 +1,80 @@
+"""What a model is, for a person and for a program: the lines ``pacseg info`` prints and the
+widget's model box shows, and the JSON-able summary behind them (``pacseg info --json``).
+
+Headless: no napari, Qt or magicgui.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .classes import label_values
+from .model import PacSegModel
+
+
+def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
+    """JSON-able description of ``model``: with ``path`` (its file) the path and the file's
+    sha256 first, then ``config``, ``n_features``, ``grid`` and ``receptive_field`` (voxels
+    ``(z, y, x)`` with and without refinement; a text when the default refinement is not
+    usable)."""
+    from .model_io import config_to_dict
+    from .pipeline import receptive_field
+    from .provenance import sha256_file
+
+    try:
+        refined = list(receptive_field(model))
+    except ValueError as err:  # default refinement over the work limits: say so, still describe
+        refined = f"not usable: {err}"
+    head = {} if path is None else {"path": str(path), "sha256": sha256_file(path)}
+    return {
+        **head,
+        "config": config_to_dict(model.config),
+        "n_features": model.config.n_features,
+        "grid": model.grid,
+        "receptive_field": {
+            "refined": refined,
+            "unrefined": list(receptive_field(model, refine=False)),
+        },
+    }
+
+
+def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "") -> list[str]:
+    """The description of ``model`` as lines: file and checksum (when ``summary`` has them),
+    ``source`` (where the model came from, when given), channels, classes with their label
+    values, features, head, context net, refinement defaults, training spacing, halo
+    (receptive field) and provenance. ``summary`` is ``model_summary(model, ...)`` (made
+    without a file when not given). Lines are not escaped: a terminal needs ``cli.printable``."""
+    info = model_summary(model) if summary is None else summary
+    cfg = model.config
+    values = label_values(cfg.n_classes)
+    lines = []
+    if "path" in info:
+        lines += [f"model        {info['path']}", f"sha256       {info['sha256']}"]
+    if source:
+        lines.append(f"source       {source}")
+    lines += [
+        f"channels     {cfg.in_channels}",
+        "classes      " + ", ".join(
+            f"{v}={c.name}" for v, c in zip(values, cfg.classes)
+        ) + "   (label values)",
+        f"features     {', '.join(cfg.features.kinds) or '-'} at sigmas {list(cfg.features.sigmas)}"
+        f"{' + raw' if cfg.features.include_raw else ''} ({cfg.n_features} per voxel)",
+        f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
+        f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
+        "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
+        f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
+        f"halo         {_halo_text(info['receptive_field']['refined'])} with refinement, "
+        f"{_halo_text(info['receptive_field']['unrefined'])} without",
+    ]  # fmt: skip
+    lines += ["provenance"] + [f"  {k}: {v}" for k, v in sorted(cfg.provenance.items())]
+    return lines
+
+
+def describe_model(model: PacSegModel, source: str = "") -> str:
+    """``model_lines`` of ``model`` (no file checksum) as one text, for the widget's model box."""
+    return "\n".join(model_lines(model, source=source))
+
+
+def _halo_text(halo) -> str:
+    return halo if isinstance(halo, str) else f"{tuple(halo)} voxels (z, y, x)"

@@ -1,0 +1,224 @@
+"""The widget's headless session, driven without Qt: training from the sample's scribbles, a
+full run, a live box and cancel give what ``train``, ``segment`` and the one label rule give;
+and the model description shared by the widget and ``pacseg info``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from napari_pacseg import SegmentationCancelled, labels_from_probabilities, segment, train
+from napari_pacseg.describe import describe_model, model_lines, model_summary
+from napari_pacseg.features import FeatureSpec
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample
+from napari_pacseg.session import (
+    RunParams,
+    Session,
+    TrainParams,
+    image_input,
+    parse_class_names,
+    parse_scales,
+)
+
+CROP = (slice(24, 40), slice(0, 64), slice(0, 64))  # 16 planes of the sample
+TRAIN_CROP = (slice(24, 40), slice(160, 256), slice(0, 96))  # holds scribbles of both classes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def layer(data, spacing, name="crop"):
+    """What the session reads of a napari image layer."""
+    lead = (1.0,) * (data.ndim - 3)
+    return SimpleNamespace(
+        name=name, ndim=data.ndim, data=data, scale=(*lead, *spacing), translate=(0.0,) * data.ndim
+    )
+
+
+def assert_same_labels(got, want, matte, threshold=0.5):
+    """Labels equal, except where the matte is within float rounding of the threshold (a box
+    refined on its own sums the CRF's taps in another order than the whole volume)."""
+    differ = got != want
+    assert not np.any(differ & (np.abs(matte - threshold) > 1e-4)), int(differ.sum())
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample()
+
+
+@pytest.fixture
+def session(sample):
+    s = Session()
+    s.use_image(layer(sample.image[CROP], sample.spacing))
+    s.load(DEMO_MODEL_FILE)
+    return s
+
+
+def test_full_run_is_segment(session, sample):
+    params = RunParams(refine={"compat": 0.0}, threshold=0.3, device="cpu")
+    seen = []
+    seg = session.full_run(params)(progress=lambda done, total: seen.append((done, total)))
+    want = segment(
+        sample.image[CROP], load_demo_model(), spacing=sample.spacing, refine={"compat": 0.0},
+        threshold=0.3, device="cpu",
+    )  # fmt: skip
+    np.testing.assert_array_equal(seg.labels, want.labels)
+    np.testing.assert_array_equal(seg.matte, want.matte)
+    assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_live_box_is_the_label_rule_on_segment(session, sample):
+    params = RunParams(threshold=0.4, device="cpu")
+    box = ((7, 10), (0, 64), (0, 64))
+    job = session.live_job(box, params)
+    result = session.compute_live(job)
+    assert result.labels.shape == result.matte.shape == (3, 64, 64)
+    assert result.new_planes > 0 and session.segmenter is not None
+    full = segment(
+        sample.image[CROP], load_demo_model(), spacing=sample.spacing, return_probabilities=True
+    )
+    want, want_matte = labels_from_probabilities(full.probabilities[:, 7:10], 0.4, 0)
+    assert_same_labels(result.labels, want, want_matte, 0.4)
+    np.testing.assert_allclose(result.matte, want_matte, rtol=0, atol=1e-5)
+    assert job.description == "live preview of z 7-9, y 0-63, x 0-63"
+
+    # the same request once delivered is not recomputed, unless asked (its layers are gone)
+    session.live_delivered(job)
+    assert session.live_job(box, params) is None
+    assert session.live_job(box, params, redo=True) is not None
+
+    # a refinement-only change reuses the cached logits
+    segmenter = session.segmenter
+    other = session.live_job(box, RunParams(refine={"compat": 0.0}, threshold=0.4, device="cpu"))
+    again = session.compute_live(other)
+    assert session.segmenter is segmenter
+    assert again.new_planes == 0 and again.work == "refinement only"
+    changed = segment(
+        sample.image[CROP], load_demo_model(), spacing=sample.spacing, refine={"compat": 0.0},
+        threshold=0.4,
+    )  # fmt: skip
+    assert_same_labels(again.labels, changed.labels[7:10], changed.matte[7:10], 0.4)
+
+    # cancelled between tiles; a full run written makes the last live request new again
+    with pytest.raises(SegmentationCancelled):
+        session.compute_live(session.live_job(((0, 3), (0, 64), (0, 64)), params), lambda: True)
+    session.full_run_written()
+    assert session.live_job(box, params) is not None
+
+    # another model: another region segmenter
+    session.set_model(load_demo_model(), "a copy")
+    session.compute_live(session.live_job(box, params))
+    assert session.segmenter is not segmenter
+
+
+def test_training_is_train(sample, tmp_path):
+    image, marks = sample.image[TRAIN_CROP], sample.scribbles[TRAIN_CROP].copy()
+    s = Session()
+    s.use_image(layer(image, sample.spacing, "cells"))
+    params = TrainParams(classes="background, nucleus", scales="0.5, 1", steps=30, device="cpu")
+    job = s.training(params, marks, "cells scribbles")
+    marks[:] = 0  # painting goes on while training: the job has its own copy
+    steps = []
+    model = job(progress=lambda done, total: steps.append(done))
+    assert steps[-1] == 30 and job.source == "trained from 'cells scribbles' on 'cells'"
+    want = train(
+        image, sample.scribbles[TRAIN_CROP], spacing=sample.spacing, steps=30, device="cpu",
+        features=FeatureSpec(sigmas=(0.5, 1.0)), class_names=["background", "nucleus"],
+    )  # fmt: skip
+    got, expected = model.state_dict(), want.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert model.config.classes == want.config.classes and model.config.spacing == sample.spacing
+
+    s.set_model(model, job.source)
+    assert "source       trained from 'cells scribbles' on 'cells'" in s.describe()
+    seg = s.full_run(RunParams(device="cpu"))()
+    np.testing.assert_array_equal(seg.labels, segment(image, want, spacing=sample.spacing).labels)
+
+    saved = s.save(tmp_path / "mine")
+    assert saved.name == "mine.safetensors"
+    other = Session()
+    assert other.load(saved).config.classes == model.config.classes
+    assert other.model_source == "file mine.safetensors"
+
+
+def test_training_inputs(sample):
+    s = Session()
+    s.use_image(layer(sample.image[TRAIN_CROP], sample.spacing))
+    params = TrainParams(classes="background, nucleus", steps=10, device="cpu")
+    with pytest.raises(ValueError, match="no scribbles layer"):
+        s.training(params, None)
+    with pytest.raises(ValueError, match="has shape"):
+        s.training(params, np.zeros((2, 3, 4), np.uint8), "small")
+    marks = sample.scribbles[TRAIN_CROP].copy()
+    with pytest.raises(ValueError, match="Feature scales"):
+        s.training(TrainParams(scales="1, x"), marks)
+    marks[0, :2, :2] = 3  # a third class painted: named after its value
+    assert s.training(params, marks).kwargs["class_names"] == ["background", "nucleus", "class 3"]
+    job = s.training(params, marks, classes=["fond", "noyau", "autre"])  # the layer's names
+    assert job.kwargs["class_names"] == ["fond", "noyau", "autre"]
+    with pytest.raises(SegmentationCancelled):
+        job(should_cancel=lambda: True)
+
+
+def test_cancel_and_one_task_at_a_time(session):
+    task = session.begin("segmentation")
+    assert session.running
+    with pytest.raises(ValueError, match="the segmentation is still running"):
+        session.begin("training")
+    assert session.cancel() is task and task.should_cancel()
+    with pytest.raises(SegmentationCancelled):
+        session.full_run(RunParams(device="cpu"))(should_cancel=task.should_cancel)
+    session.end(task)
+    assert not session.running and session.cancel() is None
+    assert session.begin("training").ident == task.ident + 1
+
+
+def test_inputs_and_messages(sample):
+    s = Session()
+    with pytest.raises(ValueError, match="no image"):
+        s.full_run(RunParams())
+    with pytest.raises(ValueError, match="no image"):
+        s.use_image(None)
+    two = np.stack([sample.image[CROP]] * 2)  # (2, D, H, W)
+    inp = s.use_image(layer(two, sample.spacing, "two"), channel_axis=0)
+    assert inp.channel_axis == 0 and inp.shape == (16, 64, 64) and inp.scale == sample.spacing
+    with pytest.raises(ValueError, match="must be its first axis"):
+        image_input(layer(two, sample.spacing), channel_axis=3)
+    with pytest.raises(ValueError, match="no model"):
+        s.full_run(RunParams())
+    assert s.describe().startswith("none")
+    s.load(DEMO_MODEL_FILE)
+    assert s.spacing_text() == "1, 0.4, 0.4 (layer scale)"
+    s.use_image(layer(sample.image[CROP], (2.0, 0.4, 0.4)))
+    assert "the model was trained at 1, 0.4, 0.4" in s.spacing_text()
+
+    names, colors = s.scribble_classes("background, nucleus")
+    assert names == ["background", "nucleus"]
+    assert colors == [c.color for c in s.model.config.classes]
+    assert s.scribble_classes("background, cell") == (["background", "cell"], None)
+    with pytest.raises(ValueError, match="at least two"):
+        parse_class_names("background")
+    assert parse_scales("1; 2.5") == (1.0, 2.5)
+    for bad in ("a, 2", "0", ""):
+        with pytest.raises(ValueError, match="Feature scales"):
+            parse_scales(bad)
+
+
+def test_description_is_what_pacseg_info_prints():
+    model = load_demo_model()
+    text = describe_model(model, "file nuclei_demo.safetensors")
+    lines = text.splitlines()
+    assert lines[0] == "source       file nuclei_demo.safetensors"
+    assert "classes      0=background, 2=nucleus   (label values)" in lines
+    assert any(line.startswith("halo         (") for line in lines)
+    assert "provenance" in lines and not any(line.startswith("sha256") for line in lines)
+    info = model_summary(model, DEMO_MODEL_FILE)
+    assert list(info)[:2] == ["path", "sha256"] and "path" not in model_summary(model)
+    with_file = model_lines(model, info)
+    assert with_file[0] == f"model        {DEMO_MODEL_FILE}"
+    assert with_file[1] == f"sha256       {info['sha256']}"
+    assert with_file[2:] == lines[1:]
