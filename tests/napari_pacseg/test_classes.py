@@ -59,7 +59,8 @@ def banded(k: int):
 
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_every_face_gives_the_same_labels(tmp_path, k):
-    """API, CLI (NPY) and segment_zarr give identical labels by the one rule."""
+    """API, CLI (NPY), segment_zarr and the widget's session (its full run and a live box) give
+    identical labels by the one rule."""
     pytest.importorskip("zarr")
     import zarr
 
@@ -93,3 +94,18 @@ def test_every_face_gives_the_same_labels(tmp_path, k):
     segment_zarr(tmp_path / "x.zarr", model, tmp_path / "l3.zarr", refine=refine,
                  chunks=(3, 12, 24), threshold=0.3)  # fmt: skip
     assert np.array_equal(zarr.open_array(str(tmp_path / "l3.zarr"), mode="r")[:], low)
+    # the widget's face: its headless session, a full run and a live box (whole planes)
+    from types import SimpleNamespace
+
+    from napari_pacseg.session import RunParams, Session
+
+    session = Session()
+    session.use_image(
+        SimpleNamespace(name="x", ndim=3, data=image, scale=tuple(model.config.spacing),
+                        translate=(0.0, 0.0, 0.0))
+    )  # fmt: skip
+    session.set_model(model, "trained")
+    params = RunParams(refine=refine, threshold=0.5, device="cpu")
+    assert np.array_equal(session.full_run(params)().labels, api.labels)
+    live = session.compute_live(session.live_job(((0, 6), (0, 24), (0, 24 * k)), params))
+    assert np.array_equal(live.labels, api.labels)
