@@ -382,7 +382,7 @@ def refine(plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict) -> np.nd
     ext = plan.refine_extent(box)
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
     out = torch.zeros((1, diffs.shape[0] + 1, *diffs.shape[1:]), dtype=torch.float32, device=dev)
-    out[0, 1:] = torch.from_numpy(np.ascontiguousarray(diffs)).to(dev)
+    out[0, 1:] = torch.from_numpy(diffs).to(dev)  # a strided view of the caller's buffer
     s = plan.settings
     if s.refine is not None:
         with Stopwatch(timings, dev)("refine"):
