@@ -287,15 +287,11 @@ def iter_segment_files(
         raise ValueError(
             f"the output folder {outdir} is not writable; give a folder you can write to"
         )
-    common = {
-        "refine": False if params is None else dataclasses.asdict(params),
-        "channel_axis": channel_axis,
-        "device": str(device),
-        "tile_shape": None if tile_shape is None else list(tile_shape),
-        "threshold": threshold,
-    }
-    run = _FileRun(model, model_info, common, spacing, refine, device, tile_shape, chunks,
-                   scheduler, workers, overwrite, progress, len(entries))  # fmt: skip
+    options = RunOptions(
+        spacing, channel_axis, False if params is None else params, str(device), tile_shape,
+        threshold, chunks, scheduler, workers, overwrite,
+    )  # fmt: skip
+    run = _FileRun(model, model_info, options, progress, len(entries))
     try:
         for index, (path, problem) in enumerate(entries):
             yield run.one(index, path, problem, output_paths(path, outdir))
@@ -343,25 +339,51 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
     return list(iter_segment_files(inputs, model, outdir, **kwargs))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of one ``segment_files`` call, checked once; ``refine`` resolved (a
+    ``RefineConfig`` or False), so no input resolves it again."""
+
+    spacing: tuple | None
+    channel_axis: int | None
+    refine: object
+    device: str
+    tile_shape: tuple | None
+    threshold: float
+    chunks: tuple | None
+    scheduler: object
+    workers: int | None
+    overwrite: bool
+
+    def segment_kwargs(self) -> dict:
+        """What ``segment`` and ``segment_zarr`` take of these options."""
+        return {"refine": self.refine, "device": self.device, "tile_shape": self.tile_shape,
+                "threshold": self.threshold}  # fmt: skip
+
+    def recorded(self) -> dict:
+        """The parameters every record of this run lists (and a resume compares)."""
+        return {
+            "refine": False if self.refine is False else dataclasses.asdict(self.refine),
+            "channel_axis": self.channel_axis,
+            "device": self.device,
+            "tile_shape": None if self.tile_shape is None else list(self.tile_shape),
+            "threshold": self.threshold,
+        }
+
+
 class _FileRun:
     """The state of one ``segment_files`` call: the model, options and a lazily started client."""
 
-    def __init__(self, model, model_info, common, spacing, refine, device, tile_shape, chunks,
-                 scheduler, workers, overwrite, progress, n) -> None:  # fmt: skip
-        self.model, self.model_info, self.common = model, model_info, common
-        self.spacing, self.refine, self.device, self.tile_shape = (
-            spacing,
-            refine,
-            device,
-            tile_shape,
-        )
-        self.chunks, self.overwrite, self.progress, self.n = chunks, overwrite, progress, n
-        self.scheduler_args = (scheduler, workers)
+    def __init__(self, model, model_info: dict, options: RunOptions, progress, n: int) -> None:
+        self.model, self.model_info, self.options = model, model_info, options
+        self.common = options.recorded()
+        self.overwrite, self.progress, self.n = options.overwrite, progress, n
         self.client, self.owned = None, False
 
     def scheduler(self):
         if self.client is None:
-            _, self.client, self.owned = open_scheduler(*self.scheduler_args)
+            opts = self.options
+            _, self.client, self.owned = open_scheduler(opts.scheduler, opts.workers)
         return self.client
 
     def close(self) -> None:
@@ -464,24 +486,23 @@ class _FileRun:
         )
 
     def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
-        volume = read_volume(path, self.common["channel_axis"])
+        opts = self.options
+        volume = read_volume(path, opts.channel_axis)
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
-                volume, self.model, paths["labels"], paths["matte"], spacing=self.spacing,
-                channel_axis=self.common["channel_axis"], refine=self.refine, chunks=self.chunks,
-                threshold=self.common["threshold"],
-                device=self.device, tile_shape=self.tile_shape, scheduler=self.scheduler(),
+                volume, self.model, paths["labels"], paths["matte"], spacing=opts.spacing,
+                channel_axis=opts.channel_axis, chunks=opts.chunks, scheduler=self.scheduler(),
+                **opts.segment_kwargs(),
                 overwrite=True, progress=tiles,
             )  # fmt: skip
             parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
                           "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip
             return {"shape": list(res.shape), "dtype": str(volume.data.dtype),
                     "parameters": parameters, "timings": res.timings}  # fmt: skip
-        spacing, source = resolve_spacing(self.spacing, volume, self.model)
+        spacing, source = resolve_spacing(opts.spacing, volume, self.model)
         image = volume.load()
-        seg = segment(image, self.model, spacing=spacing, channel_axis=0, refine=self.refine,
-                      device=self.device, tile_shape=self.tile_shape, progress=tiles,
-                      threshold=self.common["threshold"])  # fmt: skip
+        seg = segment(image, self.model, spacing=spacing, channel_axis=0, progress=tiles,
+                      **opts.segment_kwargs())  # fmt: skip
         if volume.kind == "npy":
             write_npy(paths["labels"], seg.labels, overwrite=True)
             write_npy(paths["matte"], seg.matte, overwrite=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .checks import check_spacing
 from .classes import DEFAULT_THRESHOLD, check_output_rule
-from .engine import as_model, extend_box, refine_params
+from .engine import as_model, check_channels, extend_box, refine_params
 from .model import PacSegModel, volume_intensity_range
 from .model_io import ModelPayload, model_from_bytes
 from .pipeline import receptive_field, segment
@@ -350,13 +350,9 @@ def segment_zarr(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     shape = layout.shape(raw.shape)
-    if shape[0] != model.config.in_channels:
-        raise ValueError(
-            f"the volume has {shape[0]} channel(s) (shape {shape}) but the model expects "
-            f"{model.config.in_channels}; pass channel_axis for a multichannel volume"
-        )
+    check_channels(shape, model, channel_axis)
     spacing, spacing_source = resolve_spacing(spacing, volume, model)
-    refine_params(model, refine)  # checks the overrides before any work
+    refine = refine_params(model, refine) or False  # resolved once: chunks reuse it
     threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
     chunks = _check_chunks(chunks, shape[1:], model.grid)
     halo = receptive_field(model, spacing, refine)

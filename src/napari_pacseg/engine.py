@@ -241,11 +241,7 @@ def prepare(
     """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
     model = as_model(model)
     vol = as_volume(image, channel_axis)
-    if vol.shape[0] != model.config.in_channels:
-        raise ValueError(
-            f"the image has {vol.shape[0]} channel(s) but the model expects {model.config.in_channels}"
-            + ("" if channel_axis is not None else "; pass channel_axis for a multichannel image")
-        )
+    check_channels(vol.shape, model, channel_axis)
     settings = settle(model, spacing, refine)
     threshold, background = check_output_rule(threshold, background, model.config.n_classes)
     if tile_shape is not None:
@@ -260,6 +256,16 @@ def prepare(
     if tile_shape is None:  # tiles the caller chose are theirs to choose
         _check_overlap(plan)
     return plan
+
+
+def check_channels(shape, model: PacSegModel, channel_axis) -> None:
+    """``ValueError`` when a ``(C, D, H, W)`` image's C is not the model's channel count."""
+    if shape[0] != model.config.in_channels:
+        raise ValueError(
+            f"the image has {shape[0]} channel(s) (shape {tuple(shape)}) but the model expects "
+            f"{model.config.in_channels}"
+            + ("" if channel_axis is not None else "; pass channel_axis for a multichannel image")
+        )
 
 
 def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
