@@ -83,6 +83,19 @@ def check_not_empty(t: torch.Tensor, name: str, op: str, axes=VOLUME_AXES, what:
             )
 
 
+def odd_kernel(kernel, op: str) -> tuple[int, int, int]:
+    """``kernel`` (an int or a (d, h, w) triple) as a triple of odd sizes with at most
+    ``MAX_TAPS`` taps."""
+    kernel = triple(kernel, "kernel_size", op)
+    if any(k < 1 or k % 2 == 0 for k in kernel):
+        raise ValueError(
+            f"{op}: kernel sizes must be odd and >= 1 (the window needs a centre), got "
+            f"{short_repr(kernel)}"
+        )
+    check_taps(kernel, op)
+    return kernel
+
+
 def check_taps(kernel, op: str, name: str = "kernel_size") -> None:
     """``ValueError`` when a window of ``kernel`` has more than ``MAX_TAPS`` taps."""
     taps = math.prod(kernel)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checks import check_taps, is_int, short_repr, triple
+from .checks import is_int, odd_kernel, short_repr, triple
 from .crf import check_crf_params, pac_crf3d
 from .mlp import ACTIVATIONS, voxel_mlp
 from .pac import pac3d
@@ -236,13 +236,7 @@ class PacConv3d(nn.Module):
         ):
             if not is_int(value) or value < 1:
                 raise ValueError(f"{op}: {name} must be an int >= 1, got {short_repr(value)}")
-        kernel = triple(kernel_size, "kernel_size", op)
-        if any(k < 1 or k % 2 == 0 for k in kernel):
-            raise ValueError(
-                f"{op}: kernel sizes must be odd and >= 1 (the window needs a centre), got "
-                f"{short_repr(kernel)}"
-            )
-        check_taps(kernel, op)
+        kernel = odd_kernel(kernel_size, op)
         for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
             triple(value, name, op)
         if bias not in (True, False) or normalize not in (True, False):

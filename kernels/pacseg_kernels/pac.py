@@ -19,9 +19,9 @@ from .checks import (
     FLOAT64_UNFUSED,
     check_float,
     check_not_empty,
-    check_taps,
     compute_dtype,
     is_int,
+    odd_kernel,
     short_repr,
     triple,
 )
@@ -103,12 +103,7 @@ def geometry(x, weight, kernel_size, stride, padding, dilation, op: str) -> PacG
     stride = triple(stride, "stride", op)
     padding = triple(padding, "padding", op)
     dilation = triple(dilation, "dilation", op)
-    if any(k < 1 or k % 2 == 0 for k in kernel):
-        raise ValueError(
-            f"{op}: kernel sizes must be odd and >= 1 (the window needs a centre), got "
-            f"{short_repr(kernel)}"
-        )
-    check_taps(kernel, op)
+    kernel = odd_kernel(kernel, op)
     if any(s < 1 for s in stride):
         raise ValueError(f"{op}: stride must be >= 1, got {short_repr(stride)}")
     if any(p < 0 for p in padding):

@@ -81,58 +81,39 @@ class ProgressBar:
 # --- argument parsing -----------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {short_repr(text)}"
-        ) from None
-    if not 1 <= value <= 1 << 31:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {short_repr(text)}")
-    return value
+def _ranged(integer: bool, low, high, *, what: str = "", odd=False, optional=False, name=None):
+    """An argparse type: an int or float in ``[low, high]`` (``low`` excluded when ``what`` says
+    "positive"), odd if asked, or "none" for None if ``optional``; its messages say
+    "expected <what>, got <text>"."""
+    what = what or f"{'an odd integer' if odd else 'a value'} in [{low:g}, {high:g}]"
+    positive = "positive" in what
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {short_repr(text)}") from None
+        ok = (low < value if positive else low <= value) and value <= high
+        if not ok or not math.isfinite(value) or (odd and value % 2 == 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {short_repr(text)}")
+        return value
+
+    parse.__name__ = name or ("int" if integer else "float")  # argparse names it in messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
-    if not (math.isfinite(value) and 0 < value < 1e12):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {short_repr(text)}")
-    return value
+_positive_int = _ranged(True, 0, 1 << 31, what="a positive integer")
+_positive_float = _ranged(False, 0.0, 1e12, what="a positive number")
+_fraction = _ranged(False, 0.0, 1.0, what="a number in [0, 1]")
 
 
 def _in_range(name: str, spec):
     """argparse type of the refinement option ``name``: a value allowed by its ``Param``."""
-
-    def parse(text: str):
-        if spec.optional and text.lower() == "none":
-            return None
-        try:
-            value = int(text) if spec.integer else float(text)
-        except ValueError:
-            kind = "an integer" if spec.integer else "a number"
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {short_repr(text)}") from None
-        if not (spec.low <= value <= spec.high) or (spec.odd and value % 2 == 0):
-            odd = "an odd integer" if spec.odd else "a value"
-            raise argparse.ArgumentTypeError(
-                f"expected {odd} in [{spec.low:g}, {spec.high:g}], got {short_repr(text)}"
-            )
-        return value
-
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {short_repr(text)}")
-    return value
+    return _ranged(spec.integer, spec.low, spec.high, odd=spec.odd, optional=spec.optional,
+                   name=name)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
