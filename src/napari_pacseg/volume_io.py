@@ -536,11 +536,6 @@ def temporary_sibling(path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}.tmp")
 
 
-def is_temporary(path) -> bool:
-    """True for names made by ``temporary_sibling``."""
-    return _TEMPORARY.fullmatch(Path(path).name) is not None
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
