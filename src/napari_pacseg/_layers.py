@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .classes import DEFAULT_COLORS, label_values
+from .classes import DEFAULT_COLORS, label_values, scribble_values
 
 TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 SCRIBBLE_BACKGROUND = (0.6, 0.6, 0.6, 1.0)
@@ -72,7 +72,7 @@ def scribble_styling(names: Sequence[str], colors: Sequence[Sequence[float]] | N
     names = list(names)
     if colors is None:
         colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))]
-    values = list(range(1, len(names) + 1))
+    values = scribble_values(len(names))
     return {
         "features": class_features(names, values, zero="unlabelled"),
         "colormap": class_colormap(visible_colors(colors), values),

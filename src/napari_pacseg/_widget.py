@@ -19,8 +19,10 @@ from napari.utils.notifications import show_error
 from . import _layers
 from ._controls import refine_controls, refine_values, set_refine_controls
 from ._workers import LiveRunner, Outcome, TaskRunner, message
+from .classes import DEFAULT_THRESHOLD, scribble_values
 from .model_io import ModelFileError
 from .session import RunParams, Session, TrainParams, device_choices, model_file_name
+from .training import DEFAULT_STEPS
 
 if TYPE_CHECKING:
     import napari
@@ -74,14 +76,16 @@ class PacSegWidget(mw.Container):
         self.class_names = mw.LineEdit(label="Classes", value=TrainParams().classes)
         self.new_scribbles_button = mw.PushButton(text="New scribbles layer")
         self.feature_scales = mw.LineEdit(label="Feature scales", value=TrainParams().scales)
-        self.train_steps = mw.SpinBox(label="Training steps", min=10, max=5000, step=10, value=400)
+        self.train_steps = mw.SpinBox(
+            label="Training steps", min=10, max=5000, step=10, value=DEFAULT_STEPS
+        )
         self.train_button = mw.PushButton(text="Train from scribbles")
         self.refine_controls = refine_controls()
         for name, control in self.refine_controls.items():
             setattr(self, name, control)
         self.reset_refine_button = mw.PushButton(text="Model defaults")
         self.threshold = mw.FloatSlider(
-            label="Matte threshold", min=0.0, max=1.0, step=0.01, value=0.5
+            label="Matte threshold", min=0.0, max=1.0, step=0.01, value=DEFAULT_THRESHOLD
         )
         self.background = mw.ComboBox(label="Background class", choices=[("background", 0)])
         self.device = mw.ComboBox(label="Device", choices=device_choices())
@@ -245,8 +249,8 @@ class PacSegWidget(mw.Container):
             return self._error(str(err))
         self.scribbles.value = layer
         names = _layers.scribble_class_names(layer)
-        others = ", ".join(f"{i + 1} = {n}" for i, n in enumerate(names) if i)
-        self._say(f"paint with label 1 = {names[0]}, {others}; then Train")
+        pairs = [f"{v} = {n}" for v, n in zip(scribble_values(len(names)), names)]
+        self._say(f"paint with label {', '.join(pairs)}; then Train")
         return layer
 
     def start_training(self) -> None:

@@ -17,7 +17,7 @@ from .batch_zarr import open_scheduler, resolve_spacing, segment_zarr
 from .checks import check_int, check_ints, error_line
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .engine import refine_params, settle
-from .model_io import ModelPayload, load_model
+from .model_io import load_model, weights_digest
 from .pipeline import segment
 from .provenance import now, sha256_file, versions
 from .volume_io import (
@@ -36,9 +36,6 @@ from .volume_io import (
     write_tiff,
 )
 
-# Default chunk (z, y, x): ~4 M voxels, so a task (chunk + halo, the features of one tile, the
-# logits of the chunk) stays within a few hundred MiB and the halo adds ~2x work at most for the
-# demo model's receptive field of (13, 30, 30).
 # --- batches of files -------------------------------------------------------------------------
 
 RECORD_FORMAT = "napari-pacseg-result"
@@ -257,7 +254,7 @@ def iter_segment_files(
         model_info = {"path": str(resolved(path)), "sha256": sha256_file(path)}
     else:
         model_info = {"path": None, "sha256": None}
-    model_info["weights_sha256"] = ModelPayload.of(model).digest
+    model_info["weights_sha256"] = weights_digest(model)
     model_info["classes"] = [c.name for c in model.config.classes]
     params = refine_params(model, refine)  # checks overrides before any work
     if spacing is not None:  # the same for every input: check the refinement's work once
@@ -403,7 +400,13 @@ class _FileRun:
         record = paths["record"]
         old = read_record(record) if _exists(record) else None
         ours = old is not None and old["input"] == str(path.resolve())
-        moved = old is not None and Path(old["input"]).name == path.name  # a renamed folder
+        here = _identity(path)
+        moved = (  # the same file in a moved or renamed project folder (mv keeps size and time)
+            old is not None
+            and Path(old["input"]).name == path.name
+            and here is not None
+            and [old.get("input_size"), old.get("input_mtime_ns")] == list(here[1:])
+        )
         done = old is not None and old.get("status", "complete") == "complete"
         if done and (ours or moved) and not self.overwrite:
             return FileResult(path, "skipped", self._skip_reason(old, record), record=record)
@@ -418,6 +421,8 @@ class _FileRun:
         tiles(0, 0)
         started = now()
         head = {"format": RECORD_FORMAT, "version": 2, "input": str(path.resolve()),
+                "input_size": here[1] if here else None,
+                "input_mtime_ns": here[2] if here else None,
                 "outputs": {k: paths[k].name for k in ("labels", "matte")}}  # fmt: skip
         before = {k: _identity(paths[k]) for k in ("record", "labels", "matte")}
         previous = record.read_bytes() if before["record"] is not None else None
@@ -474,8 +479,11 @@ class _FileRun:
 
     def _skip_reason(self, old: dict, record: Path) -> str:
         try:
+            defaults = {"threshold": DEFAULT_THRESHOLD}  # records before it was a parameter
             same = old["model"]["weights_sha256"] == self.model_info["weights_sha256"] and all(
-                old["parameters"].get(k) == v for k, v in self.common.items() if k != "device"
+                old["parameters"].get(k, defaults.get(k)) == v
+                for k, v in self.common.items()
+                if k != "device"
             )
         except (KeyError, TypeError, AttributeError):
             same = False

@@ -13,7 +13,6 @@ Memory is bounded by the chunk size, whatever the volume size.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -26,7 +25,15 @@ import numpy as np
 
 from .checks import check_spacing
 from .classes import DEFAULT_THRESHOLD, check_output_rule
-from .engine import as_model, check_channels, extend_box, refine_params
+from .engine import (
+    as_model,
+    check_channels,
+    check_overlap,
+    extend_box,
+    refine_params,
+    split_box,
+    whole,
+)
 from .model import PacSegModel, volume_intensity_range
 from .model_io import ModelPayload, model_from_bytes
 from .pipeline import receptive_field, segment
@@ -308,8 +315,8 @@ def segment_zarr(
     source : path of a zarr array or OME-Zarr image (level 0, spacing from its metadata), a
         ``Volume`` from ``volume_io``, a ``zarr.Array`` or a ``dask.array.Array``; 3D
         ``(D, H, W)`` or 4D with ``channel_axis``, any numeric dtype.
-    model : PacSegModel (sent to workers as config + weights, rebuilt there with the checks
-        of ``load_model``).
+    model : PacSegModel, or the path of a model file (sent to workers as the bytes of its
+        model file, rebuilt there with every check of ``load_model``).
     labels_out : path of the ``(D, H, W)`` uint8 zarr array to write (0 background, class
         index + 1 otherwise). matte_out : path of the ``(D, H, W)`` float32 matte array
         (1 - P(background)), or None to skip it. Both are written under temporary names in
@@ -356,6 +363,8 @@ def segment_zarr(
     threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
     chunks = _check_chunks(chunks, shape[1:], model.grid)
     halo = receptive_field(model, spacing, refine)
+    boxes = split_box(whole(shape[1:]), chunks)
+    check_overlap(boxes, halo, shape[1:], "chunks")  # before any work: chunks + halo
     kind, client, owned = open_scheduler(scheduler, workers)
     for out in outputs:
         remove_stale_temporaries(out)
@@ -387,9 +396,7 @@ def segment_zarr(
             arr.attrs.update({"napari_pacseg": {**attrs, "content": what}})
         payload = ModelPayload.of(model)
         jobs = []
-        grid = [range(0, n, c) for n, c in zip(shape[1:], chunks)]
-        for origin in itertools.product(*grid):
-            box = tuple((a, min(a + c, n)) for a, c, n in zip(origin, chunks, shape[1:]))
+        for box in boxes:
             ext, _ = extend_box(box, halo, shape[1:])
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
                             None if tile_shape is None else tuple(tile_shape), threshold, rng,

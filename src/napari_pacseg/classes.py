@@ -12,6 +12,7 @@ the argmax of the probabilities (up to exact ties, which go to the foreground).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -73,11 +74,16 @@ def class_infos(classes, what: str = "classes") -> tuple[ClassInfo, ...]:
     for i, c in enumerate(classes):
         if isinstance(c, ClassInfo):
             infos.append(c)
-        elif isinstance(c, str):
-            infos.append(ClassInfo(c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+        elif isinstance(c, (str, numbers.Integral)) and not isinstance(c, bool):
+            infos.append(ClassInfo(str(c), DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
         else:
             raise ValueError(f"{what}: class names must be strings, got {short_repr(c)}")
     return tuple(infos)
+
+
+def scribble_values(n_classes: int) -> list[int]:
+    """Scribble value of each class: ``i + 1`` (0 is unlabelled)."""
+    return list(range(1, n_classes + 1))
 
 
 def label_values(n_classes: int, background: int = 0) -> list[int]:

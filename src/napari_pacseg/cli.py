@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 
 from .checks import one_line, printable, short_repr
+from .classes import DEFAULT_THRESHOLD
+from .training import DEFAULT_STEPS
 
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
 
@@ -164,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{spec.help} ({spec.low:g}-{spec.high:g}{', or none' if spec.optional else ''})",
         )
     out = seg.add_argument_group("labels")
-    out.add_argument("--threshold", type=_fraction, default=0.5, metavar="X",
+    out.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD, metavar="X",
                      help="foreground where the matte (1 - P(background)) is >= X, then the most "
-                     "probable other class (0-1, default 0.5)")  # fmt: skip
+                     f"probable other class (0-1, default {DEFAULT_THRESHOLD:g})")  # fmt: skip
     run = seg.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--tile", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
@@ -202,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature kinds (default: all of gaussian gradient_magnitude laplacian "
                     "hessian_eigenvalues)")  # fmt: skip
     tr.add_argument("--hidden", type=_positive_int, nargs="+", help="MLP widths (default 64 64)")
-    tr.add_argument("--steps", type=_positive_int, help="optimisation steps (default 400)")
+    tr.add_argument(
+        "--steps", type=_positive_int, help=f"optimisation steps (default {DEFAULT_STEPS})"
+    )
     tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tr.add_argument("--class-names", nargs="+", metavar="NAME",
                     help="one name per class, background first")  # fmt: skip
@@ -364,7 +368,7 @@ def _cmd_train(args) -> int:
             raise VolumeError(
                 f"{args.image}: {image.spacing_problem}; give the voxel size with --spacing Z Y X"
             )
-        spacing = tuple(args.spacing) if args.spacing else image.spacing or (1.0, 1.0, 1.0)
+        spacing = tuple(args.spacing) if args.spacing else image.spacing  # None: train's default
         model = train(
             image.load(), marks, spacing=spacing, channel_axis=0, features=spec,
             hidden=tuple(args.hidden) if args.hidden else (64, 64), steps=args.steps,
@@ -377,7 +381,8 @@ def _cmd_train(args) -> int:
         return FAILED
     bar.print(
         f"saved {args.output}: classes {[c.name for c in model.config.classes]}, "
-        f"spacing {spacing}, {int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
+        f"spacing {tuple(model.config.spacing)}, "
+        f"{int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
     )
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .classes import label_values
+from .classes import label_values, scribble_values
 from .model import PacSegModel
 
 
@@ -44,7 +44,7 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
     ``source`` (where the model came from, when given), channels, classes with their label
     values, features, head, context net, refinement defaults, training spacing, halo
     (receptive field) and provenance. ``summary`` is ``model_summary(model, ...)`` (made
-    without a file when not given). Lines are not escaped: a terminal needs ``cli.printable``."""
+    without a file when not given). Lines are not escaped: a terminal needs ``checks.printable``."""
     info = model_summary(model) if summary is None else summary
     cfg = model.config
     values = label_values(cfg.n_classes)
@@ -58,6 +58,9 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         "classes      " + ", ".join(
             f"{v}={c.name}" for v, c in zip(values, cfg.classes)
         ) + "   (label values)",
+        "scribbles    " + ", ".join(
+            f"{v}={c.name}" for v, c in zip(scribble_values(cfg.n_classes), cfg.classes)
+        ) + "   (values to paint; 0 = unlabelled)",
         f"features     {', '.join(cfg.features.kinds) or '-'} at sigmas {list(cfg.features.sigmas)}"
         f"{' + raw' if cfg.features.include_raw else ''} ({cfg.n_features} per voxel)",
         f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",

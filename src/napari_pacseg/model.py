@@ -343,13 +343,22 @@ def volume_intensity_range(vol) -> tuple[torch.Tensor, torch.Tensor]:
     or values beyond the float32 range the segmentation computes in."""
     n = math.prod(vol.shape[1:])
     step = max(1, math.ceil((n / (1 << 22)) ** (1 / 3)))
-    sample = np.asarray(vol[:, ::step, ::step, ::step], dtype=np.float64)  # no overflow here
-    if sample.size and not (np.isfinite(sample).all() and np.abs(sample).max() <= FLOAT32_MAX / 4):
-        raise ValueError(
-            "the image holds NaN, infinite values or values beyond the float32 range the "
-            f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); clean or rescale it first"
-        )
+    sample = vol[:, ::step, ::step, ::step]
+    if isinstance(sample, torch.Tensor):
+        sample = sample.numpy()
+    if not np.issubdtype(sample.dtype, np.integer) and sample.dtype != bool:
+        sample = np.asarray(sample)  # in its own dtype: a float64 value beyond float32 stays
+        if sample.size and not (  # min and max: NaN fails both; no array-sized temporaries
+            -FLOAT32_MAX / 4 <= sample.min() and sample.max() <= FLOAT32_MAX / 4
+        ):
+            raise ValueError(
+                "the image holds NaN, infinite values or values beyond the float32 range the "
+                f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); clean or rescale it "
+                "first"
+            )
     sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if not sample.flags.writeable:  # a read-only memory map of float32 data (an NPY input)
+        sample = sample.copy()
     return intensity_range(torch.from_numpy(sample)[None])
 
 

@@ -339,8 +339,18 @@ class ModelPayload:
 
     @classmethod
     def of(cls, model: PacSegModel) -> ModelPayload:
-        data = model_bytes(model)
-        return cls(data, hashlib.sha256(data).hexdigest())
+        return cls(model_bytes(model), weights_digest(model))
+
+
+def weights_digest(model: PacSegModel) -> str:
+    """sha256 of a model's config and float32 weights: the same model gives the same digest
+    in every release (unlike its file, which names the release that wrote it). What the
+    records of ``segment_files`` hold as ``weights_sha256``."""
+    h = hashlib.sha256(repr(sorted(config_to_dict(model.config).items())).encode())
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -464,6 +474,14 @@ def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
     if st.st_size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
         raise ModelFileError(f"{name}: {st.st_size} bytes is over the size limit of a model file")
     with open(path, "rb") as f:
+        first = f.read(8)
+        (n,) = struct.unpack("<Q", first) if len(first) == 8 else (None,)
+        if n is not None and n <= MAX_HEADER_BYTES and 8 + n <= st.st_size:
+            # Header and metadata first: a file that is not ours fails before its data is read.
+            header = _parse_json(f.read(n), name, "the header")
+            if isinstance(header, dict):
+                _read_meta(name, header)
+        f.seek(0)
         data = f.read(8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES + 1)
     return _from_bytes(data, name)
 
@@ -488,8 +506,6 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
             f"{name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
         )
     raw = file[8 : 8 + n]
-    if len(raw) != n:
-        raise ModelFileError(f"{name}: the file ended while reading its header: truncated")
     header = _parse_json(raw, name, "the header")
     if not isinstance(header, dict):
         raise ModelFileError(f"{name}: the header is JSON {_kind(header)}, not an object")
@@ -574,9 +590,7 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
             f"{name}: {size - data_start - end} trailing bytes after the last tensor: corrupt "
             "(or not a file written by save_model)"
         )
-    data = file[data_start : data_start + end]
-    if len(data) != end:
-        raise ModelFileError(f"{name}: the file ended while reading the weights: truncated")
+    data = memoryview(file)[data_start : data_start + end]  # checked above: all there
     view = memoryview(data)
     state, non_finite = {}, None
     for start, stop, tensor in layout:

@@ -18,12 +18,10 @@ from collections.abc import Callable
 import numpy as np
 
 from . import engine
-from .engine import SegmentationCancelled, model_on_device, prepare, split_box
+from .engine import Box, SegmentationCancelled, model_on_device, prepare, split_box
 from .model import PacSegModel
 
 DEFAULT_CACHE_BYTES = 256 << 20
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 class RegionSegmenter:

@@ -8,7 +8,7 @@ wires them to a ``Session``, and ``_workers`` runs the work in threads. Everythi
 driven directly (``tests/napari_pacseg/test_session.py``)::
 
     session = Session()
-    session.use_image(layer, channel_axis=None)  # anything with name, ndim, data, scale, translate
+    session.use_image(layer)  # anything with name, ndim, data, scale, translate (3D: axis 0 is z)
     session.set_model(load_model(path), "file model.safetensors")
     seg = session.full_run(RunParams())(progress=..., should_cancel=...)
 """
@@ -25,6 +25,7 @@ import numpy as np
 
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .describe import describe_model
+from .engine import Box
 from .features import FeatureSpec
 from .model import PacSegModel
 from .model_io import load_model, save_model
@@ -35,7 +36,6 @@ from .training import train
 DEFAULT_CLASSES = "background, foreground"
 NO_MODEL = "none: load a model file or train one from scribbles"
 
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
 

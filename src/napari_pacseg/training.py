@@ -11,13 +11,14 @@ from torch import nn
 from pacseg_kernels.mlp_torch import activate
 
 from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
-from .classes import class_infos
+from .classes import MAX_CLASSES, class_infos
 from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
 from .model import HeadConfig, ModelConfig, PacSegModel
 from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
+DEFAULT_STEPS = 400
 TRAIN_TILE = (32, 128, 128)
 # Std of the Gaussian noise added to the standardised features at every step. Scribbles are
 # few and clustered, so without it the head fits them with huge logits and draws the boundary
@@ -77,7 +78,7 @@ def train(
     spec = features or FeatureSpec()
     if not isinstance(spec, FeatureSpec):
         raise TypeError(f"train: features must be a FeatureSpec, got {type(spec).__name__}")
-    steps = 400 if steps is None else check_int(steps, "train: steps", 1, 100_000)
+    steps = DEFAULT_STEPS if steps is None else check_int(steps, "train: steps", 1, 100_000)
     hidden = check_ints(hidden, None, "train: hidden (MLP widths)", 1, 1024)
     if class_names is not None and (
         isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__")
@@ -117,9 +118,6 @@ def train(
     return model
 
 
-MAX_LABEL = 255
-
-
 def _classes_painted(marks: np.ndarray) -> int:
     """The number of classes K in ``marks``: values 0 (unlabelled) and 1..K, each present."""
     if marks.size and int(marks.min()) < 0:
@@ -127,11 +125,11 @@ def _classes_painted(marks: np.ndarray) -> int:
             "train: scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
         )
     present = np.unique(marks[marks > 0]).tolist()
-    big = [v for v in present if v > MAX_LABEL]
+    big = [v for v in present if v > MAX_CLASSES]
     if big:
         shown = ", ".join(str(v) for v in big[:3]) + (", ..." if len(big) > 3 else "")
         raise ValueError(
-            f"train: scribble values must be at most {MAX_LABEL} (one per class); found "
+            f"train: scribble values must be at most {MAX_CLASSES} (one per class); found "
             f"{len(big)} larger value(s): {shown}. Relabel the scribbles 1..K"
         )
     if not present:

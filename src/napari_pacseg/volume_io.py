@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -548,28 +549,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_SCANNED: set[Path] = set()  # folders already cleaned by this process
+_SCANNED: dict[Path, float] = {}  # folder -> when this process last cleaned it
+RESCAN_S = 60.0  # a long-lived process (napari) cleans a folder again after this long
 
 
 def remove_stale_temporaries(path) -> list[Path]:
     """Delete the temporaries (``temporary_sibling`` names) in ``path``'s folder left by
     processes of this host that no longer run (a SIGKILL, a power cut); those of live processes,
-    and of other hosts sharing the folder, are kept. A folder is scanned once per process (the
-    first write into it), so a batch of thousands of outputs lists it once. Returns what was
+    and of other hosts sharing the folder, are kept. A folder is scanned at most once a minute
+    per process, so a batch of thousands of outputs lists it rarely. Returns what was
     removed."""
     folder = Path(path).parent
     try:
         key = folder.resolve()
     except (OSError, RuntimeError):
         return []
-    if key in _SCANNED:
+    if time.monotonic() - _SCANNED.get(key, -math.inf) < RESCAN_S:
         return []
     removed = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
-    _SCANNED.add(key)
+    _SCANNED[key] = time.monotonic()
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
         if match is None or match["host"] not in (None, _host()) or _alive(int(match["pid"])):
@@ -596,6 +598,11 @@ def move_into_place(tmp, path, overwrite: bool) -> None:
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        if path.is_dir() and not path.is_symlink() and not tmp.is_dir():
+            raise IsADirectoryError(
+                f"{path} is a folder; a file never replaces a folder: move it away or choose "
+                "another name"
+            )
         if path.is_dir() and not path.is_symlink():
             aside = temporary_sibling(path)
             os.replace(path, aside)

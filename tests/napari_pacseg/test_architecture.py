@@ -12,7 +12,7 @@ import pacseg_kernels
 
 GUI = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui")
 # The GUI face: the only modules that may import napari, Qt or magicgui.
-GUI_MODULES = {"_widget", "_controls", "_layers", "_workers", "_live", "_reader", "_sample_data",
+GUI_MODULES = {"_widget", "_controls", "_layers", "_workers", "_reader", "_sample_data",
                "demo"}  # fmt: skip
 
 

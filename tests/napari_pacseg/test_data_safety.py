@@ -327,14 +327,14 @@ def test_images_that_would_give_nan_are_refused(image, model, make, message):
         ({"kernel_size": "5"}, "kernel_size must be an odd int"),
         ({"spatial_sigma": float("nan")}, "spatial_sigma must be None or a number"),
         ({"iterations": 50, "kernel_size": 15}, "refinement too costly"),
-        ({"iterations": 40, "kernel_size": 3, "dilation": 8, "wide": True}, "limit 8x"),
+        ({"iterations": 40, "kernel_size": 3, "dilation": 8, "wide": True}, "limit 16x"),
         ({"bogus": 1}, "unknown parameters"),
     ],
 )
 def test_refinement_out_of_range_is_refused(image, model, refine, message):
     refine = dict(refine)
     if refine.pop("wide", False):  # wider than the default tiles, so the reach matters
-        image = np.random.default_rng(0).normal(100, 10, (8, 300, 300)).astype(np.float32)
+        image = np.random.default_rng(0).normal(100, 10, (8, 600, 600)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         segment(image, model, refine=refine)
 
@@ -585,3 +585,36 @@ def test_cli_without_a_traceback_for_a_folder_as_model(tmp_path, image, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_save_model_never_replaces_a_folder(tmp_path, model):
+    folder = tmp_path / "m.safetensors"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "precious.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match="a file never replaces a folder"):
+        save_model(model, folder)
+    assert (folder / "sub" / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_another_input_of_the_same_name_is_not_taken_for_done(tmp_path, image, capsys):
+    for sub, data in (("a", image), ("b", image[:, ::-1].copy())):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "x.npy", data)
+    out = tmp_path / "out"
+    assert run(DEMO_MODEL_FILE, tmp_path / "a" / "x.npy", "-o", out, "-q", "--iterations", 1) == 0
+    capsys.readouterr()
+    before = digest(out)
+    assert run(DEMO_MODEL_FILE, tmp_path / "b" / "x.npy", "-o", out, "-q", "--iterations", 1) == 1
+    assert "not pacseg's record of this input" in capsys.readouterr().err
+    assert digest(out) == before
+
+
+def test_a_halo_beyond_the_chunks_is_refused_before_any_work(tmp_path, image, model):
+    source = zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=image.shape,
+                             chunks=(8, 8, 8), dtype=image.dtype)  # fmt: skip
+    source[:] = image
+    with pytest.raises(ValueError, match="chunks would process"):
+        segment_zarr(tmp_path / "v.zarr", model, tmp_path / "l.zarr", chunks=(8, 8, 8),
+                     refine={"iterations": 40, "kernel_size": 3, "dilation": 8})  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.zarr"]
