@@ -14,6 +14,7 @@ from . import engine
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .engine import STAGES, SegmentationCancelled, TileRunner, prepare, settle
 from .model import PacSegModel, volume_intensity_range
+from .threads import adaptive_threads
 
 __all__ = [
     "Segmentation",
@@ -90,36 +91,37 @@ def segment(
         so every piece is normalised alike and the pieces equal the whole.
     """
     start = time.perf_counter()
-    plan = prepare(
-        image, model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
-        tile_shape=tile_shape, intensity_range=intensity_range, threshold=threshold,
-        background=background,
-    )  # fmt: skip
-    shape, k = plan.shape, plan.n_classes
-    # Softmax and the Potts mean field only see differences between a voxel's logits, so the
-    # logits are kept as differences to the background's: one channel fewer.
-    diffs = np.empty((k - 1, *shape), dtype=np.float32)
-    labels = np.zeros(shape, dtype=np.uint8)
-    matte = np.zeros(shape, dtype=np.float32)
-    probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
-    timings = dict.fromkeys(STAGES, 0.0)
-    unary_boxes, final_boxes = plan.unary_boxes(), plan.refine_boxes()
-    runner = TileRunner(plan, progress, should_cancel)
-    runner.total = len(unary_boxes) + len(final_boxes)
+    with adaptive_threads():  # fewer threads while other processes hold cores
+        plan = prepare(
+            image, model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
+            tile_shape=tile_shape, intensity_range=intensity_range, threshold=threshold,
+            background=background,
+        )  # fmt: skip
+        shape, k = plan.shape, plan.n_classes
+        # Softmax and the Potts mean field only see differences between a voxel's logits, so the
+        # logits are kept as differences to the background's: one channel fewer.
+        diffs = np.empty((k - 1, *shape), dtype=np.float32)
+        labels = np.zeros(shape, dtype=np.uint8)
+        matte = np.zeros(shape, dtype=np.float32)
+        probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
+        timings = dict.fromkeys(STAGES, 0.0)
+        unary_boxes, final_boxes = plan.unary_boxes(), plan.refine_boxes()
+        runner = TileRunner(plan, progress, should_cancel)
+        runner.total = len(unary_boxes) + len(final_boxes)
 
-    def unary_pass(box, dev, dev_model):
-        diffs[(slice(None), *_slices(box))] = engine.logits(plan, box, dev_model, dev, timings)
+        def unary_pass(box, dev, dev_model):
+            diffs[(slice(None), *_slices(box))] = engine.logits(plan, box, dev_model, dev, timings)
 
-    def final_pass(box, dev, _):
-        ext = plan.refine_extent(box)
-        p = engine.refine(plan, box, diffs[(slice(None), *_slices(ext))], dev, timings)
-        sl = _slices(box)
-        labels[sl], matte[sl] = labels_from_probabilities(p, plan.threshold, plan.background)
-        if probs is not None:
-            probs[(slice(None), *sl)] = p
+        def final_pass(box, dev, _):
+            ext = plan.refine_extent(box)
+            p = engine.refine(plan, box, diffs[(slice(None), *_slices(ext))], dev, timings)
+            sl = _slices(box)
+            labels[sl], matte[sl] = labels_from_probabilities(p, plan.threshold, plan.background)
+            if probs is not None:
+                probs[(slice(None), *sl)] = p
 
-    runner.run(unary_boxes, unary_pass)
-    runner.run(final_boxes, final_pass)
+        runner.run(unary_boxes, unary_pass)
+        runner.run(final_boxes, final_pass)
     timings["total"] = time.perf_counter() - start
     return Segmentation(labels, matte, probs, timings)
 

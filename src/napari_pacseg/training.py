@@ -16,6 +16,7 @@ from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
 from .model import HeadConfig, ModelConfig, PacSegModel
 from .provenance import training_provenance
+from .threads import adaptive_threads
 
 MAX_SAMPLES_PER_CLASS = 20000
 DEFAULT_STEPS = 400
@@ -106,9 +107,10 @@ def train(
     )
     model = PacSegModel(config)
     plan = prepare(vol, model, spacing=spacing, channel_axis=0, refine=False, device="cpu")
-    x, y = _labelled_features(plan, marks, gen, should_cancel)
-    with torch.enable_grad():  # also when called under torch.no_grad()
-        _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
+    with adaptive_threads():  # fewer threads while other processes hold cores
+        x, y = _labelled_features(plan, marks, gen, should_cancel)
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
     model = model.cpu().eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(
