@@ -108,10 +108,11 @@ def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarra
     if arr.size == 0:
         raise ValueError(f"{what} is empty (shape {arr.shape})")
     if np.issubdtype(arr.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
+        low, high = float(arr.min()), float(arr.max())  # NaN and inf show in these two
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int(np.count_nonzero(~np.isfinite(arr)))  # only to say how many
             raise ValueError(f"{what} holds {bad} NaN or infinite values; fill or mask them first")
-        peak = max(abs(float(arr.min())), abs(float(arr.max())))
+        peak = max(abs(low), abs(high))
         if peak > FLOAT32_MAX / 4:  # differences of two values must stay finite in float32
             raise ValueError(
                 f"{what} holds values up to {peak:.3g}, beyond the float32 range the "

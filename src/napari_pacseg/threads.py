@@ -50,22 +50,21 @@ def other_load(sample_s: float = SAMPLE_S) -> float | None:
     return max(0.0, (busy - own) / total * cores)
 
 
-def threads_for_load() -> int:
-    """torch threads for a run now: the default, less one per core other processes keep busy
+def threads_for_load(default: int) -> int:
+    """torch threads for a run now: ``default``, less one per core other processes keep busy
     (at least one)."""
     global _last
     with _lock:
         now = time.monotonic()
         if _last is not None and now - _last[0] < REUSE_S:
             return _last[1]
-        default = torch.get_num_threads() if _default is None else _default
         load = other_load()
         threads = default if load is None else max(1, min(default, round(default - load)))
         _last = (now, threads)
         return threads
 
 
-_default: int | None = None
+_default: int | None = None  # torch's thread count when this module first ran
 
 
 @contextlib.contextmanager
@@ -76,7 +75,7 @@ def adaptive_threads():
     before = torch.get_num_threads()
     if _default is None:
         _default = before
-    threads = min(before, threads_for_load())
+    threads = min(before, threads_for_load(_default))
     if threads != before:
         torch.set_num_threads(threads)
     try:
