@@ -5,17 +5,21 @@ Compares, on a (1, C, S, S, S) float32 volume:
     channels-first and channels-last;
   * ``nn.Sequential`` applied to the whole flattened (S^3, C) volume (what people write);
   * ``numpy.apply_along_axis`` with a numpy MLP, on a subsample (what people start from);
-  * one large ``torch.mm`` (the machine's matmul rate; on CUDA also the copy bandwidth).
+  * the ceilings of ``common.measure_rates`` (a large copy, a large float32 ``torch.mm``): every
+    time is also given as a fraction of its counted floor, max(bytes / bandwidth, flops / mm
+    rate), bytes = input read once + output written once + the weights.
 Every measurement runs in a fresh interpreter so peak-memory readings are not hidden by heap
 memory kept from earlier work. Writes ``benchmarks/results/mlp-<device>.md``.
 
-Usage: python benchmarks/bench_mlp.py [--device cpu|cuda] [--size 128] [--quick]
+Usage: python benchmarks/bench_mlp.py [--device cpu|cuda] [--size 128 [256 ...]]
+       [--widths 8 16 ...] [--rounds 2] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,12 @@ MAIN_WIDTHS = (16, 64, 64, 4)
 
 def _flops_per_voxel(widths) -> int:
     return 2 * sum(a * b for a, b in itertools.pairwise(widths))
+
+
+def _floor_bytes(widths, n_vox: int) -> int:
+    """Fewest bytes the op moves: the input read once, the output written once, the weights."""
+    params = sum(a * b + b for a, b in itertools.pairwise(widths))
+    return 4 * (n_vox * (widths[0] + widths[-1]) + params)
 
 
 def _layers(widths, device):
@@ -66,17 +76,6 @@ def worker(method: str, size: int, widths: tuple[int, ...], device: str) -> dict
     peak_fn = common.cuda_peak_extra_bytes if device == "cuda" else common.cpu_peak_extra_bytes
     out_bytes = n_vox * k * 4
     torch.set_grad_enabled(False)
-    if method == "mm":
-        n = 8192 if device == "cuda" else 4096
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        t = common.best_time(lambda: torch.mm(a, b), device)
-        result = {"time": t, "gflops": 2 * n**3 / t / 1e9}
-        if device == "cuda":
-            big = torch.empty(2**28, device=device)  # 1 GiB
-            dst = torch.empty_like(big)
-            tc = common.best_time(lambda: dst.copy_(big), device)
-            result["bandwidth"] = 2 * big.numel() * 4 / tc
-        return result
     if method in ("apply_along_axis", "apply_along_axis_numpy"):
         # What people start from: their trained PyTorch MLP called once per voxel through
         # numpy.apply_along_axis (a conversion each way per voxel), or the same MLP in numpy.
@@ -130,14 +129,34 @@ def worker(method: str, size: int, widths: tuple[int, ...], device: str) -> dict
 
 
 def measure(method, size, widths, device) -> dict:
+    """One worker's result, or ``{"error": last line}`` when it failed (e.g. out of memory)."""
     args = [method, str(size), ",".join(map(str, widths)), device]
-    return common.run_isolated(__file__, args)
+    try:
+        return common.run_isolated(__file__, args)
+    except RuntimeError as err:
+        return {"error": str(err).strip().splitlines()[-1][:120]}
+
+
+def _failed(r: dict) -> str:
+    return "failed: " + r["error"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=None, help="edge of the main volume")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=None,
+        help="edge(s) of the main volume (default 128 on CPU, 256 and 512 on CUDA); the memory "
+        "table and the width sweep use the first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=None,
+        help="hidden widths w of the sweep 16->w->w->4 (default 8 16 32 64 128 256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="interleaved rounds of the main table, best of each (default 2 on CPU, 1 on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,32 +167,35 @@ def main() -> None:
         return
 
     dev = args.device
-    if dev == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    size = args.size or (32 if args.quick else 256 if dev == "cuda" else 128)
+    # The workers run at torch's default precision (TF32 off): the Triton kernel then uses IEEE
+    # float32 dots, like the torch.mm that measures the matmul rate.
+    sizes = args.size or ([32] if args.quick else [256, 512] if dev == "cuda" else [128])
+    size = sizes[0]
     mem_sizes = (
-        [size // 2, size] if args.quick else [64, 128, 256] if dev == "cpu" else [128, 256, 384]
+        [size // 2, size] if args.quick else [64, 128, 256] if dev == "cpu" else [128, 256, 512]
     )
-    sweep = [16, 64] if args.quick else [8, 16, 32, 64, 128, 256]
+    sweep = args.widths or ([16, 64] if args.quick else [8, 16, 32, 64, 128, 256])
+    rounds = args.rounds or (2 if dev == "cpu" else 1)
     command = "python benchmarks/bench_mlp.py " + " ".join(sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M")
 
     fpv = _flops_per_voxel(MAIN_WIDTHS)
-    n_vox = size**3
     methods = ["ours", "ours_cl", "sequential"]
     if dev == "cpu":
         methods += ["apply_along_axis", "apply_along_axis_numpy"]
-    # Two interleaved rounds, best of each: this shared 2-core machine has slow spells lasting
+    # Interleaved rounds, best of each: the shared 2-core CPU machine has slow spells lasting
     # seconds, and one process at the wrong moment should not decide a ratio.
     res = {}
-    for round_ in range(2):
-        for m in methods:
-            if round_ and m.startswith("apply_along_axis"):
-                continue  # slow baseline, ~100x away: one round is enough
-            r = measure(m, size, MAIN_WIDTHS, dev)
-            if m not in res or r["time"] < res[m]["time"]:
-                res[m] = r
-    mm = min((measure("mm", size, MAIN_WIDTHS, dev) for _ in range(2)), key=lambda r: r["time"])
+    for s in sizes:
+        for round_ in range(rounds):
+            for m in methods:
+                if round_ and m.startswith("apply_along_axis"):
+                    continue  # slow baseline, ~100x away: one round is enough
+                r = measure(m, s, MAIN_WIDTHS, dev)
+                if (s, m) not in res or r.get("time", math.inf) < res[s, m].get("time", math.inf):
+                    res[s, m] = r
+    rates = common.machine_rates(dev, runs=2 if dev == "cpu" else 1)
+    gflops = rates["gflops"]
     label = {
         "ours": "ours, channels-first" + (" (Triton)" if dev == "cuda" else " (torch path)"),
         "ours_cl": "ours, channels-last (X, Y, Z, n)",
@@ -188,47 +210,61 @@ def main() -> None:
         "",
         f"Command: `{command}` ({started})  ",
         f"Machine: {common.describe_machine(dev)}  ",
-        f"MLP {'->'.join(map(str, MAIN_WIDTHS))} (ReLU), float32, {size}^3 voxels, "
-        f"{fpv} FLOP/voxel. Large `torch.mm`: {mm['gflops']:.0f} GFLOP/s"
-        + (f"; copy bandwidth {mm['bandwidth'] / 1e9:.0f} GB/s" if "bandwidth" in mm else "")
-        + ".",
+        f"MLP {'->'.join(map(str, MAIN_WIDTHS))} (ReLU), float32, {fpv} FLOP/voxel; best of "
+        f"{rounds} round(s).  ",
+        common.rates_line(rates) + " Bytes: input read once, output written once, weights.",
         "",
-        "| method | time (s) | Mvoxel/s | GFLOP/s | % of mm rate | peak extra MiB | ours faster by |",
-        "|---|---|---|---|---|---|---|",
+        "| size | method | time (s) | Mvoxel/s | GFLOP/s | % of mm rate | floor (ms) "
+        "| % of floor | peak extra MiB | ours faster by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    t_ours = res["ours"]["time"]
-    for m in methods:
-        r = res[m]
-        t = r["time"]
-        peak = "n/a" if r.get("peak_extra") is None else common.mib(r["peak_extra"])
-        lines.append(
-            f"| {label[m]} | {t:.4g} | {n_vox / t / 1e6:.3g} | {fpv * n_vox / t / 1e9:.3g} | "
-            f"{100 * fpv * n_vox / t / 1e9 / mm['gflops']:.0f}% | {peak} | {t / t_ours:.3g}x |"
-        )
-    if dev == "cuda":
-        floor = max(
-            (MAIN_WIDTHS[0] + MAIN_WIDTHS[-1]) * 4 * n_vox / mm["bandwidth"],
-            fpv * n_vox / (mm["gflops"] * 1e9),
-        )
-        lines += ["", f"Floor max(bytes/bandwidth, flops/mm rate) = {floor * 1e3:.3f} ms; ours reaches "
-                  f"{100 * floor / t_ours:.0f}% of it."]  # fmt: skip
+    for s in sizes:
+        n_vox = s**3
+        floor = common.floor_seconds(rates, _floor_bytes(MAIN_WIDTHS, n_vox), fpv * n_vox)
+        t_ours = res[s, "ours"].get("time")
+        for m in methods:
+            r = res[s, m]
+            if "error" in r:
+                lines.append(f"| {s}^3 | {label[m]} | {_failed(r)} |" + " - |" * 7)
+                continue
+            t = r["time"]
+            peak = "n/a" if r.get("peak_extra") is None else common.mib(r["peak_extra"])
+            lines.append(
+                f"| {s}^3 | {label[m]} | {t:.4g} | {n_vox / t / 1e6:.3g} | {fpv * n_vox / t / 1e9:.3g} | "
+                f"{100 * fpv * n_vox / t / 1e9 / gflops:.0f}% | {floor * 1e3:.3g} | "
+                f"{common.of_floor(floor, t)} | {peak} | "
+                + (f"{t / t_ours:.3g}x |" if t_ours else "- |")
+            )
+    n_vox = size**3
+    failed = sum("error" in res[s, "ours"] for s in sizes)
 
     lines += ["", "Peak extra memory of ours (beyond input and output) by volume size:", ""]
     lines += ["| size | peak extra MiB |", "|---|---|"]
     for s in mem_sizes:
         r = measure("ours", s, MAIN_WIDTHS, dev)
-        lines.append(f"| {s}^3 | {common.mib(r['peak_extra'])} |")
+        lines.append(f"| {s}^3 | {_failed(r) if 'error' in r else common.mib(r['peak_extra'])} |")
+        failed += "error" in r
 
     lines += ["", f"Width sweep: MLP 16->w->w->4, {size}^3:", ""]
-    lines += ["| w | ours (s) | nn.Sequential (s) | speed-up | ours GFLOP/s | % of mm rate |"]
-    lines += ["|---|---|---|---|---|---|"]
+    lines += ["| w | ours (s) | nn.Sequential (s) | speed-up | ours GFLOP/s | % of mm rate "
+              "| floor (ms) | ours % of floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for w in sweep:
         widths = (16, w, w, 4)
-        ours = measure("ours", size, widths, dev)["time"]
-        seq = measure("sequential", size, widths, dev)["time"]
-        gf = _flops_per_voxel(widths) * n_vox / ours / 1e9
+        r_ours = measure("ours", size, widths, dev)
+        r_seq = measure("sequential", size, widths, dev)
+        flops = _flops_per_voxel(widths) * n_vox
+        floor = common.floor_seconds(rates, _floor_bytes(widths, n_vox), flops)
+        if "error" in r_ours:
+            failed += 1
+            lines.append(f"| {w} | {_failed(r_ours)} |" + " - |" * 6 + f" {floor * 1e3:.3g} | - |")
+            continue
+        ours = r_ours["time"]
+        seq = f"{r_seq['time']:.4g}" if "time" in r_seq else _failed(r_seq)
+        speed = f"{r_seq['time'] / ours:.3g}x" if "time" in r_seq else "-"
+        gf = flops / ours / 1e9
         lines.append(
-            f"| {w} | {ours:.4g} | {seq:.4g} | {seq / ours:.3g}x | {gf:.3g} | {100 * gf / mm['gflops']:.0f}% |"
+            f"| {w} | {ours:.4g} | {seq} | {speed} | {gf:.3g} | {100 * gf / gflops:.0f}% "
+            f"| {floor * 1e3:.3g} | {common.of_floor(floor, ours)} |"
         )
 
     path = common.write_result(
@@ -236,6 +272,8 @@ def main() -> None:
     )
     print("\n".join(lines))
     print(f"\nwritten to {path}")
+    if failed:
+        sys.exit(f"{failed} measurement(s) of ours failed (see the table)")
 
 
 if __name__ == "__main__":

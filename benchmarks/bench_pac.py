@@ -7,10 +7,16 @@
 * ``pac_crf3d`` (5 iterations, 2 classes, kernel 5, bilateral guide) vs pydensecrf2's dense CRF
   (permutohedral lattice) on a 60x256x256 volume, when pydensecrf2 is installed
   (``pip install 'napari-pacseg[bench]'``), and one mean-field step at the pac3d sizes.
-Each measurement runs in a fresh interpreter (time and peak memory). Writes
+Each measurement runs in a fresh interpreter (time and peak memory). Every time is also given as
+a fraction of its counted floor, max(bytes / bandwidth, flops / mm rate) with the ceilings of
+``common.measure_rates``: for ``pac3d`` and ``conv3d`` the input, guide (pac3d only), weight and
+output moved once and the 2 C_in C_out k^3 flops per voxel of the weighted sum; for the CRF the
+unary, guide and output moved once and, per iteration, tap and voxel, 2 K flops of the message
+and 4 of the weight (its exp counted as one), no matmul. Writes
 ``benchmarks/results/pac-<device>.md``.
 
-Usage: python benchmarks/bench_pac.py [--device cpu|cuda] [--quick]
+Usage: python benchmarks/bench_pac.py [--device cpu|cuda] [--sizes 256 512] [--channels 2 4 8 16]
+       [--kernels 3 5 7] [--quick]
 """
 
 from __future__ import annotations
@@ -31,6 +37,20 @@ import common
 from pacseg_kernels import pac3d, pac_crf3d
 
 UNFOLD_LIMIT_BYTES = 12 * 2**30  # half of this machine's 24 GiB: beyond, unfold would swap or die
+GUIDE = 3  # guide channels of the pac3d rows
+
+
+def pac_floor(rates, n_vox: int, c: int, k: int, guide: int = GUIDE) -> float:
+    """Counted floor of ``pac3d`` (``guide=0``: ``conv3d``) with C_in = C_out = c, 'same'."""
+    moved = 4 * (n_vox * (c + guide + c) + c * c * k**3 + c)
+    return common.floor_seconds(rates, moved, 2 * c * c * k**3 * n_vox)
+
+
+def crf_floor(rates, n_vox: int, classes: int, k: int, iterations: int) -> float:
+    """Counted floor of ``pac_crf3d`` (guide of 1 channel, window k^3 without its centre)."""
+    moved = 4 * n_vox * (classes + 1 + classes)
+    flops = iterations * n_vox * (k**3 - 1) * (2 * classes + 4)
+    return common.floor_seconds(rates, moved, flops)
 
 
 def unfold_pac(x, guide, weight, padding):
@@ -69,11 +89,11 @@ def _timed(fn, device) -> tuple[float, int]:
 
 def worker(kind: str, method: str, shape: tuple[int, ...], c: int, k: int, device: str) -> dict:
     torch.set_grad_enabled(False)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # on the device: fast at 512^3
     if kind == "pac":
-        x = torch.randn(1, c, *shape, generator=gen).to(device)
-        guide = torch.randn(1, 3, *shape, generator=gen).to(device)
-        weight = (torch.randn(c, c, k, k, k, generator=gen) / (c * k**3) ** 0.5).to(device)
+        x = torch.randn(1, c, *shape, device=device, generator=gen)
+        guide = torch.randn(1, GUIDE, *shape, device=device, generator=gen)
+        weight = torch.randn(c, c, k, k, k, device=device, generator=gen) / (c * k**3) ** 0.5
         fns = {
             "ours": lambda: pac3d(x, guide, weight, padding=k // 2),
             "unfold": lambda: unfold_pac(x, guide, weight, k // 2),
@@ -83,7 +103,8 @@ def worker(kind: str, method: str, shape: tuple[int, ...], c: int, k: int, devic
         return {"time": t, "peak_extra": peak}
     # CRF: a bright-blobs volume, unary from a noisy foreground probability.
     d, h, w = shape
-    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    # sparse: the same values, without three dense float64 grids (seconds at 512^3)
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij", sparse=True)
     image = (np.sin(6 * xx) * np.sin(5 * yy) * np.cos(3 * zz) > 0.2).astype(np.float32)
     image += 0.3 * np.random.default_rng(0).standard_normal(image.shape).astype(np.float32)
     prob = np.clip(0.5 + 0.35 * (image - 0.5), 0.01, 0.99).astype(np.float32)
@@ -124,6 +145,12 @@ def measure(kind, method, shape, c, k, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None,
+        help="edges of the pac3d volumes (default 64 128 on CPU, 256 512 on CUDA)",
+    )  # fmt: skip
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 2 4 8 16")
+    parser.add_argument("--kernels", type=int, nargs="+", default=None, help="default 3 5 7")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,10 +161,13 @@ def main() -> None:
         return
 
     dev = args.device
-    sizes = [16] if args.quick else ([64, 128] if dev == "cpu" else [256])
-    channels = [2, 4] if args.quick else [2, 4, 8, 16]
-    kernels = [3, 5] if args.quick else [3, 5, 7]
+    sizes = args.sizes or ([16] if args.quick else ([64, 128] if dev == "cpu" else [256, 512]))
+    channels = args.channels or ([2, 4] if args.quick else [2, 4, 8, 16])
+    kernels = args.kernels or ([3, 5] if args.quick else [3, 5, 7])
     crf_shape = (12, 48, 48) if args.quick else (60, 256, 256)
+    rates = common.machine_rates(dev)
+    # im2col beyond half the memory would swap or die: this machine's 24 GiB, or the GPU's own
+    unfold_limit = rates["memory"] // 2 if "memory" in rates else UNFOLD_LIMIT_BYTES
     command = "python benchmarks/bench_pac.py " + " ".join(sys.argv[1:])
     lines = [
         f"# pac3d / pac_crf3d benchmark, {common.device_name(dev)}",
@@ -145,16 +175,19 @@ def main() -> None:
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')})  ",
         f"Machine: {common.describe_machine(dev)}  ",
         "float32, batch 1, guide 3 channels, C_in = C_out = C, 'same' padding, stride 1. Memory "
-        "ratio: (input + guide + peak extra) / (input + guide + output bytes).",
+        "ratio: (input + guide + peak extra) / (input + guide + output bytes).  ",
+        common.rates_line(rates),
         "",
         "| size | C | k | ours (s) | unfold (s) | conv3d (s) | ours vs unfold | ours / conv3d "
-        "| ours peak extra MiB | ours memory ratio | unfold peak extra MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours peak extra MiB | ours memory ratio | unfold peak extra MiB | floor (ms) "
+        "| ours % of floor | conv3d % of its floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(r, key="time"):
         return f"{r[key]:.4g}" if key in r else r.get("skipped", "failed: " + r.get("error", "?"))
 
+    failed = 0
     for size in sizes:
         n_vox = size**3
         for c in channels:
@@ -163,7 +196,7 @@ def main() -> None:
                 ours = measure("pac", "ours", shape, c, k, dev)
                 conv = measure("pac", "conv3d", shape, c, k, dev)
                 need = unfold_bytes(n_vox, c, 3, k)
-                if need > UNFOLD_LIMIT_BYTES:
+                if need > unfold_limit:
                     unf = {"skipped": f"needs ~{need / 2**30:.0f} GiB"}
                 else:
                     unf = measure("pac", "unfold", shape, c, k, dev)
@@ -184,10 +217,15 @@ def main() -> None:
                     else "-"
                 )
                 unf_mem = common.mib(unf["peak_extra"]) if "peak_extra" in unf else "-"
+                floor = pac_floor(rates, n_vox, c, k)
+                conv_floor = pac_floor(rates, n_vox, c, k, guide=0)
                 lines.append(
                     f"| {size}^3 | {c} | {k} | {fmt(ours)} | {fmt(unf)} | {fmt(conv)} | {speed} | {vs_conv} "
-                    f"| {common.mib(ours.get('peak_extra', float('nan')))} | {ratio:.2f} | {unf_mem} |"
+                    f"| {common.mib(ours.get('peak_extra', float('nan')))} | {ratio:.2f} | {unf_mem} "
+                    f"| {floor * 1e3:.3g} | {common.of_floor(floor, ours.get('time'))} "
+                    f"| {common.of_floor(conv_floor, conv.get('time'))} |"
                 )
+                failed += "time" not in ours
                 print(lines[-1], flush=True)
 
     lines += [
@@ -195,10 +233,15 @@ def main() -> None:
         "One mean-field step (`pac_crf3d`, iterations=1, kernel 5, 2 classes) at the same sizes:",
         "",
     ]
-    lines += ["| shape | time (s) | peak extra MiB |", "|---|---|---|"]
+    lines += ["| shape | time (s) | peak extra MiB | floor (ms) | % of floor |", "|---|---|---|---|---|"]  # fmt: skip
     for size in sizes:
         r = measure("crf", "ours", (size,) * 3, 2, 1, dev)
-        lines.append(f"| {size}^3 | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} |")
+        floor = crf_floor(rates, size**3, 2, 5, 1)
+        lines.append(
+            f"| {size}^3 | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} "
+            f"| {floor * 1e3:.3g} | {common.of_floor(floor, r.get('time'))} |"
+        )
+        failed += "time" not in r
 
     d, h, w = crf_shape
     io_bytes = 4 * d * h * w * (2 + 1 + 2)
@@ -208,10 +251,12 @@ def main() -> None:
         "sigma 2, bilateral guide) vs pydensecrf2 (dense CRF, permutohedral lattice, spatial sigma 2, "
         "intensity sigma 0.25, one thread). Memory ratio as above with unary (2 ch) + guide (1 ch).",
         "",
-        "| method | time (s) | peak extra MiB | memory ratio | ours faster by |",
-        "|---|---|---|---|---|",
+        "| method | time (s) | peak extra MiB | memory ratio | ours faster by | % of ours' floor |",
+        "|---|---|---|---|---|---|",
     ]
     ours = measure("crf", "ours", crf_shape, 2, 5, dev)
+    failed += "time" not in ours
+    floor = crf_floor(rates, d * h * w, 2, 5, 5)
     rows = [("pac_crf3d (ours)", ours)]
     if dev == "cpu" and importlib.util.find_spec("pydensecrf") is not None:
         rows.append(("pydensecrf2", measure("crf", "densecrf", crf_shape, 2, 5, "cpu")))
@@ -225,13 +270,16 @@ def main() -> None:
         )
         faster = f"{r['time'] / ours['time']:.3g}x" if "time" in r and "time" in ours else "-"
         lines.append(
-            f"| {name} | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} | {ratio:.2f} | {faster} |"
+            f"| {name} | {fmt(r)} | {common.mib(r.get('peak_extra', float('nan')))} | {ratio:.2f} "
+            f"| {faster} | {common.of_floor(floor, r.get('time'))} |"
         )
 
     name = f"pac-{common.device_name(dev)}{'-quick' if args.quick else ''}.md"
     path = common.write_result(name, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten to {path}")
+    if failed:
+        sys.exit(f"{failed} measurement(s) of ours failed (see the table)")
 
 
 if __name__ == "__main__":

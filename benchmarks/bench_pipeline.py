@@ -1,4 +1,4 @@
-"""End-to-end ``segment()``: time and peak memory per stage, at 256^3 on CPU (512^3 on a GPU).
+"""End-to-end ``segment()``: time and peak memory per stage, 256^3 on CPU (and 512^3 on a GPU).
 
 The volume is the bundled sample (64x256x256, spacing 1 x 0.4 x 0.4 um) repeated along z (and,
 for 512^3, along y and x), as uint16, segmented with the bundled demo model
@@ -14,9 +14,12 @@ first (scikit-image's ``multiscale_basic_features``, sigmas 1..8, as in bench_qu
 scikit-image is installed.
 
 Targets (issue 5): CPU 256^3 end to end <= 30 s with peak memory <= 4x the image's float32 size;
-GPU 512^3 <= 1 s. Writes ``benchmarks/results/pipeline-<device>.md``.
+GPU 512^3 <= 1 s. Each time is also given as a fraction of a counted floor
+(``common.segment_floor``; for the head stage the MLP's bytes and matmul flops): a lower bound
+that leaves the features' filters and the refinement's taps out. Writes
+``benchmarks/results/pipeline-<device>.md``.
 
-Usage: python benchmarks/bench_pipeline.py [--device cpu|cuda] [--size 256] [--repeats 3]
+Usage: python benchmarks/bench_pipeline.py [--device cpu|cuda] [--size 256 [512 ...]] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -80,7 +83,10 @@ def worker(method: str, size: int, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--size", type=int, default=None, help="edge (default 256 CPU, 512 GPU)")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=None,
+        help="edge(s) of the volume (default 256 on CPU, 256 and 512 on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="fresh-interpreter runs of ours")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "SIZE", "DEVICE"))
     args = parser.parse_args()
@@ -90,8 +96,10 @@ def main() -> None:
         return
     if not DEMO_MODEL_FILE.exists():
         sys.exit("the sample is missing; run: python sample_data/make_sample.py")
-    size = args.size or (512 if args.device == "cuda" else 256)
-    float_bytes = 4 * size**3
+    sizes = args.size or ([256, 512] if args.device == "cuda" else [256])
+    rates = common.machine_rates(args.device)
+    config = load_demo_model().config
+    widths = (config.n_features, *config.head.hidden, config.n_classes)
     methods = [
         ("segment", "ours, refined (model defaults)"),
         ("segment-norefine", "ours, no refinement"),
@@ -100,45 +108,65 @@ def main() -> None:
     if args.device == "cpu" and importlib.util.find_spec("skimage") is not None:
         methods.append(("skimage-features", "ilastik-style features only (skimage, sigmas 1..8)"))
     rows = []
-    for method, label in methods:
-        print(f"{label} ...", flush=True)
-        runs = []
-        for _ in range(1 if method == "skimage-features" else args.repeats):
-            runs.append(common.run_isolated(__file__, [method, str(size), args.device]))
-            print(f"  {runs[-1]['timings']}, peak {common.mib(runs[-1]['peak'])} MiB", flush=True)
-        # the run with the median total, and the highest peak of all runs
-        median = sorted(runs, key=lambda r: r["timings"]["total"])[len(runs) // 2]
-        rows.append((label, median["timings"], max(r["peak"] for r in runs)))
+    for size in sizes:
+        for method, label in methods:
+            print(f"{size}^3, {label} ...", flush=True)
+            runs = []
+            for _ in range(1 if method == "skimage-features" else args.repeats):
+                runs.append(common.run_isolated(__file__, [method, str(size), args.device]))
+                print(f"  {runs[-1]['timings']}, peak {common.mib(runs[-1]['peak'])} MiB", flush=True)  # fmt: skip
+            # the run with the median total, and the highest peak of all runs
+            median = sorted(runs, key=lambda r: r["timings"]["total"])[len(runs) // 2]
+            rows.append((size, label, median["timings"], max(r["peak"] for r in runs)))
 
     stages = ("features", "context", "head", "refine", "total")
     lines = [
-        f"# segment() end to end ({args.device})",
+        f"# segment() end to end ({common.device_name(args.device)})",
         "",
-        f"Command: `python benchmarks/bench_pipeline.py --device {args.device} --size {size}"
-        f"{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`  ",
+        f"Command: `python benchmarks/bench_pipeline.py --device {args.device} --size "
+        f"{' '.join(map(str, sizes))}{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`  ",
         f"Machine: {common.describe_machine(args.device)}  ",
-        f"Volume: {size}^3 uint16 (the sample repeated), demo model; image as float32 = "
-        f"{common.mib(float_bytes)} MiB. Peak = memory above the loaded image and model "
+        f"Volume: size^3 uint16 (the sample repeated), demo model (head MLP "
+        f"{'-'.join(map(str, widths))}). Peak = memory above the loaded image and model "
         f"({'CUDA allocator' if args.device == 'cuda' else 'resident set'}), outputs included. "
-        f"Ours: the run with the median total of {args.repeats} (this shared 2-core VM's speed "
-        "drifts by up to 2x), and the highest peak of them; skimage: one run.",
+        f"Ours: the run with the median total of {args.repeats}"
+        + (" (this shared 2-core VM's speed drifts by up to 2x)" if args.device == "cpu" else "")
+        + ", and the highest peak of them; skimage: one run.  ",
+        common.rates_line(rates),
+        "Floors: head = the MLP's features read and logits written once, and its matmul flops; "
+        "total = `common.segment_floor` (image in as uint16, labels (uint8) and matte "
+        "(float32) out, head flops; features and refinement not counted: a loose lower bound).",
         "",
-        "| method | "
+        "| size | method | "
         + " | ".join(f"{s} s" for s in stages)
-        + " | peak MiB | peak / float32 image |",
-        "|---|" + "---|" * (len(stages) + 2),
+        + " | peak MiB | peak / float32 image | head floor (ms) | head % of floor "
+        "| total floor (ms) | total % of floor |",
+        "|---|---|" + "---|" * (len(stages) + 6),
     ]
-    for label, timings, peak in rows:
-        cells = [f"{timings[s]:.2f}" if s in timings else "-" for s in stages]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {common.mib(peak)} | {peak / float_bytes:.2f}x |"
+    for size, label, timings, peak in rows:
+        n_vox = size**3
+        cells = [f"{timings[s]:.3g}" if s in timings else "-" for s in stages]
+        head_floor = common.floor_seconds(
+            rates, 4 * n_vox * (widths[0] + widths[-1]), common.mlp_flops_per_voxel(widths) * n_vox
         )
-    ours, ref = rows[0][1]["total"], rows[-1][1]["total"]
-    if rows[-1][0].startswith("ilastik"):
-        lines += ["", f"Whole refined segmentation vs the skimage feature bank alone: {ref / ours:.1f}x faster."]  # fmt: skip
-    target = "30 s and 4x" if args.device == "cpu" else "1 s"
+        total_floor = common.segment_floor(rates, n_vox, widths, in_bytes=2, out_bytes=1 + 4)
+        floors = "- | - | - | -"
+        if not label.startswith("ilastik"):
+            floors = (
+                f"{head_floor * 1e3:.3g} | {common.of_floor(head_floor, timings.get('head'))} | "
+                f"{total_floor * 1e3:.3g} | {common.of_floor(total_floor, timings['total'])}"
+            )
+        lines.append(
+            f"| {size}^3 | {label} | "
+            + " | ".join(cells)
+            + f" | {common.mib(peak)} | {peak / (4 * n_vox):.2f}x | {floors} |"
+        )
+    for size in sizes:
+        totals = {label: timings["total"] for s, label, timings, _ in rows if s == size}
+        ours, ref = totals[methods[0][1]], totals.get(methods[-1][1])
+        if methods[-1][0] == "skimage-features" and ref is not None:
+            lines += ["", f"Whole refined segmentation vs the skimage feature bank alone, {size}^3: {ref / ours:.1f}x faster."]  # fmt: skip
+    target = "30 s and 4x" if args.device == "cpu" else "1 s at 512^3"
     lines += ["", f"Target: {target}."]
     path = common.write_result(
         f"pipeline-{common.device_name(args.device)}.md", "\n".join(lines) + "\n"

@@ -21,10 +21,12 @@ Scores: Dice of the foreground, and the boundary F-score: the share of predicted
 voxels within ``TOLERANCE_UM`` of the true boundary (precision) and vice versa (recall),
 distances in physical units. Times are wall times of training and of prediction here; for
 APOC and ours the median of ``--repeats`` runs (this 2-core VM's speed drifts by up to 2x
-from minute to minute), for the RF (10x slower) one run. Writes
-``benchmarks/results/quality-cpu.md``.
+from minute to minute), for the RF (10x slower) one run. With ``--device cuda`` ours trains
+and segments on the GPU (the peers stay on the CPU). A quality benchmark: no counted floor (the
+times are end to end). Writes ``benchmarks/results/quality-<device>.md``.
 
-Usage: python benchmarks/bench_quality.py [--apoc-python PATH] [--seeds 11 3 5] [--repeats 3]
+Usage: python benchmarks/bench_quality.py [--device cpu|cuda] [--apoc-python PATH]
+       [--seeds 11 3 5] [--repeats 3] [--skip-rf]
 """
 
 from __future__ import annotations
@@ -126,23 +128,26 @@ def run_apoc(python: str, image, scribbles, repeats: int) -> dict:
         return results
 
 
-def run_ours(image, scribbles, spacing, repeats: int) -> dict:
+def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu") -> dict:
     """Per refinement setting (False, True): labels of the last of ``repeats`` runs of train()
     then segment() both ways, the median train time (shared) and median segment time."""
     train_times, predict_times, labels = [], {False: [], True: []}, {}
     for _ in range(repeats):
         start = time.perf_counter()
-        model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
+        model = train(
+            image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0, device=device
+        )
         train_times.append(time.perf_counter() - start)
         for refine in (False, True):
             start = time.perf_counter()
-            labels[refine] = segment(image, model, spacing=spacing, refine=refine).labels > 0
+            seg = segment(image, model, spacing=spacing, refine=refine, device=device)
+            labels[refine] = seg.labels > 0
             predict_times[refine].append(time.perf_counter() - start)
     train_s = float(np.median(train_times))
     return {r: (labels[r], train_s, float(np.median(predict_times[r]))) for r in (False, True)}
 
 
-def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
+def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats, device="cpu", rf=True):
     truth = truth.astype(bool)
     rows = []
 
@@ -156,11 +161,12 @@ def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats):
     t = otsu_threshold(image)
     add("Otsu threshold", image > t, None, time.perf_counter() - start)
     rows.append(("best global threshold (oracle)", best_threshold(image, truth), None, None, None))
-    add(RF, *run_rf(image, scribbles))
+    if rf:
+        add(RF, *run_rf(image, scribbles))
     if apoc_python:
         for feature_set, result in run_apoc(apoc_python, image, scribbles, repeats).items():
             add(APOC[feature_set], *result)
-    ours = run_ours(image, scribbles, spacing, repeats)
+    ours = run_ours(image, scribbles, spacing, repeats, device)
     for refine, label in ((False, UNREFINED), (True, OURS)):
         add(label, *ours[refine])
     return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
@@ -176,6 +182,8 @@ def _ratios(results, methods) -> list[str]:
     def end_to_end(method):
         return mean(method, 3) + mean(method, 4)
 
+    if not any(p in methods for p in (*APOC.values(), RF)):
+        return ["No peer ran (RF skipped, APOC absent): no ratios."]
     lines = ["Ours vs each peer, same run, same scribbles (time: mean train + predict):", ""]
     for ours in (OURS, UNREFINED):
         for peer in (p for p in (*APOC.values(), RF) if p in methods):
@@ -193,7 +201,7 @@ def _table(rows) -> list[str]:
     lines = ["| method | Dice | boundary F | train s | predict s |", "|---|---|---|---|---|"]
     for method, d, bf, tr, pr in rows:
         cells = [f"{d:.3f}", "-" if bf is None else f"{bf:.3f}"]
-        cells += ["-" if v is None else f"{v:.1f}" for v in (tr, pr)]
+        cells += ["-" if v is None else f"{v:.3g}" for v in (tr, pr)]  # GPU times: 0.05 s
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -213,6 +221,8 @@ def main() -> None:
         "--apoc-python", default=str(default_apoc) if default_apoc.exists() else "",
         help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
     )  # fmt: skip
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for ours")
+    parser.add_argument("--skip-rf", action="store_true", help="leave out the RF baseline")
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of APOC and ours")
     args = parser.parse_args()
@@ -223,18 +233,29 @@ def main() -> None:
     for seed in args.seeds:
         image, truth, nuclei = make_sample.make_volume(seed=seed)
         volumes.append((f"generator seed {seed}", image, truth, make_sample.make_scribbles(truth, nuclei, seed=seed + 1)))  # fmt: skip
+    if args.device == "cuda":  # CUDA start-up and the first Triton compiles out of the timings
+        run_ours(sample.image, sample.scribbles, spacing, 1, args.device)
     results = []
     for name, image, truth, scribbles in volumes:
         print(name, flush=True)
         results.append(
-            evaluate(name, image, truth, scribbles, spacing, args.apoc_python, args.repeats)
-        )
+            evaluate(name, image, truth, scribbles, spacing, args.apoc_python, args.repeats,
+                     args.device, rf=not args.skip_rf)
+        )  # fmt: skip
 
+    dev = args.device
+    flags = f" --device {dev}" if dev != "cpu" else ""
+    flags += f" --apoc-python {_shown(args.apoc_python)}" if args.apoc_python else ""
+    flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
+    flags += f" --repeats {args.repeats}" if args.repeats != 3 else ""
+    flags += " --skip-rf" if args.skip_rf else ""
     lines = [
-        "# Segmentation quality from scribbles (CPU)",
+        f"# Segmentation quality from scribbles ({common.device_name(dev)})",
         "",
-        f"Command: `python benchmarks/bench_quality.py{' --apoc-python ' + _shown(args.apoc_python) if args.apoc_python else ''}{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`  ",
-        f"Machine: {common.describe_machine('cpu')}  ",
+        f"Command: `python benchmarks/bench_quality.py{flags}`  ",
+        f"Machine: {common.describe_machine('cpu')}"
+        + (f"; ours on {common.describe_machine(dev)}" if dev != "cpu" else "")
+        + "  ",
         f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x); boundary F-score "
         f"tolerance {TOLERANCE_UM} um. 'train s' for ours is train(); 'predict s' is segment().",
         "",
@@ -245,13 +266,13 @@ def main() -> None:
         cells = []
         for col in (1, 2, 3, 4):
             vals = [r[2][i][col] for r in results if r[2][i][col] is not None]
-            cells.append(f"{np.mean(vals):.{3 if col < 3 else 1}f}" if vals else "-")
+            cells.append(f"{np.mean(vals):{'.3f' if col < 3 else '.3g'}}" if vals else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", *_ratios(results, methods)]
     for name, fraction, rows in results:
         lines += ["", f"## {name}: scribbles cover {100 * fraction:.3f}% of the voxels", ""]
         lines += _table(rows)
-    out = common.write_result("quality-cpu.md", "\n".join(lines) + "\n")
+    out = common.write_result(f"quality-{common.device_name(dev)}.md", "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

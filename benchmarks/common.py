@@ -1,7 +1,13 @@
-"""Helpers shared by the benchmark scripts: timing, peak memory, device names, result files."""
+"""Helpers shared by the benchmark scripts: timing, peak memory, device names, result files, and
+the measured ceilings (copy bandwidth, matmul rate) that each benchmark's counted floor uses.
+
+``python benchmarks/common.py --worker rates cuda`` prints the ceilings of a device as JSON (what
+``machine_rates`` runs in a fresh interpreter).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -106,3 +112,125 @@ def write_result(name: str, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+# --- ceilings and floors ------------------------------------------------------------------------
+
+
+def _copy_time(n: int, device: str, repeats: int) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)
+    src = torch.rand(n, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    return best_time(lambda: dst.copy_(src), device, repeats=repeats)
+
+
+def _mm_time(n: int, device: str, repeats: int) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
+    return best_time(lambda: torch.mm(a, b), device, repeats=repeats)
+
+
+def measure_rates(device: str) -> dict:
+    """The ceilings that counted floors are divided by, measured on ``device`` in this process.
+
+    ``bandwidth``: bytes read plus bytes written per second by one large copy between two
+    buffers of random floats (2 GiB each on CUDA, 256 MiB on CPU: far beyond any cache).
+    ``gflops``: float32 ``torch.mm`` of two random n x n matrices (n = 8192 on CUDA, 4096 on CPU)
+    at torch's default precision, TF32 off on CUDA, as in the benchmark workers, where the
+    Triton kernels then use IEEE float32 dots too. On CUDA also ``h2d`` and ``d2h``: pinned
+    host <-> device copies of 512 MiB (bytes per second), the floor of what an op that takes
+    and returns numpy arrays must transfer, and ``memory``, the device's total bytes.
+    """
+    torch.set_grad_enabled(False)
+    cuda = device == "cuda"
+    n_copy = 2**29 if cuda else 2**26
+    n = 8192 if cuda else 4096
+    t_copy = _copy_time(n_copy, device, repeats=10 if cuda else 5)
+    t_mm = _mm_time(n, device, repeats=5 if cuda else 3)
+    rates = {
+        "bandwidth": 2 * n_copy * 4 / t_copy,
+        "copy_bytes": n_copy * 4,
+        "gflops": 2 * n**3 / t_mm / 1e9,
+        "mm_n": n,
+        "tf32": bool(cuda and torch.backends.cuda.matmul.allow_tf32),
+    }
+    if cuda:
+        n_host = 2**27  # 512 MiB of float32
+        host = torch.rand(n_host).pin_memory()
+        dev = torch.empty(n_host, device=device)
+        rates["h2d"] = n_host * 4 / best_time(lambda: dev.copy_(host, non_blocking=True), device)
+        rates["d2h"] = n_host * 4 / best_time(lambda: host.copy_(dev, non_blocking=True), device)
+        rates["memory"] = torch.cuda.get_device_properties(0).total_memory
+    return rates
+
+
+def machine_rates(device: str, runs: int = 1) -> dict:
+    """``measure_rates`` in ``runs`` fresh interpreters, the best of each ceiling."""
+    best: dict = {}
+    for _ in range(runs):
+        r = run_isolated(__file__, ["rates", device])
+        for key, value in r.items():
+            if key not in best or (isinstance(value, float) and value > best[key]):
+                best[key] = value
+    return best
+
+
+def floor_seconds(rates: dict, bytes_moved: float = 0.0, flops: float = 0.0) -> float:
+    """Counted floor: the larger of ``bytes_moved`` over the copy bandwidth and ``flops`` over
+    the matmul rate (both from ``measure_rates``)."""
+    return max(bytes_moved / rates["bandwidth"], flops / (rates["gflops"] * 1e9))
+
+
+def mlp_flops_per_voxel(widths) -> int:
+    """Flops of an MLP's matmuls per voxel: 2 x in x out per layer."""
+    return 2 * sum(a * b for a, b in itertools.pairwise(widths))
+
+
+def segment_floor(rates: dict, n_vox: int, head_widths, in_bytes: int, out_bytes: int) -> float:
+    """Counted floor of ``segment()`` (or ``segment_zarr``) of ``n_vox`` voxels: the larger of
+    the head MLP's matmul flops over the mm rate, the image read and the outputs written once
+    (``in_bytes`` and ``out_bytes`` per voxel) over the copy bandwidth, and, on CUDA, those
+    bytes sent to and from the host over the pinned copy rates. The features' filters and the
+    refinement's taps are not counted (no matmul): a lower bound, and a loose one."""
+    floor = floor_seconds(
+        rates, n_vox * (in_bytes + out_bytes), mlp_flops_per_voxel(head_widths) * n_vox
+    )
+    if "h2d" in rates:
+        floor = max(floor, n_vox * in_bytes / rates["h2d"] + n_vox * out_bytes / rates["d2h"])
+    return floor
+
+
+def of_floor(floor: float, t: float | None) -> str:
+    """``floor / t`` as a percentage: 100% is a run at the counted floor."""
+    if t is None or not t > 0:
+        return "-"
+    pct = 100 * floor / t
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def rates_line(rates: dict) -> str:
+    """One line for a results file: the ceilings this run measured."""
+    line = (
+        f"Ceilings measured in this run: copy bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s "
+        f"(bytes read + written, {rates['copy_bytes'] / 2**20:.0f} MiB copy), float32 "
+        f"`torch.mm` {rates['gflops']:.0f} GFLOP/s ({rates['mm_n']}^3"
+        + (f", TF32 {'on' if rates['tf32'] else 'off'})" if "h2d" in rates else ")")
+    )
+    if "h2d" in rates:
+        line += (
+            f", pinned host->device {rates['h2d'] / 1e9:.1f} GB/s, device->host "
+            f"{rates['d2h'] / 1e9:.1f} GB/s"
+        )
+    return line + ". Floor = max(bytes / bandwidth, matmul flops / mm rate)."
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="print a device's ceilings as JSON")
+    parser.add_argument("--worker", nargs=2, metavar=("rates", "DEVICE"), required=True)
+    what, dev = parser.parse_args().worker
+    if what != "rates":
+        sys.exit(f"unknown worker {what!r}")
+    print(json.dumps(measure_rates(dev)))

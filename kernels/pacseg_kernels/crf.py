@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
 
-from . import crf_torch
+from . import crf_torch, threads
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, check_taps, compute_dtype, is_int, short_repr, triple
 from .pac import bad_guide_mask, check_volume_pair, pac_apply, window_any
@@ -83,6 +84,7 @@ def pac_crf3d(
     compat: float = 1.0,
     spatial_sigma=None,
     backend: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Mean-field CRF refinement with Potts compatibility and pixel-adaptive messages.
 
@@ -106,6 +108,9 @@ def pac_crf3d(
     spatial_sigma : None, float or (d, h, w): Gaussian spatial falloff in voxels (dilation
         included in the offsets); None weighs all taps of the window equally.
     backend : {"auto", "triton", "torch"}
+    progress : None, or ``progress(done, total)``, called after each unit of work (a step, or
+        on the CPU a position of the wavefront over slabs). An exception it raises propagates
+        and abandons the call: a caller's way to cancel a long refinement.
 
     Returns
     -------
@@ -131,13 +136,18 @@ def pac_crf3d(
     iterations, kernel, dil, compat, sigma = check_crf_params(
         iterations, kernel_size, dilation, compat, spatial_sigma, op
     )
+    if progress is not None and not callable(progress):
+        raise ValueError(f"{op}: progress must be None or a callable(done, total)")
     kernel = useful_kernel(kernel, dil, unary.shape[2:])
     check_taps(kernel, op, "kernel_size (clipped to the volume)")
     dtype = compute_dtype(unary, guide)
     unary = unary.to(dtype)
     if iterations == 0:
         return unary
-    logits = _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op)
+    with threads.on_cpu(unary):
+        logits = _mean_field(
+            unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress
+        )
     bad = bad_guide_mask(guide)
     if bad is not None:  # the kernels give such taps weight 0; make what they reach NaN instead
         pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
@@ -174,7 +184,9 @@ def check_crf_params(iterations, kernel_size, dilation, compat, spatial_sigma, o
     return int(iterations), kernel, dil, float(compat), sigma
 
 
-def _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op):
+def _mean_field(
+    unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress=None
+):
     """The refined logits of ``pac_crf3d`` (validated arguments, ``iterations >= 1``)."""
     pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
     geo = PacGeometry(tuple(unary.shape[2:]), kernel, (1, 1, 1), pad, dil)
@@ -187,6 +199,8 @@ def _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, bac
             logits = unary - compat * (1 - message)
             if step < iterations - 1:
                 q = torch.softmax(logits, dim=1)
+            if progress is not None:
+                progress(step + 1, iterations)
         return logits
     reason = FLOAT64_UNFUSED if dtype == torch.float64 else ""
     chosen = resolve_backend(backend, unary.device, op=op, triton_unsupported=reason)
@@ -197,9 +211,13 @@ def _mean_field(unary, guide, iterations, kernel, dil, compat, sigma, dtype, bac
         q = torch.softmax(unary, dim=1).contiguous()
         # One fused kernel per step: message, compatibility and softmax.
         q_next = torch.empty_like(q)
-        for _ in range(iterations):
+        for step in range(iterations):
             pac_triton.crf_step(q, guide, unary, geo, scale, float(compat), logits, q_next)
             q, q_next = q_next, q
+            if progress is not None:
+                progress(step + 1, iterations)
         return logits
-    crf_torch.mean_field(unary, guide, iterations, kernel, dil, float(compat), scale, logits)
+    crf_torch.mean_field(
+        unary, guide, iterations, kernel, dil, float(compat), scale, logits, progress
+    )
     return logits

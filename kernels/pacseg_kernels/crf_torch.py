@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
 from . import pac_torch
 from .pac_torch import PacGeometry
+
+Progress = Callable[[int, int], None]
 
 # The weights kept alive may take this many times the bytes of unary + guide + output.
 RING_BUDGET = 2.0
@@ -46,18 +49,22 @@ def mean_field(
     compat: float,
     scale: list[float],
     out: torch.Tensor,
+    progress: Progress | None = None,
 ) -> None:
     """Write the refined logits of ``iterations >= 1`` mean-field steps into ``out``.
 
     unary : ``(N, K, D, H, W)``, guide : ``(N, F, D, H, W)``, out : ``(N, K, D, H, W)``
     contiguous, all of one float dtype; ``scale`` the spatial tap weights in ``geo.taps()``
-    order (0 for the centre).
+    order (0 for the centre). ``progress(done, total)`` is called after each unit of work (a
+    wavefront position, or a step when the weights are recomputed).
     """
     plan = wavefront_plan(unary, guide, iterations, kernel, dilation)
     if plan is None:
-        _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out)
+        _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out, progress)
     elif plan[0] == 0:
-        _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1])
+        _wavefront(
+            unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1], progress
+        )
     else:  # over y: the same maths on (N, C, H, D, W) views, taps reordered to match
         order = (1, 0, 2)
         scale_yzx = (
@@ -65,7 +72,9 @@ def mean_field(
         )
         kernel, dilation = (tuple(t[i] for i in order) for t in (kernel, dilation))
         unary, guide, out = (t.transpose(2, 3) for t in (unary, guide, out))
-        _wavefront(unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1])
+        _wavefront(
+            unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1], progress
+        )
 
 
 def wavefront_plan(unary, guide, iterations, kernel, dilation) -> tuple[int, int] | None:
@@ -165,7 +174,9 @@ class _SlabViews:
         return views
 
 
-def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, planes) -> None:
+def _wavefront(
+    unary, guide, iterations, kernel, dilation, compat, scale, out, planes, progress=None
+) -> None:
     """The wavefront of the module docstring over slabs of ``planes`` planes of the first
     spatial axis; arguments as in ``mean_field``, but ``unary``, ``guide`` and ``out`` may be
     strided views (the y wavefront passes transposed ones). Per image: the padded guide, two
@@ -250,6 +261,7 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
         if s < iterations:
             softmax_head(logits, prob_inner[s % 2].narrow(1, z0, nz), v["exps"])
 
+    positions = n_slabs + (iterations - 1) * lag
     for n in range(n_img):
         g_inner.copy_(guide[n])
         unary_n, out_n = unary[n], out[n]
@@ -258,7 +270,7 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
             softmax_head(
                 unary_n.narrow(1, z0, nz), prob_inner[0].narrow(1, z0, nz), views(nz)["exps"]
             )
-        for j in range(n_slabs + (iterations - 1) * lag):
+        for j in range(positions):
             if j < n_slabs:
                 z0 = j * planes
                 guide_weights(j % ring, z0, min(planes, d - z0))
@@ -267,9 +279,13 @@ def _wavefront(unary, guide, iterations, kernel, dilation, compat, scale, out, p
                 if 0 <= slab < n_slabs:
                     z0 = slab * planes
                     step(s, slab % ring, z0, min(planes, d - z0), unary_n, out_n)
+            if progress is not None:
+                progress(n * positions + j + 1, n_img * positions)
 
 
-def _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out) -> None:
+def _recomputing(
+    unary, guide, iterations, kernel, dilation, compat, scale, out, progress=None
+) -> None:
     """Every step recomputes the weights tile by tile (``pac_torch``): memory a few tiles."""
     n_img, shape = unary.shape[0], unary.shape[2:]
     dtype, device = out.dtype, out.device
@@ -292,6 +308,8 @@ def _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out)
         out.sub_(1).mul_(float(compat)).add_(unary)  # unary - compat * (1 - M)
         if step < iterations - 1:
             _softmax_into(out, q_pad[inner])
+        if progress is not None:
+            progress(step + 1, iterations)
 
 
 def _softmax_into(logits: torch.Tensor, q: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import mlp_torch
+from . import mlp_torch, threads
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, VOLUME_AXES, check_float, check_not_empty, short_repr
 
@@ -130,17 +130,15 @@ class _VoxelMLPFunction(torch.autograd.Function):
             out = torch.empty((*x.shape[:-1], k), dtype=dtype, device=x.device)
         else:
             out = torch.empty((x.shape[0], k, *x.shape[2:]), dtype=dtype, device=x.device)
-        if out.numel():
-            if backend == "triton":
-                from . import mlp_triton
+        if out.numel() and backend == "triton":
+            from . import mlp_triton
 
-                if channels_last:
-                    mlp_triton.mlp_forward(
-                        _as_ncdhw(x), _as_ncdhw(out), weights, biases, activation
-                    )
-                else:
-                    mlp_triton.mlp_forward(x, out, weights, biases, activation)
+            if channels_last:
+                mlp_triton.mlp_forward(_as_ncdhw(x), _as_ncdhw(out), weights, biases, activation)
             else:
+                mlp_triton.mlp_forward(x, out, weights, biases, activation)
+        elif out.numel():
+            with threads.on_cpu(x):
                 mlp_torch.mlp_forward(
                     _channels_first(x, channels_last),
                     _channels_first(out, channels_last),
@@ -163,14 +161,15 @@ class _VoxelMLPFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]
             else None
         )
-        gw, gb = mlp_torch.mlp_backward(
-            _channels_first(x, channels_last),
-            _channels_first(grad_out, channels_last),
-            weights,
-            biases,
-            activation,
-            _channels_first(grad_x, channels_last),
-        )
+        with threads.on_cpu(x):
+            gw, gb = mlp_torch.mlp_backward(
+                _channels_first(x, channels_last),
+                _channels_first(grad_out, channels_last),
+                weights,
+                biases,
+                activation,
+                _channels_first(grad_x, channels_last),
+            )
         return (grad_x, None, None, None, None, *gw, *gb)
 
 

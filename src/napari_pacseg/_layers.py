@@ -200,14 +200,19 @@ def write_full(labels_layer, matte_layer, labels: np.ndarray, matte: np.ndarray,
         layer.metadata[METADATA_KEY] = {"complete": True, "content": what}
 
 
-def write_region(labels_layer, matte_layer, box, labels: np.ndarray, matte: np.ndarray, what: str):
+def write_region(
+    labels_layer, matte_layer, box, labels: np.ndarray, matte: np.ndarray, what: str,
+    exact: bool = True,
+):  # fmt: skip
     """Write one box of both layers in place (one slice assignment each, no undo history),
-    then refresh them. The metadata records that the layers now hold a partial result."""
+    then refresh them. The metadata records that the layers now hold a partial result, and
+    whether the box equals the full run there (``exact``; False: a bounded preview)."""
     sl = tuple(slice(a, b) for a, b in box)
     labels_layer.data[sl] = labels
     matte_layer.data[sl] = matte
+    meta = {"complete": False, "content": what, "region": box, "exact": bool(exact)}
     for layer in (labels_layer, matte_layer):
-        layer.metadata[METADATA_KEY] = {"complete": False, "content": what, "region": box}
+        layer.metadata[METADATA_KEY] = dict(meta)
         layer.refresh()
 
 

@@ -21,7 +21,14 @@ from ._controls import refine_controls, refine_values, set_refine_controls
 from ._workers import LiveRunner, Outcome, TaskRunner, message
 from .classes import DEFAULT_THRESHOLD, scribble_values
 from .model_io import ModelFileError
-from .session import RunParams, Session, TrainParams, device_choices, model_file_name
+from .session import (
+    RunParams,
+    Session,
+    TrainParams,
+    device_choices,
+    live_description,
+    model_file_name,
+)  # fmt: skip
 from .training import DEFAULT_STEPS
 
 if TYPE_CHECKING:
@@ -47,8 +54,10 @@ class PacSegWidget(mw.Container):
         self._build()
         self.tasks = TaskRunner(self.session, self._say, self._error, self._set_running)
         self.live_runner = LiveRunner(
-            self._prepare_live, self.session.compute_live, self._deliver_live, self._fail_live
-        )
+            self._prepare_live, self.session.compute_live, self._deliver_live, self._fail_live,
+            progressed=self._live_progress, idle=self._live_idle,
+        )  # fmt: skip
+        self._live_said = ""  # the status line of the last delivered preview
         self._connect()
         self._on_image_changed()
         self.model_info.value = self.session.describe()
@@ -302,7 +311,13 @@ class PacSegWidget(mw.Container):
     # --- live preview ---------------------------------------------------------------------------
 
     def _on_live_toggled(self, on: bool) -> None:
-        (self._request_live if on else self.live_runner.stop)()
+        if on:
+            self._request_live()
+        else:
+            busy = self.live_runner.busy
+            self.live_runner.stop()
+            if busy:
+                self._say("live preview off")
 
     def _live_wanted(self) -> bool:
         return bool(self.live.value) and self.model is not None and self.image.value is not None
@@ -319,19 +334,34 @@ class PacSegWidget(mw.Container):
             inp = self._input()
             box = _layers.visible_box(self.viewer, inp.layer, inp.channel_axis, inp.shape)
             redo = not all(n in self.viewer.layers for n in _layers.output_names(inp.name))
-            return self.session.live_job(box, self.run_params(), redo=redo)
+            job = self.session.live_job(box, self.run_params(), redo=redo)
         except ValueError as err:
             self._error(str(err))
             return None
+        if job is not None:
+            self._say(f"{job.preview}…")
+        return job
+
+    def _live_progress(self, job, stage: str, done: int, total: int) -> None:
+        self._say(f"{job.preview}: {stage} {100 * done // max(1, total)}%…")
+
+    def _live_idle(self) -> None:
+        """A preview was abandoned and none follows: say what the layers show."""
+        self._say(self._live_said if self.live.value else "live preview off")
 
     def _deliver_live(self, job, result) -> None:
         if job.image.layer not in self.viewer.layers:
             return  # the image was removed while the job ran
         layers = self._outputs(job.image, job.model, job.params.background)
         if layers is not None:
-            _layers.write_region(*layers, job.box, result.labels, result.matte, job.description)
+            what = job.description if result.box == job.box else live_description(result.box)
+            _layers.write_region(
+                *layers, result.box, result.labels, result.matte, what, exact=not result.note
+            )
             self.session.live_delivered(job)
-            self._say(f"{job.description} in {result.seconds:.2f} s ({result.work})")
+            note = f"; {result.note}" if result.note else ""
+            self._live_said = f"{what} in {result.seconds:.2f} s ({result.work}){note}"
+            self._say(self._live_said)
 
     def _fail_live(self, job, outcome: Outcome) -> None:
         self._error(f"live preview failed: {message(outcome.error)}")

@@ -56,9 +56,10 @@ def _worker(fn: Callable, *args, returned: Callable, finished: Callable, **kwarg
 
 
 class _Relay(QObject):
-    """Carries progress from worker threads to the main thread (queued signal)."""
+    """Carries progress from worker threads to the main thread (queued signals)."""
 
     progressed = Signal(int, int, int)  # task id, done, total
+    live = Signal(int, str, int, int)  # live generation, stage, done, total
 
 
 class TaskRunner:
@@ -103,10 +104,13 @@ class TaskRunner:
     def _on_progress(self, ident: int, done: int, total: int) -> None:
         task = self.session.task
         if task is None or task.ident != ident or self._bar is None:
-            return  # queued from a task that has ended
+            return  # queued from a task whose result is in (or that has ended)
         # The status first: napari's bar may turn the event loop in update(), and so deliver
         # the task's result, whose status line must then stay.
-        self.status(f"{task.kind}: {done}/{total}")
+        if task.should_cancel():
+            self.status(f"cancelling the {task.kind}… ({done}/{total} done)")
+        else:
+            self.status(f"{task.kind}: {done}/{total}")
         bar = self._bar
         bar.total = total
         bar.update(done - bar.n)
@@ -114,6 +118,7 @@ class TaskRunner:
     def _returned(self, task, on_result: Callable, outcome: Outcome) -> None:
         from napari.utils.notifications import show_info
 
+        self.session.end(task)  # progress still queued from it is now ignored
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -129,7 +134,7 @@ class TaskRunner:
                 self.error(str(err))
 
     def _finished(self, task) -> None:
-        self.session.end(task)
+        self.session.end(task)  # also when the worker ended without a result
         self._worker = None
         self.running(False)
 
@@ -138,15 +143,26 @@ class LiveRunner:
     """Debounced recomputation in a worker thread.
 
     ``request()`` (main thread) restarts a single-shot timer; when it fires, ``prepare()``
-    (main thread) snapshots the job or returns None, ``compute(job, should_cancel)`` runs in a
-    worker thread, and ``deliver(job, result)`` or ``fail(job, outcome)`` run in the main
-    thread. One job at a time: a request during a job makes the job's ``should_cancel()`` true
-    and starts the newest job when it ends. A result of a request that is no longer the newest
-    is dropped (counted in ``dropped``).
+    (main thread) snapshots the job or returns None, ``compute(job, should_cancel, progress)``
+    runs in a worker thread, and ``deliver(job, result)`` or ``fail(job, outcome)`` run in the
+    main thread. One job at a time: a request during a job makes the job's ``should_cancel()``
+    true (the job stops at its next check) and starts the newest job when it ends. A result of
+    a request that is no longer the newest is dropped (counted in ``dropped``).
+
+    ``progressed(job, stage, done, total)`` (main thread) reports the running job's
+    ``progress(stage, done, total)`` calls while it is the newest; ``idle()`` (main thread) is
+    called when a job ends without a delivered result and no other job follows.
     """
 
-    def __init__(self, prepare, compute, deliver, fail, delay_ms: int = DEBOUNCE_MS) -> None:
+    def __init__(
+        self, prepare, compute, deliver, fail, delay_ms: int = DEBOUNCE_MS, *,
+        progressed: Callable | None = None, idle: Callable | None = None,
+    ) -> None:  # fmt: skip
         self.prepare, self.compute, self.deliver, self.fail = prepare, compute, deliver, fail
+        self.progressed, self.idle = progressed, idle
+        self._job = self._outcome = None
+        self._relay = _Relay()
+        self._relay.live.connect(self._on_progress)
         self.generation = 0
         self.dropped = 0
         self.delivered = 0
@@ -195,23 +211,36 @@ class LiveRunner:
         if job is None:
             return
         gen = self.generation
+        emit = self._relay.live.emit
+        self._job, self._outcome = job, None
         self._worker = _worker(
             self.compute, job, lambda: gen != self.generation,
+            lambda stage, done, total: emit(gen, stage, done, total),
             returned=partial(self._returned, gen, job), finished=self._finished,
         )  # fmt: skip
         self._worker.start()
 
+    def _on_progress(self, gen: int, stage: str, done: int, total: int) -> None:
+        if gen == self.generation and self._worker is not None and self.progressed is not None:
+            self.progressed(self._job, stage, done, total)
+
     def _returned(self, gen: int, job, outcome: Outcome) -> None:
+        self._outcome = "dropped"
         if gen != self.generation or self.closed:
             self.dropped += 1
         elif outcome.error is not None:
+            self._outcome = "failed"
             self.fail(job, outcome)
         else:
+            self._outcome = "delivered"
             self.delivered += 1
             self.deliver(job, outcome.result)
 
     def _finished(self) -> None:
-        self._worker = None
+        self._worker = self._job = None
         if self._again and not self.closed:
             self._again = False
             self._launch()
+        if self._worker is None and self._outcome == "dropped" and not self._timer.isActive():
+            if self.idle is not None and not self.closed:
+                self.idle()

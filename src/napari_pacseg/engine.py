@@ -228,6 +228,98 @@ class Plan:
         """``box`` grown by the CRF's reach (clipped to the volume): what ``refine`` reads."""
         return extend_box(box, self.settings.reach, self.shape)[0]
 
+    def with_reach(self, reach) -> Plan:
+        """The same plan with the CRF run on boxes grown by ``reach`` only (a bounded preview;
+        ``refine`` is then exact only where ``reach`` is the settings' own)."""
+        settings = dataclasses.replace(self.settings, reach=tuple(int(r) for r in reach))
+        return dataclasses.replace(self, settings=settings)
+
+    def refine_work(self, box: Box) -> int:
+        """Tap visits of the refinement of ``box``: voxels of its extent x iterations x taps."""
+        s = self.settings
+        if s.refine is None:
+            return 0
+        voxels = math.prod(b - a for a, b in self.refine_extent(box))
+        return voxels * s.refine.iterations * (math.prod(s.kernel) - 1)
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A live preview bounded to a budget of tap visits (``bound_preview``): the box it
+    computes (the request's, or an in-plane window of it around its centre), the plan whose
+    CRF reach it uses, and the request's box and reach."""
+
+    box: Box
+    plan: Plan
+    requested: Box
+    full_reach: tuple[int, int, int]
+
+    @property
+    def exact(self) -> bool:
+        """True when the preview equals the full run on its box (nothing was cut)."""
+        return self.plan.settings.reach == self.full_reach and self.box == self.requested
+
+    def describe(self) -> str:
+        """What the bound changed, for a status line ('' when exact)."""
+        if self.exact:
+            return ""
+        have = self.plan.settings.reach
+        cuts = [f"{n} {w} -> {h}" for n, h, w in zip("zyx", have, self.full_reach) if h != w]
+        text = "approximate preview: refinement reach cut (" + ", ".join(cuts) + " voxels)"
+        if self.box != self.requested:
+            (_, _), (y0, y1), (x0, x1) = self.box
+            text += f", in-plane window {y1 - y0} x {x1 - x0} around the centre"
+        return text + " to stay within the preview's budget; Run on full volume is exact"
+
+
+def bound_preview(plan: Plan, box: Box, budget: float) -> Bounded:
+    """The preview of ``box`` whose refinement makes at most ``budget`` tap visits
+    (``Plan.refine_work``). Within budget it is the full run's (exact). Else, in this order:
+    the CRF's reach along z is cut (down to 0: the slab's planes then see no planes beyond
+    it), the box's in-plane window shrinks around its centre (down to ``MIN_PREVIEW_WINDOW``),
+    and last the reach along y and x is cut."""
+    full = plan.settings.reach
+    if plan.refine_work(box) <= budget:
+        return Bounded(box, plan, box, full)
+    for zr in range(full[0] - 1, -1, -1):
+        cut = plan.with_reach((zr, *full[1:]))
+        if cut.refine_work(box) <= budget:
+            return Bounded(box, cut, box, full)
+    cut = plan.with_reach((0, *full[1:]))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    sizes = (y1 - y0, x1 - x0)
+    smallest = tuple(min(MIN_PREVIEW_WINDOW, n) for n in sizes)
+    factor, window, shape = 1.0, box, sizes
+    while cut.refine_work(window) > budget and shape != smallest:
+        factor *= 0.9
+        shape = tuple(max(m, int(n * factor)) for n, m in zip(sizes, smallest))
+        window = ((z0, z1), _centred(y0, y1, shape[0]), _centred(x0, x1, shape[1]))
+    for r in range(max(full[1:]), -1, -1):
+        cut = plan.with_reach((0, min(full[1], r), min(full[2], r)))
+        if cut.refine_work(window) <= budget:
+            break
+    return Bounded(window, cut, box, full)
+
+
+MIN_PREVIEW_WINDOW = 16  # the in-plane window a bounded preview never shrinks below
+# Tap visits a live preview's refinement may make: ~1.3 s on one core of this project's CPU
+# (pac_crf3d visits ~9e8 taps/s per core: benchmarks/results/busy-cpu.md), so a preview with
+# its logits stays within ~3 s even on a busy machine; GPUs visit ~100x more per second.
+PREVIEW_WORK_CPU = 1.2e9
+PREVIEW_WORK_GPU = 1e11
+
+
+def preview_budget(device: torch.device) -> float:
+    """Tap visits a live preview's refinement may make on ``device``."""
+    return PREVIEW_WORK_CPU if torch.device(device).type == "cpu" else PREVIEW_WORK_GPU
+
+
+def _centred(a: int, b: int, n: int) -> tuple[int, int]:
+    """The ``n`` (at most ``b - a``) positions of ``[a, b)`` around its centre."""
+    n = min(n, b - a)
+    start = a + (b - a - n) // 2
+    return start, start + n
+
 
 def prepare(
     image,
@@ -385,10 +477,12 @@ def logits(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> np.n
 
 
 @torch.no_grad()
-def refine(plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict) -> np.ndarray:
+def refine(
+    plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict, progress=None
+) -> np.ndarray:
     """Class probabilities ``(K, *box)`` float32 of one box: ``diffs`` (``(K - 1, ...)``, the
     logit differences of ``plan.refine_extent(box)``) refined by ``pac_crf3d`` on that extent
-    when the plan refines."""
+    when the plan refines. ``progress(done, total)``: ``pac_crf3d``'s (it may raise to stop)."""
     ext = plan.refine_extent(box)
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
     out = torch.zeros((1, diffs.shape[0] + 1, *diffs.shape[1:]), dtype=torch.float32, device=dev)
@@ -405,6 +499,7 @@ def refine(plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict) -> np.nd
                 dilation=s.refine.dilation,
                 compat=s.refine.compat,
                 spatial_sigma=s.sigma,
+                progress=progress,
             )
     p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
     if not np.isfinite(p).all():

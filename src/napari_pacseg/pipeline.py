@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pacseg_kernels.threads import adaptive_threads
+
 from . import engine
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .engine import STAGES, SegmentationCancelled, TileRunner, prepare, settle
 from .model import PacSegModel, volume_intensity_range
-from .threads import adaptive_threads
 
 __all__ = [
     "Segmentation",

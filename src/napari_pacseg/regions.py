@@ -21,6 +21,8 @@ from . import engine
 from .engine import Box, SegmentationCancelled, model_on_device, prepare, split_box
 from .model import PacSegModel
 
+Progress = Callable[[str, int, int], None]
+
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
@@ -76,29 +78,47 @@ class RegionSegmenter:
         return box
 
     def probabilities(
-        self, box, refine=True, should_cancel: Callable[[], bool] | None = None
+        self,
+        box,
+        refine=True,
+        should_cancel: Callable[[], bool] | None = None,
+        progress: Progress | None = None,
+        *,
+        reach=None,
     ) -> np.ndarray:
         """Class probabilities ``(K, d, h, w)`` float32 of ``box`` (``((z0, z1), (y0, y1),
         (x0, x1))``), refined with ``refine`` (True: model defaults, False, or a dict of
-        ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles;
-        True raises ``SegmentationCancelled``. The same request twice returns the cached array."""
+        ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles and
+        between the CRF's units of work; True raises ``SegmentationCancelled``.
+        ``progress(stage, done, total)`` reports them (stage "logits" or "refinement").
+        ``reach``: the CRF's reach per axis instead of the refinement's own (a bounded preview,
+        ``engine.bound_preview``; the result is then approximate near the box's ends). The
+        same request twice returns the cached array."""
         box = self.check_box(box)
         plan = self.plan.with_refine(refine)
-        key = (box, plan.settings.refine)
+        if reach is not None:
+            plan = plan.with_reach(reach)
+        key = (box, plan.settings.refine, plan.settings.reach)
         with self._lock:
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
             ext = plan.refine_extent(box)
-            diffs = self._logit_diffs(ext, should_cancel)
-            if should_cancel is not None and should_cancel():
-                raise SegmentationCancelled("region segmentation cancelled")
-            p = engine.refine(plan, box, diffs, self.device, self.timings)
+            diffs = self._logit_diffs(ext, should_cancel, progress)
+
+            def step(done: int, total: int) -> None:
+                if should_cancel is not None and should_cancel():
+                    raise SegmentationCancelled("region segmentation cancelled")
+                if progress is not None:
+                    progress("refinement", done, total)
+
+            step(0, 1)
+            p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
             if plan.settings.refine is not None:
                 self.stats["crf_runs"] += 1
             self._last = (key, p)
             return p
 
-    def _logit_diffs(self, ext: Box, should_cancel) -> np.ndarray:
+    def _logit_diffs(self, ext: Box, should_cancel, progress=None) -> np.ndarray:
         """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache;
         missing planes are computed in runs of consecutive planes, tile by tile."""
         (z0, z1), ys, xs = ext
@@ -114,14 +134,22 @@ class RegionSegmenter:
             else:
                 self._planes.move_to_end((window, z))
                 out[:, z - z0] = plane
-        for run in _runs(missing):
-            box = ((run[0], run[-1] + 1), ys, xs)
-            for tile in split_box(box, engine.UNARY_TILE, self.plan.settings.grid):
+        grid = self.plan.settings.grid
+        runs = [
+            (run, split_box(((run[0], run[-1] + 1), ys, xs), engine.UNARY_TILE, grid))
+            for run in _runs(missing)
+        ]
+        total, done = sum(len(tiles) for _, tiles in runs), 0
+        for run, tiles in runs:
+            for tile in tiles:
                 if should_cancel is not None and should_cancel():
                     raise SegmentationCancelled("region segmentation cancelled")
+                if progress is not None:
+                    progress("logits", done, total)
                 d = engine.logits(self.plan, tile, self.model, self.device, self.timings)
                 (ta, tb), (ya, yb), (xa, xb) = ((a - s, b - s) for (a, b), (s, _) in zip(tile, ext))
                 out[:, ta:tb, ya:yb, xa:xb] = d
+                done += 1
             for z in run:
                 self._store((window, z), out[:, z - z0].copy())
             self.stats["logit_planes"] += len(run)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .describe import describe_model
-from .engine import Box
+from .engine import Box, bound_preview, preview_budget
 from .features import FeatureSpec
 from .model import PacSegModel
 from .model_io import load_model, save_model
@@ -201,19 +201,33 @@ class LiveJob:
 
     @property
     def description(self) -> str:
-        (z0, z1), (y0, y1), (x0, x1) = self.box
-        return f"live preview of z {z0}-{z1 - 1}, y {y0}-{y1 - 1}, x {x0}-{x1 - 1}"
+        return live_description(self.box)
+
+    @property
+    def preview(self) -> str:
+        """The status while it runs: "previewing z 30-32"."""
+        (z0, z1), _, _ = self.box
+        return f"previewing z {z0}-{z1 - 1}"
+
+
+def live_description(box: Box) -> str:
+    """What a live result holds: "live preview of z 30-32, y 0-255, x 0-255"."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    return f"live preview of z {z0}-{z1 - 1}, y {y0}-{y1 - 1}, x {x0}-{x1 - 1}"
 
 
 @dataclass(frozen=True, eq=False)
 class LiveResult:
-    """Labels and matte of a live box, the planes of logits it computed (0: refinement
-    only) and the seconds it took."""
+    """Labels and matte of the box a live job computed (the job's, or a window of it when
+    the preview was bounded), the planes of logits it computed (0: refinement only), the
+    seconds it took and what the bound changed ('' when exact: ``engine.Bounded.describe``)."""
 
     labels: np.ndarray
     matte: np.ndarray
     new_planes: int
     seconds: float
+    box: Box
+    note: str = ""
 
     @property
     def work(self) -> str:
@@ -391,10 +405,14 @@ class Session:
             return None
         return LiveJob(inp, model, box, params, seg_key, key)
 
-    def compute_live(self, job: LiveJob, should_cancel: Cancel | None = None) -> LiveResult:
+    def compute_live(
+        self, job: LiveJob, should_cancel: Cancel | None = None, progress=None
+    ) -> LiveResult:
         """Labels and matte of the job's box (any thread): probabilities from the region
         segmenter (made anew when image, model, spacing or device changed; cached logits),
-        then the label rule."""
+        then the label rule. The refinement's work is bounded by ``engine.preview_budget``
+        (``engine.bound_preview``: within it the result is the full run's). ``should_cancel``
+        and ``progress(stage, done, total)`` as in ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
         with self._segmenter_lock:
             if self._segmenter_key != job.segmenter_key:
@@ -407,10 +425,14 @@ class Session:
                 self._segmenter_refs = (inp.layer, inp.data, job.model)
             seg = self._segmenter
         planes = seg.stats["logit_planes"]
-        p = seg.probabilities(job.box, job.params.refine, should_cancel)
+        plan = seg.plan.with_refine(job.params.refine)
+        bounded = bound_preview(plan, job.box, preview_budget(seg.device))
+        reach = None if bounded.exact else bounded.plan.settings.reach
+        p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach)
         labels, matte = labels_from_probabilities(p, job.params.threshold, job.params.background)
         new = seg.stats["logit_planes"] - planes
-        return LiveResult(labels, matte, new, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return LiveResult(labels, matte, new, seconds, bounded.box, bounded.describe())
 
     def live_delivered(self, job: LiveJob) -> None:
         """The job's result is in the output layers: the same request again is not recomputed."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pacseg_kernels.mlp_torch import activate
+from pacseg_kernels.threads import adaptive_threads
 
 from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
 from .classes import MAX_CLASSES, class_infos
@@ -16,7 +17,6 @@ from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
 from .model import HeadConfig, ModelConfig, PacSegModel
 from .provenance import training_provenance
-from .threads import adaptive_threads
 
 MAX_SAMPLES_PER_CLASS = 20000
 DEFAULT_STEPS = 400

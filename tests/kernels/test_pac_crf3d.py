@@ -162,3 +162,37 @@ def test_bad_tensors():
         pac_crf3d(torch.zeros(1, 2, 4, 4, 4, dtype=torch.long), torch.randn(1, 1, 4, 4, 4))
     with pytest.raises(ValueError, match=r"unary must be \(N, C, D, H, W\)"):
         pac_crf3d(torch.randn(2, 4, 4, 4), torch.randn(1, 4, 4, 4))
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-2", "recompute", "autograd"])
+def test_progress_reports_every_unit_and_can_abandon_the_call(engine, monkeypatch):
+    case = CASES[5]
+    if engine != "autograd":
+        use_engine(engine, case[3], monkeypatch)
+    *_, kernel, dilation, sigma, compat, iterations = case
+    unary, guide = _tensors(case, torch.Generator().manual_seed(3))
+    unary.requires_grad_(engine == "autograd")
+    calls = []
+    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma,
+                    progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    plain = pac_crf3d(unary.detach(), guide, iterations, kernel, dilation, compat, sigma)
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-5, atol=1e-5)  # the same result
+    totals = {t for _, t in calls}
+    assert len(totals) == 1 and [d for d, _ in calls] == list(range(1, totals.pop() + 1))
+    assert len(calls) >= iterations
+
+    def stop(done, total):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, progress=stop)
+
+
+def test_progress_must_be_callable():
+    with pytest.raises(ValueError, match="progress must be None or a callable"):
+        pac_crf3d(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 1, 4, 4, 4), progress=3)

@@ -120,3 +120,12 @@ def test_crf_triton_isolated_voxel_keeps_unary_and_grad_path():
     u = unary.clone().requires_grad_()
     pac_crf3d(u, guide.to(DEVICE), iterations=2, kernel_size=3, backend="triton").sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_crf_triton_reports_progress_per_step():
+    gen = torch.Generator().manual_seed(5)
+    unary = torch.randn(1, 2, 3, 4, 5, generator=gen).to(DEVICE)
+    guide = torch.randn(1, 1, 3, 4, 5, generator=gen).to(DEVICE)
+    calls = []
+    pac_crf3d(unary, guide, 3, 3, backend="triton", progress=lambda *a: calls.append(a))
+    assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -222,3 +222,78 @@ def test_description_is_what_pacseg_info_prints():
     assert with_file[0] == f"model        {DEMO_MODEL_FILE}"
     assert with_file[1] == f"sha256       {info['sha256']}"
     assert with_file[2:] == lines[1:]
+
+
+def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
+    from napari_pacseg import engine
+
+    # A budget that the default refinement of 3 planes of 64 x 64 fits and a wide one not.
+    box = ((7, 10), (0, 64), (0, 64))
+    seg_plan = engine.prepare(sample.image[CROP], load_demo_model(), spacing=sample.spacing)
+    default_work = seg_plan.refine_work(box)
+    monkeypatch.setattr(engine, "PREVIEW_WORK_CPU", 2 * default_work)
+    exact = session.compute_live(session.live_job(box, RunParams(device="cpu")))
+    assert exact.note == "" and exact.box == box
+
+    costly = RunParams(refine={"kernel_size": 9, "iterations": 10}, device="cpu")
+    steps = []
+    result = session.compute_live(
+        session.live_job(box, costly), progress=lambda *a: steps.append(a)
+    )
+    plan = seg_plan.with_refine(costly.refine)
+    bounded = engine.bound_preview(plan, box, 2 * default_work)
+    assert not bounded.exact and bounded.plan.refine_work(bounded.box) <= 2 * default_work
+    assert bounded.plan.settings.reach[0] < plan.settings.reach[0]
+    assert result.box == bounded.box and "approximate preview" in result.note
+    assert "Run on full volume is exact" in result.note
+    assert steps[-1][0] == "refinement" and steps[-1][1] == steps[-1][2]
+    assert [s for s, _, _ in steps] == sorted(s for s, _, _ in steps)  # logits, then the CRF
+    # what it computes is the region segmenter's result with the cut reach
+    p = session.segmenter.probabilities(
+        bounded.box, costly.refine, reach=bounded.plan.settings.reach
+    )
+    labels, _ = labels_from_probabilities(p, 0.5, 0)
+    np.testing.assert_array_equal(result.labels, labels)
+
+
+def test_bound_preview_rule():
+    from napari_pacseg import engine
+
+    model = load_demo_model()
+    vol = np.zeros((40, 300, 300), np.uint16)
+    plan = engine.prepare(vol, model, spacing=(1.0, 0.4, 0.4), intensity_range=(0, 1))
+    box = ((19, 22), (0, 300), (0, 300))
+    work = plan.refine_work(box)
+    assert engine.bound_preview(plan, box, work).exact
+    # a little less: the z reach is cut, the box stays
+    b = engine.bound_preview(plan, box, work - 1)
+    assert b.box == box and b.plan.settings.reach[0] < plan.settings.reach[0]
+    assert b.plan.settings.reach[1:] == plan.settings.reach[1:]
+    # far less: no z reach, and an in-plane window around the centre, full in-plane reach
+    zero_z = plan.with_reach((0, *plan.settings.reach[1:]))
+    b = engine.bound_preview(plan, box, zero_z.refine_work(box) / 4)
+    assert b.plan.settings.reach == (0, *plan.settings.reach[1:])
+    (_, _), (y0, y1), (x0, x1) = b.box
+    assert y1 - y0 < 300 and abs((y0 + y1) / 2 - 150) <= 1 and (y1 - y0) == (x1 - x0)
+    assert b.plan.refine_work(b.box) <= zero_z.refine_work(box) / 4
+    assert "in-plane window" in b.describe()
+    # nothing fits: the smallest window with no reach at all
+    b = engine.bound_preview(plan, box, 1)
+    assert [hi - lo for lo, hi in b.box[1:]] == [engine.MIN_PREVIEW_WINDOW] * 2
+    assert b.plan.settings.reach == (0, 0, 0)
+
+
+def test_live_preview_cancels_during_the_refinement(session):
+    box = ((7, 10), (0, 64), (0, 64))
+    session.compute_live(session.live_job(box, RunParams(device="cpu")))  # logits cached
+    calls = []
+
+    def cancel_in_crf():
+        calls.append(1)
+        return len(calls) > 2  # past the cached logits, inside pac_crf3d
+
+    job = session.live_job(box, RunParams(refine={"compat": 3.0}, device="cpu"))
+    with pytest.raises(SegmentationCancelled):
+        session.compute_live(job, cancel_in_crf)
+    assert len(calls) == 3
+    assert session.compute_live(job).labels.shape == (3, 64, 64)  # nothing stale was cached

@@ -3,6 +3,8 @@ cancel, errors) in a real viewer under Xvfb."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -125,9 +127,14 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
     viewer, widget = docked
     viewer.dims.set_current_step(0, 8)
     widget.live.value = True
+    statuses, say = [], widget._say
+    widget._say = lambda text: (statuses.append(text), say(text))
     widget.load_model_file(DEMO_MODEL_FILE)  # a model change requests a live update
     runner = widget.live_runner
     qtbot.waitUntil(lambda: runner.delivered == 1 and not runner.busy, timeout=WAIT_MS)
+    assert "previewing z 7-9…" in statuses  # while it ran
+    assert any(s.startswith("previewing z 7-9: refinement") for s in statuses)
+    assert widget.status.value.startswith("live preview of z 7-9")
     labels, matte = viewer.layers["crop labels"], viewer.layers["crop matte"]
     assert labels.data.shape == (16, 64, 64)
     assert not labels.metadata["pacseg"]["complete"]
@@ -163,6 +170,41 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
     assert_same_labels(labels.data[2:5], want[2:5], want_matte[2:5], 0.3)
     assert_same_labels(labels.data[7:10], changed.labels[7:10], changed.matte[7:10])  # kept
     assert not labels.data[10:].any()
+    assert labels.metadata["pacseg"]["exact"]
+
+    # a newer change aborts a costly preview in flight (between the CRF's units of work)
+    crf_runs = widget.session.segmenter.stats["crf_runs"]
+    gate, compute = threading.Event(), runner.compute
+
+    def held(job, should_cancel, progress):  # the first refinement step waits for the gate
+        def step(stage, done, total):
+            progress(stage, done, total)
+            if stage == "refinement" and done > 0:
+                gate.wait(WAIT_MS / 1000)
+
+        return compute(job, should_cancel, step)
+
+    runner.compute = held
+    widget.iterations.value = 50
+    qtbot.waitUntil(
+        lambda: widget.status.value.startswith("previewing z 2-4: refinement"), timeout=WAIT_MS
+    )
+    widget.compat.value = 5.0
+    gate.set()  # the held preview goes on: its next check sees the newer request and stops
+    qtbot.waitUntil(lambda: runner.delivered == 4 and not runner.busy, timeout=WAIT_MS)
+    assert widget.session.segmenter.stats["crf_runs"] == crf_runs + 1  # the newer one only
+    assert widget.status.value.startswith("live preview of z 2-4")
+
+    # stopping live during a preview leaves no "previewing" status behind
+    gate.clear()
+    widget.compat.value = 6.0
+    qtbot.waitUntil(
+        lambda: widget.status.value.startswith("previewing z 2-4: refinement"), timeout=WAIT_MS
+    )
+    widget.live.value = False
+    gate.set()
+    qtbot.waitUntil(lambda: not runner.busy and runner._worker is None, timeout=WAIT_MS)
+    assert widget.status.value == "live preview off"
     assert errors == []
 
 
@@ -206,6 +248,9 @@ def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path
     assert cfg.features.sigmas == (0.5, 1.0) and cfg.spacing == sample.spacing
     assert "trained from 'cells scribbles'" in widget.model_info.value
 
+    qtbot.wait(300)  # progress still queued from the training must not overwrite the result
+    assert widget.status.value.startswith("trained ("), widget.status.value
+
     widget.run_full()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     labels = viewer.layers["cells labels"].data
@@ -230,8 +275,9 @@ def test_cancel_full_run(make_napari_viewer, qtbot, errors, sample):
     assert widget.cancel_button.enabled and not widget.run_button.enabled
     widget.cancel_button.native.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    qtbot.wait(300)  # progress still queued from the run must not overwrite the outcome
     assert errors == []
-    assert "cancelled" in widget.status.value
+    assert widget.status.value == "segmentation cancelled; the layers were not changed"
     assert "nuclei labels" not in viewer.layers, "a cancelled run must not leave a partial result"
     assert widget.run_button.enabled and not widget.cancel_button.enabled
 

@@ -1,0 +1,232 @@
+"""Live preview latency in napari: from a change (slice, refinement control, threshold) to
+the result of the visible plane on screen, quiet and with a competing busy process.
+
+A fresh interpreter per configuration opens napari (under a virtual X display when there is
+none), adds the bundled sample at its spacing, docks the PAC Segmentation widget through the
+plugin, loads the demo model with Live on and waits for the first preview (the warm-up: the
+logits of the first slab). Then each change is made the way the GUI makes it (the control's
+value, ``viewer.dims``), and the time is taken until the widget has written the result into
+its layers (the 150 ms debounce included). Also measured: costly settings (a preview must stay
+<= 3 s: ``engine.bound_preview``), a newer change during a costly preview (it must abort the
+preview in flight, not queue behind it), and the status line (never stale). Writes
+``benchmarks/results/live-cpu.md``.
+
+Usage: python benchmarks/bench_live.py [--busy 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common
+
+TIMEOUT_S = 120.0
+TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
+SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
+REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
+    ("compat", 8.0), ("guide_sigma", 0.15), ("temperature", 6.0), ("iterations", 4),
+    ("kernel_size", 7), ("spatial_sigma", 3.0), ("dilation", 2),
+)  # fmt: skip
+COSTLY = ({"kernel_size": 15, "iterations": 6}, {"kernel_size": 5, "iterations": 50},
+          {"kernel_size": 9, "iterations": 10})  # fmt: skip
+
+
+def _display():
+    """A virtual X display when none is set (napari needs one to render)."""
+    if os.environ.get("DISPLAY"):
+        return None
+    from pyvirtualdisplay import Display
+
+    return Display(visible=False, size=(1600, 1200)).start()
+
+
+def worker() -> dict:
+    display = _display()
+    try:
+        return _measure()
+    finally:
+        if display is not None:
+            display.stop()
+
+
+def _measure() -> dict:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
+
+    sample = load_sample()
+    viewer = napari.Viewer(show=True)
+    viewer.add_image(sample.image, name="nuclei", scale=sample.spacing)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    runner, app = widget.live_runner, QApplication.instance()
+    statuses: list[str] = []
+    say = widget._say  # every status line the widget shows, recorded
+
+    def record(text: str) -> None:
+        statuses.append(text)
+        say(text)
+
+    widget._say = record
+
+    def wait(change) -> dict:
+        """Make ``change()`` and turn the event loop until its preview is delivered."""
+        before, dropped = runner.delivered, runner.dropped
+        statuses.clear()
+        start = time.perf_counter()
+        change()
+        while runner.delivered == before or runner.busy:
+            app.processEvents()
+            time.sleep(0.002)
+            if time.perf_counter() - start > TIMEOUT_S:
+                raise RuntimeError(f"no preview within {TIMEOUT_S} s: {widget.status.value!r}")
+        end = time.perf_counter()
+        return {
+            "seconds": end - start,
+            "end": end,
+            "status": widget.status.value,
+            "previewing": any(s.startswith("previewing") for s in statuses),
+            "progress": any("%" in s for s in statuses),
+            "dropped": runner.dropped - dropped,
+        }
+
+    viewer.dims.set_current_step(0, 32)
+    out: dict = {"threads": None}
+    out["warmup"] = wait(lambda: widget.load_model_file(DEMO_MODEL_FILE))
+    out["slice"] = [wait(lambda z=z: viewer.dims.set_current_step(0, z)) for z in SLICES]
+    out["refine"] = []
+    for name, value in REFINE_CHANGES:
+        control = getattr(widget, name)
+        default = control.value
+        out["refine"].append(wait(lambda c=control, v=value: setattr(c, "value", v)))
+        out["refine"].append(wait(lambda c=control, v=default: setattr(c, "value", v)))
+    out["threshold"] = [wait(lambda v=v: setattr(widget.threshold, "value", v)) for v in (0.4, 0.5)]
+    out["costly"] = []
+    for settings in COSTLY:
+        out["costly"].append(wait(lambda s=settings: _set(widget, s)) | {"settings": settings})
+        wait(widget._reset_refine)
+
+    # A newer change while a costly preview runs: it must abort it, not wait for it.
+    marks = {}
+
+    def newer():
+        _set(widget, {"iterations": 50})
+        deadline = time.perf_counter() + 0.6
+        while time.perf_counter() < deadline:  # the costly preview starts and runs a while
+            app.processEvents()
+            time.sleep(0.002)
+        marks["newer"] = time.perf_counter()
+        widget.compat.value = 9.0
+
+    out["abort"] = wait(newer)
+    out["abort"]["after_newer"] = out["abort"]["end"] - marks["newer"]
+    out["final_status"] = widget.status.value
+    out["threads"] = __import__("torch").get_num_threads()
+    viewer.close()
+    return out
+
+
+def _set(widget, settings: dict) -> None:
+    with widget._synced():  # one request for the whole change, as the model's defaults are set
+        for name, value in settings.items():
+            getattr(widget, name).value = value
+
+
+def _spinners(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _median(rows) -> float:
+    return statistics.median(r["seconds"] for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker()))
+        return
+    results = {}
+    for busy in args.busy:
+        spinners = _spinners(busy)
+        try:
+            time.sleep(0.5 if busy else 0)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker"], capture_output=True, text=True
+            )
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+        if proc.returncode != 0:
+            raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
+        results[busy] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"busy {busy}: {json.dumps(results[busy])[:600]}", flush=True)
+    label = {0: "quiet", 1: "1 busy process", 2: "2 busy processes"}
+    lines = [
+        "# Live preview latency in napari (CPU)",
+        "",
+        f"Command: `python benchmarks/bench_live.py` ({time.strftime('%Y-%m-%d %H:%M')})  ",
+        f"Machine: {common.describe_machine('cpu')}  ",
+        "Sample 64x256x256 at spacing (1, 0.4, 0.4), demo model, default refinement, 2D view: "
+        "the preview computes the visible plane +-1 (3 planes of 256 x 256). Time from the "
+        "change to its result written into the layers, the 150 ms debounce included. Targets: "
+        f"median <= {TARGET_S:g} s at the defaults, every costly preview <= {COSTLY_TARGET_S:g} s.",
+        "",
+        "| config | slice move (median, max) | refinement control (median, max) | threshold "
+        "(median) | first preview (warm-up) |",
+        "|---|---|---|---|---|",
+    ]
+    for busy, r in results.items():
+        sl, rf, th = r["slice"], r["refine"], r["threshold"]
+        lines.append(
+            f"| {label.get(busy, busy)} | {_median(sl):.2f} s, {max(x['seconds'] for x in sl):.2f} s "
+            f"| {_median(rf):.2f} s, {max(x['seconds'] for x in rf):.2f} s | {_median(th):.2f} s "
+            f"| {r['warmup']['seconds']:.2f} s |"
+        )
+    lines += [
+        "",
+        "Costly settings (the preview's refinement is bounded to "
+        "`engine.PREVIEW_WORK_CPU` tap visits; the status says what was cut):",
+        "",
+        "| config | settings | preview | status |",
+        "|---|---|---|---|",
+    ]
+    for busy, r in results.items():
+        for row in r["costly"]:
+            settings = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+            lines.append(
+                f"| {label.get(busy, busy)} | {settings} | {row['seconds']:.2f} s | {row['status']} |"
+            )
+    lines += [
+        "",
+        "A newer change 0.6 s into a costly preview (iterations 50), and the status line:",
+        "",
+        "| config | newer result after | previews dropped | status showed 'previewing' with "
+        "progress | final status |",
+        "|---|---|---|---|---|",
+    ]
+    for busy, r in results.items():
+        a = r["abort"]
+        every = r["slice"] + r["refine"] + r["costly"]
+        shown = all(x["previewing"] for x in every) and any(x["progress"] for x in every)
+        lines.append(
+            f"| {label.get(busy, busy)} | {a['after_newer']:.2f} s | {a['dropped']} | "
+            f"{'yes' if shown else 'no'} | {r['final_status']} |"
+        )
+    out = common.write_result("live-cpu.md", "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

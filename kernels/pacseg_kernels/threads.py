@@ -1,0 +1,142 @@
+"""How many torch threads the CPU paths use on a machine that other processes share.
+
+torch splits each operation over all its threads and waits for the slowest; when another
+process holds a core, the thread that shares it stalls every operation (measured in
+``benchmarks/results/busy-cpu.md``: with one of two cores busy, ``pac3d`` took 3.9x its quiet
+one-thread time with two threads and 1.0x with one). So the ops' CPU paths, and
+``napari_pacseg``'s ``segment()`` and ``train()`` around them, run inside ``adaptive_threads()``:
+the load of the other processes is measured (Linux: ``/proc/stat`` minus this process's own
+time) and torch is given the cores they leave free, for the block only. A quiet machine keeps
+the caller's thread count; it is never raised.
+
+The load is the average since the previous measurement when that was 50 ms to 5 s ago (no
+waiting), else over a 50 ms sleep; a result is reused for 2 s, so ops called in a loop pay
+nothing. ``set_adaptive(False)`` turns the policy off (torch's thread count is then used as
+set). torch's thread count is process-wide: while a block runs, other threads of the process
+see the reduced count too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+SAMPLE_S = 0.05  # the shortest interval a load is measured over (a sleep when no earlier one)
+REUSE_S = 2.0  # a measured load is reused this long (ops and live previews start often)
+MAX_WINDOW_S = 5.0  # an earlier reading older than this is too stale to average from
+
+_lock = threading.Lock()
+_enabled = True
+_reading: tuple[float, tuple[int, int, int]] | None = None  # (monotonic time, jiffies)
+_last: tuple[float, float | None] | None = None  # (monotonic time, load)
+_depth = 0  # adaptive blocks running (in any thread); the outermost one sets and restores
+_restore = 0
+
+
+def set_adaptive(enabled: bool) -> None:
+    """Turn the load-adaptive thread count on (the default) or off for this process."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def _jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) jiffies of the whole machine and this process's own, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in fields[:8]]  # guest time (fields 9, 10) is already in user
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values), int(own[11]) + int(own[12])
+
+
+def _load_between(first, second) -> float | None:
+    busy, total, own = (b - a for a, b in zip(first, second))
+    if total <= 0:
+        return None
+    return max(0.0, (busy - own) / total * (os.cpu_count() or 1))
+
+
+def other_load(sample_s: float = SAMPLE_S) -> float | None:
+    """Cores kept busy by other processes over the last ``sample_s`` seconds (a sleep), or
+    None where it cannot be measured."""
+    first = _jiffies()
+    if first is None:
+        return None
+    time.sleep(sample_s)
+    second = _jiffies()
+    return None if second is None else _load_between(first, second)
+
+
+def current_load() -> float | None:
+    """Cores other processes keep busy now: reused for ``REUSE_S``, else averaged since the
+    previous reading when it is ``SAMPLE_S`` to ``MAX_WINDOW_S`` old, else ``other_load()``."""
+    global _reading, _last
+    now = time.monotonic()
+    if _last is not None and now - _last[0] < REUSE_S:
+        return _last[1]
+    reading = _jiffies()
+    if reading is None:
+        load = None
+    elif _reading is not None and SAMPLE_S <= now - _reading[0] <= MAX_WINDOW_S:
+        load = _load_between(_reading[1], reading)
+    else:
+        time.sleep(SAMPLE_S)
+        first, reading = reading, _jiffies()
+        load = None if reading is None else _load_between(first, reading)
+    _reading = None if reading is None else (time.monotonic(), reading)
+    _last = (now, load)
+    return load
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_for_load(threads: int, load: float | None) -> int:
+    """``threads``, lowered to the cores ``load`` (busy cores of other processes) leaves free
+    (at least one); ``threads`` when the load is unknown."""
+    if load is None:
+        return threads
+    free = round(min(usable_cores(), (os.cpu_count() or 1) - load))
+    return max(1, min(threads, free))
+
+
+@contextlib.contextmanager
+def adaptive_threads():
+    """Run the block with the torch thread count the current load leaves (yielded), then
+    restore it. Nested and concurrent blocks keep the outermost block's choice."""
+    global _depth, _restore
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            _restore = torch.get_num_threads()
+            if _enabled:
+                threads = threads_for_load(_restore, current_load())
+                if threads != _restore:
+                    torch.set_num_threads(threads)
+        threads = torch.get_num_threads()
+    try:
+        yield threads
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and torch.get_num_threads() != _restore:
+                torch.set_num_threads(_restore)
+
+
+def on_cpu(*tensors) -> contextlib.AbstractContextManager:
+    """``adaptive_threads()`` when any of ``tensors`` lives on the CPU, else a no-op."""
+    if any(t is not None and t.device.type == "cpu" for t in tensors):
+        return adaptive_threads()
+    return contextlib.nullcontext()
