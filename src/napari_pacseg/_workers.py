@@ -8,6 +8,7 @@ reports, so napari does not show a second, raw notification of it.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from .pipeline import SegmentationCancelled
 
-DEBOUNCE_MS = 150
+DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
+PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often
 
 
 @dataclass
@@ -60,6 +62,23 @@ class _Relay(QObject):
 
     progressed = Signal(int, int, int)  # task id, done, total
     live = Signal(int, str, int, int)  # live generation, stage, done, total
+
+
+class _Throttled:
+    """A live job's ``progress(stage, done, total)`` (worker thread): relays a stage's first
+    call and then at most one call per ``PROGRESS_S``. Every relayed call costs the main thread
+    a status repaint, and main-thread Python work holds the GIL that the worker's many short
+    torch calls need back between them."""
+
+    def __init__(self, relay: _Relay, gen: int) -> None:
+        self.emit, self.gen = relay.live.emit, gen
+        self.stage, self.last = None, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage or now - self.last >= PROGRESS_S:
+            self.stage, self.last = stage, now
+            self.emit(self.gen, stage, done, total)
 
 
 class TaskRunner:
@@ -211,11 +230,9 @@ class LiveRunner:
         if job is None:
             return
         gen = self.generation
-        emit = self._relay.live.emit
         self._job, self._outcome = job, None
         self._worker = _worker(
-            self.compute, job, lambda: gen != self.generation,
-            lambda stage, done, total: emit(gen, stage, done, total),
+            self.compute, job, lambda: gen != self.generation, _Throttled(self._relay, gen),
             returned=partial(self._returned, gen, job), finished=self._finished,
         )  # fmt: skip
         self._worker.start()
