@@ -14,7 +14,11 @@ from .checks import FLOAT64_UNFUSED, VOLUME_AXES, check_float, check_not_empty, 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 # Limits of the fused Triton kernel (its code unrolls exactly FUSED_MAX_LAYERS layers).
 FUSED_MAX_LAYERS = 6
-FUSED_MAX_WIDTH = 256
+# Width 128 at most: a layer of 256 keeps a 256 x 256 float32 weight tile (256 KiB) in shared
+# memory, over what a block may have on sm_80 (163 KiB) and sm_90 (227 KiB): compiled ahead of
+# time, every width-256 configuration asked for 262-296 KB (benchmarks/results/triton-aot.md).
+# Wider MLPs run on the torch path (cuBLAS on CUDA).
+FUSED_MAX_WIDTH = 128
 _OP = "voxel_mlp"
 
 

@@ -118,6 +118,43 @@ def _voxel_mlp_kernel(
     )
 
 
+def launch_meta(channels: int, outs: Sequence[int], activation: str, precision: str) -> dict:
+    """The launch choices of ``mlp_forward`` (constexprs and ``num_warps``) for an input of
+    ``channels`` and layers of ``outs`` output units: what the launcher runs and what
+    ``benchmarks/triton_aot.py`` compiles ahead of time."""
+    widths = [padded_width(channels)] + [padded_width(o) for o in outs]
+    widths += [16] * (MAX_LAYERS + 1 - len(widths))
+    widest = max(widths)
+    block_v = 128 if widest <= 64 else 64 if widest <= 128 else 32
+    return {
+        "NUM_LAYERS": len(outs), **{f"P{i}": widths[i] for i in range(MAX_LAYERS + 1)},
+        "ACT": ACTIVATION_CODES[activation], "PRECISION": precision, "BLOCK_V": block_v,
+        "num_warps": 4 if widest <= 128 else 8,
+    }  # fmt: skip
+
+
+def aot_cases() -> list[tuple[str, dict, dict]]:
+    """``(name, launch_meta, pointer dtypes)`` of the configurations compiled ahead of time:
+    every layer count, padded width, activation, precision and input dtype the launcher can
+    choose, each varied from 16 -> 64 -> 64 -> 4 (ReLU, IEEE, float32)."""
+    base = dict(channels=16, outs=[64, 64, 4], activation="relu", precision="ieee", x="fp32")
+    variants = [{}]
+    variants += [{"outs": [64] * (n - 1) + [4]} for n in range(1, MAX_LAYERS + 1) if n != 3]
+    variants += [{"outs": [w, w, 4]} for w in (8, 32, 128)]
+    variants += [{"channels": 100}]
+    variants += [{"activation": a} for a in ACTIVATION_CODES if a != "relu"]
+    variants += [{"precision": "tf32"}, {"precision": "tf32", "outs": [128, 128, 4]}]
+    variants += [{"x": "fp16"}, {"x": "bf16"}]
+    cases = []
+    for v in variants:
+        cfg = base | v
+        meta = launch_meta(cfg["channels"], cfg["outs"], cfg["activation"], cfg["precision"])
+        name = (f"C{cfg['channels']}->" + "->".join(map(str, cfg["outs"]))
+                + f" {cfg['activation']} {cfg['precision']} x {cfg['x']}")  # fmt: skip
+        cases.append((name, meta, {"x_ptr": cfg["x"]}))
+    return cases
+
+
 def _padded_layers(weights, biases):
     """Zero-padded float32 copies: padded units get weight 0 and bias 0, so they never leak."""
     padded = []
@@ -148,27 +185,20 @@ def mlp_forward(
         ``FUSED_MAX_LAYERS`` layers of width at most ``FUSED_MAX_WIDTH`` (see ``mlp``).
     """
     n, c, d, h, w = x.shape
-    widths = [padded_width(c)] + [padded_width(wt.shape[0]) for wt in weights]
-    widths += [16] * (MAX_LAYERS + 1 - len(widths))
     params = _padded_layers(weights, biases)
     params += [params[0], params[1]] * (MAX_LAYERS - len(weights))
     # Real widths of layer outputs 1..5 (the last layer's is ``classes``); unused ones any.
     units = [wt.shape[0] for wt in weights[:-1]] + [out.shape[1]] * (MAX_LAYERS - len(weights))
-    widest = max(widths)
-    block_v = 128 if widest <= 64 else 64 if widest <= 128 else 32
-    n_voxels = d * h * w
-    blocks = triton.cdiv(n_voxels, block_v)
-    if n_voxels == 0 or n == 0:
-        return
     # PyTorch's own switch for TF32 in float32 matmuls decides here too (off by default).
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    meta = launch_meta(c, [wt.shape[0] for wt in weights], activation, precision)
+    n_voxels = d * h * w
+    if n_voxels == 0 or n == 0:
+        return
+    blocks = triton.cdiv(n_voxels, meta["BLOCK_V"])
     _voxel_mlp_kernel[(n * blocks,)](
         x, out, *params,
         n_voxels, blocks, h, w, c, out.shape[1], *units,
         *x.stride(), *out.stride(),
-        NUM_LAYERS=len(weights),
-        P0=widths[0], P1=widths[1], P2=widths[2], P3=widths[3],
-        P4=widths[4], P5=widths[5], P6=widths[6],
-        ACT=ACTIVATION_CODES[activation], PRECISION=precision, BLOCK_V=block_v,
-        num_warps=4 if widest <= 128 else 8,
+        **meta,
     )  # fmt: skip

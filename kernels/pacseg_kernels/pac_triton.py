@@ -142,6 +142,45 @@ def _pac_kernel(
         tl.store(out_ptr + o_off, acc, mask=o_mask)
 
 
+def launch_meta(cin_g, cout_g, n_guide, depthwise, normalize, has_bias, crf_step) -> dict:
+    """The launch choices of ``_launch`` (constexprs and ``num_warps``) for ``cin_g`` input and
+    ``cout_g`` output channels per group and ``n_guide`` guide channels: what the launcher runs
+    and what ``benchmarks/triton_aot.py`` compiles ahead of time."""
+    ci_p, co_p = _p2(cin_g), _p2(cout_g)
+    use_dot = not depthwise and ci_p >= 16 and co_p >= 16
+    return {
+        "CI_P": ci_p, "CO_P": co_p, "F_P": _p2(n_guide), "DEPTHWISE": bool(depthwise),
+        "NORMALIZE": bool(normalize), "HAS_BIAS": bool(has_bias), "USE_DOT": use_dot,
+        "CRF_STEP": bool(crf_step), "BLOCK_V": 64 if max(ci_p, co_p) > 32 else 128,
+        "num_warps": 4,
+    }  # fmt: skip
+
+
+def aot_cases() -> list[tuple[str, dict, dict]]:
+    """``(name, launch_meta, pointer dtypes)`` of the configurations compiled ahead of time: the
+    CRF step (2 and 4 classes, 1 and 3 guide channels), the normalised depthwise PAC, and the
+    weighted PAC with and without ``tl.dot`` (channels per group 2 to 64), with a bias, grouped,
+    and on float16 / bfloat16 inputs."""
+    cases = []
+
+    def add(name, cin, cout, f, depthwise, normalize, bias, crf, x="fp32"):
+        meta = launch_meta(cin, cout, f, depthwise, normalize, bias, crf)
+        cases.append((name, meta, {"x_ptr": x, "g_ptr": x}))
+
+    for k in (2, 4):
+        for f in (1, 3):
+            add(f"crf step K={k} F={f}", k, k, f, True, True, False, True)
+    add("depthwise normalised C=4 F=3", 4, 4, 3, True, True, False, False)
+    for c in (2, 4, 8, 16, 32, 64):
+        add(f"conv C={c}->{c} F=3", c, c, 3, False, False, False, False)
+    add("conv C=16->16 F=3 bias", 16, 16, 3, False, False, True, False)
+    add("conv C=16->64 F=3 (groups: per-group channels)", 16, 64, 3, False, False, False, False)
+    add("conv C=16->16 F=8 normalised", 16, 16, 8, False, True, False, False)
+    for x in ("fp16", "bf16"):
+        add(f"conv C=16->16 F=3 x {x}", 16, 16, 3, False, False, False, False, x)
+    return cases
+
+
 def _launch(x, guide, weight, bias, geo: PacGeometry, groups, normalize, tap_scale, out, crf=None):
     n, c_in = x.shape[:2]
     c_out = out.shape[1]
@@ -152,12 +191,9 @@ def _launch(x, guide, weight, bias, geo: PacGeometry, groups, normalize, tap_sca
     n_taps = len(geo.taps())
     scale = torch.tensor(tap_scale or [1.0] * n_taps, dtype=torch.float32, device=x.device)
     w = weight if weight is not None else scale  # any tensor: unused when DEPTHWISE
-    ci_p, co_p = _p2(cin_g), _p2(cout_g)
-    use_dot = not depthwise and ci_p >= 16 and co_p >= 16
-    if use_dot:
-        ci_p, co_p = max(ci_p, 16), max(co_p, 16)
-    block_v = 64 if max(ci_p, co_p) > 32 else 128
-    n_vblocks = triton.cdiv(out[0, 0].numel(), block_v)
+    meta = launch_meta(cin_g, cout_g, guide.shape[1], depthwise, normalize, bias is not None,
+                       crf is not None)  # fmt: skip
+    n_vblocks = triton.cdiv(out[0, 0].numel(), meta["BLOCK_V"])
     floor, cut = exp_limits(torch.float32)
     unary, q, compat = crf if crf is not None else (out, out, 0.0)
     _pac_kernel[(n * n_vblocks, n_groups)](
@@ -171,10 +207,7 @@ def _launch(x, guide, weight, bias, geo: PacGeometry, groups, normalize, tap_sca
         *geo.stride, *geo.padding, *geo.dilation,
         geo.kernel[1], geo.kernel[2],
         float(compat), floor, cut,
-        CI_P=ci_p, CO_P=co_p, F_P=_p2(guide.shape[1]),
-        DEPTHWISE=depthwise, NORMALIZE=normalize, HAS_BIAS=bias is not None,
-        USE_DOT=use_dot, CRF_STEP=crf is not None, BLOCK_V=block_v,
-        num_warps=4,
+        **meta,
     )  # fmt: skip
 
 

@@ -86,6 +86,20 @@ def _winner_gather_kernel(
     tl.store(out_ptr + plane * n_out + o, val, mask=live)
 
 
+def aot_cases() -> list[tuple[object, str, dict, dict]]:
+    """``(kernel, name, constexprs, pointer dtypes)`` compiled ahead of time: the one-pass
+    gather (float32, float16, bfloat16 values) and the two kernels of the overlapping path."""
+    meta = {"BLOCK": BLOCK, "num_warps": 4}
+    index, winner = {"i_ptr": "i64"}, {"win_ptr": "i32"}
+    cases = [
+        (_unpool_gather_kernel, f"gather {t}", meta, {"v_ptr": t, "out_ptr": t, **index})
+        for t in ("fp32", "fp16", "bf16")
+    ]
+    cases += [(_winner_kernel, "winner (overlapping windows)", meta, index | winner),
+              (_winner_gather_kernel, "winner gather fp32", meta, winner)]  # fmt: skip
+    return cases
+
+
 def unpool(
     values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, gather_form: bool, kernel
 ) -> None:

@@ -38,7 +38,7 @@ def test_kernel_module_runs_interpreted_without_cuda():
         (1, (3, 5, 7), [3, 2]),
         (2, (5, 3, 3), [16, 64, 64, 4]),
         (1, (2, 3, 5), [1, 1, 1]),
-        (1, (3, 3, 3), [64, 256, 3]),
+        (1, (3, 3, 3), [64, 128, 3]),  # the widest the kernel fuses
         (2, (4, 1, 9), [5, 33, 17, 9, 7, 6, 2]),  # six layers, the most the kernel fuses
     ],
 )
@@ -104,3 +104,15 @@ def test_triton_refuses_what_it_cannot_fuse():
         voxel_mlp(x, *deep, backend="triton")
     # auto falls back to the torch path for both
     assert voxel_mlp(x, *wide).shape == (1, 2, 2, 2, 2)
+
+
+def test_wider_than_the_fused_kernel_takes():
+    gen = torch.Generator().manual_seed(9)
+    weights, biases = _mlp([8, 129, 2], gen)
+    x = torch.randn(1, 8, 2, 2, 2, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="width 129; the fused kernel takes widths up to 128"):
+        voxel_mlp(x, weights, biases, backend="triton")
+    out = voxel_mlp(x, weights, biases)  # auto: the torch path
+    torch.testing.assert_close(
+        out.double(), mlp_reference(x, weights, biases, "relu"), rtol=1e-4, atol=1e-4
+    )
