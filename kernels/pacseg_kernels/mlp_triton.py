@@ -125,11 +125,17 @@ def launch_meta(channels: int, outs: Sequence[int], activation: str, precision: 
     widths = [padded_width(channels)] + [padded_width(o) for o in outs]
     widths += [16] * (MAX_LAYERS + 1 - len(widths))
     widest = max(widths)
-    block_v = 128 if widest <= 64 else 64 if widest <= 128 else 32
+    if precision == "ieee" and widest > 16:
+        # float32 IEEE dots have no tensor-core path; Triton's FMA lowering keeps whole tiles
+        # in registers and spilled at every larger block (benchmarks/triton_aot.py).
+        block_v = 16
+        warps = 4 if max(widths[1:]) >= 128 or widest < 64 else 8
+    else:
+        block_v, warps = (128 if widest <= 64 else 64), 4
     return {
         "NUM_LAYERS": len(outs), **{f"P{i}": widths[i] for i in range(MAX_LAYERS + 1)},
         "ACT": ACTIVATION_CODES[activation], "PRECISION": precision, "BLOCK_V": block_v,
-        "num_warps": 4 if widest <= 128 else 8,
+        "num_warps": warps,
     }  # fmt: skip
 
 

@@ -151,9 +151,22 @@ def launch_meta(cin_g, cout_g, n_guide, depthwise, normalize, has_bias, crf_step
     return {
         "CI_P": ci_p, "CO_P": co_p, "F_P": _p2(n_guide), "DEPTHWISE": bool(depthwise),
         "NORMALIZE": bool(normalize), "HAS_BIAS": bool(has_bias), "USE_DOT": use_dot,
-        "CRF_STEP": bool(crf_step), "BLOCK_V": 64 if max(ci_p, co_p) > 32 else 128,
-        "num_warps": 4,
+        "CRF_STEP": bool(crf_step), **_tile(ci_p, co_p, bool(depthwise), use_dot),
     }  # fmt: skip
+
+
+def _tile(ci_p: int, co_p: int, depthwise: bool, use_dot: bool) -> dict:
+    """``BLOCK_V`` and ``num_warps`` for ``ci_p`` -> ``co_p`` channels (padded, per group): the blocks
+    that compiled without spills for sm_80 and sm_90a (``benchmarks/triton_aot.py``); the IEEE
+    float32 products run on FMA units and keep their tiles in registers."""
+    channels = max(ci_p, co_p)
+    if depthwise:  # no weight tile: the block holds channels x BLOCK_V products
+        return {"BLOCK_V": max(16, min(128, 1024 // channels)), "num_warps": 4}
+    if not use_dot:
+        return {"BLOCK_V": 128 if channels <= 4 else 32, "num_warps": 4}
+    if channels <= 16:
+        return {"BLOCK_V": 32, "num_warps": 4}
+    return {"BLOCK_V": 16, "num_warps": 8 if min(ci_p, co_p) >= 64 else 4}
 
 
 def aot_cases() -> list[tuple[str, dict, dict]]:
@@ -171,6 +184,7 @@ def aot_cases() -> list[tuple[str, dict, dict]]:
         for f in (1, 3):
             add(f"crf step K={k} F={f}", k, k, f, True, True, False, True)
     add("depthwise normalised C=4 F=3", 4, 4, 3, True, True, False, False)
+    add("depthwise normalised C=32 F=3", 32, 32, 3, True, True, False, False)
     for c in (2, 4, 8, 16, 32, 64):
         add(f"conv C={c}->{c} F=3", c, c, 3, False, False, False, False)
     add("conv C=16->16 F=3 bias", 16, 16, 3, False, False, True, False)
