@@ -9,7 +9,7 @@
 #    sets TRITON_INTERPRET only without CUDA), so the Triton tests run compiled kernels;
 # 3. the GPU benchmarks at GPU sizes (256^3 and 512^3), each writing
 #    benchmarks/results/<bench>-<device>.md with every time as a fraction of its counted floor;
-#    not run here: bench_busy.py and bench_live.py, CPU / napari benchmarks owned elsewhere;
+#    not run here: bench_busy.py and bench_live.py, CPU / napari benchmarks (a busy CPU, the GUI);
 # 4. the summary (gpu_summary.py): benchmarks/results/gpu-check-<device>.md, printed last.
 #
 # Every step runs under `timeout`, capped by what is left of a budget (GPU_CHECK_BUDGET_S,

@@ -27,7 +27,7 @@ import common
 TAIL_LINES = 25
 NOT_RUN_HERE = (
     "Not run by this check: bench_busy.py (a busy-CPU benchmark) and bench_live.py (napari's live "
-    "preview), CPU / napari benchmarks owned elsewhere."
+    "preview), CPU / napari benchmarks, not GPU ones."
 )
 
 

@@ -111,7 +111,10 @@ class RegionSegmenter:
                 if progress is not None:
                     progress("refinement", done, total)
 
-            step(0, 1)
+            if plan.settings.refine is not None:
+                step(0, 1)  # the stage shows before the CRF's first unit
+            elif should_cancel is not None and should_cancel():
+                raise SegmentationCancelled("region segmentation cancelled")
             p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
             if plan.settings.refine is not None:
                 self.stats["crf_runs"] += 1
