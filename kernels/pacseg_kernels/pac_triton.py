@@ -156,9 +156,9 @@ def launch_meta(cin_g, cout_g, n_guide, depthwise, normalize, has_bias, crf_step
 
 
 def _tile(ci_p: int, co_p: int, depthwise: bool, use_dot: bool) -> dict:
-    """``BLOCK_V`` and ``num_warps`` for ``ci_p`` -> ``co_p`` channels (padded, per group): the blocks
-    that compiled without spills for sm_80 and sm_90a (``benchmarks/triton_aot.py``); the IEEE
-    float32 products run on FMA units and keep their tiles in registers."""
+    """``BLOCK_V`` and ``num_warps`` for ``ci_p`` -> ``co_p`` channels (padded, per group):
+    the blocks that compiled without spills for sm_80 and sm_90a (``benchmarks/triton_aot.py``);
+    the IEEE float32 products run on FMA units and keep their tiles in registers."""
     channels = max(ci_p, co_p)
     if depthwise:  # no weight tile: the block holds channels x BLOCK_V products
         return {"BLOCK_V": max(16, min(128, 1024 // channels)), "num_warps": 4}

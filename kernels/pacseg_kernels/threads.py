@@ -63,20 +63,10 @@ def _load_between(first, second) -> float | None:
     return max(0.0, (busy - own) / total * (os.cpu_count() or 1))
 
 
-def other_load(sample_s: float = SAMPLE_S) -> float | None:
-    """Cores kept busy by other processes over the last ``sample_s`` seconds (a sleep), or
-    None where it cannot be measured."""
-    first = _jiffies()
-    if first is None:
-        return None
-    time.sleep(sample_s)
-    second = _jiffies()
-    return None if second is None else _load_between(first, second)
-
-
 def current_load() -> float | None:
     """Cores other processes keep busy now: reused for ``REUSE_S``, else averaged since the
-    previous reading when it is ``SAMPLE_S`` to ``MAX_WINDOW_S`` old, else ``other_load()``."""
+    previous reading when it is ``SAMPLE_S`` to ``MAX_WINDOW_S`` old, else over a
+    ``SAMPLE_S`` sleep. None where it cannot be measured (off Linux)."""
     global _reading, _last
     now = time.monotonic()
     if _last is not None and now - _last[0] < REUSE_S:

@@ -111,10 +111,10 @@ class RegionSegmenter:
                 if progress is not None:
                     progress("refinement", done, total)
 
-            if plan.settings.refine is not None:
-                step(0, 1)  # the stage shows before the CRF's first unit
-            elif should_cancel is not None and should_cancel():
+            if should_cancel is not None and should_cancel():
                 raise SegmentationCancelled("region segmentation cancelled")
+            if plan.settings.refine is not None and progress is not None:
+                progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
             p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
             if plan.settings.refine is not None:
                 self.stats["crf_runs"] += 1

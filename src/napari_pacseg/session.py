@@ -427,7 +427,7 @@ class Session:
         planes = seg.stats["logit_planes"]
         plan = seg.plan.with_refine(job.params.refine)
         bounded = bound_preview(plan, job.box, preview_budget(seg.device))
-        reach = None if bounded.exact else bounded.plan.settings.reach
+        reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
         p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach)
         labels, matte = labels_from_probabilities(p, job.params.threshold, job.params.background)
         new = seg.stats["logit_planes"] - planes

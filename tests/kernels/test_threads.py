@@ -130,11 +130,12 @@ def test_the_ops_cpu_paths_run_with_the_adapted_count(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
-def test_a_spinning_process_is_seen():
+def test_a_spinning_process_is_seen(monkeypatch):
+    monkeypatch.setattr(threads, "SAMPLE_S", 0.3)  # no earlier reading: a 0.3 s sample
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        load = threads.other_load(0.3)
+        load = threads.current_load()
     finally:
         spinner.kill()
         spinner.wait()
