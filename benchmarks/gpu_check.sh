@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 17), one command on a CUDA machine after the README's install:
 #
-#     bash benchmarks/gpu_check.sh [--copy-to DIR] [--skip STEP[,STEP...]]
+#     bash benchmarks/gpu_check.sh [--copy-to DIR [--overwrite]] [--skip STEP[,STEP...]]
 #
 # 1. preflight (gpu_preflight.py): the device, versions, Triton importable, the kernels compiled
 #    (TRITON_INTERPRET is unset here), each op once through Triton against the CPU torch path;
@@ -15,7 +15,8 @@
 # Every step runs under `timeout`, capped by what is left of a budget (GPU_CHECK_BUDGET_S,
 # default 440 s) so that the whole check ends within 8 minutes; a step with under 20 s left is
 # not run (and fails the check). Step logs go to a temporary folder (named at the start);
-# --copy-to DIR copies them and this run's results files there (e.g. $OUT on a lent machine);
+# --copy-to DIR copies them and this run's results files there (e.g. $OUT on a lent machine); it
+# must be empty or new unless --overwrite (nothing already there is replaced otherwise);
 # --skip leaves steps out on purpose (e.g. bench-batch where zarr/dask are not installed): the
 # summary lists them as skipped, not failed.
 # Exit status: 0 all passed, 1 something failed, 2 no CUDA device or no torch (nothing written).
@@ -28,6 +29,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 
 COPY_TO=""
+OVERWRITE=0
 SKIP=","
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,13 +38,17 @@ while [ $# -gt 0 ]; do
             case "$2" in /*) COPY_TO=$2 ;; *) COPY_TO=$CALLER_DIR/$2 ;; esac
             shift 2
             ;;
+        --overwrite)
+            OVERWRITE=1
+            shift
+            ;;
         --skip)
             [ $# -ge 2 ] || { echo "gpu_check: --skip needs step names" >&2; exit 2; }
             SKIP="$SKIP$2,"
             shift 2
             ;;
         -h | --help)
-            sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -51,6 +57,13 @@ while [ $# -gt 0 ]; do
             ;;
     esac
 done
+
+# --copy-to never replaces what is already in the folder, unless --overwrite.
+if [ -n "$COPY_TO" ] && [ "$OVERWRITE" = 0 ] && [ -d "$COPY_TO" ] &&
+    [ -n "$(ls -A "$COPY_TO" 2>/dev/null)" ]; then
+    echo "gpu_check: --copy-to folder '$COPY_TO' is not empty; give an empty or new folder, or add --overwrite" >&2
+    exit 2
+fi
 
 PY=${PYTHON:-$(command -v python || command -v python3 || true)}
 if [ -z "$PY" ]; then

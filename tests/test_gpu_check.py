@@ -53,3 +53,17 @@ def test_bad_argument_is_a_usage_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown argument '--frobnicate'" in proc.stderr
+
+
+def test_copy_to_a_folder_that_holds_files_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "gpu-check-cuda.md").write_text("the user's own")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--copy-to", str(mine)], capture_output=True, text=True,
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "is not empty; give an empty or new folder, or add --overwrite" in proc.stderr
+    assert (mine / "gpu-check-cuda.md").read_text() == "the user's own"
+    assert sorted(p.name for p in mine.iterdir()) == ["gpu-check-cuda.md"]
