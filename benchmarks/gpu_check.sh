@@ -5,12 +5,15 @@
 #
 # 1. preflight (gpu_preflight.py): the device, versions, Triton importable, the kernels compiled
 #    (TRITON_INTERPRET is unset here), each op once through Triton against the CPU torch path;
-# 2. tests/kernels on CUDA: the tests pick CUDA themselves when torch sees it (tests/conftest.py
+# 2. configs (gpu_configs.py): every configuration benchmarks/triton_aot.py compiles ahead of
+#    time, launched through its public call at 128^3, checked against float64 and timed against
+#    the torch path; a launch the AOT enumeration did not compile fails it (they drifted);
+# 3. tests/kernels on CUDA: the tests pick CUDA themselves when torch sees it (tests/conftest.py
 #    sets TRITON_INTERPRET only without CUDA), so the Triton tests run compiled kernels;
-# 3. the GPU benchmarks at GPU sizes (256^3 and 512^3), each writing
+# 4. the GPU benchmarks at GPU sizes (256^3 and 512^3), each writing
 #    benchmarks/results/<bench>-<device>.md with every time as a fraction of its counted floor;
 #    not run here: bench_busy.py and bench_live.py, CPU / napari benchmarks (a busy CPU, the GUI);
-# 4. the summary (gpu_summary.py): benchmarks/results/gpu-check-<device>.md, printed last.
+# 5. the summary (gpu_summary.py): benchmarks/results/gpu-check-<device>.md, printed last.
 #
 # Every step runs under `timeout`, capped by what is left of a budget (GPU_CHECK_BUDGET_S,
 # default 440 s) so that the whole check ends within 8 minutes; a step with under 20 s left is
@@ -138,13 +141,16 @@ fi
 
 # The numbers are timeouts (s). Expected on an H200 (estimates, not yet measured; each benchmark
 # worker is a fresh interpreter, ~2-3 s of start-up, and each new Triton specialisation compiles
-# once, ~1-2 s): preflight ~10, kernel tests 60-120 (519 tests, ~60 Triton compiles; faster with
-# pytest-xdist), mlp ~50 (16 workers), pac ~75 (22), unpool ~40 (13), pipeline ~70 (6 segment()
-# runs at 256^3 and 512^3), quality ~35 (sample + one seed, RF skipped: it is a CPU baseline),
-# batch ~45 (segment_zarr of 512^3, 4 schedulers): ~400 s of the 440 s budget, in order of
-# importance, so what the budget cuts is the least central.
+# once, ~1-2 s): preflight ~10, configs ~50 (40 calls, ~45 compiles), kernel tests 60-120 (519
+# tests, ~60 Triton compiles; faster with pytest-xdist), mlp ~50 (16 workers), pac ~75 (22),
+# unpool ~40 (13), pipeline ~70 (6 segment() runs at 256^3 and 512^3), quality ~35 (sample + one
+# seed, RF skipped: it is a CPU baseline), batch ~45 (segment_zarr of 512^3, 4 schedulers):
+# ~450 s at the high estimates, over the 440 s budget, so the steps run in order of importance
+# and what the budget cuts is the least central (batch).
 step preflight 60 - \
     "$PY" benchmarks/gpu_preflight.py --json "$LOGS/preflight.json"
+step configs 90 'configs-<device>.md' \
+    "$PY" benchmarks/gpu_configs.py --device cuda --size 128 --repeats 3
 step kernel-tests 170 - \
     "$PY" -m pytest tests/kernels -q -rs -p no:xvfb -p no:cacheprovider \
     ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} --junitxml="$LOGS/kernel-tests-junit.xml"

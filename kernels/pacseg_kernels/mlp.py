@@ -19,6 +19,10 @@ FUSED_MAX_LAYERS = 6
 # time, every width-256 configuration asked for 262-296 KB (benchmarks/results/triton-aot.md).
 # Wider MLPs run on the torch path (cuBLAS on CUDA).
 FUSED_MAX_WIDTH = 128
+# IEEE float32 dots have no tensor-core path and lower to FMA on register tiles: with a hidden
+# layer of 128 units ptxas spills 5-8 KB per thread on sm_80 at every block and warp count tried
+# (sm_90a holds it in 238 registers), so there such MLPs run on the torch path (cuBLAS).
+FUSED_MAX_HIDDEN_IEEE_SM80 = 64
 _OP = "voxel_mlp"
 
 
@@ -97,7 +101,15 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
         expected_in = w.shape[0]
 
 
-def _fused_unsupported(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> str:
+def fused_hidden_limit(precision: str, arch: int) -> int:
+    """Widest layer output the fused kernel takes for a ``tl.dot`` precision ("ieee" or
+    "tf32") on a GPU of compute capability ``arch`` (major * 10 + minor, e.g. 80, 90)."""
+    return FUSED_MAX_HIDDEN_IEEE_SM80 if precision == "ieee" and arch < 90 else FUSED_MAX_WIDTH
+
+
+def _fused_unsupported(
+    weights: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> str:
     """Why the fused Triton kernel cannot run this call ('' when it can)."""
     if dtype == torch.float64:
         return FLOAT64_UNFUSED
@@ -106,6 +118,17 @@ def _fused_unsupported(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> s
     widest = max(max(w.shape) for w in weights)
     if widest > FUSED_MAX_WIDTH:
         return f"a layer of width {widest}; the fused kernel takes widths up to {FUSED_MAX_WIDTH}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        limit = fused_hidden_limit(precision, 10 * major + minor)
+        hidden = max(w.shape[0] for w in weights)
+        if hidden > limit:
+            return (
+                f"a layer of {hidden} units in IEEE float32 on sm_{major}{minor}; the fused kernel "
+                f"takes up to {limit} there (wider tiles spill registers); allow TF32 "
+                "(torch.backends.cuda.matmul.allow_tf32 = True) to fuse it"
+            )
     return ""
 
 
@@ -235,6 +258,6 @@ def voxel_mlp(
         backend,
         x.device,
         op="voxel_mlp",
-        triton_unsupported=_fused_unsupported(params[: len(weights)], dtype),
+        triton_unsupported=_fused_unsupported(params[: len(weights)], dtype, x.device),
     )
     return _VoxelMLPFunction.apply(x, activation, channels_last, chosen, len(weights), *params)

@@ -139,10 +139,12 @@ def launch_meta(channels: int, outs: Sequence[int], activation: str, precision: 
     }  # fmt: skip
 
 
-def aot_cases() -> list[tuple[str, dict, dict]]:
-    """``(name, launch_meta, pointer dtypes)`` of the configurations compiled ahead of time:
-    every layer count, padded width, activation, precision and input dtype the launcher can
-    choose, each varied from 16 -> 64 -> 64 -> 4 (ReLU, IEEE, float32)."""
+def aot_cases() -> list[tuple[str, dict, dict, dict]]:
+    """``(name, launch_meta, pointer dtypes, call)`` of the configurations compiled ahead of
+    time: every layer count, padded width, activation, precision and input dtype the launcher
+    can choose, each varied from 16 -> 64 -> 64 -> 4 (ReLU, IEEE, float32). ``call`` holds the
+    ``voxel_mlp`` call that launches it (channels, layer outputs, activation, precision, input
+    dtype), which ``benchmarks/gpu_configs.py`` runs on a GPU."""
     base = dict(channels=16, outs=[64, 64, 4], activation="relu", precision="ieee", x="fp32")
     variants = [{}]
     variants += [{"outs": [64] * (n - 1) + [4]} for n in range(1, MAX_LAYERS + 1) if n != 3]
@@ -157,7 +159,7 @@ def aot_cases() -> list[tuple[str, dict, dict]]:
         meta = launch_meta(cfg["channels"], cfg["outs"], cfg["activation"], cfg["precision"])
         name = (f"C{cfg['channels']}->" + "->".join(map(str, cfg["outs"]))
                 + f" {cfg['activation']} {cfg['precision']} x {cfg['x']}")  # fmt: skip
-        cases.append((name, meta, {"x_ptr": cfg["x"]}))
+        cases.append((name, meta, {"x_ptr": cfg["x"]}, {"op": "voxel_mlp", **cfg}))
     return cases
 
 

@@ -169,16 +169,21 @@ def _tile(ci_p: int, co_p: int, depthwise: bool, use_dot: bool) -> dict:
     return {"BLOCK_V": 16, "num_warps": 8 if min(ci_p, co_p) >= 64 else 4}
 
 
-def aot_cases() -> list[tuple[str, dict, dict]]:
-    """``(name, launch_meta, pointer dtypes)`` of the configurations compiled ahead of time: the
-    CRF step (2 and 4 classes, 1 and 3 guide channels), the normalised depthwise PAC, and the
-    weighted PAC with and without ``tl.dot`` (channels per group 2 to 64), with a bias, grouped,
-    and on float16 / bfloat16 inputs."""
+def aot_cases() -> list[tuple[str, dict, dict, dict]]:
+    """``(name, launch_meta, pointer dtypes, call)`` of the configurations compiled ahead of
+    time: the CRF step (2 and 4 classes, 1 and 3 guide channels), the normalised depthwise PAC,
+    and the weighted PAC with and without ``tl.dot`` (channels per group 2 to 64), with a bias,
+    grouped, and on float16 / bfloat16 inputs. ``call`` is a public call that launches it
+    (``op``: "pac3d" or "pac_crf3d"; channels, guide channels, groups, weight, bias, normalize,
+    input dtype), which ``benchmarks/gpu_configs.py`` runs on a GPU."""
     cases = []
 
-    def add(name, cin, cout, f, depthwise, normalize, bias, crf, x="fp32"):
+    def add(name, cin, cout, f, depthwise, normalize, bias, crf, x="fp32", groups=1):
         meta = launch_meta(cin, cout, f, depthwise, normalize, bias, crf)
-        cases.append((name, meta, {"x_ptr": x, "g_ptr": x}))
+        call = {"op": "pac_crf3d" if crf else "pac3d", "cin": cin * groups,
+                "cout": cout * groups, "guide": f, "groups": groups, "weight": not depthwise,
+                "bias": bias, "normalize": normalize, "x": x}  # fmt: skip
+        cases.append((name, meta, {"x_ptr": x, "g_ptr": x}, call))
 
     for k in (2, 4):
         for f in (1, 3):
@@ -188,7 +193,8 @@ def aot_cases() -> list[tuple[str, dict, dict]]:
     for c in (2, 4, 8, 16, 32, 64):
         add(f"conv C={c}->{c} F=3", c, c, 3, False, False, False, False)
     add("conv C=16->16 F=3 bias", 16, 16, 3, False, False, True, False)
-    add("conv C=16->64 F=3 (groups: per-group channels)", 16, 64, 3, False, False, False, False)
+    add("conv C=16->64 F=3 (groups: per-group channels)", 16, 64, 3, False, False, False, False,
+        groups=2)  # fmt: skip
     add("conv C=16->16 F=8 normalised", 16, 16, 8, False, True, False, False)
     for x in ("fp16", "bf16"):
         add(f"conv C=16->16 F=3 x {x}", 16, 16, 3, False, False, False, False, x)

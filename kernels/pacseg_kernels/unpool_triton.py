@@ -86,17 +86,21 @@ def _winner_gather_kernel(
     tl.store(out_ptr + plane * n_out + o, val, mask=live)
 
 
-def aot_cases() -> list[tuple[object, str, dict, dict]]:
-    """``(kernel, name, constexprs, pointer dtypes)`` compiled ahead of time: the one-pass
-    gather (float32, float16, bfloat16 values) and the two kernels of the overlapping path."""
+def aot_cases() -> list[tuple[object, str, dict, dict, dict]]:
+    """``(kernel, name, constexprs, pointer dtypes, call)`` compiled ahead of time: the one-pass
+    gather (float32, float16, bfloat16 values) and the two kernels of the overlapping path.
+    ``call``: a ``max_unpool3d`` call that launches it (values dtype, kernel and stride), which
+    ``benchmarks/gpu_configs.py`` runs on a GPU."""
     meta = {"BLOCK": BLOCK, "num_warps": 4}
     index, winner = {"i_ptr": "i64"}, {"win_ptr": "i32"}
     cases = [
-        (_unpool_gather_kernel, f"gather {t}", meta, {"v_ptr": t, "out_ptr": t, **index})
+        (_unpool_gather_kernel, f"gather {t}", meta, {"v_ptr": t, "out_ptr": t, **index},
+         {"op": "max_unpool3d", "x": t, "kernel": 2, "stride": 2})
         for t in ("fp32", "fp16", "bf16")
-    ]
-    cases += [(_winner_kernel, "winner (overlapping windows)", meta, index | winner),
-              (_winner_gather_kernel, "winner gather fp32", meta, winner)]  # fmt: skip
+    ]  # fmt: skip
+    overlapping = {"op": "max_unpool3d", "x": "fp32", "kernel": 3, "stride": 2}
+    cases += [(_winner_kernel, "winner (overlapping windows)", meta, index | winner, overlapping),
+              (_winner_gather_kernel, "winner gather fp32", meta, winner, overlapping)]  # fmt: skip
     return cases
 
 
