@@ -17,6 +17,7 @@ from .pipeline import (
     receptive_field,
     segment,
     volume_intensity_range,
+    volume_noise_level,
 )
 from .training import train
 
@@ -42,4 +43,5 @@ __all__ = [
     "segment",
     "train",
     "volume_intensity_range",
+    "volume_noise_level",
 ]

@@ -34,6 +34,7 @@ from .engine import (
     split_box,
     whole,
 )
+from .guide import volume_noise_level
 from .model import PacSegModel, volume_intensity_range
 from .model_io import ModelPayload, model_from_bytes
 from .pipeline import receptive_field, segment
@@ -101,6 +102,7 @@ class _ChunkJob:
     tile_shape: tuple[int, int, int] | None
     threshold: float
     intensity_range: tuple[list[float], list[float]]
+    noise_level: list[float]
     labels_path: str
     matte_path: str | None
     read_here: bool  # source is the zarr array to read ``ext`` from, else the region itself
@@ -126,6 +128,7 @@ def segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
         device=job.device,
         tile_shape=job.tile_shape,
         intensity_range=job.intensity_range,
+        noise_level=job.noise_level,
         threshold=job.threshold,
     )
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(job.box, job.ext))
@@ -379,6 +382,7 @@ def segment_zarr(
         try:
             with dask.config.set(scheduler=client):
                 lo, hi = volume_intensity_range(view)
+                noise = volume_noise_level(view, lo, hi).tolist()
         except (MemoryError, KeyboardInterrupt, ValueError):  # ValueError: values out of range
             raise
         except Exception as err:  # a damaged chunk: name it and the file
@@ -399,7 +403,7 @@ def segment_zarr(
         for box in boxes:
             ext, _ = extend_box(box, halo, shape[1:])
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
-                            None if tile_shape is None else tuple(tile_shape), threshold, rng,
+                            None if tile_shape is None else tuple(tile_shape), threshold, rng, noise,
                             str(tmps[0]), str(tmps[1]) if len(tmps) > 1 else None,
                             readable, str(getattr(volume, "path", "source")))  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))

@@ -34,6 +34,7 @@ from pacseg_kernels import pac_crf3d
 
 from .checks import as_volume, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
+from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
 from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
@@ -191,6 +192,9 @@ class Plan:
     device : where the stages run. lo, hi : the intensities mapped to 0 and 1, ``(1, C, 1, 1, 1)``
     float32. threshold, background : the label rule (``classes.labels_from_probabilities``).
     tile : core tile ``(D, H, W)`` of both passes, or None for ``UNARY_TILE`` / ``refine_tile``.
+    noise : the image's noise level per channel ``(C,)`` in normalised units
+    (``guide.volume_noise_level``), which sets how the refinement's guide is denoised; None
+    when the plan does not refine.
     """
 
     vol: np.ndarray
@@ -202,6 +206,7 @@ class Plan:
     threshold: float = DEFAULT_THRESHOLD
     background: int = 0
     tile: tuple[int, int, int] | None = None
+    noise: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -211,10 +216,20 @@ class Plan:
     def n_classes(self) -> int:
         return self.model.config.n_classes
 
+    def guide(self) -> GuideFilter | None:
+        """How the refinement's guide is made (None without refinement)."""
+        s = self.settings
+        if s.refine is None:
+            return None
+        return guide_filter(self.noise, s.refine.guide_sigma, s.spacing)
+
     def with_refine(self, refine) -> Plan:
         """The same plan with another refinement (the image, range and device are shared)."""
         settings = settle(self.model, self.settings.spacing, refine)
-        return dataclasses.replace(self, settings=settings)
+        noise = self.noise
+        if noise is None and settings.refine is not None:
+            noise = volume_noise_level(self.vol, self.lo, self.hi)
+        return dataclasses.replace(self, settings=settings, noise=noise)
 
     def unary_boxes(self) -> list[Box]:
         """Core boxes of the logits pass (origins on the model's pooling grid)."""
@@ -333,6 +348,7 @@ def prepare(
     intensity_range=None,
     threshold: float = DEFAULT_THRESHOLD,
     background: int = 0,
+    noise_level=None,
 ) -> Plan:
     """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
     model = as_model(model)
@@ -348,7 +364,11 @@ def prepare(
         if intensity_range is None
         else _checked_range(intensity_range, vol.shape[0])
     )
-    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape)
+    if noise_level is not None:
+        noise = _checked_noise(noise_level, vol.shape[0])
+    else:  # only the refinement's guide needs it (``with_refine`` measures it when it does)
+        noise = volume_noise_level(vol, lo, hi) if settings.refine is not None else None
+    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape, noise)
     if tile_shape is None:  # tiles the caller chose are theirs to choose
         _check_overlap(plan)
     return plan
@@ -381,6 +401,26 @@ def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError(f"intensity_range must be finite, got {short_repr(intensity_range)}")
     return lo.view(1, -1, 1, 1, 1), hi.view(1, -1, 1, 1, 1)
+
+
+def _checked_noise(noise_level, channels: int) -> torch.Tensor:
+    try:
+        noise = torch.as_tensor(np.asarray(noise_level, dtype=np.float32)).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"noise_level must be one number per channel, got {short_repr(noise_level)}"
+        ) from err
+    if noise.numel() == 1 and channels > 1:
+        noise = noise.expand(channels).clone()
+    if noise.numel() != channels:
+        raise ValueError(
+            f"noise_level: the image has {channels} channel(s) but {noise.numel()} values were given"
+        )
+    if not (torch.isfinite(noise).all() and (noise >= 0).all()):
+        raise ValueError(
+            f"noise_level must be finite and >= 0 (normalised units), got {short_repr(noise_level)}"
+        )
+    return noise
 
 
 # --- boxes ----------------------------------------------------------------------------------------
@@ -490,10 +530,14 @@ def refine(
     s = plan.settings
     if s.refine is not None:
         with Stopwatch(timings, dev)("refine"):
-            guide = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+            filt = plan.guide()
+            read, within = extend_box(ext, filt.radius, plan.shape)
+            norm = apply_range(region(plan.vol, read, dev), plan.lo.to(dev), plan.hi.to(dev))
+            guide = make_guide(norm, filt, [(c.start, c.stop) for c in within])
+            del norm
             out = pac_crf3d(
                 out.div_(s.refine.temperature),
-                guide.div_(s.refine.guide_sigma),
+                guide,
                 iterations=s.refine.iterations,
                 kernel_size=s.kernel,
                 dilation=s.refine.dilation,

@@ -74,16 +74,16 @@ class FeatureSpec:
         if not self.kinds:
             return (0, 0, 0)
         extra = int(any(k != "gaussian" for k in self.kinds))
-        return tuple(_kernel_radius(max(self.sigmas) / sp) + extra for sp in spacing)
+        return tuple(kernel_radius(max(self.sigmas) / sp) + extra for sp in spacing)
 
 
-def _kernel_radius(sigma_vox: float) -> int:
+def kernel_radius(sigma_vox: float) -> int:
     return max(1, math.ceil(4.0 * sigma_vox))
 
 
-def _gauss_kernel(sigma_vox: float, dtype, device) -> torch.Tensor:
-    """Normalised 1-D Gaussian of ``2 * _kernel_radius(sigma_vox) + 1`` taps."""
-    r = _kernel_radius(sigma_vox)
+def gauss_kernel(sigma_vox: float, dtype, device) -> torch.Tensor:
+    """Normalised 1-D Gaussian of ``2 * kernel_radius(sigma_vox) + 1`` taps."""
+    r = kernel_radius(sigma_vox)
     x = torch.arange(-r, r + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (x / sigma_vox) ** 2)
     return (g / g.sum()).to(dtype=dtype, device=device)
@@ -114,7 +114,7 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
     return out
 
 
-def _smoothed(flat: torch.Tensor, kernels, ranges) -> torch.Tensor:
+def smoothed(flat: torch.Tensor, kernels, ranges) -> torch.Tensor:
     """Gaussian-smoothed ``flat`` over ``ranges`` (3 ``(start, stop)``, possibly past the
     edges), one separable pass per axis, each computing only the range the next one needs."""
     t = flat
@@ -240,9 +240,7 @@ def compute_features(
                 f"compute_features: sigma {sigma} is {max(sig_vox):.0f} voxels with spacing {tuple(spacing)}; "
                 f"at most {MAX_SIGMA_VOXELS:g} voxels are supported (check the spacing units)"
             )
-        smooth = _smoothed(
-            flat, [_gauss_kernel(v, flat.dtype, flat.device) for v in sig_vox], ranges
-        )
+        smooth = smoothed(flat, [gauss_kernel(v, flat.dtype, flat.device) for v in sig_vox], ranges)
         if margin:
             d = _derivatives(smooth, wanted, spacing)
         else:

@@ -15,6 +15,7 @@ from pacseg_kernels.threads import adaptive_threads
 from . import engine
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .engine import STAGES, SegmentationCancelled, TileRunner, prepare, settle
+from .guide import volume_noise_level
 from .model import PacSegModel, volume_intensity_range
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "receptive_field",
     "segment",
     "volume_intensity_range",
+    "volume_noise_level",
 ]
 
 
@@ -59,6 +61,7 @@ def segment(
     intensity_range=None,
     threshold: float = DEFAULT_THRESHOLD,
     background: int = 0,
+    noise_level=None,
 ) -> Segmentation:
     """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
 
@@ -90,13 +93,17 @@ def segment(
         (default: ``volume_intensity_range`` of this image). Give the range of the whole volume
         when segmenting it piece by piece (e.g. dask chunks with ``receptive_field`` as halo),
         so every piece is normalised alike and the pieces equal the whole.
+    noise_level : the image's noise standard deviation per channel, in units of the normalised
+        image (default: ``volume_noise_level`` of this image). It sets how much the
+        refinement's guide is smoothed (``guide.guide_filter``; none on clean images). Give the
+        whole volume's, as with ``intensity_range``, when segmenting it piece by piece.
     """
     start = time.perf_counter()
     with adaptive_threads():  # fewer threads while other processes hold cores
         plan = prepare(
             image, model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
             tile_shape=tile_shape, intensity_range=intensity_range, threshold=threshold,
-            background=background,
+            background=background, noise_level=noise_level,
         )  # fmt: skip
         shape, k = plan.shape, plan.n_classes
         # Softmax and the Potts mean field only see differences between a voxel's logits, so the

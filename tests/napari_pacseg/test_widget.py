@@ -110,7 +110,7 @@ def test_full_run_outputs_layers_in_place_and_keeps_the_event_loop_turning(
     # the run's worker thread sums with torch's default thread count, this thread with one
     assert_same_labels(labels.data, expected.labels, expected.matte)
     assert np.allclose(matte.data, expected.matte, atol=1e-5)
-    assert 0.02 < (labels.data > 0).mean() < 0.9
+    assert 0.01 < (labels.data > 0).mean() < 0.9  # neither empty nor everything
 
     # a second run with other refinement writes into the same layers
     n_layers = len(viewer.layers)
