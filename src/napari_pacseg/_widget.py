@@ -88,6 +88,15 @@ class PacSegWidget(mw.Container):
         self.train_steps = mw.SpinBox(
             label="Training steps", min=10, max=5000, step=10, value=DEFAULT_STEPS
         )
+        self.add_pair_button = mw.PushButton(
+            text="Add to training set",
+            tooltip="keep this image and scribbles layer: Train uses every pair of the set",
+        )
+        self.training_set = mw.Select(
+            label="Training set", visible=False,
+            choices=lambda _: [(p.label, i) for i, p in enumerate(self.session.training_set)],
+        )  # fmt: skip
+        self.remove_pair_button = mw.PushButton(text="Remove selected", visible=False)
         self.train_button = mw.PushButton(text="Train from scribbles")
         self.refine_controls = refine_controls()
         for name, control in self.refine_controls.items():
@@ -106,7 +115,8 @@ class PacSegWidget(mw.Container):
             self.image, self.channel_axis, self.spacing_info,
             heading("Model"), self.model_info, self.load_button, self.save_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
-            self.feature_scales, self.train_steps, self.train_button,
+            self.feature_scales, self.train_steps, self.add_pair_button, self.training_set,
+            self.remove_pair_button, self.train_button,
             heading("Refinement"), *self.refine_controls.values(), self.reset_refine_button,
             heading("Output"), self.threshold, self.background, self.device,
             self.live, self.run_button, self.cancel_button, self.status,
@@ -121,6 +131,8 @@ class PacSegWidget(mw.Container):
         self.save_button.clicked.connect(lambda: self._on_file_clicked(save=True))
         self.new_scribbles_button.clicked.connect(self.new_scribbles_layer)
         self.train_button.clicked.connect(self.start_training)
+        self.add_pair_button.clicked.connect(self.add_to_training_set)
+        self.remove_pair_button.clicked.connect(self.remove_from_training_set)
         self.reset_refine_button.clicked.connect(self._reset_refine)
         self.run_button.clicked.connect(self.run_full)
         self.cancel_button.clicked.connect(self.cancel)
@@ -262,8 +274,35 @@ class PacSegWidget(mw.Container):
         self._say(f"paint with label {', '.join(pairs)}; then Train")
         return layer
 
+    def add_to_training_set(self) -> None:
+        """Add the chosen image and scribbles layer to the training set (listed; Train uses
+        every pair of it, plus the chosen pair when it is not in it)."""
+        try:
+            self._input()
+            pair = self.session.add_to_training_set(*_layers.scribbles_of(self.scribbles.value))
+        except ValueError as err:
+            return self._error(str(err))
+        self._show_training_set()
+        self._say(f"added {pair.label} to the training set ({len(self.session.training_set)})")
+
+    def remove_from_training_set(self) -> None:
+        """Remove the selected entries of the training set."""
+        for index in sorted(self.training_set.value, reverse=True):
+            self.session.remove_from_training_set(index)
+        self._show_training_set()
+
+    def _show_training_set(self) -> None:
+        pairs = self.session.training_set
+        self.training_set.reset_choices()
+        self.training_set.visible = self.remove_pair_button.visible = bool(pairs)
+        n = len(pairs)
+        self.train_button.text = (
+            f"Train on the set (+ this pair) [{n}]" if n else "Train from scribbles"
+        )
+
     def start_training(self) -> None:
-        """Train a model from the chosen scribbles layer in a worker thread."""
+        """Train a model from the chosen scribbles layer (and the training set) in a worker
+        thread."""
         params = TrainParams(self.class_names.value, self.feature_scales.value,
                              int(self.train_steps.value), self.device.value)  # fmt: skip
         try:

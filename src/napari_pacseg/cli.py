@@ -192,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(handler=_cmd_segment)
 
     tr = sub.add_parser("train", help="train a model from scribbles",
-                        description="Train a model from an image and its scribbles (0 "
-                        "unlabelled, 1 background, 2.. the classes) and save it.")  # fmt: skip
-    tr.add_argument("image", type=Path, help="image (TIFF, NPY, zarr)")
-    tr.add_argument("scribbles", type=Path, help="integer label volume of the image's shape")
+                        description="Train a model from images and their scribbles (0 "
+                        "unlabelled, 1 background, 2.. the classes) and save it: pacseg train "
+                        "IMG1 SCR1 [IMG2 SCR2 ...] -o MODEL trains one model from all the "
+                        "pairs, each image normalised by its own intensity range.")  # fmt: skip
+    tr.add_argument("pairs", type=Path, nargs="+", metavar="IMAGE SCRIBBLES",
+                    help="image (TIFF, NPY, zarr), then its scribbles (an integer label volume "
+                    "of the image's shape); repeat for more images")  # fmt: skip
     tr.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
                     help="model file to write (.safetensors)")  # fmt: skip
     tr.add_argument("--sigmas", type=_positive_float, nargs="+",
@@ -350,8 +353,13 @@ def _cmd_train(args) -> int:
         raise UsageError(f"-o {args.output}: the model file name must end in .safetensors")
     if args.output.exists() and not args.overwrite:
         raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    if len(args.pairs) % 2:
+        raise UsageError(
+            f"pacseg train takes IMAGE SCRIBBLES pairs; {len(args.pairs)} paths were given "
+            f"(the last, {args.pairs[-1]}, has no partner)"
+        )
     try:
-        check_not_input(args.output, [args.image, args.scribbles])
+        check_not_input(args.output, args.pairs)
         spec = FeatureSpec()
         spec = dataclasses.replace(
             spec,
@@ -362,15 +370,25 @@ def _cmd_train(args) -> int:
         raise UsageError(str(err)) from None
     bar = ProgressBar(quiet=args.quiet)
     try:
-        image = read_volume(args.image, args.channel_axis)
-        marks = read_volume(args.scribbles).load()[0]
-        if args.spacing is None and image.spacing_problem:
-            raise VolumeError(
-                f"{args.image}: {image.spacing_problem}; give the voxel size with --spacing Z Y X"
-            )
-        spacing = tuple(args.spacing) if args.spacing else image.spacing  # None: train's default
+        images, marks, spacings = [], [], []
+        for path, scribbles in zip(args.pairs[::2], args.pairs[1::2]):
+            image = read_volume(path, args.channel_axis)
+            if args.spacing is None and image.spacing_problem:
+                raise VolumeError(
+                    f"{path}: {image.spacing_problem}; give the voxel size with --spacing Z Y X"
+                )
+            images.append(image.load())
+            marks.append(read_volume(scribbles).load()[0])
+            # None: train's default
+            spacings.append(tuple(args.spacing) if args.spacing else image.spacing)
+        many = len(images) > 1
+        if many and all(sp is None for sp in spacings):
+            spacings = None
+        elif many:
+            spacings = [sp or (1.0, 1.0, 1.0) for sp in spacings]
         model = train(
-            image.load(), marks, spacing=spacing, channel_axis=0, features=spec,
+            images if many else images[0], marks if many else marks[0],
+            spacing=spacings if many else spacings[0], channel_axis=0, features=spec,
             hidden=tuple(args.hidden) if args.hidden else (64, 64), steps=args.steps,
             device=args.device, seed=args.seed, class_names=args.class_names,
             progress=lambda done, total: bar.update("training", done, total, "steps"),
@@ -383,6 +401,7 @@ def _cmd_train(args) -> int:
         f"saved {args.output}: classes {[c.name for c in model.config.classes]}, "
         f"spacing {tuple(model.config.spacing)}, "
         f"{int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
+        + (f" in {len(images)} images" if len(images) > 1 else "")
     )
     return 0
 

@@ -41,12 +41,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def training_provenance(labelled_voxels: int, seed: int) -> dict[str, str]:
-    """The ``provenance`` of a model made by ``train()``."""
-    return {
+def training_provenance(labelled_voxels: int, seed: int, images: int = 1) -> dict[str, str]:
+    """The ``provenance`` of a model made by ``train()`` (from ``images`` images)."""
+    out = {
         "method": "train() from scribbles",
         "date": now(),
         "library": LIBRARY,
         "labelled_voxels": str(int(labelled_voxels)),
         "seed": str(seed),
     }
+    if images > 1:
+        out["images"] = str(int(images))
+    return out

@@ -168,21 +168,44 @@ class FullRun:
 
 
 @dataclass(frozen=True, eq=False)
-class Training:
-    """``train`` from a copy of the scribbles: call it (in any thread) for the model; ``source``
-    says where it came from."""
+class TrainingPair:
+    """An image and its scribbles in the training set: ``scribbles`` is the layer's data (a
+    live reference: painting goes on; ``Session.training`` copies it), ``name`` the layer's,
+    ``classes`` the class names the layer stores (or None)."""
 
     image: ImageInput
-    scribbles: np.ndarray
+    scribbles: object
+    name: str
+    classes: list | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} on {self.image.name!r}"
+
+
+@dataclass(frozen=True, eq=False)
+class Training:
+    """``train`` from copies of the scribbles of one image or several: call it (in any thread)
+    for the model; ``source`` says where it came from."""
+
+    images: list[ImageInput]
+    scribbles: list[np.ndarray]
     kwargs: dict
     source: str
+
+    @property
+    def image(self) -> ImageInput:
+        return self.images[0]
 
     def __call__(
         self, progress: Progress | None = None, should_cancel: Cancel | None = None
     ) -> PacSegModel:
-        inp = self.image
+        one = len(self.images) == 1
         return train(
-            inp.data, self.scribbles, spacing=inp.scale, channel_axis=inp.channel_axis,
+            self.images[0].data if one else [i.data for i in self.images],
+            self.scribbles[0] if one else self.scribbles,
+            spacing=self.images[0].scale if one else [i.scale for i in self.images],
+            channel_axis=self.images[0].channel_axis,
             progress=progress, should_cancel=should_cancel, **self.kwargs,
         )  # fmt: skip
 
@@ -267,6 +290,7 @@ class Session:
         self._segmenter_refs = None  # image data and model, so the ids in the key stay theirs
         self._segmenter_lock = threading.Lock()
         self._live_done = None
+        self.training_set: list[TrainingPair] = []
 
     # --- image and model ------------------------------------------------------------------------
 
@@ -359,31 +383,77 @@ class Session:
         """A full run replaced the output layers: the next live request recomputes."""
         self._live_done = None
 
-    def training(
-        self, params: TrainParams, scribbles, scribbles_name: str = "scribbles", classes=None
-    ) -> Training:
-        """The work of training from ``scribbles`` (copied now: painting may go on; None when
-        there is no scribbles layer) of the current image. Class names: ``classes`` (those the
-        scribbles layer stores) or ``params.classes``, cut or extended ("class 3", ...) to the
-        values painted."""
+    def _pair(self, scribbles, name: str, classes) -> TrainingPair:
         inp = self.require_image()
         if scribbles is None:
             raise ValueError("no scribbles layer: press 'New scribbles layer', paint, then Train")
-        marks = np.array(scribbles)
-        if marks.shape != inp.shape:
+        shape = tuple(np.shape(scribbles))
+        if shape != inp.shape:
             raise ValueError(
-                f"the scribbles layer {scribbles_name!r} has shape {marks.shape} but the image's "
-                f"spatial shape is {inp.shape}"
+                f"the scribbles layer {name!r} has shape {shape} but the image's spatial shape "
+                f"is {inp.shape}"
             )
-        names = list(classes or parse_class_names(params.classes))
-        k = int(marks.max()) if marks.size else 0
+        return TrainingPair(inp, scribbles, name, list(classes) if classes else None)
+
+    def _in_set(self, pair: TrainingPair) -> bool:
+        return any(
+            p.image.layer is pair.image.layer and p.scribbles is pair.scribbles
+            for p in self.training_set
+        )
+
+    def add_to_training_set(self, scribbles, name: str = "scribbles", classes=None) -> TrainingPair:
+        """Add the current image and ``scribbles`` (a layer's data, kept by reference) to the
+        training set; ``ValueError`` when that pair is there already."""
+        pair = self._pair(scribbles, name, classes)
+        if self._in_set(pair):
+            raise ValueError(f"{pair.label} is in the training set already")
+        self.training_set.append(pair)
+        return pair
+
+    def remove_from_training_set(self, index: int) -> TrainingPair:
+        if not 0 <= index < len(self.training_set):
+            raise ValueError(f"the training set has no entry {index}")
+        return self.training_set.pop(index)
+
+    def training(
+        self, params: TrainParams, scribbles, scribbles_name: str = "scribbles", classes=None
+    ) -> Training:
+        """The work of training from the training set and the current image with ``scribbles``
+        (when that pair is not in the set already; None: the set alone, when it has entries),
+        each copied now (painting may go on). Class names: ``classes`` (those the scribbles
+        layer stores), else the first stored by a pair of the set, else ``params.classes``, cut
+        or extended ("class 3", ...) to the values painted."""
+        pairs = list(self.training_set)
+        if scribbles is not None or not pairs:
+            current = self._pair(scribbles, scribbles_name, classes)
+            if not self._in_set(current):
+                pairs.append(current)
+        marks = [np.array(p.scribbles) for p in pairs]
+        for p, m in zip(pairs, marks):
+            if m.shape != p.image.shape:
+                raise ValueError(
+                    f"the scribbles layer {p.name!r} now has shape {m.shape} but its image "
+                    f"{p.image.name!r} has {p.image.shape}; remove it from the training set"
+                )
+        if len({p.image.channel_axis is None for p in pairs}) > 1:
+            raise ValueError(
+                "the training set mixes 3D images and images with a channel axis; train on "
+                "images with the same channels"
+            )
+        stored = classes or next((p.classes for p in pairs if p.classes), None)
+        names = list(stored or parse_class_names(params.classes))
+        k = max((int(m.max()) if m.size else 0) for m in marks)
         names = (names + [f"class {v}" for v in range(len(names) + 1, k + 1)])[:k]
         sigmas = parse_scales(params.scales)
         kwargs = {
             "steps": int(params.steps), "features": FeatureSpec(sigmas=sigmas) if sigmas else None,
             "device": params.device, "class_names": names if k >= 2 else None,
         }  # fmt: skip
-        return Training(inp, marks, kwargs, f"trained from {scribbles_name!r} on {inp.name!r}")
+        if len(pairs) == 1:
+            source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"
+        else:
+            source = f"trained from {len(pairs)} images: " + ", ".join(p.label for p in pairs)
+        return Training([p.image for p in pairs], marks, kwargs, source)
 
     # --- live preview -----------------------------------------------------------------------------
 

@@ -48,9 +48,15 @@ def train(
 
     Parameters
     ----------
-    image : ``(D, H, W)`` array, or 4D with ``channel_axis``.
+    image : ``(D, H, W)`` array, or 4D with ``channel_axis``; or a list of such images (one
+        model from all of them; each is normalised by its own intensity range, as ``segment``
+        normalises it).
     scribbles : integer array of the image's spatial shape: 0 unlabelled, 1..K the classes
-        (1 = background), as painted in a napari Labels layer. Every value 1..K must occur.
+        (1 = background), as painted in a napari Labels layer; a list of one per image when
+        ``image`` is a list. Every value 1..K must occur (in at least one of them), and every
+        image must have some labelled voxels.
+    spacing : ``(z, y, x)``; with a list of images, one for all or a list of one per image (the
+        model's training spacing is the first image's).
     features : the feature bank (default ``FeatureSpec()``, sigmas in the units of ``spacing``).
     hidden : widths of the MLP's hidden layers.
     context : not supported yet (a ``ValueError`` says so rather than silently ignoring it).
@@ -62,20 +68,20 @@ def train(
         raise ValueError(
             "train: training the context encoder/decoder is not implemented yet; use context=None"
         )
-    vol = as_volume(image, channel_axis)
-    if isinstance(scribbles, (str, bytes)) or scribbles is None:
-        raise TypeError(f"train: scribbles must be an integer array, got {short_repr(scribbles)}")
-    marks = np.asarray(scribbles)
-    if marks.shape != vol.shape[1:]:
+    pairs = _training_pairs(image, scribbles, channel_axis, spacing)
+    vol, _, spacing = pairs[0]
+    k = max(_classes_painted(m, i, len(pairs)) for i, (_, m, _) in enumerate(pairs))
+    everywhere = set().union(*(np.unique(m[m > 0]).tolist() for _, m, _ in pairs))
+    if k < 2:
         raise ValueError(
-            f"train: scribbles have shape {marks.shape} but the image's spatial shape is {vol.shape[1:]}"
+            "train: only one class is painted; paint background (1) and at least one more class"
         )
-    if not (np.issubdtype(marks.dtype, np.integer) or marks.dtype == bool):
+    missing = sorted(set(range(1, k + 1)) - everywhere)
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
         raise ValueError(
-            f"train: scribbles must be an integer (Labels) array, got dtype {marks.dtype}"
+            f"train: scribble values must be 1..{k} with each present; missing {shown}"
         )
-    k = _classes_painted(marks)
-    spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     spec = features or FeatureSpec()
     if not isinstance(spec, FeatureSpec):
         raise TypeError(f"train: features must be a FeatureSpec, got {type(spec).__name__}")
@@ -103,12 +109,17 @@ def train(
         features=spec,
         head=HeadConfig(hidden),
         spacing=spacing,
-        provenance=training_provenance(np.count_nonzero(marks), seed),
+        provenance=training_provenance(
+            sum(np.count_nonzero(m) for _, m, _ in pairs), seed, len(pairs)
+        ),
     )
     model = PacSegModel(config)
-    plan = prepare(vol, model, spacing=spacing, channel_axis=0, refine=False, device="cpu")
     with adaptive_threads():  # fewer threads while other processes hold cores
-        x, y = _labelled_features(plan, marks, gen, should_cancel)
+        parts = []
+        for v, m, sp in pairs:
+            plan = prepare(v, model, spacing=sp, channel_axis=0, refine=False, device="cpu")
+            parts.append(_labelled_features(plan, m, should_cancel))
+        x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
         with torch.enable_grad():  # also when called under torch.no_grad()
             _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
     model = model.cpu().eval()
@@ -120,25 +131,73 @@ def train(
     return model
 
 
-def _classes_painted(marks: np.ndarray) -> int:
-    """The number of classes K in ``marks``: values 0 (unlabelled) and 1..K, each present."""
+def _training_pairs(image, scribbles, channel_axis, spacing) -> list:
+    """``[(volume (C, D, H, W), scribbles (D, H, W), spacing)]``, checked, one per image."""
+    many = isinstance(image, (list, tuple))
+    if many != isinstance(scribbles, (list, tuple)):
+        raise TypeError(
+            "train: give one image and one scribbles array, or a list of images and a list of "
+            "their scribbles"
+        )
+    images, marks = (list(image), list(scribbles)) if many else ([image], [scribbles])
+    if not images:
+        raise ValueError("train: the list of images is empty")
+    if len(images) != len(marks):
+        raise ValueError(f"train: {len(images)} images but {len(marks)} scribbles arrays")
+    if many and spacing is not None and len(spacing) and isinstance(spacing[0], (list, tuple)):
+        if len(spacing) != len(images):
+            raise ValueError(f"train: {len(images)} images but {len(spacing)} spacings")
+        spacings = list(spacing)
+    else:
+        spacings = [spacing] * len(images)
+    pairs = []
+    for i, (img, scr, sp) in enumerate(zip(images, marks, spacings)):
+        where = f"train: image {i}: " if many else "train: "
+        vol = as_volume(img, channel_axis)
+        if isinstance(scr, (str, bytes)) or scr is None:
+            raise TypeError(f"{where}scribbles must be an integer array, got {short_repr(scr)}")
+        m = np.asarray(scr)
+        if m.shape != vol.shape[1:]:
+            raise ValueError(
+                f"{where}scribbles have shape {m.shape} but the image's spatial shape is "
+                f"{vol.shape[1:]}"
+            )
+        if not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
+            raise ValueError(
+                f"{where}scribbles must be an integer (Labels) array, got dtype {m.dtype}"
+            )
+        if pairs and vol.shape[0] != pairs[0][0].shape[0]:
+            raise ValueError(
+                f"{where}{vol.shape[0]} channel(s) but image 0 has {pairs[0][0].shape[0]}"
+            )
+        pairs.append((vol, m, check_spacing(sp, (1.0, 1.0, 1.0))))
+    return pairs
+
+
+def _classes_painted(marks: np.ndarray, index: int = 0, count: int = 1) -> int:
+    """The largest class K painted in ``marks`` (values 0 unlabelled and 1..K); with one image,
+    each of 1..K must be present."""
+    where = f"train: image {index}: " if count > 1 else "train: "
     if marks.size and int(marks.min()) < 0:
         raise ValueError(
-            "train: scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
+            f"{where}scribbles hold negative values; use 0 for unlabelled and 1..K for classes"
         )
     present = np.unique(marks[marks > 0]).tolist()
     big = [v for v in present if v > MAX_CLASSES]
     if big:
         shown = ", ".join(str(v) for v in big[:3]) + (", ..." if len(big) > 3 else "")
         raise ValueError(
-            f"train: scribble values must be at most {MAX_CLASSES} (one per class); found "
+            f"{where}scribble values must be at most {MAX_CLASSES} (one per class); found "
             f"{len(big)} larger value(s): {shown}. Relabel the scribbles 1..K"
         )
     if not present:
         raise ValueError(
-            "train: the scribbles label no voxel; paint at least two classes (1 = background)"
+            f"{where}the scribbles label no voxel; paint at least two classes (1 = background)"
+            + ("" if count == 1 else ", or leave this image out")
         )
     k = int(present[-1])
+    if count > 1:  # the classes need only be painted across all the images (checked there)
+        return k
     if k < 2:
         raise ValueError(
             "train: only one class is painted; paint background (1) and at least one more class"
@@ -153,10 +212,10 @@ def _classes_painted(marks: np.ndarray) -> int:
 
 
 @torch.no_grad()
-def _labelled_features(plan, marks, gen, should_cancel):
-    """Features ``(M, F)`` and class indices ``(M,)`` of (a class-balanced sample of) the labelled
-    voxels, computed only on the scribbles' bounding box in each tile, with a halo for the
-    filters, normalised as ``segment`` normalises (the plan's range)."""
+def _labelled_features(plan, marks, should_cancel):
+    """Features ``(M, F)`` and class indices ``(M,)`` of the labelled voxels, computed only on
+    the scribbles' bounding box in each tile, with a halo for the filters, normalised as
+    ``segment`` normalises (the plan's range)."""
     xs, ys = [], []
     cpu = torch.device("cpu")
     for box in split_box(whole(marks.shape), TRAIN_TILE):
@@ -174,7 +233,11 @@ def _labelled_features(plan, marks, gen, should_cancel):
         where = np.nonzero(tile_marks)
         xs.append(feats[(slice(None), *(torch.from_numpy(w) for w in where))].T)
         ys.append(torch.from_numpy(tile_marks[where].astype(np.int64) - 1))
-    x, y = torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _balanced(x, y, gen):
+    """At most ``MAX_SAMPLES_PER_CLASS`` random rows of each class."""
     keep = []
     for c in range(int(y.max()) + 1):
         idx = torch.nonzero(y == c).flatten()

@@ -252,3 +252,26 @@ def test_progress_bar_in_a_log():
     quiet = io.StringIO()
     ProgressBar(quiet, quiet=True).update("x", 1, 2, "tiles")
     assert quiet.getvalue() == ""
+
+
+def test_train_from_several_pairs(tmp_path, capsys):
+    sample = load_sample()
+    halves = [(slice(16, 48), slice(0, 256), slice(0, 128)),
+              (slice(16, 48), slice(0, 256), slice(128, 256))]  # fmt: skip
+    paths = []
+    for i, box in enumerate(halves):
+        write_tiff(tmp_path / f"img{i}.tif", sample.image[box], spacing=sample.spacing)
+        np.save(tmp_path / f"marks{i}.npy", sample.scribbles[box])
+        paths += [str(tmp_path / f"img{i}.tif"), str(tmp_path / f"marks{i}.npy")]
+    out = tmp_path / "m.safetensors"
+    assert main(["train", *paths, "-o", str(out), "--sigmas", "1", "--hidden", "8", "--steps",
+                 "20", "-q"]) == 0  # fmt: skip
+    assert "in 2 images" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.config.provenance["images"] == "2"
+    assert model.config.spacing == sample.spacing
+    labelled = sum(np.count_nonzero(sample.scribbles[box]) for box in halves)
+    assert int(model.config.provenance["labelled_voxels"]) == labelled
+    assert main(["train", *paths[:3], "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2
+    assert "IMAGE SCRIBBLES pairs; 3 paths" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -297,3 +297,42 @@ def test_live_preview_cancels_during_the_refinement(session):
         session.compute_live(job, cancel_in_crf)
     assert len(calls) == 3
     assert session.compute_live(job).labels.shape == (3, 64, 64)  # nothing stale was cached
+
+
+def test_training_set_is_train_on_every_pair(sample):
+    """Pairs added to the training set, plus the current pair, train one model: train() on
+    the list; a pair in the set is not counted twice; removing one leaves the others."""
+    left, right = TRAIN_CROP, (slice(32, 48), slice(96, 192), slice(96, 192))
+    s = Session()
+    params = TrainParams(classes="background, nucleus", scales="0.5, 1", steps=20, device="cpu")
+    a = s.use_image(layer(sample.image[left], sample.spacing, "left"))
+    marks_a = sample.scribbles[left].copy()
+    pair = s.add_to_training_set(marks_a, "left scribbles", ["fond", "noyau"])
+    assert pair.label == "'left scribbles' on 'left'" and s.training_set == [pair]
+    with pytest.raises(ValueError, match="in the training set already"):
+        s.add_to_training_set(marks_a, "left scribbles")
+    b = s.use_image(layer(sample.image[right], sample.spacing, "right"))
+    marks_b = sample.scribbles[right].copy()
+    job = s.training(params, marks_b, "right scribbles")
+    assert [i.name for i in job.images] == ["left", "right"] and job.image is a
+    assert job.kwargs["class_names"] == ["fond", "noyau"]  # stored by the set's layer
+    assert job.source.startswith("trained from 2 images: 'left scribbles' on 'left'")
+    marks_a[:] = 0  # painting goes on: the job has its copies
+    model = job()
+    want = train([sample.image[left], sample.image[right]],
+                 [sample.scribbles[left], sample.scribbles[right]],
+                 spacing=[sample.spacing] * 2, steps=20, device="cpu",
+                 features=FeatureSpec(sigmas=(0.5, 1.0)), class_names=["fond", "noyau"])  # fmt: skip
+    got, expected = model.state_dict(), want.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    # the set alone (no scribbles layer chosen), and after removing: the current pair alone
+    s.add_to_training_set(marks_b, "right scribbles")
+    assert len(s.training(params, None).images) == 2
+    assert len(s.training(params, marks_b, "right scribbles").images) == 2  # not twice
+    s.remove_from_training_set(0)
+    assert [p.image for p in s.training_set] == [b]
+    with pytest.raises(ValueError, match="has no entry 5"):
+        s.remove_from_training_set(5)
+    s.training_set.clear()
+    with pytest.raises(ValueError, match="no scribbles layer"):
+        s.training(params, None)

@@ -350,3 +350,37 @@ def test_four_d_image_with_a_leading_channel_axis(docked, qtbot, errors, sample)
     assert "must be its first axis" in widget.spacing_info.value
     widget.run_full()
     assert len(errors) == 1 and "must be its first axis" in errors[0]
+
+
+def test_training_set_of_two_images(docked, qtbot, errors, sample):
+    """Add to training set lists the pair; Train trains on the set plus the chosen pair;
+    Remove selected takes an entry out."""
+    viewer, widget = docked
+    other = (slice(32, 48), slice(96, 192), slice(96, 192))
+    widget.class_names.value = "background, nucleus"
+    widget.train_steps.value = 20
+    widget.feature_scales.value = "0.5, 1"
+    for name, crop in (("left", TRAIN_CROP), ("right", other)):
+        widget.image.value = viewer.add_image(sample.image[crop], name=name, scale=sample.spacing)
+        layer = widget.new_scribbles_layer()
+        layer.data = sample.scribbles[crop].copy()
+        if name == "left":
+            assert not widget.training_set.visible
+            widget.add_to_training_set()
+            assert widget.training_set.visible and widget.remove_pair_button.visible
+    shown = widget.training_set.native
+    assert [shown.item(i).text() for i in range(shown.count())] == ["'left scribbles' on 'left'"]
+    assert "[1]" in widget.train_button.text
+    widget.add_to_training_set()
+    assert len(widget.session.training_set) == 2
+    widget.add_to_training_set()  # the same pair again: a clear error
+    assert len(errors) == 1 and "already" in errors[0]
+    widget.train_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.model is not None, widget.status.value
+    assert "trained from 2 images" in widget.model_info.value
+    assert widget.model.config.provenance["images"] == "2"
+    widget.training_set.value = [0]
+    widget.remove_from_training_set()
+    assert [p.image.name for p in widget.session.training_set] == ["right"]
+    assert len(errors) == 1
