@@ -17,7 +17,8 @@ made by the same generator with other seeds, every method is trained from the sa
   0.847 in 51 s, ``object_size_5_to_10_px`` 0.675 in 138 s, against ``small_quick``'s 0.889 in
   3.1 s; train + predict), run in a separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
 * ours: ``train()`` with the sample's demo settings, then ``segment()`` without and with the
-  PAC-CRF refinement (model defaults).
+  PAC-CRF refinement (model defaults); with ``--context`` also trained with the context
+  encoder/decoder (``train(context=True)``).
 
 Besides the clean volumes, degraded copies of each (``degrade``): uneven illumination (the
 signal scaled by a linear ramp from 100% to 25% across x, plus an offset of 10% of the dynamic
@@ -34,7 +35,7 @@ and segments on the GPU (the peers stay on the CPU). A quality benchmark: no cou
 times are end to end). Writes ``benchmarks/results/quality-<device>.md``.
 
 Usage: python benchmarks/bench_quality.py [--device cpu|cuda] [--apoc-python PATH]
-       [--seeds 11 3 5] [--repeats 3] [--skip-rf] [--no-degraded]
+       [--seeds 11 3 5] [--repeats 3] [--skip-rf] [--no-degraded] [--context]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ APOC = {name: f"APOC PixelClassifier ({name})" for name in APOC_SETS}
 RF = "RF, ilastik-style (skimage + sklearn)"
 OURS = "ours, PAC-CRF refined"
 UNREFINED = "ours, no refinement"
+CTX_OURS = "ours + context, PAC-CRF refined"
+CTX_UNREFINED = "ours + context, no refinement"
 OTSU = ("Otsu threshold", "Otsu, Gaussian sigma 1", "Otsu, Gaussian sigma 2")
 BEST_OTSU = "best of the three Otsu"
 NOISE_LEVELS = (0.08, 0.15)  # of the dynamic range
@@ -154,15 +157,17 @@ def run_apoc(python: str, image, scribbles, repeats: int) -> dict:
         return results
 
 
-def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu") -> dict:
+def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu", context=False) -> dict:
     """Per refinement setting (False, True): labels of the last of ``repeats`` runs of train()
-    then segment() both ways, the median train time (shared) and median segment time."""
+    (with the context net when ``context``) then segment() both ways, the median train time
+    (shared) and median segment time."""
     train_times, predict_times, labels = [], {False: [], True: []}, {}
     for _ in range(repeats):
         start = time.perf_counter()
         model = train(
-            image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0, device=device
-        )
+            image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0, device=device,
+            context=context or None,
+        )  # fmt: skip
         train_times.append(time.perf_counter() - start)
         for refine in (False, True):
             start = time.perf_counter()
@@ -173,7 +178,8 @@ def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu") -> di
     return {r: (labels[r], train_s, float(np.median(predict_times[r]))) for r in (False, True)}
 
 
-def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats, device="cpu", rf=True):
+def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats, device="cpu", rf=True,
+             context=False):  # fmt: skip
     truth = truth.astype(bool)
     rows = []
 
@@ -201,6 +207,10 @@ def evaluate(name, image, truth, scribbles, spacing, apoc_python, repeats, devic
     ours = run_ours(image, scribbles, spacing, repeats, device)
     for refine, label in ((False, UNREFINED), (True, OURS)):
         add(label, *ours[refine])
+    if context:
+        ours = run_ours(image, scribbles, spacing, repeats, device, context=True)
+        for refine, label in ((False, CTX_UNREFINED), (True, CTX_OURS)):
+            add(label, *ours[refine])
     return name, float(np.count_nonzero(scribbles)) / scribbles.size, rows
 
 
@@ -217,7 +227,7 @@ def _ratios(results, methods) -> list[str]:
     if not any(p in methods for p in (*APOC.values(), RF)):
         return ["No peer ran (RF skipped, APOC absent): no ratios."]
     lines = ["Ours vs each peer, same run, same scribbles (time: mean train + predict):", ""]
-    for ours in (OURS, UNREFINED):
+    for ours in (o for o in (OURS, UNREFINED, CTX_OURS) if o in methods):
         for peer in (p for p in (*APOC.values(), RF) if p in methods):
             ratio = end_to_end(peer) / end_to_end(ours)
             speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
@@ -283,6 +293,31 @@ def _targets(results, methods) -> list[str]:
     clean = [r for r in results if "degraded" not in r[0]]
     lines.append(f"- clean volumes, ours refined: mean Dice {mean(clean, OURS):.3f}, boundary F "
                  f"{mean(clean, OURS, 2):.3f} (committed before: 0.932 / 0.901)")  # fmt: skip
+    if CTX_OURS in col:
+        lines += _context_targets(results, col, peers)
+    return lines
+
+
+def _context_targets(results, col, peers) -> list[str]:
+    """Issue 18's targets for the context net (refined, with vs without)."""
+    weak = [r for r in results if "seed 3" in r[0] or "degraded" in r[0]]
+    with_ctx = float(np.mean([r[2][col[CTX_OURS]][1] for r in weak]))
+    without = float(np.mean([r[2][col[OURS]][1] for r in weak]))
+    lines = [f"- context, seed 3 and the degraded volumes: mean Dice refined {without:.3f} without, "
+             f"{with_ctx:.3f} with: {'met' if with_ctx > without else 'NOT met'}"]  # fmt: skip
+    others = [r for r in results if r not in weak]
+    lowered = [f"{r[0]} ({r[2][col[OURS]][1]:.3f} -> {r[2][col[CTX_OURS]][1]:.3f})"
+               for r in others if r[2][col[CTX_OURS]][1] < r[2][col[OURS]][1] - 0.005]  # fmt: skip
+    lines.append("- context lowers no other volume's Dice by more than 0.005: "
+                 + ("met" if not lowered else "NOT met on " + "; ".join(lowered)))  # fmt: skip
+    hardest = min(results, key=lambda r: r[2][col[OURS]][1])
+    ctx = hardest[2][col[CTX_OURS]][1]
+    best = max((hardest[2][col[p]][1] for p in peers), default=float("nan"))
+    lines.append(f"- hardest volume ({hardest[0]}): refined + context {ctx:.3f} vs best peer "
+                 f"{best:.3f}: {'met' if ctx > best else 'NOT met'}")  # fmt: skip
+    sample = results[0][2][col[CTX_OURS]][3]
+    lines.append(f"- training with context on the sample: {sample:.1f} s (target <= 20 s; without: "
+                 f"{results[0][2][col[OURS]][3]:.1f} s)")  # fmt: skip
     return lines
 
 
@@ -306,6 +341,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of APOC and ours")
     parser.add_argument("--no-degraded", action="store_true", help="clean volumes only")
+    parser.add_argument("--context", action="store_true", help="also ours with the context net")
     args = parser.parse_args()
 
     sample = load_sample()
@@ -326,7 +362,7 @@ def main() -> None:
         print(name, flush=True)
         results.append(
             evaluate(name, image, truth, scribbles, spacing, args.apoc_python, args.repeats,
-                     args.device, rf=not args.skip_rf)
+                     args.device, rf=not args.skip_rf, context=args.context)
         )  # fmt: skip
 
     dev = args.device
@@ -336,6 +372,7 @@ def main() -> None:
     flags += f" --repeats {args.repeats}" if args.repeats != 3 else ""
     flags += " --skip-rf" if args.skip_rf else ""
     flags += " --no-degraded" if args.no_degraded else ""
+    flags += " --context" if args.context else ""
     lines = [
         f"# Segmentation quality from scribbles ({common.device_name(dev)})",
         "",

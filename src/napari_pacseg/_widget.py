@@ -88,6 +88,11 @@ class PacSegWidget(mw.Container):
         self.train_steps = mw.SpinBox(
             label="Training steps", min=10, max=5000, step=10, value=DEFAULT_STEPS
         )
+        self.train_context = mw.CheckBox(
+            text="Context (slower, learns surroundings)", value=False,
+            tooltip="also train a small encoder/decoder that sees each voxel's surroundings "
+            "(about 20 s more on a laptop CPU)",
+        )  # fmt: skip
         self.add_pair_button = mw.PushButton(
             text="Add to training set",
             tooltip="keep this image and scribbles layer: Train uses every pair of the set",
@@ -115,7 +120,7 @@ class PacSegWidget(mw.Container):
             self.image, self.channel_axis, self.spacing_info,
             heading("Model"), self.model_info, self.load_button, self.save_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
-            self.feature_scales, self.train_steps, self.add_pair_button, self.training_set,
+            self.feature_scales, self.train_steps, self.train_context, self.add_pair_button, self.training_set,
             self.remove_pair_button, self.train_button,
             heading("Refinement"), *self.refine_controls.values(), self.reset_refine_button,
             heading("Output"), self.threshold, self.background, self.device,
@@ -304,7 +309,8 @@ class PacSegWidget(mw.Container):
         """Train a model from the chosen scribbles layer (and the training set) in a worker
         thread."""
         params = TrainParams(self.class_names.value, self.feature_scales.value,
-                             int(self.train_steps.value), self.device.value)  # fmt: skip
+                             int(self.train_steps.value), self.device.value,
+                             self.train_context.value)  # fmt: skip
         try:
             self.session.check_idle()
             self._input()

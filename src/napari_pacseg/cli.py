@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--steps", type=_positive_int, help=f"optimisation steps (default {DEFAULT_STEPS})"
     )
+    tr.add_argument("--context", action="store_true",
+                    help="also train a context encoder/decoder (learns each voxel's "
+                    "surroundings; slower: about 20 s more on the sample on a 2-core CPU)")  # fmt: skip
     tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tr.add_argument("--class-names", nargs="+", metavar="NAME",
                     help="one name per class, background first")  # fmt: skip
@@ -391,6 +394,7 @@ def _cmd_train(args) -> int:
             spacing=spacings if many else spacings[0], channel_axis=0, features=spec,
             hidden=tuple(args.hidden) if args.hidden else (64, 64), steps=args.steps,
             device=args.device, seed=args.seed, class_names=args.class_names,
+            context=True if args.context else None,
             progress=lambda done, total: bar.update("training", done, total, "steps"),
         )  # fmt: skip
         save_model(model, args.output)

@@ -385,15 +385,20 @@ class PacSegModel(nn.Module):
         """Voxels per axis beyond which the logits of a voxel do not depend on the image
         (features and context encoder/decoder), for tiling."""
         spacing = spacing or self.config.spacing
-        halo = list(self.config.features.radius(spacing))
+        halo = self.config.features.radius(spacing)
+        return tuple(max(h, self.context_reach) for h in halo)
+
+    @property
+    def context_reach(self) -> int:
+        """Voxels (any axis) beyond which the context net's output at a voxel does not depend on
+        its input (0 without one): each level's two convolutions at that level's scale, plus
+        the pooling window of the coarsest level."""
         ctx = self.config.context
-        if ctx is not None:
-            reach = sum(
-                ctx.pool**level * (ctx.kernel_size // 2) * 2 for level in range(len(ctx.channels))
-            )
-            reach += ctx.pool ** len(ctx.channels)
-            halo = [max(h, reach) for h in halo]
-        return tuple(halo)
+        if ctx is None:
+            return 0
+        levels = len(ctx.channels)
+        convs = sum(ctx.pool**lv * (ctx.kernel_size // 2) * 2 for lv in range(levels))
+        return convs + ctx.pool**levels
 
     @property
     def grid(self) -> int:

@@ -136,12 +136,14 @@ class RunParams:
 @dataclass(frozen=True)
 class TrainParams:
     """The parameters of a training: class names (comma-separated text, used when the
-    scribbles layer does not name its classes), feature scales (text), steps and device."""
+    scribbles layer does not name its classes), feature scales (text), steps, device and
+    whether to train a context encoder/decoder too (``train(context=True)``)."""
 
     classes: str = DEFAULT_CLASSES
     scales: str = ", ".join(f"{s:g}" for s in FeatureSpec().sigmas)
     steps: int = 400
     device: str = "auto"
+    context: bool = False
 
 
 # --- work ---------------------------------------------------------------------------------------
@@ -448,6 +450,7 @@ class Session:
         kwargs = {
             "steps": int(params.steps), "features": FeatureSpec(sigmas=sigmas) if sigmas else None,
             "device": params.device, "class_names": names if k >= 2 else None,
+            "context": True if params.context else None,
         }  # fmt: skip
         if len(pairs) == 1:
             source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"

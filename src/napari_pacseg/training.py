@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -11,11 +12,13 @@ from torch import nn
 from pacseg_kernels.mlp_torch import activate
 from pacseg_kernels.threads import adaptive_threads
 
+from .adam import adam_step
 from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
 from .classes import MAX_CLASSES, class_infos
+from .context_training import CONTEXT_STEPS, fit_context, graft_head, init_context, sites
 from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
-from .model import HeadConfig, ModelConfig, PacSegModel
+from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel
 from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
@@ -59,14 +62,20 @@ def train(
         model's training spacing is the first image's).
     features : the feature bank (default ``FeatureSpec()``, sigmas in the units of ``spacing``).
     hidden : widths of the MLP's hidden layers.
-    context : not supported yet (a ``ValueError`` says so rather than silently ignoring it).
-    steps : optimisation steps (default 400): full-batch Adam on at most 20000 voxels per class,
-        class-balanced cross entropy. Deterministic for a given ``seed`` on one device.
+    context : a ``ContextConfig`` (or True for the default one) to also train a context
+        encoder/decoder (conv + ReLU, max pooling with indices, ``max_unpool3d`` back up, skip
+        additions) jointly with the head, on crops around the scribbles
+        (``context_training``; ``CONTEXT_STEPS`` more steps); None: features only.
+    steps : optimisation steps of the head (default 400): full-batch Adam on at most 20000
+        voxels per class, class-balanced cross entropy. Deterministic for a given ``seed`` on
+        one device.
     progress, should_cancel : as in ``segment`` (``progress(step, steps)``).
     """
-    if context is not None:
-        raise ValueError(
-            "train: training the context encoder/decoder is not implemented yet; use context=None"
+    if context is True:
+        context = ContextConfig()
+    if context is not None and not isinstance(context, ContextConfig):
+        raise TypeError(
+            f"train: context must be None, True or a ContextConfig, got {short_repr(context)}"
         )
     pairs = _training_pairs(image, scribbles, channel_axis, spacing)
     vol, _, spacing = pairs[0]
@@ -108,20 +117,28 @@ def train(
         classes=classes,
         features=spec,
         head=HeadConfig(hidden),
+        context=context,
         spacing=spacing,
         provenance=training_provenance(
             sum(np.count_nonzero(m) for _, m, _ in pairs), seed, len(pairs)
         ),
     )
     model = PacSegModel(config)
+    # the feature bank's head (the whole model without context)
+    head_only = PacSegModel(dataclasses.replace(config, context=None)) if context else model
+    total = steps + (CONTEXT_STEPS if context else 0)
+    relay = None if progress is None else (lambda done, _: progress(done, total))
     with adaptive_threads():  # fewer threads while other processes hold cores
-        parts = []
+        plans, parts = [], []
         for v, m, sp in pairs:
-            plan = prepare(v, model, spacing=sp, channel_axis=0, refine=False, device="cpu")
-            parts.append(_labelled_features(plan, m, should_cancel))
+            plans.append(prepare(v, head_only, spacing=sp, channel_axis=0, refine=False, device="cpu"))  # fmt: skip
+            parts.append(_labelled_features(plans[-1], m, should_cancel))
         x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
         with torch.enable_grad():  # also when called under torch.no_grad()
-            _fit(model, x.to(dev), y.to(dev), k, steps, gen, progress, should_cancel)
+            _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
+            if context:
+                _fit_context(model, head_only, plans, pairs, k, steps, total, gen, dev, progress,
+                             should_cancel)  # fmt: skip
     model = model.cpu().eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(
@@ -129,6 +146,17 @@ def train(
             "extreme values and try fewer steps"
         )
     return model
+
+
+def _fit_context(model, head_only, plans, pairs, k, done, total, gen, dev, progress, cancel):
+    """Train ``model``'s context net and head jointly, from ``head_only``'s fitted head."""
+    graft_head(model, head_only.cpu())
+    init_context(model, gen)
+    found = [s for plan, (_, m, _) in zip(plans, pairs) for s in sites(plan, m, head_only, model, cancel)]  # fmt: skip
+    counts = torch.bincount(torch.cat([s.labels for s in found]), minlength=k).float()
+    weight = counts.sum() / (k * counts.clamp_min(1))
+    model.to(dev)
+    fit_context(model, found, weight, CONTEXT_STEPS, gen, dev, progress, cancel, done, total)
 
 
 def _training_pairs(image, scribbles, channel_axis, spacing) -> list:
@@ -278,28 +306,10 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
                 h = activate(h, act)
         loss = loss_fn(h, y)
         grads = torch.autograd.grad(loss, params)
-        _adam_step(params, grads, moments, step + 1)
+        adam_step(params, grads, moments, step + 1)
         if progress is not None:
             progress(step + 1, steps)
     with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - W m / s)
         first = layers[0]
         first.bias.sub_(first.weight @ (mean / std))
         first.weight.div_(std)
-
-
-@torch.no_grad()
-def _adam_step(params, grads, moments, t: int, lr: float = 1e-2, betas=(0.9, 0.999), eps=1e-8):
-    """One Adam update (Kingma & Ba), written out with torch's multi-tensor ``_foreach`` ops (a
-    few calls for all parameters): ``torch.optim`` imports ``torch._dynamo``, which imports
-    triton, and importing triton's LLVM after Qt's software OpenGL (Mesa llvmpipe) has loaded
-    its own LLVM crashes the process, i.e. training inside napari."""
-    b1, b2 = betas
-    m, v = [mv[0] for mv in moments], [mv[1] for mv in moments]
-    torch._foreach_mul_(m, b1)
-    torch._foreach_add_(m, grads, alpha=1 - b1)
-    torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-    denom = torch._foreach_div(v, 1 - b2**t)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1**t))

@@ -15,8 +15,8 @@ pytest.importorskip("dask.array")
 zarr = pytest.importorskip("zarr")
 tifffile = pytest.importorskip("tifffile")
 
+from napari_pacseg import ContextConfig, load_model, receptive_field, segment  # noqa: E402
 from napari_pacseg import batch_files as batch_module  # noqa: E402
-from napari_pacseg import load_model, receptive_field, segment  # noqa: E402
 from napari_pacseg.cli import ProgressBar, main  # noqa: E402
 from napari_pacseg.provenance import sha256_file  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
@@ -234,6 +234,20 @@ def test_train_then_segment(tmp_path, capsys):
     assert main(["train", str(tmp_path / "img.tif"), str(tmp_path / "one_class.npy"), "-o",
                  str(tmp_path / "n.safetensors"), "--steps", "5", "-q"]) == 1  # fmt: skip
     assert "only one class" in capsys.readouterr().err
+
+
+def test_train_with_context(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)  # the option, not the fit
+    sample = load_sample()
+    box = (slice(16, 48), slice(128, 256), slice(0, 256))
+    np.save(tmp_path / "img.npy", sample.image[box])
+    np.save(tmp_path / "marks.npy", sample.scribbles[box])
+    out = tmp_path / "m.safetensors"
+    assert main(["train", str(tmp_path / "img.npy"), str(tmp_path / "marks.npy"), "-o", str(out),
+                 "--sigmas", "1", "--hidden", "8", "--steps", "10", "--context", "-q"]) == 0  # fmt: skip
+    assert load_model(out).config.context == ContextConfig()
+    assert main(["info", str(out)]) == 0
+    assert "context      {'channels': (8, 16)" in capsys.readouterr().out
 
 
 def test_progress_bar_in_a_log():

@@ -167,14 +167,12 @@ def test_train_refuses(trained, scribbles, message):
         train(image, scribbles)
 
 
-def test_train_refuses_gaps_and_context(trained):
+def test_train_refuses_gaps(trained):
     image, scribbles, _, _ = trained
     gap = scribbles.copy()
     gap[gap == 2] = 3
     with pytest.raises(ValueError, match=r"missing 2$"):
         train(image, gap)
-    with pytest.raises(ValueError, match="not implemented yet"):
-        train(image, scribbles, context=ContextConfig())
 
 
 def test_timings_per_stage(trained):

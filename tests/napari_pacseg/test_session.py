@@ -145,6 +145,17 @@ def test_training_is_train(sample, tmp_path):
     assert other.model_source == "file mine.safetensors"
 
 
+def test_training_with_context(sample, monkeypatch):
+    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)
+    s = Session()
+    s.use_image(layer(sample.image[TRAIN_CROP], sample.spacing, "cells"))
+    params = TrainParams(scales="1", steps=10, device="cpu", context=True)
+    job = s.training(params, sample.scribbles[TRAIN_CROP], "cells scribbles")
+    assert job.kwargs["context"] is True
+    assert job().context is not None
+    assert TrainParams().context is False  # opt-in
+
+
 def test_training_inputs(sample):
     s = Session()
     s.use_image(layer(sample.image[TRAIN_CROP], sample.spacing))

@@ -352,6 +352,22 @@ def test_four_d_image_with_a_leading_channel_axis(docked, qtbot, errors, sample)
     assert len(errors) == 1 and "must be its first axis" in errors[0]
 
 
+def test_train_with_context(docked, qtbot, errors, sample, monkeypatch):
+    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)
+    viewer, widget = docked
+    widget.image.value = viewer.add_image(sample.image[TRAIN_CROP], name="c", scale=sample.spacing)
+    widget.new_scribbles_layer().data = sample.scribbles[TRAIN_CROP].copy()
+    assert widget.train_context.value is False
+    assert "Context" in widget.train_context.text
+    widget.train_context.value = True
+    widget.train_steps.value = 10
+    widget.feature_scales.value = "1"
+    widget.train_button.native.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.model is not None and widget.model.context is not None, widget.status.value
+    assert "context      {'channels'" in widget.model_info.value and not errors
+
+
 def test_training_set_of_two_images(docked, qtbot, errors, sample):
     """Add to training set lists the pair; Train trains on the set plus the chosen pair;
     Remove selected takes an entry out."""
