@@ -2,8 +2,9 @@
 user would paint them, and a demo model trained from those scribbles.
 
 Deterministic (fixed seeds): ``python sample_data/make_sample.py`` rewrites
-``src/napari_pacseg/data/nuclei.npz`` and ``src/napari_pacseg/data/nuclei_demo.safetensors``
-(package data, so an installed plugin has its sample; load them with ``napari_pacseg.sample``).
+``src/napari_pacseg/data/nuclei.npz`` (image, truth, instance truth, scribbles) and
+``src/napari_pacseg/data/nuclei_demo.safetensors`` (package data, so an installed plugin has
+its sample; load them with ``napari_pacseg.sample``).
 
 The volume imitates a widefield/confocal stack of nuclei: ellipsoids with a few touching
 neighbours, chromatin-like texture, uneven illumination, an anisotropic blur (longer along z),
@@ -38,8 +39,11 @@ def _blur(vol: np.ndarray, sigmas_vox) -> np.ndarray:
     return t[0, 0].numpy()
 
 
-def make_volume(seed: int = 0):
-    """Returns ``image`` (uint16), ``truth`` (uint8, 1 = nucleus) and the nuclei list."""
+def make_volume(seed: int = 0, clusters: int = 0):
+    """Returns ``image`` (uint16), ``truth`` (uint8, 1 = nucleus) and the nuclei list (centre,
+    radii, brightness; ``make_instances`` labels them). ``clusters``: that many more groups of
+    two or three nuclei in contact (of different sizes), placed after the others with their
+    own random stream, so ``clusters=0`` gives the bundled sample's volume unchanged."""
     rng = np.random.default_rng(seed)
     zz, yy, xx = (np.arange(n, dtype=np.float32) * s for n, s in zip(SHAPE, SPACING))
     z, y, x = np.meshgrid(zz, yy, xx, indexing="ij")
@@ -54,6 +58,7 @@ def make_volume(seed: int = 0):
         if any(np.linalg.norm((centre - c) / ((radii + r) / 2)) < 1.6 for c, r, _ in nuclei):
             continue
         nuclei.append((centre, radii, rng.uniform(0.6, 1.0)))
+    nuclei += _clusters(np.random.default_rng([seed, 1]), nuclei, extent, clusters)
     for centre, radii, level in nuclei:
         inside = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + (
             (x - centre[2]) / radii[2]
@@ -71,6 +76,68 @@ def make_volume(seed: int = 0):
     photons = rng.poisson(np.clip(blurred, 0, None) * 400).astype(np.float32)
     image = np.clip(photons + rng.normal(100, 6, SHAPE), 0, 65535).astype(np.uint16)
     return image, truth.astype(np.uint8), nuclei
+
+
+def _clusters(rng, nuclei, extent, count: int) -> list:
+    """``count`` groups of 2-3 nuclei, each next one touching the group's first (centres 0.85
+    of the sum of their radii along the line apart, so they share a contact face), sizes
+    0.65-1.1 of the first's, mostly side by side in y/x; a group is kept only where it keeps
+    clear of every nucleus placed before."""
+    groups, attempts = [], 0
+    while len(groups) < count and attempts < 5000:
+        attempts += 1
+        radii = rng.uniform([3.0, 4.0, 4.0], [4.5, 6.5, 6.5])
+        centre = rng.uniform([5, 8, 8], [extent[0] - 5, extent[1] - 8, extent[2] - 8])
+        group = [(centre, radii, rng.uniform(0.6, 1.0))]
+        for _ in range(int(rng.integers(1, 3))):
+            other = radii * rng.uniform(0.65, 1.1)
+            angle = rng.uniform(0, 2 * math.pi)
+            direction = np.array([rng.uniform(-0.25, 0.25), math.sin(angle), math.cos(angle)])
+            direction /= np.linalg.norm(direction)
+            # the ellipsoids' extents along the line, so the contact is the same for any angle
+            reach = 1 / np.linalg.norm(direction / radii) + 1 / np.linalg.norm(direction / other)
+            group.append((centre + 0.85 * reach * direction, other, rng.uniform(0.6, 1.0)))
+        inside = all(
+            np.all(c - r * 0.5 > 0) and np.all(c + r * 0.5 < np.array(extent)) for c, r, _ in group
+        )
+        placed = nuclei + [n for g in groups for n in g]
+        clear = all(
+            np.linalg.norm((c - c2) / ((r + r2) / 2)) >= 2.2
+            for c, r, _ in group
+            for c2, r2, _ in placed
+        )
+        # the followers must not touch each other deeply either
+        apart = all(
+            np.linalg.norm((a[0] - b[0]) / ((a[1] + b[1]) / 2)) >= 1.6
+            for i, a in enumerate(group[1:], 1)
+            for b in group[i + 1 :]
+        )
+        if inside and clear and apart:
+            groups.append(group)
+    return [n for g in groups for n in g]
+
+
+def make_instances(nuclei) -> np.ndarray:
+    """Instance truth ``(D, H, W)`` uint16 for ``make_volume``'s nuclei: 0 background, nucleus
+    ``i`` is ``i + 1``; a voxel inside two (a contact face) goes to the one whose surface is
+    further (smaller normalised radius)."""
+    zz, yy, xx = (np.arange(n, dtype=np.float32) * s for n, s in zip(SHAPE, SPACING))
+    out = np.zeros(SHAPE, np.uint16)
+    best = np.full(SHAPE, np.inf, np.float32)
+    for i, (centre, radii, _) in enumerate(nuclei):
+        lo = [max(0, int((c - r) / s) - 1) for c, r, s in zip(centre, radii, SPACING)]
+        hi = [min(n, int((c + r) / s) + 2) for c, r, s, n in zip(centre, radii, SPACING, SHAPE)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        z, y, x = np.meshgrid(zz[box[0]], yy[box[1]], xx[box[2]], indexing="ij")
+        r = (
+            ((z - centre[0]) / radii[0]) ** 2
+            + ((y - centre[1]) / radii[1]) ** 2
+            + ((x - centre[2]) / radii[2]) ** 2
+        )
+        take = (r < 1) & (r < best[box])
+        out[box][take] = i + 1
+        best[box][take] = r[take]
+    return out
 
 
 def make_scribbles(truth: np.ndarray, nuclei, seed: int = 1) -> np.ndarray:
@@ -116,8 +183,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / ".nuclei.npz.tmp.npz"
     np.savez_compressed(
-        tmp, image=image, truth=truth, scribbles=scribbles, spacing=np.array(SPACING)
-    )
+        tmp, image=image, truth=truth, scribbles=scribbles, spacing=np.array(SPACING),
+        instances=make_instances(nuclei),
+    )  # fmt: skip
     tmp.replace(OUT / "nuclei.npz")
     model = train(
         image, scribbles, spacing=SPACING, features=FeatureSpec(sigmas=DEMO_SIGMAS),

@@ -3,7 +3,15 @@
 from ._version import __version__
 from .classes import ClassInfo, labels_from_probabilities
 from .features import FeatureSpec, compute_features
-from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel, RefineConfig
+from .instances import instance_labels, object_table
+from .model import (
+    ContextConfig,
+    HeadConfig,
+    InstanceConfig,
+    ModelConfig,
+    PacSegModel,
+    RefineConfig,
+)
 from .model_io import (
     ModelFileError,
     ModelFileWarning,
@@ -26,6 +34,7 @@ __all__ = [
     "ContextConfig",
     "FeatureSpec",
     "HeadConfig",
+    "InstanceConfig",
     "ModelConfig",
     "ModelFileError",
     "ModelFileWarning",
@@ -36,8 +45,10 @@ __all__ = [
     "__version__",
     "compute_features",
     "import_torch_mlp",
+    "instance_labels",
     "labels_from_probabilities",
     "load_model",
+    "object_table",
     "receptive_field",
     "save_model",
     "segment",

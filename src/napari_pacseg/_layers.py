@@ -1,5 +1,5 @@
 """napari layers of the plugin: class colours and names on Labels layers, the output layers
-("<image> labels", "<image> matte") reused and written in place, the scribbles layer, and the
+("<image> labels", "<image> matte", "<image> instances") reused and written in place, the scribbles layer, and the
 region of a layer the viewer shows (what the live preview computes)."""
 
 from __future__ import annotations
@@ -189,6 +189,54 @@ def output_layers(viewer, image, model, background: int):
         labels.features = styling["features"]
         labels.colormap = styling["colormap"]
     return labels, matte
+
+
+def instance_name(image_name: str) -> str:
+    """Name of the objects layer of an image: ``"<image> instances"``."""
+    return f"{image_name} instances"
+
+
+def instance_layer(viewer, image):
+    """The ``"<image> instances"`` Labels layer of ``image`` (a ``session.ImageInput``): int32
+    object ids with napari's default random colour per label, created full size (zeros) when
+    missing, reused when present (re-allocated only when its shape or dtype is wrong), with
+    the image's scale and translate."""
+    from napari.layers import Labels
+
+    shape, scale, translate = tuple(int(n) for n in image.shape), image.scale, image.translate
+    layer = _find(viewer, instance_name(image.name), Labels)
+    if layer is None:
+        return viewer.add_labels(
+            np.zeros(shape, np.int32), name=instance_name(image.name), scale=scale,
+            translate=translate, opacity=0.6, metadata={METADATA_KEY: {"complete": False}},
+        )  # fmt: skip
+    if layer.data.shape != shape or layer.data.dtype != np.int32:
+        layer.data = np.zeros(shape, np.int32)
+    layer.scale, layer.translate = scale, translate
+    return layer
+
+
+def object_features(objects) -> dict:
+    """A Labels ``features`` table of a measurement table (``Segmentation.objects``): one row
+    per object, its ``index`` column the object's id (how napari finds an object's row when
+    the pointer is over it)."""
+    columns = {k: np.asarray(objects[k]) for k in objects.keys()}
+    return {"index": columns["id"], **columns}
+
+
+def write_instances(layer, ids: np.ndarray, objects, what: str, box=None) -> None:
+    """Object ids into the instances layer: the whole volume (``box`` None; ``features`` set
+    to ``objects``' measurements) or one box in place (a live preview: ids of the box alone,
+    no measurements, so the features are emptied rather than left describing other objects)."""
+    if box is None:
+        layer.data = ids
+        layer.features = object_features(objects)
+        layer.metadata[METADATA_KEY] = {"complete": True, "content": what}
+        return
+    layer.data[tuple(slice(a, b) for a, b in box)] = ids
+    layer.features = {"index": np.zeros(0, np.int64)}
+    layer.metadata[METADATA_KEY] = {"complete": False, "content": what, "region": box}
+    layer.refresh()
 
 
 def write_full(labels_layer, matte_layer, labels: np.ndarray, matte: np.ndarray, what: str) -> None:

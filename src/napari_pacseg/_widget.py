@@ -17,7 +17,14 @@ from magicgui import widgets as mw
 from napari.utils.notifications import show_error
 
 from . import _layers
-from ._controls import refine_controls, refine_values, set_refine_controls
+from ._controls import (
+    instance_controls,
+    instance_values,
+    refine_controls,
+    refine_values,
+    set_instance_controls,
+    set_refine_controls,
+)
 from ._workers import LiveRunner, Outcome, TaskRunner, message
 from .classes import DEFAULT_THRESHOLD, scribble_values
 from .model_io import ModelFileError
@@ -28,6 +35,7 @@ from .session import (
     device_choices,
     live_description,
     model_file_name,
+    save_measurements,
 )  # fmt: skip
 from .training import DEFAULT_STEPS
 
@@ -42,8 +50,10 @@ class PacSegWidget(mw.Container):
 
     Outputs go to the Labels layer ``"<image> labels"`` (class values as in the scribbles:
     background 0, class ``i`` is ``i + 1``; names and colours from the model) and the Image
-    layer ``"<image> matte"`` (1 - P(background), magma, contrast 0..1, additive), both with the
-    image's scale and translate, reused and written in place by later runs.
+    layer ``"<image> matte"`` (1 - P(background), magma, contrast 0..1, additive), and with
+    *Instances* on the Labels layer ``"<image> instances"`` (one id per object; its
+    ``features`` the measurement table after a full run), all with the image's scale and
+    translate, reused and written in place by later runs.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -110,6 +120,19 @@ class PacSegWidget(mw.Container):
         self.threshold = mw.FloatSlider(
             label="Matte threshold", min=0.0, max=1.0, step=0.01, value=DEFAULT_THRESHOLD
         )
+        self.instances = mw.CheckBox(
+            text="Instances (separate the objects)", value=False,
+            tooltip="one label per object in '<image> instances', measured after a full run",
+        )  # fmt: skip
+        self.instance_controls = instance_controls()
+        for name, control in self.instance_controls.items():
+            setattr(self, f"instance_{name}", control)
+        self.save_objects_button = mw.PushButton(
+            text="Save measurements…", enabled=False,
+            tooltip="the last full run's objects as CSV (volume, centroid, bounding box, "
+            "intensities, sphericity)",
+        )  # fmt: skip
+        self.objects = None  # the last full run's measurement table
         self.background = mw.ComboBox(label="Background class", choices=[("background", 0)])
         self.device = mw.ComboBox(label="Device", choices=device_choices())
         self.live = mw.CheckBox(text="Live (visible region)", value=True)
@@ -123,6 +146,8 @@ class PacSegWidget(mw.Container):
             self.feature_scales, self.train_steps, self.train_context, self.add_pair_button, self.training_set,
             self.remove_pair_button, self.train_button,
             heading("Refinement"), *self.refine_controls.values(), self.reset_refine_button,
+            heading("Objects"), self.instances, *self.instance_controls.values(),
+            self.save_objects_button,
             heading("Output"), self.threshold, self.background, self.device,
             self.live, self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
@@ -140,9 +165,10 @@ class PacSegWidget(mw.Container):
         self.remove_pair_button.clicked.connect(self.remove_from_training_set)
         self.reset_refine_button.clicked.connect(self._reset_refine)
         self.run_button.clicked.connect(self.run_full)
+        self.save_objects_button.clicked.connect(self._on_save_objects_clicked)
         self.cancel_button.clicked.connect(self.cancel)
-        outputs = (self.threshold, self.background, self.device)
-        for control in (*self.refine_controls.values(), *outputs):
+        outputs = (self.threshold, self.background, self.device, self.instances)
+        for control in (*self.refine_controls.values(), *self.instance_controls.values(), *outputs):
             control.changed.connect(self._request_live)
         self.live.changed.connect(self._on_live_toggled)
         dims = self.viewer.dims.events
@@ -234,6 +260,7 @@ class PacSegWidget(mw.Container):
             self.class_names.value = ", ".join(c.name for c in cfg.classes)
             self.feature_scales.value = ", ".join(f"{s:g}" for s in cfg.features.sigmas)
             set_refine_controls(self.refine_controls, cfg.refine)
+            set_instance_controls(self.instance_controls, cfg.instances)
         self.model_info.value = self.session.describe()
         self._update_spacing_info()
 
@@ -259,8 +286,9 @@ class PacSegWidget(mw.Container):
 
     def run_params(self) -> RunParams:
         """Refinement, label rule and device as the controls show them."""
+        objects = instance_values(self.instance_controls) if self.instances.value else None
         return RunParams(self.refine_overrides(), float(self.threshold.value),
-                         int(self.background.value), self.device.value)  # fmt: skip
+                         int(self.background.value), self.device.value, objects)  # fmt: skip
 
     # --- scribbles and training -----------------------------------------------------------------
 
@@ -341,8 +369,38 @@ class PacSegWidget(mw.Container):
         layers = self._outputs(job.image, job.model, job.params.background)
         if layers is not None:
             _layers.write_full(*layers, seg.labels, seg.matte, "full volume")
+            objects = ""
+            if seg.instances is not None:
+                layer = self._instance_layer(job.image)
+                if layer is not None:
+                    _layers.write_instances(layer, seg.instances, seg.objects, "full volume")
+                    self.objects = seg.objects
+                    self.save_objects_button.enabled = True
+                    objects = f", {int(seg.instances.max())} objects"
             self.session.full_run_written()
-            self._say(f"full volume done in {seconds:.1f} s")
+            self._say(f"full volume done in {seconds:.1f} s{objects}")
+
+    def _on_save_objects_clicked(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save measurements", "objects.csv", "CSV (*.csv)"
+        )
+        if path:
+            self.save_objects_file(path)
+
+    def save_objects_file(self, path):
+        """Save the last full run's measurement table as CSV; the path written, or None."""
+        if self.objects is None:
+            self._error("no measurements yet: turn Instances on and run on the full volume")
+            return None
+        try:
+            written = save_measurements(path, self.objects)
+        except OSError as err:
+            self._error(f"could not save the measurements to {path}: {err}")
+            return None
+        self._say(f"saved {len(self.objects['id'])} objects' measurements to {written}")
+        return written
 
     def cancel(self) -> None:
         """Cancel the running full segmentation or training (between tiles or steps)."""
@@ -378,7 +436,10 @@ class PacSegWidget(mw.Container):
         try:
             inp = self._input()
             box = _layers.visible_box(self.viewer, inp.layer, inp.channel_axis, inp.shape)
-            redo = not all(n in self.viewer.layers for n in _layers.output_names(inp.name))
+            names = _layers.output_names(inp.name)
+            if self.instances.value:
+                names += (_layers.instance_name(inp.name),)
+            redo = not all(n in self.viewer.layers for n in names)
             job = self.session.live_job(box, self.run_params(), redo=redo)
         except ValueError as err:
             self._error(str(err))
@@ -403,6 +464,10 @@ class PacSegWidget(mw.Container):
             _layers.write_region(
                 *layers, result.box, result.labels, result.matte, what, exact=not result.note
             )
+            if result.instances is not None:
+                layer = self._instance_layer(job.image)
+                if layer is not None:
+                    _layers.write_instances(layer, result.instances, None, what, result.box)
             self.session.live_delivered(job)
             note = f"; {result.note}" if result.note else ""
             self._live_said = f"{what} in {result.seconds:.2f} s ({result.work}){note}"
@@ -416,6 +481,13 @@ class PacSegWidget(mw.Container):
     def _outputs(self, image, model, background: int):
         try:
             return _layers.output_layers(self.viewer, image, model, background)
+        except ValueError as err:
+            self._error(str(err))
+            return None
+
+    def _instance_layer(self, image):
+        try:
+            return _layers.instance_layer(self.viewer, image)
         except ValueError as err:
             self._error(str(err))
             return None

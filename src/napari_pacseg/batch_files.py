@@ -13,10 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .batch_zarr import open_scheduler, resolve_spacing, segment_zarr
 from .checks import check_int, check_ints, error_line
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .engine import refine_params, settle
+from .instances import instance_config, table_csv
 from .model_io import load_model, weights_digest
 from .pipeline import segment
 from .provenance import now, sha256_file, versions
@@ -68,14 +71,19 @@ def output_name(path, outdir, kind: str) -> Path:
     return Path(outdir) / f"{stem(path)}{kind}{ext}"
 
 
-def output_paths(path, outdir) -> dict[str, Path]:
+def output_paths(path, outdir, instances: bool = False) -> dict[str, Path]:
     """``labels``, ``matte`` and ``record`` paths of an input: ``<stem>_labels.<ext>``,
-    ``<stem>_matte.<ext>`` and ``<stem>_pacseg.json`` in ``outdir``."""
-    return {
+    ``<stem>_matte.<ext>`` and ``<stem>_pacseg.json`` in ``outdir``; with ``instances`` also
+    ``instances`` (``<stem>_instances.<ext>``) and ``objects`` (``<stem>_objects.csv``)."""
+    paths = {
         "labels": output_name(path, outdir, "_labels"),
         "matte": output_name(path, outdir, "_matte"),
-        "record": Path(outdir) / f"{stem(path)}_pacseg.json",
     }
+    if instances:
+        paths["instances"] = output_name(path, outdir, "_instances")
+        paths["objects"] = Path(outdir) / f"{stem(path)}_objects.csv"
+    paths["record"] = Path(outdir) / f"{stem(path)}_pacseg.json"
+    return paths
 
 
 OUTPUT_KINDS = ("_labels", "_matte", "_instances")
@@ -246,6 +254,7 @@ def iter_segment_files(
     overwrite: bool = False,
     progress: Callable[[int, int, Path, int, int], None] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    instances=False,
 ):
     """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
     if isinstance(model, (str, os.PathLike)):
@@ -257,6 +266,7 @@ def iter_segment_files(
     model_info["weights_sha256"] = weights_digest(model)
     model_info["classes"] = [c.name for c in model.config.classes]
     params = refine_params(model, refine)  # checks overrides before any work
+    objects = instance_config(model.config.instances, instances)
     if spacing is not None:  # the same for every input: check the refinement's work once
         settle(model, spacing, refine)
     threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
@@ -286,12 +296,12 @@ def iter_segment_files(
         )
     options = RunOptions(
         spacing, channel_axis, False if params is None else params, str(device), tile_shape,
-        threshold, chunks, scheduler, workers, overwrite,
+        threshold, chunks, scheduler, workers, overwrite, objects,
     )  # fmt: skip
     run = _FileRun(model, model_info, options, progress, len(entries))
     try:
         for index, (path, problem) in enumerate(entries):
-            yield run.one(index, path, problem, output_paths(path, outdir))
+            yield run.one(index, path, problem, output_paths(path, outdir, objects is not None))
     finally:
         run.close()
 
@@ -323,6 +333,10 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
     chunks, scheduler, workers : as in ``segment_zarr``, for zarr inputs only; a cluster from
         ``workers`` is started once, at the first zarr input, for all of them.
     overwrite : redo inputs whose complete output exists.
+    instances : also ``<stem>_instances.<ext>`` (object ids, uint16, or uint32 past 65535
+        objects) and ``<stem>_objects.csv`` (``instances.object_table``; the record gives the
+        object count): True, an ``InstanceConfig`` or a dict, as in ``segment``. TIFF and NPY
+        inputs only for now (a zarr input with it fails with a message).
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
         or chunks (zarr inputs); ``done == 0`` when an input starts.
@@ -351,6 +365,7 @@ class RunOptions:
     scheduler: object
     workers: int | None
     overwrite: bool
+    instances: object = None  # an InstanceConfig, or None
 
     def segment_kwargs(self) -> dict:
         """What ``segment`` and ``segment_zarr`` take of these options."""
@@ -365,6 +380,7 @@ class RunOptions:
             "device": self.device,
             "tile_shape": None if self.tile_shape is None else list(self.tile_shape),
             "threshold": self.threshold,
+            "instances": None if self.instances is None else dataclasses.asdict(self.instances),
         }
 
 
@@ -419,12 +435,13 @@ class _FileRun:
                 self.progress(index, self.n, path, done, total)
 
         tiles(0, 0)
+        outputs = [k for k in paths if k != "record"]
         started = now()
         head = {"format": RECORD_FORMAT, "version": 2, "input": str(path.resolve()),
                 "input_size": here[1] if here else None,
                 "input_mtime_ns": here[2] if here else None,
-                "outputs": {k: paths[k].name for k in ("labels", "matte")}}  # fmt: skip
-        before = {k: _identity(paths[k]) for k in ("record", "labels", "matte")}
+                "outputs": {k: paths[k].name for k in outputs}}  # fmt: skip
+        before = {k: _identity(paths[k]) for k in paths}
         previous = record.read_bytes() if before["record"] is not None else None
         complete = False
         try:
@@ -442,7 +459,7 @@ class _FileRun:
             message = error_line(err).removeprefix(f"{path}: ")
             return FileResult(path, "failed", message, seconds=time.perf_counter() - start)
         finally:
-            if not complete and all(_identity(paths[k]) == before[k] for k in ("labels", "matte")):
+            if not complete and all(_identity(paths[k]) == before[k] for k in outputs):
                 # No output was replaced: the record goes back to what it was (or away), so it
                 # never claims files this run did not write.
                 if previous is None:
@@ -451,7 +468,7 @@ class _FileRun:
                     write_bytes(record, previous)
         seconds = time.perf_counter() - start
         return FileResult(path, "done", f"done in {seconds:.1f} s",
-                          (paths["labels"], paths["matte"]), record, seconds)  # fmt: skip
+                          tuple(paths[k] for k in outputs), record, seconds)  # fmt: skip
 
     def _foreign_output(self, paths: dict[str, Path], record: dict | None) -> str:
         """Why an existing file at one of the output paths may not be replaced ("" if none):
@@ -460,7 +477,7 @@ class _FileRun:
         if self.overwrite:
             return ""
         owned = set(record["outputs"].values()) if record is not None else set()
-        for what in ("record", "labels", "matte"):
+        for what in ["record", *(k for k in paths if k != "record")]:  # the record's reason first
             out = paths[what]
             if not (_exists(out) or out.is_symlink()):
                 continue
@@ -496,6 +513,11 @@ class _FileRun:
     def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         opts = self.options
         volume = read_volume(path, opts.channel_axis)
+        if volume.kind in ("zarr", "ome-zarr") and opts.instances is not None:
+            raise ValueError(
+                "instances are not available for zarr inputs yet (only TIFF and NPY); run "
+                "without --instances, or convert the volume to TIFF"
+            )
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
                 volume, self.model, paths["labels"], paths["matte"], spacing=opts.spacing,
@@ -510,13 +532,20 @@ class _FileRun:
         spacing, source = resolve_spacing(opts.spacing, volume, self.model)
         image = volume.load()
         seg = segment(image, self.model, spacing=spacing, channel_axis=0, progress=tiles,
-                      **opts.segment_kwargs())  # fmt: skip
-        if volume.kind == "npy":
-            write_npy(paths["labels"], seg.labels, overwrite=True)
-            write_npy(paths["matte"], seg.matte, overwrite=True)
-        else:
-            write_tiff(paths["labels"], seg.labels, spacing, overwrite=True)
-            write_tiff(paths["matte"], seg.matte, spacing, overwrite=True)
-        return {"shape": list(image.shape), "dtype": str(image.dtype),
-                "parameters": {"spacing": list(spacing), "spacing_source": source},
-                "timings": seg.timings}  # fmt: skip
+                      instances=opts.instances or False, **opts.segment_kwargs())  # fmt: skip
+        volumes = {"labels": seg.labels, "matte": seg.matte}
+        if seg.instances is not None:
+            n = int(seg.instances.max())
+            volumes["instances"] = seg.instances.astype(np.uint16 if n <= 65535 else np.uint32)
+        for kind, array in volumes.items():
+            if volume.kind == "npy":
+                write_npy(paths[kind], array, overwrite=True)
+            else:
+                write_tiff(paths[kind], array, spacing, overwrite=True)
+        details = {"shape": list(image.shape), "dtype": str(image.dtype),
+                   "parameters": {"spacing": list(spacing), "spacing_source": source},
+                   "timings": seg.timings}  # fmt: skip
+        if seg.instances is not None:
+            write_bytes(paths["objects"], table_csv(seg.objects).encode("utf-8"))
+            details["objects"] = int(seg.instances.max())
+        return details

@@ -165,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if spec.integer else "X",
             help=f"{spec.help} ({spec.low:g}-{spec.high:g}{', or none' if spec.optional else ''})",
         )
+    obj = seg.add_argument_group("objects (defaults: the model's; see pacseg info MODEL)")
+    obj.add_argument("--instances", action="store_true",
+                     help="also separate the objects: <stem>_instances.<ext> (one id per "
+                     "object) and <stem>_objects.csv (volume, centroid, bounding box, "
+                     "intensities, sphericity per object); TIFF and NPY inputs")  # fmt: skip
+    from .model import instance_params_schema
+
+    for name, spec in instance_params_schema().items():
+        obj.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_in_range(name, spec),
+            default=argparse.SUPPRESS,
+            metavar="X",
+            help=f"with --instances: {spec.help} ({spec.low:g}-{spec.high:g})",
+        )
     out = seg.add_argument_group("labels")
     out.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD, metavar="X",
                      help="foreground where the matte (1 - P(background)) is >= X, then the most "
@@ -298,18 +313,29 @@ def _refine_option(args):
     return given or True
 
 
+def _instances_option(args):
+    from .model import instance_params_schema
+
+    given = {n: getattr(args, n) for n in instance_params_schema() if hasattr(args, n)}
+    if given and not args.instances:
+        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"{opts} given without --instances; add --instances or drop them")
+    return (given or True) if args.instances else False
+
+
 def _cmd_segment(args) -> int:
     from .batch import iter_segment_files
     from .volume_io import volume_kind
 
     _check_device(args.device)
     refine = _refine_option(args)
+    instances = _instances_option(args)
     bar = ProgressBar(quiet=args.quiet)
     results = iter_segment_files(
         args.inputs, args.model, args.output, spacing=args.spacing,
         channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
         chunks=args.chunks, scheduler=args.scheduler, workers=args.workers,
-        overwrite=args.overwrite, threshold=args.threshold,
+        overwrite=args.overwrite, threshold=args.threshold, instances=instances,
         progress=lambda i, n, path, done, total: bar.update(
             f"[{i + 1}/{n}] {path.name}", done, total,
             "chunks" if volume_kind(path) == "zarr" else "tiles",

@@ -42,7 +42,7 @@ def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
 def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "") -> list[str]:
     """The description of ``model`` as lines: file and checksum (when ``summary`` has them),
     ``source`` (where the model came from, when given), channels, classes with their label
-    values, features, head, context net, refinement defaults, training spacing, halo
+    values, features, head, context net, refinement and instance defaults, training spacing, halo
     (receptive field) and provenance. ``summary`` is ``model_summary(model, ...)`` (made
     without a file when not given). Lines are not escaped: a terminal needs ``checks.printable``."""
     info = model_summary(model) if summary is None else summary
@@ -66,6 +66,8 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
         f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
         "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
+        "instances    " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.instances).items())
+        + "   (segment --instances)",
         f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
         f"halo         {_halo_text(info['receptive_field']['refined'])} with refinement, "
         f"{_halo_text(info['receptive_field']['unrefined'])} without",

@@ -151,24 +151,7 @@ class RefineConfig:
     temperature: float = _param(8.0, "Temperature", "logit temperature", 0.1, 100.0, step=0.5)
 
     def __post_init__(self) -> None:
-        for name, spec in refine_params_schema().items():
-            value = getattr(self, name)
-            if spec.optional and value is None:
-                continue
-            kind = numbers.Integral if spec.integer else numbers.Real
-            ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
-            ok = ok and (spec.integer or value == value) and spec.low <= value <= spec.high
-            if spec.odd:
-                ok = ok and value % 2 == 1
-            if not ok:
-                what = "an odd int" if spec.odd else "an int" if spec.integer else "a number"
-                none = "None or " if spec.optional else ""
-                raise ValueError(
-                    f"RefineConfig: {name} must be {none}{what} in [{spec.low:g}, {spec.high:g}], "
-                    f"got {short_repr(value)}"
-                )
-            # numpy scalars become Python numbers, so the config stays JSON-able
-            object.__setattr__(self, name, int(value) if spec.integer else float(value))
+        check_params(self)
 
     def window(self, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:
         """``(kernel_size, spatial_sigma)`` per axis (voxels) for a ``(z, y, x)`` spacing:
@@ -189,7 +172,73 @@ class RefineConfig:
 
 def refine_params_schema() -> dict[str, Param]:
     """``RefineConfig``'s fields and their ``Param``, in field order."""
-    return {f.name: f.metadata["param"] for f in fields(RefineConfig)}
+    return params_schema(RefineConfig)
+
+
+def params_schema(cls) -> dict[str, Param]:
+    """A config class's fields and their ``Param``, in field order."""
+    return {f.name: f.metadata["param"] for f in fields(cls)}
+
+
+def check_params(config) -> None:
+    """Check a frozen config's ``Param`` fields against their ranges (``ValueError`` naming the
+    field and its range) and store numpy scalars as Python numbers, so it stays JSON-able."""
+    for name, spec in params_schema(type(config)).items():
+        value = getattr(config, name)
+        if spec.optional and value is None:
+            continue
+        kind = numbers.Integral if spec.integer else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+        ok = ok and (spec.integer or value == value) and spec.low <= value <= spec.high
+        if spec.odd:
+            ok = ok and value % 2 == 1
+        if not ok:
+            what = "an odd int" if spec.odd else "an int" if spec.integer else "a number"
+            none = "None or " if spec.optional else ""
+            raise ValueError(
+                f"{type(config).__name__}: {name} must be {none}{what} in "
+                f"[{spec.low:g}, {spec.high:g}], got {short_repr(value)}"
+            )
+        object.__setattr__(config, name, int(value) if spec.integer else float(value))
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """How ``segment(..., instances=True)`` separates objects (``napari_pacseg.instances``).
+
+    Lengths are in the units of the voxel spacing (um for the sample). Each connected piece of a
+    non-background class is split by a watershed of its distance transform (in physical units)
+    from seeds where the distance rises more than ``(1 - sensitivity) * radius`` above the
+    saddles around it (0.45 at the defaults): two touching objects of about ``radius`` or more
+    split, the bumps of one smooth object do not; objects several times ``radius`` with rough
+    surfaces can split, so set ``radius`` to the size of the objects. Pieces and fragments
+    under ``min_volume`` are dropped (fragments of a split first join their neighbour). The
+    defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius)."""
+
+    radius: float = _param(
+        3.0, "Object radius", "expected radius of the smallest objects (spacing units)",
+        0.01, 1e4, step=0.5,
+    )  # fmt: skip
+    sensitivity: float = _param(
+        0.85, "Split sensitivity", "higher splits touching objects more readily", 0.0, 0.95,
+        step=0.05,
+    )  # fmt: skip
+    min_volume: float = _param(
+        10.0, "Min volume", "smallest object kept (spacing units cubed)", 0.0, 1e12, step=5.0
+    )
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+    @property
+    def h(self) -> float:
+        """The seeds' least height above the saddles, in spacing units."""
+        return (1.0 - self.sensitivity) * self.radius
+
+
+def instance_params_schema() -> dict[str, Param]:
+    """``InstanceConfig``'s fields and their ``Param``, in field order."""
+    return params_schema(InstanceConfig)
 
 
 @dataclass(frozen=True)
@@ -197,7 +246,8 @@ class ModelConfig:
     """Everything needed to rebuild a ``PacSegModel`` (JSON-able; see ``config_to_dict``).
 
     ``classes[0]`` is the background. ``spacing`` is the (z, y, x) voxel size the model was
-    trained at, in the units of ``features.sigmas``. ``provenance`` records how it was made.
+    trained at, in the units of ``features.sigmas``. ``instances``: how objects are separated
+    (``segment(..., instances=True)``). ``provenance`` records how it was made.
     """
 
     in_channels: int
@@ -207,6 +257,7 @@ class ModelConfig:
     context: ContextConfig | None = None
     refine: RefineConfig = field(default_factory=RefineConfig)
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    instances: InstanceConfig = field(default_factory=InstanceConfig)
     provenance: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

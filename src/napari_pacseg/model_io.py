@@ -46,6 +46,7 @@ from .model import (
     ClassInfo,
     ContextConfig,
     HeadConfig,
+    InstanceConfig,
     ModelConfig,
     PacSegModel,
     RefineConfig,
@@ -208,6 +209,7 @@ def config_from_dict(data) -> ModelConfig:
         "head": lambda v, w: _obj(HeadConfig, v, w),
         "context": lambda v, w: None if v is None else _obj(ContextConfig, v, w),
         "refine": lambda v, w: _obj(RefineConfig, v, w),
+        "instances": lambda v, w: _obj(InstanceConfig, v, w),
         "classes": lambda v, w: tuple(
             _obj(ClassInfo, c, f"{w}[{i}]") for i, c in enumerate(_list(v, w))
         ),

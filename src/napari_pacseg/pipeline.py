@@ -16,6 +16,7 @@ from . import engine
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .engine import STAGES, SegmentationCancelled, TileRunner, prepare, settle
 from .guide import volume_noise_level
+from .instances import as_table, instance_config, instance_labels, object_table
 from .model import PacSegModel, volume_intensity_range
 
 __all__ = [
@@ -37,13 +38,22 @@ class Segmentation:
     matte : ``(D, H, W)`` float32 in [0, 1]: 1 - P(background) after refinement.
     probabilities : ``(K, D, H, W)`` float32 class probabilities when asked for, else None.
     timings : wall seconds per stage, summed over tiles: ``features``, ``context``, ``head``,
-        ``refine``, and ``total`` (the whole call, input checks and output writes included).
+        ``refine``, ``instances`` (with ``instances=``), and ``total`` (the whole call, input
+        checks and output writes included).
+    instances : ``(D, H, W)`` int32 object ids (0 background, 1..N; ``instances.instance_labels``)
+        when asked for, else None.
+    objects : the per-object measurements (``instances.object_table``: id, class,
+        class_name, volume, centroid, bounding box, intensities, surface area, sphericity), a
+        pandas DataFrame when pandas is installed, else a dict of columns; None without
+        ``instances``.
     """
 
     labels: np.ndarray
     matte: np.ndarray
     probabilities: np.ndarray | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    instances: np.ndarray | None = None
+    objects: object = None
 
 
 def segment(
@@ -62,6 +72,7 @@ def segment(
     threshold: float = DEFAULT_THRESHOLD,
     background: int = 0,
     noise_level=None,
+    instances=False,
 ) -> Segmentation:
     """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
 
@@ -97,8 +108,13 @@ def segment(
         image (default: ``volume_noise_level`` of this image). It sets how much the
         refinement's guide is smoothed (``guide.guide_filter``; none on clean images). Give the
         whole volume's, as with ``intensity_range``, when segmenting it piece by piece.
+    instances : also separate the objects (``Segmentation.instances`` and ``.objects``): True
+        (the model's ``InstanceConfig``), an ``InstanceConfig``, or a dict overriding its
+        fields. Lengths in the units of ``spacing``.
     """
     start = time.perf_counter()
+    model = engine.as_model(model)
+    inst = instance_config(model.config.instances, instances)
     with adaptive_threads():  # fewer threads while other processes hold cores
         plan = prepare(
             image, model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
@@ -130,8 +146,16 @@ def segment(
 
         runner.run(unary_boxes, unary_pass)
         runner.run(final_boxes, final_pass)
+    ids = objects = None
+    if inst is not None:
+        t0 = time.perf_counter()
+        spacing = plan.settings.spacing
+        ids = instance_labels(labels, spacing, inst, should_cancel=should_cancel)
+        names = [c.name for c in model.config.classes]
+        objects = as_table(object_table(ids, labels, plan.vol, spacing, names))
+        timings["instances"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    return Segmentation(labels, matte, probs, timings)
+    return Segmentation(labels, matte, probs, timings, ids, objects)
 
 
 def _slices(box) -> tuple[slice, ...]:

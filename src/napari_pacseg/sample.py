@@ -17,12 +17,14 @@ DEMO_MODEL_FILE = DATA / "nuclei_demo.safetensors"
 class Sample:
     """image ``(64, 256, 256)`` uint16; truth ``(64, 256, 256)`` bool (nucleus voxels);
     scribbles ``(64, 256, 256)`` uint8 (0 unlabelled, 1 background, 2 nucleus);
-    spacing ``(z, y, x)`` in um."""
+    spacing ``(z, y, x)`` in um; instances ``(64, 256, 256)`` uint16: the nuclei one by one
+    (0 background, 1..N)."""
 
     image: np.ndarray
     truth: np.ndarray
     scribbles: np.ndarray
     spacing: tuple[float, float, float]
+    instances: np.ndarray
 
 
 def load_sample() -> Sample:
@@ -38,6 +40,7 @@ def load_sample() -> Sample:
             truth=data["truth"].astype(bool),
             scribbles=data["scribbles"],
             spacing=tuple(float(s) for s in data["spacing"]),
+            instances=data["instances"],
         )
 
 

@@ -27,6 +27,7 @@ from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .describe import describe_model
 from .engine import Box, bound_preview, preview_budget
 from .features import FeatureSpec
+from .instances import instance_config, instance_labels, table_csv
 from .model import PacSegModel
 from .model_io import load_model, save_model
 from .pipeline import Segmentation, segment
@@ -98,6 +99,17 @@ def model_file_name(path) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
+def save_measurements(path, objects) -> Path:
+    """Write a measurement table (``Segmentation.objects``) as CSV to ``path`` (``.csv`` added
+    when it has no suffix), atomically (a temporary file renamed into place)."""
+    from .volume_io import write_bytes
+
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".csv")
+    return write_bytes(path, table_csv(objects).encode("utf-8"))
+
+
 def parse_class_names(text: str) -> list[str]:
     """Comma-separated class names, background first (at least two), or ValueError."""
     names = [n.strip() for n in str(text).split(",") if n.strip()]
@@ -125,12 +137,14 @@ def parse_scales(text: str) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class RunParams:
     """The parameters of a full run or a live preview: ``refine`` (``segment(refine=...)``
-    overrides), the label rule (``threshold``, ``background`` class index) and the device."""
+    overrides), the label rule (``threshold``, ``background`` class index), the device, and
+    ``instances``: None (no objects) or ``segment(instances=...)`` overrides (a dict)."""
 
     refine: dict = field(default_factory=dict)
     threshold: float = DEFAULT_THRESHOLD
     background: int = 0
     device: str = "auto"
+    instances: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,7 @@ class FullRun:
             inp.data, self.model, spacing=inp.scale, channel_axis=inp.channel_axis,
             refine=p.refine, device=p.device, progress=progress, should_cancel=should_cancel,
             threshold=p.threshold, background=p.background,
+            instances=False if p.instances is None else p.instances,
         )  # fmt: skip
 
 
@@ -245,7 +260,8 @@ def live_description(box: Box) -> str:
 class LiveResult:
     """Labels and matte of the box a live job computed (the job's, or a window of it when
     the preview was bounded), the planes of logits it computed (0: refinement only), the
-    seconds it took and what the bound changed ('' when exact: ``engine.Bounded.describe``)."""
+    seconds it took, what the bound changed ('' when exact: ``engine.Bounded.describe``) and,
+    when the job asked for them, the objects of the box alone (``instances``, int32 ids)."""
 
     labels: np.ndarray
     matte: np.ndarray
@@ -253,6 +269,7 @@ class LiveResult:
     seconds: float
     box: Box
     note: str = ""
+    instances: np.ndarray | None = None
 
     @property
     def work(self) -> str:
@@ -473,7 +490,8 @@ class Session:
         seg_key = (id(inp.layer), id(inp.data), id(model), inp.scale, inp.channel_axis,
                    params.device)  # fmt: skip
         out = (float(params.threshold), int(params.background))
-        key = (seg_key, box, tuple(sorted(params.refine.items())), out)
+        objects = None if params.instances is None else tuple(sorted(params.instances.items()))
+        key = (seg_key, box, tuple(sorted(params.refine.items())), out, objects)
         if key == self._live_done and not redo:
             return None
         return LiveJob(inp, model, box, params, seg_key, key)
@@ -503,9 +521,14 @@ class Session:
         reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
         p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach)
         labels, matte = labels_from_probabilities(p, job.params.threshold, job.params.background)
+        ids = None
+        if job.params.instances is not None:
+            config = instance_config(job.model.config.instances, job.params.instances)
+            ids = instance_labels(labels, seg.plan.settings.spacing, config,
+                                  should_cancel=should_cancel)  # fmt: skip
         new = seg.stats["logit_planes"] - planes
         seconds = time.perf_counter() - start
-        return LiveResult(labels, matte, new, seconds, bounded.box, bounded.describe())
+        return LiveResult(labels, matte, new, seconds, bounded.box, bounded.describe(), ids)
 
     def live_delivered(self, job: LiveJob) -> None:
         """The job's result is in the output layers: the same request again is not recomputed."""

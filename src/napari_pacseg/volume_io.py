@@ -643,10 +643,12 @@ def write_npy(path, array, overwrite: bool = False) -> Path:
 
 
 def write_tiff(path, array, spacing=None, overwrite: bool = False) -> Path:
-    """Write a ``(D, H, W)`` uint8 or float32 ``array`` as an ImageJ-compatible TIFF atomically,
-    with ``spacing`` ``(z, y, x)`` in micrometres (read back by ``read_tiff``) when given."""
+    """Write a ``(D, H, W)`` uint8, uint16 or float32 ``array`` as an ImageJ-compatible TIFF
+    atomically, with ``spacing`` ``(z, y, x)`` in micrometres (read back by ``read_tiff``) when
+    given; other dtypes (uint32 object ids) as a plain TIFF, which ImageJ cannot describe."""
     tifffile = _need("tifffile")
-    kwargs: dict = {"imagej": True, "photometric": "minisblack", "metadata": {"axes": "ZYX"}}
+    imagej = np.dtype(array.dtype) in (np.uint8, np.uint16, np.float32)
+    kwargs: dict = {"imagej": imagej, "photometric": "minisblack", "metadata": {"axes": "ZYX"}}
     if spacing is not None:
         z, y, x = (float(s) for s in spacing)
         kwargs["resolution"] = (1.0 / x, 1.0 / y)

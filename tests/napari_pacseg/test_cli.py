@@ -289,3 +289,54 @@ def test_train_from_several_pairs(tmp_path, capsys):
     assert main(["train", *paths[:3], "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2
     assert "IMAGE SCRIBBLES pairs; 3 paths" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_segment_with_instances(folder, image, capsys):
+    out = folder / "out"
+    args = (folder / "in" / "a.tif", folder / "in" / "b.npy", "-o", out, "--instances", "-q")
+    assert run(folder, *args, "--min-volume", "5") == 0
+    model = load_model(DEMO_MODEL_FILE)
+    ref = segment(image, model, instances={"min_volume": 5.0})
+    ids = read_volume(out / "a_instances.tif")
+    assert ids.data.dtype == np.uint16
+    np.testing.assert_array_equal(ids.load()[0], ref.instances)
+    np.testing.assert_allclose(ids.spacing, (1.0, 0.4, 0.4), rtol=1e-6)
+    np.testing.assert_array_equal(
+        np.load(out / "b_instances.npy"),
+        segment(image[:, ::-1], model, instances={"min_volume": 5.0}).instances,
+    )
+    rows = (out / "a_objects.csv").read_text().splitlines()
+    assert rows[0].startswith("id,class,class_name,volume,centroid_z")
+    assert len(rows) == 1 + ref.instances.max() and ref.instances.max() >= 1
+    assert rows[1].split(",")[:3] == ["1", "1", "nucleus"]
+    record = json.loads((out / "a_pacseg.json").read_text())
+    assert record["objects"] == int(ref.instances.max())
+    assert record["outputs"]["instances"] == "a_instances.tif"
+    assert record["outputs"]["objects"] == "a_objects.csv"
+    assert record["parameters"]["instances"]["min_volume"] == 5.0
+    # the same run again: skipped; a CSV of someone else's at an output path: left alone
+    assert run(folder, *args, "--min-volume", "5") == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+    other = folder / "out2"
+    other.mkdir()
+    (other / "a_objects.csv").write_text("mine\n")
+    assert run(folder, folder / "in" / "a.tif", "-o", other, "--instances") == 1
+    assert "a_objects.csv exists and was not written by pacseg" in capsys.readouterr().err
+    assert (other / "a_objects.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in other.iterdir()) == ["a_objects.csv"]
+    # zarr inputs: a clear failure, nothing written
+    assert run(folder, folder / "in" / "c.zarr", "-o", folder / "out3", "--instances") == 1
+    assert "instances are not available for zarr inputs yet" in capsys.readouterr().err
+    assert not list((folder / "out3").iterdir())
+
+
+def test_instance_options_need_instances(folder, capsys):
+    assert run(folder, folder / "in" / "a.tif", "-o", folder / "out", "--radius", "4") == 2
+    assert "--radius given without --instances" in capsys.readouterr().err
+    assert (
+        run(
+            folder, folder / "in" / "a.tif", "-o", folder / "o", "--instances", "--sensitivity", "2"
+        )
+        == 2
+    )
+    assert "sensitivity" in capsys.readouterr().err

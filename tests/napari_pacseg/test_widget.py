@@ -400,3 +400,50 @@ def test_training_set_of_two_images(docked, qtbot, errors, sample):
     widget.remove_from_training_set()
     assert [p.image.name for p in widget.session.training_set] == ["right"]
     assert len(errors) == 1
+
+
+def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample, tmp_path):
+    viewer, widget = docked
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    model = load_demo_model()
+    assert widget.instance_radius.value == model.config.instances.radius
+    assert widget.instance_sensitivity.value == model.config.instances.sensitivity
+    assert not widget.save_objects_button.enabled
+    assert widget.save_objects_file(tmp_path / "none.csv") is None
+    assert "no measurements yet" in errors.pop()
+    widget.instances.value = True
+    widget.instance_min_volume.value = 5.0
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == [] and widget.status.value.endswith("objects"), widget.status.value
+    labels, inst = viewer.layers["crop labels"], viewer.layers["crop instances"]
+    assert isinstance(inst, napari.layers.Labels) and inst.data.dtype == np.int32
+    assert inst.data.shape == (16, 64, 64) and tuple(inst.scale) == sample.spacing
+    n = int(inst.data.max())
+    assert n >= 1 and not inst.data[labels.data == 0].any()
+    expected = segment(
+        sample.image[CROP], model, spacing=sample.spacing, instances={"min_volume": 5.0}
+    )
+    assert n == int(expected.instances.max())
+    assert list(inst.features["index"]) == list(range(1, n + 1))
+    assert {"volume", "centroid_z", "sphericity", "class_name"} <= set(inst.features.columns)
+    assert widget.save_objects_button.enabled
+    written = widget.save_objects_file(tmp_path / "objects")
+    assert written.name == "objects.csv"
+    rows = written.read_text().splitlines()
+    assert len(rows) == n + 1 and rows[0].startswith("id,class,class_name,volume")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # live: the visible slab's objects go into the same layer, in place, measurements cleared
+    viewer.dims.set_current_step(0, 14)  # the crop's nucleus is in its last planes
+    inst.data = np.zeros_like(inst.data)
+    widget.live.value = True
+    qtbot.waitUntil(
+        lambda: widget.status.value.startswith("live preview of z 13-15"), timeout=WAIT_MS
+    )
+    qtbot.waitUntil(lambda: widget.live_runner._worker is None, timeout=WAIT_MS)
+    assert viewer.layers["crop instances"] is inst
+    assert inst.data[13:16].any() and not inst.data[:13].any()
+    assert not inst.data[13:16][labels.data[13:16] == 0].any()
+    assert len(inst.features) == 0
+    assert errors == []

@@ -1,0 +1,274 @@
+"""Instance labels (``instances.instance_labels``, ``segment(instances=...)``) and the
+measurement table (``instances.object_table``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_pacseg import (
+    InstanceConfig,
+    PacSegModel,
+    SegmentationCancelled,
+    instance_labels,
+    load_model,
+    object_table,
+    save_model,
+    segment,
+)
+from napari_pacseg.model_io import config_from_dict, config_to_dict
+from napari_pacseg.sample import load_demo_model, load_sample
+
+
+def balls(shape, spacing, spheres, value=1) -> np.ndarray:
+    """uint8 labels: ``value`` inside each ``(centre, radius)`` (physical units)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    out = np.zeros(shape, np.uint8)
+    for centre, radius in spheres:
+        d2 = ((grid - np.asarray(centre, float)[:, None, None, None]) ** 2).sum(0)
+        out[d2 < radius**2] = value
+    return out
+
+
+def chain(radii, centre=(15.0, 20.0, 12.0), overlap=0.85, axis=2):
+    """Spheres in a row, each touching the last: centres 0.85 x the sum of the radii apart."""
+    spheres, pos = [], np.asarray(centre, float)
+    for i, r in enumerate(radii):
+        if i:
+            pos = pos.copy()
+            pos[axis] += overlap * (radii[i - 1] + r)
+        spheres.append((pos, r))
+    return spheres
+
+
+@pytest.mark.parametrize(
+    "radii", [(5.0, 5.0), (5.0, 5.0, 5.0), (6.0, 4.0), (4.0, 6.0, 5.0), (7.0, 3.5)], ids=str
+)
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 1.0, 1.0), (1.0, 0.5, 0.5)], ids=str)
+def test_touching_spheres_split_into_their_count(radii, spacing):
+    shape = tuple(int(n / s) for n, s in zip((30.0, 40.0, 60.0), spacing))
+    labels = balls(shape, spacing, chain(radii), value=2)
+    ids = instance_labels(labels, spacing)
+    assert ids.max() == len(radii)
+    sizes = np.bincount(ids.ravel())[1:] * np.prod(spacing)
+    expected = [4 / 3 * np.pi * r**3 for r in radii]
+    # each object is mostly one sphere: volumes within 25% of the sphere's
+    assert np.allclose(sorted(sizes), sorted(expected), rtol=0.25)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_isolated_object_is_never_split(seed):
+    """Rough, elongated or flattened single objects stay one, at 1:1 and 3:1 spacing; very
+    rough ones when ``radius`` is their size."""
+    rng = np.random.default_rng(seed)
+    for spacing in ((1.0, 1.0, 1.0), (3.0, 1.0, 1.0)):
+        shape = tuple(int(n / s) for n, s in zip((36.0, 48.0, 48.0), spacing))
+        grid = np.stack(
+            np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+        )
+        radii = rng.uniform(4.0, 12.0, 3)
+        r = (((grid - np.array([18.0, 24.0, 24.0])[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0)  # fmt: skip
+        bumps = ndi.gaussian_filter(rng.standard_normal(shape), 1.0)
+        bumps /= bumps.std()
+        for roughness, config in ((0.15, InstanceConfig()), (0.3, InstanceConfig(radius=8.0))):
+            pieces = ndi.label(r + roughness * bumps < 1)[0]
+            largest = np.argmax(np.bincount(pieces.ravel())[1:]) + 1
+            labels = np.where(pieces == largest, 2, 0).astype(np.uint8)
+            assert instance_labels(labels, spacing, config).max() == 1, (radii, spacing)
+
+
+def test_a_sphere_in_physical_units_stays_one_object_at_3_to_1_spacing():
+    spacing = (3.0, 1.0, 1.0)
+    labels = balls((14, 40, 40), spacing, [((21.0, 20.0, 20.0), 9.0)], value=2)
+    assert instance_labels(labels, spacing).max() == 1
+    # read as isotropic voxels the same mask is a flat disc; still one object
+    assert instance_labels(labels, (1.0, 1.0, 1.0)).max() == 1
+
+
+def test_ids_are_consecutive_connected_and_inside_the_classes():
+    spacing = (1.0, 1.0, 1.0)
+    labels = balls((30, 40, 80), spacing, chain((5.0, 5.0, 4.0)), value=2)
+    labels |= balls((30, 40, 80), spacing, [((15.0, 20.0, 68.0), 5.0)], value=3)
+    ids = instance_labels(labels, spacing)
+    assert ids.dtype == np.int32 and ids.shape == labels.shape
+    assert set(np.unique(ids)) == set(range(ids.max() + 1)) and ids.max() == 4
+    assert not ids[labels == 0].any() and (ids[labels > 0] > 0).all()
+    for i in range(1, ids.max() + 1):
+        assert ndi.label(ids == i)[1] == 1  # one 6-connected piece
+        assert np.unique(labels[ids == i]).size == 1  # one class
+
+
+def test_two_classes_in_contact_are_two_objects():
+    """Instances are per class: a blob half of one class, half of another, is two objects."""
+    spacing = (1.0, 1.0, 1.0)
+    labels = balls((24, 24, 40), spacing, [((12.0, 12.0, 20.0), 9.0)], value=2)
+    labels[:, :, 20:][labels[:, :, 20:] == 2] = 3
+    ids = instance_labels(labels, spacing)
+    assert ids.max() == 2
+    assert set(np.unique(labels[ids == 1])) != set(np.unique(labels[ids == 2]))
+
+
+def test_small_objects_are_removed_and_min_volume_is_physical():
+    spacing = (2.0, 1.0, 1.0)
+    labels = balls((20, 40, 60), spacing, [((20.0, 20.0, 15.0), 6.0), ((20.0, 20.0, 45.0), 1.5)], 2)  # fmt: skip
+    assert instance_labels(labels, spacing, InstanceConfig(min_volume=0.0)).max() == 2
+    small = 4 / 3 * np.pi * 1.5**3
+    ids = instance_labels(labels, spacing, InstanceConfig(min_volume=3 * small))
+    assert ids.max() == 1 and not ids[:, :, 35:].any()
+
+
+def test_sensitivity_controls_splitting():
+    spacing = (1.0, 1.0, 1.0)
+    labels = balls((30, 40, 60), spacing, chain((5.0, 5.0), overlap=0.85), value=2)
+    assert instance_labels(labels, spacing, InstanceConfig(sensitivity=0.85)).max() == 2
+    assert instance_labels(labels, spacing, InstanceConfig(sensitivity=0.0, radius=5.0)).max() == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"radius": 0.0}, "radius must be a number in"),
+        ({"radius": float("nan")}, "radius"),
+        ({"sensitivity": 1.0}, "sensitivity must be a number in"),
+        ({"sensitivity": -0.1}, "sensitivity"),
+        ({"min_volume": -1.0}, "min_volume"),
+        ({"radius": "3"}, "radius"),
+        ({"radius": True}, "radius"),
+    ],
+)
+def test_bad_instance_parameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InstanceConfig(**kwargs)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="3D integer array"):
+        instance_labels(np.zeros((4, 4)), (1, 1, 1))
+    with pytest.raises(ValueError, match="3D integer array"):
+        instance_labels(np.zeros((4, 4, 4), np.float32), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        instance_labels(np.zeros((4, 4, 4), np.uint8), (1, -1, 1))
+    sample = load_sample()
+    image = sample.image[:8, :32, :32]
+    model = load_demo_model()
+    with pytest.raises(ValueError, match="instances must be True, False, an InstanceConfig"):
+        segment(image, model, instances="yes")
+    with pytest.raises(ValueError, match="unknown parameters \\['size'\\]"):
+        segment(image, model, instances={"size": 3})
+    with pytest.raises(ValueError, match="sensitivity"):
+        segment(image, model, instances={"sensitivity": 2.0})
+
+
+def test_object_table_measures_each_object():
+    spacing = (2.0, 0.5, 0.5)
+    spheres = [((20.0, 10.0, 10.0), 6.0), ((20.0, 10.0, 28.0), 4.0)]
+    labels = balls((20, 40, 80), spacing, spheres, value=2)
+    image = np.zeros((2, *labels.shape), np.float32)
+    image[0][labels > 0] = 5.0
+    image[1] = np.arange(labels.shape[2], dtype=np.float32)[None, None, :]
+    ids = instance_labels(labels, spacing)
+    table = object_table(ids, labels, image, spacing, ["background", "nucleus"])
+    assert list(table["id"]) == [1, 2]
+    assert list(table["class"]) == [1, 1] and list(table["class_name"]) == ["nucleus"] * 2
+    for i, (centre, radius) in enumerate(spheres):
+        mask = ids == i + 1
+        assert table["volume"][i] == pytest.approx(mask.sum() * 0.5)
+        assert table["volume"][i] == pytest.approx(4 / 3 * np.pi * radius**3, rel=0.1)
+        zyx = np.argwhere(mask).mean(0) * spacing
+        assert [table[f"centroid_{a}"][i] for a in "zyx"] == pytest.approx(list(zyx))
+        assert [table[f"centroid_{a}"][i] for a in "zyx"] == pytest.approx(centre, abs=0.3)
+        box = ndi.find_objects(mask.astype(int))[0]
+        assert [table[f"bbox_{a}0"][i] for a in "zyx"] == [s.start for s in box]
+        assert [table[f"bbox_{a}1"][i] for a in "zyx"] == [s.stop for s in box]
+        assert table["mean_intensity_c0"][i] == 5.0 and table["max_intensity_c0"][i] == 5.0
+        assert table["mean_intensity_c1"][i] == pytest.approx(image[1][mask].mean())
+        assert table["max_intensity_c1"][i] == box[2].stop - 1
+        assert table["surface_area"][i] == pytest.approx(4 * np.pi * radius**2, rel=0.15)
+        assert 0.8 < table["sphericity"][i] <= 1.05
+    # a long box is far from a ball
+    bar = np.zeros((10, 10, 60), np.uint8)
+    bar[3:7, 3:7, 5:55] = 2
+    tab = object_table(instance_labels(bar, (1, 1, 1)), bar, None, (1, 1, 1))
+    assert tab["sphericity"][0] < 0.6 and "mean_intensity" not in tab
+    with pytest.raises(ValueError, match="does not match"):
+        object_table(ids, labels, image[:, :5], spacing)
+
+
+def test_an_empty_segmentation_has_no_objects():
+    labels = np.zeros((6, 8, 8), np.uint8)
+    ids = instance_labels(labels, (1, 1, 1))
+    assert ids.max() == 0
+    table = object_table(ids, labels, labels, (1, 1, 1), ["background", "x"])
+    assert all(len(v) == 0 for v in table.values()) and "sphericity" in table
+
+
+def test_segment_with_instances_on_the_sample():
+    sample = load_sample()
+    image = sample.image[16:48, 64:192, 64:192]  # 10 nuclei, some cut by the edges
+    model = load_demo_model()
+    result = segment(image, model, spacing=sample.spacing, instances=True)
+    ids = result.instances
+    assert ids.shape == image.shape and ids.max() >= 8
+    assert not ids[result.labels == 0].any()
+    assert np.array_equal(ids, instance_labels(result.labels, sample.spacing))
+    assert "instances" in result.timings
+    table = result.objects
+    assert len(table) == ids.max()
+    assert list(table["id"]) == list(range(1, ids.max() + 1))
+    assert set(table["class_name"]) == {"nucleus"}
+    # tiled == untiled, and overrides per call
+    tiled = segment(image, model, spacing=sample.spacing, instances=True, tile_shape=(16, 48, 40))
+    assert np.array_equal(tiled.instances, ids)
+    fewer = segment(image, model, spacing=sample.spacing, instances={"min_volume": 150.0})
+    assert 0 < fewer.instances.max() < ids.max()
+    assert segment(image, model, spacing=sample.spacing).instances is None
+
+
+def test_instances_on_the_sample_match_its_truth():
+    """The sample's bundled instance truth: ours finds its nuclei one by one (F1 at IoU 0.5)."""
+    sample = load_sample()
+    truth = sample.instances
+    assert truth.max() == 45 and np.array_equal(truth > 0, sample.truth)
+    sl = (slice(8, 56), slice(0, 160), slice(0, 160))
+    result = segment(sample.image[sl], load_demo_model(), spacing=sample.spacing, instances=True)
+    t, p = truth[sl], result.instances
+    matched = 0
+    for i in np.unique(t[t > 0]):
+        ids, counts = np.unique(p[t == i], return_counts=True)
+        j, inter = ids[np.argmax(counts)], counts.max()
+        if j and inter / ((t == i).sum() + (p == j).sum() - inter) >= 0.5:
+            matched += 1
+    n_t, n_p = np.unique(t[t > 0]).size, int(p.max())
+    assert 2 * matched / (n_t + n_p) >= 0.8
+
+
+def test_segment_instances_can_be_cancelled():
+    sample = load_sample()
+    image = sample.image[16:40, :96, :96]
+    tiles_done = []
+
+    def progress(done, total):
+        if done == total:
+            tiles_done.append(True)
+
+    with pytest.raises(SegmentationCancelled, match="instance"):
+        segment(image, load_demo_model(), spacing=sample.spacing, instances=True,
+                progress=progress, should_cancel=lambda: bool(tiles_done))  # fmt: skip
+    assert tiles_done  # cancelled in the instance step, after every tile
+
+
+def test_the_model_file_carries_the_instance_config(tmp_path):
+    demo = load_demo_model()
+    config = dataclasses.replace(demo.config, instances=InstanceConfig(radius=4.5, min_volume=30.0))
+    model = PacSegModel(config)
+    model.load_state_dict(demo.state_dict())
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.config.instances == InstanceConfig(radius=4.5, min_volume=30.0)
+    # a file written before instances existed loads with the defaults
+    data = config_to_dict(model.config)
+    del data["instances"]
+    assert config_from_dict(data).instances == InstanceConfig()
