@@ -74,14 +74,16 @@ def output_name(path, outdir, kind: str) -> Path:
 def output_paths(path, outdir, instances: bool = False) -> dict[str, Path]:
     """``labels``, ``matte`` and ``record`` paths of an input: ``<stem>_labels.<ext>``,
     ``<stem>_matte.<ext>`` and ``<stem>_pacseg.json`` in ``outdir``; with ``instances`` also
-    ``instances`` (``<stem>_instances.<ext>``) and ``objects`` (``<stem>_objects.csv``)."""
+    ``instances`` (``<stem>_instances.<ext>``) and, for inputs read into memory (not zarr),
+    ``objects`` (``<stem>_objects.csv``)."""
     paths = {
         "labels": output_name(path, outdir, "_labels"),
         "matte": output_name(path, outdir, "_matte"),
     }
     if instances:
         paths["instances"] = output_name(path, outdir, "_instances")
-        paths["objects"] = Path(outdir) / f"{stem(path)}_objects.csv"
+        if volume_kind(path) not in ("zarr", "ome-zarr"):
+            paths["objects"] = Path(outdir) / f"{stem(path)}_objects.csv"
     paths["record"] = Path(outdir) / f"{stem(path)}_pacseg.json"
     return paths
 
@@ -335,8 +337,8 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
     overwrite : redo inputs whose complete output exists.
     instances : also ``<stem>_instances.<ext>`` (object ids, uint16, or uint32 past 65535
         objects) and ``<stem>_objects.csv`` (``instances.object_table``; the record gives the
-        object count): True, an ``InstanceConfig`` or a dict, as in ``segment``. TIFF and NPY
-        inputs only for now (a zarr input with it fails with a message).
+        object count): True, an ``InstanceConfig`` or a dict, as in ``segment``. Zarr inputs
+        get the ids as a zarr array (``segment_zarr(instances=...)``) but no CSV yet.
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
         or chunks (zarr inputs); ``done == 0`` when an input starts.
@@ -513,22 +515,21 @@ class _FileRun:
     def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         opts = self.options
         volume = read_volume(path, opts.channel_axis)
-        if volume.kind in ("zarr", "ome-zarr") and opts.instances is not None:
-            raise ValueError(
-                "instances are not available for zarr inputs yet (only TIFF and NPY); run "
-                "without --instances, or convert the volume to TIFF"
-            )
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
                 volume, self.model, paths["labels"], paths["matte"], spacing=opts.spacing,
                 channel_axis=opts.channel_axis, chunks=opts.chunks, scheduler=self.scheduler(),
                 **opts.segment_kwargs(),
-                overwrite=True, progress=tiles,
+                overwrite=True, progress=tiles, instances=paths.get("instances"),
+                instance_config=opts.instances or True,
             )  # fmt: skip
             parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
                           "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip
-            return {"shape": list(res.shape), "dtype": str(volume.data.dtype),
-                    "parameters": parameters, "timings": res.timings}  # fmt: skip
+            details = {"shape": list(res.shape), "dtype": str(volume.data.dtype),
+                       "parameters": parameters, "timings": res.timings}  # fmt: skip
+            if res.instances is not None:
+                details["objects"] = res.n_objects
+            return details
         spacing, source = resolve_spacing(opts.spacing, volume, self.model)
         image = volume.load()
         seg = segment(image, self.model, spacing=spacing, channel_axis=0, progress=tiles,

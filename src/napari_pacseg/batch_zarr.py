@@ -35,6 +35,8 @@ from .engine import (
     whole,
 )
 from .guide import volume_noise_level
+from .instances import instance_config as instance_config_of
+from .instances_zarr import instances_pass
 from .model import PacSegModel, volume_intensity_range
 from .model_io import ModelPayload, model_from_bytes
 from .pipeline import receptive_field, segment
@@ -150,7 +152,9 @@ class ZarrResult:
     shape : ``(C, D, H, W)`` of the input. chunks : ``(z, y, x)`` chunk (= output zarr chunk).
     spacing : ``(z, y, x)`` used; spacing_source : "argument", the file's metadata or "model".
     halo : ``receptive_field`` used. timings : seconds per ``segment`` stage summed over chunks,
-    plus ``range`` (the volume's intensity range) and ``total`` (wall time of the call).
+    plus ``range`` (the volume's intensity range), ``instances`` (the instance passes) and
+    ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
+    n_objects : how many objects (0 without ``instances``).
     """
 
     labels: Path
@@ -162,6 +166,8 @@ class ZarrResult:
     spacing_source: str
     halo: tuple[int, int, int]
     timings: dict[str, float] = field(default_factory=dict)
+    instances: Path | None = None
+    n_objects: int = 0
 
 
 def _open_source(source, channel_axis):
@@ -306,6 +312,8 @@ def segment_zarr(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    instances=None,
+    instance_config=True,
 ) -> ZarrResult:
     """Segment a volume larger than memory, chunk by chunk, into zarr arrays.
 
@@ -339,6 +347,12 @@ def segment_zarr(
     overwrite : replace existing outputs (else ``FileExistsError`` before any work).
     progress : called as ``progress(done_chunks, total_chunks)`` in this process.
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
+    instances : path of a ``(D, H, W)`` int32 zarr array of object ids to write as well (the
+        same ids as ``segment(..., instances=...)`` on the whole volume: objects that cross
+        chunk borders are found whole; see ``instances_zarr``), or None. Written under a
+        temporary name and renamed into place with the others.
+    instance_config : its parameters: True (the model's ``InstanceConfig``), an
+        ``InstanceConfig`` or a dict of overrides.
 
     Returns
     -------
@@ -349,13 +363,16 @@ def segment_zarr(
 
     start = time.perf_counter()
     model = as_model(model)
+    objects = None
+    if instances is not None:
+        objects = instance_config_of(model.config.instances, instance_config or True)
     raw, layout, volume, readable = _open_source(source, channel_axis)
-    outputs = [Path(p) for p in (labels_out, matte_out) if p is not None]
+    outputs = [Path(p) for p in (labels_out, matte_out, instances) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)
     for out in outputs:  # also with overwrite=True: an input is never replaced
         check_not_input(out, inputs)
     if len({p.resolve() for p in outputs}) != len(outputs):
-        raise ValueError("labels_out and matte_out must be different paths")
+        raise ValueError("labels_out, matte_out and instances must be different paths")
     for out in outputs:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -393,7 +410,9 @@ def segment_zarr(
         rng = (lo.flatten().tolist(), hi.flatten().tolist())
         t_range = time.perf_counter() - t0
         attrs = {"spacing": list(spacing), "source": str(getattr(volume, "path", "array"))}
-        for tmp, (dtype, what) in zip(tmps, [(np.uint8, "labels"), (np.float32, "matte")]):
+        kinds = [(np.uint8, "labels")] + [(np.float32, "matte")] * (matte_out is not None)
+        kinds += [(np.int32, "instances")] * (instances is not None)
+        for tmp, (dtype, what) in zip(tmps, kinds):
             arr = zarr.open_array(
                 str(tmp), mode="w", shape=shape[1:], chunks=chunks, dtype=dtype, fill_value=0
             )
@@ -404,7 +423,7 @@ def segment_zarr(
             ext, _ = extend_box(box, halo, shape[1:])
             job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
                             None if tile_shape is None else tuple(tile_shape), threshold, rng, noise,
-                            str(tmps[0]), str(tmps[1]) if len(tmps) > 1 else None,
+                            str(tmps[0]), str(tmps[1]) if matte_out is not None else None,
                             readable, str(getattr(volume, "path", "source")))  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
@@ -418,6 +437,24 @@ def segment_zarr(
             for k, v in t.items():
                 timings[k] = timings.get(k, 0.0) + v
         timings["segment_total"] = timings.pop("total", 0.0)
+        n_objects = 0
+        if objects is not None:
+            t0 = time.perf_counter()
+            scratch = temporary_sibling(instances)
+            tmps.append(scratch)  # removed in the finally below
+            zarr.open_array(str(scratch), mode="w", shape=shape[1:], chunks=chunks,
+                            dtype=np.int64, fill_value=0)  # fmt: skip
+
+            def run(tasks):
+                mine: list = []  # _run waits on every future of its list: only this pass's
+                try:
+                    return list(_run(dask, kind, client, tasks, mine, None))
+                finally:
+                    futures.extend(mine)  # cancelled below if the call fails
+
+            n_objects = instances_pass(dask, run, str(tmps[0]), str(tmps[-2]), str(scratch),
+                                       boxes, spacing, objects, token)  # fmt: skip
+            timings["instances"] = time.perf_counter() - t0
         for tmp, out in zip(tmps, outputs):
             move_into_place(tmp, out, overwrite)
     finally:
@@ -434,7 +471,7 @@ def segment_zarr(
     timings["total"] = time.perf_counter() - start
     return ZarrResult(
         labels=outputs[0],
-        matte=outputs[1] if len(outputs) > 1 else None,
+        matte=Path(matte_out) if matte_out is not None else None,
         shape=tuple(shape),
         chunks=chunks,
         n_chunks=len(jobs),
@@ -442,6 +479,8 @@ def segment_zarr(
         spacing_source=spacing_source,
         halo=halo,
         timings=timings,
+        instances=Path(instances) if instances is not None else None,
+        n_objects=n_objects,
     )
 
 

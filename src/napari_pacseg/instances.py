@@ -22,7 +22,7 @@ from .model import InstanceConfig
 
 __all__ = ["InstanceConfig", "instance_config", "instance_labels", "object_table"]
 
-_FACES = ndi.generate_binary_structure(
+FACES = ndi.generate_binary_structure(
     3, 1
 )  # 6-connectivity: one object is one face-connected piece
 
@@ -76,7 +76,7 @@ def instance_labels(
     for value in np.unique(labels):
         if value == 0:
             continue
-        pieces, _ = ndi.label(labels == value, structure=_FACES)
+        pieces, _ = ndi.label(labels == value, structure=FACES)
         for i, box in enumerate(ndi.find_objects(pieces), start=1):
             if should_cancel is not None and should_cancel():
                 raise SegmentationCancelled("instance labelling cancelled")

@@ -316,3 +316,76 @@ def test_ome_zarr(tmp_path):
     with pytest.raises(VolumeError, match="give the path of one of its arrays"):
         read_volume(tmp_path / "img.ome.zarr")
     assert read_volume(tmp_path / "img.ome.zarr" / "0", channel_axis=1).shape == (2, 4, 5, 6)
+
+
+# --- instances, chunk by chunk ---------------------------------------------------------------------
+
+
+def _touching_balls(shape=(40, 60, 60), seed=0) -> np.ndarray:
+    """Labels of two classes: balls and touching pairs of balls, many across chunk borders."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(14):
+        centre = rng.uniform([4, 4, 4], np.array(shape) - 4)
+        r = rng.uniform(3.0, 6.0)
+        value = int(rng.integers(2, 4))
+        labels[((grid - centre[:, None, None, None]) ** 2).sum(0) < r * r] = value
+        if rng.random() < 0.6:  # a touching partner
+            direction = rng.normal(size=3)
+            other = centre + 0.85 * 2 * r * direction / np.linalg.norm(direction)
+            labels[((grid - other[:, None, None, None]) ** 2).sum(0) < r * r] = value
+    return labels
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_instances_equal_in_memory(tmp_path, seed):
+    import dask
+
+    from napari_pacseg import InstanceConfig, instance_labels
+    from napari_pacseg.engine import split_box
+    from napari_pacseg.engine import whole as whole_box
+    from napari_pacseg.instances_zarr import instances_pass
+
+    labels = _touching_balls(seed=seed)
+    spacing = (1.5, 1.0, 1.0)
+    config = InstanceConfig(min_volume=20.0)
+    expected = instance_labels(labels, spacing, config)
+    assert expected.max() >= 12
+    chunks = (8, 16, 16)
+    boxes = split_box(whole_box(labels.shape), chunks)
+    crossing = [i for i in range(1, expected.max() + 1)
+                if len({tuple(c // np.array(chunks)) for c in np.argwhere(expected == i)}) > 1]  # fmt: skip
+    assert len(crossing) >= 5  # objects on chunk borders, the case that matters
+    write_zarr(tmp_path / "labels.zarr", labels, chunks)
+    for name, dtype in (("ids.zarr", np.int32), ("cc.zarr", np.int64)):
+        zarr.open_array(str(tmp_path / name), mode="w", shape=labels.shape, chunks=chunks,
+                        dtype=dtype, fill_value=0)  # fmt: skip
+    n = instances_pass(
+        dask, lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
+        str(tmp_path / "labels.zarr"), str(tmp_path / "ids.zarr"), str(tmp_path / "cc.zarr"),
+        boxes, spacing, config, "test",
+    )  # fmt: skip
+    assert n == expected.max()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], expected)
+
+
+def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, model, cluster):
+    ref = segment(crop, model, instances={"min_volume": 5.0})
+    res = segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
+                       chunks=CHUNKS, scheduler=cluster, instances=tmp_path / "ids.zarr",
+                       instance_config={"min_volume": 5.0})  # fmt: skip
+    ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")
+    assert ids.dtype == np.int32 and ids.chunks == CHUNKS
+    np.testing.assert_array_equal(ids[:], ref.instances)
+    assert res.n_objects == ref.instances.max() >= 1 and res.instances == tmp_path / "ids.zarr"
+    assert "instances" in res.timings
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.zarr", "in.zarr", "labels.zarr"]
+    # the same synchronously, and bad parameters before any work
+    segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l2.zarr", chunks=CHUNKS,
+                 instances=tmp_path / "ids2.zarr", instance_config={"min_volume": 5.0})  # fmt: skip
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids2.zarr"))[:], ref.instances)
+    with pytest.raises(ValueError, match="unknown parameters"):
+        segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",
+                     instances=tmp_path / "i3.zarr", instance_config={"size": 1})  # fmt: skip
+    assert not (tmp_path / "l3.zarr").exists()

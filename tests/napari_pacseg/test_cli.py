@@ -324,10 +324,20 @@ def test_segment_with_instances(folder, image, capsys):
     assert "a_objects.csv exists and was not written by pacseg" in capsys.readouterr().err
     assert (other / "a_objects.csv").read_text() == "mine\n"
     assert sorted(p.name for p in other.iterdir()) == ["a_objects.csv"]
-    # zarr inputs: a clear failure, nothing written
-    assert run(folder, folder / "in" / "c.zarr", "-o", folder / "out3", "--instances") == 1
-    assert "instances are not available for zarr inputs yet" in capsys.readouterr().err
-    assert not list((folder / "out3").iterdir())
+    # zarr inputs: the ids chunk by chunk (the same as in memory), no CSV
+    out3 = folder / "out3"
+    assert (
+        run(folder, folder / "in" / "c.zarr", "-o", out3, "--instances", "--chunks", 8, 24, 24) == 0
+    )
+    zids = zarr.open_array(str(out3 / "c_instances.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(zids, segment(image[::-1], model, instances=True).instances)
+    assert sorted(p.name for p in out3.iterdir()) == [
+        "c_instances.zarr",
+        "c_labels.zarr",
+        "c_matte.zarr",
+        "c_pacseg.json",
+    ]
+    assert json.loads((out3 / "c_pacseg.json").read_text())["objects"] == int(zids.max())
 
 
 def test_instance_options_need_instances(folder, capsys):
