@@ -156,6 +156,7 @@ class PacSegWidget(mw.Container):
 
     def _connect(self) -> None:
         self.image.changed.connect(self._on_image_changed)
+        self.scribbles.changed.connect(self._on_scribbles_changed)
         self.channel_axis.changed.connect(self._on_image_changed)
         self.load_button.clicked.connect(lambda: self._on_file_clicked(save=False))
         self.save_button.clicked.connect(lambda: self._on_file_clicked(save=True))
@@ -176,7 +177,9 @@ class PacSegWidget(mw.Container):
         self._viewer_hooks = [
             (e, self._request_live) for e in (dims.current_step, dims.ndisplay, dims.order)
         ]
-        self._viewer_hooks += [(e, self.reset_choices) for e in (layers.inserted, layers.removed)]
+        self._viewer_hooks += [
+            (e, self._on_layers_changed) for e in (layers.inserted, layers.removed)
+        ]
         for event, callback in self._viewer_hooks:
             event.connect(callback)
         self.native.destroyed.connect(self._teardown)
@@ -194,7 +197,32 @@ class PacSegWidget(mw.Container):
         """The chosen image layer, snapshotted as the session's current image."""
         return self.session.use_image(self.image.value, self.channel_axis.value)
 
+    def _on_layers_changed(self, *_args) -> None:
+        self.reset_choices()
+        if self.scribbles.value is None:
+            self._pick_scribbles()
+
+    def _pick_scribbles(self) -> None:
+        """Choose ``"<image> scribbles"`` (the name *New scribbles layer* and the sample use)
+        when such a Labels layer exists."""
+        image = self.image.value
+        if image is None:
+            return
+        wanted = f"{image.name} scribbles"
+        for name, layer in _layers.scribble_choices(self.viewer):
+            if name == wanted:
+                self.scribbles.value = layer
+                return
+
+    def _on_scribbles_changed(self, *_args) -> None:
+        """A scribbles layer that names its classes sets the Classes field (unless a model is
+        loaded: then its classes are what training extends)."""
+        names = _layers.scribble_class_names(self.scribbles.value) if self.scribbles.value else None
+        if names and self.model is None:
+            self.class_names.value = ", ".join(names)
+
     def _on_image_changed(self, *_args) -> None:
+        self._pick_scribbles()
         layer = self.image.value
         four_d = layer is not None and layer.ndim == 4
         if four_d and not self.channel_axis.visible:

@@ -447,3 +447,23 @@ def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample,
     assert not inst.data[13:16][labels.data[13:16] == 0].any()
     assert len(inst.features) == 0
     assert errors == []
+
+
+def test_sample_scribbles_and_classes_are_picked(make_napari_viewer, errors):
+    """Docked before the sample opens, the widget picks "<image> scribbles" and its classes;
+    a loaded model's classes then replace them."""
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    viewer.open_sample("napari-pacseg", "nuclei")
+    widget.image.value = viewer.layers["nuclei"]
+    assert widget.scribbles.value is viewer.layers["nuclei scribbles"]
+    assert widget.class_names.value == "background, nucleus"
+    viewer.layers.remove("nuclei scribbles")
+    assert widget.scribbles.value is None
+    widget.new_scribbles_button.clicked()
+    assert widget.scribbles.value is viewer.layers["nuclei scribbles"]
+    widget.class_names.value = "bg, fg"
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    assert widget.class_names.value == "background, nucleus"
+    assert errors == []
