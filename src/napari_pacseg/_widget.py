@@ -57,7 +57,7 @@ class PacSegWidget(mw.Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         self.session = Session()
         self._syncing = False
@@ -139,7 +139,11 @@ class PacSegWidget(mw.Container):
         self.run_button = mw.PushButton(text="Run on full volume")
         self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
         self.status = mw.Label(label="Status", value="ready")
-        self.extend([
+        # Everything but the run controls and the status scrolls, so the widget fits a laptop
+        # screen (a magicgui container docked by napari never scrolls itself: napari docks its
+        # inner widget); Run, Cancel and Status stay in sight below it.
+        self.controls = mw.Container(labels=True, scrollable=True)
+        self.controls.extend([
             self.image, self.channel_axis, self.spacing_info,
             heading("Model"), self.model_info, self.load_button, self.save_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
@@ -149,8 +153,13 @@ class PacSegWidget(mw.Container):
             heading("Objects"), self.instances, *self.instance_controls.values(),
             self.save_objects_button,
             heading("Output"), self.threshold, self.background, self.device,
-            self.live, self.run_button, self.cancel_button, self.status,
         ])  # fmt: skip
+        self.run_controls = mw.Container(
+            labels=True, widgets=[self.live, self.run_button, self.cancel_button, self.status]
+        )
+        layout = self.native.layout()  # Qt level: magicgui would insert the scroll area's content
+        layout.addWidget(self.controls.root_native_widget)
+        layout.addWidget(self.run_controls.native)
         for w in (self.model_info, self.status, self.spacing_info):
             w.native.setWordWrap(True)
 
@@ -196,6 +205,12 @@ class PacSegWidget(mw.Container):
     def _input(self):
         """The chosen image layer, snapshotted as the session's current image."""
         return self.session.use_image(self.image.value, self.channel_axis.value)
+
+    def reset_choices(self, *_args) -> None:
+        """Refresh the dropdowns (the controls live in containers docked below this one)."""
+        super().reset_choices()
+        self.controls.reset_choices()
+        self.run_controls.reset_choices()
 
     def _on_layers_changed(self, *_args) -> None:
         self.reset_choices()

@@ -467,3 +467,19 @@ def test_sample_scribbles_and_classes_are_picked(make_napari_viewer, errors):
     assert widget.load_model_file(DEMO_MODEL_FILE)
     assert widget.class_names.value == "background, nucleus"
     assert errors == []
+
+
+def test_widget_fits_a_laptop_screen(make_napari_viewer, qtbot):
+    """With a model loaded the dock needs at most 700 px of height (the controls scroll) and
+    stays narrow; Run, Cancel and Status are outside the scroll area, always in sight."""
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    qtbot.wait(10)
+    hint = dock.minimumSizeHint()
+    assert hint.height() <= 700 and hint.width() <= 450, hint
+    scroll = widget.controls.root_native_widget
+    for w in (widget.run_button, widget.cancel_button, widget.status, widget.live):
+        assert not scroll.isAncestorOf(w.native)
+    assert scroll.isAncestorOf(widget.load_button.native)
