@@ -239,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(handler=_cmd_train)
 
+    demo = sub.add_parser("demo", help="write the bundled sample and the demo model, to try",
+                          description="Write the bundled sample (nuclei.tif, its scribbles and "
+                          "ground truth as TIFFs with the voxel size) and the demo model "
+                          "(nuclei_demo.safetensors) into OUTDIR, then print the commands "
+                          "that segment and retrain it.")  # fmt: skip
+    demo.add_argument("outdir", type=Path, metavar="OUTDIR", help="folder (created)")
+    demo.add_argument("--overwrite", action="store_true", help="replace files already there")
+    demo.set_defaults(handler=_cmd_demo)
+
     info = sub.add_parser("info", help="show a model's configuration",
                           description="Classes, features, head, refinement defaults, spacing, "
                           "receptive field and provenance of a model file.")  # fmt: skip
@@ -353,7 +362,12 @@ def _cmd_segment(args) -> int:
                 bar.print(f"skipped {res.input}: {res.message}")
             else:
                 outs = ", ".join(str(p) for p in res.outputs)
-                bar.print(f"done {res.input} -> {outs} ({res.seconds:.1f} s)")
+                assumed = _assumed_spacing(res.record)
+                note = (
+                    f"; no voxel size in its metadata: assumed the model's spacing (z, y, x) "
+                    f"{assumed}, pass --spacing Z Y X if wrong" if assumed else ""
+                )  # fmt: skip
+                bar.print(f"done {res.input} -> {outs} ({res.seconds:.1f} s){note}")
     except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
         raise UsageError(str(err)) from None
     finally:
@@ -432,6 +446,49 @@ def _cmd_train(args) -> int:
         f"spacing {tuple(model.config.spacing)}, "
         f"{int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
         + (f" in {len(images)} images" if len(images) > 1 else "")
+    )
+    return 0
+
+
+def _assumed_spacing(record) -> str:
+    """The spacing a run took from the model (no metadata, no --spacing), as text, else ''."""
+    try:
+        params = json.loads(Path(record).read_text())["parameters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if params.get("spacing_source") != "model":
+        return ""
+    return "(" + ", ".join(f"{v:g}" for v in params["spacing"]) + ")"
+
+
+def _cmd_demo(args) -> int:
+    import numpy as np
+
+    from .sample import DEMO_MODEL_FILE, load_sample
+    from .volume_io import write_bytes, write_tiff
+
+    out = args.outdir
+    names = {"image": "nuclei.tif", "scribbles": "nuclei_scribbles.tif",
+             "truth": "nuclei_truth.tif", "model": "nuclei_demo.safetensors"}  # fmt: skip
+    there = [n for n in names.values() if (out / n).exists()]
+    if there and not args.overwrite:
+        raise UsageError(
+            f"{out} already holds {', '.join(there)}; pass --overwrite or choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    sample = load_sample()
+    write_tiff(out / names["image"], sample.image.astype(np.uint16), sample.spacing, True)
+    write_tiff(out / names["scribbles"], sample.scribbles, sample.spacing, True)
+    write_tiff(out / names["truth"], sample.truth.astype(np.uint8), sample.spacing, True)
+    write_bytes(out / names["model"], DEMO_MODEL_FILE.read_bytes())
+    print(f"wrote {', '.join(names.values())} to {out}")
+    print("segment it:")
+    print(f"  pacseg segment {out / names['model']} {out / names['image']} -o {out / 'out'}")
+    print("retrain from the scribbles (1 background, 2 nucleus):")
+    print(
+        f"  pacseg train {out / names['image']} {out / names['scribbles']} -o {out / 'mine.safetensors'}"
     )
     return 0
 

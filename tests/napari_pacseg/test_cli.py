@@ -350,3 +350,34 @@ def test_instance_options_need_instances(folder, capsys):
         == 2
     )
     assert "sensitivity" in capsys.readouterr().err
+
+
+def test_demo_writes_the_sample_and_model_and_the_next_commands_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", str(out)]) == 0
+    printed = capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "nuclei.tif",
+        "nuclei_demo.safetensors",
+        "nuclei_scribbles.tif",
+        "nuclei_truth.tif",
+    ]
+    assert (out / "nuclei_demo.safetensors").read_bytes() == DEMO_MODEL_FILE.read_bytes()
+    image = read_volume(out / "nuclei.tif")
+    np.testing.assert_allclose(image.spacing, (1.0, 0.4, 0.4), rtol=1e-6)
+    np.testing.assert_array_equal(image.load()[0], load_sample().image)
+    assert f"pacseg segment {out / 'nuclei_demo.safetensors'} {out / 'nuclei.tif'}" in printed
+    # a second time: refused without --overwrite, nothing touched
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["demo", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["demo", str(out), "--overwrite"]) == 0
+
+
+def test_assumed_spacing_is_said(folder, capsys):
+    assert run(folder, folder / "in" / "a.tif", folder / "in" / "b.npy", "-o", folder / "out") == 0
+    a, b = capsys.readouterr().out.splitlines()
+    assert "no voxel size in its metadata: assumed the model's spacing (z, y, x) (1, 0.4, 0.4)" in b
+    assert "b.npy" in b and "a.tif" in a and "no voxel size" not in a
