@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui import widgets as mw
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 
 from . import _layers
 from ._controls import (
@@ -388,13 +388,16 @@ class PacSegWidget(mw.Container):
             job = self.session.training(params, *_layers.scribbles_of(self.scribbles.value))
         except ValueError as err:
             return self._error(str(err))
-        self.tasks.start("training", job, lambda model, _: self._trained(model, job.source))
+        self.tasks.start("training", job, lambda model, _: self._trained(model, job))
 
-    def _trained(self, model: PacSegModel, source: str) -> None:
-        self.set_model(model, source)
+    def _trained(self, model: PacSegModel, job) -> None:
+        self.set_model(model, job.source)
         voxels = model.config.provenance.get("labelled_voxels", "?")
         then = "live preview follows" if self.live.value else "press Run on full volume"
-        self._say(f"trained ({voxels} labelled voxels); {then}")
+        warned = "".join(f"; warning: {w}" for w in job.warnings)
+        self._say(f"trained ({voxels} labelled voxels); {then}{warned}")
+        for w in job.warnings:
+            show_warning(f"PAC Segmentation: {w}")
 
     # --- full run -------------------------------------------------------------------------------
 

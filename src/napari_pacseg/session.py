@@ -32,6 +32,7 @@ from .model import PacSegModel
 from .model_io import load_model, save_model
 from .pipeline import Segmentation, segment
 from .regions import RegionSegmenter
+from .scribble_checks import coverage_warnings
 from .training import train
 
 DEFAULT_CLASSES = "background, foreground"
@@ -203,12 +204,14 @@ class TrainingPair:
 @dataclass(frozen=True, eq=False)
 class Training:
     """``train`` from copies of the scribbles of one image or several: call it (in any thread)
-    for the model; ``source`` says where it came from."""
+    for the model; ``source`` says where it came from, ``warnings`` what looks amiss in the
+    scribbles (``scribble_checks.coverage_warnings``)."""
 
     images: list[ImageInput]
     scribbles: list[np.ndarray]
     kwargs: dict
     source: str
+    warnings: tuple[str, ...] = ()
 
     @property
     def image(self) -> ImageInput:
@@ -473,7 +476,8 @@ class Session:
             source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"
         else:
             source = f"trained from {len(pairs)} images: " + ", ".join(p.label for p in pairs)
-        return Training([p.image for p in pairs], marks, kwargs, source)
+        warned = tuple(coverage_warnings(marks, names))
+        return Training([p.image for p in pairs], marks, kwargs, source, warned)
 
     # --- live preview -----------------------------------------------------------------------------
 

@@ -483,3 +483,20 @@ def test_widget_fits_a_laptop_screen(make_napari_viewer, qtbot):
     for w in (widget.run_button, widget.cancel_button, widget.status, widget.live):
         assert not scroll.isAncestorOf(w.native)
     assert scroll.isAncestorOf(widget.load_button.native)
+
+
+def test_border_only_scribbles_warn_after_training(docked, qtbot, errors, monkeypatch):
+    viewer, widget = docked
+    warned: list[str] = []
+    monkeypatch.setattr("napari_pacseg._widget.show_warning", warned.append)
+    marks = np.zeros((16, 64, 64), np.uint8)
+    marks[8, 1, 5:60] = 1
+    marks[8, 30, 30:34] = 2
+    layer = viewer.add_labels(marks, name="crop scribbles", scale=viewer.layers["crop"].scale)
+    widget.scribbles.value = layer
+    widget.train_steps.value = 20
+    widget.start_training()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == []
+    assert "warning: the background scribbles are all on the image border" in widget.status.value
+    assert len(warned) == 1 and "between objects" in warned[0]

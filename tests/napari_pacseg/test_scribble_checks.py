@@ -1,0 +1,30 @@
+"""Warnings about where scribbles were painted (``scribble_checks``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_pacseg.sample import load_sample
+from napari_pacseg.scribble_checks import coverage_warnings
+
+
+def test_the_samples_scribbles_raise_no_warning():
+    assert coverage_warnings([load_sample().scribbles], ["background", "nucleus"]) == []
+
+
+def test_border_only_background_is_warned_about():
+    marks = np.zeros((8, 100, 120), np.uint8)
+    marks[4, 2, 10:90] = 1  # along the top edge
+    marks[4, 10:90, 117] = 1  # and the right one
+    marks[4, 50, 50:55] = 2
+    warned = coverage_warnings([marks], ["background", "nucleus"])
+    assert warned == [
+        "the background scribbles are all on the image border: add some away from it (between "
+        "objects), or the model learns the border's look as the class"
+    ]
+    # one stroke inside, in another image of the set, is enough
+    other = np.zeros((4, 40, 40), np.uint8)
+    other[1, 20, 15:25] = 1
+    assert coverage_warnings([marks, other], ["background", "nucleus"]) == []
+    # a class painted nowhere is not this check's business
+    assert coverage_warnings([marks], ["background", "nucleus", "unused"]) == warned
