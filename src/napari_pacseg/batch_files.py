@@ -74,16 +74,14 @@ def output_name(path, outdir, kind: str) -> Path:
 def output_paths(path, outdir, instances: bool = False) -> dict[str, Path]:
     """``labels``, ``matte`` and ``record`` paths of an input: ``<stem>_labels.<ext>``,
     ``<stem>_matte.<ext>`` and ``<stem>_pacseg.json`` in ``outdir``; with ``instances`` also
-    ``instances`` (``<stem>_instances.<ext>``) and, for inputs read into memory (not zarr),
-    ``objects`` (``<stem>_objects.csv``)."""
+    ``instances`` (``<stem>_instances.<ext>``) and ``objects`` (``<stem>_objects.csv``)."""
     paths = {
         "labels": output_name(path, outdir, "_labels"),
         "matte": output_name(path, outdir, "_matte"),
     }
     if instances:
         paths["instances"] = output_name(path, outdir, "_instances")
-        if volume_kind(path) not in ("zarr", "ome-zarr"):
-            paths["objects"] = Path(outdir) / f"{stem(path)}_objects.csv"
+        paths["objects"] = Path(outdir) / f"{stem(path)}_objects.csv"
     paths["record"] = Path(outdir) / f"{stem(path)}_pacseg.json"
     return paths
 
@@ -337,8 +335,8 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
     overwrite : redo inputs whose complete output exists.
     instances : also ``<stem>_instances.<ext>`` (object ids, uint16, or uint32 past 65535
         objects) and ``<stem>_objects.csv`` (``instances.object_table``; the record gives the
-        object count): True, an ``InstanceConfig`` or a dict, as in ``segment``. Zarr inputs
-        get the ids as a zarr array (``segment_zarr(instances=...)``) but no CSV yet.
+        object count): True, an ``InstanceConfig`` or a dict, as in ``segment``; zarr inputs
+        chunk by chunk (``segment_zarr(instances=..., objects_out=...)``).
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
         or chunks (zarr inputs); ``done == 0`` when an input starts.
@@ -521,7 +519,7 @@ class _FileRun:
                 channel_axis=opts.channel_axis, chunks=opts.chunks, scheduler=self.scheduler(),
                 **opts.segment_kwargs(),
                 overwrite=True, progress=tiles, instances=paths.get("instances"),
-                instance_config=opts.instances or True,
+                instance_config=opts.instances or True, objects_out=paths.get("objects"),
             )  # fmt: skip
             parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
                           "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip

@@ -36,7 +36,8 @@ from .engine import (
 )
 from .guide import volume_noise_level
 from .instances import instance_config as instance_config_of
-from .instances_zarr import instances_pass
+from .instances import table_csv
+from .instances_zarr import Measure, instances_pass
 from .model import PacSegModel, volume_intensity_range
 from .model_io import ModelPayload, model_from_bytes
 from .pipeline import receptive_field, segment
@@ -54,6 +55,7 @@ from .volume_io import (
     remove,
     remove_stale_temporaries,
     temporary_sibling,
+    write_bytes,
 )
 
 # Default chunk (z, y, x): ~4 M voxels, so a task (chunk + halo, the features of one tile, the
@@ -154,7 +156,8 @@ class ZarrResult:
     halo : ``receptive_field`` used. timings : seconds per ``segment`` stage summed over chunks,
     plus ``range`` (the volume's intensity range), ``instances`` (the instance passes) and
     ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
-    n_objects : how many objects (0 without ``instances``).
+    n_objects : how many objects (0 without ``instances``). objects : the CSV of their
+    measurements, or None.
     """
 
     labels: Path
@@ -168,6 +171,7 @@ class ZarrResult:
     timings: dict[str, float] = field(default_factory=dict)
     instances: Path | None = None
     n_objects: int = 0
+    objects: Path | None = None
 
 
 def _open_source(source, channel_axis):
@@ -314,6 +318,7 @@ def segment_zarr(
     threshold: float = DEFAULT_THRESHOLD,
     instances=None,
     instance_config=True,
+    objects_out=None,
 ) -> ZarrResult:
     """Segment a volume larger than memory, chunk by chunk, into zarr arrays.
 
@@ -353,6 +358,9 @@ def segment_zarr(
         temporary name and renamed into place with the others.
     instance_config : its parameters: True (the model's ``InstanceConfig``), an
         ``InstanceConfig`` or a dict of overrides.
+    objects_out : with ``instances``, the path of a CSV of the objects' measurements
+        (``instances.object_table``'s columns, the same rows as in memory), measured piece by
+        piece on the workers; needs a zarr source (read there).
 
     Returns
     -------
@@ -367,12 +375,16 @@ def segment_zarr(
     if instances is not None:
         objects = instance_config_of(model.config.instances, instance_config or True)
     raw, layout, volume, readable = _open_source(source, channel_axis)
-    outputs = [Path(p) for p in (labels_out, matte_out, instances) if p is not None]
+    if objects_out is not None and (instances is None or not readable):
+        raise ValueError(
+            "objects_out needs instances=PATH and a zarr source (path, Volume or zarr.Array)"
+        )
+    outputs = [Path(p) for p in (labels_out, matte_out, instances, objects_out) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)
     for out in outputs:  # also with overwrite=True: an input is never replaced
         check_not_input(out, inputs)
     if len({p.resolve() for p in outputs}) != len(outputs):
-        raise ValueError("labels_out, matte_out and instances must be different paths")
+        raise ValueError("labels_out, matte_out, instances and objects_out must be different paths")
     for out in outputs:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -452,8 +464,17 @@ def segment_zarr(
                 finally:
                     futures.extend(mine)  # cancelled below if the call fails
 
-            n_objects = instances_pass(dask, run, str(tmps[0]), str(tmps[-2]), str(scratch),
-                                       boxes, spacing, objects, token)  # fmt: skip
+            measure = None
+            if objects_out is not None:
+                names = tuple(c.name for c in model.config.classes)
+                measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
+                                  str(tmps[0]), names, shape[0])  # fmt: skip
+            ids_tmp = tmps[outputs.index(Path(instances))]
+            n_objects, table = instances_pass(dask, run, str(tmps[0]), str(ids_tmp),
+                                              str(scratch), boxes, spacing, objects, token,
+                                              measure)  # fmt: skip
+            if table is not None:
+                write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0
         for tmp, out in zip(tmps, outputs):
             move_into_place(tmp, out, overwrite)
@@ -480,6 +501,7 @@ def segment_zarr(
         halo=halo,
         timings=timings,
         instances=Path(instances) if instances is not None else None,
+        objects=Path(objects_out) if objects_out is not None else None,
         n_objects=n_objects,
     )
 

@@ -118,9 +118,47 @@ def _split(cc_path: str, piece: _Piece, spacing, config: InstanceConfig) -> np.n
     return split_piece(np.isin(crop, piece.members), spacing, config)
 
 
-def count_objects(cc_path: str, index: int, pieces: list[_Piece], spacing, config):
-    """Pass 3 for group ``index`` of pieces: ``(index, objects per piece)``."""
-    return index, [int(_split(cc_path, p, spacing, config).max()) for p in pieces]
+@dataclass(frozen=True)
+class Measure:
+    """What pass 3 needs to measure the objects: the raw zarr source (read here) with its
+    layout, its name for messages, the labels array and the model's class names."""
+
+    source: object
+    layout: object
+    name: str
+    labels_path: str
+    class_names: tuple[str, ...]
+    channels: int
+
+
+def count_objects(cc_path: str, index: int, pieces: list[_Piece], spacing, config,
+                  measure: Measure | None = None):  # fmt: skip
+    """Pass 3 for group ``index`` of pieces: ``(index, objects per piece, tables)``; with
+    ``measure`` each piece's ``object_table`` (ids 1..n of the piece, positions in the
+    volume's coordinates), else None for each."""
+    counts, tables = [], []
+    for p in pieces:
+        ids = _split(cc_path, p, spacing, config)
+        counts.append(int(ids.max()))
+        tables.append(_measure(ids, p, spacing, measure) if measure and ids.max() else None)
+    return index, counts, tables
+
+
+def _measure(ids: np.ndarray, piece: _Piece, spacing, measure: Measure) -> dict:
+    import zarr
+
+    from .instances import object_table
+    from .volume_io import read_region
+
+    labels = np.asarray(zarr.open_array(measure.labels_path, mode="r")[_slices(piece.box)])
+    image = read_region(measure.source, measure.layout, piece.box, measure.name)
+    table = object_table(ids, labels, image, spacing, measure.class_names)
+    for axis, name in enumerate("zyx"):
+        start = piece.box[axis][0]
+        table[f"bbox_{name}0"] = table[f"bbox_{name}0"] + start
+        table[f"bbox_{name}1"] = table[f"bbox_{name}1"] + start
+        table[f"centroid_{name}"] = table[f"centroid_{name}"] + start * spacing[axis]
+    return table
 
 
 def write_chunk(
@@ -153,11 +191,13 @@ def piece_bases(counts: list[int]) -> list[int]:
 
 
 def instances_pass(dask, run, labels_path: str, out_path: str, cc_path: str, boxes, spacing,
-                   config: InstanceConfig, token: str) -> int:  # fmt: skip
+                   config: InstanceConfig, token: str, measure: Measure | None = None):  # fmt: skip
     """The four passes over a finished labels zarr array (chunks ``boxes``) into ``out_path``
     (an int32 zarr array of the same shape and chunks, already created), with ``cc_path`` an
     int64 scratch array like it. ``run(tasks)`` computes a list of dask delayed tasks on the
-    caller's scheduler and returns their results. Returns the number of objects."""
+    caller's scheduler and returns their results. Returns ``(number of objects, table)``: with
+    ``measure`` the measurement table of every object (``object_table``'s columns, ids as in
+    ``out_path``), else None."""
     delayed = dask.delayed
     comps_per_chunk = run([
         delayed(components_chunk, pure=False)(labels_path, cc_path, i, box,
@@ -168,11 +208,13 @@ def instances_pass(dask, run, labels_path: str, out_path: str, cc_path: str, box
     pieces = merge_pieces(cc_path, labels_path, boxes, comps)
     groups = [pieces[i : i + 256] for i in range(0, len(pieces), 256)]
     counts = run([
-        delayed(count_objects, pure=False)(cc_path, i, g, spacing, config,
+        delayed(count_objects, pure=False)(cc_path, i, g, spacing, config, measure,
                                            dask_key_name=f"pacseg-count-{token}-{i}")
         for i, g in enumerate(groups)
     ])  # fmt: skip
-    counts = [n for _, group in sorted(counts) for n in group]  # results come in any order
+    done = sorted(counts, key=lambda r: r[0])  # results come in any order
+    counts = [n for _, group, _ in done for n in group]
+    tables = [t for _, _, group in done for t in group]
     bases = piece_bases(counts)
     of_chunk: list[list[int]] = [[] for _ in boxes]
     for k, piece in enumerate(pieces):
@@ -185,4 +227,22 @@ def instances_pass(dask, run, labels_path: str, out_path: str, cc_path: str, box
         )
         for i, (box, ks) in enumerate(zip(boxes, of_chunk))
     ])  # fmt: skip
-    return int(sum(counts))
+    table = None
+    if measure is not None:
+        parts = [t for t in tables if t is not None]
+        for part, base in zip(tables, bases):
+            if part is not None:
+                part["id"] = part["id"] + base
+        table = _concat(parts, measure)
+    return int(sum(counts)), table
+
+
+def _concat(parts: list[dict], measure: Measure) -> dict:
+    """The pieces' tables as one (an empty table with the same columns when there are none)."""
+    if not parts:
+        from .instances import object_table
+
+        empty = np.zeros((1, 1, 1), np.int32)
+        image = np.zeros((measure.channels, 1, 1, 1), np.float32)
+        return object_table(empty, empty, image, (1.0, 1.0, 1.0), measure.class_names)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

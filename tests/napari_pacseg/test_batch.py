@@ -361,12 +361,12 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
     for name, dtype in (("ids.zarr", np.int32), ("cc.zarr", np.int64)):
         zarr.open_array(str(tmp_path / name), mode="w", shape=labels.shape, chunks=chunks,
                         dtype=dtype, fill_value=0)  # fmt: skip
-    n = instances_pass(
+    n, table = instances_pass(
         dask, lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
         str(tmp_path / "labels.zarr"), str(tmp_path / "ids.zarr"), str(tmp_path / "cc.zarr"),
         boxes, spacing, config, "test",
     )  # fmt: skip
-    assert n == expected.max()
+    assert n == expected.max() and table is None
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], expected)
 
 
@@ -374,13 +374,29 @@ def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, mod
     ref = segment(crop, model, instances={"min_volume": 5.0})
     res = segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
                        chunks=CHUNKS, scheduler=cluster, instances=tmp_path / "ids.zarr",
-                       instance_config={"min_volume": 5.0})  # fmt: skip
+                       instance_config={"min_volume": 5.0},
+                       objects_out=tmp_path / "objects.csv")  # fmt: skip
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "objects.csv")
+    assert list(table.columns) == list(ref.objects.columns) and len(table) == len(ref.objects)
+    for column in table.columns:
+        if column == "class_name":
+            assert list(table[column]) == list(ref.objects[column])
+        else:
+            np.testing.assert_allclose(table[column], ref.objects[column], rtol=1e-9, atol=1e-9)
+    assert res.objects == tmp_path / "objects.csv"
     ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")
     assert ids.dtype == np.int32 and ids.chunks == CHUNKS
     np.testing.assert_array_equal(ids[:], ref.instances)
     assert res.n_objects == ref.instances.max() >= 1 and res.instances == tmp_path / "ids.zarr"
     assert "instances" in res.timings
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.zarr", "in.zarr", "labels.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ids.zarr",
+        "in.zarr",
+        "labels.zarr",
+        "objects.csv",
+    ]
     # the same synchronously, and bad parameters before any work
     segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l2.zarr", chunks=CHUNKS,
                  instances=tmp_path / "ids2.zarr", instance_config={"min_volume": 5.0})  # fmt: skip
@@ -389,3 +405,6 @@ def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, mod
         segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",
                      instances=tmp_path / "i3.zarr", instance_config={"size": 1})  # fmt: skip
     assert not (tmp_path / "l3.zarr").exists()
+    with pytest.raises(ValueError, match="objects_out needs instances"):
+        segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",
+                     objects_out=tmp_path / "o.csv")  # fmt: skip

@@ -324,7 +324,7 @@ def test_segment_with_instances(folder, image, capsys):
     assert "a_objects.csv exists and was not written by pacseg" in capsys.readouterr().err
     assert (other / "a_objects.csv").read_text() == "mine\n"
     assert sorted(p.name for p in other.iterdir()) == ["a_objects.csv"]
-    # zarr inputs: the ids chunk by chunk (the same as in memory), no CSV
+    # zarr inputs: the ids and the table chunk by chunk (the same as in memory)
     out3 = folder / "out3"
     assert (
         run(folder, folder / "in" / "c.zarr", "-o", out3, "--instances", "--chunks", 8, 24, 24) == 0
@@ -335,8 +335,10 @@ def test_segment_with_instances(folder, image, capsys):
         "c_instances.zarr",
         "c_labels.zarr",
         "c_matte.zarr",
+        "c_objects.csv",
         "c_pacseg.json",
     ]
+    assert len((out3 / "c_objects.csv").read_text().splitlines()) == 1 + int(zids.max())
     assert json.loads((out3 / "c_pacseg.json").read_text())["objects"] == int(zids.max())
 
 
