@@ -1,4 +1,5 @@
-"""napari sample data: the bundled nuclei volume, its ground truth and its scribbles."""
+"""napari sample data: the bundled nuclei volume, its ground truth (classes and instances)
+and its scribbles."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ SAMPLE_CLASSES = ("background", "nucleus")
 
 def make_sample_data() -> list[tuple]:
     """Layer data tuples: the image (``scale`` = voxel spacing in um), the ground truth as a
-    Labels layer (1 = nucleus; hidden at first) and the scribbles as a Labels layer
+    Labels layer (1 = nucleus; hidden at first), the instance truth (one id per nucleus;
+    hidden) and the scribbles as a Labels layer
     (1 background, 2 nucleus) that the widget's Train button takes as is."""
     sample = load_sample()
     scale = sample.spacing
@@ -26,6 +28,11 @@ def make_sample_data() -> list[tuple]:
                 "features": class_features(["nucleus"], [1], zero="background"),
                 "colormap": class_colormap([(0.2, 0.9, 0.9, 1.0)], [1]),
             },
+            "labels",
+        ),
+        (
+            sample.instances,
+            {"name": "nuclei instance truth", "scale": scale, "opacity": 0.5, "visible": False},
             "labels",
         ),
         (
