@@ -62,7 +62,12 @@ def test_wheel_installs_as_a_napari_plugin(tmp_path):
     assert found["widgets"] == ["PAC Segmentation"]
     assert found["samples"] == ["PAC-Seg nuclei (3D)"]
     shape = [64, 256, 256]
-    assert found["layers"] == [["image", shape], ["labels", shape], ["labels", shape]]
+    assert found["layers"] == [
+        ["image", shape],
+        ["labels", shape],
+        ["labels", shape],
+        ["labels", shape],
+    ]
     validate = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "napari-pacseg"], capture_output=True,
         text=True, env=env, cwd=tmp_path,

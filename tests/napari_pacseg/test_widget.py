@@ -233,8 +233,6 @@ def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path
     assert scribbles.name == "cells scribbles" and scribbles.data.dtype == np.uint8
     assert scribbles.data.shape == (16, 96, 96) and tuple(scribbles.scale) == sample.spacing
     assert list(scribbles.features["class"]) == ["unlabelled", "background", "nucleus"]
-    instances = viewer.layers["nuclei instance truth"]
-    assert isinstance(instances, napari.layers.Labels) and instances.data.max() == 45
     assert widget.scribbles.value.name == "cells scribbles"  # (the widget sees a proxy)
 
     widget.train_button.native.click()  # nothing painted yet: a clear error, no crash
