@@ -110,8 +110,10 @@ def split_piece(piece: np.ndarray, spacing, config: InstanceConfig) -> np.ndarra
     for _ in range(n):  # fragments under min_volume give their seed up and join a neighbour
         sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
         small = np.flatnonzero((sizes * voxel < config.min_volume) & (sizes > 0))
-        if small.size == 0 or small.size == np.count_nonzero(sizes):
+        if small.size == 0:
             break
+        if small.size == np.count_nonzero(sizes):  # every part too small: the piece is one
+            return piece.astype(np.int32)
         markers[np.isin(markers, small + 1)] = 0
         ids = watershed(-dist, markers, mask=padded)
     ids = ids[1:-1, 1:-1, 1:-1]

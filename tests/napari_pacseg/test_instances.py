@@ -272,3 +272,12 @@ def test_the_model_file_carries_the_instance_config(tmp_path):
     data = config_to_dict(model.config)
     del data["instances"]
     assert config_from_dict(data).instances == InstanceConfig()
+
+
+def test_a_piece_whose_parts_are_all_too_small_stays_one_object():
+    spacing = (1.0, 1.0, 1.0)
+    labels = balls((20, 20, 30), spacing, chain((3.0, 3.0), centre=(10.0, 10.0, 10.0)), value=2)
+    one = 4 / 3 * np.pi * 27
+    assert instance_labels(labels, spacing, InstanceConfig(radius=1.0, min_volume=0.0)).max() == 2
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=1.0, min_volume=1.2 * one))
+    assert ids.max() == 1 and np.array_equal(ids > 0, labels > 0)
