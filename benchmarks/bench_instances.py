@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ import common
 from napari_pacseg import InstanceConfig, segment, train
 from napari_pacseg.sample import load_sample
 
-ROOT = Path(__file__).resolve().parents[1]
 OURS, CLASSIC, TUNED, APOC = "ours", "classic", "classic, tuned", "APOC ObjectSegmenter"
 IOU = 0.5
 
@@ -114,15 +112,8 @@ def classic(image: np.ndarray, spacing, tuned: bool) -> np.ndarray:
 
 
 def run_apoc(python: str, image, scribbles) -> tuple[np.ndarray, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(src, image=image, scribbles=scribbles)
-        subprocess.run(
-            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), "1", "objects:small_quick"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        out = np.load(dst)
-        return out["objects_small_quick_labels"], float(out["objects_small_quick_times"].sum())
+    out = common.run_apoc_worker(python, image, scribbles, 1, ["objects:small_quick"])
+    return out["objects_small_quick_labels"], float(out["objects_small_quick_times"].sum())
 
 
 def evaluate(name, image, instances, scribbles, spacing, apoc_python) -> dict:
@@ -170,11 +161,7 @@ def _row(method: str, r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_apoc = ROOT / ".apoc-venv" / "bin" / "python"
-    parser.add_argument(
-        "--apoc-python", default=str(default_apoc) if default_apoc.exists() else "",
-        help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
-    )  # fmt: skip
+    common.add_apoc_python(parser)
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
     parser.add_argument("--clusters", type=int, default=10, help="touching groups per volume")
     parser.add_argument("--no-degraded", action="store_true", help="clean volumes only")
@@ -206,7 +193,7 @@ def main() -> None:
     flags = f" --clusters {args.clusters}" if args.clusters != 10 else ""
     flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
     flags += " --no-degraded" if args.no_degraded else ""
-    flags += f" --apoc-python {Path(args.apoc_python).relative_to(ROOT) if args.apoc_python.startswith(str(ROOT)) else args.apoc_python}" if args.apoc_python else ""  # fmt: skip
+    flags += f" --apoc-python {common.shown_path(args.apoc_python)}" if args.apoc_python else ""
     head = "| method | F1 (IoU >= 0.5) | mean matched IoU | over-split | under-split | objects / true | s |"
     rule = "|---|---|---|---|---|---|---|"
     lines = [

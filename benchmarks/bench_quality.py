@@ -41,9 +41,7 @@ Usage: python benchmarks/bench_quality.py [--device cpu|cuda] [--apoc-python PAT
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,8 +55,6 @@ import make_sample
 import common
 from napari_pacseg import FeatureSpec, segment, train
 from napari_pacseg.sample import load_sample
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE_UM = 0.4  # one voxel in y and x: at 1 um every method but the RF scores > 0.98
 DEMO_FEATURES = FeatureSpec(sigmas=make_sample.DEMO_SIGMAS)
@@ -142,19 +138,12 @@ def run_rf(image, scribbles):
 
 def run_apoc(python: str, image, scribbles, repeats: int) -> dict:
     """Per APOC feature set: (labels == 2, median train s, median predict s)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(src, image=image, scribbles=scribbles)
-        subprocess.run(
-            [python, str(Path(__file__).parent / "apoc_worker.py"), str(src), str(dst), str(repeats), *APOC_SETS],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        out = np.load(dst)
-        results = {}
-        for name in APOC_SETS:
-            train_s, predict_s = np.median(out[f"{name}_times"], axis=0)
-            results[name] = (out[f"{name}_labels"] == 2, float(train_s), float(predict_s))
-        return results
+    out = common.run_apoc_worker(python, image, scribbles, repeats, APOC_SETS)
+    results = {}
+    for name in APOC_SETS:
+        train_s, predict_s = np.median(out[f"{name}_times"], axis=0)
+        results[name] = (out[f"{name}_labels"] == 2, float(train_s), float(predict_s))
+    return results
 
 
 def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu", context=False) -> dict:
@@ -321,21 +310,9 @@ def _context_targets(results, col, peers) -> list[str]:
     return lines
 
 
-def _shown(path: str) -> str:
-    """``path`` relative to the repository when inside it (for the results file)."""
-    try:
-        return str(Path(path).absolute().relative_to(ROOT))
-    except ValueError:
-        return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_apoc = ROOT / ".apoc-venv" / "bin" / "python"
-    parser.add_argument(
-        "--apoc-python", default=str(default_apoc) if default_apoc.exists() else "",
-        help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
-    )  # fmt: skip
+    common.add_apoc_python(parser)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for ours")
     parser.add_argument("--skip-rf", action="store_true", help="leave out the RF baseline")
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
@@ -367,7 +344,7 @@ def main() -> None:
 
     dev = args.device
     flags = f" --device {dev}" if dev != "cpu" else ""
-    flags += f" --apoc-python {_shown(args.apoc_python)}" if args.apoc_python else ""
+    flags += f" --apoc-python {common.shown_path(args.apoc_python)}" if args.apoc_python else ""
     flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
     flags += f" --repeats {args.repeats}" if args.repeats != 3 else ""
     flags += " --skip-rf" if args.skip_rf else ""

@@ -19,6 +19,42 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_APOC = ROOT / ".apoc-venv" / "bin" / "python"
+
+
+def add_apoc_python(parser) -> None:
+    """The ``--apoc-python`` option of the benchmarks that run APOC (its own venv; see
+    ``apoc_worker.py``)."""
+    parser.add_argument(
+        "--apoc-python", default=str(DEFAULT_APOC) if DEFAULT_APOC.exists() else "",
+        help="interpreter with apoc installed (default: .apoc-venv/bin/python when present)",
+    )  # fmt: skip
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the repository when inside it (for the results file)."""
+    try:
+        return str(Path(path).absolute().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
+def run_apoc_worker(python: str, image, scribbles, repeats: int, feature_sets) -> dict:
+    """``apoc_worker.py`` in the interpreter ``python`` on ``image`` and ``scribbles``: its
+    output arrays by name (``<set>_labels``, ``<set>_times``; see the worker)."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, image=image, scribbles=scribbles)
+        worker = str(Path(__file__).parent / "apoc_worker.py")
+        subprocess.run([python, worker, str(src), str(dst), str(repeats), *feature_sets],
+                       check=True, capture_output=True)  # fmt: skip
+        with np.load(dst) as out:
+            return {k: out[k] for k in out.files}
 
 
 def device_name(device: str) -> str:

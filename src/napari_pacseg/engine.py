@@ -35,7 +35,7 @@ from pacseg_kernels import pac_crf3d
 from .checks import as_volume, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
-from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range
+from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range, with_overrides
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
 # memory stays under 4x the float32 image (benchmarks/bench_pipeline.py; 64-plane refinement
@@ -78,25 +78,9 @@ def as_model(model) -> PacSegModel:
 
 
 def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
-    """The refinement to run: model defaults (True), none (False), or overrides (a dict)."""
-    if refine is False:
-        return None
-    base = model.config.refine
-    if refine is True:
-        return base
-    if isinstance(refine, RefineConfig):
-        return refine
-    if isinstance(refine, dict):
-        known = {f.name for f in dataclasses.fields(RefineConfig)}
-        unknown = sorted(set(map(str, refine)) - known)
-        if unknown:
-            raise ValueError(
-                f"refine: unknown parameters {short_repr(unknown)}; known: {sorted(known)}"
-            )
-        return dataclasses.replace(base, **refine)
-    raise ValueError(
-        f"refine must be True, False or a dict of RefineConfig overrides, got {short_repr(refine)}"
-    )
+    """The refinement to run: model defaults (True), none (False), a ``RefineConfig``, or
+    overrides (a dict)."""
+    return None if refine is False else with_overrides(model.config.refine, refine, "refine")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from .checks import check_spacing
 from .engine import SegmentationCancelled
-from .model import InstanceConfig
+from .model import InstanceConfig, with_overrides
 
 __all__ = ["InstanceConfig", "instance_config", "instance_labels", "object_table"]
 
@@ -30,24 +30,9 @@ FACES = ndi.generate_binary_structure(
 def instance_config(base: InstanceConfig, instances) -> InstanceConfig | None:
     """The instance parameters of a call: None (``instances`` False/None), ``base`` (True), an
     ``InstanceConfig``, or ``base`` with a dict of overrides."""
-    import dataclasses
-
     if instances is None or instances is False:
         return None
-    if instances is True:
-        return base
-    if isinstance(instances, InstanceConfig):
-        return instances
-    if isinstance(instances, dict):
-        known = {f.name for f in dataclasses.fields(InstanceConfig)}
-        unknown = sorted(set(map(str, instances)) - known)
-        if unknown:
-            raise ValueError(f"instances: unknown parameters {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(base, **instances)
-    raise ValueError(
-        "instances must be True, False, an InstanceConfig or a dict of InstanceConfig "
-        f"overrides, got {type(instances).__name__}"
-    )
+    return with_overrides(base, instances, "instances")
 
 
 def instance_labels(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -200,6 +200,31 @@ def check_params(config) -> None:
                 f"[{spec.low:g}, {spec.high:g}], got {short_repr(value)}"
             )
         object.__setattr__(config, name, int(value) if spec.integer else float(value))
+
+
+def with_overrides(base, value, what: str):
+    """A call's parameters from a config's defaults ``base`` (a frozen dataclass): ``base``
+    (``value`` True), ``value`` itself (an instance of the same class), or ``base`` with the
+    fields of a dict replaced (unknown names refused); anything else is a ``ValueError``
+    naming ``what``. (False, "none", is the caller's to handle.)"""
+    cls = type(base)
+    if value is True:
+        return base
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, value)) - known)
+        if unknown:
+            raise ValueError(
+                f"{what}: unknown parameters {short_repr(unknown)}; known: {sorted(known)}"
+            )
+        return replace(base, **value)
+    article = "an" if cls.__name__[0] in "AEIOU" else "a"
+    raise ValueError(
+        f"{what} must be True, False, {article} {cls.__name__} or a dict of {cls.__name__} "
+        f"overrides, got {short_repr(value)}"
+    )
 
 
 @dataclass(frozen=True)
