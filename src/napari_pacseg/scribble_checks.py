@@ -1,7 +1,6 @@
 """Warnings about where scribbles were painted: a class painted only along the image's border
 teaches the model that class from the border's look alone (a tester who painted the background
-that way got Dice 0.80, bright nuclear rims labelled background; on the sample, strokes along
-two edges give 0.89 against 0.91 with its own scribbles)."""
+that way got bright nuclear rims labelled background)."""
 
 from __future__ import annotations
 

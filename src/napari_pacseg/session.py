@@ -102,12 +102,16 @@ def model_file_name(path) -> Path:
 
 def save_measurements(path, objects) -> Path:
     """Write a measurement table (``Segmentation.objects``) as CSV to ``path`` (``.csv`` added
-    when it has no suffix), atomically (a temporary file renamed into place)."""
+    when it has no suffix), atomically (a temporary file renamed into place). ``path`` itself
+    is replaced (a save dialog asked about it); a file at the name with ``.csv`` added, which
+    nobody was asked about, is refused (``FileExistsError``)."""
     from .volume_io import write_bytes
 
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".csv")
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose that name to replace it, or another")
     return write_bytes(path, table_csv(objects).encode("utf-8"))
 
 

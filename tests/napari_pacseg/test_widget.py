@@ -435,6 +435,11 @@ def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample,
     rows = written.read_text().splitlines()
     assert len(rows) == n + 1 and rows[0].startswith("id,class,class_name,volume")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # "objects" again: objects.csv is not what was chosen, so it is not replaced silently
+    written.write_text("mine\n")
+    assert widget.save_objects_file(tmp_path / "objects") is None
+    assert "exists" in errors.pop() and written.read_text() == "mine\n"
+    assert widget.save_objects_file(written) == written and written.read_text() != "mine\n"
 
     # live: the visible slab's objects go into the same layer, in place, measurements cleared
     viewer.dims.set_current_step(0, 14)  # the crop's nucleus is in its last planes
