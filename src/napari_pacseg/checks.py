@@ -76,10 +76,22 @@ def is_real(value) -> bool:
 
 
 def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:
-    """``(C, D, H, W)`` view of a 3D image, or of a 4D one with ``channel_axis``; any strides.
+    """``(C, D, H, W)`` view of a 3D image, or of a 4D one with ``channel_axis``; any strides
+    (``as_image`` with ``ndim=3``)."""
+    return as_image(image, channel_axis, what, ndim=3)[0]
 
-    Refuses non-numeric and complex dtypes, empty arrays, and float values that are NaN,
-    infinite, or beyond the float32 range the pipeline computes in.
+
+def as_image(
+    image, channel_axis: int | None, what: str = "image", ndim: int | None = None
+) -> tuple[np.ndarray, bool]:
+    """``(vol, flat)``: a ``(C, D, H, W)`` view (any strides) of a 2D or 3D image, with one
+    more axis when ``channel_axis`` is given, and whether it was 2D (then ``D == 1``: a 2D
+    image is segmented as a one-plane volume with in-plane windows).
+
+    ``ndim`` is the model's kind: 3 refuses 2D images, 2 refuses volumes deeper than one plane
+    (each with a message that says what to do), None takes either. Also refuses non-numeric
+    and complex dtypes, empty arrays, and float values that are NaN, infinite, or beyond the
+    float32 range the pipeline computes in.
     """
     if isinstance(image, (str, bytes)) or image is None:
         raise TypeError(f"{what} must be an array, got {short_repr(image)}")
@@ -92,21 +104,40 @@ def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarra
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"{what} has dtype {arr.dtype}; a numeric image is required")
     if channel_axis is None:
-        if arr.ndim != 3:
-            raise ValueError(
-                f"{what} must be 3D (D, H, W), got shape {short_repr(arr.shape)}; for a multichannel "
-                "4D image pass channel_axis"
-            )
+        spatial = arr.ndim
         arr = arr[None]
     else:
-        if arr.ndim != 4:
+        if arr.ndim not in (3, 4):
             raise ValueError(
-                f"{what} with channel_axis={short_repr(channel_axis)} must be 4D, got shape {short_repr(arr.shape)}"
+                f"{what} with channel_axis={short_repr(channel_axis)} must be 3D (a 2D image's "
+                f"channels) or 4D (a volume's), got shape {short_repr(arr.shape)}"
             )
-        axis = check_int(channel_axis, "channel_axis", low=-4, high=3)
+        axis = check_int(channel_axis, "channel_axis", low=-arr.ndim, high=arr.ndim - 1)
         arr = np.moveaxis(arr, axis, 0)
+        spatial = arr.ndim - 1
+    shape = short_repr(np.shape(image))
+    if spatial not in (2, 3):
+        raise ValueError(
+            f"{what} must be 2D (H, W) or 3D (D, H, W), got shape {shape}; for a "
+            "multichannel image pass channel_axis, for a time-lapse or a stack of 2D frames "
+            "frame_axis"
+        )
+    flat = spatial == 2
+    if flat and ndim == 3:
+        raise ValueError(
+            f"{what} is 2D (shape {shape}) but the model is a 3D model (trained on volumes): "
+            "train a 2D model on 2D images, or pass image[None] to segment it as a one-plane "
+            "volume"
+        )
+    if not flat and ndim == 2 and arr.shape[1] != 1:
+        raise ValueError(
+            f"{what} is 3D (shape {shape}) but the model is a 2D model (trained on 2D images): "
+            "pass frame_axis=0 to segment each plane as a 2D image, or train a 3D model"
+        )
+    if flat:
+        arr = arr[:, None]
     if arr.size == 0:
-        raise ValueError(f"{what} is empty (shape {arr.shape})")
+        raise ValueError(f"{what} is empty (shape {shape})")
     if np.issubdtype(arr.dtype, np.floating):
         low, high = float(arr.min()), float(arr.max())  # NaN and inf show in these two
         if not (math.isfinite(low) and math.isfinite(high)):
@@ -118,7 +149,7 @@ def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarra
                 f"{what} holds values up to {peak:.3g}, beyond the float32 range the "
                 f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); rescale it first"
             )
-    return arr
+    return arr, flat
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -153,10 +184,11 @@ def _sequence(value, n: int, name: str, example: str) -> list:
 
 
 def check_spacing(spacing, default, n: int = 3) -> tuple[float, ...]:
-    """``spacing`` (``n`` positive finite numbers, z first), or ``default`` when None."""
+    """``spacing`` (``n`` positive finite numbers, z first; y and x for ``n = 2``), or
+    ``default`` when None."""
     if spacing is None:
         spacing = default
-    example = "positive numbers (z, y, x)"
+    example = "positive numbers (y, x)" if n == 2 else "positive numbers (z, y, x)"
     items = _sequence(spacing, n, "spacing", example)
     values = []
     for s in items:

@@ -15,9 +15,9 @@ from .model import PacSegModel
 
 def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
     """JSON-able description of ``model``: with ``path`` (its file) the path and the file's
-    sha256 first, then ``config``, ``n_features``, ``grid`` and ``receptive_field`` (voxels
-    ``(z, y, x)`` with and without refinement; a text when the default refinement is not
-    usable)."""
+    sha256 first, then ``ndim`` (2: a model of 2D images, 3: of volumes), ``config``,
+    ``n_features``, ``grid`` and ``receptive_field`` (voxels ``(z, y, x)``, ``(y, x)`` for a 2D
+    model, with and without refinement; a text when the default refinement is not usable)."""
     from .model_io import config_to_dict
     from .pipeline import receptive_field
     from .provenance import sha256_file
@@ -29,6 +29,7 @@ def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
     head = {} if path is None else {"path": str(path), "sha256": sha256_file(path)}
     return {
         **head,
+        "ndim": model.config.ndim,
         "config": config_to_dict(model.config),
         "n_features": model.config.n_features,
         "grid": model.grid,
@@ -53,7 +54,12 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         lines += [f"model        {info['path']}", f"sha256       {info['sha256']}"]
     if source:
         lines.append(f"source       {source}")
+    axes = "(y, x)" if cfg.ndim == 2 else "(z, y, x)"
     lines += [
+        "kind         " + (
+            "2D: segments 2D images (H, W); a stack of frames with frame_axis / --frames"
+            if cfg.ndim == 2 else "3D: segments volumes (D, H, W)"
+        ),
         f"channels     {cfg.in_channels}",
         "classes      " + ", ".join(
             f"{v}={c.name}" for v, c in zip(values, cfg.classes)
@@ -68,9 +74,10 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
         "instances    " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.instances).items())
         + "   (segment --instances)",
-        f"spacing      {tuple(cfg.spacing)} (z, y, x): the voxel size it was trained at",
-        f"halo         {_halo_text(info['receptive_field']['refined'])} with refinement, "
-        f"{_halo_text(info['receptive_field']['unrefined'])} without",
+        f"spacing      {cfg.in_plane_spacing} {axes}: the "
+        f"{'pixel' if cfg.ndim == 2 else 'voxel'} size it was trained at",
+        f"halo         {_halo_text(info['receptive_field']['refined'], axes)} with refinement, "
+        f"{_halo_text(info['receptive_field']['unrefined'], axes)} without",
     ]  # fmt: skip
     lines += ["provenance"] + [f"  {k}: {v}" for k, v in sorted(cfg.provenance.items())]
     return lines
@@ -81,5 +88,5 @@ def describe_model(model: PacSegModel, source: str = "") -> str:
     return "\n".join(model_lines(model, source=source))
 
 
-def _halo_text(halo) -> str:
-    return halo if isinstance(halo, str) else f"{tuple(halo)} voxels (z, y, x)"
+def _halo_text(halo, axes: str) -> str:
+    return halo if isinstance(halo, str) else f"{tuple(halo)} voxels {axes}"

@@ -32,7 +32,7 @@ import torch
 
 from pacseg_kernels import pac_crf3d
 
-from .checks import as_volume, check_ints, check_spacing, resolve_device, short_repr
+from .checks import as_image, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
 from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range, with_overrides
@@ -91,7 +91,7 @@ class Settings:
     for 0 iterations). kernel, sigma : the CRF window and spatial sigma per axis (voxels), None
     without refinement. halo : voxels the logits of a voxel depend on beyond it (features,
     context net). reach : voxels the CRF carries messages. grid : the context net's pooling
-    grid (tile origins are multiples of it).
+    grid (tile origins are multiples of it). ndim : the model's kind (2: one-plane windows).
     """
 
     spacing: tuple[float, float, float]
@@ -101,6 +101,7 @@ class Settings:
     halo: tuple[int, int, int]
     reach: tuple[int, int, int]
     grid: int
+    ndim: int = 3
 
     @property
     def receptive_field(self) -> tuple[int, int, int]:
@@ -109,19 +110,22 @@ class Settings:
 
 
 def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
-    """Checked ``Settings`` of ``model`` at ``spacing`` (default: its training spacing) with
-    ``refine`` (True, False, a dict of overrides or a ``RefineConfig``)."""
-    spacing = check_spacing(spacing, model.config.spacing)
+    """Checked ``Settings`` of ``model`` at ``spacing`` (default: its training spacing; ``(y,
+    x)`` for a 2D model, see ``ModelConfig.volume_spacing``) with ``refine`` (True, False, a dict of overrides or a ``RefineConfig``)."""
+    spacing = model.config.volume_spacing(spacing)
     params = refine_params(model, refine)
     if params is not None and not params.iterations:
         params = None
-    kernel, sigma = params.window(spacing) if params is not None else (None, None)
+    ndim = model.config.ndim
+    kernel, sigma = params.window(spacing, ndim) if params is not None else (None, None)
     reach = (
         (0, 0, 0)
         if params is None
         else tuple(params.iterations * (k // 2) * params.dilation for k in kernel)
     )
-    settings = Settings(spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid)
+    settings = Settings(
+        spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid, ndim
+    )
     _check_refine_work(settings)
     return settings
 
@@ -135,7 +139,7 @@ def _check_refine_work(s: Settings) -> None:
     steps = s.refine.iterations * taps
     if steps > MAX_TAP_STEPS:
         default = RefineConfig()
-        usual = default.iterations * (math.prod(default.window(s.spacing)[0]) - 1)
+        usual = default.iterations * (math.prod(default.window(s.spacing, s.ndim)[0]) - 1)
         raise ValueError(
             f"refinement too costly: {s.refine.iterations} iterations x {taps} taps of a "
             f"{s.kernel} window = {steps} tap visits per voxel, over the limit of "
@@ -178,7 +182,8 @@ class Plan:
     tile : core tile ``(D, H, W)`` of both passes, or None for ``UNARY_TILE`` / ``refine_tile``.
     noise : the image's noise level per channel ``(C,)`` in normalised units
     (``guide.volume_noise_level``), which sets how the refinement's guide is denoised; None
-    when the plan does not refine.
+    when the plan does not refine. flat : the image was 2D (``vol`` is its one-plane view;
+    results are returned without the plane axis).
     """
 
     vol: np.ndarray
@@ -191,6 +196,7 @@ class Plan:
     background: int = 0
     tile: tuple[int, int, int] | None = None
     noise: torch.Tensor | None = None
+    flat: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -336,11 +342,15 @@ def prepare(
 ) -> Plan:
     """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
     model = as_model(model)
-    vol = as_volume(image, channel_axis)
+    vol, flat = as_image(image, channel_axis, ndim=model.config.ndim)
     check_channels(vol.shape, model, channel_axis)
+    if flat and spacing is not None:
+        spacing = check_spacing(spacing, None, 2)  # a 2D image takes (y, x)
     settings = settle(model, spacing, refine)
     threshold, background = check_output_rule(threshold, background, model.config.n_classes)
     if tile_shape is not None:
+        if flat:  # a 2D image's tiles: (h, w)
+            tile_shape = (1, *check_ints(tile_shape, 2, "tile_shape (h, w)", 1, 1 << 20))
         tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
     dev = resolve_device(device)
     lo, hi = (
@@ -352,7 +362,7 @@ def prepare(
         noise = _checked_noise(noise_level, vol.shape[0])
     else:  # only the refinement's guide needs it (``with_refine`` measures it when it does)
         noise = volume_noise_level(vol, lo, hi) if settings.refine is not None else None
-    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape, noise)
+    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape, noise, flat)
     if tile_shape is None:  # tiles the caller chose are theirs to choose
         _check_overlap(plan)
     return plan

@@ -101,6 +101,10 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
     r = kernel.numel() // 2
     n = t.shape[2 + axis]
     start, stop = keep
+    if n == 1:  # one plane (a 2D image): replicated, every tap reads it
+        size = list(t.shape)
+        size[2 + axis] = stop - start
+        return torch.mul(t.expand(size), float(kernel.sum()))
     before, after = max(0, r - start), max(0, stop + r - n)
     if before or after:
         pad = [0, 0, 0, 0, 0, 0]

@@ -47,13 +47,19 @@ def instance_labels(
     6-connected piece of a single class. ``labels``: ``(D, H, W)`` integer class labels (0
     background), e.g. ``Segmentation.labels``; ``spacing``: ``(z, y, x)`` voxel size. Ids
     follow the classes in increasing order, then the pieces in raster order of their first
-    voxel, then the objects of a piece in raster order of theirs."""
+    voxel, then the objects of a piece in raster order of theirs.
+
+    2D labels ``(H, W)`` with a ``(y, x)`` spacing give ``(H, W)`` ids: pieces are then
+    4-connected and ``config.min_volume`` is an area (spacing units squared)."""
     labels = np.asarray(labels)
-    if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim not in (2, 3) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"instance_labels: labels must be a 3D integer array (D, H, W), got "
+            f"instance_labels: labels must be a 2D (H, W) or 3D (D, H, W) integer array, got "
             f"{labels.ndim}D {labels.dtype}"
         )
+    if labels.ndim == 2:  # one plane with a unit z: volumes are areas, nothing reaches along z
+        y, x = check_spacing(spacing, (1.0, 1.0), 2)
+        return instance_labels(labels[None], (1.0, y, x), config, should_cancel=should_cancel)[0]
     spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     config = config or InstanceConfig()
     out = np.zeros(labels.shape, dtype=np.int32)
@@ -151,11 +157,18 @@ def object_table(
     end exclusive); ``mean_intensity`` / ``max_intensity`` of ``image`` (``(D, H, W)`` or
     ``(C, D, H, W)``: per channel ``mean_intensity_c0``, ...); ``surface_area`` (spacing
     units^2, marching cubes on the object's mask) and ``sphericity`` (pi^(1/3) (6 V)^(2/3) / A:
-    1 for a ball, less for anything else)."""
+    1 for a ball, less for anything else).
+
+    2D ``instances`` ``(H, W)`` (``image`` ``(H, W)`` or ``(C, H, W)``, ``spacing`` ``(y, x)``)
+    give ``area`` (spacing units^2), y and x centroids and boxes, the intensities,
+    ``perimeter`` (spacing units, marching squares on the object's mask, holes included) and
+    ``circularity`` (4 pi A / P^2: about 1 for a disc)."""
+    instances = np.asarray(instances)
+    if instances.ndim == 2:
+        return _object_table_2d(instances, labels, image, spacing, class_names)
     from skimage.measure import marching_cubes, mesh_surface_area
 
     spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
-    instances = np.asarray(instances)
     channels = None
     if image is not None:
         image = np.asarray(image)
@@ -207,6 +220,42 @@ def object_table(
         cols["sphericity"].append(
             float(np.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area) if area > 0 else 0.0
         )
+    return _typed(cols, class_names)
+
+
+def _object_table_2d(instances, labels, image, spacing, class_names) -> dict[str, np.ndarray]:
+    from skimage.measure import find_contours
+
+    spacing = check_spacing(spacing, (1.0, 1.0), 2)
+    one_plane = object_table(
+        instances[None],
+        np.asarray(labels)[None],
+        None if image is None else np.asarray(image)[..., None, :, :],
+        (1.0, *spacing),
+        class_names,
+    )
+    drop = {"centroid_z", "bbox_z0", "bbox_z1", "surface_area", "sphericity"}
+    table = {("area" if k == "volume" else k): v for k, v in one_plane.items() if k not in drop}
+    perimeters = []
+    for i, box in enumerate(ndi.find_objects(instances), start=1):
+        if box is None:
+            continue
+        mask = np.pad(instances[box] == i, 1).astype(np.float32)
+        length = 0.0
+        for contour in find_contours(mask, 0.5):
+            steps = np.diff(contour, axis=0) * np.asarray(spacing)
+            length += float(np.sqrt((steps**2).sum(axis=1)).sum())
+        perimeters.append(length)
+    table["perimeter"] = np.asarray(perimeters, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        circ = 4 * np.pi * table["area"] / table["perimeter"] ** 2
+    table["circularity"] = np.where(table["perimeter"] > 0, circ, 0.0)
+    return table
+
+
+def _typed(cols: dict[str, list], class_names) -> dict[str, np.ndarray]:
+    """The columns as arrays: ids, classes and boxes int64, the rest float64; ``class_name``
+    after ``class`` when ``class_names`` is given."""
     table = {k: np.asarray(v) for k, v in cols.items()}
     table["id"] = table["id"].astype(np.int64)
     table["class"] = table["class"].astype(np.int64)

@@ -153,21 +153,34 @@ class RefineConfig:
     def __post_init__(self) -> None:
         check_params(self)
 
-    def window(self, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:
+    def window(
+        self, spacing, ndim: int = 3
+    ) -> tuple[tuple[int, int, int], tuple[float, float, float] | None]:
         """``(kernel_size, spatial_sigma)`` per axis (voxels) for a ``(z, y, x)`` spacing:
         ``kernel_size`` and ``spatial_sigma`` scaled by finest spacing / axis spacing, every
-        axis keeping at least one neighbour on each side (so the refinement stays 3D)."""
-        finest = min(spacing)
+        axis keeping at least one neighbour on each side (so the refinement stays 3D); for a
+        2D model (``ndim=2``) the window is one plane: ``1 x k x k``."""
+        finest = min(spacing[3 - ndim :])
         radius = self.kernel_size // 2
         kernel = tuple(
             2 * (max(1, round(radius * finest / s)) if radius else 0) + 1 for s in spacing
         )
+        if ndim == 2:
+            kernel = (1, *kernel[1:])
         sigma = (
             None
             if self.spatial_sigma is None
             else tuple(float(self.spatial_sigma) * finest / s for s in spacing)
         )
         return kernel, sigma
+
+
+def plane_spacing(spacing) -> tuple[float, float, float]:
+    """The ``(z, y, x)`` spacing under which a 2D image with in-plane spacing ``(y, x)`` is
+    segmented as a one-plane volume: z is the coarser in-plane spacing (it only sets filter
+    sizes along an axis of one plane, where every window is one plane wide)."""
+    y, x = spacing
+    return (max(y, x), y, x)
 
 
 def refine_params_schema() -> dict[str, Param]:
@@ -271,7 +284,10 @@ class ModelConfig:
     """Everything needed to rebuild a ``PacSegModel`` (JSON-able; see ``config_to_dict``).
 
     ``classes[0]`` is the background. ``spacing`` is the (z, y, x) voxel size the model was
-    trained at, in the units of ``features.sigmas``. ``instances``: how objects are separated
+    trained at, in the units of ``features.sigmas``. ``ndim``: 3 for a model of volumes, 2 for
+    a model of 2D images (trained on 2D images; its ``spacing`` is ``plane_spacing`` of the
+    in-plane one, and its windows are one plane: ``in_plane_spacing`` gives ``(y, x)``).
+    ``instances``: how objects are separated
     (``segment(..., instances=True)``). ``provenance`` records how it was made.
     """
 
@@ -284,10 +300,15 @@ class ModelConfig:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     instances: InstanceConfig = field(default_factory=InstanceConfig)
     provenance: dict[str, str] = field(default_factory=dict)
+    ndim: int = 3
 
     def __post_init__(self) -> None:
         from .features import MAX_SIGMA_VOXELS
 
+        if not is_int(self.ndim) or self.ndim not in (2, 3):
+            raise ValueError(
+                f"ModelConfig: ndim must be the int 2 (a model of 2D images) or 3 (of volumes), got {short_repr(self.ndim)}"
+            )
         if not (is_int(self.in_channels) and 1 <= self.in_channels <= MAX_CHANNELS):
             raise ValueError(
                 f"ModelConfig: in_channels must be an int in [1, {MAX_CHANNELS}], got {short_repr(self.in_channels)}"
@@ -335,7 +356,7 @@ class ModelConfig:
                 )
         spec = self.features
         if spec.kinds and spec.sigmas:
-            widest = max(spec.sigmas) / min(self.spacing)
+            widest = max(spec.sigmas) / min(self.spacing[3 - self.ndim :])
             if not widest <= MAX_SIGMA_VOXELS:
                 raise ValueError(
                     f"ModelConfig: sigma {short_repr(max(spec.sigmas))} is {short_repr(widest)} voxels at spacing "
@@ -345,6 +366,22 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: {self.n_features} features per voxel; at most {MAX_WIDTH} are supported"
             )
+
+    @property
+    def in_plane_spacing(self) -> tuple[float, ...]:
+        """The spacing as users give it: ``(y, x)`` for a 2D model, ``(z, y, x)`` for a 3D one."""
+        return tuple(self.spacing[3 - self.ndim :])
+
+    def volume_spacing(self, spacing=None) -> tuple[float, float, float]:
+        """The checked ``(z, y, x)`` spacing the engine runs at for a user's ``spacing``
+        (default: the training spacing). A 3D model takes 3 numbers; a 2D model ``(y, x)``, or
+        3 numbers for a one-plane volume (z is then not used)."""
+        from .checks import check_spacing
+
+        if self.ndim == 3 or spacing is None:
+            return check_spacing(spacing, self.spacing)
+        n = 3 if hasattr(spacing, "__len__") and len(spacing) == 3 else 2
+        return plane_spacing(check_spacing(spacing, None, n)[-2:])
 
     @property
     def n_features(self) -> int:
@@ -358,16 +395,20 @@ class ModelConfig:
 
 
 class _Context(nn.Module):
-    def __init__(self, cfg: ContextConfig, in_channels: int) -> None:
+    """The ``ContextConfig`` net; for a 2D model (``ndim=2``) its windows and pooling are one
+    plane (``1 x k x k``, ``1 x p x p``)."""
+
+    def __init__(self, cfg: ContextConfig, in_channels: int, ndim: int = 3) -> None:
         super().__init__()
         ch, k = cfg.channels, cfg.kernel_size
-        self.pool = cfg.pool
+        kernel, pad = ((1, k, k), (0, k // 2, k // 2)) if ndim == 2 else (k, k // 2)
+        self.pool = (1, cfg.pool, cfg.pool) if ndim == 2 else cfg.pool
         self.enc = nn.ModuleList(
-            nn.Conv3d(in_channels if i == 0 else ch[i - 1], c, k, padding=k // 2)
+            nn.Conv3d(in_channels if i == 0 else ch[i - 1], c, kernel, padding=pad)
             for i, c in enumerate(ch)
         )
         self.dec = nn.ModuleList(
-            nn.Conv3d(c, ch[max(i - 1, 0)], k, padding=k // 2) for i, c in enumerate(ch)
+            nn.Conv3d(c, ch[max(i - 1, 0)], kernel, padding=pad) for i, c in enumerate(ch)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -452,7 +493,9 @@ class PacSegModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.context = _Context(config.context, config.in_channels) if config.context else None
+        self.context = (
+            _Context(config.context, config.in_channels, config.ndim) if config.context else None
+        )
         self.head = VoxelMLP(
             config.n_features, config.head.hidden, config.n_classes, config.head.activation
         )
@@ -461,8 +504,8 @@ class PacSegModel(nn.Module):
         """Voxels per axis beyond which the logits of a voxel do not depend on the image
         (features and context encoder/decoder), for tiling."""
         spacing = spacing or self.config.spacing
-        halo = self.config.features.radius(spacing)
-        return tuple(max(h, self.context_reach) for h in halo)
+        halo = tuple(max(h, self.context_reach) for h in self.config.features.radius(spacing))
+        return (0, *halo[1:]) if self.config.ndim == 2 else halo
 
     @property
     def context_reach(self) -> int:

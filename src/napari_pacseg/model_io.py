@@ -8,7 +8,8 @@ holds the JSON text of ``{"format": "napari-pacseg-model", "version": 2, "writte
 "config": {...}, "checksum": "sha256:<64 hex digits>"}`` (see ``model_checksum``).
 
 Version 1 files (written before the checksum) still load, with a ``ModelFileWarning`` asking to
-re-save them; a version 2 file must have a checksum.
+re-save them; a version 2 or 3 file must have a checksum. Version 3 is written for models of 2D
+images (``"ndim": 2`` in the config), version 2 for volume models (no ``"ndim"``: 3).
 
 Loading parses and checks everything (sizes, offsets, names, shapes, JSON types, finiteness,
 the config, the checksum) before building anything, and never unpickles: the file is only
@@ -55,7 +56,11 @@ from .provenance import LIBRARY
 from .volume_io import write_bytes
 
 FORMAT = "napari-pacseg-model"
-FORMAT_VERSION = 2  # 2: the metadata holds a checksum; 1: none (still read, with a warning)
+# 3: a model of 2D images (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1:
+# none (still read, with a warning). Volume models are still written as version 2 (their config
+# has no "ndim"), so older releases keep reading them; a 2D model in an older release is then
+# refused as "upgrade napari-pacseg" rather than misread as a volume model.
+FORMAT_VERSION = 3
 META_KEY = "napari_pacseg"
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 30
@@ -76,8 +81,17 @@ class ModelFileWarning(UserWarning):
 
 
 def config_to_dict(config: ModelConfig) -> dict:
-    """JSON-able dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), allow_nan=False))
+    """JSON-able dict of a config (tuples become lists); ``ndim`` only for a 2D model (its
+    absence means 3, as in files written before 2D models existed)."""
+    data = json.loads(json.dumps(dataclasses.asdict(config), allow_nan=False))
+    if data["ndim"] == 3:
+        del data["ndim"]
+    return data
+
+
+def file_version(config: ModelConfig) -> int:
+    """The format version a model file of ``config`` is written in: 3 for a 2D model, else 2."""
+    return 3 if config.ndim == 2 else 2
 
 
 def _int(value, where):
@@ -310,7 +324,7 @@ def model_bytes(model: PacSegModel, name: str = "the model") -> bytes:
             f"save_model: the config would not load back ({err}); {path.name} was not written"
         ) from err
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "written_by": LIBRARY,
+    meta = {"format": FORMAT, "version": file_version(model.config), "written_by": LIBRARY,
             "config": config}  # fmt: skip
     meta["checksum"] = model_checksum(
         meta, [(name, "F32", shapes[name], tensors[name]) for name in tensors]

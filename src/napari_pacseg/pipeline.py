@@ -33,6 +33,9 @@ __all__ = [
 class Segmentation:
     """Result of ``segment``.
 
+    Arrays have the input's spatial shape: ``(D, H, W)`` for a volume, ``(H, W)`` for a 2D
+    image, ``(T, H, W)`` (the frame axis where the image had it) with ``frame_axis``.
+
     labels : ``(D, H, W)`` uint8: class per voxel by ``classes.labels_from_probabilities``
         (background 0, every other class its scribble value, model class index + 1).
     matte : ``(D, H, W)`` float32 in [0, 1]: 1 - P(background) after refinement.
@@ -41,11 +44,13 @@ class Segmentation:
         ``refine``, ``instances`` (with ``instances=``), and ``total`` (the whole call, input
         checks and output writes included).
     instances : ``(D, H, W)`` int32 object ids (0 background, 1..N; ``instances.instance_labels``)
-        when asked for, else None.
+        when asked for, else None. With ``frame_axis`` each frame's objects are its own, and
+        ids run on from frame to frame (unique in the stack).
     objects : the per-object measurements (``instances.object_table``: id, class,
-        class_name, volume, centroid, bounding box, intensities, surface area, sphericity), a
-        pandas DataFrame when pandas is installed, else a dict of columns; None without
-        ``instances``.
+        class_name, volume, centroid, bounding box, intensities, surface area, sphericity; for
+        2D images area, perimeter and circularity; with ``frame_axis`` a ``frame`` column
+        after ``id``), a pandas DataFrame when pandas is installed, else a dict of columns;
+        None without ``instances``.
     """
 
     labels: np.ndarray
@@ -62,6 +67,7 @@ def segment(
     *,
     spacing=None,
     channel_axis: int | None = None,
+    frame_axis: int | None = None,
     refine=True,
     device="auto",
     tile_shape=None,
@@ -74,7 +80,8 @@ def segment(
     noise_level=None,
     instances=False,
 ) -> Segmentation:
-    """Segment a 3D image with a trained model: logits, PAC-CRF refinement, labels and matte.
+    """Segment a volume or a 2D image with a trained model: logits, PAC-CRF refinement,
+    labels and matte.
 
     Two passes over tiles: the first computes the head's logits of each tile (features and
     context net on the tile plus their halo) into one ``(K - 1, D, H, W)`` float32 buffer of
@@ -84,11 +91,19 @@ def segment(
 
     Parameters
     ----------
-    image : array ``(D, H, W)`` or 4D with ``channel_axis``; numpy or anything ``np.asarray``
-        takes (a dask array is read tile by tile only through ``segment_zarr``; here it is loaded).
+    image : array ``(D, H, W)`` for a 3D model, ``(H, W)`` for a 2D model (``ModelConfig.ndim``;
+        a one-plane volume ``(1, H, W)`` also works with either), with one more axis for
+        ``channel_axis`` (e.g. RGB ``(H, W, 3)`` with ``channel_axis=-1``) and one more for
+        ``frame_axis``; numpy or anything ``np.asarray`` takes (a dask array is read tile by
+        tile only through ``segment_zarr``; here it is loaded).
     model : PacSegModel (not modified; it is copied to the device when that is another one).
-    spacing : (z, y, x) voxel size in the model's units (napari's layer ``scale``); defaults to
-        the spacing the model was trained at.
+    spacing : (z, y, x) voxel size in the model's units (napari's layer ``scale``); ``(y, x)``
+        for a 2D image; defaults to the spacing the model was trained at.
+    channel_axis : the axis of the channels (of ``image`` as given), None for one channel.
+    frame_axis : the axis of independent frames (a time-lapse ``(T, H, W)``, or ``(T, C, H,
+        W)`` with ``channel_axis``), as given: each frame is segmented alone (its own intensity
+        range and noise level unless ``intensity_range`` / ``noise_level`` are given) and the
+        results are stacked along that axis; ``progress`` counts tiles over all frames.
     refine : True (model defaults), False, or a dict overriding ``RefineConfig`` fields.
     device : "auto", "cpu", "cuda", "cuda:1", ...; on a CUDA out-of-memory error the tile is
         retried smaller, then on the CPU, with a warning.
@@ -114,6 +129,16 @@ def segment(
     """
     start = time.perf_counter()
     model = engine.as_model(model)
+    if frame_axis is not None:
+        from .frames import segment_frames
+
+        args = dict(
+            spacing=spacing, refine=refine, device=device, tile_shape=tile_shape,
+            return_probabilities=return_probabilities, intensity_range=intensity_range,
+            threshold=threshold, background=background, noise_level=noise_level,
+            instances=instances,
+        )  # fmt: skip
+        return segment_frames(image, model, frame_axis, channel_axis, progress, should_cancel, **args)  # fmt: skip
     inst = instance_config(model.config.instances, instances)
     with adaptive_threads():  # fewer threads while other processes hold cores
         plan = prepare(
@@ -146,13 +171,17 @@ def segment(
 
         runner.run(unary_boxes, unary_pass)
         runner.run(final_boxes, final_pass)
+    if plan.flat:  # a 2D image: its results without the plane axis
+        labels, matte = labels[0], matte[0]
+        probs = None if probs is None else probs[:, 0]
     ids = objects = None
     if inst is not None:
         t0 = time.perf_counter()
-        spacing = plan.settings.spacing
+        spacing = plan.settings.spacing[1:] if plan.flat else plan.settings.spacing
         ids = instance_labels(labels, spacing, inst, should_cancel=should_cancel)
         names = [c.name for c in model.config.classes]
-        objects = as_table(object_table(ids, labels, plan.vol, spacing, names))
+        vol = plan.vol[:, 0] if plan.flat else plan.vol
+        objects = as_table(object_table(ids, labels, vol, spacing, names))
         timings["instances"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return Segmentation(labels, matte, probs, timings, ids, objects)
@@ -162,10 +191,12 @@ def _slices(box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
-def receptive_field(model: PacSegModel, spacing=None, refine=True) -> tuple[int, int, int]:
-    """Voxels per axis ``(z, y, x)`` that a voxel's result depends on beyond itself: the
+def receptive_field(model: PacSegModel, spacing=None, refine=True) -> tuple[int, ...]:
+    """Voxels per axis ``(z, y, x)`` (``(y, x)`` for a 2D model) that a voxel's result
+    depends on beyond itself: the
     features' and context net's halo plus, with refinement, the CRF's reach. A piece of a
     volume extended by this much on every side (clipped at the volume's edges) gives exactly
     the whole-volume result on the piece (with the whole volume's ``intensity_range``; with a
     context net, pieces must also start on multiples of ``model.grid``)."""
-    return settle(model, spacing, refine).receptive_field
+    field = settle(model, spacing, refine).receptive_field
+    return field[1:] if model.config.ndim == 2 else field

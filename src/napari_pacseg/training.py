@@ -13,12 +13,12 @@ from pacseg_kernels.mlp_torch import activate
 from pacseg_kernels.threads import adaptive_threads
 
 from .adam import adam_step
-from .checks import as_volume, check_int, check_ints, check_spacing, resolve_device, short_repr
+from .checks import as_image, check_int, check_ints, check_spacing, resolve_device, short_repr
 from .classes import MAX_CLASSES, class_infos
 from .context_training import CONTEXT_STEPS, fit_context, graft_head, init_context, sites
 from .engine import SegmentationCancelled, features, prepare, split_box, whole
 from .features import FeatureSpec
-from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel
+from .model import ContextConfig, HeadConfig, ModelConfig, PacSegModel, plane_spacing
 from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
@@ -37,6 +37,7 @@ def train(
     *,
     spacing=None,
     channel_axis: int | None = None,
+    frame_axis: int | None = None,
     features: FeatureSpec | None = None,
     hidden=(64, 64),
     context=None,
@@ -51,15 +52,20 @@ def train(
 
     Parameters
     ----------
-    image : ``(D, H, W)`` array, or 4D with ``channel_axis``; or a list of such images (one
-        model from all of them; each is normalised by its own intensity range, as ``segment``
-        normalises it).
+    image : ``(D, H, W)`` array for a 3D model, ``(H, W)`` for a 2D model (``ModelConfig.ndim =
+        2``), with one more axis for ``channel_axis`` (RGB ``(H, W, 3)``: ``channel_axis=-1``);
+        or a list of such images, all 2D or all 3D (one model from all of them; each is
+        normalised by its own intensity range, as ``segment`` normalises it).
     scribbles : integer array of the image's spatial shape: 0 unlabelled, 1..K the classes
         (1 = background), as painted in a napari Labels layer; a list of one per image when
         ``image`` is a list. Every value 1..K must occur (in at least one of them), and every
         image must have some labelled voxels.
-    spacing : ``(z, y, x)``; with a list of images, one for all or a list of one per image (the
-        model's training spacing is the first image's).
+    spacing : ``(z, y, x)`` (``(y, x)`` for 2D images); with a list of images, one for all or
+        a list of one per image (the model's training spacing is the first image's).
+    channel_axis : the channel axis of each image as given, None for one channel.
+    frame_axis : the axis of independent 2D frames of ``image`` (a time-lapse ``(T, H, W)``,
+        scribbles of the same shape): the frames holding scribbles are the training images of
+        a 2D model (``segment(..., frame_axis=...)`` then segments every frame).
     features : the feature bank (default ``FeatureSpec()``, sigmas in the units of ``spacing``).
     hidden : widths of the MLP's hidden layers.
     context : a ``ContextConfig`` (or True for the default one) to also train a context
@@ -77,7 +83,9 @@ def train(
         raise TypeError(
             f"train: context must be None, True or a ContextConfig, got {short_repr(context)}"
         )
-    pairs = _training_pairs(image, scribbles, channel_axis, spacing)
+    if frame_axis is not None:
+        image, scribbles, channel_axis = _painted_frames(image, scribbles, frame_axis, channel_axis)
+    pairs, ndim = _training_pairs(image, scribbles, channel_axis, spacing)
     vol, _, spacing = pairs[0]
     k = max(_classes_painted(m, i, len(pairs)) for i, (_, m, _) in enumerate(pairs))
     everywhere = set().union(*(np.unique(m[m > 0]).tolist() for _, m, _ in pairs))
@@ -119,6 +127,7 @@ def train(
         head=HeadConfig(hidden),
         context=context,
         spacing=spacing,
+        ndim=ndim,
         provenance=training_provenance(
             sum(np.count_nonzero(m) for _, m, _ in pairs), seed, len(pairs)
         ),
@@ -159,8 +168,34 @@ def _fit_context(model, head_only, plans, pairs, k, done, total, gen, dev, progr
     fit_context(model, found, weight, CONTEXT_STEPS, gen, dev, progress, cancel, done, total)
 
 
-def _training_pairs(image, scribbles, channel_axis, spacing) -> list:
-    """``[(volume (C, D, H, W), scribbles (D, H, W), spacing)]``, checked, one per image."""
+def _painted_frames(image, scribbles, frame_axis, channel_axis):
+    """``(images, scribbles, channel_axis)``: the frames of ``image`` along ``frame_axis`` that
+    hold scribbles, as lists for ``_training_pairs``."""
+    from .frames import frame_views
+
+    if isinstance(image, (list, tuple)) or isinstance(scribbles, (list, tuple)):
+        raise TypeError(
+            "train: frame_axis takes one stack of frames and its scribbles, not lists; "
+            "concatenate the stacks, or pass the frames as a list of images without frame_axis"
+        )
+    frames, ca, _ = frame_views(image, frame_axis, channel_axis, "train: image")
+    marks, _, _ = frame_views(scribbles, frame_axis, None, "train: scribbles")
+    if marks.shape[0] != frames.shape[0]:
+        raise ValueError(
+            f"train: the image has {frames.shape[0]} frames along frame_axis but the scribbles "
+            f"{marks.shape[0]}"
+        )
+    painted = [t for t in range(marks.shape[0]) if np.any(marks[t])]
+    if not painted:
+        raise ValueError(
+            "train: the scribbles label no pixel in any frame; paint at least two classes"
+        )
+    return [frames[t] for t in painted], [marks[t] for t in painted], ca
+
+
+def _training_pairs(image, scribbles, channel_axis, spacing) -> tuple[list, int]:
+    """``([(volume (C, D, H, W), scribbles (D, H, W), spacing (z, y, x))], ndim)``, checked,
+    one per image; 2D images are one-plane volumes (ndim 2)."""
     many = isinstance(image, (list, tuple))
     if many != isinstance(scribbles, (list, tuple)):
         raise TypeError(
@@ -178,18 +213,26 @@ def _training_pairs(image, scribbles, channel_axis, spacing) -> list:
         spacings = list(spacing)
     else:
         spacings = [spacing] * len(images)
-    pairs = []
+    pairs, kinds = [], []
     for i, (img, scr, sp) in enumerate(zip(images, marks, spacings)):
         where = f"train: image {i}: " if many else "train: "
-        vol = as_volume(img, channel_axis)
+        vol, flat = as_image(img, channel_axis, f"train: image {i}" if many else "train: image")
+        kinds.append(flat)
+        if kinds[0] != flat:
+            raise ValueError(
+                f"{where}is {'2D' if flat else '3D'} but image 0 is {'2D' if kinds[0] else '3D'}: "
+                "a model is of 2D images or of volumes; train one of each"
+            )
         if isinstance(scr, (str, bytes)) or scr is None:
             raise TypeError(f"{where}scribbles must be an integer array, got {short_repr(scr)}")
         m = np.asarray(scr)
-        if m.shape != vol.shape[1:]:
+        spatial = vol.shape[2:] if flat else vol.shape[1:]
+        if m.shape != spatial:
             raise ValueError(
-                f"{where}scribbles have shape {m.shape} but the image's spatial shape is "
-                f"{vol.shape[1:]}"
+                f"{where}scribbles have shape {m.shape} but the image's spatial shape is {spatial}"
             )
+        if flat:
+            m = m[None]
         if not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
             raise ValueError(
                 f"{where}scribbles must be an integer (Labels) array, got dtype {m.dtype}"
@@ -198,8 +241,11 @@ def _training_pairs(image, scribbles, channel_axis, spacing) -> list:
             raise ValueError(
                 f"{where}{vol.shape[0]} channel(s) but image 0 has {pairs[0][0].shape[0]}"
             )
-        pairs.append((vol, m, check_spacing(sp, (1.0, 1.0, 1.0))))
-    return pairs
+        if flat:
+            pairs.append((vol, m, plane_spacing(check_spacing(sp, (1.0, 1.0), 2))))
+        else:
+            pairs.append((vol, m, check_spacing(sp, (1.0, 1.0, 1.0))))
+    return pairs, 2 if kinds[0] else 3
 
 
 def _classes_painted(marks: np.ndarray, index: int = 0, count: int = 1) -> int:

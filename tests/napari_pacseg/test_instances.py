@@ -145,10 +145,14 @@ def test_bad_instance_parameters_are_refused(kwargs, match):
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="3D integer array"):
-        instance_labels(np.zeros((4, 4)), (1, 1, 1))
-    with pytest.raises(ValueError, match="3D integer array"):
+    with pytest.raises(ValueError, match=r"2D \(H, W\) or 3D \(D, H, W\) integer array"):
+        instance_labels(np.zeros((4, 4)), (1, 1))
+    with pytest.raises(ValueError, match=r"3D .* integer array"):
         instance_labels(np.zeros((4, 4, 4), np.float32), (1, 1, 1))
+    with pytest.raises(ValueError, match="integer array, got 4D"):
+        instance_labels(np.zeros((2, 4, 4, 4), np.uint8), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"spacing must be 2 positive numbers \(y, x\)"):
+        instance_labels(np.zeros((4, 4), np.uint8), (1, 1, 1))
     with pytest.raises(ValueError, match="spacing"):
         instance_labels(np.zeros((4, 4, 4), np.uint8), (1, -1, 1))
     sample = load_sample()

@@ -127,7 +127,9 @@ def test_multichannel_and_spacing(trained):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(image=np.zeros((4, 4))), r"must be 3D \(D, H, W\)"),
+        (dict(image=np.zeros((4, 4))), r"is 2D \(shape \(4, 4\)\) but the model is a 3D model"),
+        (dict(image=np.zeros((2, 4, 4, 4))), r"must be 2D \(H, W\) or 3D \(D, H, W\)"),
+        (dict(image=np.zeros((4, 4, 4)), frame_axis=0), "is 2D .* but the model is a 3D model"),
         (dict(image=np.zeros((0, 4, 4))), "empty"),
         (dict(image=np.full((4, 4, 4), np.nan)), "64 NaN or infinite"),
         (dict(spacing=(1.0, 0.0, 1.0)), "spacing must be 3 positive"),
