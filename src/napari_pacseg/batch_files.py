@@ -25,8 +25,10 @@ from .pipeline import segment
 from .provenance import now, sha256_file, versions
 from .volume_io import (
     NPY_SUFFIXES,
+    PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
     InputGuard,
+    VolumeError,
     is_zarr_path,
     read_volume,
     remove,
@@ -42,7 +44,7 @@ from .volume_io import (
 # --- batches of files -------------------------------------------------------------------------
 
 RECORD_FORMAT = "napari-pacseg-result"
-OUTPUT_SUFFIX = {"tiff": ".tif", "npy": ".npy", "zarr": ".zarr"}
+OUTPUT_SUFFIX = {"tiff": ".tif", "npy": ".npy", "zarr": ".zarr", "png": ".tif", "jpeg": ".tif"}
 GLOB_CHARS = set("*?[")
 
 
@@ -66,7 +68,7 @@ class FileResult:
 
 def output_name(path, outdir, kind: str) -> Path:
     """``outdir / <stem><kind>.<ext>``: an output of the input ``path`` (``ext`` follows the
-    input: .tif, .npy or .zarr)."""
+    input: .tif, .npy or .zarr; .tif for PNG and JPEG inputs)."""
     ext = OUTPUT_SUFFIX.get(volume_kind(path) or "tiff", ".tif")
     return Path(outdir) / f"{stem(path)}{kind}{ext}"
 
@@ -164,12 +166,18 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
                 entries.append((path, f"cannot list the folder ({err.strerror or err})", True))
                 continue
             found = _volumes([c for c in children if not c.name.startswith(".")])
-            entries += found or [(path, "the folder holds no TIFF, NPY or zarr volume", True)]
+            entries += found or [
+                (path, "the folder holds no TIFF, NPY, PNG, JPEG or zarr input", True)
+            ]
         elif not _exists(path):
             entries.append((path, "no such file or folder", True))
         elif volume_kind(path) is None:
             entries.append(
-                (path, "unknown format: use .tif/.tiff, .npy, or a zarr/OME-Zarr folder", True)
+                (
+                    path,
+                    "unknown format: use .tif/.tiff, .npy, .png, .jpg, or a zarr/OME-Zarr folder",
+                    True,
+                )
             )
         elif not (path.is_file() or path.is_dir()):
             entries.append((path, "not a regular file (a pipe or a device?)", True))
@@ -194,7 +202,7 @@ def _volumes(paths) -> list[tuple[Path, str, bool]]:
     for p in paths:
         try:
             if p.is_symlink() and not _exists(p):
-                if p.suffix.lower() in (*TIFF_SUFFIXES, *NPY_SUFFIXES, ".zarr"):
+                if p.suffix.lower() in (*TIFF_SUFFIXES, *NPY_SUFFIXES, *PICTURE_SUFFIXES, ".zarr"):
                     found.append((p, "a broken symbolic link (or a link loop)", False))
             elif _exists(p) and volume_kind(p):
                 found.append((p, "", False))
@@ -255,6 +263,7 @@ def iter_segment_files(
     progress: Callable[[int, int, Path, int, int], None] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     instances=False,
+    frames: bool = False,
 ):
     """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
     if isinstance(model, (str, os.PathLike)):
@@ -270,8 +279,13 @@ def iter_segment_files(
     if spacing is not None:  # the same for every input: check the refinement's work once
         settle(model, spacing, refine)
     threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
+    if frames and model.config.ndim != 2:
+        raise ValueError(
+            "frames: a stack of 2D frames is segmented frame by frame by a 2D model; this model "
+            "is a 3D model (of volumes)"
+        )
     if tile_shape is not None:
-        tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
+        tile_shape = check_ints(tile_shape, model.config.ndim, "tile_shape", 1, 1 << 20)
     if chunks is not None:
         chunks = check_ints(chunks, 3, "chunks", 1, 1 << 20)
     if channel_axis is not None:
@@ -296,7 +310,7 @@ def iter_segment_files(
         )
     options = RunOptions(
         spacing, channel_axis, False if params is None else params, str(device), tile_shape,
-        threshold, chunks, scheduler, workers, overwrite, objects,
+        threshold, chunks, scheduler, workers, overwrite, objects, bool(frames),
     )  # fmt: skip
     run = _FileRun(model, model_info, options, progress, len(entries))
     try:
@@ -338,6 +352,10 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
         object count): True, an ``InstanceConfig`` or a dict, as in ``segment``; zarr inputs
         chunk by chunk (``segment_zarr(instances=..., objects_out=...)``).
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
+    frames : with a 2D model, each input is a stack of 2D frames (a time-lapse; TIFF or NPY),
+        segmented frame by frame (``segment(frame_axis=...)``). A 2D model reads 2D images:
+        PNG, JPEG (outputs as TIFF), 2D TIFF and NPY (``image_io.read_picture``); zarr inputs
+        need a volume model.
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
         or chunks (zarr inputs); ``done == 0`` when an input starts.
 
@@ -366,6 +384,7 @@ class RunOptions:
     workers: int | None
     overwrite: bool
     instances: object = None  # an InstanceConfig, or None
+    frames: bool = False  # inputs are stacks of 2D frames (a 2D model)
 
     def segment_kwargs(self) -> dict:
         """What ``segment`` and ``segment_zarr`` take of these options."""
@@ -381,6 +400,7 @@ class RunOptions:
             "tile_shape": None if self.tile_shape is None else list(self.tile_shape),
             "threshold": self.threshold,
             "instances": None if self.instances is None else dataclasses.asdict(self.instances),
+            "frames": self.frames,
         }
 
 
@@ -496,7 +516,7 @@ class _FileRun:
 
     def _skip_reason(self, old: dict, record: Path) -> str:
         try:
-            defaults = {"threshold": DEFAULT_THRESHOLD}  # records before it was a parameter
+            defaults = {"threshold": DEFAULT_THRESHOLD, "frames": False}  # older records
             same = old["model"]["weights_sha256"] == self.model_info["weights_sha256"] and all(
                 old["parameters"].get(k, defaults.get(k)) == v
                 for k, v in self.common.items()
@@ -512,6 +532,8 @@ class _FileRun:
 
     def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         opts = self.options
+        if self.model.config.ndim == 2:
+            return self._segment_2d(path, paths, tiles)
         volume = read_volume(path, opts.channel_axis)
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
@@ -542,6 +564,48 @@ class _FileRun:
             else:
                 write_tiff(paths[kind], array, spacing, overwrite=True)
         details = {"shape": list(image.shape), "dtype": str(image.dtype),
+                   "parameters": {"spacing": list(spacing), "spacing_source": source},
+                   "timings": seg.timings}  # fmt: skip
+        if seg.instances is not None:
+            write_bytes(paths["objects"], table_csv(seg.objects).encode("utf-8"))
+            details["objects"] = int(seg.instances.max())
+        return details
+
+    def _segment_2d(self, path: Path, paths: dict[str, Path], tiles) -> dict:
+        """A 2D image (or, with ``frames``, a stack of 2D frames) by a 2D model, in memory."""
+        from .image_io import read_picture
+
+        opts = self.options
+        if volume_kind(path) == "zarr":
+            raise VolumeError(
+                f"{path}: a zarr input is read as a volume, and this is a 2D model; segment zarr "
+                "volumes with a volume model, or save the 2D images as TIFF, PNG or NPY"
+            )
+        picture = read_picture(path, opts.channel_axis, opts.frames)
+        if opts.spacing is not None:
+            spacing, source = tuple(opts.spacing)[-2:], "argument"
+        elif picture.spacing_problem:
+            raise VolumeError(
+                f"{path}: {picture.spacing_problem}; give the pixel size (--spacing Y X)"
+            )
+        elif picture.spacing is not None:
+            spacing, source = picture.spacing, picture.spacing_source
+        else:
+            spacing, source = self.model.config.in_plane_spacing, "model"
+        axes = {"frame_axis": 0, "channel_axis": 1} if opts.frames else {"channel_axis": 0}
+        seg = segment(picture.data, self.model, spacing=spacing, progress=tiles,
+                      instances=opts.instances or False, **axes, **opts.segment_kwargs())  # fmt: skip
+        arrays = {"labels": seg.labels, "matte": seg.matte}
+        if seg.instances is not None:
+            n = int(seg.instances.max())
+            arrays["instances"] = seg.instances.astype(np.uint16 if n <= 65535 else np.uint32)
+        for kind, array in arrays.items():
+            if picture.kind == "npy":
+                write_npy(paths[kind], array, overwrite=True)
+            else:
+                write_tiff(paths[kind], array, spacing, overwrite=True,
+                           axes="TYX" if opts.frames else "YX")  # fmt: skip
+        details = {"shape": list(picture.data.shape), "dtype": str(picture.data.dtype),
                    "parameters": {"spacing": list(spacing), "spacing_source": source},
                    "timings": seg.timings}  # fmt: skip
         if seg.instances is not None:

@@ -371,6 +371,11 @@ def segment_zarr(
 
     start = time.perf_counter()
     model = as_model(model)
+    if model.config.ndim == 2:
+        raise ValueError(
+            "segment_zarr runs volume models chunk by chunk; this is a 2D model (of 2D images): "
+            "load the image (np.asarray) and call segment(), with frame_axis for a stack of frames"
+        )
     objects = None
     if instances is not None:
         objects = instance_config_of(model.config.instances, instance_config or True)

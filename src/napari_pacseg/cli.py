@@ -141,15 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         help="segment volumes with a model",
-        description="Segment TIFF, NPY, zarr and OME-Zarr volumes. Per input, OUTDIR gets "
+        description="Segment TIFF, NPY, zarr and OME-Zarr volumes, or with a 2D model 2D images "
+        "(PNG, JPEG, 2D TIFF, NPY; --frames for stacks of frames). Per input, OUTDIR gets "
         "<stem>_labels.<ext> (uint8 classes, 0 = background), <stem>_matte.<ext> (float32 "
         "foreground probability) and, last, <stem>_pacseg.json (model, parameters, versions, "
-        "timings); ext follows the input (.tif, .npy, .zarr). Inputs whose JSON record exists "
+        "timings); ext follows the input (.tif, .npy, .zarr; .tif for PNG and JPEG). Inputs "
+        "whose JSON record exists "
         "are skipped unless --overwrite, so rerunning resumes an interrupted run.",
     )
     seg.add_argument("model", type=Path, help="model file (.safetensors)")
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="files, zarr folders, folders of volumes or glob patterns")  # fmt: skip
+                     help="files, zarr folders, folders of volumes or images, or glob patterns")  # fmt: skip
     seg.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                      help="output folder (created)")  # fmt: skip
     ref = seg.add_argument_group("refinement (defaults: the model's; see pacseg info MODEL)")
@@ -186,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                      f"probable other class (0-1, default {DEFAULT_THRESHOLD:g})")  # fmt: skip
     run = seg.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
-    run.add_argument("--tile", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
-                     help="tile size of segment() (default: its own)")  # fmt: skip
-    run.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
-                     help="voxel size in the model's units (default: the file's metadata, "
-                     "else the model's training spacing)")  # fmt: skip
+    run.add_argument("--tile", type=_positive_int, nargs="+", metavar="N",
+                     help="tile size of segment(): Z Y X (a 2D model: Y X; default: its own)")  # fmt: skip
+    run.add_argument("--spacing", type=_positive_float, nargs="+", metavar="S",
+                     help="voxel size Z Y X in the model's units (a 2D model: Y X; default: "
+                     "the file's metadata, else the model's training spacing)")  # fmt: skip
+    run.add_argument("--frames", action="store_true",
+                     help="2D models: each input is a stack of 2D frames (a time-lapse: TIFF "
+                     "T or Z axis, or NPY axis 0), segmented frame by frame")  # fmt: skip
     run.add_argument("--channel-axis", type=int, metavar="AXIS",
                      help="axis of the channels in the files (default: from metadata)")  # fmt: skip
     run.add_argument("--chunks", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "IMG1 SCR1 [IMG2 SCR2 ...] -o MODEL trains one model from all the "
                         "pairs, each image normalised by its own intensity range.")  # fmt: skip
     tr.add_argument("pairs", type=Path, nargs="+", metavar="IMAGE SCRIBBLES",
-                    help="image (TIFF, NPY, zarr), then its scribbles (an integer label volume "
+                    help="image (TIFF, NPY, zarr volume; or a 2D image: PNG, JPEG, 2D TIFF or "
+                    "NPY, which trains a 2D model), then its scribbles (an integer label image "
                     "of the image's shape); repeat for more images")  # fmt: skip
     tr.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
                     help="model file to write (.safetensors)")  # fmt: skip
@@ -231,8 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tr.add_argument("--class-names", nargs="+", metavar="NAME",
                     help="one name per class, background first")  # fmt: skip
-    tr.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
-                    help="voxel size (default: the image's metadata, else 1 1 1)")  # fmt: skip
+    tr.add_argument("--spacing", type=_positive_float, nargs="+", metavar="S",
+                    help="voxel size Z Y X (2D images: Y X; default: the image's metadata, "
+                    "else 1)")  # fmt: skip
+    tr.add_argument("--frames", action="store_true",
+                    help="each image is a stack of 2D frames (a time-lapse) with scribbles on "
+                    "some of them: trains a 2D model on the painted frames")  # fmt: skip
     tr.add_argument("--channel-axis", type=int, metavar="AXIS", help="channel axis of the image")
     tr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing model file")
@@ -339,13 +349,16 @@ def _cmd_segment(args) -> int:
     _check_device(args.device)
     refine = _refine_option(args)
     instances = _instances_option(args)
+    for opt, values in (("--spacing", args.spacing), ("--tile", args.tile)):
+        if values is not None and len(values) not in (2, 3):
+            raise UsageError(f"{opt} takes 3 numbers (Z Y X), or 2 (Y X) for a 2D model")
     bar = ProgressBar(quiet=args.quiet)
     results = iter_segment_files(
         args.inputs, args.model, args.output, spacing=args.spacing,
         channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
         chunks=args.chunks, scheduler=args.scheduler, workers=args.workers,
         overwrite=args.overwrite, threshold=args.threshold, instances=instances,
-        progress=lambda i, n, path, done, total: bar.update(
+        frames=args.frames, progress=lambda i, n, path, done, total: bar.update(
             f"[{i + 1}/{n}] {path.name}", done, total,
             "chunks" if volume_kind(path) == "zarr" else "tiles",
         ),
@@ -363,9 +376,11 @@ def _cmd_segment(args) -> int:
             else:
                 outs = ", ".join(str(p) for p in res.outputs)
                 assumed = _assumed_spacing(res.record)
+                axes = "(y, x)" if assumed.count(",") == 1 else "(z, y, x)"
                 note = (
-                    f"; no voxel size in its metadata: assumed the model's spacing (z, y, x) "
-                    f"{assumed}, pass --spacing Z Y X if wrong" if assumed else ""
+                    f"; no voxel size in its metadata: assumed the model's spacing {axes} "
+                    f"{assumed}, pass --spacing {axes[1:-1].replace(',', '').upper()} if wrong"
+                    if assumed else ""
                 )  # fmt: skip
                 bar.print(f"done {res.input} -> {outs} ({res.seconds:.1f} s){note}")
     except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
@@ -387,6 +402,7 @@ def _cmd_segment(args) -> int:
 
 def _cmd_train(args) -> int:
     from .features import FeatureSpec
+    from .image_io import is_2d_file, read_picture
     from .model_io import save_model
     from .training import train
     from .volume_io import VolumeError, check_not_input, read_volume
@@ -412,23 +428,52 @@ def _cmd_train(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     bar = ProgressBar(quiet=args.quiet)
+    if args.spacing is not None and len(args.spacing) not in (2, 3):
+        raise UsageError("--spacing takes 3 numbers (Z Y X), or 2 (Y X) for 2D images")
     try:
-        images, marks, spacings = [], [], []
+        images, marks, spacings, kinds = [], [], [], []
         for path, scribbles in zip(args.pairs[::2], args.pairs[1::2]):
-            image = read_volume(path, args.channel_axis)
+            flat = args.frames or is_2d_file(path, args.channel_axis)
+            kinds.append(flat)
+            if flat:
+                image = read_picture(path, args.channel_axis, args.frames)
+                mark = read_picture(scribbles, None, args.frames).data
+                if mark.shape[-3] != 1:
+                    raise VolumeError(
+                        f"{scribbles}: scribbles must be one channel of integer labels (0 "
+                        f"unlabelled, 1 background, 2.. classes), got {mark.shape[-3]} channels"
+                    )
+                mark = mark[:, 0] if args.frames else mark[0]
+            else:
+                image = read_volume(path, args.channel_axis)
+                mark = read_volume(scribbles).load()[0]
             if args.spacing is None and image.spacing_problem:
+                axes = "Y X" if flat else "Z Y X"
                 raise VolumeError(
-                    f"{path}: {image.spacing_problem}; give the voxel size with --spacing Z Y X"
+                    f"{path}: {image.spacing_problem}; give the voxel size with --spacing {axes}"
                 )
-            images.append(image.load())
-            marks.append(read_volume(scribbles).load()[0])
-            # None: train's default
-            spacings.append(tuple(args.spacing) if args.spacing else image.spacing)
+            spacing = tuple(args.spacing)[-2:] if flat and args.spacing else args.spacing
+            spacing = tuple(spacing) if spacing else image.spacing  # None: train's default
+            if args.frames:  # the painted frames, each a 2D image of its own
+                painted = [t for t in range(mark.shape[0]) if mark[t].any()]
+                images += [image.data[t] for t in painted]
+                marks += [mark[t] for t in painted]
+                spacings += [spacing] * len(painted)
+                if not painted:
+                    raise VolumeError(f"{scribbles}: no frame holds scribbles")
+                continue
+            images.append(image.data if flat else image.load())
+            marks.append(mark)
+            spacings.append(spacing)
+        if len(set(kinds)) > 1:
+            raise VolumeError(
+                "the images mix 2D images and volumes; a model is of one kind: train one of each"
+            )
         many = len(images) > 1
         if many and all(sp is None for sp in spacings):
             spacings = None
         elif many:
-            spacings = [sp or (1.0, 1.0, 1.0) for sp in spacings]
+            spacings = [sp or (1.0,) * (2 if kinds[0] else 3) for sp in spacings]
         model = train(
             images if many else images[0], marks if many else marks[0],
             spacing=spacings if many else spacings[0], channel_axis=0, features=spec,
@@ -442,8 +487,8 @@ def _cmd_train(args) -> int:
         bar.print(f"pacseg train: failed: {' '.join(str(err).split())}", err=True)
         return FAILED
     bar.print(
-        f"saved {args.output}: classes {[c.name for c in model.config.classes]}, "
-        f"spacing {tuple(model.config.spacing)}, "
+        f"saved {args.output}: a {model.config.ndim}D model, classes "
+        f"{[c.name for c in model.config.classes]}, spacing {model.config.in_plane_spacing}, "
         f"{int(model.config.provenance.get('labelled_voxels', 0))} labelled voxels"
         + (f" in {len(images)} images" if len(images) > 1 else "")
     )

@@ -28,6 +28,7 @@ import numpy as np
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 NPY_SUFFIXES = (".npy",)
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # 2D only: ``image_io``
 ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
 INSTALL_HINT = 'pip install "napari-pacseg[dask]"'
 
@@ -204,11 +205,14 @@ def is_zarr_path(path) -> bool:
 
 
 def volume_kind(path) -> str | None:
-    """ "tiff", "npy" or "zarr" by name and type; None for anything else."""
+    """ "tiff", "npy", "zarr", or "png" / "jpeg" (2D images, read by ``image_io``) by name and
+    type; None for anything else."""
     path = Path(path)
     if is_zarr_path(path):
         return "zarr"
     suffix = path.suffix.lower()
+    if suffix in PICTURE_SUFFIXES:
+        return "jpeg" if suffix != ".png" else "png"
     if suffix in TIFF_SUFFIXES:
         return "tiff"
     if suffix in NPY_SUFFIXES:
@@ -219,7 +223,7 @@ def volume_kind(path) -> str | None:
 def stem(path) -> str:
     """File name without its format suffixes (``a.ome.tif`` -> ``a``, ``b.zarr`` -> ``b``)."""
     name = Path(path).name
-    for suffix in (*TIFF_SUFFIXES, *NPY_SUFFIXES, ".zarr"):
+    for suffix in (*TIFF_SUFFIXES, *NPY_SUFFIXES, *PICTURE_SUFFIXES, ".zarr"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -244,6 +248,11 @@ def read_volume(path, channel_axis: int | None = None) -> Volume:
         return read_npy(path, channel_axis)
     if kind == "zarr":
         return open_zarr(path, channel_axis)
+    if kind in ("png", "jpeg"):
+        raise VolumeError(
+            f"{path}: a {kind.upper()} is a 2D image, and volumes are read here: segment it with a "
+            "2D model (train one on 2D images; pacseg train IMAGE.png SCRIBBLES.png)"
+        )
     raise VolumeError(
         f"{path}: unknown format; use a TIFF (.tif, .tiff), NumPy (.npy) or zarr / OME-Zarr folder"
     )
@@ -265,6 +274,19 @@ def read_npy(path, channel_axis: int | None = None) -> Volume:
 
 def read_tiff(path, channel_axis: int | None = None) -> Volume:
     """The first series of a TIFF, with its axes and, from ImageJ or OME metadata, its spacing."""
+    path = Path(path)
+    data, tiff_axes, spacing, source, problem = read_tiff_raw(path)
+    axes = "".join(
+        {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}.get(a, "?") for a in tiff_axes
+    )
+    layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
+    return Volume(path, "tiff", data, layout, spacing, source, problem)
+
+
+def read_tiff_raw(path, load: bool = True):
+    """``(data, axes, spacing, source, problem)`` of a TIFF's first series: the array (None
+    when not ``load``: then ``data`` is only its shape), tifffile's axis letters, and the
+    ``(z, y, x)`` spacing from ImageJ or OME metadata (``_tiff_spacing``)."""
     tifffile = _need("tifffile")
     path = Path(path)
     quiet = logging.getLogger("tifffile")  # it logs damage itself; we report it in one line
@@ -274,20 +296,15 @@ def read_tiff(path, channel_axis: int | None = None) -> Volume:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             _check_complete(tif, series, path.stat().st_size)
-            data = series.asarray()
-            axes = "".join(
-                {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}.get(a, "?")
-                for a in series.axes
-            )
+            data = series.asarray() if load else tuple(series.shape)
             spacing, source, problem = _tiff_spacing(tif)
+            return data, series.axes, spacing, source, problem
     except VolumeError as err:
         raise VolumeError(f"{path}: {err}") from None
     except (tifffile.TiffFileError, OSError, IndexError, ValueError, KeyError) as err:
         raise VolumeError(f"{path}: not a readable TIFF ({err})") from err
     finally:
         quiet.setLevel(level)
-    layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
-    return Volume(path, "tiff", data, layout, spacing, source, problem)
 
 
 def _check_complete(tif, series, size: int) -> None:
@@ -642,17 +659,22 @@ def write_npy(path, array, overwrite: bool = False) -> Path:
     return Path(path)
 
 
-def write_tiff(path, array, spacing=None, overwrite: bool = False) -> Path:
+def write_tiff(path, array, spacing=None, overwrite: bool = False, axes: str | None = None) -> Path:
     """Write a ``(D, H, W)`` uint8, uint16 or float32 ``array`` as an ImageJ-compatible TIFF
     atomically, with ``spacing`` ``(z, y, x)`` in micrometres (read back by ``read_tiff``) when
-    given; other dtypes (uint32 object ids) as a plain TIFF, which ImageJ cannot describe."""
+    given; other dtypes (uint32 object ids) as a plain TIFF, which ImageJ cannot describe.
+    A 2D ``array`` ``(H, W)`` (``axes`` "YX"), or a stack of frames with ``axes="TYX"``, takes
+    a ``(y, x)`` spacing."""
     tifffile = _need("tifffile")
     imagej = np.dtype(array.dtype) in (np.uint8, np.uint16, np.float32)
-    kwargs: dict = {"imagej": imagej, "photometric": "minisblack", "metadata": {"axes": "ZYX"}}
+    axes = axes or ("YX" if array.ndim == 2 else "ZYX")
+    kwargs: dict = {"imagej": imagej, "photometric": "minisblack", "metadata": {"axes": axes}}
     if spacing is not None:
-        z, y, x = (float(s) for s in spacing)
+        *z, y, x = (float(s) for s in spacing)
         kwargs["resolution"] = (1.0 / x, 1.0 / y)
-        kwargs["metadata"].update(spacing=z, unit="um")
+        kwargs["metadata"].update(unit="um")
+        if z:
+            kwargs["metadata"].update(spacing=z[0])
     with atomic_output(path, overwrite) as tmp:
         tifffile.imwrite(tmp, np.ascontiguousarray(array), **kwargs)
         _fsync(tmp)
