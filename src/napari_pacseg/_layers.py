@@ -108,16 +108,16 @@ def _find(viewer, name: str, kind: type):
 
 
 def image_choices(viewer) -> list[tuple[str, object]]:
-    """(name, layer) of the viewer's image layers the widget can segment: 3D, or 4D with a
-    channel axis, not RGB, not an output of ours."""
+    """(name, layer) of the viewer's image layers the widget can segment: 2D (grey or RGB),
+    3D (a volume, a time-lapse, a 2D image's channels; RGB too), or 4D with a channel axis;
+    not an output of ours."""
     from napari.layers import Image
 
     return [
         (layer.name, layer)
         for layer in viewer.layers
         if isinstance(layer, Image)
-        and layer.ndim in (3, 4)
-        and not layer.rgb
+        and (layer.ndim in (2, 3) or (layer.ndim == 4 and not layer.rgb))
         and METADATA_KEY not in layer.metadata
     ]
 
@@ -273,12 +273,15 @@ def visible_box(
     slab_half: int = SLAB_HALF,
     max_plane: int = MAX_PLANE,
     box_3d=BOX_3D,
+    frames: bool = False,
 ) -> tuple[tuple[int, int], ...]:
     """The spatial box ``((z0, z1), (y0, y1), (x0, x1))`` of ``layer`` that the live mode
     computes: in a 2D view the slab of ``2 * slab_half + 1`` planes around the current step of
     the axis not shown (the in-plane extent cut to ``max_plane`` around the camera centre); in
     a 3D view (or when a channel axis is displayed) a box of at most ``box_3d`` voxels around
-    the camera centre."""
+    the camera centre. A 2D image (``shape`` of two) gives ``((y0, y1), (x0, x1))``, its
+    in-plane window; a time-lapse (``frames``: axis 0 is time) the current frame alone,
+    ``((t, t + 1), (y0, y1), (x0, x1))``."""
     nd = layer.ndim
     offset = viewer.dims.ndim - nd
     displayed = list(viewer.dims.displayed)
@@ -292,7 +295,11 @@ def visible_box(
     spatial_axes = [a for a in range(nd) if channel_axis is None or a != channel_axis % nd]
     centre = [data_point[a] for a in spatial_axes]
     shown = {spatial_axes.index(d - offset) for d in displayed if d - offset in spatial_axes}
-    if viewer.dims.ndisplay == 2 and len(shown) == 2:
+    if len(shape) == 2:
+        sizes = [max_plane] * 2
+    elif frames:
+        sizes = [1, *([max_plane] * 2 if viewer.dims.ndisplay == 2 else box_3d[1:])]
+    elif viewer.dims.ndisplay == 2 and len(shown) == 2:
         (slab_axis,) = {0, 1, 2} - shown
         sizes = [max_plane] * 3
         sizes[slab_axis] = 2 * slab_half + 1

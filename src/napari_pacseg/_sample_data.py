@@ -4,7 +4,7 @@ and its scribbles."""
 from __future__ import annotations
 
 from ._layers import class_colormap, class_features, scribble_styling
-from .sample import load_sample
+from .sample import load_sample, load_sample_2d
 
 SAMPLE_CLASSES = ("background", "nucleus")
 
@@ -14,14 +14,23 @@ def make_sample_data() -> list[tuple]:
     Labels layer (1 = nucleus; hidden at first), the instance truth (one id per nucleus;
     hidden) and the scribbles as a Labels layer
     (1 background, 2 nucleus) that the widget's Train button takes as is."""
-    sample = load_sample()
+    return _layers_of(load_sample(), "nuclei")
+
+
+def make_sample_data_2d() -> list[tuple]:
+    """The same layers for the 2D sample (``sample.load_sample_2d``: a plane of the volume),
+    named "nuclei 2D ..."."""
+    return _layers_of(load_sample_2d(), "nuclei 2D")
+
+
+def _layers_of(sample, name: str) -> list[tuple]:
     scale = sample.spacing
     return [
-        (sample.image, {"name": "nuclei", "scale": scale}, "image"),
+        (sample.image, {"name": name, "scale": scale}, "image"),
         (
             sample.truth.astype("uint8"),
             {
-                "name": "nuclei ground truth",
+                "name": f"{name} ground truth",
                 "scale": scale,
                 "opacity": 0.4,
                 "visible": False,
@@ -32,12 +41,12 @@ def make_sample_data() -> list[tuple]:
         ),
         (
             sample.instances,
-            {"name": "nuclei instance truth", "scale": scale, "opacity": 0.5, "visible": False},
+            {"name": f"{name} instance truth", "scale": scale, "opacity": 0.5, "visible": False},
             "labels",
         ),
         (
             sample.scribbles,
-            {"name": "nuclei scribbles", "scale": scale, **scribble_styling(SAMPLE_CLASSES)},
+            {"name": f"{name} scribbles", "scale": scale, **scribble_styling(SAMPLE_CLASSES)},
             "labels",
         ),
     ]

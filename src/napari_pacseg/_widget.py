@@ -70,7 +70,7 @@ class PacSegWidget(mw.Container):
         self._live_said = ""  # the status line of the last delivered preview
         self._connect()
         self._on_image_changed()
-        self.model_info.value = self.session.describe()
+        self._show_model_info()
 
     model = property(lambda self: self.session.model, doc="The current model (or None).")
     running = property(lambda self: self.session.running, doc="A full run or training runs.")
@@ -85,8 +85,21 @@ class PacSegWidget(mw.Container):
             label="Channel axis", min=0, max=3, value=0, visible=False,
             tooltip="4D images: the channel axis must come first (napari overlays 3D results on the last three axes)",
         )  # fmt: skip
-        self.spacing_info = mw.Label(label="Spacing (z, y, x)")
+        self.axis0 = mw.ComboBox(
+            label="Axis 0 is",
+            choices=[("z (a volume)", "z"), ("time / frames (2D each)", "frames"),
+                     ("channels (a 2D image)", "channels")],
+            value="z", visible=False,
+            tooltip="3D layers: a volume, a time-lapse of 2D frames (each segmented alone), or "
+            "the channels of a 2D image; set from the layer's axis labels when they say",
+        )  # fmt: skip
+        self.spacing_info = mw.Label(label="Spacing")
         self.model_info = mw.Label(label="Model", value="none loaded")
+        self.model_details = mw.CheckBox(
+            text="Show model details", value=False,
+            tooltip="the full description: features, head, refinement and instance defaults, "
+            "halo, provenance (pacseg info MODEL prints the same)",
+        )  # fmt: skip
         self.load_button = mw.PushButton(text="Load model…")
         self.save_button = mw.PushButton(text="Save model…")
         self.scribbles = mw.ComboBox(
@@ -136,7 +149,7 @@ class PacSegWidget(mw.Container):
         self.background = mw.ComboBox(label="Background class", choices=[("background", 0)])
         self.device = mw.ComboBox(label="Device", choices=device_choices())
         self.live = mw.CheckBox(text="Live (visible region)", value=True)
-        self.run_button = mw.PushButton(text="Run on full volume")
+        self.run_button = mw.PushButton(text="Run on full image")
         self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
         self.status = mw.Label(label="Status", value="ready")
         # Everything but the run controls and the status scrolls, so the widget fits a laptop
@@ -144,8 +157,9 @@ class PacSegWidget(mw.Container):
         # inner widget); Run, Cancel and Status stay in sight below it.
         self.controls = mw.Container(labels=True, scrollable=True)
         self.controls.extend([
-            self.image, self.channel_axis, self.spacing_info,
-            heading("Model"), self.model_info, self.load_button, self.save_button,
+            self.image, self.axis0, self.channel_axis, self.spacing_info,
+            heading("Model"), self.model_info, self.model_details, self.load_button,
+            self.save_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
             self.feature_scales, self.train_steps, self.train_context, self.add_pair_button, self.training_set,
             self.remove_pair_button, self.train_button,
@@ -167,6 +181,8 @@ class PacSegWidget(mw.Container):
         self.image.changed.connect(self._on_image_changed)
         self.scribbles.changed.connect(self._on_scribbles_changed)
         self.channel_axis.changed.connect(self._on_image_changed)
+        self.axis0.changed.connect(self._on_axis0_changed)
+        self.model_details.changed.connect(self._show_model_info)
         self.load_button.clicked.connect(lambda: self._on_file_clicked(save=False))
         self.save_button.clicked.connect(lambda: self._on_file_clicked(save=True))
         self.new_scribbles_button.clicked.connect(self.new_scribbles_layer)
@@ -204,7 +220,7 @@ class PacSegWidget(mw.Container):
 
     def _input(self):
         """The chosen image layer, snapshotted as the session's current image."""
-        return self.session.use_image(self.image.value, self.channel_axis.value)
+        return self.session.use_image(self.image.value, self.channel_axis.value, self.axis0.value)
 
     def reset_choices(self, *_args) -> None:
         """Refresh the dropdowns (the controls live in containers docked below this one)."""
@@ -243,6 +259,18 @@ class PacSegWidget(mw.Container):
         if four_d and not self.channel_axis.visible:
             self.channel_axis.value = 0
         self.channel_axis.visible = four_d
+        three_d = layer is not None and layer.ndim == 3
+        if three_d and layer is not getattr(self, "_axis0_layer", None):
+            from .session import default_axis0
+
+            with self._synced():
+                self.axis0.value = default_axis0(layer)
+        self._axis0_layer = layer
+        self.axis0.visible = three_d
+        self._update_spacing_info()
+        self._request_live()
+
+    def _on_axis0_changed(self, *_args) -> None:
         self._update_spacing_info()
         self._request_live()
 
@@ -304,8 +332,15 @@ class PacSegWidget(mw.Container):
             self.feature_scales.value = ", ".join(f"{s:g}" for s in cfg.features.sigmas)
             set_refine_controls(self.refine_controls, cfg.refine)
             set_instance_controls(self.instance_controls, cfg.instances)
-        self.model_info.value = self.session.describe()
+        self._show_model_info()
         self._update_spacing_info()
+
+    def _show_model_info(self, *_args) -> None:
+        """The model box: one line (kind, classes, where it came from), or the full
+        description with *Show model details*."""
+        self.model_info.value = (
+            self.session.describe() if self.model_details.value else self.session.summary()
+        )
 
     def _reset_refine(self) -> None:
         if self.model is None:
@@ -393,7 +428,7 @@ class PacSegWidget(mw.Container):
     def _trained(self, model: PacSegModel, job) -> None:
         self.set_model(model, job.source)
         voxels = model.config.provenance.get("labelled_voxels", "?")
-        then = "live preview follows" if self.live.value else "press Run on full volume"
+        then = "live preview follows" if self.live.value else "press Run on full image"
         warned = "".join(f"; warning: {w}" for w in job.warnings)
         self._say(f"trained ({voxels} labelled voxels); {then}{warned}")
         for w in job.warnings:
@@ -424,7 +459,7 @@ class PacSegWidget(mw.Container):
                     self.save_objects_button.enabled = True
                     objects = f", {int(seg.instances.max())} objects"
             self.session.full_run_written()
-            self._say(f"full volume done in {seconds:.1f} s{objects}")
+            self._say(f"full image done in {seconds:.1f} s{objects}")
 
     def _on_save_objects_clicked(self) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -438,7 +473,7 @@ class PacSegWidget(mw.Container):
     def save_objects_file(self, path):
         """Save the last full run's measurement table as CSV; the path written, or None."""
         if self.objects is None:
-            self._error("no measurements yet: turn Instances on and run on the full volume")
+            self._error("no measurements yet: turn Instances on and run on the full image")
             return None
         try:
             written = save_measurements(path, self.objects)
@@ -481,7 +516,8 @@ class PacSegWidget(mw.Container):
             return None
         try:
             inp = self._input()
-            box = _layers.visible_box(self.viewer, inp.layer, inp.channel_axis, inp.shape)
+            box = _layers.visible_box(self.viewer, inp.layer, inp.layer_channel_axis, inp.shape,
+                                      frames=inp.frame_axis is not None)  # fmt: skip
             names = _layers.output_names(inp.name)
             if self.instances.value:
                 names += (_layers.instance_name(inp.name),)
@@ -506,7 +542,11 @@ class PacSegWidget(mw.Container):
             return  # the image was removed while the job ran
         layers = self._outputs(job.image, job.model, job.params.background)
         if layers is not None:
-            what = job.description if result.box == job.box else live_description(result.box)
+            what = (
+                job.description
+                if result.box == job.box
+                else live_description(result.box, job.image)
+            )
             _layers.write_region(
                 *layers, result.box, result.labels, result.matte, what, exact=not result.note
             )

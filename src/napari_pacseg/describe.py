@@ -83,6 +83,18 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
     return lines
 
 
+def model_headline(model: PacSegModel, source: str = "") -> str:
+    """Two short lines for a small box: the kind, channels and classes with their label
+    values, then ``source`` (where it came from) when given."""
+    cfg = model.config
+    values = label_values(cfg.n_classes)
+    classes = ", ".join(f"{v}={c.name}" for v, c in zip(values, cfg.classes))
+    kind = "2D images" if cfg.ndim == 2 else "volumes"
+    ctx = ", context net" if cfg.context is not None else ""
+    head = f"{cfg.ndim}D model ({kind}), {cfg.in_channels} channel(s){ctx}; classes {classes}"
+    return head + (f"\n{source}" if source else "")
+
+
 def describe_model(model: PacSegModel, source: str = "") -> str:
     """``model_lines`` of ``model`` (no file checksum) as one text, for the widget's model box."""
     return "\n".join(model_lines(model, source=source))

@@ -274,7 +274,7 @@ class Bounded:
         if self.box != self.requested:
             (_, _), (y0, y1), (x0, x1) = self.box
             text += f", in-plane window {y1 - y0} x {x1 - x0} around the centre"
-        return text + " to stay within the preview's budget; Run on full volume is exact"
+        return text + " to stay within the preview's budget; Run on full image is exact"
 
 
 def bound_preview(plan: Plan, box: Box, budget: float) -> Bounded:

@@ -44,6 +44,41 @@ def load_sample() -> Sample:
         )
 
 
+SAMPLE_2D_PLANE = 32  # a plane of the sample with scribbles of both classes
+
+
+@dataclass(frozen=True)
+class Sample2D:
+    """A 2D sample: one plane of the 3D sample. image ``(256, 256)`` uint16; truth bool;
+    scribbles uint8 (0 unlabelled, 1 background, 2 nucleus); spacing ``(y, x)`` in um;
+    instances ``(256, 256)`` uint16: the nuclei's cross-sections one by one (0, 1..N)."""
+
+    image: np.ndarray
+    truth: np.ndarray
+    scribbles: np.ndarray
+    spacing: tuple[float, float]
+    instances: np.ndarray
+
+
+def load_sample_2d(plane: int = SAMPLE_2D_PLANE) -> Sample2D:
+    """Plane ``plane`` of the bundled sample as a 2D image with its truth and scribbles (the
+    scribbles of that plane; the instances renumbered 1..N within it)."""
+    from scipy import ndimage as ndi
+
+    s = load_sample()
+    if not 0 <= plane < s.image.shape[0]:
+        raise ValueError(f"plane must be in [0, {s.image.shape[0] - 1}], got {plane}")
+    ids = s.instances[plane]
+    pieces = np.zeros(ids.shape, np.uint16)
+    n = 0
+    for i in np.unique(ids[ids > 0]):  # a cut nucleus may fall into separate pieces
+        cut, count = ndi.label(ids == i)
+        pieces[cut > 0] = cut[cut > 0] + n
+        n += count
+    return Sample2D(s.image[plane].copy(), s.truth[plane].copy(), s.scribbles[plane].copy(),
+                    s.spacing[1:], pieces)  # fmt: skip
+
+
 def load_demo_model():
     """The demo ``PacSegModel`` trained from the sample's scribbles."""
     from .model_io import load_model

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
-from .describe import describe_model
+from .describe import describe_model, model_headline
 from .engine import Box, bound_preview, preview_budget
 from .features import FeatureSpec
 from .instances import instance_config, instance_labels, table_csv
@@ -55,26 +55,75 @@ def device_choices() -> list[tuple[str, str]]:
 # --- inputs and parameters ------------------------------------------------------------------------
 
 
+AXIS0_CHOICES = ("z", "frames", "channels")  # what axis 0 of a 3D layer is
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """What the computations need of an image layer, snapshotted when an action starts: the
-    layer itself (only its identity is used here), its data, channel axis, spatial shape,
-    scale and translate (``(z, y, x)``)."""
+    layer itself (only its identity is used here), its data, channel axis (of ``data``; -1
+    for RGB), the shape, scale and translate of its results (``(z, y, x)``, ``(y, x)`` for a
+    2D image, ``(t, y, x)`` for a time-lapse), the frame axis (0 for a time-lapse, else None)
+    and ``ndim``, the kind of image each frame is (2 or 3: the kind of model it needs)."""
 
     layer: object
     name: str
     data: object
     channel_axis: int | None
-    shape: tuple[int, int, int]
-    scale: tuple[float, float, float]
-    translate: tuple[float, float, float]
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    frame_axis: int | None = None
+    ndim: int = 3
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """The pixel or voxel size ``segment`` takes: the scale without the frame axis."""
+        return self.scale[1:] if self.frame_axis is not None else self.scale
+
+    @property
+    def layer_channel_axis(self) -> int | None:
+        """The channel axis among the layer's own axes (napari's ``ndim`` leaves RGB out)."""
+        return None if getattr(self.layer, "rgb", False) else self.channel_axis
+
+    @property
+    def kind(self) -> str:
+        """ "volume", "2D image" or "time-lapse of 2D frames"."""
+        if self.frame_axis is not None:
+            return "time-lapse of 2D frames"
+        return "2D image" if self.ndim == 2 else "volume"
+
+    def frame(self, t: int):
+        """``(data, channel axis)`` of frame ``t`` of a time-lapse."""
+        ca = self.channel_axis
+        return self.data[t], (None if ca is None else (ca - 1 if ca > 0 else ca))
 
 
-def image_input(layer, channel_axis: int | None = 0) -> ImageInput:
+def default_axis0(layer) -> str:
+    """What axis 0 of a 3D layer is by its axis labels: "frames" for t/time/frame, "channels"
+    for c/channel, else "z"."""
+    labels = getattr(layer, "axis_labels", None) or ()
+    first = str(labels[0]).strip().lower() if len(labels) else ""
+    if first in ("t", "time", "frame", "frames", "timepoint"):
+        return "frames"
+    if first in ("c", "ch", "channel", "channels"):
+        return "channels"
+    return "z"
+
+
+def image_input(layer, channel_axis: int | None = 0, axis0: str = "z") -> ImageInput:
     """The ``ImageInput`` of an image layer (or anything with ``name``, ``ndim``, ``data``,
-    ``scale`` and ``translate``): 3D, or 4D with the channel axis ``channel_axis`` first."""
+    ``scale`` and ``translate``, and optionally ``rgb``): 2D (grey or RGB), 3D (axis 0 is z, a
+    time-lapse's frames or channels, as ``axis0`` says), or 4D with the channel axis
+    ``channel_axis`` first."""
     if layer is None:
-        raise ValueError("no image: open a 3D image (or a 4D one with a channel axis) first")
+        raise ValueError("no image: open an image (2D, RGB, a time-lapse or a volume) first")
+    if axis0 not in AXIS0_CHOICES:
+        raise ValueError(f"axis 0 must be one of {AXIS0_CHOICES}, got {axis0!r}")
+    rgb = bool(getattr(layer, "rgb", False))
+    nd = layer.ndim  # napari's: the RGB axis is not counted
+    if rgb or nd == 2 or (nd == 3 and axis0 != "z"):
+        return _flat_input(layer, nd, rgb, axis0)
     if layer.ndim == 3:
         axis, keep = None, [0, 1, 2]
     else:
@@ -92,6 +141,27 @@ def image_input(layer, channel_axis: int | None = 0) -> ImageInput:
     scale = tuple(float(layer.scale[a]) for a in keep)
     translate = tuple(float(layer.translate[a]) for a in keep)
     return ImageInput(layer, layer.name, layer.data, axis, shape, scale, translate)
+
+
+def _flat_input(layer, nd: int, rgb: bool, axis0: str) -> ImageInput:
+    """A 2D grey or RGB image, a (C, H, W) image, or a time-lapse (T, H, W) / RGB (T, H, W, 3)."""
+    if nd not in (2, 3) or (nd == 3 and rgb and axis0 == "channels"):
+        what = "an RGB layer" if rgb else f"a {nd}D layer"
+        raise ValueError(
+            f"{layer.name!r} is {what}; segment a 2D image, an RGB image, a time-lapse (axis 0 "
+            "= time / frames) or a volume"
+        )
+    frames = nd == 3 and axis0 == "frames"
+    if rgb:
+        channel = -1
+    else:
+        channel = 0 if nd == 3 and axis0 == "channels" else None
+    keep = list(range(nd)) if channel is None or rgb else list(range(1, nd))
+    shape = tuple(int(layer.data.shape[a]) for a in keep)
+    scale = tuple(float(layer.scale[a]) for a in keep)
+    translate = tuple(float(layer.translate[a]) for a in keep)
+    return ImageInput(layer, layer.name, layer.data, channel, shape, scale, translate,
+                      0 if frames else None, 2 if frames or nd == 2 or channel == 0 else 3)  # fmt: skip
 
 
 def model_file_name(path) -> Path:
@@ -182,8 +252,8 @@ class FullRun:
     ) -> Segmentation:
         inp, p = self.image, self.params
         return segment(
-            inp.data, self.model, spacing=inp.scale, channel_axis=inp.channel_axis,
-            refine=p.refine, device=p.device, progress=progress, should_cancel=should_cancel,
+            inp.data, self.model, spacing=inp.spacing, channel_axis=inp.channel_axis,
+            frame_axis=inp.frame_axis, refine=p.refine, device=p.device, progress=progress, should_cancel=should_cancel,
             threshold=p.threshold, background=p.background,
             instances=False if p.instances is None else p.instances,
         )  # fmt: skip
@@ -224,14 +294,31 @@ class Training:
     def __call__(
         self, progress: Progress | None = None, should_cancel: Cancel | None = None
     ) -> PacSegModel:
-        one = len(self.images) == 1
+        images, marks, spacings = training_arrays(self.images, self.scribbles)
+        one = len(images) == 1
         return train(
-            self.images[0].data if one else [i.data for i in self.images],
-            self.scribbles[0] if one else self.scribbles,
-            spacing=self.images[0].scale if one else [i.scale for i in self.images],
-            channel_axis=self.images[0].channel_axis,
+            images[0] if one else images, marks[0] if one else marks,
+            spacing=spacings[0] if one else spacings, channel_axis=0,
             progress=progress, should_cancel=should_cancel, **self.kwargs,
         )  # fmt: skip
+
+
+def training_arrays(images: list[ImageInput], scribbles: list[np.ndarray]):
+    """``(images, scribbles, spacings)`` for ``train``: each image channel first ``(C, ...)``
+    (``channel_axis=0``), a time-lapse as its painted frames, each a 2D image of its own."""
+    out_images, out_marks, spacings = [], [], []
+    for inp, marks in zip(images, scribbles):
+        pieces = [(inp.data, inp.channel_axis, marks)]
+        if inp.frame_axis is not None:
+            pieces = [(*inp.frame(t), marks[t]) for t in range(marks.shape[0]) if marks[t].any()]
+            if not pieces:
+                raise ValueError(f"no frame of {inp.name!r} holds scribbles: paint some first")
+        for data, ca, m in pieces:
+            arr = np.asarray(data)
+            out_images.append(arr[None] if ca is None else np.moveaxis(arr, ca, 0))
+            out_marks.append(m)
+            spacings.append(inp.spacing)
+    return out_images, out_marks, spacings
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,19 +335,31 @@ class LiveJob:
 
     @property
     def description(self) -> str:
-        return live_description(self.box)
+        return live_description(self.box, self.image)
 
     @property
     def preview(self) -> str:
-        """The status while it runs: "previewing z 30-32"."""
-        (z0, z1), _, _ = self.box
-        return f"previewing z {z0}-{z1 - 1}"
+        """The status while it runs: "previewing z 30-32" ("frame 3", "y 0-255, x 0-255")."""
+        return "previewing " + _ranges(self.box, self.image, short=True)
 
 
-def live_description(box: Box) -> str:
-    """What a live result holds: "live preview of z 30-32, y 0-255, x 0-255"."""
-    (z0, z1), (y0, y1), (x0, x1) = box
-    return f"live preview of z {z0}-{z1 - 1}, y {y0}-{y1 - 1}, x {x0}-{x1 - 1}"
+def _ranges(box, image: ImageInput | None, short: bool = False) -> str:
+    names = "zyx" if len(box) == 3 else "yx"
+    if image is not None and image.frame_axis is not None:
+        names = "tyx"
+    parts = []
+    for n, (a, b) in zip(names, box):
+        label = "frame" if n == "t" else n
+        parts.append(f"{label} {a}" if n == "t" and b == a + 1 else f"{label} {a}-{b - 1}")
+    if short and len(box) == 3:
+        return parts[0]
+    return ", ".join(parts)
+
+
+def live_description(box: Box, image: ImageInput | None = None) -> str:
+    """What a live result holds: "live preview of z 30-32, y 0-255, x 0-255" (for a
+    time-lapse "frame 3, y ..., x ..."; for a 2D image "y ..., x ...")."""
+    return "live preview of " + _ranges(box, image)
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,15 +419,15 @@ class Session:
 
     # --- image and model ------------------------------------------------------------------------
 
-    def use_image(self, layer, channel_axis: int | None = 0) -> ImageInput:
-        """Make ``image_input(layer, channel_axis)`` the current image and return it."""
+    def use_image(self, layer, channel_axis: int | None = 0, axis0: str = "z") -> ImageInput:
+        """Make ``image_input(layer, channel_axis, axis0)`` the current image and return it."""
         self.image = None
-        self.image = image_input(layer, channel_axis)
+        self.image = image_input(layer, channel_axis, axis0)
         return self.image
 
     def require_image(self) -> ImageInput:
         if self.image is None:
-            raise ValueError("no image: open a 3D image (or a 4D one with a channel axis) first")
+            raise ValueError("no image: open an image (2D, RGB, a time-lapse or a volume) first")
         return self.image
 
     def require_model(self) -> PacSegModel:
@@ -353,12 +452,25 @@ class Session:
         """The model box's text: ``describe.describe_model`` of the model and its source."""
         return NO_MODEL if self.model is None else describe_model(self.model, self.model_source)
 
+    def summary(self) -> str:
+        """The model box's compact text: ``describe.model_headline`` of the model."""
+        return NO_MODEL if self.model is None else model_headline(self.model, self.model_source)
+
     def spacing_text(self) -> str:
-        """The image's spacing, and a warning when the model was trained at another."""
-        spacing = self.require_image().scale
-        text = ", ".join(f"{s:g}" for s in spacing) + " (layer scale)"
-        if self.model is not None and not np.allclose(spacing, self.model.config.spacing):
-            trained = ", ".join(f"{s:g}" for s in self.model.config.spacing)
+        """The image's kind and spacing, and a warning when the model was trained at another
+        spacing or is of the other kind (2D / 3D)."""
+        inp = self.require_image()
+        spacing = inp.spacing
+        axes = "y, x" if len(spacing) == 2 else "z, y, x"
+        text = f"{inp.kind}: " + ", ".join(f"{s:g}" for s in spacing) + f" ({axes}; layer scale)"
+        if self.model is None:
+            return text
+        cfg = self.model.config
+        if cfg.ndim != inp.ndim:
+            need = "a 2D model (train one on it)" if inp.ndim == 2 else "a volume model"
+            return text + f"; the model is a {cfg.ndim}D model: this {inp.kind} needs {need}"
+        if not np.allclose(spacing, cfg.in_plane_spacing):
+            trained = ", ".join(f"{s:g}" for s in cfg.in_plane_spacing)
             text += (
                 f"; the model was trained at {trained}: set the layer's scale to the voxel size "
                 "if this is wrong"
@@ -461,10 +573,10 @@ class Session:
                     f"the scribbles layer {p.name!r} now has shape {m.shape} but its image "
                     f"{p.image.name!r} has {p.image.shape}; remove it from the training set"
                 )
-        if len({p.image.channel_axis is None for p in pairs}) > 1:
+        if len({p.image.ndim for p in pairs}) > 1:
             raise ValueError(
-                "the training set mixes 3D images and images with a channel axis; train on "
-                "images with the same channels"
+                "the training set mixes 2D images and volumes; a model is of one kind: train "
+                "one of each"
             )
         stored = classes or next((p.classes for p in pairs if p.classes), None)
         names = list(stored or parse_class_names(params.classes))
@@ -495,8 +607,17 @@ class Session:
         was the same request (unless ``redo``: e.g. its output layers are gone)."""
         inp, model = self.require_image(), self.require_model()
         box = tuple((int(a), int(b)) for a, b in box)
+        if len(box) != len(inp.shape):
+            raise ValueError(f"a live box of {inp.name!r} needs {len(inp.shape)} ranges, got {box}")
+        if model.config.ndim != inp.ndim:
+            need = "a 2D model" if inp.ndim == 2 else "a volume model"
+            raise ValueError(
+                f"the model is a {model.config.ndim}D model and {inp.name!r} is a {inp.kind}: it "
+                f"needs {need} (train one on it, or load one)"
+            )
+        frame = box[0][0] if inp.frame_axis is not None else None  # a time-lapse: one frame
         seg_key = (id(inp.layer), id(inp.data), id(model), inp.scale, inp.channel_axis,
-                   params.device)  # fmt: skip
+                   params.device, frame)  # fmt: skip
         out = (float(params.threshold), int(params.background))
         objects = None if params.instances is None else tuple(sorted(params.instances.items()))
         key = (seg_key, box, tuple(sorted(params.refine.items())), out, objects)
@@ -513,11 +634,16 @@ class Session:
         (``engine.bound_preview``: within it the result is the full run's). ``should_cancel``
         and ``progress(stage, done, total)`` as in ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
+        inp = job.image
+        data, axis = inp.data, inp.channel_axis
+        if inp.frame_axis is not None:
+            data, axis = inp.frame(job.box[0][0])
+        # the segmenter's box: a 2D image or a frame is a one-plane volume
+        box = job.box if inp.ndim == 3 else ((0, 1), *job.box[-2:])
         with self._segmenter_lock:
             if self._segmenter_key != job.segmenter_key:
-                inp = job.image
                 self._segmenter = RegionSegmenter(
-                    inp.data, job.model, spacing=inp.scale, channel_axis=inp.channel_axis,
+                    data, job.model, spacing=inp.spacing, channel_axis=axis,
                     device=job.params.device,
                 )  # fmt: skip
                 self._segmenter_key = job.segmenter_key
@@ -525,18 +651,25 @@ class Session:
             seg = self._segmenter
         planes = seg.stats["logit_planes"]
         plan = seg.plan.with_refine(job.params.refine)
-        bounded = bound_preview(plan, job.box, preview_budget(seg.device))
+        bounded = bound_preview(plan, box, preview_budget(seg.device))
         reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
         p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach)
         labels, matte = labels_from_probabilities(p, job.params.threshold, job.params.background)
+        done = bounded.box
+        spacing = seg.plan.settings.spacing
+        if inp.ndim == 2:  # back to the image's axes: (h, w), or (1, h, w) for a frame
+            labels, matte, spacing, done = labels[0], matte[0], spacing[1:], bounded.box[1:]
         ids = None
         if job.params.instances is not None:
             config = instance_config(job.model.config.instances, job.params.instances)
-            ids = instance_labels(labels, seg.plan.settings.spacing, config,
-                                  should_cancel=should_cancel)  # fmt: skip
+            ids = instance_labels(labels, spacing, config, should_cancel=should_cancel)
+        if inp.frame_axis is not None:
+            labels, matte = labels[None], matte[None]
+            ids = None if ids is None else ids[None]
+            done = (job.box[0], *done)
         new = seg.stats["logit_planes"] - planes
         seconds = time.perf_counter() - start
-        return LiveResult(labels, matte, new, seconds, bounded.box, bounded.describe(), ids)
+        return LiveResult(labels, matte, new, seconds, done, bounded.describe(), ids)
 
     def live_delivered(self, job: LiveJob) -> None:
         """The job's result is in the output layers: the same request again is not recomputed."""

@@ -26,7 +26,7 @@ CHECK = """
 import json, sys
 import npe2
 import napari_pacseg
-from napari_pacseg._sample_data import make_sample_data
+from napari_pacseg._sample_data import make_sample_data, make_sample_data_2d
 pm = npe2.PluginManager.instance()
 pm.discover()
 manifest = pm.get_manifest("napari-pacseg")
@@ -36,6 +36,7 @@ print(json.dumps({
     "widgets": [w.display_name for w in manifest.contributions.widgets],
     "samples": [s.display_name for s in manifest.contributions.sample_data],
     "layers": [[kind, list(data.shape)] for data, _, kind in layers],
+    "layers_2d": [[kind, list(data.shape)] for data, _, kind in make_sample_data_2d()],
 }))
 """
 
@@ -60,14 +61,14 @@ def test_wheel_installs_as_a_napari_plugin(tmp_path):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(site), found["package"]
     assert found["widgets"] == ["PAC Segmentation"]
-    assert found["samples"] == ["PAC-Seg nuclei (3D)"]
-    shape = [64, 256, 256]
-    assert found["layers"] == [
-        ["image", shape],
-        ["labels", shape],
-        ["labels", shape],
-        ["labels", shape],
-    ]
+    assert found["samples"] == ["PAC-Seg nuclei (3D)", "PAC-Seg nuclei (2D)"]
+    for key, shape in (("layers", [64, 256, 256]), ("layers_2d", [256, 256])):
+        assert found[key] == [
+            ["image", shape],
+            ["labels", shape],
+            ["labels", shape],
+            ["labels", shape],
+        ]
     validate = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "napari-pacseg"], capture_output=True,
         text=True, env=env, cwd=tmp_path,

@@ -203,7 +203,7 @@ def test_inputs_and_messages(sample):
         s.full_run(RunParams())
     assert s.describe().startswith("none")
     s.load(DEMO_MODEL_FILE)
-    assert s.spacing_text() == "1, 0.4, 0.4 (layer scale)"
+    assert s.spacing_text() == "volume: 1, 0.4, 0.4 (z, y, x; layer scale)"
     s.use_image(layer(sample.image[CROP], (2.0, 0.4, 0.4)))
     assert "the model was trained at 1, 0.4, 0.4" in s.spacing_text()
 
@@ -256,7 +256,7 @@ def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
     assert not bounded.exact and bounded.plan.refine_work(bounded.box) <= 2 * default_work
     assert bounded.plan.settings.reach[0] < plan.settings.reach[0]
     assert result.box == bounded.box and "approximate preview" in result.note
-    assert "Run on full volume is exact" in result.note
+    assert "Run on full image is exact" in result.note
     assert steps[-1][0] == "refinement" and steps[-1][1] == steps[-1][2]
     assert [s for s, _, _ in steps] == sorted(s for s, _, _ in steps)  # logits, then the CRF
     # what it computes is the region segmenter's result with the cut reach
