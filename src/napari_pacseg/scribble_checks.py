@@ -1,6 +1,7 @@
 """Warnings about where scribbles were painted: a class painted only along the image's border
 teaches the model that class from the border's look alone (a tester who painted the background
-that way got bright nuclear rims labelled background)."""
+that way got bright nuclear rims labelled background); a class painted in one shade only is
+extrapolated to its other shades."""
 
 from __future__ import annotations
 
@@ -35,5 +36,49 @@ def coverage_warnings(scribbles: Sequence[np.ndarray], names: Sequence[str]) -> 
                 f"the {name} scribbles are all on the image border: add some away from it "
                 + ("(between objects), " if i == 0 else "")
                 + "or the model learns the border's look as the class"
+            )
+    return out
+
+
+NARROW = 0.03  # of the image's intensity range: a class painted within this is "narrow"
+MIN_VOXELS = 20  # fewer scribbled voxels of a class say too little to judge their range
+SAMPLE_VOXELS = 1 << 20  # image voxels read for its intensity range
+
+
+def intensity_warnings(
+    images: Sequence[np.ndarray], scribbles: Sequence[np.ndarray], names: Sequence[str]
+) -> list[str]:
+    """One sentence per class whose scribbled voxels, over all images, span less than
+    ``NARROW`` of the images' intensity range (1st to 99.8th percentile of the first channel)
+    in every channel: a class taught from one shade only is extrapolated to every other shade
+    of it. ``images`` are channel first ``(C, ...)`` with the scribbles' spatial shape."""
+    spans: dict[int, list[float]] = {}
+    ranges = []
+    for image, marks in zip(images, scribbles):
+        image = np.asarray(image)
+        marks = np.asarray(marks)
+        step = max(1, int(np.ceil((marks.size / SAMPLE_VOXELS) ** (1 / marks.ndim))))
+        grid = (slice(None), *(slice(None, None, step),) * marks.ndim)
+        lo, hi = np.percentile(image[grid].reshape(image.shape[0], -1), [1, 99.8], axis=1)
+        ranges.append(hi - lo)
+        for value in np.unique(marks[marks > 0]).tolist():
+            vals = image[:, marks == value].astype(np.float64)
+            spans.setdefault(int(value), []).append(vals)
+    whole = np.max(ranges, axis=0)
+    if not np.any(whole > 0):  # a flat image: no shades to miss
+        return []
+    whole = np.where(whole > 0, whole, np.inf)
+    out = []
+    for value, parts in sorted(spans.items()):
+        vals = np.concatenate(parts, axis=1)
+        if vals.shape[1] < MIN_VOXELS or value > len(names):
+            continue
+        p1, p99 = np.percentile(vals, [1, 99], axis=1)
+        widest = float(np.max((p99 - p1) / whole))
+        if widest < NARROW:
+            out.append(
+                f"the {names[value - 1]} scribbles cover {100 * widest:.1f}% of the image's "
+                "intensity range: paint the class also where it looks different (brighter or "
+                "darker parts of it)"
             )
     return out

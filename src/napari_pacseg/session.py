@@ -32,7 +32,7 @@ from .model import PacSegModel
 from .model_io import load_model, save_model
 from .pipeline import Segmentation, segment
 from .regions import RegionSegmenter
-from .scribble_checks import coverage_warnings
+from .scribble_checks import coverage_warnings, intensity_warnings
 from .training import train
 
 DEFAULT_CLASSES = "background, foreground"
@@ -301,6 +301,12 @@ class Training:
             spacing=spacings[0] if one else spacings, channel_axis=0,
             progress=progress, should_cancel=should_cancel, **self.kwargs,
         )  # fmt: skip
+
+
+def _channels_first(inp: ImageInput) -> np.ndarray:
+    """The image's data ``(C, ...)`` with the results' spatial shape."""
+    arr = np.asarray(inp.data)
+    return arr[None] if inp.channel_axis is None else np.moveaxis(arr, inp.channel_axis, 0)
 
 
 def training_arrays(images: list[ImageInput], scribbles: list[np.ndarray]):
@@ -592,7 +598,8 @@ class Session:
             source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"
         else:
             source = f"trained from {len(pairs)} images: " + ", ".join(p.label for p in pairs)
-        warned = tuple(coverage_warnings(marks, names))
+        firsts = [_channels_first(p.image) for p in pairs]
+        warned = tuple(coverage_warnings(marks, names) + intensity_warnings(firsts, marks, names))
         return Training([p.image for p in pairs], marks, kwargs, source, warned)
 
     # --- live preview -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_pacseg.sample import load_sample
-from napari_pacseg.scribble_checks import coverage_warnings
+from napari_pacseg.scribble_checks import coverage_warnings, intensity_warnings
 
 
 def test_the_samples_scribbles_raise_no_warning():
@@ -28,3 +28,19 @@ def test_border_only_background_is_warned_about():
     assert coverage_warnings([marks, other], ["background", "nucleus"]) == []
     # a class painted nowhere is not this check's business
     assert coverage_warnings([marks], ["background", "nucleus", "unused"]) == warned
+
+
+def test_a_class_painted_in_one_shade_is_warned_about():
+    sample = load_sample()
+    image = sample.image[None]
+    assert intensity_warnings([image], [sample.scribbles], ["background", "nucleus"]) == []
+    # nucleus painted only where it has one shade (its median, +-2)
+    marks = np.where(sample.scribbles == 2, 0, sample.scribbles).astype(np.uint8)
+    middle = np.median(sample.image[sample.truth])
+    marks[(np.abs(sample.image.astype(float) - middle) <= 2) & sample.truth] = 2
+    warned = intensity_warnings([image], [marks], ["background", "nucleus"])
+    assert len(warned) == 1 and warned[0].startswith("the nucleus scribbles cover")
+    assert "where it looks different" in warned[0]
+    # a flat image: every class's range is the whole (zero) range, nothing to say
+    flat = np.zeros_like(image)
+    assert intensity_warnings([flat], [sample.scribbles], ["background", "nucleus"]) == []
