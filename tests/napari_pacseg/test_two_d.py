@@ -227,3 +227,18 @@ def test_2d_measurements():
     per = dict(zip(table["id"], table["perimeter"]))
     assert per[ids[20, 60]] == pytest.approx(40.0, rel=0.05)  # 4 x 10 units, corners cut
     assert table["centroid_y"][table["id"] == ids[30, 30]][0] == pytest.approx(15.0, abs=0.05)
+
+
+def test_frames_can_be_cancelled_between_tiles(model2d):
+    from napari_pacseg import SegmentationCancelled
+
+    stack = np.stack([_cells(seed=s)[0] for s in range(4)])
+    seen = []
+
+    def cancel():
+        return len(seen) >= 3  # after the third tile: in the second frame
+
+    with pytest.raises(SegmentationCancelled):
+        segment(stack, model2d, frame_axis=0, progress=lambda d, t: seen.append(d),
+                should_cancel=cancel)  # fmt: skip
+    assert len(seen) == 3
