@@ -34,7 +34,6 @@ from .session import (
     TrainParams,
     device_choices,
     live_description,
-    model_file_name,
     save_measurements,
 )  # fmt: skip
 from .training import DEFAULT_STEPS
@@ -308,8 +307,8 @@ class PacSegWidget(mw.Container):
         return True
 
     def save_model_file(self, path):
-        """Save the current model (``.safetensors`` added when missing)."""
-        path = model_file_name(path)
+        """Save the current model (``.safetensors`` added when missing; a file at that added
+        name is never replaced without being asked: ``Session.save``)."""
         try:
             written = self.session.save(path)
         except (OSError, ValueError) as err:

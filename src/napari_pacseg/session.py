@@ -451,8 +451,13 @@ class Session:
         return model
 
     def save(self, path) -> Path:
-        """Save the model to ``path`` (``.safetensors`` added when missing); the path written."""
-        return save_model(self.require_model(), model_file_name(path))
+        """Save the model to ``path`` (``.safetensors`` added when missing); the path written.
+        ``path`` itself is replaced (a save dialog asked about it); a file at the name with
+        ``.safetensors`` added, which nobody was asked about, is refused (``FileExistsError``)."""
+        target = model_file_name(path)
+        if target != Path(path) and target.exists():
+            raise FileExistsError(f"{target} exists; choose that name to replace it, or another")
+        return save_model(self.require_model(), target)
 
     def describe(self) -> str:
         """The model box's text: ``describe.describe_model`` of the model and its source."""

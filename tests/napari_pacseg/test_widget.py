@@ -272,6 +272,14 @@ def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path
     assert widget.load_model_file(saved)
     assert widget.model.config.classes == cfg.classes
     assert len(errors) == 1
+    # "theirs" (no suffix) must not replace an existing theirs.safetensors nobody asked about
+    theirs = tmp_path / "theirs.safetensors"
+    theirs.write_bytes(b"a file of someone else")
+    assert widget.save_model_file(tmp_path / "theirs") is None
+    assert theirs.read_bytes() == b"a file of someone else"
+    assert len(errors) == 2 and "exists; choose that name to replace it" in errors[-1]
+    assert widget.save_model_file(theirs) == theirs  # the dialog's own name: replaced
+    assert widget.load_model_file(theirs)
 
 
 def test_cancel_full_run(make_napari_viewer, qtbot, errors, sample):
