@@ -16,7 +16,8 @@ made by the same generator with other seeds, every method is trained from the sa
   no better Dice, one run each of ``apoc_worker.py`` on 2026-11-23: ``object_size_1_to_5_px``
   0.847 in 51 s, ``object_size_5_to_10_px`` 0.675 in 138 s, against ``small_quick``'s 0.889 in
   3.1 s; train + predict), run in a separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
-* ours: ``train()`` with the sample's demo settings, then ``segment()`` without and with the
+* ours: ``train()`` with the sample's demo scales (``default_features``: all kinds in 3D,
+  Gaussians only in 2D), then ``segment()`` without and with the
   PAC-CRF refinement (model defaults); with ``--context`` also trained with the context
   encoder/decoder (``train(context=True)``).
 
@@ -57,11 +58,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
 import make_sample
 
 import common
-from napari_pacseg import FeatureSpec, segment, train
+from napari_pacseg import segment, train
 from napari_pacseg.sample import load_sample
+from napari_pacseg.training import default_features
 
 TOLERANCE_UM = 0.4  # one voxel in y and x: at 1 um every method but the RF scores > 0.98
-DEMO_FEATURES = FeatureSpec(sigmas=make_sample.DEMO_SIGMAS)
 APOC_SETS = ("small_quick", "small_dog_log")
 APOC = {name: f"APOC PixelClassifier ({name})" for name in APOC_SETS}
 RF = "RF, ilastik-style (skimage + sklearn)"
@@ -170,8 +171,8 @@ def run_ours(image, scribbles, spacing, repeats: int, device: str = "cpu", conte
     for _ in range(repeats):
         start = time.perf_counter()
         model = train(
-            image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0, device=device,
-            context=context or None,
+            image, scribbles, spacing=spacing, seed=0, device=device, context=context or None,
+            features=default_features(len(spacing), make_sample.DEMO_SIGMAS),
         )  # fmt: skip
         train_times.append(time.perf_counter() - start)
         for refine in (False, True):

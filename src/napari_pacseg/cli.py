@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sigmas", type=_positive_float, nargs="+",
                     help="feature scales in physical units (default 1 2 4)")  # fmt: skip
     tr.add_argument("--kinds", nargs="+", metavar="KIND",
-                    help="feature kinds (default: all of gaussian gradient_magnitude laplacian "
-                    "hessian_eigenvalues)")  # fmt: skip
+                    help="feature kinds (default for volumes: all of gaussian "
+                    "gradient_magnitude laplacian hessian_eigenvalues; for 2D images: gaussian)")  # fmt: skip
     tr.add_argument("--hidden", type=_positive_int, nargs="+", help="MLP widths (default 64 64)")
     tr.add_argument(
         "--steps", type=_positive_int, help=f"optimisation steps (default {DEFAULT_STEPS})"
@@ -404,7 +404,7 @@ def _cmd_train(args) -> int:
     from .features import FeatureSpec
     from .image_io import is_2d_file, read_picture
     from .model_io import save_model
-    from .training import train
+    from .training import default_features, train
     from .volume_io import VolumeError, check_not_input, read_volume
 
     _check_device(args.device)
@@ -419,12 +419,11 @@ def _cmd_train(args) -> int:
         )
     try:
         check_not_input(args.output, args.pairs)
-        spec = FeatureSpec()
-        spec = dataclasses.replace(
-            spec,
+        overrides = {
             **({"sigmas": tuple(args.sigmas)} if args.sigmas else {}),
             **({"kinds": tuple(args.kinds)} if args.kinds else {}),
-        )
+        }
+        dataclasses.replace(FeatureSpec(), **overrides)  # checked before any file is read
     except ValueError as err:
         raise UsageError(str(err)) from None
     bar = ProgressBar(quiet=args.quiet)
@@ -474,6 +473,8 @@ def _cmd_train(args) -> int:
             spacings = None
         elif many:
             spacings = [sp or (1.0,) * (2 if kinds[0] else 3) for sp in spacings]
+        # the kind's default bank (train's), with the options given
+        spec = dataclasses.replace(default_features(2 if kinds[0] else 3), **overrides)
         model = train(
             images if many else images[0], marks if many else marks[0],
             spacing=spacings if many else spacings[0], channel_axis=0, features=spec,

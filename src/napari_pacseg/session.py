@@ -33,7 +33,7 @@ from .model_io import load_model, save_model
 from .pipeline import Segmentation, segment
 from .regions import RegionSegmenter
 from .scribble_checks import coverage_warnings, intensity_warnings
-from .training import train
+from .training import default_features, train
 
 DEFAULT_CLASSES = "background, foreground"
 NO_MODEL = "none: load a model file or train one from scribbles"
@@ -595,7 +595,8 @@ class Session:
         names = (names + [f"class {v}" for v in range(len(names) + 1, k + 1)])[:k]
         sigmas = parse_scales(params.scales)
         kwargs = {
-            "steps": int(params.steps), "features": FeatureSpec(sigmas=sigmas) if sigmas else None,
+            "steps": int(params.steps),
+            "features": default_features(pairs[0].image.ndim, sigmas) if sigmas else None,
             "device": params.device, "class_names": names if k >= 2 else None,
             "context": True if params.context else None,
         }  # fmt: skip
