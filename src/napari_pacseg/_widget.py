@@ -36,7 +36,7 @@ from .session import (
     live_description,
     save_measurements,
 )  # fmt: skip
-from .training import DEFAULT_STEPS
+from .training import DEFAULT_STEPS, DEFAULT_STEPS_2D, default_steps
 
 if TYPE_CHECKING:
     import napari
@@ -280,6 +280,9 @@ class PacSegWidget(mw.Container):
         except ValueError as err:  # e.g. a 4D layer whose channel axis is not first
             text = "(no image)" if self.image.value is None else str(err)
         self.spacing_info.value = text
+        kind = self.session.image.ndim if self.session.image is not None else 3
+        if self.train_steps.value in (DEFAULT_STEPS, DEFAULT_STEPS_2D):  # not the user's own
+            self.train_steps.value = default_steps(kind)  # training's default for this kind
 
     # --- model ----------------------------------------------------------------------------------
 

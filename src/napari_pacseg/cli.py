@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .checks import one_line, printable, short_repr
 from .classes import DEFAULT_THRESHOLD
-from .training import DEFAULT_STEPS
+from .training import DEFAULT_STEPS, DEFAULT_STEPS_2D
 
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
 
@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "gradient_magnitude laplacian hessian_eigenvalues; for 2D images: gaussian)")  # fmt: skip
     tr.add_argument("--hidden", type=_positive_int, nargs="+", help="MLP widths (default 64 64)")
     tr.add_argument(
-        "--steps", type=_positive_int, help=f"optimisation steps (default {DEFAULT_STEPS})"
+        "--steps",
+        type=_positive_int,
+        help=f"optimisation steps (default {DEFAULT_STEPS}; {DEFAULT_STEPS_2D} for 2D images)",
     )
     tr.add_argument("--context", action="store_true",
                     help="also train a context encoder/decoder (learns each voxel's "

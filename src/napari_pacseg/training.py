@@ -23,6 +23,12 @@ from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
 DEFAULT_STEPS = 400
+# A 2D model's default steps: fewer, as early stopping. Mean Dice over the 16 2D images of
+# benchmarks/bench_quality.py --2d (Gaussian features, refined), by steps: 50: 0.926 clean /
+# 0.821 degraded; 100: 0.921 / 0.831; 150: 0.917 / 0.809; 200: 0.913 / 0.832; 400: 0.898 /
+# 0.822 (and 0.074 s of training instead of 0.26 s). In 3D, 100 steps measured worse (0.880
+# vs 0.932 refined over the four clean volumes).
+DEFAULT_STEPS_2D = 100
 TRAIN_TILE = (32, 128, 128)
 # Std of the Gaussian noise added to the standardised features at every step. Scribbles are
 # few and clustered, so without it the head fits them with huge logits and draws the boundary
@@ -32,9 +38,15 @@ INPUT_NOISE = 1.0
 # The feature kinds of a 2D model when none are given: Gaussians only. From one plane's
 # scribbles, the derivative features (gradient, Laplacian, Hessian) let the head learn "the
 # centre of the one painted object" and miss dimmer ones: mean Dice over the 2D images of
-# benchmarks/bench_quality.py --2d 0.693 -> 0.895 (clean, unrefined; seed 3's plane 0.356 ->
+# benchmarks/bench_quality.py --2d 0.693 -> 0.895 (clean, unrefined, 400 steps; seed 3's plane 0.356 ->
 # 0.849). In 3D, where strokes span planes, all kinds measure better (0.932 vs 0.919 refined).
 DEFAULT_KINDS_2D = ("gaussian",)
+
+
+def default_steps(ndim: int) -> int:
+    """The optimisation steps ``train`` makes when none are given: ``DEFAULT_STEPS`` for
+    volumes, ``DEFAULT_STEPS_2D`` for 2D images."""
+    return DEFAULT_STEPS if ndim == 3 else DEFAULT_STEPS_2D
 
 
 def default_features(ndim: int, sigmas=None) -> FeatureSpec:
@@ -86,8 +98,8 @@ def train(
         encoder/decoder (conv + ReLU, max pooling with indices, ``max_unpool3d`` back up, skip
         additions) jointly with the head, on crops around the scribbles
         (``context_training``; ``CONTEXT_STEPS`` more steps); None: features only.
-    steps : optimisation steps of the head (default 400): full-batch Adam on at most 20000
-        voxels per class, class-balanced cross entropy. Deterministic for a given ``seed`` on
+    steps : optimisation steps of the head (default ``default_steps``: 400 for volumes, 100 for
+        2D images): full-batch Adam on at most 20000 voxels per class, class-balanced cross entropy. Deterministic for a given ``seed`` on
         one device.
     progress, should_cancel : as in ``segment`` (``progress(step, steps)``).
     """
@@ -116,7 +128,7 @@ def train(
     spec = features or default_features(ndim)
     if not isinstance(spec, FeatureSpec):
         raise TypeError(f"train: features must be a FeatureSpec, got {type(spec).__name__}")
-    steps = DEFAULT_STEPS if steps is None else check_int(steps, "train: steps", 1, 100_000)
+    steps = default_steps(ndim) if steps is None else check_int(steps, "train: steps", 1, 100_000)
     hidden = check_ints(hidden, None, "train: hidden (MLP widths)", 1, 1024)
     if class_names is not None and (
         isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__")

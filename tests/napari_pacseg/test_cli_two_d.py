@@ -51,6 +51,9 @@ def test_reading_2d_files(pictures):
     assert movie.data.shape == (3, 1, 64, 72) and movie.shape == (3, 64, 72)
     with pytest.raises(VolumeError, match="pass --frames"):
         read_picture(pictures / "movie.tif")
+    iio.imwrite(pictures / "cells.jpg", iio.imread(pictures / "cells.png"), quality=95)
+    jpeg = read_picture(pictures / "cells.jpg")
+    assert jpeg.kind == "jpeg" and jpeg.data.shape == (1, 64, 72) and jpeg.data.dtype == np.uint8
     assert is_2d_file(pictures / "cells.png") and is_2d_file(pictures / "plain.npy")
     assert not is_2d_file(pictures / "movie.tif")
 

@@ -50,6 +50,7 @@ def test_the_2d_sample_trains_a_2d_model_runs_and_previews(viewer_widget, qtbot,
     assert widget.scribbles.value.name == "nuclei 2D scribbles"
     assert not widget.axis0.visible
     assert widget.spacing_info.value.startswith("2D image: 0.4, 0.4 (y, x")
+    assert widget.train_steps.value == 100  # a 2D model's default steps
     model = _train(widget, qtbot)
     assert model.config.ndim == 2 and [c.name for c in model.config.classes] == [
         "background",
