@@ -36,7 +36,7 @@ from .session import (
     live_description,
     save_measurements,
 )  # fmt: skip
-from .training import DEFAULT_STEPS, DEFAULT_STEPS_2D, default_steps
+from .training import DEFAULT_STEPS, default_steps
 
 if TYPE_CHECKING:
     import napari
@@ -60,6 +60,7 @@ class PacSegWidget(mw.Container):
         self.viewer = napari_viewer
         self.session = Session()
         self._syncing = False
+        self._auto_steps = DEFAULT_STEPS  # the steps the widget itself last put in the box
         self._build()
         self.tasks = TaskRunner(self.session, self._say, self._error, self._set_running)
         self.live_runner = LiveRunner(
@@ -281,8 +282,8 @@ class PacSegWidget(mw.Container):
             text = "(no image)" if self.image.value is None else str(err)
         self.spacing_info.value = text
         kind = self.session.image.ndim if self.session.image is not None else 3
-        if self.train_steps.value in (DEFAULT_STEPS, DEFAULT_STEPS_2D):  # not the user's own
-            self.train_steps.value = default_steps(kind)  # training's default for this kind
+        if self.train_steps.value == self._auto_steps:  # still the widget's: not the user's own
+            self.train_steps.value = self._auto_steps = default_steps(kind)
 
     # --- model ----------------------------------------------------------------------------------
 

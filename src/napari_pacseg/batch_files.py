@@ -142,7 +142,7 @@ class Skip(str):
     """An entry's "problem" that is no problem: the reason it is skipped (not an input)."""
 
 
-def expand_inputs(inputs) -> list[tuple[Path, str]]:
+def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
     """Files, zarr folders, plain folders (their volumes, not recursive, skipping hidden names)
     and glob patterns -> ``[(path, problem)]`` in order, without repeats; ``problem`` is "", why
     the entry cannot be segmented, or a ``Skip`` saying why it is not an input.
@@ -150,12 +150,13 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
     A pacseg output is not an input: one that a record lists, or one named as an output of
     another volume given (``x_labels.npy`` beside ``x.npy``), so a run whose output folder is
     its input folder resumes cleanly. Found by a folder or a pattern, it is left out; named
-    explicitly (a shell-expanded ``*.npy``), it is reported as skipped."""
+    explicitly (a shell-expanded ``*.npy``), it is reported as skipped. PNG and JPEG files
+    are found by folders and patterns only with ``pictures`` (a 2D model's run)."""
     entries: list[tuple[Path, str, bool]] = []  # (path, problem, named explicitly)
     for item in inputs:
         path = Path(item)
         if not _exists(path) and GLOB_CHARS & set(str(item)):
-            found = _volumes([Path(m) for m in sorted(glob.glob(str(item)))])
+            found = _volumes([Path(m) for m in sorted(glob.glob(str(item)))], pictures)
             entries += found or [(path, "the pattern matches no volume", True)]
         elif path.is_symlink() and not _exists(path):
             entries.append((path, "a broken symbolic link (or a link loop)", True))
@@ -165,7 +166,7 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
             except OSError as err:
                 entries.append((path, f"cannot list the folder ({err.strerror or err})", True))
                 continue
-            found = _volumes([c for c in children if not c.name.startswith(".")])
+            found = _volumes([c for c in children if not c.name.startswith(".")], pictures)
             entries += found or [
                 (path, "the folder holds no TIFF, NPY, PNG, JPEG or zarr input", True)
             ]
@@ -195,16 +196,21 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
     return unique
 
 
-def _volumes(paths) -> list[tuple[Path, str, bool]]:
-    """Entries for the volumes among ``paths`` (a folder's contents, a pattern's matches);
-    broken links with a volume's name are entries that say so."""
+def _volumes(paths, pictures: bool = True) -> list[tuple[Path, str, bool]]:
+    """Entries for the volumes among ``paths`` (a folder's contents, a pattern's matches), and
+    the PNG / JPEG images with ``pictures``; broken links with a volume's name are entries that
+    say so."""
     found = []
     for p in paths:
         try:
             if p.is_symlink() and not _exists(p):
                 if p.suffix.lower() in (*TIFF_SUFFIXES, *NPY_SUFFIXES, *PICTURE_SUFFIXES, ".zarr"):
                     found.append((p, "a broken symbolic link (or a link loop)", False))
-            elif _exists(p) and volume_kind(p):
+            elif (
+                _exists(p)
+                and volume_kind(p)
+                and (pictures or p.suffix.lower() not in PICTURE_SUFFIXES)
+            ):
                 found.append((p, "", False))
         except OSError:  # unreadable
             continue
@@ -290,7 +296,10 @@ def iter_segment_files(
         chunks = check_ints(chunks, 3, "chunks", 1, 1 << 20)
     if channel_axis is not None:
         channel_axis = check_int(channel_axis, "channel_axis", -8, 7)
-    entries = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+    # a folder's PNG and JPEG files are inputs of a 2D model only (thumbnails beside volumes)
+    entries = expand_inputs(
+        [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs, model.config.ndim == 2
+    )
     outdir = Path(outdir)
     if outdir.is_symlink() and not _exists(outdir):
         raise ValueError(f"output folder {outdir} is a broken symbolic link; give a folder")

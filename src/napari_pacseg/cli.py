@@ -404,7 +404,7 @@ def _cmd_segment(args) -> int:
 
 def _cmd_train(args) -> int:
     from .features import FeatureSpec
-    from .image_io import is_2d_file, read_picture
+    from .image_io import is_2d_file, picture_kind, read_picture
     from .model_io import save_model
     from .training import default_features, train
     from .volume_io import VolumeError, check_not_input, read_volume
@@ -437,6 +437,11 @@ def _cmd_train(args) -> int:
             flat = args.frames or is_2d_file(path, args.channel_axis)
             kinds.append(flat)
             if flat:
+                if picture_kind(scribbles) == "jpeg":
+                    raise VolumeError(
+                        f"{scribbles}: JPEG scribbles are refused: its lossy compression changes "
+                        "label values at the strokes' edges; save them as PNG or TIFF"
+                    )
                 image = read_picture(path, args.channel_axis, args.frames)
                 mark = read_picture(scribbles, None, args.frames).data
                 if mark.shape[-3] != 1:

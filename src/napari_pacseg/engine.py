@@ -343,7 +343,7 @@ def prepare(
     """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
     model = as_model(model)
     vol, flat = as_image(image, channel_axis, ndim=model.config.ndim)
-    check_channels(vol.shape, model, channel_axis)
+    check_channels((vol.shape[0], *vol.shape[2:]) if flat else vol.shape, model, channel_axis)
     if flat and spacing is not None:
         spacing = check_spacing(spacing, None, 2)  # a 2D image takes (y, x)
     settings = settle(model, spacing, refine)
@@ -369,7 +369,8 @@ def prepare(
 
 
 def check_channels(shape, model: PacSegModel, channel_axis) -> None:
-    """``ValueError`` when a ``(C, D, H, W)`` image's C is not the model's channel count."""
+    """``ValueError`` when a ``(C, D, H, W)`` (or 2D ``(C, H, W)``) image's C is not the model's
+    channel count."""
     if shape[0] != model.config.in_channels:
         raise ValueError(
             f"the image has {shape[0]} channel(s) (shape {tuple(shape)}) but the model expects "

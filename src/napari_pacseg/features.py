@@ -101,10 +101,14 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
     r = kernel.numel() // 2
     n = t.shape[2 + axis]
     start, stop = keep
-    if n == 1:  # one plane (a 2D image): replicated, every tap reads it
+    if n == 1:  # one plane (a 2D image): replicated, every tap reads it; the same sum in the
+        weights = kernel.tolist()  # same order as below, on the plane alone, then repeated
+        out = torch.mul(t, weights[0])
+        for w in weights[1:]:
+            out.add_(t, alpha=w)
         size = list(t.shape)
         size[2 + axis] = stop - start
-        return torch.mul(t.expand(size), float(kernel.sum()))
+        return out.expand(size).contiguous()
     before, after = max(0, r - start), max(0, stop + r - n)
     if before or after:
         pad = [0, 0, 0, 0, 0, 0]

@@ -106,10 +106,11 @@ def _roles(axes: str, shape, channel_axis, frames: bool, path) -> dict[str, int 
     want = 1 if frames else 0
     if len(rest) != want or names.count("c") > 1:
         what = "a stack of 2D frames (T, H, W)" if frames else "a 2D image (H, W)"
-        hint = "" if frames else "; pass --frames for a stack of 2D frames (a time-lapse)"
+        hint = "" if frames else ", --frames for a stack of 2D frames (a time-lapse)"
         raise VolumeError(
-            f"{path}: expected {what}, with a channel axis if it has one, got shape "
-            f"{tuple(shape)} (axes {''.join(names)!r}){hint}"
+            f"{path}: a 2D model segments {what}, with a channel axis if it has one; got shape "
+            f"{tuple(shape)} (axes {''.join(names)!r}): pass --channel-axis N for channels "
+            f"(-1 for an RGB NPY){hint}, or segment volumes with a volume model"
         )
     return {
         "y": names.index("y"),
@@ -141,8 +142,10 @@ def read_picture(path, channel_axis: int | None = None, frames: bool = False) ->
 
 
 def is_2d_file(path, channel_axis: int | None = None) -> bool:
-    """True when ``path`` holds a 2D image rather than a volume: a PNG or JPEG, or a TIFF or NPY
-    whose axes besides channels and length-1 ones are only y and x."""
+    """True when ``path`` holds a 2D image rather than a volume: a PNG or JPEG, a TIFF with no
+    z or time axis (besides y, x and channels; length-1 axes of unknown kind are ignored), or
+    an NPY of 2 dimensions (3 with ``channel_axis``). A one-plane volume (a TIFF's z of 1, an
+    NPY ``(1, H, W)``) is a volume, as it is for ``train``."""
     path = Path(path)
     if picture_kind(path) is not None:
         return True
@@ -150,6 +153,13 @@ def is_2d_file(path, channel_axis: int | None = None) -> bool:
         return False
     try:
         shape, axes, *_ = _raw(path, load=False)
+        if not axes:  # an NPY: its dimensions say it
+            return len(shape) == 2 + (channel_axis is not None)
+        names = list(axes)
+        if channel_axis is not None and -len(names) <= channel_axis < len(names):
+            names[channel_axis] = "c"
+        if any(n in "zt" for n in names):
+            return False
         _roles(axes, shape, channel_axis, False, path)
     except VolumeError:
         return False

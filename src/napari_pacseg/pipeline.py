@@ -177,11 +177,15 @@ def segment(
     ids = objects = None
     if inst is not None:
         t0 = time.perf_counter()
-        spacing = plan.settings.spacing[1:] if plan.flat else plan.settings.spacing
-        ids = instance_labels(labels, spacing, inst, should_cancel=should_cancel)
+        plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
+        flat_labels = labels if plan.flat or not plane else labels[0]
+        spacing = plan.settings.spacing[1:] if plane else plan.settings.spacing
+        ids = instance_labels(flat_labels, spacing, inst, should_cancel=should_cancel)
         names = [c.name for c in model.config.classes]
-        vol = plan.vol[:, 0] if plan.flat else plan.vol
-        objects = as_table(object_table(ids, labels, vol, spacing, names))
+        vol = plan.vol[:, 0] if plane else plan.vol
+        objects = as_table(object_table(ids, flat_labels, vol, spacing, names))
+        if plane and not plan.flat:
+            ids = ids[None]
         timings["instances"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return Segmentation(labels, matte, probs, timings, ids, objects)

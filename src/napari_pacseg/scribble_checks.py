@@ -49,11 +49,13 @@ def intensity_warnings(
     images: Sequence[np.ndarray], scribbles: Sequence[np.ndarray], names: Sequence[str]
 ) -> list[str]:
     """One sentence per class whose scribbled voxels, over all images, span less than
-    ``NARROW`` of the images' intensity range (1st to 99.8th percentile of the first channel)
-    in every channel: a class taught from one shade only is extrapolated to every other shade
-    of it. ``images`` are channel first ``(C, ...)`` with the scribbles' spatial shape."""
+    ``NARROW`` of the images' intensity range (1st to 99.8th percentile, per channel) in every
+    channel: a class taught from one shade only is extrapolated to every other shade of it. A
+    class whose shade is the image's darkest or brightest (within ``NARROW`` of either end of
+    the range: a black background, saturated objects) has no other shades to miss and is not
+    warned about. ``images`` are channel first ``(C, ...)`` with the scribbles' spatial shape."""
     spans: dict[int, list[float]] = {}
-    ranges = []
+    ranges, lows = [], []
     for image, marks in zip(images, scribbles):
         image = np.asarray(image)
         marks = np.asarray(marks)
@@ -61,21 +63,25 @@ def intensity_warnings(
         grid = (slice(None), *(slice(None, None, step),) * marks.ndim)
         lo, hi = np.percentile(image[grid].reshape(image.shape[0], -1), [1, 99.8], axis=1)
         ranges.append(hi - lo)
+        lows.append(lo)
         for value in np.unique(marks[marks > 0]).tolist():
             vals = image[:, marks == value].astype(np.float64)
             spans.setdefault(int(value), []).append(vals)
     whole = np.max(ranges, axis=0)
     if not np.any(whole > 0):  # a flat image: no shades to miss
         return []
+    low, high = np.min(lows, axis=0), np.min(lows, axis=0) + whole
     whole = np.where(whole > 0, whole, np.inf)
     out = []
     for value, parts in sorted(spans.items()):
         vals = np.concatenate(parts, axis=1)
         if vals.shape[1] < MIN_VOXELS or value > len(names):
             continue
-        p1, p99 = np.percentile(vals, [1, 99], axis=1)
+        p1, middle, p99 = np.percentile(vals, [1, 50, 99], axis=1)
         widest = float(np.max((p99 - p1) / whole))
-        if widest < NARROW:
+        margin = NARROW * whole
+        at_an_end = np.all((middle <= low + margin) | (middle >= high - margin))
+        if widest < NARROW and not at_an_end:
             out.append(
                 f"the {names[value - 1]} scribbles cover {100 * widest:.1f}% of the image's "
                 "intensity range: paint the class also where it looks different (brighter or "

@@ -99,6 +99,20 @@ class ImageInput:
         return self.data[t], (None if ca is None else (ca - 1 if ca > 0 else ca))
 
 
+def check_kind(inp: ImageInput, model: PacSegModel) -> None:
+    """``ValueError`` when the model is of the other kind (2D / 3D) than the image, saying what
+    to do in the widget."""
+    if model.config.ndim == inp.ndim:
+        return
+    if inp.ndim == 2:
+        what = "train a 2D model on it, or load one"
+    else:
+        what = "train a volume model on it or load one, or, for a time-lapse, set Axis 0 is: time / frames"
+    raise ValueError(
+        f"the model is a {model.config.ndim}D model and {inp.name!r} is a {inp.kind}: {what}"
+    )
+
+
 def default_axis0(layer) -> str:
     """What axis 0 of a 3D layer is by its axis labels: "frames" for t/time/frame, "channels"
     for c/channel, else "z"."""
@@ -279,13 +293,14 @@ class TrainingPair:
 class Training:
     """``train`` from copies of the scribbles of one image or several: call it (in any thread)
     for the model; ``source`` says where it came from, ``warnings`` what looks amiss in the
-    scribbles (``scribble_checks.coverage_warnings``)."""
+    scribbles: ``scribble_checks.coverage_warnings`` when made, then the call adds
+    ``intensity_warnings`` (it reads the images, so it runs in the call's thread)."""
 
     images: list[ImageInput]
     scribbles: list[np.ndarray]
     kwargs: dict
     source: str
-    warnings: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def image(self) -> ImageInput:
@@ -295,18 +310,15 @@ class Training:
         self, progress: Progress | None = None, should_cancel: Cancel | None = None
     ) -> PacSegModel:
         images, marks, spacings = training_arrays(self.images, self.scribbles)
+        names = self.kwargs.get("class_names") or []
+        self.warnings.extend(w for w in intensity_warnings(images, marks, names)
+                             if w not in self.warnings)  # fmt: skip
         one = len(images) == 1
         return train(
             images[0] if one else images, marks[0] if one else marks,
             spacing=spacings[0] if one else spacings, channel_axis=0,
             progress=progress, should_cancel=should_cancel, **self.kwargs,
         )  # fmt: skip
-
-
-def _channels_first(inp: ImageInput) -> np.ndarray:
-    """The image's data ``(C, ...)`` with the results' spatial shape."""
-    arr = np.asarray(inp.data)
-    return arr[None] if inp.channel_axis is None else np.moveaxis(arr, inp.channel_axis, 0)
 
 
 def training_arrays(images: list[ImageInput], scribbles: list[np.ndarray]):
@@ -526,7 +538,9 @@ class Session:
 
     def full_run(self, params: RunParams) -> FullRun:
         """The work of a full run of the current image and model."""
-        return FullRun(self.require_image(), self.require_model(), params)
+        inp, model = self.require_image(), self.require_model()
+        check_kind(inp, model)
+        return FullRun(inp, model, params)
 
     def full_run_written(self) -> None:
         """A full run replaced the output layers: the next live request recomputes."""
@@ -604,8 +618,7 @@ class Session:
             source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"
         else:
             source = f"trained from {len(pairs)} images: " + ", ".join(p.label for p in pairs)
-        firsts = [_channels_first(p.image) for p in pairs]
-        warned = tuple(coverage_warnings(marks, names) + intensity_warnings(firsts, marks, names))
+        warned = coverage_warnings(marks, names)
         return Training([p.image for p in pairs], marks, kwargs, source, warned)
 
     # --- live preview -----------------------------------------------------------------------------
@@ -622,12 +635,7 @@ class Session:
         box = tuple((int(a), int(b)) for a, b in box)
         if len(box) != len(inp.shape):
             raise ValueError(f"a live box of {inp.name!r} needs {len(inp.shape)} ranges, got {box}")
-        if model.config.ndim != inp.ndim:
-            need = "a 2D model" if inp.ndim == 2 else "a volume model"
-            raise ValueError(
-                f"the model is a {model.config.ndim}D model and {inp.name!r} is a {inp.kind}: it "
-                f"needs {need} (train one on it, or load one)"
-            )
+        check_kind(inp, model)
         frame = box[0][0] if inp.frame_axis is not None else None  # a time-lapse: one frame
         seg_key = (id(inp.layer), id(inp.data), id(model), inp.scale, inp.channel_axis,
                    params.device, frame)  # fmt: skip

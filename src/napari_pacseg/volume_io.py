@@ -672,9 +672,7 @@ def write_tiff(path, array, spacing=None, overwrite: bool = False, axes: str | N
     if spacing is not None:
         *z, y, x = (float(s) for s in spacing)
         kwargs["resolution"] = (1.0 / x, 1.0 / y)
-        kwargs["metadata"].update(unit="um")
-        if z:
-            kwargs["metadata"].update(spacing=z[0])
+        kwargs["metadata"].update(**({"spacing": z[0]} if z else {}), unit="um")
     with atomic_output(path, overwrite) as tmp:
         tifffile.imwrite(tmp, np.ascontiguousarray(array), **kwargs)
         _fsync(tmp)

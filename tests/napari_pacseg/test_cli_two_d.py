@@ -49,7 +49,7 @@ def test_reading_2d_files(pictures):
     assert flat.spacing == pytest.approx((0.25, 0.25)) and flat.data.shape == (1, 64, 72)
     movie = read_picture(pictures / "movie.tif", frames=True)
     assert movie.data.shape == (3, 1, 64, 72) and movie.shape == (3, 64, 72)
-    with pytest.raises(VolumeError, match="pass --frames"):
+    with pytest.raises(VolumeError, match="--frames for a stack of 2D frames"):
         read_picture(pictures / "movie.tif")
     iio.imwrite(pictures / "cells.jpg", iio.imread(pictures / "cells.png"), quality=95)
     jpeg = read_picture(pictures / "cells.jpg")
@@ -95,7 +95,7 @@ def test_frames(pictures, capsys):
     # without --frames the stack is not a 2D image: a failed input that says what to pass
     capsys.readouterr()
     assert main(["segment", str(model_path), str(pictures / "movie.tif"), "-o", str(pictures / "o2")]) == 1  # fmt: skip
-    assert "pass --frames" in capsys.readouterr().err
+    assert "--frames for a stack of 2D frames" in capsys.readouterr().err
 
 
 def test_2d_and_3d_mismatches_are_said(pictures, capsys):
@@ -108,3 +108,19 @@ def test_2d_and_3d_mismatches_are_said(pictures, capsys):
     rgb_marks = pictures / "rgb.png"
     assert main(["train", str(pictures / "cells.png"), str(rgb_marks), "-o", str(pictures / "x.safetensors")]) == 1  # fmt: skip
     assert "one channel of integer labels" in capsys.readouterr().err
+    iio.imwrite(pictures / "marks.jpg", iio.imread(pictures / "cells_scribbles.png"))
+    assert main(["train", str(pictures / "cells.png"), str(pictures / "marks.jpg"), "-o", str(pictures / "y.safetensors")]) == 1  # fmt: skip
+    assert "JPEG scribbles are refused" in capsys.readouterr().err
+    # a folder of volumes with a thumbnail beside them: a volume model leaves the PNG alone
+    folder = pictures / "vols"
+    folder.mkdir()
+    np.save(folder / "vol.npy", np.zeros((4, 32, 32), np.uint16))
+    iio.imwrite(folder / "thumbnail.png", np.zeros((8, 8), np.uint8))
+    assert main(["segment", str(DEMO_MODEL_FILE), str(folder), "-o", str(pictures / "ov"), "-q"]) == 0  # fmt: skip
+    assert not (pictures / "ov" / "thumbnail_labels.tif").exists()
+    # a one-plane volume (an NPY (1, H, W)) trains a volume model, as train() does
+    np.save(pictures / "one.npy", iio.imread(pictures / "cells.png")[None])
+    np.save(pictures / "one_marks.npy", iio.imread(pictures / "cells_scribbles.png")[None])
+    assert not is_2d_file(pictures / "one.npy")
+    assert main(["train", str(pictures / "one.npy"), str(pictures / "one_marks.npy"), "-o", str(pictures / "v.safetensors"), "-q", "--steps", "20"]) == 0  # fmt: skip
+    assert load_model(pictures / "v.safetensors").config.ndim == 3

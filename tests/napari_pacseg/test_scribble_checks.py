@@ -44,3 +44,6 @@ def test_a_class_painted_in_one_shade_is_warned_about():
     # a flat image: every class's range is the whole (zero) range, nothing to say
     flat = np.zeros_like(image)
     assert intensity_warnings([flat], [sample.scribbles], ["background", "nucleus"]) == []
+    # a black background painted where it is black: no other shade to miss
+    dark = np.where(sample.truth, sample.image, 0)[None]
+    assert intensity_warnings([dark], [sample.scribbles], ["background", "nucleus"]) == []

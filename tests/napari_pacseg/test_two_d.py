@@ -77,9 +77,12 @@ def test_2d_equals_the_same_model_on_a_one_plane_volume(model2d):
     vol = segment(image[None], as3d, spacing=model2d.config.spacing, return_probabilities=True)
     np.testing.assert_array_equal(flat.labels, vol.labels[0])
     np.testing.assert_allclose(flat.probabilities, vol.probabilities[:, 0], atol=1e-5)
-    # and a one-plane volume given to the 2D model is the 2D image
-    same = segment(image[None], model2d, spacing=(9.0, 0.5, 0.5))
+    # and a one-plane volume given to the 2D model is the 2D image, its objects 2D objects
+    same = segment(image[None], model2d, spacing=(9.0, 0.5, 0.5), instances=True)
     np.testing.assert_array_equal(same.labels[0], flat.labels)
+    objects2d = segment(image, model2d, instances=True)
+    np.testing.assert_array_equal(same.instances[0], objects2d.instances)
+    assert "area" in same.objects and "volume" not in same.objects
 
 
 def test_2d_tiling_does_not_change_the_result(model2d):

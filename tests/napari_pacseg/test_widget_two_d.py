@@ -122,6 +122,20 @@ def test_a_time_lapse_layer_is_segmented_frame_by_frame(viewer_widget, qtbot, er
     assert errors and "2D model" in errors[-1]
 
 
+def test_the_steps_follow_the_kind_unless_the_user_set_them(viewer_widget):
+    viewer, widget = viewer_widget
+    flat = viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
+    volume = viewer.add_image(np.zeros((4, 32, 32), np.float32), name="vol")
+    widget.image.value = flat
+    assert widget.train_steps.value == 100
+    widget.image.value = volume
+    assert widget.train_steps.value == 400
+    widget.train_steps.value = 100  # the user's own choice for a volume
+    widget.image.value = flat
+    widget.image.value = volume
+    assert widget.train_steps.value == 100
+
+
 def test_an_rgb_layer(viewer_widget, qtbot, errors):
     viewer, widget = viewer_widget
     sample = load_sample_2d()
