@@ -41,11 +41,14 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
 import make_sample
-from bench_quality import DEMO_FEATURES, NOISE_LEVELS, degrade, otsu_threshold
+from bench_quality import NOISE_LEVELS, degrade, otsu_threshold
 
 import common
 from napari_pacseg import InstanceConfig, segment, train
 from napari_pacseg.sample import load_sample
+from napari_pacseg.training import default_features
+
+DEMO_FEATURES = default_features(3, make_sample.DEMO_SIGMAS)  # the demo model's bank
 
 OURS, CLASSIC, TUNED, APOC = "ours", "classic", "classic, tuned", "APOC ObjectSegmenter"
 IOU = 0.5

@@ -125,6 +125,22 @@ def adaptive_threads():
                 torch.set_num_threads(_restore)
 
 
+def readapt() -> int:
+    """Inside an ``adaptive_threads()`` block, set torch's thread count again for the load
+    now (lowered when another process took a core since the block began, back up to the
+    block's starting count when it left); returns the count. Long runs call it between their
+    units of work (``napari_pacseg``'s tiles): a count chosen once at the start goes stale when
+    the load changes during a run, or was measured over a window that was mostly quiet
+    (measured: one spinning process started 0.5 s before a 256^3 ``segment()`` made it 1.7x
+    slower than with the count chosen for that load). Outside a block it changes nothing."""
+    with _lock:
+        if _depth > 0 and _enabled:
+            threads = threads_for_load(_restore, current_load())
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        return torch.get_num_threads()
+
+
 def on_cpu(*tensors) -> contextlib.AbstractContextManager:
     """``adaptive_threads()`` when any of ``tensors`` lives on the CPU, else a no-op."""
     if any(t is not None and t.device.type == "cpu" for t in tensors):

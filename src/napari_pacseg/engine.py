@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pacseg_kernels import pac_crf3d
+from pacseg_kernels.threads import readapt
 
 from .checks import as_image, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
@@ -584,6 +585,8 @@ class TileRunner:
             box = pending.pop(0)
             if self.should_cancel is not None and self.should_cancel():
                 raise SegmentationCancelled("segmentation cancelled; no result was produced")
+            if self.device.type == "cpu":
+                readapt()  # the load may have changed since the run began
             try:
                 work(box, self.device, self.model_on(self.device))
             except torch.cuda.OutOfMemoryError:

@@ -140,3 +140,15 @@ def test_a_spinning_process_is_seen(monkeypatch):
         spinner.kill()
         spinner.wait()
     assert load is not None and load >= 0.5
+
+
+def test_readapt_follows_a_load_that_changes_during_a_block(monkeypatch):
+    before = torch.get_num_threads()
+    assert threads.readapt() == before  # outside a block: nothing changes
+    load_of(monkeypatch, 0.0)
+    with threads.adaptive_threads() as n:
+        load_of(monkeypatch, float(CORES))  # another process took the cores
+        assert threads.readapt() == 1 and torch.get_num_threads() == 1
+        load_of(monkeypatch, 0.0)  # and left: back to the block's starting count, no higher
+        assert threads.readapt() == n
+    assert torch.get_num_threads() == before

@@ -1,5 +1,7 @@
 """segment() and train(): tiling invariance, cancellation, progress, input checks."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,20 @@ def test_default_refinement_tiles_keep_their_weights(shape, spacing):
     unary, guide = torch.empty(1, 2, *ext), torch.empty(1, 1, *ext)
     plan = crf_torch.wavefront_plan(unary, guide, refine.iterations, kernel, (1, 1, 1))
     assert plan is not None
+
+
+def test_segment_follows_a_load_that_changes_during_the_run(trained, monkeypatch):
+    """Between tiles, segment() sets torch's thread count again for the load now."""
+    from pacseg_kernels import threads
+
+    image, _, _, model = trained
+    before = torch.get_num_threads()
+    if before < 2:
+        pytest.skip("torch runs one thread here: there is no count to lower")
+    loads = iter([0.0] + [float(os.cpu_count() or 1)] * 1000)  # busy from the second reading
+    monkeypatch.setattr(threads, "current_load", lambda: next(loads))
+    monkeypatch.setattr(threads, "_enabled", True)
+    seen = []
+    segment(image, model, tile_shape=(8, 20, 20), progress=lambda d, t: seen.append(torch.get_num_threads()))  # fmt: skip
+    assert seen[-1] == 1
+    assert torch.get_num_threads() == before
