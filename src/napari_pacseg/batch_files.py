@@ -563,22 +563,7 @@ class _FileRun:
         image = volume.load()
         seg = segment(image, self.model, spacing=spacing, channel_axis=0, progress=tiles,
                       instances=opts.instances or False, **opts.segment_kwargs())  # fmt: skip
-        volumes = {"labels": seg.labels, "matte": seg.matte}
-        if seg.instances is not None:
-            n = int(seg.instances.max())
-            volumes["instances"] = seg.instances.astype(np.uint16 if n <= 65535 else np.uint32)
-        for kind, array in volumes.items():
-            if volume.kind == "npy":
-                write_npy(paths[kind], array, overwrite=True)
-            else:
-                write_tiff(paths[kind], array, spacing, overwrite=True)
-        details = {"shape": list(image.shape), "dtype": str(image.dtype),
-                   "parameters": {"spacing": list(spacing), "spacing_source": source},
-                   "timings": seg.timings}  # fmt: skip
-        if seg.instances is not None:
-            write_bytes(paths["objects"], table_csv(seg.objects).encode("utf-8"))
-            details["objects"] = int(seg.instances.max())
-        return details
+        return _write_in_memory(paths, seg, image, volume.kind == "npy", spacing, source, None)
 
     def _segment_2d(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         """A 2D image (or, with ``frames``, a stack of 2D frames) by a 2D model, in memory."""
@@ -604,20 +589,27 @@ class _FileRun:
         axes = {"frame_axis": 0, "channel_axis": 1} if opts.frames else {"channel_axis": 0}
         seg = segment(picture.data, self.model, spacing=spacing, progress=tiles,
                       instances=opts.instances or False, **axes, **opts.segment_kwargs())  # fmt: skip
-        arrays = {"labels": seg.labels, "matte": seg.matte}
-        if seg.instances is not None:
-            n = int(seg.instances.max())
-            arrays["instances"] = seg.instances.astype(np.uint16 if n <= 65535 else np.uint32)
-        for kind, array in arrays.items():
-            if picture.kind == "npy":
-                write_npy(paths[kind], array, overwrite=True)
-            else:
-                write_tiff(paths[kind], array, spacing, overwrite=True,
-                           axes="TYX" if opts.frames else "YX")  # fmt: skip
-        details = {"shape": list(picture.data.shape), "dtype": str(picture.data.dtype),
-                   "parameters": {"spacing": list(spacing), "spacing_source": source},
-                   "timings": seg.timings}  # fmt: skip
-        if seg.instances is not None:
-            write_bytes(paths["objects"], table_csv(seg.objects).encode("utf-8"))
-            details["objects"] = int(seg.instances.max())
-        return details
+        return _write_in_memory(paths, seg, picture.data, picture.kind == "npy", spacing, source,
+                                "TYX" if opts.frames else "YX")  # fmt: skip
+
+
+def _write_in_memory(paths, seg, image, npy: bool, spacing, source, axes) -> dict:
+    """Write an in-memory run's outputs (labels, matte, object ids as uint16 or uint32, the
+    objects CSV): NPY for NPY inputs, else ImageJ TIFF with ``spacing`` (``axes``: None for
+    a volume's ZYX); the record's details of the run."""
+    arrays = {"labels": seg.labels, "matte": seg.matte}
+    if seg.instances is not None:
+        n = int(seg.instances.max())
+        arrays["instances"] = seg.instances.astype(np.uint16 if n <= 65535 else np.uint32)
+    for kind, array in arrays.items():
+        if npy:
+            write_npy(paths[kind], array, overwrite=True)
+        else:
+            write_tiff(paths[kind], array, spacing, overwrite=True, axes=axes)
+    details = {"shape": list(image.shape), "dtype": str(image.dtype),
+               "parameters": {"spacing": list(spacing), "spacing_source": source},
+               "timings": seg.timings}  # fmt: skip
+    if seg.instances is not None:
+        write_bytes(paths["objects"], table_csv(seg.objects).encode("utf-8"))
+        details["objects"] = int(seg.instances.max())
+    return details

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .volume_io import PICTURE_SUFFIXES, TIFF_SUFFIXES, VolumeError, read_tiff_raw
-
-_TIFF_AXES = {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t", "Q": "?", "I": "?"}
+from .volume_io import (
+    PICTURE_SUFFIXES,
+    TIFF_SUFFIXES,
+    VolumeError,
+    load_npy,
+    read_tiff_raw,
+    tiff_axis_names,
+)
 
 
 @dataclass
@@ -68,16 +73,10 @@ def _raw(path: Path, load: bool = True):
         return data, "yx" if data.ndim == 2 else "yxc", None, "", ""
     if path.suffix.lower() in TIFF_SUFFIXES:
         data, tiff_axes, spacing, source, problem = read_tiff_raw(path, load)
-        axes = "".join(_TIFF_AXES.get(a, "?") for a in tiff_axes)
+        axes = tiff_axis_names(tiff_axes)
         return data, axes, None if spacing is None else tuple(spacing[1:]), source, problem
     if path.suffix.lower() == ".npy":
-        try:
-            data = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise VolumeError(
-                f"{path}: not a readable .npy array of numbers (damaged, not an .npy file, or "
-                "holding Python objects, which are never loaded)"
-            ) from err
+        data = load_npy(path)
         return data if load else data.shape, "", None, "", ""
     raise VolumeError(f"{path}: unknown format; use PNG, JPEG, TIFF (.tif, .tiff) or NumPy (.npy)")
 

@@ -261,26 +261,37 @@ def read_volume(path, channel_axis: int | None = None) -> Volume:
 def read_npy(path, channel_axis: int | None = None) -> Volume:
     """An NPY file, memory-mapped (no axis metadata: 3D, or 4D with ``channel_axis``)."""
     path = Path(path)
+    data = load_npy(path)
+    return Volume(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
+
+
+def load_npy(path) -> np.ndarray:
+    """An NPY file's array, memory-mapped; never unpickled (``VolumeError`` otherwise)."""
     try:
-        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         # numpy's own message for object arrays suggests allow_pickle; we never unpickle.
         raise VolumeError(
             f"{path}: not a readable .npy array of numbers (damaged, not an .npy file, or "
             "holding Python objects, which are never loaded)"
         ) from err
-    return Volume(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
 
 
 def read_tiff(path, channel_axis: int | None = None) -> Volume:
     """The first series of a TIFF, with its axes and, from ImageJ or OME metadata, its spacing."""
     path = Path(path)
     data, tiff_axes, spacing, source, problem = read_tiff_raw(path)
-    axes = "".join(
-        {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}.get(a, "?") for a in tiff_axes
-    )
+    axes = tiff_axis_names(tiff_axes)
     layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
     return Volume(path, "tiff", data, layout, spacing, source, problem)
+
+
+TIFF_AXES = {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}  # others: "?"
+
+
+def tiff_axis_names(tiff_axes: str) -> str:
+    """tifffile's axis letters as ours: ``z y x``, ``c`` (channels, samples), ``t``, ``?``."""
+    return "".join(TIFF_AXES.get(a, "?") for a in tiff_axes)
 
 
 def read_tiff_raw(path, load: bool = True):

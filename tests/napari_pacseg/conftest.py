@@ -13,3 +13,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Error notifications the widget raised (captured instead of shown; the widget tests)."""
+    seen: list[str] = []
+    monkeypatch.setattr("napari_pacseg._widget.show_error", seen.append)
+    return seen

@@ -38,14 +38,6 @@ def sample():
 
 
 @pytest.fixture
-def errors(monkeypatch):
-    """Error notifications the widget raised (captured instead of shown)."""
-    seen: list[str] = []
-    monkeypatch.setattr("napari_pacseg._widget.show_error", seen.append)
-    return seen
-
-
-@pytest.fixture
 def docked(make_napari_viewer, sample, qtbot):
     """A viewer with the sample crop, the widget docked through the plugin (live off)."""
     viewer = make_napari_viewer(show=True)

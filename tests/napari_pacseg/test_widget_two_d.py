@@ -18,13 +18,6 @@ WINDOW = (slice(96, 224), slice(0, 128))  # holds scribbles of both classes in e
 
 
 @pytest.fixture
-def errors(monkeypatch):
-    seen: list[str] = []
-    monkeypatch.setattr("napari_pacseg._widget.show_error", seen.append)
-    return seen
-
-
-@pytest.fixture
 def viewer_widget(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
