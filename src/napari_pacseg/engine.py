@@ -36,6 +36,7 @@ from pacseg_kernels.threads import readapt
 from .checks import as_image, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
+from .local_fit import fit_radius, local_fit
 from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range, with_overrides
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
@@ -93,6 +94,8 @@ class Settings:
     without refinement. halo : voxels the logits of a voxel depend on beyond it (features,
     context net). reach : voxels the CRF carries messages. grid : the context net's pooling
     grid (tile origins are multiples of it). ndim : the model's kind (2: one-plane windows).
+    fit_sigma : the local intensity fit's Gaussian per axis (voxels), None without it;
+    fit_reach : voxels it reads beyond the CRF's reach.
     """
 
     spacing: tuple[float, float, float]
@@ -103,11 +106,22 @@ class Settings:
     reach: tuple[int, int, int]
     grid: int
     ndim: int = 3
+    fit_sigma: tuple[float, float, float] | None = None
+    fit_reach: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def read_reach(self) -> tuple[int, int, int]:
+        """Voxels of logits and image the refinement of a voxel reads beyond it: the CRF's
+        reach plus the local fit's."""
+        return tuple(r + f for r, f in zip(self.reach, self.fit_reach))
 
     @property
     def receptive_field(self) -> tuple[int, int, int]:
-        """``halo + reach`` per axis, rounded up to whole pooling cells (see ``receptive_field``)."""
-        return tuple(-(-(h + r) // self.grid) * self.grid for h, r in zip(self.halo, self.reach))
+        """``halo + read_reach`` per axis, rounded up to whole pooling cells (see
+        ``receptive_field``)."""
+        return tuple(
+            -(-(h + r) // self.grid) * self.grid for h, r in zip(self.halo, self.read_reach)
+        )
 
 
 def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
@@ -124,9 +138,12 @@ def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
         if params is None
         else tuple(params.iterations * (k // 2) * params.dilation for k in kernel)
     )
+    fit_sigma = params.fit_window(spacing, ndim) if params is not None else None
+    fit_reach = (0, 0, 0) if fit_sigma is None else fit_radius(fit_sigma)
     settings = Settings(
-        spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid, ndim
-    )
+        spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid, ndim,
+        fit_sigma, fit_reach,
+    )  # fmt: skip
     _check_refine_work(settings)
     return settings
 
@@ -166,7 +183,7 @@ def check_overlap(boxes, reach, shape, what: str = "tiles") -> None:
 
 def _check_overlap(plan: Plan) -> None:
     if plan.settings.refine is not None:
-        check_overlap(plan.refine_boxes(), plan.settings.reach, plan.shape)
+        check_overlap(plan.refine_boxes(), plan.settings.read_reach, plan.shape)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -231,8 +248,9 @@ class Plan:
         return split_box(whole(self.shape), self.tile or refine_tile(self.shape), 1)
 
     def refine_extent(self, box: Box) -> Box:
-        """``box`` grown by the CRF's reach (clipped to the volume): what ``refine`` reads."""
-        return extend_box(box, self.settings.reach, self.shape)[0]
+        """``box`` grown by the refinement's ``read_reach`` (clipped to the volume): what
+        ``refine`` reads."""
+        return extend_box(box, self.settings.read_reach, self.shape)[0]
 
     def with_reach(self, reach) -> Plan:
         """The same plan with the CRF run on boxes grown by ``reach`` only (a bounded preview;
@@ -241,11 +259,12 @@ class Plan:
         return dataclasses.replace(self, settings=settings)
 
     def refine_work(self, box: Box) -> int:
-        """Tap visits of the refinement of ``box``: voxels of its extent x iterations x taps."""
+        """Tap visits of the refinement of ``box``: voxels of the box grown by the CRF's reach x
+        iterations x taps (the local fit's few smoothings are not counted)."""
         s = self.settings
         if s.refine is None:
             return 0
-        voxels = math.prod(b - a for a, b in self.refine_extent(box))
+        voxels = math.prod(b - a for a, b in extend_box(box, s.reach, self.shape)[0])
         return voxels * s.refine.iterations * (math.prod(s.kernel) - 1)
 
 
@@ -517,10 +536,11 @@ def refine(
     plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict, progress=None
 ) -> np.ndarray:
     """Class probabilities ``(K, *box)`` float32 of one box: ``diffs`` (``(K - 1, ...)``, the
-    logit differences of ``plan.refine_extent(box)``) refined by ``pac_crf3d`` on that extent
-    when the plan refines. ``progress(done, total)``: ``pac_crf3d``'s (it may raise to stop)."""
+    logit differences of ``plan.refine_extent(box)``) divided by the temperature, plus the
+    local intensity fit (``local_fit``, computed over the box grown by the CRF's reach), then
+    refined by ``pac_crf3d`` on that region, when the plan refines. ``progress(done,
+    total)``: ``pac_crf3d``'s (it may raise to stop)."""
     ext = plan.refine_extent(box)
-    core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, ext))
     out = torch.zeros((1, diffs.shape[0] + 1, *diffs.shape[1:]), dtype=torch.float32, device=dev)
     out[0, 1:] = torch.from_numpy(diffs).to(dev)  # a strided view of the caller's buffer
     s = plan.settings
@@ -531,9 +551,20 @@ def refine(
             norm = apply_range(region(plan.vol, read, dev), plan.lo.to(dev), plan.hi.to(dev))
             guide = make_guide(norm, filt, [(c.start, c.stop) for c in within])
             del norm
+            out.div_(s.refine.temperature)
+            crf = extend_box(box, s.reach, plan.shape)[0]  # within ext: ext adds the fit's reach
+            inner = [(a - e, b - e) for (a, b), (e, _) in zip(crf, ext)]
+            cut = (slice(None), slice(None), *(slice(a, b) for a, b in inner))
+            if s.fit_sigma is not None:
+                fit = local_fit(
+                    out, guide * filt.guide_sigma, filt.residual_noise, s.fit_sigma, inner
+                )
+                out = out[cut].add_(fit, alpha=s.refine.fit_weight)
+            else:
+                out = out[cut]
             out = pac_crf3d(
-                out.div_(s.refine.temperature),
-                guide,
+                out,
+                guide[cut],
                 iterations=s.refine.iterations,
                 kernel_size=s.kernel,
                 dilation=s.refine.dilation,
@@ -541,6 +572,8 @@ def refine(
                 spatial_sigma=s.sigma,
                 progress=progress,
             )
+            ext = crf
+    core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
     p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
     if not np.isfinite(p).all():
         raise ValueError(

@@ -76,6 +76,11 @@ class GuideFilter:
     noise: tuple[float, ...]
 
     @property
+    def residual_noise(self) -> torch.Tensor:
+        """The noise left in the guide per channel, ``(C,)`` float32, normalised units."""
+        return torch.tensor(self.noise, dtype=torch.float32) * _residual_factor(self.sigmas)
+
+    @property
     def radius(self) -> tuple[int, int, int]:
         """Voxels of image beyond a box its guide depends on."""
         return tuple(kernel_radius(s) if s else 0 for s in self.sigmas)

@@ -123,12 +123,17 @@ class RefineConfig:
     The guide is the normalised image divided by ``guide_sigma`` (smaller: only voxels of very
     similar intensity pass messages). The head's logits are divided by ``temperature`` first: a
     head trained on a few scribbles is overconfident, and a larger temperature lets the image's
-    edges overrule it near boundaries, where it only extrapolates.
+    edges overrule it near boundaries, where it only extrapolates. ``fit_weight`` times the
+    local intensity fit (``local_fit``: each voxel against the local mean of each class in a
+    Gaussian window of ``fit_sigma`` voxels of the finest axis) is added to those logits first:
+    it judges a dim object against its own surroundings, which the head, trained on absolute
+    intensities, cannot under uneven light.
 
     Each field carries its ``Param`` (``refine_params_schema()``): label, help, range and step.
     Ranges (anything else is a ``ValueError``): iterations an int in [0, 50]; kernel_size an
     odd int in [1, 15]; dilation an int in [1, 8]; compat in [0, 100]; spatial_sigma None or
-    in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100]. Within them every step
+    in [0.1, 50]; guide_sigma in [0.01, 10]; temperature in [0.1, 100]; fit_weight in [0, 10];
+    fit_sigma in [0.5, 32]. Within them every step
     is finite in float32. ``segment`` further bounds the work of the window at a given spacing
     (``engine.settle``).
     """
@@ -149,6 +154,12 @@ class RefineConfig:
         0.1, "Guide sigma", "intensity similarity scale", 0.01, 10.0, step=0.01
     )
     temperature: float = _param(8.0, "Temperature", "logit temperature", 0.1, 100.0, step=0.5)
+    fit_weight: float = _param(
+        0.5, "Local fit", "weight of the local intensity fit (0: off)", 0.0, 10.0, step=0.1
+    )
+    fit_sigma: float = _param(
+        5.0, "Fit window", "local fit's window, voxels of the finest axis", 0.5, 32.0, step=0.5
+    )
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -173,6 +184,18 @@ class RefineConfig:
             else tuple(float(self.spatial_sigma) * finest / s for s in spacing)
         )
         return kernel, sigma
+
+    def fit_window(self, spacing, ndim: int = 3) -> tuple[float, float, float] | None:
+        """The local fit's Gaussian per axis (voxels) for a ``(z, y, x)`` spacing:
+        ``fit_sigma`` scaled by finest spacing / axis spacing (an axis below 0.3 voxels is
+        left unsmoothed; z for a 2D model); None when ``fit_weight`` is 0."""
+        if not self.fit_weight:
+            return None
+        finest = min(spacing[3 - ndim :])
+        sig = [float(self.fit_sigma) * finest / s for s in spacing]
+        if ndim == 2:
+            sig[0] = 0.0
+        return tuple(v if v >= 0.3 else 0.0 for v in sig)
 
 
 def plane_spacing(spacing) -> tuple[float, float, float]:
