@@ -229,7 +229,15 @@ def config_from_dict(data) -> ModelConfig:
         ),
         "provenance": _provenance,
     }
-    return _obj(ModelConfig, data, "config", convert)
+    config = _obj(ModelConfig, data, "config", convert)
+    stored = data.get("refine")
+    if config.ndim == 2 and not (isinstance(stored, dict) and "fit_weight" in stored):
+        # a 2D model written before the local fit: 2D models are made without it
+        # (training.default_refine); volumes written before it take it up
+        config = dataclasses.replace(
+            config, refine=dataclasses.replace(config.refine, fit_weight=0.0)
+        )
+    return config
 
 
 def _provenance(value, where):

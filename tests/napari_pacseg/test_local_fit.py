@@ -1,6 +1,7 @@
 """The refinement's local intensity fit: against an independent float64 reference, its
 behaviour under uneven light, and its place in segment() (off switch, tiling, pieces)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -200,3 +201,29 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
         whole.probabilities[(slice(None), *(slice(a, b) for a, b in box))],
         atol=1e-5,
     )
+
+
+def test_volume_models_fit_and_2d_models_do_not(tmp_path):
+    from napari_pacseg import load_model, save_model
+    from napari_pacseg.model_io import config_from_dict, config_to_dict
+    from napari_pacseg.training import default_refine
+
+    assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.5
+    assert default_refine(2) == RefineConfig(fit_weight=0.0)
+    rng = np.random.default_rng(0)
+    plane = rng.normal(10, 1, (24, 24)).astype(np.float32)
+    plane[6:14, 6:14] += 20
+    marks = np.zeros((24, 24), np.uint8)
+    marks[1, 1:20], marks[9, 8:12] = 1, 2
+    model = train(plane, marks, spacing=(1.0, 1.0), steps=5)
+    assert model.config.ndim == 2 and model.config.refine.fit_weight == 0.0
+    save_model(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").config.refine == default_refine(2)
+    # files written before the fit existed: 2D models stay without it, volumes take it up
+    for config, expected in ((model.config, 0.0), (dataclasses.replace(model.config, ndim=3), 0.5)):
+        data = config_to_dict(config)
+        del data["refine"]["fit_weight"], data["refine"]["fit_sigma"]
+        assert config_from_dict(data).refine.fit_weight == expected
+    data = config_to_dict(model.config)
+    data["refine"]["fit_weight"] = 0.7  # a 2D model whose file asks for the fit keeps it
+    assert config_from_dict(data).refine.fit_weight == 0.7
