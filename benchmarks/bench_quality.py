@@ -17,9 +17,10 @@ made by the same generator with other seeds, every method is trained from the sa
   0.847 in 51 s, ``object_size_5_to_10_px`` 0.675 in 138 s, against ``small_quick``'s 0.889 in
   3.1 s; train + predict), run in a separate interpreter (``--apoc-python``; see ``apoc_worker.py``), skipped when absent.
 * ours: ``train()`` with the sample's demo scales (``default_features``: all kinds in 3D,
-  Gaussians only in 2D), then ``segment()`` without and with the
-  PAC-CRF refinement (model defaults); with ``--context`` also trained with the context
-  encoder/decoder (``train(context=True)``).
+  Gaussians only in 2D), then ``segment()`` without and with the refinement (the model's
+  defaults: the local intensity fit, volumes only, then the PAC-CRF; "PAC-CRF refined" in
+  the tables); with ``--context`` also trained with the context encoder/decoder
+  (``train(context=True)``).
 
 Besides the clean volumes, degraded copies of each (``degrade``): uneven illumination (the
 signal scaled by a linear ramp from 100% to 25% across x, plus an offset of 10% of the dynamic

@@ -563,8 +563,8 @@ def refine(
             else:
                 out = out[cut]
             out = pac_crf3d(
-                out,
-                guide[cut],
+                out.contiguous(),  # views of the fit's larger region: the CRF runs faster on a copy
+                guide[cut].contiguous(),
                 iterations=s.refine.iterations,
                 kernel_size=s.kernel,
                 dilation=s.refine.dilation,
