@@ -555,16 +555,21 @@ def refine(
             crf = extend_box(box, s.reach, plan.shape)[0]  # within ext: ext adds the fit's reach
             inner = [(a - e, b - e) for (a, b), (e, _) in zip(crf, ext)]
             cut = (slice(None), slice(None), *(slice(a, b) for a, b in inner))
+            fit = None
             if s.fit_sigma is not None:
                 fit = local_fit(
                     out, guide * filt.guide_sigma, filt.residual_noise, s.fit_sigma, inner
                 )
-                out = out[cut].add_(fit, alpha=s.refine.fit_weight)
-            else:
-                out = out[cut]
+            # The CRF's region as compact copies, the fit's larger region freed before the
+            # mean field, whose weights are the peak of memory (bench_pipeline.py)
+            out = out[cut].contiguous()
+            if fit is not None:
+                out.add_(fit, alpha=s.refine.fit_weight)
+            del fit
+            guide = guide[cut].contiguous()
             out = pac_crf3d(
-                out.contiguous(),  # views of the fit's larger region: the CRF runs faster on a copy
-                guide[cut].contiguous(),
+                out,
+                guide,
                 iterations=s.refine.iterations,
                 kernel_size=s.kernel,
                 dilation=s.refine.dilation,

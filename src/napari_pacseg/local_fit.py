@@ -31,6 +31,7 @@ from .features import gauss_kernel, kernel_radius, smoothed
 CAP = 5.0  # noise units squared over 2: a voxel 3.2 noise levels off a class mean is "not it"
 PRESENT = 0.02  # local weight below which a class has no local mean
 MIN_NOISE = 1e-3  # normalised units: a noiseless guide still gives finite fits
+SLAB = 8  # planes of the result computed at a time
 
 
 def fit_radius(sigmas) -> tuple[int, int, int]:
@@ -58,20 +59,33 @@ def local_fit(
     """
     k, c = scaled.shape[1], guide.shape[1]
     kernels = _kernels(sigmas, scaled.device)
-    q = torch.softmax(scaled, dim=1)[0]  # (K, D, H, W)
+    # (K-1, D, H, W), without the background's (1 - their sum) or a whole softmax in memory
+    q = (scaled[0, 1:] - torch.logsumexp(scaled[0], dim=0)).exp_()
     g = guide[0]  # (C, D, H, W)
-    inner = tuple(slice(a, b) for a, b in keep)
-    g_in = g[(slice(None), *inner)]
+    qg = (q[:, None] * g[None]).reshape((k - 1) * c, *g.shape[1:])
     s2 = 2.0 * noise.to(g.device).clamp(min=MIN_NOISE).square().view(c, 1, 1, 1)
+    (z0, z1), ys, xs = keep
+    out = torch.empty((1, k, z1 - z0, ys[1] - ys[0], xs[1] - xs[0]), device=scaled.device)
+    for start in range(z0, z1, SLAB):  # in slabs of planes: the smoothings' temporaries stay small
+        part = [(start, min(z1, start + SLAB)), ys, xs]
+        inner = tuple(slice(lo, hi) for lo, hi in part)
+        out[0, :, start - z0 : part[0][1] - z0] = _fit(
+            q, qg, g, g[(slice(None), *inner)], s2, kernels, part
+        )
+    return out
 
-    def smooth(t: torch.Tensor) -> torch.Tensor:  # (M, D, H, W) -> (M, *keep sizes)
-        return smoothed(t.unsqueeze(1), kernels, keep)[:, 0]
 
+def _fit(q, qg, g, g_in, s2, kernels, part) -> torch.Tensor:
+    """``D_c - D_0`` ``(K, *part sizes)`` over the ranges ``part`` (see ``local_fit``)."""
+
+    def smooth(t: torch.Tensor) -> torch.Tensor:  # (M, D, H, W) -> (M, *part sizes)
+        return smoothed(t.unsqueeze(1), kernels, part)[:, 0]
+
+    k, c = q.shape[0] + 1, g.shape[0]
     # The background's sums are the whole's minus the other classes' (G(1) = 1): one
     # smoothing fewer per channel and class 0 for free.
-    w = smooth(q[1:])  # (K-1, ...)
-    a = smooth((q[1:, None] * g[None]).reshape((k - 1) * c, *g.shape[1:]))
-    a = a.reshape(k - 1, c, *a.shape[1:])
+    w = smooth(q)  # (K-1, ...)
+    a = smooth(qg).reshape(k - 1, c, *w.shape[1:])
     a0 = smooth(g) - a.sum(dim=0)
     w = torch.cat([1.0 - w.sum(dim=0, keepdim=True), w])
     a = torch.cat([a0[None], a])
@@ -81,5 +95,4 @@ def local_fit(
     worst = torch.where(present, fit, torch.full_like(fit, 1.0)).amin(dim=0, keepdim=True)
     fit = torch.where(present, fit, worst.clamp(max=0.0))
     fit = fit - fit[:1]
-    fit = fit * (present.sum(dim=0, keepdim=True) >= 2)
-    return fit[None]
+    return fit * (present.sum(dim=0, keepdim=True) >= 2)

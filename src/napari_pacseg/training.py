@@ -60,10 +60,10 @@ def default_refine(ndim: int) -> RefineConfig:
     """The refinement a model ``train`` makes carries: ``RefineConfig()`` for volumes; for 2D
     images the same without the local intensity fit (``fit_weight`` 0). In a plane, a dim
     out-of-focus object beside a bright one fits the object class better than the background,
-    and the fit grows it: bench_quality --2d (2026-12-03) measured the fit at 0.2 / 0.5 lowering
-    the clean planes' mean Dice from 0.921 to 0.910 / 0.881 (one plane 0.892 -> 0.842 / 0.792),
-    while raising the degraded ones' from 0.831 to 0.855 / 0.857. Volumes see the planes above
-    and below, and there it lowers none (issue 18)."""
+    and the fit grows it: on bench_quality --2d's images (a one-off probe, 2026-12-03) the fit
+    at 0.2 / 0.5 lowered the clean planes' mean Dice from 0.921 to 0.910 / 0.881 (one plane 0.892
+    -> 0.842 / 0.792) while raising the degraded ones' from 0.831 to 0.855 / 0.857. Volumes see
+    the planes above and below, and there it lowers none (bench_quality; issue 18)."""
     return RefineConfig() if ndim == 3 else RefineConfig(fit_weight=0.0)
 
 
