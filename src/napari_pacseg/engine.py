@@ -35,8 +35,9 @@ from pacseg_kernels.threads import readapt
 
 from .checks import as_image, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
+from .features import axis_radii
 from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
-from .local_fit import fit_radius, local_fit
+from .local_fit import local_fit
 from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range, with_overrides
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
@@ -139,7 +140,7 @@ def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
         else tuple(params.iterations * (k // 2) * params.dilation for k in kernel)
     )
     fit_sigma = params.fit_window(spacing, ndim) if params is not None else None
-    fit_reach = (0, 0, 0) if fit_sigma is None else fit_radius(fit_sigma)
+    fit_reach = (0, 0, 0) if fit_sigma is None else axis_radii(fit_sigma)
     settings = Settings(
         spacing, params, kernel, sigma, model.halo(spacing), reach, model.grid, ndim,
         fit_sigma, fit_reach,

@@ -77,6 +77,23 @@ class FeatureSpec:
         return tuple(kernel_radius(max(self.sigmas) / sp) + extra for sp in spacing)
 
 
+# Below this a Gaussian is a near-identity: that axis is left unsmoothed (the guide, the fit).
+MIN_AXIS_SIGMA = 0.3
+
+
+def axis_radii(sigmas) -> tuple[int, ...]:
+    """Voxels per axis that separable Gaussians of per-axis ``sigmas`` (voxels; 0 = that axis
+    unsmoothed) read beyond a voxel."""
+    return tuple(kernel_radius(s) if s else 0 for s in sigmas)
+
+
+def axis_kernels(sigmas, device) -> list[torch.Tensor]:
+    """float32 1-D Gaussians (``gauss_kernel``) of per-axis ``sigmas`` for ``smoothed``; a
+    one-tap identity where a sigma is 0."""
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    return [gauss_kernel(s, torch.float32, device) if s else one for s in sigmas]
+
+
 def kernel_radius(sigma_vox: float) -> int:
     return max(1, math.ceil(4.0 * sigma_vox))
 

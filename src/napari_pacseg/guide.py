@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .features import gauss_kernel, kernel_radius, smoothed
+from .features import MIN_AXIS_SIGMA, axis_kernels, axis_radii, gauss_kernel, smoothed
 from .model import apply_range
 
 # Voxels read for the noise estimate (whole rows along x, on a regular grid of rows).
@@ -30,8 +30,6 @@ NOISE_SAMPLE_VOXELS = 1 << 21
 # Smoothing scales tried, in voxels of the finest axis (coarser axes: the same physical width).
 SMOOTHING_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 RESIDUAL_TARGET = 0.3
-# Below this the Gaussian is a near-identity: that axis is left unsmoothed.
-MIN_AXIS_SIGMA = 0.3
 
 
 def volume_noise_level(vol, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -83,7 +81,7 @@ class GuideFilter:
     @property
     def radius(self) -> tuple[int, int, int]:
         """Voxels of image beyond a box its guide depends on."""
-        return tuple(kernel_radius(s) if s else 0 for s in self.sigmas)
+        return axis_radii(self.sigmas)
 
     def describe(self) -> str:
         noise = ", ".join(f"{n:.3g}" for n in self.noise)
@@ -118,13 +116,9 @@ def make_guide(norm: torch.Tensor, filt: GuideFilter, keep) -> torch.Tensor:
     then divided by ``filt.guide_sigma``."""
     c = norm.shape[1]
     if any(filt.sigmas):
-        kernels = [
-            gauss_kernel(s, torch.float32, norm.device)
-            if s
-            else torch.ones(1, dtype=torch.float32, device=norm.device)
-            for s in filt.sigmas
-        ]
-        out = smoothed(norm.reshape(c, 1, *norm.shape[2:]), kernels, keep)
+        out = smoothed(
+            norm.reshape(c, 1, *norm.shape[2:]), axis_kernels(filt.sigmas, norm.device), keep
+        )
         out = out.reshape(1, c, *out.shape[2:])
     else:
         out = norm[(slice(None), slice(None), *(slice(a, b) for a, b in keep))].clone()

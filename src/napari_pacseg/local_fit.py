@@ -26,23 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from .features import gauss_kernel, kernel_radius, smoothed
+from .features import axis_kernels, smoothed
 
 CAP = 5.0  # noise units squared over 2: a voxel 3.2 noise levels off a class mean is "not it"
 PRESENT = 0.02  # local weight below which a class has no local mean
 MIN_NOISE = 1e-3  # normalised units: a noiseless guide still gives finite fits
 SLAB = 8  # planes of the result computed at a time
-
-
-def fit_radius(sigmas) -> tuple[int, int, int]:
-    """Voxels per axis the fit of a voxel reads beyond it, for per-axis ``sigmas`` (0: that
-    axis unsmoothed)."""
-    return tuple(kernel_radius(s) if s else 0 for s in sigmas)
-
-
-def _kernels(sigmas, device) -> list[torch.Tensor]:
-    one = torch.ones(1, dtype=torch.float32, device=device)
-    return [gauss_kernel(s, torch.float32, device) if s else one for s in sigmas]
 
 
 def local_fit(
@@ -54,11 +43,11 @@ def local_fit(
         background). guide : ``(1, C, D, H, W)`` float32 in normalised units (not divided by
         ``guide_sigma``). noise : ``(C,)`` the noise left in the guide, normalised units.
     sigmas : the window's Gaussian per axis (voxels; 0 = none). keep : 3 ``(start, stop)``
-        ranges of the region to return; the region must hold ``fit_radius(sigmas)`` voxels
+        ranges of the region to return; the region must hold ``features.axis_radii(sigmas)`` voxels
         beyond them except where it ends at the volume's edge (there edges are replicated).
     """
     k, c = scaled.shape[1], guide.shape[1]
-    kernels = _kernels(sigmas, scaled.device)
+    kernels = axis_kernels(sigmas, scaled.device)
     # (K-1, D, H, W), without the background's (1 - their sum) or a whole softmax in memory
     q = (scaled[0, 1:] - torch.logsumexp(scaled[0], dim=0)).exp_()
     g = guide[0]  # (C, D, H, W)

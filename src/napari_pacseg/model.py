@@ -21,7 +21,7 @@ from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_u
 
 from .checks import FLOAT32_MAX, as_tuple_field, is_int, is_real, short_repr, unprintable_chars
 from .classes import MAX_CLASSES, ClassInfo
-from .features import FeatureSpec, compute_features
+from .features import MIN_AXIS_SIGMA, FeatureSpec, compute_features
 
 MAX_WIDTH = 1024
 MAX_LAYERS = 8
@@ -187,15 +187,15 @@ class RefineConfig:
 
     def fit_window(self, spacing, ndim: int = 3) -> tuple[float, float, float] | None:
         """The local fit's Gaussian per axis (voxels) for a ``(z, y, x)`` spacing:
-        ``fit_sigma`` scaled by finest spacing / axis spacing (an axis below 0.3 voxels is
-        left unsmoothed; z for a 2D model); None when ``fit_weight`` is 0."""
+        ``fit_sigma`` scaled by finest spacing / axis spacing (an axis below ``MIN_AXIS_SIGMA``
+        voxels is left unsmoothed; z for a 2D model); None when ``fit_weight`` is 0."""
         if not self.fit_weight:
             return None
         finest = min(spacing[3 - ndim :])
         sig = [float(self.fit_sigma) * finest / s for s in spacing]
         if ndim == 2:
             sig[0] = 0.0
-        return tuple(v if v >= 0.3 else 0.0 for v in sig)
+        return tuple(v if v >= MIN_AXIS_SIGMA else 0.0 for v in sig)
 
 
 def plane_spacing(spacing) -> tuple[float, float, float]:

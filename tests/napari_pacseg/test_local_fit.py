@@ -10,7 +10,8 @@ import torch
 
 from napari_pacseg import FeatureSpec, RefineConfig, receptive_field, segment, train
 from napari_pacseg.engine import prepare, settle
-from napari_pacseg.local_fit import CAP, PRESENT, fit_radius, local_fit
+from napari_pacseg.features import axis_radii
+from napari_pacseg.local_fit import CAP, PRESENT, local_fit
 
 
 def _kernel64(sigma: float) -> np.ndarray:
@@ -186,7 +187,7 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
     np.testing.assert_allclose(whole.probabilities, tiled.probabilities, atol=1e-5)
     plan = prepare(image, model)
     halo = receptive_field(model)
-    assert halo[2] > plan.settings.reach[2] + fit_radius(settle(model).fit_sigma)[2] - 1
+    assert halo[2] > plan.settings.reach[2] + axis_radii(settle(model).fit_sigma)[2] - 1
     lo, hi = (t.flatten().tolist() for t in (plan.lo, plan.hi))
     box = ((0, 12), (10, 40), (30, 50))  # the pieces see less than the whole along y and x
     ext = [(max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(box, halo, image.shape)]
