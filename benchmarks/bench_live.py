@@ -6,12 +6,14 @@ none), adds the bundled sample at its spacing, docks the PAC Segmentation widget
 plugin, loads the demo model with Live on and waits for the first preview (the warm-up: the
 logits of the first slab). Then each change is made the way the GUI makes it (the control's
 value, ``viewer.dims``), and the time is taken until the widget has written the result into
-its layers (the widget's debounce included). Also measured: costly settings (a preview must stay
+its layers (the widget's debounce included), the main thread waiting in Qt's event loop as
+in napari (``--poll``: spinning through ``processEvents`` every 2 ms instead, as this
+benchmark did before 2026-12-04; it costs the worker CPU and GIL time). Also measured: costly settings (a preview must stay
 <= 3 s: ``engine.bound_preview``), a newer change during a costly preview (it must abort the
 preview in flight, not queue behind it), and the status line (never stale). Writes
-``benchmarks/results/live-cpu.md``.
+``benchmarks/results/live-cpu.md`` (``live-cpu-poll.md`` with ``--poll``).
 
-Usage: python benchmarks/bench_live.py [--busy 0 1]
+Usage: python benchmarks/bench_live.py [--busy 0 1] [--poll]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import common
 from napari_pacseg._workers import DEBOUNCE_MS
 
 TIMEOUT_S = 120.0
+CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)
+POLL = os.environ.get("BENCH_LIVE_POLL") == "1"  # the old busy-polling wait, for comparison
 TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
 SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
 REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
@@ -60,6 +64,7 @@ def worker() -> dict:
 
 def _measure() -> dict:
     import napari
+    from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
@@ -78,17 +83,36 @@ def _measure() -> dict:
 
     widget._say = record
 
+    def turn(done, deadline: float) -> None:
+        """Run Qt's event loop until ``done()`` or ``deadline`` (perf_counter seconds)."""
+        if POLL:  # the old way: the main thread spins through processEvents every 2 ms
+            while not done() and time.perf_counter() < deadline:
+                app.processEvents()
+                time.sleep(0.002)
+            return
+        # As napari runs: the main thread sleeps in the event loop between events; a timer
+        # checks done() every CHECK_MS
+        loop, timer = QEventLoop(), QTimer()
+        timer.setInterval(CHECK_MS)
+
+        def check() -> None:
+            if done() or time.perf_counter() >= deadline:
+                loop.quit()
+
+        timer.timeout.connect(check)
+        timer.start()
+        loop.exec()
+        timer.stop()
+
     def wait(change) -> dict:
         """Make ``change()`` and turn the event loop until its preview is delivered."""
         before, dropped = runner.delivered, runner.dropped
         statuses.clear()
         start = time.perf_counter()
         change()
-        while runner.delivered == before or runner.busy:
-            app.processEvents()
-            time.sleep(0.002)
-            if time.perf_counter() - start > TIMEOUT_S:
-                raise RuntimeError(f"no preview within {TIMEOUT_S} s: {widget.status.value!r}")
+        turn(lambda: runner.delivered != before and not runner.busy, start + TIMEOUT_S)
+        if runner.delivered == before or runner.busy:
+            raise RuntimeError(f"no preview within {TIMEOUT_S} s: {widget.status.value!r}")
         end = time.perf_counter()
         return {
             "seconds": end - start,
@@ -120,10 +144,7 @@ def _measure() -> dict:
 
     def newer():
         _set(widget, {"iterations": 50})
-        deadline = time.perf_counter() + 0.6
-        while time.perf_counter() < deadline:  # the costly preview starts and runs a while
-            app.processEvents()
-            time.sleep(0.002)
+        turn(lambda: False, time.perf_counter() + 0.6)  # the costly preview starts and runs
         marks["newer"] = time.perf_counter()
         _set(widget, {"iterations": 5, "compat": 9.0})  # a cheap one: it must not wait
 
@@ -152,8 +173,15 @@ def _median(rows) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--poll", action="store_true",
+        help="wait the old way, the main thread polling processEvents every 2 ms (for comparison;"
+        " writes live-cpu-poll.md)",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.poll:
+        os.environ["BENCH_LIVE_POLL"] = "1"  # the worker processes inherit it
     if args.worker:
         print(json.dumps(worker()))
         return
@@ -177,7 +205,8 @@ def main() -> None:
     lines = [
         "# Live preview latency in napari (CPU)",
         "",
-        f"Command: `python benchmarks/bench_live.py` ({time.strftime('%Y-%m-%d %H:%M')})  ",
+        f"Command: `python benchmarks/bench_live.py{' --poll' if args.poll else ''}` "
+        f"({time.strftime('%Y-%m-%d %H:%M')})  ",
         f"Machine: {common.describe_machine('cpu')}  ",
         "Sample 64x256x256 at spacing (1, 0.4, 0.4), demo model, default refinement, 2D view: "
         "the preview computes the visible plane +-1 (3 planes of 256 x 256). Time from the "
@@ -238,7 +267,8 @@ def main() -> None:
         "every CRF slab made the quiet slice move 1.01 s instead of 0.63 s; a thread spinning "
         "in Python made a 0.2 s region 12-90 s).",
     ]
-    out = common.write_result("live-cpu.md", "\n".join(lines) + "\n")
+    name = "live-cpu-poll.md" if args.poll else "live-cpu.md"
+    out = common.write_result(name, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

@@ -85,6 +85,7 @@ def pac_crf3d(
     spatial_sigma=None,
     backend: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    keep=None,
 ) -> torch.Tensor:
     """Mean-field CRF refinement with Potts compatibility and pixel-adaptive messages.
 
@@ -111,12 +112,16 @@ def pac_crf3d(
     progress : None, or ``progress(done, total)``, called after each unit of work (a step, or
         on the CPU a position of the wavefront over slabs). An exception it raises propagates
         and abandons the call: a caller's way to cancel a long refinement.
+    keep : None, or 3 ``(start, stop)`` ranges of the volume: return that sub-box only, the
+        same values as cropping the whole result. The CPU mean field then runs step ``s`` only
+        on the planes (along its wavefront axis) within ``iterations - s`` windows of the
+        kept range: a thin box refined with its reach (a live preview) costs about half.
 
     Returns
     -------
-    Tensor ``(N, K, D, H, W)``: the refined logits ``unary - P`` of the last step (``unary``
-    itself when ``iterations == 0``), float32 (float64 for float64 inputs). Differentiable in
-    ``unary`` and ``guide``.
+    Tensor ``(N, K, D, H, W)`` (the ``keep`` box's sizes with ``keep``): the refined logits
+    ``unary - P`` of the last step (``unary`` itself when ``iterations == 0``), float32
+    (float64 for float64 inputs). Differentiable in ``unary`` and ``guide``.
 
     Non-finite values are never turned into finite logits silently: a NaN or +inf logit in
     ``unary`` makes its voxel's probabilities NaN, and each step spreads NaN one window
@@ -129,7 +134,7 @@ def pac_crf3d(
         Wrong dims or dtypes, mismatched shapes or devices, a dimension of size 0 (batch,
         classes, guide features, spatial), even kernel sizes, more than 32768 taps, iterations
         outside [0, 1000], a non-finite or too large compat, bad spatial_sigma, bools or strings
-        where numbers are meant.
+        where numbers are meant, a ``keep`` that is not 3 non-empty ranges inside the volume.
     """
     op = "pac_crf3d"
     check_volume_pair(unary, guide, op, x_name="unary", what="class (K >= 1 logits per voxel)")
@@ -138,16 +143,20 @@ def pac_crf3d(
     )
     if progress is not None and not callable(progress):
         raise ValueError(f"{op}: progress must be None or a callable(done, total)")
+    if keep is not None:
+        keep = _check_keep(keep, tuple(unary.shape[2:]), op)
+        crop = (slice(None), slice(None), *(slice(a, b) for a, b in keep))
     kernel = useful_kernel(kernel, dil, unary.shape[2:])
     check_taps(kernel, op, "kernel_size (clipped to the volume)")
     dtype = compute_dtype(unary, guide)
     unary = unary.to(dtype)
     if iterations == 0:
-        return unary
+        return unary if keep is None else unary[crop]
     with threads.on_cpu(unary):
         logits = _mean_field(
-            unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress
-        )
+            unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress,
+            keep,
+        )  # fmt: skip
     bad = bad_guide_mask(guide)
     if bad is not None:  # the kernels give such taps weight 0; make what they reach NaN instead
         pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
@@ -156,7 +165,26 @@ def pac_crf3d(
             if bool(bad.all()):
                 break
         logits = logits.masked_fill(bad > 0, float("nan"))
-    return logits
+    return logits if keep is None else logits[crop]
+
+
+def _check_keep(keep, shape, op: str) -> tuple[tuple[int, int], ...]:
+    """``keep`` as 3 ``(start, stop)`` int pairs with ``0 <= start < stop <= size``, or
+    ``ValueError``."""
+    try:
+        pairs = tuple((a, b) for a, b in keep)
+    except (TypeError, ValueError):
+        pairs = ()
+    if (
+        len(pairs) != 3
+        or not all(is_int(v) for pair in pairs for v in pair)
+        or not all(0 <= a < b <= n for (a, b), n in zip(pairs, shape))
+    ):
+        raise ValueError(
+            f"{op}: keep must be None or 3 (start, stop) int ranges with 0 <= start < stop <= "
+            f"size inside the volume {shape}, got {short_repr(keep)}"
+        )
+    return tuple((int(a), int(b)) for a, b in pairs)
 
 
 def check_crf_params(iterations, kernel_size, dilation, compat, spatial_sigma, op: str):
@@ -185,9 +213,11 @@ def check_crf_params(iterations, kernel_size, dilation, compat, spatial_sigma, o
 
 
 def _mean_field(
-    unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress=None
-):
-    """The refined logits of ``pac_crf3d`` (validated arguments, ``iterations >= 1``)."""
+    unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress=None,
+    keep=None,
+):  # fmt: skip
+    """The refined logits of ``pac_crf3d`` (validated arguments, ``iterations >= 1``), whole;
+    only ``keep`` (None: all) is sure to be computed."""
     pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))
     geo = PacGeometry(tuple(unary.shape[2:]), kernel, (1, 1, 1), pad, dil)
     scale = spatial_tap_weights(geo, sigma)
@@ -218,6 +248,6 @@ def _mean_field(
                 progress(step + 1, iterations)
         return logits
     crf_torch.mean_field(
-        unary, guide, iterations, kernel, dil, float(compat), scale, logits, progress
+        unary, guide, iterations, kernel, dil, float(compat), scale, logits, progress, keep
     )
     return logits

@@ -13,7 +13,7 @@ slab ``j`` overwrites step ``s - 2`` there, whose last reader (step ``s - 1`` on
 ``j + L``) ran earlier at the same wavefront position, since steps run in increasing order.
 
 The wavefront runs over z when its weights fit ``RING_BUDGET`` times the inputs and the
-output, else over y (on ``(H, D, W)`` views of the same memory): a y plane is smaller than a
+output (or ``RING_FLOOR_BYTES``, whichever is more), else over y (on ``(H, D, W)`` views of the same memory): a y plane is smaller than a
 z plane in volumes thinner than they are tall, such as refinement tiles with windows that
 reach 2+ planes in z. When neither fits (or many steps), every step recomputes the weights
 instead, tile by tile (``pac_torch``).
@@ -34,6 +34,9 @@ Progress = Callable[[int, int], None]
 
 # The weights kept alive may take this many times the bytes of unary + guide + output.
 RING_BUDGET = 2.0
+# ... or this many bytes, whichever is more: a thin region (a live preview's few planes and
+# their reach) then takes the z wavefront, the one that skips the planes ``keep`` does not need.
+RING_FLOOR_BYTES = 128 << 20
 # Voxels per slab worth one torch call: planes smaller than this are grouped.
 SLAB_VOXELS = 1 << 14
 # Axes the wavefront may run over, in order of preference (0: z, 1: y).
@@ -50,6 +53,7 @@ def mean_field(
     scale: list[float],
     out: torch.Tensor,
     progress: Progress | None = None,
+    keep=None,
 ) -> None:
     """Write the refined logits of ``iterations >= 1`` mean-field steps into ``out``.
 
@@ -62,9 +66,11 @@ def mean_field(
     if plan is None:
         _recomputing(unary, guide, iterations, kernel, dilation, compat, scale, out, progress)
     elif plan[0] == 0:
+        cone = None if keep is None else keep[0]
         _wavefront(
-            unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1], progress
-        )
+            unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1], progress,
+            cone,
+        )  # fmt: skip
     else:  # over y: the same maths on (N, C, H, D, W) views, taps reordered to match
         order = (1, 0, 2)
         scale_yzx = (
@@ -72,16 +78,21 @@ def mean_field(
         )
         kernel, dilation = (tuple(t[i] for i in order) for t in (kernel, dilation))
         unary, guide, out = (t.transpose(2, 3) for t in (unary, guide, out))
+        cone = None if keep is None else keep[1]
         _wavefront(
-            unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1], progress
-        )
+            unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1], progress,
+            cone,
+        )  # fmt: skip
 
 
 def wavefront_plan(unary, guide, iterations, kernel, dilation) -> tuple[int, int] | None:
     """``(axis, planes)``: the wavefront's axis (0: z, 1: y) and planes per slab, or None when
     its weights fit the budget along neither axis. z is tried first: its planes are
     contiguous."""
-    budget = RING_BUDGET * unary.element_size() * (2 * unary[0].numel() + guide[0].numel())
+    budget = max(
+        RING_BUDGET * unary.element_size() * (2 * unary[0].numel() + guide[0].numel()),
+        RING_FLOOR_BYTES,
+    )
     for axis in WAVEFRONT_AXES:
         order = (axis, 1 - axis, 2)
         planes = _slab_planes(
@@ -175,14 +186,18 @@ class _SlabViews:
 
 
 def _wavefront(
-    unary, guide, iterations, kernel, dilation, compat, scale, out, planes, progress=None
-) -> None:
+    unary, guide, iterations, kernel, dilation, compat, scale, out, planes, progress=None,
+    cone=None,
+) -> None:  # fmt: skip
     """The wavefront of the module docstring over slabs of ``planes`` planes of the first
     spatial axis; arguments as in ``mean_field``, but ``unary``, ``guide`` and ``out`` may be
     strided views (the y wavefront passes transposed ones). Per image: the padded guide, two
     ``(K - 1)``-channel padded probability buffers, and the ring of weights
     ``(ring, T, planes * H * W)`` (``T`` taps, in ``geo.taps()`` order) with each slab's
-    ``1 / sum_t w`` and ``sum_t w > 0``."""
+    ``1 / sum_t w`` and ``sum_t w > 0``. ``cone``: None, or the ``(start, stop)`` planes of the
+    first spatial axis whose output is wanted; step ``s`` then runs only on the slabs that hold
+    planes within ``(iterations - s) * reach`` of them (what those planes depend on, rounded
+    out to whole slabs; the other planes of ``out`` are left unwritten)."""
     n_img, k, d, h, w = unary.shape
     dtype, device = out.dtype, out.device
     reach = tuple((kk - 1) // 2 * dd for kk, dd in zip(kernel, dilation))
@@ -262,6 +277,15 @@ def _wavefront(
             softmax_head(logits, prob_inner[s % 2].narrow(1, z0, nz), v["exps"])
 
     positions = n_slabs + (iterations - 1) * lag
+    if cone is None:
+        cone = (0, d)
+    # Slabs [first, last) that step s (1-based) runs on, from the last step back: the slabs
+    # holding the planes the next step's slabs read.
+    needed, (lo, hi) = [], cone
+    for _ in range(iterations):
+        first, last = lo // planes, -(-hi // planes)
+        needed.insert(0, (first, last))
+        lo, hi = max(0, first * planes - reach[0]), min(d, last * planes + reach[0])
     for n in range(n_img):
         g_inner.copy_(guide[n])
         unary_n, out_n = unary[n], out[n]
@@ -271,12 +295,12 @@ def _wavefront(
                 unary_n.narrow(1, z0, nz), prob_inner[0].narrow(1, z0, nz), views(nz)["exps"]
             )
         for j in range(positions):
-            if j < n_slabs:
+            if needed[0][0] <= j < needed[0][1]:
                 z0 = j * planes
                 guide_weights(j % ring, z0, min(planes, d - z0))
             for s in range(1, iterations + 1):
                 slab = j - (s - 1) * lag
-                if 0 <= slab < n_slabs:
+                if needed[s - 1][0] <= slab < needed[s - 1][1]:
                     z0 = slab * planes
                     step(s, slab % ring, z0, min(planes, d - z0), unary_n, out_n)
             if progress is not None:

@@ -260,8 +260,9 @@ class Plan:
         return dataclasses.replace(self, settings=settings)
 
     def refine_work(self, box: Box) -> int:
-        """Tap visits of the refinement of ``box``: voxels of the box grown by the CRF's reach x
-        iterations x taps (the local fit's few smoothings are not counted)."""
+        """Tap visits of the refinement of ``box``, at most: voxels of the box grown by the CRF's
+        reach x iterations x taps (``pac_crf3d``'s ``keep`` skips some of them on the CPU; the
+        local fit's few smoothings are not counted)."""
         s = self.settings
         if s.refine is None:
             return 0
@@ -577,8 +578,9 @@ def refine(
                 compat=s.refine.compat,
                 spatial_sigma=s.sigma,
                 progress=progress,
+                keep=[(a - e, b - e) for (a, b), (e, _) in zip(box, crf)],
             )
-            ext = crf
+            ext = box
     core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
     p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
     if not np.isfinite(p).all():

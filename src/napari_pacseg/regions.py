@@ -11,11 +11,15 @@ the box equals the whole-volume ``segment`` result there.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+
+from pacseg_kernels.threads import adaptive_threads
 
 from . import engine
 from .engine import Box, SegmentationCancelled, model_on_device, prepare, split_box
@@ -96,30 +100,40 @@ class RegionSegmenter:
         same request twice returns the cached array."""
         box = self.check_box(box)
         plan = self.plan.with_refine(refine)
+        if self.plan.noise is None and plan.noise is not None:  # measured once per image
+            self.plan = dataclasses.replace(self.plan, noise=plan.noise)
         if reach is not None:
             plan = plan.with_reach(reach)
         key = (box, plan.settings.refine, plan.settings.reach)
         with self._lock:
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
-            ext = plan.refine_extent(box)
-            diffs = self._logit_diffs(ext, should_cancel, progress)
+            with self._threads():  # fewer torch threads while other processes hold cores
+                return self._probabilities(plan, box, key, should_cancel, progress)
 
-            def step(done: int, total: int) -> None:
-                if should_cancel is not None and should_cancel():
-                    raise SegmentationCancelled("region segmentation cancelled")
-                if progress is not None:
-                    progress("refinement", done, total)
+    def _threads(self):
+        return adaptive_threads() if self.device.type == "cpu" else contextlib.nullcontext()
 
+    def _probabilities(self, plan, box: Box, key, should_cancel, progress) -> np.ndarray:
+        """``probabilities`` of a checked ``box`` under ``plan``, cached under ``key``."""
+        ext = plan.refine_extent(box)
+        diffs = self._logit_diffs(ext, should_cancel, progress)
+
+        def step(done: int, total: int) -> None:
             if should_cancel is not None and should_cancel():
                 raise SegmentationCancelled("region segmentation cancelled")
-            if plan.settings.refine is not None and progress is not None:
-                progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
-            p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
-            if plan.settings.refine is not None:
-                self.stats["crf_runs"] += 1
-            self._last = (key, p)
-            return p
+            if progress is not None:
+                progress("refinement", done, total)
+
+        if should_cancel is not None and should_cancel():
+            raise SegmentationCancelled("region segmentation cancelled")
+        if plan.settings.refine is not None and progress is not None:
+            progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
+        p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
+        if plan.settings.refine is not None:
+            self.stats["crf_runs"] += 1
+        self._last = (key, p)
+        return p
 
     def _logit_diffs(self, ext: Box, should_cancel, progress=None) -> np.ndarray:
         """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache;

@@ -324,6 +324,7 @@ def test_crf_clipped_window_equals_unclipped(engine, monkeypatch):
     assert crf.useful_kernel((9, 11, 9), (1, 2, 1), (3, 4, 5)) == (5, 3, 9)
     if engine == "recompute":
         monkeypatch.setattr(crf_torch, "RING_BUDGET", 0.0)
+        monkeypatch.setattr(crf_torch, "RING_FLOOR_BYTES", 0)
     if engine == "autograd":
         unary.requires_grad_(True)
     clipped = pac_crf3d(unary, guide, backend="torch", **kwargs)
@@ -549,6 +550,7 @@ CRF_ENGINES = ["wavefront", "recompute", "autograd"]
 def test_pac_crf3d_non_finite(where, value, engine, monkeypatch):
     if engine == "recompute":
         monkeypatch.setattr(crf_torch, "RING_BUDGET", 0.0)
+        monkeypatch.setattr(crf_torch, "RING_FLOOR_BYTES", 0)
     unary, guide, expected = _crf_nan_case(where, value, 2)
     if engine == "autograd":
         unary.requires_grad_(True)

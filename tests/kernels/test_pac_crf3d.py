@@ -39,8 +39,8 @@ ENGINES = {
     "wavefront-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y),
     "wavefront-y-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Y),
     "wavefront-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y),
-    "recompute": dict(RING_BUDGET=0.0),
-    "recompute-tile29": dict(RING_BUDGET=0.0, TILE_VOXELS=29),
+    "recompute": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0),
+    "recompute-tile29": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0, TILE_VOXELS=29),
 }
 
 
@@ -65,6 +65,67 @@ def test_matches_reference(case, engine, monkeypatch):
     ref = crf_reference(unary, guide, iterations, kernel, dilation, compat, sigma)
     assert out.shape == unary.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _keeps(spatial, gen) -> list:
+    """Sub-boxes of ``spatial``: one plane at each end and the middle of each axis, and two
+    random boxes."""
+    keeps = []
+    for axis, n in enumerate(spatial):
+        for a in sorted({0, n // 2, n - 1}):
+            keeps.append(tuple((a, a + 1) if i == axis else (0, m) for i, m in enumerate(spatial)))
+    for _ in range(2):
+        box = []
+        for n in spatial:
+            a = int(torch.randint(0, n, (1,), generator=gen))
+            box.append((a, int(torch.randint(a + 1, n + 1, (1,), generator=gen))))
+        keeps.append(tuple(box))
+    return keeps
+
+
+@pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_keep_equals_the_whole_result_cropped(case, engine, monkeypatch):
+    use_engine(engine, case[3], monkeypatch)
+    *_, kernel, dilation, sigma, compat, iterations = case
+    gen = torch.Generator().manual_seed(hash(case[3]) % 2**31 + 1)
+    unary, guide = _tensors(case, gen)
+    args = (unary, guide, iterations, kernel, dilation, compat, sigma)
+    whole = pac_crf3d(*args, backend="torch")
+    for keep in _keeps(case[3], gen):
+        crop = (slice(None), slice(None), *(slice(a, b) for a, b in keep))
+        part = pac_crf3d(*args, backend="torch", keep=keep)
+        assert part.shape == whole[crop].shape, keep
+        torch.testing.assert_close(part, whole[crop], rtol=0, atol=0, msg=f"keep {keep}")
+
+
+def test_keep_skips_the_planes_the_box_does_not_depend_on(monkeypatch):
+    """A one-plane box of a 21-plane volume, 5 steps of z reach 1, slabs of one plane: the
+    wavefront computes the weights of 9 planes and runs 9 + 7 + 5 + 3 + 1 plane steps (step s
+    on the planes within 5 - s of the box), instead of 21 and 5 x 21."""
+    windows = []
+    real = crf_torch._windows
+
+    def counting(t, z, n_planes, *args):
+        windows.append(n_planes)  # one per weights slab and per step on a slab (K=2, F=1)
+        return real(t, z, n_planes, *args)
+
+    use_engine("wavefront-z-1", (21, 6, 6), monkeypatch)
+    monkeypatch.setattr(crf_torch, "_windows", counting)
+    unary, guide = torch.randn(1, 2, 21, 6, 6), torch.randn(1, 1, 21, 6, 6)
+    pac_crf3d(unary, guide, 5, (3, 3, 3), backend="torch")
+    assert len(windows) == 21 + 5 * 21
+    windows.clear()
+    pac_crf3d(unary, guide, 5, (3, 3, 3), backend="torch", keep=((10, 11), (0, 6), (0, 6)))
+    assert len(windows) == 9 + (9 + 7 + 5 + 3 + 1)
+
+
+@pytest.mark.parametrize(
+    "keep", [((0, 5), (0, 4)), ((0, 4), (0, 4), (0, 5)), ((2, 2), (0, 4), (0, 4)), "all", 3]
+)
+def test_bad_keep(keep):
+    with pytest.raises(ValueError, match=r"keep must be None or 3 \(start, stop\) int ranges"):
+        pac_crf3d(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 1, 4, 4, 4), keep=keep)
 
 
 def test_non_contiguous_inputs():
