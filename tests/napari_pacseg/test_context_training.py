@@ -43,6 +43,8 @@ def test_the_context_net_is_trained_and_used(trained):
     with torch.no_grad():
         ctx = model.context(torch.rand(1, 1, 8, 12, 12))
     assert ctx.abs().max() > 0  # not a dead (all-ReLU-zero) net
+    # trained channels-last, handed back in torch's default layout
+    assert all(p.is_contiguous() for p in model.parameters())
     assert _dice(segment(image, model).labels == 2, truth) > 0.6  # quality: bench_quality
 
 
