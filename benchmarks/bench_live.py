@@ -6,14 +6,15 @@ none), adds the bundled sample at its spacing, docks the PAC Segmentation widget
 plugin, loads the demo model with Live on and waits for the first preview (the warm-up: the
 logits of the first slab). Then each change is made the way the GUI makes it (the control's
 value, ``viewer.dims``), and the time is taken until the widget has written the result into
-its layers (the widget's debounce included), the main thread waiting in Qt's event loop as
-in napari (``--poll``: spinning through ``processEvents`` every 2 ms instead, as this
-benchmark did before 2026-12-04; it costs the worker CPU and GIL time). Also measured: costly settings (a preview must stay
-<= 3 s: ``engine.bound_preview``), a newer change during a costly preview (it must abort the
-preview in flight, not queue behind it), and the status line (never stale). Writes
-``benchmarks/results/live-cpu.md`` (``live-cpu-poll.md`` with ``--poll``).
+its layers (the widget's debounce included), the main thread waiting in Qt's event loop as in
+napari (``--poll``: spinning through ``processEvents`` every 2 ms instead, as this benchmark
+did before 2026-12-04). Also measured: costly settings (a preview must stay <= 3 s:
+``engine.bound_preview``), a newer change during a costly preview (it must abort the preview in
+flight, not queue behind it), and the status line (never stale). Each configuration runs
+``--rounds`` times, interleaved: this machine's timings drift by tens of percent between runs.
+Writes ``benchmarks/results/live-cpu.md`` (``live-cpu-poll.md`` with ``--poll``).
 
-Usage: python benchmarks/bench_live.py [--busy 0 1] [--poll]
+Usage: python benchmarks/bench_live.py [--busy 0 1] [--rounds 2] [--poll]
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def _spinners(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+def _percent(share) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def _median(rows) -> float:
     return statistics.median(r["seconds"] for r in rows)
 
@@ -173,6 +178,10 @@ def _median(rows) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="each configuration this many times, interleaved (this machine's timings drift)",
+    )  # fmt: skip
     parser.add_argument(
         "--poll", action="store_true",
         help="wait the old way, the main thread polling processEvents every 2 ms (for comparison;"
@@ -186,8 +195,9 @@ def main() -> None:
         print(json.dumps(worker()))
         return
     results = {}
-    for busy in args.busy:
+    for busy in [b for _ in range(args.rounds) for b in args.busy]:
         spinners = _spinners(busy)
+        steal = common.cpu_steal_meter()
         try:
             time.sleep(0.5 if busy else 0)
             proc = subprocess.run(
@@ -199,9 +209,17 @@ def main() -> None:
                 p.wait()
         if proc.returncode != 0:
             raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
-        results[busy] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"busy {busy}: {json.dumps(results[busy])[:600]}", flush=True)
-    label = {0: "quiet", 1: "1 busy process", 2: "2 busy processes"}
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        run["steal"] = steal()
+        results[busy, sum(b == busy for b, _ in results) + 1] = run
+        print(f"busy {busy}: {json.dumps(run)[:600]}", flush=True)
+    names = {0: "quiet", 1: "1 busy process", 2: "2 busy processes"}
+
+    def label(key) -> str:
+        busy, n = key
+        name = names.get(busy, f"{busy} busy processes")
+        return f"{name} (run {n})" if args.rounds > 1 else name
+
     lines = [
         "# Live preview latency in napari (CPU)",
         "",
@@ -214,16 +232,19 @@ def main() -> None:
         "Targets: "
         f"median <= {TARGET_S:g} s at the defaults, every costly preview <= {COSTLY_TARGET_S:g} s.",
         "",
+        "'CPU stolen': the share of the machine's CPU time its hypervisor took during the run "
+        "(`/proc/stat`); where it is high every time in that row is inflated.",
+        "",
         "| config | slice move (median, max) | refinement control (median, max) | threshold "
-        "(median) | first preview (warm-up) |",
-        "|---|---|---|---|---|",
+        "(median) | first preview (warm-up) | CPU stolen |",
+        "|---|---|---|---|---|---|",
     ]
-    for busy, r in results.items():
+    for key, r in results.items():
         sl, rf, th = r["slice"], r["refine"], r["threshold"]
         lines.append(
-            f"| {label.get(busy, busy)} | {_median(sl):.2f} s, {max(x['seconds'] for x in sl):.2f} s "
+            f"| {label(key)} | {_median(sl):.2f} s, {max(x['seconds'] for x in sl):.2f} s "
             f"| {_median(rf):.2f} s, {max(x['seconds'] for x in rf):.2f} s | {_median(th):.2f} s "
-            f"| {r['warmup']['seconds']:.2f} s |"
+            f"| {r['warmup']['seconds']:.2f} s | {_percent(r['steal'])} |"
         )
     lines += [
         "",
@@ -233,11 +254,11 @@ def main() -> None:
         "| config | settings | preview | status |",
         "|---|---|---|---|",
     ]
-    for busy, r in results.items():
+    for key, r in results.items():
         for row in r["costly"]:
             settings = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
             lines.append(
-                f"| {label.get(busy, busy)} | {settings} | {row['seconds']:.2f} s | {row['status']} |"
+                f"| {label(key)} | {settings} | {row['seconds']:.2f} s | {row['status']} |"
             )
     lines += [
         "",
@@ -249,12 +270,12 @@ def main() -> None:
         "progress | final status |",
         "|---|---|---|---|---|",
     ]
-    for busy, r in results.items():
+    for key, r in results.items():
         a = r["abort"]
         every = r["slice"] + r["refine"] + r["costly"]
         shown = all(x["previewing"] for x in every) and any(x["progress"] for x in every)
         lines.append(
-            f"| {label.get(busy, busy)} | {a['after_newer']:.2f} s | {a['dropped']} | "
+            f"| {label(key)} | {a['after_newer']:.2f} s | {a['dropped']} | "
             f"{'yes' if shown else 'no'} | {r['final_status']} |"
         )
     lines += [

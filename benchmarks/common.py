@@ -78,6 +78,29 @@ def describe_machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def cpu_steal_meter():
+    """A function returning the share of CPU time the hypervisor stole from this virtual
+    machine since the meter was made (Linux ``/proc/stat``; None elsewhere). Stolen time
+    slows every timing here: a run with much of it is not comparable with a quiet one."""
+
+    def read():
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+    start = read()
+
+    def share() -> float | None:
+        end = read()
+        if start is None or end is None or end[1] <= start[1]:
+            return None
+        return (end[0] - start[0]) / (end[1] - start[1])
+
+    return share
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
