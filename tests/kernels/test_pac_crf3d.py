@@ -120,6 +120,21 @@ def test_keep_skips_the_planes_the_box_does_not_depend_on(monkeypatch):
     assert len(windows) == 9 + (9 + 7 + 5 + 3 + 1)
 
 
+def test_a_thin_region_takes_the_z_wavefront_within_the_floor():
+    """A live preview's region (3 planes and 5 planes of reach each side) on 256 x 256 planes:
+    its z weights (~100 MiB) exceed twice the inputs, but a region this thin takes the z
+    wavefront (whole planes per slab; the one ``keep`` lets skip planes) within
+    ``RING_FLOOR_BYTES``; 32 such planes keep the y one (the rule of twice the inputs)."""
+    args = (5, (3, 5, 5), (1, 1, 1))
+    thin = torch.empty(1, 2, 13, 256, 256), torch.empty(1, 1, 13, 256, 256)
+    axis, planes = crf_torch.wavefront_plan(*thin, *args)
+    assert axis == 0
+    ring = crf_torch._ring_slabs(*args, planes) * (75 + 2) * planes * 256 * 256
+    assert 2 * 4 * (2 * thin[0].numel() + thin[1].numel()) < ring * 4 <= crf_torch.RING_FLOOR_BYTES
+    deep = torch.empty(1, 2, 32, 256, 256), torch.empty(1, 1, 32, 256, 256)
+    assert crf_torch.wavefront_plan(*deep, *args)[0] == 1
+
+
 @pytest.mark.parametrize(
     "keep", [((0, 5), (0, 4)), ((0, 4), (0, 4), (0, 5)), ((2, 2), (0, 4), (0, 4)), "all", 3]
 )
