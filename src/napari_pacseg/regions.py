@@ -11,7 +11,6 @@ the box equals the whole-volume ``segment`` result there.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from collections import OrderedDict
@@ -99,20 +98,17 @@ class RegionSegmenter:
         ``engine.bound_preview``; the result is then approximate near the box's ends). The
         same request twice returns the cached array."""
         box = self.check_box(box)
-        plan = self.plan.with_refine(refine)
-        if self.plan.noise is None and plan.noise is not None:  # measured once per image
-            self.plan = dataclasses.replace(self.plan, noise=plan.noise)
-        if reach is not None:
-            plan = plan.with_reach(reach)
-        key = (box, plan.settings.refine, plan.settings.reach)
         with self._lock:
+            plan = self.plan.with_refine(refine)
+            if self.plan.noise is None and plan.noise is not None:  # measured once per image
+                self.plan = dataclasses.replace(self.plan, noise=plan.noise)
+            if reach is not None:
+                plan = plan.with_reach(reach)
+            key = (box, plan.settings.refine, plan.settings.reach)
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
-            with self._threads():  # fewer torch threads while other processes hold cores
+            with adaptive_threads():  # fewer threads while other processes hold cores, as segment()
                 return self._probabilities(plan, box, key, should_cancel, progress)
-
-    def _threads(self):
-        return adaptive_threads() if self.device.type == "cpu" else contextlib.nullcontext()
 
     def _probabilities(self, plan, box: Box, key, should_cancel, progress) -> np.ndarray:
         """``probabilities`` of a checked ``box`` under ``plan``, cached under ``key``."""
