@@ -180,6 +180,7 @@ def pac_forward(
     out: torch.Tensor,
     den: torch.Tensor | None = None,
     den_ready: bool = False,
+    valid=None,
 ) -> None:
     """Write the pixel-adaptive convolution of ``x`` into ``out`` (no autograd).
 
@@ -196,6 +197,11 @@ def pac_forward(
         With ``normalize``: where the per-voxel normaliser ``sum_t w`` (0 replaced by 1) is
         written, or, with ``den_ready``, read from instead of recomputed. It depends on the guide
         only, so mean-field steps compute it once.
+    valid : 3 ``(start, stop)`` ranges of the padded input (``geo``'s padding included) where
+        it holds data, or None for the geometry's own (``padding .. padding + in_shape``).
+        Outside it a tap must contribute exactly nothing (there ``x`` is 0 and the weight 0 or
+        masked, as in the padding), and each tap is computed only on the outputs whose source
+        lies inside: a thin region under a deep window skips most of its taps.
     """
     dtype = out.dtype
     taps = geo.taps()
@@ -212,6 +218,8 @@ def pac_forward(
     fill = guide_fill(geo)
     ones = torch.ones((1, *x.shape[2:]), dtype=dtype, device=x.device) if use_mask else None
     work = Workspace(dtype, x.device)
+    if valid is None:
+        valid = [(p, p + n) for p, n in zip(geo.padding, geo.in_shape)]
     for n in range(x.shape[0]):
         for index, nvox in spatial_blocks(geo.out_shape, TILE_VOXELS):
             ranges = _ranges(index, geo.out_shape)
@@ -241,22 +249,29 @@ def pac_forward(
             for ti, tap in enumerate(taps):
                 if scale[ti] == 0:
                     continue
-                g_tap = tap_view(gs, geo, tap, tile)
+                part = _inside_part(geo, ranges, tap, valid)
+                if part is None:  # every output's source is outside: nothing to add
+                    continue
+                if weight is not None and part != tuple((0, n) for n in tile):
+                    part = tuple((0, n) for n in tile)  # its products need whole tiles
+                cut_ = (slice(None), *(slice(a, b) for a, b in part))  # of (C, *tile) views
+                g_tap = tap_view(gs, geo, tap, tile)[cut_]
+                g_mid, diff_p, k_p = g_centre[cut_], diff[cut_[1:]], k[cut_[1:]]
                 for f in range(n_guide):
-                    torch.sub(g_tap[f], g_centre[f], out=diff)
+                    torch.sub(g_tap[f], g_mid[f], out=diff_p)
                     if f == 0:
-                        torch.addcmul(log_scale[ti], diff, diff, value=-0.5, out=k)
+                        torch.addcmul(log_scale[ti], diff_p, diff_p, value=-0.5, out=k_p)
                     else:
-                        k.addcmul_(diff, diff, value=-0.5)
-                torch.nn.functional.threshold_(k.clamp_(min=floor).exp_(), cut, 0.0)
+                        k_p.addcmul_(diff_p, diff_p, value=-0.5)
+                torch.nn.functional.threshold_(k_p.clamp_(min=floor).exp_(), cut, 0.0)
                 if accumulate:
                     if vs is None:
-                        ksum.add_(k)
+                        ksum[cut_[1:]].add_(k_p)
                     else:
-                        ksum.addcmul_(k, tap_view(vs, geo, tap, tile)[0])
+                        ksum[cut_[1:]].addcmul_(k_p, tap_view(vs, geo, tap, tile)[cut_][0])
                 xt = tap_view(xs, geo, tap, tile)
                 if weight is None:
-                    acc.view(c_out, *tile).addcmul_(xt, k)
+                    acc.view(c_out, *tile)[cut_].addcmul_(xt[cut_], k_p)
                 else:
                     torch.mul(xt, k, out=y)
                     acc_g = acc.view(groups, c_out // groups, nvox)
@@ -267,6 +282,21 @@ def pac_forward(
                 acc.div_(ksum.reshape(1, nvox))
             if bias is not None:
                 acc.add_(bias.view(c_out, 1).to(dtype))
+
+
+def _inside_part(geo: PacGeometry, ranges, tap, valid):
+    """3 ``(start, stop)`` ranges, in the tile's own coordinates, of the outputs of the tile
+    ``ranges`` whose source under ``tap`` lies inside ``valid`` (padded input coordinates), or
+    None when there are none."""
+    part = []
+    for (lo, hi), t, d, st, (v0, v1) in zip(ranges, tap, geo.dilation, geo.stride, valid):
+        # output o reads padded input o * st + t * d
+        a = max(lo, -(-(v0 - t * d) // st))
+        b = min(hi, -(-(v1 - t * d) // st))
+        if b <= a:
+            return None
+        part.append((a - lo, b - lo))
+    return tuple(part)
 
 
 def pac_tile(xs, gs, vs, weight, geo: PacGeometry, tile, groups, normalize, tap_scale):

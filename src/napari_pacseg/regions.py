@@ -132,20 +132,29 @@ class RegionSegmenter:
         return p
 
     def _logit_diffs(self, ext: Box, should_cancel, progress=None) -> np.ndarray:
-        """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache;
-        missing planes are computed in runs of consecutive planes, tile by tile."""
+        """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache (a
+        plane of this in-plane window, or the cached whole plane cut to it: a bounded preview's
+        smaller window after previews of whole planes); missing planes are computed in runs
+        of consecutive planes, tile by tile."""
         (z0, z1), ys, xs = ext
         window = (ys, xs)
+        whole = ((0, self.shape[1]), (0, self.shape[2]))
         out = np.empty(
             (self.config.n_classes - 1, z1 - z0, ys[1] - ys[0], xs[1] - xs[0]), np.float32
         )
         missing = []
         for z in range(z0, z1):
-            plane = self._planes.get((window, z))
+            key = (window, z)
+            plane = self._planes.get(key)
+            if plane is None and window != whole:
+                key = (whole, z)
+                plane = self._planes.get(key)
+                if plane is not None:
+                    plane = plane[:, ys[0] : ys[1], xs[0] : xs[1]]
             if plane is None:
                 missing.append(z)
             else:
-                self._planes.move_to_end((window, z))
+                self._planes.move_to_end(key)
                 out[:, z - z0] = plane
         grid = self.plan.settings.grid
         runs = [

@@ -17,6 +17,8 @@ CASES = [
     (3, 1, 1, (4, 5, 6), 2, 3, 1, 3, 1, 1),  # padding beyond 'same': centres in the padding
     (1, 6, 4, (5, 5, 5), 6, (3, 3, 1), 1, (1, 1, 0), 1, 6),  # depthwise with a weight
     (2, 2, 5, (1, 7, 9), None, (1, 5, 3), (1, 2, 1), (0, 2, 1), (1, 1, 2), 1),  # depth 1
+    (1, 3, 2, (2, 5, 6), None, (7, 3, 3), 1, (3, 1, 1), 1, 1),  # taps wholly in the padding
+    (1, 2, 2, (2, 5, 6), 3, (5, 3, 3), (1, 2, 1), (2, 1, 1), 1, 1),  # the same, with a weight
 ]
 
 

@@ -18,6 +18,7 @@ CASES = [
     (1, 1, 1, (4, 4, 4), 3, 2, None, 1.0, 2),  # one class: messages are all 1
     (2, 2, 8, (1, 11, 10), (1, 3, 3), 1, None, 3.0, 4),  # depth 1
     (1, 3, 2, (11, 6, 7), (5, 3, 3), (2, 1, 1), 1.0, 1.5, 4),  # z reach 4: wavefront lag 4
+    (1, 2, 1, (2, 6, 7), (7, 3, 3), 1, None, 2.0, 6),  # z reach 3 > depth: taps wholly outside
 ]
 
 
@@ -129,7 +130,7 @@ def test_a_thin_region_takes_the_z_wavefront_within_the_floor():
     thin = torch.empty(1, 2, 13, 256, 256), torch.empty(1, 1, 13, 256, 256)
     axis, planes = crf_torch.wavefront_plan(*thin, *args)
     assert axis == 0
-    ring = crf_torch._ring_slabs(*args, planes) * (75 + 2) * planes * 256 * 256
+    ring = crf_torch._ring_slabs(*args, planes, thin[0].shape[2]) * (75 + 2) * planes * 256 * 256
     assert 2 * 4 * (2 * thin[0].numel() + thin[1].numel()) < ring * 4 <= crf_torch.RING_FLOOR_BYTES
     deep = torch.empty(1, 2, 32, 256, 256), torch.empty(1, 1, 32, 256, 256)
     assert crf_torch.wavefront_plan(*deep, *args)[0] == 1

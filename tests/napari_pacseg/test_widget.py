@@ -333,6 +333,23 @@ def test_region_segmenter_equals_segment_on_any_box(sample):
         seg.probabilities(((0, 17), (0, 64), (0, 64)))
 
 
+def test_a_smaller_window_is_cut_from_cached_whole_planes(sample):
+    """A bounded preview's in-plane window after previews of whole planes: its logits come
+    from the cached planes (none computed) and equal a fresh segmenter's."""
+    model = load_demo_model()
+    image = sample.image[CROP]
+    seg = RegionSegmenter(image, model, spacing=sample.spacing, device="cpu")
+    h, w = image.shape[1:]
+    seg.probabilities(((2, 5), (0, h), (0, w)), refine=False)
+    planes = seg.stats["logit_planes"]
+    window = ((3, 4), (10, 40), (3, 50))
+    p = seg.probabilities(window, refine=False)
+    assert seg.stats["logit_planes"] == planes
+    fresh = RegionSegmenter(image, model, spacing=sample.spacing, device="cpu")
+    np.testing.assert_allclose(p, fresh.probabilities(window, refine=False), rtol=0, atol=1e-6)
+    assert fresh.stats["logit_planes"] == 1
+
+
 def test_four_d_image_with_a_leading_channel_axis(docked, qtbot, errors, sample):
     viewer, widget = docked
     crop = sample.image[TRAIN_CROP].astype(np.float32)
