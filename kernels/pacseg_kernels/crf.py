@@ -115,8 +115,8 @@ def pac_crf3d(
     keep : None, or 3 ``(start, stop)`` ranges of the volume: return that sub-box only, the
         same values as cropping the whole result. The CPU mean field then runs step ``s`` only
         on the planes (along its wavefront axis) within ``iterations - s`` windows of the
-        kept range (the live preview's 3 planes of a 13-plane region: 0.18 s, whole 0.21 s on
-        the y wavefront; benchmarks/bench_preview.py).
+        kept range (the live preview's 3 planes of a 13-plane region: 0.13 s, whole 0.18 s;
+        benchmarks/bench_preview.py).
 
     Returns
     -------

@@ -6,7 +6,8 @@ float per voxel and tap (75-125x the unary), so the steps run as a wavefront ove
 at wavefront position ``j`` the weights of slab ``j`` are computed, step 1 runs on slab ``j``,
 step 2 on slab ``j - L``, ..., step ``S`` on slab ``j - (S - 1) L``, where ``L`` slabs cover
 the window's reach in z. Every step then finds the previous step's probabilities it reads
-already computed, and only the weights of the last ``(S - 1) L + 1`` slabs are alive.
+already computed, and only the weights of the last ``(S - 1) L + 1`` slabs are alive (every
+slab's, when the region has fewer: a thin region under many steps).
 
 Two probability buffers suffice (even steps in one, odd steps in the other): step ``s`` on
 slab ``j`` overwrites step ``s - 2`` there, whose last reader (step ``s - 1`` on slab
@@ -37,8 +38,8 @@ Progress = Callable[[int, int], None]
 RING_BUDGET = 2.0
 # ... or this many bytes, whichever is more, for a region of at most THIN_PLANES planes (a live
 # preview's few planes and their reach): the z wavefront is the one that ``keep`` lets skip
-# planes (the default preview's 13 x 256 x 256 region, 5 steps, 3 planes kept: z 0.18 s, y
-# 0.21 s; z without ``keep`` 0.25 s; benchmarks/bench_preview.py). On 256 x 256 planes its weights
+# planes (the default preview's 13 x 256 x 256 region, 5 steps, 3 planes kept: z 0.13 s, y
+# 0.24 s; z without ``keep`` 0.18 s; benchmarks/bench_preview.py). On 256 x 256 planes its weights
 # take ~100 MiB whatever the depth, so deeper regions keep the rule above.
 RING_FLOOR_BYTES = 128 << 20
 THIN_PLANES = 16
