@@ -45,6 +45,10 @@ RING_FLOOR_BYTES = 128 << 20
 THIN_PLANES = 16
 # Voxels per slab worth one torch call: planes smaller than this are grouped.
 SLAB_VOXELS = 1 << 14
+# Slab voxels per torch thread from which a step's message is summed tap by tap on the CPU: a
+# call per tap costs a few microseconds, and torch runs an elementwise call of fewer than 32768
+# elements on one thread, so smaller slabs keep the one call over all taps.
+PER_TAP_VOXELS = 1 << 14
 # Axes the wavefront may run over, in order of preference (0: z, 1: y).
 WAVEFRONT_AXES = (0, 1)
 
@@ -154,8 +158,10 @@ class _SlabViews:
     views of them a slab uses, made once. The weights' passes over the taps are one torch call
     over all of them (a kernel launch per pass on a GPU). A step's message is one call too on
     a GPU (a products buffer of all taps, then its sum), but on the CPU a loop of ``addcmul_``,
-    a call per tap with no products buffer: 2.8x faster on a 256 x 256 plane of a 3 x 5 x 5
-    window, where the one call over the strided taps runs far below the memory's speed."""
+    a call per tap with no products buffer, on slabs of at least ``PER_TAP_VOXELS`` voxels per
+    thread: on a 256 x 256 plane of a 3 x 5 x 5 window 2.2x faster at one thread, 1.9x at two,
+    the one call over the strided taps running far below the memory's speed (on slabs of
+    7,700 voxels at one thread, the loop's calls cost more than they save)."""
 
     def __init__(self, ring, kernel, planes, plane_shape, k, n_guide, dtype, device):
         new = functools.partial(torch.empty, dtype=dtype, device=device)
@@ -164,7 +170,9 @@ class _SlabViews:
         size = planes * plane_shape[0] * plane_shape[1]
         self.weights = new((ring, self.taps * size))
         self.rden, self.has = new((ring, size)), new((ring, size))
-        self.per_tap = torch.device(device).type == "cpu"
+        self.per_tap = (
+            torch.device(device).type == "cpu" and size >= PER_TAP_VOXELS * torch.get_num_threads()
+        )
         self.products = None if self.per_tap else new(self.taps * size)
         self.message, self.exps = new(k * size), new(k * size)
         self.squares = new(self.taps * size) if n_guide > 1 else None

@@ -31,15 +31,18 @@ def _tensors(case, gen, dtype=torch.float32):
 
 # How the torch path runs the steps: the wavefront that keeps the weights, over z or over y
 # (slabs of one plane, of two planes with a shorter last slab where the axis is odd, of the
-# whole volume), or the steps recomputing them (with pac_torch's default tiles, or tiny ones).
+# whole volume; each step's message summed tap by tap or in one call over the taps, as the
+# slab's size picks on the CPU), or the steps recomputing them (with pac_torch's default tiles,
+# or tiny ones).
 Z, Y = dict(WAVEFRONT_AXES=(0,)), dict(WAVEFRONT_AXES=(1,))
+PER_TAP, ONE_CALL = dict(PER_TAP_VOXELS=0), dict(PER_TAP_VOXELS=1 << 40)
 ENGINES = {
-    "wavefront-z-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Z),
-    "wavefront-z-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Z),
-    "wavefront-z-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Z),
-    "wavefront-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y),
-    "wavefront-y-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Y),
-    "wavefront-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y),
+    "wavefront-z-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Z, **PER_TAP),
+    "wavefront-z-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Z, **ONE_CALL),
+    "wavefront-z-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Z, **PER_TAP),
+    "wavefront-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y, **ONE_CALL),
+    "wavefront-y-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Y, **PER_TAP),
+    "wavefront-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y, **ONE_CALL),
     "recompute": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0),
     "recompute-tile29": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0, TILE_VOXELS=29),
 }
