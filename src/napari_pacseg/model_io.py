@@ -232,8 +232,8 @@ def config_from_dict(data) -> ModelConfig:
     config = _obj(ModelConfig, data, "config", convert)
     stored = data.get("refine")
     if config.ndim == 2 and not (isinstance(stored, dict) and "fit_weight" in stored):
-        # a 2D model written before the local fit: 2D models are made without it
-        # (training.default_refine); volumes written before it take it up
+        # a 2D model written before the local fit was made without it, and keeps its results;
+        # volumes written before it take it up
         config = dataclasses.replace(
             config, refine=dataclasses.replace(config.refine, fit_weight=0.0)
         )

@@ -204,23 +204,24 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
     )
 
 
-def test_volume_models_fit_and_2d_models_do_not(tmp_path):
+def test_volume_models_fit_and_2d_models_fit_less(tmp_path):
     from napari_pacseg import load_model, save_model
     from napari_pacseg.model_io import config_from_dict, config_to_dict
-    from napari_pacseg.training import default_refine
+    from napari_pacseg.training import FIT_WEIGHT_2D, default_refine
 
     assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.5
-    assert default_refine(2) == RefineConfig(fit_weight=0.0)
+    assert default_refine(2) == RefineConfig(fit_weight=FIT_WEIGHT_2D) and 0 < FIT_WEIGHT_2D < 0.5
     rng = np.random.default_rng(0)
     plane = rng.normal(10, 1, (24, 24)).astype(np.float32)
     plane[6:14, 6:14] += 20
     marks = np.zeros((24, 24), np.uint8)
     marks[1, 1:20], marks[9, 8:12] = 1, 2
     model = train(plane, marks, spacing=(1.0, 1.0), steps=5)
-    assert model.config.ndim == 2 and model.config.refine.fit_weight == 0.0
+    assert model.config.ndim == 2 and model.config.refine.fit_weight == FIT_WEIGHT_2D
     save_model(model, tmp_path / "m.safetensors")
     assert load_model(tmp_path / "m.safetensors").config.refine == default_refine(2)
-    # files written before the fit existed: 2D models stay without it, volumes take it up
+    # files written before the fit existed: 2D models stay without it (they were made without
+    # it), volumes take it up
     for config, expected in ((model.config, 0.0), (dataclasses.replace(model.config, ndim=3), 0.5)):
         data = config_to_dict(config)
         del data["refine"]["fit_weight"], data["refine"]["fit_sigma"]
