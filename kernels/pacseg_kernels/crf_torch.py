@@ -192,13 +192,13 @@ class _SlabViews:
                 "rden": [r[:n].view(slab) for r in self.rden],
                 "has": [h[:n].view(slab) for h in self.has],
                 "has_flat": [h[:n] for h in self.has],  # (n,)
-                # per ring slot, the weights of each tap (kd * kh * kw of (nz, H, W))
-                "weights_list": [list(w.view(self.taps, *slab)) for w in weights],
                 "message": message.view(self.k, *slab),
                 "message_rows": list(message.view(self.k, n)),
                 "exps": self.exps[: self.k * n].view(self.k, *slab),
             }
-            if self.products is not None:
+            if self.per_tap:  # per ring slot, the weights of each tap (T of (nz, H, W))
+                views["weights_list"] = [list(w.view(self.taps, *slab)) for w in weights]
+            else:
                 views["products"] = self.products[: self.taps * n].view(self.taps, n)
                 views["products_taps"] = self.products[: self.taps * n].view(taps)
             if self.squares is not None:
