@@ -139,6 +139,27 @@ def test_a_thin_region_takes_the_z_wavefront_within_the_floor():
     assert crf_torch.wavefront_plan(*deep, *args)[0] == 1
 
 
+def test_a_region_thinner_than_the_steps_in_flight_keeps_all_its_weights(monkeypatch):
+    """3 planes under 50 steps: the wavefront would keep 49 + 1 slabs in flight, but the region
+    has 3, so it keeps those 3 (within the thin-region floor) instead of recomputing the
+    weights every step; the result is the reference's."""
+    args = (50, (3, 5, 5), (1, 1, 1))
+    unary, guide = torch.empty(1, 2, 3, 256, 256), torch.empty(1, 1, 3, 256, 256)
+    assert crf_torch._ring_slabs(*args, 1, 3) == 3 < crf_torch._ring_slabs(*args, 1, 100)
+    assert crf_torch.wavefront_plan(unary, guide, *args) == (0, 1)
+    gen = torch.Generator().manual_seed(5)
+    unary, guide = 2 * torch.randn(1, 2, 3, 9, 8, generator=gen), torch.randn(1, 1, 3, 9, 8)
+    # weights room for exactly the region's 3 one-plane slabs (27 taps + 2 sums per voxel)
+    monkeypatch.setattr(crf_torch, "RING_BUDGET", 0.0)
+    monkeypatch.setattr(crf_torch, "RING_FLOOR_BYTES", 3 * (27 + 2) * 9 * 8 * 4)
+    monkeypatch.setattr(crf_torch, "SLAB_VOXELS", 1)
+    monkeypatch.setattr(crf_torch, "WAVEFRONT_AXES", (0,))
+    assert crf_torch.wavefront_plan(unary, guide, 12, (3, 3, 3), (1, 1, 1)) == (0, 1)
+    out = pac_crf3d(unary, guide, 12, (3, 3, 3), compat=2.0, backend="torch")
+    ref = crf_reference(unary, guide, 12, (3, 3, 3), 1, 2.0, None)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "keep", [((0, 5), (0, 4)), ((0, 4), (0, 4), (0, 5)), ((2, 2), (0, 4), (0, 4)), "all", 3]
 )
