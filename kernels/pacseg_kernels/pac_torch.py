@@ -224,6 +224,7 @@ def pac_forward(
         for index, nvox in spatial_blocks(geo.out_shape, TILE_VOXELS):
             ranges = _ranges(index, geo.out_shape)
             tile = tuple(hi - lo for lo, hi in ranges)
+            whole_tile = tuple((0, n) for n in tile)
             xs = slab(x[n], geo, ranges, dtype, work=(work, "x"))
             gs = slab(guide[n], geo, ranges, dtype, fill, work=(work, "guide"))
             vs = slab(ones, geo, ranges, dtype, work=(work, "valid")) if use_mask else None
@@ -252,8 +253,8 @@ def pac_forward(
                 part = _inside_part(geo, ranges, tap, valid)
                 if part is None:  # every output's source is outside: nothing to add
                     continue
-                if weight is not None and part != tuple((0, n) for n in tile):
-                    part = tuple((0, n) for n in tile)  # its products need whole tiles
+                if weight is not None:
+                    part = whole_tile  # its products need whole tiles
                 cut_ = (slice(None), *(slice(a, b) for a, b in part))  # of (C, *tile) views
                 g_tap = tap_view(gs, geo, tap, tile)[cut_]
                 g_mid, diff_p, k_p = g_centre[cut_], diff[cut_[1:]], k[cut_[1:]]
