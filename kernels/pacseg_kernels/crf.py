@@ -115,7 +115,7 @@ def pac_crf3d(
     keep : None, or 3 ``(start, stop)`` ranges of the volume: return that sub-box only, the
         same values as cropping the whole result. The CPU mean field then runs step ``s`` only
         on the planes (along its wavefront axis) within ``iterations - s`` windows of the
-        kept range (the live preview's 3 planes of a 13-plane region: 0.13 s, whole 0.18 s;
+        kept range (the live preview's 3 planes of a 13-plane region: 0.13 s, whole 0.19 s;
         benchmarks/bench_preview.py).
 
     Returns

@@ -39,7 +39,7 @@ RING_BUDGET = 2.0
 # ... or this many bytes, whichever is more, for a region of at most THIN_PLANES planes (a live
 # preview's few planes and their reach): the z wavefront is the one that ``keep`` lets skip
 # planes (the default preview's 13 x 256 x 256 region, 5 steps, 3 planes kept: z 0.13 s, y
-# 0.24 s; z without ``keep`` 0.18 s; benchmarks/bench_preview.py). On 256 x 256 planes its weights
+# 0.19 s; z without ``keep`` 0.19 s; benchmarks/bench_preview.py). On 256 x 256 planes its weights
 # take ~100 MiB whatever the depth, so deeper regions keep the rule above.
 RING_FLOOR_BYTES = 128 << 20
 THIN_PLANES = 16

@@ -329,8 +329,8 @@ def bound_preview(plan: Plan, box: Box, budget: float) -> Bounded:
 
 
 MIN_PREVIEW_WINDOW = 16  # the in-plane window a bounded preview never shrinks below
-# Tap visits a live preview's refinement may make: ~1.3 s on one core of this project's CPU
-# (pac_crf3d visits ~9e8 taps/s per core: benchmarks/results/busy-cpu.md), so a preview with
+# Tap visits a live preview's refinement may make: ~1.1 s on one core of this project's CPU
+# (pac_crf3d visits ~1.1e9 taps/s per core: benchmarks/results/busy-cpu.md), so a preview with
 # its logits stays within ~3 s even on a busy machine; GPUs visit ~100x more per second.
 PREVIEW_WORK_CPU = 1.2e9
 PREVIEW_WORK_GPU = 1e11
