@@ -40,8 +40,13 @@ With ``--2d`` every volume (and degraded copy) is replaced by its plane holding 
 scribbles of both classes, a 2D image with that plane's scribbles: ours then trains and
 segments a 2D model, and the peers run in 2D too. Writes ``quality-2d-<device>.md``.
 
+Then the robustness of ours (``robustness.py``) on every clean volume, and with ``--realdata
+DIR`` on the real images there too: Dice at other exposures and the foreground on crops without
+objects. Writes ``robustness[-2d]-<device>.md``; ``--robustness-only`` runs only this part.
+
 Usage: python benchmarks/bench_quality.py [--device cpu|cuda] [--apoc-python PATH]
        [--seeds 11 3 5] [--repeats 3] [--skip-rf] [--no-degraded] [--context] [--2d]
+       [--realdata DIR] [--robustness-only]
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
 import make_sample
 
 import common
+import robustness
 from napari_pacseg import segment, train
 from napari_pacseg.sample import load_sample
 from napari_pacseg.training import default_features
@@ -340,6 +346,11 @@ def main() -> None:
     parser.add_argument("--context", action="store_true", help="also ours with the context net")
     parser.add_argument("--2d", dest="two_d", action="store_true",
                         help="2D: each volume's most scribbled plane, and a 2D model")  # fmt: skip
+    parser.add_argument("--realdata", metavar="DIR",
+                        help="folder of real images with reference labels (its README): also "
+                        "measured in the robustness section")  # fmt: skip
+    parser.add_argument("--robustness-only", action="store_true",
+                        help="only the robustness section (no peers, no quality tables)")  # fmt: skip
     args = parser.parse_args()
 
     sample = load_sample()
@@ -357,6 +368,10 @@ def main() -> None:
         volumes = [(f"{n}, plane {z}", im[z], t[z], sc[z])
                    for n, im, t, sc in volumes for z in [scribbled_plane(sc)]]  # fmt: skip
         spacing = spacing[1:]
+    flags = _flags(args)
+    if args.robustness_only:
+        _robustness(volumes, spacing, args, flags)
+        return
     if args.device == "cuda":  # CUDA start-up and the first Triton compiles out of the timings
         run_ours(volumes[0][1], volumes[0][3], spacing, 1, args.device)
     results = []
@@ -368,14 +383,6 @@ def main() -> None:
         )  # fmt: skip
 
     dev = args.device
-    flags = f" --device {dev}" if dev != "cpu" else ""
-    flags += f" --apoc-python {common.shown_path(args.apoc_python)}" if args.apoc_python else ""
-    flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
-    flags += f" --repeats {args.repeats}" if args.repeats != 3 else ""
-    flags += " --skip-rf" if args.skip_rf else ""
-    flags += " --no-degraded" if args.no_degraded else ""
-    flags += " --context" if args.context else ""
-    flags += " --2d" if args.two_d else ""
     shape = make_sample.SHAPE[1:] if args.two_d else make_sample.SHAPE
     axes, unit = ("(y, x)", "pixels") if args.two_d else ("(z, y, x)", "voxels")
     lines = [
@@ -404,6 +411,52 @@ def main() -> None:
         lines += ["", f"## {name}: scribbles cover {100 * fraction:.3f}% of the {unit}", ""]
         lines += _table(rows)
     kind = "quality-2d" if args.two_d else "quality"
+    out = common.write_result(f"{kind}-{common.device_name(dev)}.md", "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    _robustness(volumes, spacing, args, flags)
+
+
+def _flags(args) -> str:
+    """The command-line options of this run, as the results files quote them."""
+    dev = args.device
+    flags = f" --device {dev}" if dev != "cpu" else ""
+    flags += f" --apoc-python {common.shown_path(args.apoc_python)}" if args.apoc_python else ""
+    flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
+    flags += f" --repeats {args.repeats}" if args.repeats != 3 else ""
+    flags += " --skip-rf" if args.skip_rf else ""
+    flags += " --no-degraded" if args.no_degraded else ""
+    flags += " --context" if args.context else ""
+    flags += " --2d" if args.two_d else ""
+    flags += f" --realdata {common.shown_path(args.realdata)}" if args.realdata else ""
+    flags += " --robustness-only" if args.robustness_only else ""
+    return flags
+
+
+def _robustness(volumes, spacing, args, flags: str) -> None:
+    """Ours trained on each clean volume (and each real image), measured by ``robustness``."""
+    cases = [(n, im, t, sc, spacing, None) for n, im, t, sc in volumes if "degraded" not in n]
+    if args.realdata:
+        cases += list(robustness.real_images(args.realdata, args.two_d))
+    rows = []
+    for name, image, truth, scribbles, sp, crop in cases:
+        model = train(image, scribbles, spacing=sp, seed=0, device=args.device,
+                      features=default_features(len(sp), make_sample.DEMO_SIGMAS)
+                      if not name.startswith("real") else None)  # fmt: skip
+        rows.append(robustness.measure(name, model, image, truth, sp, crop))
+    dev = args.device
+    lines = [
+        f"# Robustness of ours{' in 2D' if args.two_d else ''} ({common.device_name(dev)})",
+        "",
+        f"Command: `python benchmarks/bench_quality.py{flags}`  ",
+        f"Machine: {common.describe_machine(dev)}  ",
+        "Each image: train() from its scribbles (the generator's volumes at the sample's "
+        "demo scales, real images at the default features), then segment() with the model's "
+        "defaults. Real images: scribbles made from the reference labels "
+        "(robustness.user_scribbles).",
+        "",
+        *robustness.table(rows),
+    ]
+    kind = "robustness-2d" if args.two_d else "robustness"
     out = common.write_result(f"{kind}-{common.device_name(dev)}.md", "\n".join(lines) + "\n")
     print(f"wrote {out}")
 

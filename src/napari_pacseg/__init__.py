@@ -19,9 +19,11 @@ from .model_io import (
     load_model,
     save_model,
 )
+from .normalise import Normalisation
 from .pipeline import (
     Segmentation,
     SegmentationCancelled,
+    image_range,
     receptive_field,
     segment,
     volume_intensity_range,
@@ -38,12 +40,14 @@ __all__ = [
     "ModelConfig",
     "ModelFileError",
     "ModelFileWarning",
+    "Normalisation",
     "PacSegModel",
     "RefineConfig",
     "Segmentation",
     "SegmentationCancelled",
     "__version__",
     "compute_features",
+    "image_range",
     "import_torch_mlp",
     "instance_labels",
     "labels_from_probabilities",

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .batch_zarr import open_scheduler, resolve_spacing, segment_zarr
-from .checks import check_int, check_ints, error_line
+from .checks import check_callable, check_int, check_ints, error_line
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .engine import refine_params, settle
 from .instances import instance_config, table_csv
 from .model_io import load_model, weights_digest
 from .pipeline import segment
-from .provenance import now, sha256_file, versions
+from .provenance import input_digest, now, sha256_file, versions
 from .volume_io import (
     NPY_SUFFIXES,
     PICTURE_SUFFIXES,
@@ -138,6 +138,16 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _same_content(record: dict, here, digest: str) -> bool:
+    """Whether the input a record describes has the content ``digest`` (records without a
+    digest, written before it was kept: the same size and modification time)."""
+    if isinstance(record.get("input_digest"), str):
+        return record["input_digest"] == digest
+    return here is not None and [record.get("input_size"), record.get("input_mtime_ns")] == list(
+        here[1:]
+    )
+
+
 class Skip(str):
     """An entry's "problem" that is no problem: the reason it is skipped (not an input)."""
 
@@ -147,11 +157,14 @@ def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
     and glob patterns -> ``[(path, problem)]`` in order, without repeats; ``problem`` is "", why
     the entry cannot be segmented, or a ``Skip`` saying why it is not an input.
 
-    A pacseg output is not an input: one that a record lists, or one named as an output of
-    another volume given (``x_labels.npy`` beside ``x.npy``), so a run whose output folder is
-    its input folder resumes cleanly. Found by a folder or a pattern, it is left out; named
-    explicitly (a shell-expanded ``*.npy``), it is reported as skipped. PNG and JPEG files
-    are found by folders and patterns only with ``pictures`` (a 2D model's run)."""
+    Found by a folder or a pattern, a pacseg output is not an input: one that a record lists,
+    or one named as an output of another volume given (``x_labels.npy`` beside ``x.npy``), so a
+    run whose output folder is its input folder resumes cleanly; it is left out. A file named
+    explicitly is an input whatever its name looks like, except one that a pacseg record lists
+    as its output (a shell-expanded ``*.npy`` of a finished run): that one is reported as
+    skipped, and it is never written either (``iter_segment_files`` fails the input that
+    would replace it). PNG and JPEG files are found by folders and patterns only with
+    ``pictures`` (a 2D model's run)."""
     entries: list[tuple[Path, str, bool]] = []  # (path, problem, named explicitly)
     for item in inputs:
         path = Path(item)
@@ -218,7 +231,8 @@ def _volumes(paths, pictures: bool = True) -> list[tuple[Path, str, bool]]:
 
 
 def _without_outputs(entries):
-    """``entries`` without the pacseg outputs among them (see ``expand_inputs``)."""
+    """``entries`` without the pacseg outputs among them (see ``expand_inputs``): found ones
+    by their names or a record, explicitly named ones only by a record."""
     owner = {}
     for p, problem, _ in entries:
         if not problem:
@@ -226,22 +240,24 @@ def _without_outputs(entries):
                 owner.setdefault(output_name(p, p.parent, kind), p)
     for p, problem, explicit in entries:
         src = owner.get(p) if not problem else None
+        named_like = src is not None and src != p
         recorded = not problem and _is_output(p)
-        if (src is not None and src != p) or recorded:
-            if explicit:
-                of = f"of {src.name} " if src is not None and src != p else ""
-                yield p, Skip(f"a pacseg output {of}(not an input)"), explicit
+        if explicit and recorded:
+            of = f"of {src.name} " if named_like else ""
+            yield p, Skip(f"a pacseg output {of}(its record lists it; not an input)"), explicit
+        elif not explicit and (named_like or recorded):
             continue
-        yield p, problem, explicit
+        else:
+            yield p, problem, explicit
 
 
-def _check_outputs(entries, outdir) -> None:
+def _check_outputs(entries, outdir, instances: bool) -> None:
     """``ValueError`` when two inputs would write the same outputs, or an output is an input."""
     owner: dict[Path, Path] = {}
     inputs = [p for p, problem in entries if not problem]
     guard = InputGuard(inputs)
     for path in inputs:
-        for out in output_paths(path, outdir).values():
+        for out in output_paths(path, outdir, instances).values():
             key = resolved(out)
             if key in owner:
                 raise ValueError(
@@ -272,6 +288,7 @@ def iter_segment_files(
     frames: bool = False,
 ):
     """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
+    check_callable(progress, "progress", "progress(index, n_inputs, path, done, total)")
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         model = load_model(path)  # first: a folder or a bad file is a ModelFileError
@@ -305,7 +322,7 @@ def iter_segment_files(
         raise ValueError(f"output folder {outdir} is a broken symbolic link; give a folder")
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"output folder {outdir} is a file; give a folder")
-    _check_outputs(entries, outdir)
+    _check_outputs(entries, outdir, objects is not None)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -321,7 +338,9 @@ def iter_segment_files(
         spacing, channel_axis, False if params is None else params, str(device), tile_shape,
         threshold, chunks, scheduler, workers, overwrite, objects, bool(frames),
     )  # fmt: skip
-    run = _FileRun(model, model_info, options, progress, len(entries))
+    # explicitly named files skipped as pacseg outputs: never written, though not inputs
+    named_outputs = InputGuard(p for p, problem in entries if isinstance(problem, Skip))
+    run = _FileRun(model, model_info, options, progress, len(entries), named_outputs)
     try:
         for index, (path, problem) in enumerate(entries):
             yield run.one(index, path, problem, output_paths(path, outdir, objects is not None))
@@ -416,8 +435,10 @@ class RunOptions:
 class _FileRun:
     """The state of one ``segment_files`` call: the model, options and a lazily started client."""
 
-    def __init__(self, model, model_info: dict, options: RunOptions, progress, n: int) -> None:
+    def __init__(self, model, model_info: dict, options: RunOptions, progress, n: int,
+                 named: InputGuard) -> None:  # fmt: skip
         self.model, self.model_info, self.options = model, model_info, options
+        self.named = named
         self.common = options.recorded()
         self.overwrite, self.progress, self.n = options.overwrite, progress, n
         self.client, self.owned = None, False
@@ -444,18 +465,20 @@ class _FileRun:
             return FileResult(path, "failed", problem)
         record = paths["record"]
         old = read_record(record) if _exists(record) else None
-        ours = old is not None and old["input"] == str(path.resolve())
         here = _identity(path)
-        moved = (  # the same file in a moved or renamed project folder (mv keeps size and time)
-            old is not None
-            and Path(old["input"]).name == path.name
-            and here is not None
-            and [old.get("input_size"), old.get("input_mtime_ns")] == list(here[1:])
-        )
+        try:
+            content = input_digest(path)
+        except OSError as err:
+            return FileResult(path, "failed", f"cannot read it ({err.strerror or err})")
+        ours = old is not None and old["input"] == str(path.resolve())
+        same = old is not None and _same_content(old, here, content)
+        # ``moved``: the same content in a moved or renamed project folder
+        moved = old is not None and Path(old["input"]).name == path.name and same
         done = old is not None and old.get("status", "complete") == "complete"
-        if done and (ours or moved) and not self.overwrite:
+        # An input whose content changed since its record is redone (its outputs are ours).
+        if done and ((ours and same) or moved) and not self.overwrite:
             return FileResult(path, "skipped", self._skip_reason(old, record), record=record)
-        clash = self._foreign_output(paths, old if ours else None)
+        clash = self._named_output(paths) or self._foreign_output(paths, old if ours else None)
         if clash:
             return FileResult(path, "failed", clash)
 
@@ -466,9 +489,10 @@ class _FileRun:
         tiles(0, 0)
         outputs = [k for k in paths if k != "record"]
         started = now()
-        head = {"format": RECORD_FORMAT, "version": 2, "input": str(path.resolve()),
+        head = {"format": RECORD_FORMAT, "version": 3, "input": str(path.resolve()),
                 "input_size": here[1] if here else None,
                 "input_mtime_ns": here[2] if here else None,
+                "input_digest": content,
                 "outputs": {k: paths[k].name for k in outputs}}  # fmt: skip
         before = {k: _identity(paths[k]) for k in paths}
         previous = record.read_bytes() if before["record"] is not None else None
@@ -498,6 +522,21 @@ class _FileRun:
         seconds = time.perf_counter() - start
         return FileResult(path, "done", f"done in {seconds:.1f} s",
                           tuple(paths[k] for k in outputs), record, seconds)  # fmt: skip
+
+    def _named_output(self, paths: dict[str, Path]) -> str:
+        """Why an output path may not be written because it is (or holds) a file named on the
+        command line ("" if none): a named file is never written, even with ``overwrite``."""
+        for what, out in paths.items():
+            try:
+                self.named.check(out)
+            except ValueError:
+                return (
+                    f"its {what} output {out} was named as an input, and a file named as an "
+                    "input is never replaced (not even with --overwrite); leave it out of the "
+                    "inputs (quote a pattern, 'dir/*.npy', so pacseg skips its own outputs) or "
+                    "choose another output folder"
+                )
+        return ""
 
     def _foreign_output(self, paths: dict[str, Path], record: dict | None) -> str:
         """Why an existing file at one of the output paths may not be replaced ("" if none):

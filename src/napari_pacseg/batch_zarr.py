@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import check_spacing
+from .checks import check_callable, check_spacing
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .engine import (
     as_model,
@@ -34,12 +34,12 @@ from .engine import (
     split_box,
     whole,
 )
-from .guide import volume_noise_level
 from .instances import instance_config as instance_config_of
 from .instances import table_csv
 from .instances_zarr import Measure, instances_pass
-from .model import PacSegModel, volume_intensity_range
+from .model import PacSegModel
 from .model_io import ModelPayload, model_from_bytes
+from .normalise import image_range, volume_noise_level
 from .pipeline import receptive_field, segment
 from .volume_io import (
     INSTALL_HINT,
@@ -47,6 +47,8 @@ from .volume_io import (
     Volume,
     VolumeError,
     check_not_input,
+    check_output_folder,
+    check_replaceable,
     describe_bad_chunk,
     layout_from_axes,
     move_into_place,
@@ -56,6 +58,7 @@ from .volume_io import (
     remove_stale_temporaries,
     temporary_sibling,
     write_bytes,
+    write_error,
 )
 
 # Default chunk (z, y, x): ~4 M voxels, so a task (chunk + halo, the features of one tile, the
@@ -221,7 +224,7 @@ def open_scheduler(scheduler, workers):
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: 8787 may be taken
             silence_logs=logging.ERROR,
         )
         return "distributed", Client(cluster, set_as_default=False), True
@@ -370,6 +373,7 @@ def segment_zarr(
     import zarr
 
     start = time.perf_counter()
+    check_callable(progress, "segment_zarr: progress", "progress(done_chunks, total_chunks)")
     model = as_model(model)
     if model.config.ndim == 2:
         raise ValueError(
@@ -393,6 +397,10 @@ def segment_zarr(
     for out in outputs:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        is_table = objects_out is not None and out == Path(objects_out)
+        check_replaceable(out, folder=not is_table)  # the zarr arrays are folders
+        if out.parent.exists():  # zarr creates a missing one
+            check_output_folder(out.parent)
     shape = layout.shape(raw.shape)
     check_channels(shape, model, channel_axis)
     spacing, spacing_source = resolve_spacing(spacing, volume, model)
@@ -415,7 +423,7 @@ def segment_zarr(
         view = layout.arrange(view[layout.selection([(0, n) for n in shape[1:]])])
         try:
             with dask.config.set(scheduler=client):
-                lo, hi = volume_intensity_range(view)
+                lo, hi = image_range(view, model.config.normalisation)
                 noise = volume_noise_level(view, lo, hi).tolist()
         except (MemoryError, KeyboardInterrupt, ValueError):  # ValueError: values out of range
             raise
@@ -483,6 +491,15 @@ def segment_zarr(
             timings["instances"] = time.perf_counter() - t0
         for tmp, out in zip(tmps, outputs):
             move_into_place(tmp, out, overwrite)
+    except OSError as err:  # a full disk, the file-size limit: one line naming the output
+        written = Path(err.filename or "")
+        out = next((o for t, o in zip(tmps, outputs) if t == written or t in written.parents),
+                   None)  # fmt: skip
+        names = None if out is not None else " or ".join(o.name for o in outputs)
+        described = write_error(err, out or outputs[0], names)
+        if described is None:
+            raise
+        raise described from err
     finally:
         if futures:
             client.cancel(futures)

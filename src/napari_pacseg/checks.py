@@ -75,6 +75,51 @@ def is_real(value) -> bool:
         return False
 
 
+def check_callable(value, name: str, call: str = "") -> None:
+    """``TypeError`` unless ``value`` is None or callable (a progress or cancel callback:
+    checked where it is passed, not where it is first called, deep in the work). ``call``
+    shows how it is called, e.g. ``"progress(done, total)"``."""
+    if value is not None and not callable(value):
+        how = f" (called as {call})" if call else ""
+        raise TypeError(
+            f"{name} must be a callable{how} or None, got {type(value).__name__} "
+            f"{short_repr(value)}"
+        )
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """``value`` as a random seed: an int in ``[0, MAX_SEED]`` (not a bool, float or string;
+    ``ValueError`` as ``check_int``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an integer in [0, 2**63 - 1], got {type(value).__name__} "
+            f"{short_repr(value)}"
+        )
+    value = operator.index(value)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {short_repr(value)}")
+    return value
+
+
+def as_array(value, what: str) -> np.ndarray:
+    """``np.asarray(value)``, with a one-line ``ValueError`` for a ragged nested list (numpy's
+    "inhomogeneous shape") or anything else numpy cannot take as one array."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as err:
+        if isinstance(value, (list, tuple)) and "inhomogeneous" in str(err):
+            raise ValueError(
+                f"{what}: a ragged nested list (rows of different lengths); give a numpy array "
+                "(every row of the same length)"
+            ) from None
+        raise ValueError(
+            f"{what} cannot be read as an array ({one_line(err, 120)}); give a numpy array"
+        ) from None
+
+
 def as_volume(image, channel_axis: int | None, what: str = "image") -> np.ndarray:
     """``(C, D, H, W)`` view of a 3D image, or of a 4D one with ``channel_axis``; any strides
     (``as_image`` with ``ndim=3``)."""
@@ -95,7 +140,7 @@ def as_image(
     """
     if isinstance(image, (str, bytes)) or image is None:
         raise TypeError(f"{what} must be an array, got {short_repr(image)}")
-    arr = np.asarray(image)
+    arr = as_array(image, what)
     if np.iscomplexobj(arr):
         raise ValueError(
             f"{what} has the complex dtype {arr.dtype}; segment its magnitude (np.abs) or its "

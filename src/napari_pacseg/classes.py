@@ -51,6 +51,10 @@ class ClassInfo:
                 f"ClassInfo: name {short_repr(self.name)} holds control or invisible characters "
                 f"{short_repr(''.join(dict.fromkeys(bad)))}; use printable text"
             )
+        if not self.name.strip():
+            raise ValueError(
+                f"ClassInfo: name must be a non-empty string, not only spaces, got {short_repr(self.name)}"
+            )
         as_tuple_field(self, "color")
         if (
             not isinstance(self.color, tuple)
@@ -60,6 +64,20 @@ class ClassInfo:
             raise ValueError(
                 f"ClassInfo: color must be 4 numbers in [0, 1] (RGBA), got {short_repr(self.color)}"
             )
+
+
+def check_distinct_names(names, what: str = "classes") -> None:
+    """``ValueError`` when two class names are the same (ignoring spaces around them): labels,
+    object tables and the widget tell classes apart by name."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = name.strip()
+        if key in seen:
+            raise ValueError(
+                f"{what}: class names must be distinct, but classes {seen[key]} and {i} are both "
+                f"named {short_repr(key)}; give each class its own name"
+            )
+        seen[key] = i
 
 
 def class_infos(classes, what: str = "classes") -> tuple[ClassInfo, ...]:
@@ -78,6 +96,7 @@ def class_infos(classes, what: str = "classes") -> tuple[ClassInfo, ...]:
             infos.append(ClassInfo(str(c), DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
         else:
             raise ValueError(f"{what}: class names must be strings, got {short_repr(c)}")
+    check_distinct_names([c.name for c in infos], what)
     return tuple(infos)
 
 

@@ -110,6 +110,7 @@ def _ranged(integer: bool, low, high, *, what: str = "", odd=False, optional=Fal
 _positive_int = _ranged(True, 0, 1 << 31, what="a positive integer")
 _positive_float = _ranged(False, 0.0, 1e12, what="a positive number")
 _fraction = _ranged(False, 0.0, 1.0, what="a number in [0, 1]")
+_seed = _ranged(True, 0, 2**63 - 1, what="an integer in [0, 2**63 - 1]")
 
 
 def _in_range(name: str, spec):
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--context", action="store_true",
                     help="also train a context encoder/decoder (learns each voxel's "
                     "surroundings; slower: about 20 s more on the sample on a 2-core CPU)")  # fmt: skip
-    tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    tr.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     tr.add_argument("--class-names", nargs="+", metavar="NAME",
                     help="one name per class, background first")  # fmt: skip
     tr.add_argument("--spacing", type=_positive_float, nargs="+", metavar="S",
@@ -403,17 +404,27 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .classes import check_distinct_names
     from .features import FeatureSpec
     from .image_io import is_2d_file, picture_kind, read_picture
     from .model_io import save_model
     from .training import default_features, train
-    from .volume_io import VolumeError, check_not_input, read_volume
+    from .volume_io import VolumeError, check_not_input, check_output_folder, read_volume
 
     _check_device(args.device)
     if args.output.suffix != ".safetensors":
         raise UsageError(f"-o {args.output}: the model file name must end in .safetensors")
+    if args.output.is_dir():
+        raise UsageError(
+            f"-o {args.output} is a folder; give the model file's name (a folder is never "
+            "replaced by a file)"
+        )
     if args.output.exists() and not args.overwrite:
         raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    try:  # before training, not after it
+        check_output_folder(args.output.parent, "folder of -o")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if len(args.pairs) % 2:
         raise UsageError(
             f"pacseg train takes IMAGE SCRIBBLES pairs; {len(args.pairs)} paths were given "
@@ -421,6 +432,8 @@ def _cmd_train(args) -> int:
         )
     try:
         check_not_input(args.output, args.pairs)
+        if args.class_names:
+            check_distinct_names(args.class_names, "--class-names")
         overrides = {
             **({"sigmas": tuple(args.sigmas)} if args.sigmas else {}),
             **({"kinds": tuple(args.kinds)} if args.kinds else {}),
@@ -446,13 +459,12 @@ def _cmd_train(args) -> int:
                 mark = read_picture(scribbles, None, args.frames).data
                 if mark.shape[-3] != 1:
                     raise VolumeError(
-                        f"{scribbles}: scribbles must be one channel of integer labels (0 "
-                        f"unlabelled, 1 background, 2.. classes), got {mark.shape[-3]} channels"
+                        f"{scribbles}: {SCRIBBLES_ONE_CHANNEL}, got {mark.shape[-3]} channels"
                     )
                 mark = mark[:, 0] if args.frames else mark[0]
             else:
                 image = read_volume(path, args.channel_axis)
-                mark = read_volume(scribbles).load()[0]
+                mark = _read_scribble_volume(scribbles)
             if args.spacing is None and image.spacing_problem:
                 axes = "Y X" if flat else "Z Y X"
                 raise VolumeError(
@@ -501,6 +513,26 @@ def _cmd_train(args) -> int:
         + (f" in {len(images)} images" if len(images) > 1 else "")
     )
     return 0
+
+
+SCRIBBLES_ONE_CHANNEL = (
+    "scribbles must be one channel of integer labels (0 unlabelled, 1 background, 2.. classes)"
+)
+
+
+def _read_scribble_volume(path):
+    """The ``(D, H, W)`` scribbles of a volume file; ``VolumeError`` for more than one channel
+    (an RGB painting: its channels are no labels)."""
+    from .volume_io import VolumeError, load_npy, read_volume, volume_kind
+
+    if volume_kind(path) == "npy" and Path(path).is_file():
+        shape = load_npy(path).shape  # memory-mapped: only the header is read
+        if len(shape) == 4:
+            raise VolumeError(f"{path}: {SCRIBBLES_ONE_CHANNEL}, got a 4D array of shape {shape}")
+    volume = read_volume(path)
+    if volume.shape[0] != 1:
+        raise VolumeError(f"{path}: {SCRIBBLES_ONE_CHANNEL}, got {volume.shape[0]} channels")
+    return volume.load()[0]
 
 
 def _assumed_spacing(record) -> str:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .adam import adam_step
 from .engine import SegmentationCancelled, features, region, split_box, whole
-from .model import PacSegModel, apply_range
+from .model import PacSegModel
+from .normalise import apply_range
 
 SITE_TILE = (8, 32, 32)
 SITES_PER_STEP = 4
@@ -72,7 +73,7 @@ def sites(plan, marks: np.ndarray, feature_model: PacSegModel, model: PacSegMode
         where = np.nonzero(tile)
         starts = [min(max(0, a - reach), n - e) for (a, _), e, n in zip(box, size, marks.shape)]
         crop = tuple((s, s + e) for s, e in zip(starts, size))
-        image = apply_range(region(plan.vol, crop, cpu), plan.lo, plan.hi)[0]
+        image = apply_range(region(plan.vol, crop, cpu), plan.lo, plan.hi, plan.model.clip)[0]
         out.append(
             Site(
                 image,

@@ -74,6 +74,7 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
         "instances    " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.instances).items())
         + "   (segment --instances)",
+        "intensities  " + _normalisation_text(cfg.normalisation),
         f"spacing      {cfg.in_plane_spacing} {axes}: the "
         f"{'pixel' if cfg.ndim == 2 else 'voxel'} size it was trained at",
         f"halo         {_halo_text(info['receptive_field']['refined'], axes)} with refinement, "
@@ -98,6 +99,21 @@ def model_headline(model: PacSegModel, source: str = "") -> str:
 def describe_model(model: PacSegModel, source: str = "") -> str:
     """``model_lines`` of ``model`` (no file checksum) as one text, for the widget's model box."""
     return "\n".join(model_lines(model, source=source))
+
+
+def _normalisation_text(norm) -> str:
+    """How the model scales each image's intensities, in one line."""
+    if norm is None:
+        return (
+            "each image by its own 1-99.8 percentile range, unclipped (a file from before the "
+            "training contrast was stored: retrain it to store one)"
+        )
+    floor = (
+        "" if norm.min_contrast is None else
+        ", or at least " + ", ".join(f"{v:.3g}" for v in norm.min_contrast)
+        + " noise levels wide (an image without objects stays background)"
+    )  # fmt: skip
+    return f"each image by its own 1-99.8 percentile range{floor}; clipped to {list(norm.clip)}"
 
 
 def _halo_text(halo, axes: str) -> str:

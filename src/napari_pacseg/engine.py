@@ -36,9 +36,10 @@ from pacseg_kernels.threads import readapt
 from .checks import as_image, check_ints, check_spacing, resolve_device, short_repr
 from .classes import DEFAULT_THRESHOLD, check_output_rule
 from .features import axis_radii
-from .guide import GuideFilter, guide_filter, make_guide, volume_noise_level
+from .guide import GuideFilter, guide_filter, make_guide
 from .local_fit import local_fit
-from .model import PacSegModel, RefineConfig, apply_range, volume_intensity_range, with_overrides
+from .model import PacSegModel, RefineConfig, with_overrides
+from .normalise import apply_range, image_range, volume_noise_level
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
 # memory stays under 4x the float32 image (benchmarks/bench_pipeline.py; 64-plane refinement
@@ -55,6 +56,15 @@ STAGES = ("features", "context", "head", "refine")
 # isotropic spacing: ~9x).
 MAX_TAP_STEPS = 10_000
 MAX_REFINE_OVERLAP = 16.0
+# Bound on tiles the caller chooses (``tile_shape``): the work of both passes over them (each
+# tile grown by the voxels it reads: the logits' halo, then the refinement's read reach, plus
+# ``TILE_COST_VOXELS`` per tile) over the image's own work (its voxels once per pass, as one
+# tile). The default tiles cost 1-3x (up to ``MAX_REFINE_OVERLAP`` with a long reach), tiles
+# about as wide as the halo 5-40x, single-voxel tiles thousands of times.
+MAX_TILE_WORK = 64.0
+# A tile's fixed cost (copies, dispatch, the Python loop), in voxels: ~1 ms per tile and pass
+# on one CPU core, where a pass takes ~0.5 us per voxel.
+TILE_COST_VOXELS = 2048
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -185,6 +195,60 @@ def check_overlap(boxes, reach, shape, what: str = "tiles") -> None:
 def _check_overlap(plan: Plan) -> None:
     if plan.settings.refine is not None:
         check_overlap(plan.refine_boxes(), plan.settings.read_reach, plan.shape)
+
+
+def tiling_work(shape, tile, settings: Settings) -> tuple[int, int]:
+    """``(work, tiles)`` of segmenting a ``(D, H, W)`` volume in core tiles ``tile`` ``(D, H,
+    W)``: the voxels both passes read (the logits pass each tile grown by ``settings.halo``,
+    on the pooling grid; the refinement each grown by ``settings.read_reach``) plus
+    ``TILE_COST_VOXELS`` per tile and pass, and the logits pass's tile count. The sum over
+    ``split_box``'s boxes of ``extend_box``'s voxels, taken one axis at a time (a box's
+    voxels are the product of its axes'), so it is quick for any tile count."""
+    passes = [(settings.halo, settings.grid)]
+    if settings.refine is not None:
+        passes.append((settings.read_reach, 1))
+    work, count = 0, None
+    for grow, grid in passes:
+        axes = [_axis_reads(n, t, g, grid) for n, t, g in zip(shape, tile, grow)]
+        tiles = math.prod(c for _, c in axes)
+        work += math.prod(v for v, _ in axes) + TILE_COST_VOXELS * tiles
+        count = tiles if count is None else count
+    return work, count
+
+
+def _axis_reads(n: int, tile: int, grow: int, grid: int) -> tuple[int, int]:
+    """``(voxels, tiles)`` along one axis of ``n`` voxels cut into tiles of ``tile`` (rounded
+    down to a multiple of ``grid``, as ``split_box``), each grown by ``grow`` on both sides and
+    clipped, its start rounded down to ``grid`` (as ``extend_box``)."""
+    t = max(grid, tile - tile % grid)
+    starts = np.arange(0, n, t, dtype=np.int64)
+    lo = np.maximum(starts - grow, 0)
+    lo -= lo % grid
+    hi = np.minimum(starts + t + grow, n)
+    return int((hi - lo).sum()), len(starts)
+
+
+def _check_tiles(shape, tile, s: Settings, flat: bool = False) -> None:
+    """``ValueError`` when core tiles ``tile`` ``(D, H, W)`` of a ``(D, H, W)`` volume would
+    make over ``MAX_TILE_WORK`` times its own work (``tiling_work``), naming larger tiles that
+    do not. ``flat``: a 2D image (one plane), whose tiles the message gives as ``(h, w)``."""
+    shape, tile = tuple(int(n) for n in shape), tuple(tile)
+    passes = 1 if s.refine is None else 2
+    limit = MAX_TILE_WORK * passes * (math.prod(shape) + TILE_COST_VOXELS)
+    work, tiles = tiling_work(shape, tile, s)
+    if work <= limit:
+        return
+    grow = tuple(max(h, r) for h, r in zip(s.halo, s.read_reach))
+    better = tuple(min(n, max(t, 2 * g)) for n, t, g in zip(shape, tile, grow))
+    while better != shape and tiling_work(shape, better, s)[0] > limit:
+        better = tuple(min(n, 2 * t) for n, t in zip(shape, better))
+    axes = slice(1, None) if flat else slice(None)  # a 2D image's tiles are (h, w)
+    raise ValueError(
+        f"tile_shape {tile[axes]}: {tiles} tiles, each grown by up to {grow[axes]} voxels "
+        f"of halo, would cost {work * MAX_TILE_WORK / limit:.0f}x the work of the image in one "
+        f"tile (limit {MAX_TILE_WORK:g}x); use larger tiles, e.g. {better[axes]}, or leave "
+        "tile_shape unset"
+    )
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -374,9 +438,10 @@ def prepare(
         if flat:  # a 2D image's tiles: (h, w)
             tile_shape = (1, *check_ints(tile_shape, 2, "tile_shape (h, w)", 1, 1 << 20))
         tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
+        _check_tiles(vol.shape[1:], tile_shape, settings, flat)  # before the image is read
     dev = resolve_device(device)
     lo, hi = (
-        volume_intensity_range(vol)
+        image_range(vol, model.config.normalisation)
         if intensity_range is None
         else _checked_range(intensity_range, vol.shape[0])
     )
@@ -385,7 +450,7 @@ def prepare(
     else:  # only the refinement's guide needs it (``with_refine`` measures it when it does)
         noise = volume_noise_level(vol, lo, hi) if settings.refine is not None else None
     plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape, noise, flat)
-    if tile_shape is None:  # tiles the caller chose are theirs to choose
+    if tile_shape is None:  # the caller's tiles are bounded by their work (_check_tiles)
         _check_overlap(plan)
     return plan
 
@@ -417,6 +482,11 @@ def _checked_range(intensity_range, channels: int) -> tuple[torch.Tensor, torch.
         )
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError(f"intensity_range must be finite, got {short_repr(intensity_range)}")
+    if not (hi > lo).all():
+        raise ValueError(
+            f"intensity_range {short_repr(intensity_range)} is empty or inverted: give (lo, hi) "
+            "with hi > lo in every channel (lo maps to 0, hi to 1)"
+        )
     return lo.view(1, -1, 1, 1, 1), hi.view(1, -1, 1, 1, 1)
 
 
@@ -508,7 +578,9 @@ class Stopwatch:
 def features(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> torch.Tensor:
     """Head input ``(n_features, *box)`` float32 of a box, from the box plus its halo."""
     ext, core = extend_box(box, plan.settings.halo, plan.shape, plan.settings.grid)
-    norm = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+    norm = apply_range(
+        region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev), plan.model.clip
+    )
     return model.crop_features(norm, plan.settings.spacing, core, Stopwatch(timings, dev))[0]
 
 
@@ -519,7 +591,9 @@ def logits(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> np.n
     ext, core = extend_box(box, plan.settings.halo, plan.shape, plan.settings.grid)
     watch = Stopwatch(timings, dev)
     with watch("features"):
-        norm = apply_range(region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev))
+        norm = apply_range(
+            region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev), plan.model.clip
+        )
     out = model.crop_logits(norm, plan.settings.spacing, core, watch)[0]
     del norm
     with watch("head"):
@@ -550,7 +624,9 @@ def refine(
         with Stopwatch(timings, dev)("refine"):
             filt = plan.guide()
             read, within = extend_box(ext, filt.radius, plan.shape)
-            norm = apply_range(region(plan.vol, read, dev), plan.lo.to(dev), plan.hi.to(dev))
+            norm = apply_range(
+                region(plan.vol, read, dev), plan.lo.to(dev), plan.hi.to(dev), plan.model.clip
+            )
             guide = make_guide(norm, filt, [(c.start, c.stop) for c in within])
             del norm
             out.div_(s.refine.temperature)

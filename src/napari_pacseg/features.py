@@ -262,7 +262,8 @@ def compute_features(
         sig_vox = [sigma / sp for sp in spacing]
         if max(sig_vox) > MAX_SIGMA_VOXELS:
             raise ValueError(
-                f"compute_features: sigma {sigma} is {max(sig_vox):.0f} voxels with spacing {tuple(spacing)}; "
+                f"compute_features: sigma {sigma:.4g} is {max(sig_vox):.4g} voxels with spacing "
+                f"({', '.join(f'{s:.4g}' for s in spacing)}); "
                 f"at most {MAX_SIGMA_VOXELS:g} voxels are supported (check the spacing units)"
             )
         smooth = smoothed(flat, [gauss_kernel(v, flat.dtype, flat.device) for v in sig_vox], ranges)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .checks import check_int, short_repr
+from .checks import as_array, check_int, short_repr
 
 
 def frame_views(image, frame_axis, channel_axis, what: str = "image"):
@@ -20,7 +20,7 @@ def frame_views(image, frame_axis, channel_axis, what: str = "image"):
     among the non-channel axes (where results stack it)."""
     if isinstance(image, (str, bytes)) or image is None:
         raise TypeError(f"{what} must be an array, got {short_repr(image)}")
-    arr = np.asarray(image)
+    arr = as_array(image, what)
     if arr.ndim < 3:
         raise ValueError(
             f"{what} with frame_axis={short_repr(frame_axis)} needs a frame axis besides a 2D "

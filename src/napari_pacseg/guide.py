@@ -19,39 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .features import MIN_AXIS_SIGMA, axis_kernels, axis_radii, gauss_kernel, smoothed
-from .model import apply_range
+from .normalise import volume_noise_level  # noqa: F401  (re-exported)
 
-# Voxels read for the noise estimate (whole rows along x, on a regular grid of rows).
-NOISE_SAMPLE_VOXELS = 1 << 21
 # Smoothing scales tried, in voxels of the finest axis (coarser axes: the same physical width).
 SMOOTHING_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 RESIDUAL_TARGET = 0.3
-
-
-def volume_noise_level(vol, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Noise standard deviation per channel, ``(C,)`` float32, in the units of the image
-    normalised by ``lo``/``hi`` (``(1, C, 1, 1, 1)``): ``1.4826 x MAD / sqrt(6)`` of the second
-    differences along x (``x[i-1] - 2 x[i] + x[i+1]``: blind to intensity ramps), over whole rows
-    of a regular grid of at most ``NOISE_SAMPLE_VOXELS`` voxels (set by the shape alone: numpy,
-    dask and zarr arrays give the same estimate). Edges are sparse, so they barely move the
-    median."""
-    c, d, h, w = vol.shape
-    if w < 3:
-        return torch.zeros(c)
-    rows = max(1, NOISE_SAMPLE_VOXELS // w)
-    step = max(1, math.ceil(math.sqrt(d * h / rows)))
-    sample = np.ascontiguousarray(np.asarray(vol[:, ::step, ::step, :]), dtype=np.float32)
-    if not sample.flags.writeable:  # a read-only memory map of float32 data (an NPY input)
-        sample = sample.copy()
-    sample = torch.from_numpy(sample)
-    norm = apply_range(sample[None], lo.cpu(), hi.cpu())[0]
-    diff = (norm[..., :-2] - 2 * norm[..., 1:-1] + norm[..., 2:]).reshape(c, -1)
-    dev = (diff - diff.median(dim=1, keepdim=True).values).abs().median(dim=1).values
-    return (1.4826 / math.sqrt(6.0) * dev).float()
 
 
 def _residual_factor(sigmas) -> float:

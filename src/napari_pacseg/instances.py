@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .checks import check_spacing
+from .checks import check_callable, check_spacing
 from .engine import SegmentationCancelled
 from .model import InstanceConfig, with_overrides
 
@@ -51,6 +51,7 @@ def instance_labels(
 
     2D labels ``(H, W)`` with a ``(y, x)`` spacing give ``(H, W)`` ids: pieces are then
     4-connected and ``config.min_volume`` is an area (spacing units squared)."""
+    check_callable(should_cancel, "instance_labels: should_cancel", "should_cancel() -> bool")
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(

@@ -8,7 +8,6 @@ Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
 
@@ -19,9 +18,10 @@ from torch import nn
 
 from pacseg_kernels import ACTIVATIONS, VoxelMLP, max_pool3d_with_indices, max_unpool3d
 
-from .checks import FLOAT32_MAX, as_tuple_field, is_int, is_real, short_repr, unprintable_chars
-from .classes import MAX_CLASSES, ClassInfo
+from .checks import as_tuple_field, is_int, is_real, short_repr, unprintable_chars
+from .classes import MAX_CLASSES, ClassInfo, check_distinct_names
 from .features import MIN_AXIS_SIGMA, FeatureSpec, compute_features
+from .normalise import Normalisation, apply_range, image_range
 
 MAX_WIDTH = 1024
 MAX_LAYERS = 8
@@ -324,6 +324,7 @@ class ModelConfig:
     instances: InstanceConfig = field(default_factory=InstanceConfig)
     provenance: dict[str, str] = field(default_factory=dict)
     ndim: int = 3
+    normalisation: Normalisation | None = field(default_factory=Normalisation)
 
     def __post_init__(self) -> None:
         from .features import MAX_SIGMA_VOXELS
@@ -345,6 +346,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: need 2 to {MAX_CLASSES} classes (class 0 = background), got {len(self.classes)}"
             )
+        check_distinct_names([c.name for c in self.classes], "ModelConfig: classes")
         for name, kind in (
             ("features", FeatureSpec),
             ("head", HeadConfig),
@@ -358,6 +360,16 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: context must be None or a ContextConfig, got {type(self.context).__name__}"
             )
+        norm = self.normalisation
+        if norm is not None and not isinstance(norm, Normalisation):
+            raise ValueError(
+                f"ModelConfig: normalisation must be None or a Normalisation, got {type(norm).__name__}"
+            )
+        if norm is not None and norm.min_contrast is not None:
+            if len(norm.min_contrast) != self.in_channels:
+                raise ValueError(
+                    f"ModelConfig: normalisation.min_contrast has {len(norm.min_contrast)} values for {self.in_channels} channel(s)"
+                )
         as_tuple_field(self, "spacing")
         if (
             not isinstance(self.spacing, tuple)
@@ -382,8 +394,9 @@ class ModelConfig:
             widest = max(spec.sigmas) / min(self.spacing[3 - self.ndim :])
             if not widest <= MAX_SIGMA_VOXELS:
                 raise ValueError(
-                    f"ModelConfig: sigma {short_repr(max(spec.sigmas))} is {short_repr(widest)} voxels at spacing "
-                    f"{short_repr(self.spacing, 60)}; at most {MAX_SIGMA_VOXELS:g} are supported (check the spacing units)"
+                    f"ModelConfig: sigma {max(spec.sigmas):.4g} is {widest:.4g} voxels at spacing "
+                    f"({', '.join(f'{s:.4g}' for s in self.spacing)}); at most {MAX_SIGMA_VOXELS:g} "
+                    "are supported (check the spacing units)"
                 )
         if self.n_features > MAX_WIDTH:
             raise ValueError(
@@ -402,9 +415,31 @@ class ModelConfig:
         from .checks import check_spacing
 
         if self.ndim == 3 or spacing is None:
-            return check_spacing(spacing, self.spacing)
-        n = 3 if hasattr(spacing, "__len__") and len(spacing) == 3 else 2
-        return plane_spacing(check_spacing(spacing, None, n)[-2:])
+            checked = check_spacing(spacing, self.spacing)
+        else:
+            n = 3 if hasattr(spacing, "__len__") and len(spacing) == 3 else 2
+            checked = plane_spacing(check_spacing(spacing, None, n)[-2:])
+        if spacing is not None:
+            self._check_feature_reach(checked)
+        return checked
+
+    def _check_feature_reach(self, spacing) -> None:
+        """``ValueError`` when the widest feature at ``spacing`` spans more voxels than the
+        features support: a spacing in other units than the model's, caught before any work."""
+        from .features import MAX_SIGMA_VOXELS
+
+        spec = self.features
+        if not (spec.kinds and spec.sigmas):
+            return
+        widest = max(spec.sigmas) / min(spacing[3 - self.ndim :])
+        if not widest <= MAX_SIGMA_VOXELS:
+            shown = ", ".join(f"{s:.4g}" for s in spacing[3 - self.ndim :])
+            trained = ", ".join(f"{s:.4g}" for s in self.in_plane_spacing)
+            raise ValueError(
+                f"spacing ({shown}): the model's widest feature (sigma {max(spec.sigmas):.4g}) "
+                f"would span {widest:.4g} voxels, and at most {MAX_SIGMA_VOXELS:g} are supported; "
+                f"give the spacing in the model's units (it was trained at ({trained}))"
+            )
 
     @property
     def n_features(self) -> int:
@@ -448,60 +483,6 @@ class _Context(nn.Module):
         return x
 
 
-def intensity_range(
-    image: torch.Tensor, low: float = 1.0, high: float = 99.8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``low`` and ``high`` percentiles of ``(N, C, D, H, W)``, each ``(N, C, 1, 1, 1)``.
-
-    Computed on at most ~4M evenly strided samples per channel.
-    """
-    n, c = image.shape[:2]
-    flat = image.reshape(n, c, -1)
-    step = max(1, flat.shape[-1] // (1 << 22))
-    sample = flat[..., ::step].float()
-    if sample.device.type == "cpu":  # numpy selects (partition); torch.quantile sorts: 13x slower
-        q = np.quantile(sample.detach().numpy(), [low / 100, high / 100], axis=-1)
-        q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    else:
-        q = torch.quantile(
-            sample, torch.tensor([low / 100, high / 100], device=sample.device), dim=-1
-        )
-    return q[0].view(n, c, 1, 1, 1), q[1].view(n, c, 1, 1, 1)
-
-
-def apply_range(image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Map ``lo``..``hi`` to 0..1 (float32); a flat channel (hi == lo) is only shifted."""
-    scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return (image.float() - lo) / scale
-
-
-def volume_intensity_range(vol) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel intensity range ``(lo, hi)``, each ``(1, C, 1, 1, 1)`` float32, of a
-    ``(C, D, H, W)`` array (numpy, dask, zarr or a CPU tensor): ``intensity_range`` of a regular
-    grid of at most ~4M voxels (every ``step``-th along each axis, ``step`` set by the shape
-    alone, so every array type gives the same range). ``ValueError`` for NaN, infinite values
-    or values beyond the float32 range the segmentation computes in."""
-    n = math.prod(vol.shape[1:])
-    step = max(1, math.ceil((n / (1 << 22)) ** (1 / 3)))
-    sample = vol[:, ::step, ::step, ::step]
-    if isinstance(sample, torch.Tensor):
-        sample = sample.numpy()
-    if not np.issubdtype(sample.dtype, np.integer) and sample.dtype != bool:
-        sample = np.asarray(sample)  # in its own dtype: a float64 value beyond float32 stays
-        if sample.size and not (  # min and max: NaN fails both; no array-sized temporaries
-            -FLOAT32_MAX / 4 <= sample.min() and sample.max() <= FLOAT32_MAX / 4
-        ):
-            raise ValueError(
-                "the image holds NaN, infinite values or values beyond the float32 range the "
-                f"segmentation computes in (|x| < {FLOAT32_MAX / 4:.2g}); clean or rescale it "
-                "first"
-            )
-    sample = np.ascontiguousarray(sample, dtype=np.float32)
-    if not sample.flags.writeable:  # a read-only memory map of float32 data (an NPY input)
-        sample = sample.copy()
-    return intensity_range(torch.from_numpy(sample)[None])
-
-
 def _no_watch(stage: str):
     return contextlib.nullcontext()
 
@@ -529,6 +510,12 @@ class PacSegModel(nn.Module):
         spacing = spacing or self.config.spacing
         halo = tuple(max(h, self.context_reach) for h in self.config.features.radius(spacing))
         return (0, *halo[1:]) if self.config.ndim == 2 else halo
+
+    @property
+    def clip(self) -> tuple[float, float] | None:
+        """The clip of normalised intensities (None for a model file from before it)."""
+        norm = self.config.normalisation
+        return None if norm is None else norm.clip
 
     @property
     def context_reach(self) -> int:
@@ -576,16 +563,17 @@ class PacSegModel(nn.Module):
         """Unrefined class logits ``(N, K, D, H, W)`` float32 of raw images ``(N, C, D, H, W)``.
 
         Each image is normalised by ``intensity_range`` (``(lo, hi)`` tensors broadcasting to
-        ``(N, C, 1, 1, 1)``), by default by its own ``volume_intensity_range``, as ``segment``
-        does; the logits are then ``segment``'s before refinement (up to float rounding of the
-        tiling). ``spacing`` (z, y, x) defaults to the training spacing.
+        ``(N, C, 1, 1, 1)``), by default by its own ``normalise.image_range``, as ``segment``
+        does (then clipped to the model's ``normalisation.clip``); the logits are then
+        ``segment``'s before refinement (up to float rounding of the tiling). ``spacing`` (z, y, x) defaults to the training spacing.
         """
         if image.ndim != 5 or image.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"PacSegModel: expected an image (N, {self.config.in_channels}, D, H, W), got shape {tuple(image.shape)}"
             )
         if intensity_range is None:
-            ranges = [volume_intensity_range(im.detach().cpu()) for im in image]
+            norm = self.config.normalisation
+            ranges = [image_range(im.detach().cpu(), norm) for im in image]
             lo = torch.cat([r[0] for r in ranges]).to(image.device)
             hi = torch.cat([r[1] for r in ranges]).to(image.device)
         else:
@@ -593,4 +581,4 @@ class PacSegModel(nn.Module):
                 torch.as_tensor(v, dtype=torch.float32, device=image.device)
                 for v in intensity_range
             )
-        return self.crop_logits(apply_range(image, lo, hi), spacing)
+        return self.crop_logits(apply_range(image, lo, hi, self.clip), spacing)

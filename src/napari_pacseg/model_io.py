@@ -8,13 +8,18 @@ holds the JSON text of ``{"format": "napari-pacseg-model", "version": 2, "writte
 "config": {...}, "checksum": "sha256:<64 hex digits>"}`` (see ``model_checksum``).
 
 Version 1 files (written before the checksum) still load, with a ``ModelFileWarning`` asking to
-re-save them; a version 2 or 3 file must have a checksum. Version 3 is written for models of 2D
-images (``"ndim": 2`` in the config), version 2 for volume models (no ``"ndim"``: 3).
+re-save them; a version 2, 3 or 4 file must have a checksum. Version 4 is written for models
+with a ``"normalisation"`` in the config (every model trained now); files without one load
+with each image scaled by its own range as before, and a ``ModelFileWarning`` saying so.
+Version 3 is written for models of 2D images without it (``"ndim": 2`` in the config),
+version 2 for volume models without it (no ``"ndim"``: 3).
 
 Loading parses and checks everything (sizes, offsets, names, shapes, JSON types, finiteness,
 the config, the checksum) before building anything, and never unpickles: the file is only
-bytes and JSON. Whatever the bytes, ``load_model`` raises only ``ModelFileError``, with one
-line naming the file and what is wrong.
+bytes and JSON. What the header decides (the size limits, the config, the tensors' offsets
+against each other and against the file's size) is checked before the weights are read, so
+a file refused for it costs no more than its header to read. Whatever the bytes,
+``load_model`` raises only ``ModelFileError``, with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -52,15 +57,17 @@ from .model import (
     PacSegModel,
     RefineConfig,
 )
+from .normalise import Normalisation
 from .provenance import LIBRARY
 from .volume_io import write_bytes
 
 FORMAT = "napari-pacseg-model"
-# 3: a model of 2D images (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1:
-# none (still read, with a warning). Volume models are still written as version 2 (their config
-# has no "ndim"), so older releases keep reading them; a 2D model in an older release is then
-# refused as "upgrade napari-pacseg" rather than misread as a volume model.
-FORMAT_VERSION = 3
+# 4: the config holds a "normalisation" (clip, training contrast); 3: a model of 2D images
+# (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1: none (still read, with a
+# warning). A model without a normalisation (loaded from an older file) is written in the
+# version it came in, so older releases keep reading it; a newer model in an older release is
+# refused as "upgrade napari-pacseg" rather than misread.
+FORMAT_VERSION = 4
 META_KEY = "napari_pacseg"
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 30
@@ -86,11 +93,16 @@ def config_to_dict(config: ModelConfig) -> dict:
     data = json.loads(json.dumps(dataclasses.asdict(config), allow_nan=False))
     if data["ndim"] == 3:
         del data["ndim"]
+    if data["normalisation"] is None:  # a model from a file written before it: stays so
+        del data["normalisation"]
     return data
 
 
 def file_version(config: ModelConfig) -> int:
-    """The format version a model file of ``config`` is written in: 3 for a 2D model, else 2."""
+    """The format version a model file of ``config`` is written in: 4 with a normalisation,
+    else 3 for a 2D model, else 2."""
+    if config.normalisation is not None:
+        return 4
     return 3 if config.ndim == 2 else 2
 
 
@@ -224,12 +236,15 @@ def config_from_dict(data) -> ModelConfig:
         "context": lambda v, w: None if v is None else _obj(ContextConfig, v, w),
         "refine": lambda v, w: _obj(RefineConfig, v, w),
         "instances": lambda v, w: _obj(InstanceConfig, v, w),
+        "normalisation": lambda v, w: _obj(Normalisation, v, w),
         "classes": lambda v, w: tuple(
             _obj(ClassInfo, c, f"{w}[{i}]") for i, c in enumerate(_list(v, w))
         ),
         "provenance": _provenance,
     }
     config = _obj(ModelConfig, data, "config", convert)
+    if "normalisation" not in data:  # written before it: each image by its own range, unclipped
+        config = dataclasses.replace(config, normalisation=None)
     stored = data.get("refine")
     if config.ndim == 2 and not (isinstance(stored, dict) and "fit_weight" in stored):
         # a 2D model written before the local fit was made without it, and keeps its results;
@@ -486,7 +501,12 @@ def _is_uint(value) -> bool:
 
 
 def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
-    """The model in ``path`` and whether it has a checksum; ``ModelFileError`` otherwise."""
+    """The model in ``path`` and whether it has a checksum; ``ModelFileError`` otherwise.
+
+    Reads the 8-byte header length and the JSON header, checks the config and the tensors'
+    byte ranges against each other, the size limits and the file's size (``_layout``), and
+    only then reads the weights: a file refused for its size or layout costs at most its
+    header (``MAX_HEADER_BYTES``) in reading and memory."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -498,28 +518,70 @@ def _load(path: Path, name: str) -> tuple[PacSegModel, bool]:
     if st.st_size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
         raise ModelFileError(f"{name}: {st.st_size} bytes is over the size limit of a model file")
     with open(path, "rb") as f:
-        first = f.read(8)
-        (n,) = struct.unpack("<Q", first) if len(first) == 8 else (None,)
-        if n is not None and n <= MAX_HEADER_BYTES and 8 + n <= st.st_size:
-            # Header and metadata first: a file that is not ours fails before its data is read.
-            header = _parse_json(f.read(n), name, "the header")
-            if isinstance(header, dict):
-                _read_meta(name, header)
-        f.seek(0)
-        data = f.read(8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES + 1)
-    return _from_bytes(data, name)
+        size = os.fstat(f.fileno()).st_size
+        n = _header_length(_read_exactly(f, min(8, size), size, name), size, name)
+        layout = _layout(_read_exactly(f, n, size, name), size, name)
+        data = _read_exactly(f, layout.data_bytes, size, name)
+        if f.read(1):
+            raise ModelFileError(
+                f"{name}: the file grew while it was read (beyond its {size} bytes); load it "
+                "again once it is written"
+            )
+    return _weights(layout, memoryview(data), name)
+
+
+def _read_exactly(f, count: int, size: int, name: str) -> bytes:
+    """The next ``count`` bytes of ``f`` (a file of ``size`` bytes when it was opened, so
+    ``count`` fits it); ``ModelFileError`` when it ends before them (it shrank meanwhile)."""
+    data = f.read(count)
+    if len(data) < count:
+        raise ModelFileError(
+            f"{name}: the file shrank while it was read (it had {size} bytes); load it again "
+            "once it is written"
+        )
+    return data
 
 
 def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
-    """The model in a file's bytes and whether it has a checksum; ``ModelFileError`` otherwise."""
+    """The model in a file's bytes and whether it has a checksum; ``ModelFileError`` otherwise
+    (the checks and messages of ``_load``, in the same order)."""
     size = len(file)
+    n = _header_length(file[:8], size, name)
+    layout = _layout(file[8 : 8 + n], size, name)
+    start = layout.data_start
+    return _weights(layout, memoryview(file)[start : start + layout.data_bytes], name)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a model file's header says, checked against the file's size before its weights
+    are read.
+
+    model : built from the config, weights not loaded yet. meta : the ``napari_pacseg``
+    metadata. shapes : each tensor's shape, as the config needs it. ranges : ``(start, stop,
+    name)`` of each tensor's bytes within the data, sorted; they tile ``[0, data_bytes)``.
+    data_start : where the data begins in the file (``8 + header length``); data_bytes : its
+    length, which ends the file.
+    """
+
+    model: PacSegModel
+    meta: dict
+    shapes: dict[str, tuple[int, ...]]
+    ranges: list[tuple[int, int, str]]
+    data_start: int
+    data_bytes: int
+
+
+def _header_length(first: bytes, size: int, name: str) -> int:
+    """The header length ``n`` from a file's first 8 bytes ``first`` (the whole file when
+    shorter), checked against the file's ``size`` and the limits."""
     if size < 8:
         raise ModelFileError(
             f"{name}: {size} bytes is too short for a model file (empty or truncated)"
         )
     if size > 8 + MAX_HEADER_BYTES + MAX_TENSOR_BYTES:
         raise ModelFileError(f"{name}: {size} bytes is over the size limit of a model file")
-    (n,) = struct.unpack("<Q", file[:8])
+    (n,) = struct.unpack("<Q", first)
     if n > MAX_HEADER_BYTES:
         raise ModelFileError(
             f"{name}: declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
@@ -529,7 +591,14 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
         raise ModelFileError(
             f"{name}: the header needs {n} bytes but the file ends after {size - 8}: truncated"
         )
-    raw = file[8 : 8 + n]
+    return n
+
+
+def _layout(raw: bytes, size: int, name: str) -> _Layout:
+    """The checked ``_Layout`` of a file of ``size`` bytes whose JSON header is ``raw``: the
+    metadata and config, the tensors' names, dtypes, shapes and byte ranges (no overlap, no
+    gap, within ``MAX_TENSOR_BYTES``), and a data section that ends exactly at the file's end
+    (neither truncated nor followed by trailing bytes)."""
     header = _parse_json(raw, name, "the header")
     if not isinstance(header, dict):
         raise ModelFileError(f"{name}: the header is JSON {_kind(header)}, not an object")
@@ -599,7 +668,7 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
                 "(a gap in the data): corrupt"
             )
         end = stop
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     if end > MAX_TENSOR_BYTES:
         raise ModelFileError(
             f"{name}: {end} bytes of weights, over the {MAX_TENSOR_BYTES}-byte limit"
@@ -614,17 +683,23 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
             f"{name}: {size - data_start - end} trailing bytes after the last tensor: corrupt "
             "(or not a file written by save_model)"
         )
-    data = memoryview(file)[data_start : data_start + end]  # checked above: all there
-    view = memoryview(data)
+    return _Layout(model, meta, expected, layout, data_start, end)
+
+
+def _weights(layout: _Layout, view: memoryview, name: str) -> tuple[PacSegModel, bool]:
+    """The model of ``layout`` with its weights from ``view`` (the data section, as long as
+    ``layout.data_bytes``) and whether the file has a checksum, after the finiteness and
+    checksum checks."""
+    expected, meta = layout.shapes, layout.meta
     state, non_finite = {}, None
-    for start, stop, tensor in layout:
+    for start, stop, tensor in layout.ranges:
         arr = np.frombuffer(view[start:stop], dtype="<f4").reshape(expected[tensor])
         if non_finite is None and not np.isfinite(arr).all():
             non_finite = tensor
         state[tensor] = torch.from_numpy(arr.astype(np.float32))  # a copy, native order
     checksum = meta.get("checksum")
     intact = checksum is None or checksum == model_checksum(
-        meta, [(t, "F32", expected[t], view[a:b]) for a, b, t in layout]
+        meta, [(t, "F32", expected[t], view[a:b]) for a, b, t in layout.ranges]
     )
     if non_finite is not None:
         raise ModelFileError(
@@ -637,12 +712,12 @@ def _from_bytes(file: bytes, name: str) -> tuple[PacSegModel, bool]:
             "after it was written); use an intact copy"
         )
     try:
-        model.load_state_dict(state, strict=True)
+        layout.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelFileError(
             f"{name}: the weights do not fit the model ({one_line(err, 120)})"
         ) from None
-    return model, checksum is not None
+    return layout.model, checksum is not None
 
 
 def load_model(path, device="cpu") -> PacSegModel:
@@ -686,6 +761,14 @@ def _checked(read, source, name: str, device) -> PacSegModel:
         warnings.warn(
             f"{name}: a version 1 model file without a checksum, so damage to it cannot be "
             "detected; re-save it (load_model, then save_model) to add one",
+            ModelFileWarning,
+            stacklevel=3,
+        )
+    if model.config.normalisation is None:
+        warnings.warn(
+            f"{name}: written before model files stored their training contrast, so each image "
+            "is scaled by its own intensity range as before (an image without objects may come "
+            "out as foreground, an outlier may shift labels nearby); retrain it to store one",
             ModelFileWarning,
             stacklevel=3,
         )

@@ -13,15 +13,17 @@ import numpy as np
 from pacseg_kernels.threads import adaptive_threads
 
 from . import engine
+from .checks import check_callable
 from .classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from .engine import STAGES, SegmentationCancelled, TileRunner, prepare, settle
-from .guide import volume_noise_level
 from .instances import as_table, instance_config, instance_labels, object_table
-from .model import PacSegModel, volume_intensity_range
+from .model import PacSegModel
+from .normalise import image_range, volume_intensity_range, volume_noise_level
 
 __all__ = [
     "Segmentation",
     "SegmentationCancelled",
+    "image_range",
     "receptive_field",
     "segment",
     "volume_intensity_range",
@@ -115,8 +117,9 @@ def segment(
     threshold, background : the label rule (``classes.labels_from_probabilities``): matte =
         1 - P(class ``background``); a voxel whose matte is >= ``threshold`` takes the most
         probable other class, the rest are 0.
-    intensity_range : ``(lo, hi)``, one value per channel: the intensities mapped to 0 and 1
-        (default: ``volume_intensity_range`` of this image). Give the range of the whole volume
+    intensity_range : ``(lo, hi)``, one value per channel with hi > lo: the intensities mapped
+        to 0 and 1 (default: ``image_range(image, model.config.normalisation)``: this image's
+        percentile range, widened to the model's minimum contrast). Give the whole volume's
         when segmenting it piece by piece (e.g. dask chunks with ``receptive_field`` as halo),
         so every piece is normalised alike and the pieces equal the whole.
     noise_level : the image's noise standard deviation per channel, in units of the normalised
@@ -128,6 +131,8 @@ def segment(
         fields. Lengths in the units of ``spacing``.
     """
     start = time.perf_counter()
+    check_callable(progress, "segment: progress", "progress(done_tiles, total_tiles)")
+    check_callable(should_cancel, "segment: should_cancel", "should_cancel() -> bool")
     model = engine.as_model(model)
     if frame_axis is not None:
         from .frames import segment_frames

@@ -21,6 +21,7 @@ import numpy as np
 from pacseg_kernels.threads import adaptive_threads
 
 from . import engine
+from .checks import check_callable
 from .engine import Box, SegmentationCancelled, model_on_device, prepare, split_box
 from .model import PacSegModel
 
@@ -98,6 +99,8 @@ class RegionSegmenter:
         ``engine.bound_preview``; the result is then approximate near the box's ends). The
         same request twice returns the cached array."""
         box = self.check_box(box)
+        check_callable(should_cancel, "probabilities: should_cancel", "should_cancel() -> bool")
+        check_callable(progress, "probabilities: progress", "progress(stage, done, total)")
         with self._lock:
             plan = self.plan.with_refine(refine)
             if self.plan.noise is None and plan.noise is not None:  # measured once per image

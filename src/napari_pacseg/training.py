@@ -10,10 +10,19 @@ import torch
 from torch import nn
 
 from pacseg_kernels.mlp_torch import activate
-from pacseg_kernels.threads import adaptive_threads
 
 from .adam import adam_step
-from .checks import as_image, check_int, check_ints, check_spacing, resolve_device, short_repr
+from .checks import (
+    as_array,
+    as_image,
+    check_callable,
+    check_int,
+    check_ints,
+    check_seed,
+    check_spacing,
+    resolve_device,
+    short_repr,
+)
 from .classes import MAX_CLASSES, class_infos
 from .context_training import CONTEXT_STEPS, fit_context, graft_head, init_context, sites
 from .engine import SegmentationCancelled, features, prepare, split_box, whole
@@ -26,6 +35,7 @@ from .model import (
     RefineConfig,
     plane_spacing,
 )
+from .normalise import CONTRAST_FRACTION, MAX_MIN_CONTRAST, Normalisation, contrast
 from .provenance import training_provenance
 
 MAX_SAMPLES_PER_CLASS = 20000
@@ -125,9 +135,13 @@ def train(
         (``context_training``; ``CONTEXT_STEPS`` more steps); None: features only.
     steps : optimisation steps of the head (default ``default_steps``: 400 for volumes, 100 for
         2D images): full-batch Adam on at most 20000 voxels per class, class-balanced cross entropy. Deterministic for a given ``seed`` on
-        one device.
+        one device at one torch thread count.
     progress, should_cancel : as in ``segment`` (``progress(step, steps)``).
+    seed : the random seed, an int in ``[0, 2**63 - 1]``.
     """
+    check_callable(progress, "train: progress", "progress(step, steps)")
+    check_callable(should_cancel, "train: should_cancel", "should_cancel() -> bool")
+    seed = check_seed(seed, "train: seed")
     if context is True:
         context = ContextConfig()
     if context is not None and not isinstance(context, ContextConfig):
@@ -168,7 +182,7 @@ def train(
     )
     if len(names) != k:
         raise ValueError(f"train: {len(names)} class names for {k} classes")
-    classes = class_infos(names, "train")
+    classes = class_infos(names, "train: class_names")
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     config = ModelConfig(
@@ -180,6 +194,7 @@ def train(
         spacing=spacing,
         ndim=ndim,
         refine=default_refine(ndim),
+        normalisation=training_normalisation([v for v, _, _ in pairs]),
         provenance=training_provenance(
             sum(np.count_nonzero(m) for _, m, _ in pairs), seed, len(pairs)
         ),
@@ -189,17 +204,18 @@ def train(
     head_only = PacSegModel(dataclasses.replace(config, context=None)) if context else model
     total = steps + (CONTEXT_STEPS if context else 0)
     relay = None if progress is None else (lambda done, _: progress(done, total))
-    with adaptive_threads():  # fewer threads while other processes hold cores
-        plans, parts = [], []
-        for v, m, sp in pairs:
-            plans.append(prepare(v, head_only, spacing=sp, channel_axis=0, refine=False, device="cpu"))  # fmt: skip
-            parts.append(_labelled_features(plans[-1], m, should_cancel))
-        x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
-        with torch.enable_grad():  # also when called under torch.no_grad()
-            _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
-            if context:
-                _fit_context(model, head_only, plans, pairs, k, steps, total, gen, dev, progress,
-                             should_cancel)  # fmt: skip
+    # At the caller's torch thread count, not the load-adaptive one: sums over threads round
+    # differently at another count, and a seed gives the same model at every load.
+    plans, parts = [], []
+    for v, m, sp in pairs:
+        plans.append(prepare(v, head_only, spacing=sp, channel_axis=0, refine=False, device="cpu"))  # fmt: skip
+        parts.append(_labelled_features(plans[-1], m, should_cancel))
+    x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
+        if context:
+            _fit_context(model, head_only, plans, pairs, k, steps, total, gen, dev, progress,
+                         should_cancel)  # fmt: skip
     model = model.cpu().eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(
@@ -207,6 +223,15 @@ def train(
             "extreme values and try fewer steps"
         )
     return model
+
+
+def training_normalisation(images) -> Normalisation:
+    """The ``Normalisation`` of a model trained on ``images`` (each ``(C, D, H, W)``): the
+    default clip, and ``CONTRAST_FRACTION`` of the smallest contrast (percentile range in noise
+    levels, per channel) among them as the minimum contrast of the images it segments."""
+    lowest = torch.stack([contrast(v) for v in images]).amin(dim=0)
+    floor = (CONTRAST_FRACTION * lowest).clamp(0.0, MAX_MIN_CONTRAST)
+    return Normalisation(min_contrast=tuple(round(float(v), 4) for v in floor))
 
 
 def _fit_context(model, head_only, plans, pairs, k, done, total, gen, dev, progress, cancel):
@@ -277,8 +302,17 @@ def _training_pairs(image, scribbles, channel_axis, spacing) -> tuple[list, int]
             )
         if isinstance(scr, (str, bytes)) or scr is None:
             raise TypeError(f"{where}scribbles must be an integer array, got {short_repr(scr)}")
-        m = np.asarray(scr)
+        m = as_array(scr, f"{where}scribbles")
         spatial = vol.shape[2:] if flat else vol.shape[1:]
+        channels = (
+            m.shape[-1] if m.shape[:-1] == spatial else m.shape[0] if m.shape[1:] == spatial else 1
+        )
+        if m.shape != spatial and channels > 1:
+            raise ValueError(
+                f"{where}scribbles must be one channel of integer labels (0 unlabelled, 1 "
+                f"background, 2.. classes), got {channels} channels (shape {m.shape}); paint "
+                "them in a napari Labels layer"
+            )
         if m.shape != spatial:
             raise ValueError(
                 f"{where}scribbles have shape {m.shape} but the image's spatial shape is {spatial}"

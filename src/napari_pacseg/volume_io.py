@@ -9,6 +9,7 @@ folder and rename it into place, so a target path only ever holds a complete fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -525,17 +526,42 @@ class InputGuard:
     a check costs the depth of the output's path, not the number of inputs)."""
 
     def __init__(self, inputs) -> None:
-        self.inputs = {resolved(p) for p in inputs}
+        self.given = {}  # resolved path -> the path as given (named in messages)
+        for p in inputs:
+            self.given.setdefault(resolved(p), p)
+        self.inputs = set(self.given)
         self.ancestors = {a for p in self.inputs for a in p.parents}
 
     def check(self, output) -> None:
         out = resolved(output)
-        hit = out in self.inputs or out in self.ancestors
-        hit = hit or next((a for a in out.parents if a in self.inputs), None) is not None
-        if hit:
+        if out in self.inputs:
+            where, how = out, "the same path"
+        elif out in self.ancestors:
+            where = next(p for p in self.inputs if out in p.parents)
+            how = "a folder holding the input"
+        else:
+            where = next((a for a in out.parents if a in self.inputs), None)
+            how = "a path inside the input"
+        if where is not None:
             raise ValueError(
-                f"output {output} would overwrite the input at {out}; choose another output"
+                f"{self.given[where]} is an input, and the output {output} would overwrite the "
+                f"input ({how}); choose another output folder"
             )
+
+
+def check_output_folder(folder, what: str = "output folder") -> None:
+    """``ValueError`` unless ``folder`` is an existing folder this process can write into,
+    checked before any long work (training, segmenting) rather than at its end."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValueError(f"the {what} {folder} does not exist; create it or choose another")
+    if not folder.is_dir():
+        raise ValueError(f"the {what} {folder} is a file, not a folder; choose another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the {what} {folder} is not writable (read-only, or not yours); choose a folder you "
+            "can write to"
+        )
 
 
 def check_not_input(output, inputs) -> None:
@@ -619,18 +645,35 @@ def remove(path) -> None:
             path.unlink()
 
 
+def check_replaceable(path, folder: bool) -> None:
+    """``IsADirectoryError`` / ``NotADirectoryError`` when what is at ``path`` can never be
+    replaced by a result that is a ``folder`` (a zarr array) or a file: a file never replaces
+    a folder, and a folder never replaces a file or a symbolic link (the user's, whatever it
+    points to). Nothing there, or the same kind, passes."""
+    path = Path(path)
+    link, real_dir = path.is_symlink(), path.is_dir() and not path.is_symlink()
+    if not folder and real_dir:
+        raise IsADirectoryError(
+            f"{path} is a folder; a file never replaces a folder: move it away or choose "
+            "another name"
+        )
+    if folder and (link or (path.exists() and not real_dir)):
+        what = "a symbolic link" if link else "a file"
+        raise NotADirectoryError(
+            f"{path} is {what}, not a folder, and a zarr result (a folder) never replaces "
+            f"{what}: move it away or choose another output folder"
+        )
+
+
 def move_into_place(tmp, path, overwrite: bool) -> None:
     """Rename ``tmp`` (file or folder) to ``path``. An existing ``path`` is replaced only with
-    ``overwrite`` (a folder is first renamed aside, then deleted), else ``FileExistsError``."""
+    ``overwrite`` (a folder is first renamed aside, then deleted), else ``FileExistsError``;
+    never when the kinds differ (``check_replaceable``)."""
     tmp, path = Path(tmp), Path(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        if path.is_dir() and not path.is_symlink() and not tmp.is_dir():
-            raise IsADirectoryError(
-                f"{path} is a folder; a file never replaces a folder: move it away or choose "
-                "another name"
-            )
+        check_replaceable(path, tmp.is_dir())
         if path.is_dir() and not path.is_symlink():
             aside = temporary_sibling(path)
             os.replace(path, aside)
@@ -638,6 +681,66 @@ def move_into_place(tmp, path, overwrite: bool) -> None:
             remove(aside)
             return
     os.replace(tmp, path)
+
+
+# --- failures of writing, as one line that names the folder ---------------------------------------
+
+# numpy's ``tofile`` (``np.save``) on a full disk or past the file-size limit: no errno
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` says that a write found the disk full, the quota or the file-size limit
+    reached (an ``OSError`` of those errnos, or numpy's short-write error, which has none)."""
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in _NO_SPACE and err.strerror is not None:
+        return True
+    return err.errno is None and bool(_SHORT_WRITE.fullmatch(str(err).strip()))
+
+
+def write_error(err: BaseException, path, name: str | None = None) -> OSError | None:
+    """``err``, raised while writing ``path`` (or its temporary), as an error of the same class
+    whose one-line message names the file (``name``, default ``path``'s) and its folder and
+    says what to do: a full disk, a quota or the file-size limit, a folder that cannot be
+    written or does not exist. None for any other error, and for one already described."""
+    if not isinstance(err, OSError):
+        return None
+    path = Path(path)
+    name, folder = name or path.name, os.path.abspath(path.parent)
+    hint = "choose another output folder (-o)"
+    code = err.errno
+    if out_of_space(err):
+        if code == errno.ENOSPC:
+            text = f"no space left on {folder} writing {name}: free some space or {hint}"
+        elif code == errno.EFBIG:
+            text = (
+                f"the file-size limit was reached writing {name} in {folder} (ulimit -f, or the "
+                f"file system's largest file): raise the limit or {hint}"
+            )
+        elif code is not None:
+            text = f"the disk quota is exceeded on {folder} writing {name}: free some space or {hint}"
+        else:
+            text = (
+                f"no space left on {folder} (or the file-size limit was reached) writing "
+                f"{name}: free some space or {hint}"
+            )
+    elif err.strerror is None or (
+        err.filename is not None and os.path.abspath(os.path.dirname(err.filename)) != folder
+    ):
+        return None  # already described, or about another file than this output's
+    elif code in _DENIED:
+        why = "a read-only file system" if code == errno.EROFS else "permission denied"
+        text = f"cannot write {name} in the folder {folder} ({why}): {hint}, one you can write to"
+    elif code == errno.ENOENT and not path.parent.is_dir():
+        text = f"cannot write {name}: the folder {folder} does not exist; create it or {hint}"
+    else:
+        return None
+    described = type(err)(text)
+    described.errno = code  # the message stays the text above (no strerror)
+    return described
 
 
 @contextlib.contextmanager
@@ -652,6 +755,11 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         move_into_place(tmp, path, overwrite)
+    except OSError as err:
+        described = write_error(err, path)
+        if described is None:
+            raise
+        raise described from err
     finally:
         remove(tmp)
 

@@ -44,7 +44,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def crop():
-    return np.ascontiguousarray(load_sample().image[:24, :80, :80])
+    return np.ascontiguousarray(load_sample().image[24:48, 80:160, 80:160])  # 5 nuclei
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def cluster():
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: 8787 may be taken
             silence_logs=logging.CRITICAL,
         ) as lc,
         Client(lc, set_as_default=False) as client,

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def image():
-    return np.ascontiguousarray(load_sample().image[20 : 20 + SHAPE[0], :48, :48])
+    return np.ascontiguousarray(load_sample().image[32 : 32 + SHAPE[0], 64:112, 64:112])  # 2 nuclei
 
 
 @pytest.fixture
@@ -127,13 +127,17 @@ def test_output_equal_to_an_input_is_refused(folder, capsys):
     inp = folder / "in"
     shutil.copy(inp / "a.tif", inp / "a_labels.tif")  # a user's file named like our output
     before = sorted(p.name for p in inp.iterdir())
-    # a_labels.tif is a.tif's output name, so it is not an input (skipped), and a.tif fails:
-    # its output path holds a file that pacseg did not write. Nothing is touched.
-    assert run(folder, inp / "a.tif", inp / "a_labels.tif", "-o", inp) == 1
-    captured = capsys.readouterr()
-    assert "skipped" in captured.out and "a pacseg output of a.tif" in captured.out
-    assert "was not written by pacseg" in captured.err
+    # a_labels.tif is named, so it is an input (whatever its name looks like): a.tif's labels
+    # output would overwrite it, so the run is refused before any work. Nothing is touched.
+    assert run(folder, inp / "a.tif", inp / "a_labels.tif", "-o", inp, "--overwrite") == 2
+    assert "would overwrite the input" in capsys.readouterr().err
     assert sorted(p.name for p in inp.iterdir()) == before
+    # Found by the folder, it is taken for a.tif's output: a.tif fails, as its output path
+    # holds a file that pacseg did not write.
+    mine = (inp / "a_labels.tif").read_bytes()
+    assert run(folder, inp, "-o", inp) == 1
+    assert "was not written by pacseg" in capsys.readouterr().err
+    assert (inp / "a_labels.tif").read_bytes() == mine and not (inp / "a_pacseg.json").exists()
     assert run(folder, inp / "a.tif", "-o", inp / "a.tif") == 2  # OUTDIR is a file
     assert run(folder, inp / "c.zarr", "-o", inp / "c.zarr" / "out") == 2  # inside an input
     assert "would overwrite the input" in capsys.readouterr().err

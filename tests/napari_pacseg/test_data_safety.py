@@ -36,6 +36,7 @@ from napari_pacseg.volume_io import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (8, 40, 40)
 FAST = {"iterations": 1}
+FLAGS = ("--iterations", 1)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,110 @@ def test_resume_with_a_shell_expanded_pattern(tmp_path, image, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and all(line.startswith("skipped") for line in out)
     assert sum("a pacseg output of a.npy" in line for line in out) == 2
+
+
+@pytest.mark.parametrize(
+    ("named", "extra"),
+    [("a_labels.npy", ()), ("a_matte.npy", ()), ("a_instances.npy", ("--instances",))],
+)
+def test_a_file_named_as_an_input_is_never_replaced(tmp_path, image, capsys, named, extra):
+    """A file is an input because the user named it, whatever its name looks like: with
+    --overwrite too, and whether pacseg segments it or not."""
+    d = tmp_path / "d"
+    d.mkdir()
+    np.save(d / "a.npy", image)
+    np.save(d / named, (image > image.mean()).astype(np.uint8))  # the user's own file
+    before = digest(d)
+    code = run(DEMO_MODEL_FILE, d / "a.npy", d / named, "-o", d, "-q", "--overwrite", *FLAGS,
+               *extra)  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would overwrite the input" in err[0] and named in err[0]
+    assert digest(d) == before
+
+
+def test_a_zarr_named_as_an_input_is_never_replaced(tmp_path, image, capsys):
+    d = tmp_path / "d"
+    for name in ("v.zarr", "v_labels.zarr"):
+        arr = zarr.open_array(str(d / name), mode="w", shape=image.shape, chunks=(8, 20, 20),
+                              dtype=image.dtype)  # fmt: skip
+        arr[:] = image
+    before = digest(d)
+    code = run(DEMO_MODEL_FILE, d / "v.zarr", d / "v_labels.zarr", "-o", d, "-q", "--overwrite",
+               "--chunks", 8, 40, 40, *FLAGS)  # fmt: skip
+    assert code == 2 and "would overwrite the input" in capsys.readouterr().err
+    assert digest(d) == before
+
+
+def test_pacseg_outputs_named_with_overwrite_are_not_replaced(tmp_path, image, capsys):
+    """A shell-expanded pattern names pacseg's own outputs: they are skipped, and --overwrite
+    does not replace them either (the input that would is failed, nothing is touched)."""
+    np.save(tmp_path / "a.npy", image)
+    assert run(DEMO_MODEL_FILE, tmp_path / "a.npy", "-o", tmp_path, "-q", *FLAGS) == 0
+    capsys.readouterr()
+    expanded = sorted(tmp_path.glob("*.npy"))
+    before = digest(tmp_path)
+    code = run(DEMO_MODEL_FILE, *expanded, "-o", tmp_path, "-q", "--overwrite", *FLAGS)
+    assert code == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("skipped") == 2
+    assert "was named as an input" in captured.err and "a_labels.npy" in captured.err
+    assert digest(tmp_path) == before
+
+
+def test_another_file_of_the_same_name_size_and_time_is_not_taken_for_done(
+    tmp_path, image, capsys
+):
+    """Two files from one archive: the same name, size and modification time, other content."""
+    first, second = tmp_path / "x1", tmp_path / "x2"
+    first.mkdir()
+    second.mkdir()
+    np.save(first / "a.npy", image)
+    np.save(second / "a.npy", image[::-1].copy())
+    stat = (first / "a.npy").stat()
+    os.utime(second / "a.npy", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    out = tmp_path / "out"
+    assert run(DEMO_MODEL_FILE, first / "a.npy", "-o", out, "-q", *FLAGS) == 0
+    before = digest(out)
+    capsys.readouterr()
+    assert run(DEMO_MODEL_FILE, second / "a.npy", "-o", out, "-q", *FLAGS) == 1
+    assert "not pacseg's record of this input" in capsys.readouterr().err
+    assert digest(out) == before
+
+
+def test_an_input_changed_in_place_is_redone(tmp_path, image, capsys):
+    np.save(tmp_path / "a.npy", image)
+    out = tmp_path / "out"
+    assert run(DEMO_MODEL_FILE, tmp_path / "a.npy", "-o", out, "-q", *FLAGS) == 0
+    first = np.load(out / "a_labels.npy")
+    np.save(tmp_path / "a.npy", image[:, ::-1].copy())
+    capsys.readouterr()
+    assert run(DEMO_MODEL_FILE, tmp_path / "a.npy", "-o", out, "-q", *FLAGS) == 0
+    assert capsys.readouterr().out.startswith("done")
+    assert np.array_equal(np.load(out / "a_labels.npy"), first[:, ::-1])
+    record = json.loads((out / "a_pacseg.json").read_text())
+    assert record["input_digest"].startswith("sha256:")
+
+
+def test_input_digest_of_large_files_and_folders(tmp_path, monkeypatch):
+    from napari_pacseg import provenance
+
+    monkeypatch.setattr(provenance, "WHOLE_HASH_BYTES", 1 << 12)
+    monkeypatch.setattr(provenance, "END_BYTES", 1 << 10)
+    rng = np.random.default_rng(0)
+    data = bytearray(rng.integers(0, 256, 1 << 14, dtype=np.uint8).tobytes())
+    (tmp_path / "big").write_bytes(bytes(data))
+    base = provenance.input_digest(tmp_path / "big")
+    data[-1] ^= 1  # the last MiB is read
+    (tmp_path / "big").write_bytes(bytes(data))
+    assert provenance.input_digest(tmp_path / "big") != base
+    folder = tmp_path / "v.zarr"
+    (folder / "0").mkdir(parents=True)
+    (folder / "0" / "0.0").write_bytes(b"abc")
+    (folder / ".zarray").write_text("{}")
+    digest_a = provenance.input_digest(folder)
+    (folder / "0" / "0.0").write_bytes(b"abd")
+    assert provenance.input_digest(folder) != digest_a
 
 
 def test_a_failed_overwrite_run_restores_the_record(tmp_path, image, capsys):

@@ -17,7 +17,7 @@ from napari_pacseg.guide import (
     make_guide,
     volume_noise_level,
 )
-from napari_pacseg.model import volume_intensity_range
+from napari_pacseg.normalise import volume_intensity_range
 
 
 def _smooth_volume(shape=(12, 64, 80), seed=0):

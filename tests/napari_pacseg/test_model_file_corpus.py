@@ -508,7 +508,7 @@ def test_demo_model_loads_without_warning_and_has_a_checksum():
         warnings.simplefilter("error")
         model = load_model(DEMO_MODEL_FILE)
     meta, header, data = _file_parts(DEMO_MODEL_FILE)
-    assert meta["version"] == 2
+    assert meta["version"] == 4 and "normalisation" in meta["config"]
     assert meta["checksum"] == _sha256_by_hand(meta, header, data)
     assert set(header) == set(model.state_dict())
 

@@ -17,7 +17,7 @@ from napari_pacseg.classes import labels_from_probabilities  # noqa: E402
 from napari_pacseg.regions import RegionSegmenter  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 
-CROP = (slice(24, 40), slice(0, 64), slice(0, 64))  # 16 planes of the sample
+CROP = (slice(32, 48), slice(64, 128), slice(64, 128))  # 16 planes of the sample, 3 nuclei
 TRAIN_CROP = (slice(24, 40), slice(160, 256), slice(0, 96))  # holds scribbles of both classes
 WAIT_MS = 60_000
 
