@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common
 from common import describe_machine, write_result
 from napari_pacseg.batch import segment_zarr
-from napari_pacseg.pipeline import receptive_field
+from napari_pacseg.engine.segment import receptive_field
 from napari_pacseg.sample import load_demo_model, load_sample
 
 

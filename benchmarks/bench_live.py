@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common
-from napari_pacseg._workers import DEBOUNCE_MS
+from napari_pacseg._napari.workers import DEBOUNCE_MS
 
 TIMEOUT_S = 120.0
 CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)

@@ -55,8 +55,8 @@ def _crf(repeats: int) -> dict:
 
 
 def _preview(repeats: int, adaptive: bool) -> float:
-    from napari_pacseg.model_io import load_model
-    from napari_pacseg.regions import RegionSegmenter
+    from napari_pacseg.engine.preview import RegionSegmenter
+    from napari_pacseg.io.model_file import load_model
     from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
     from pacseg_kernels import threads
 

@@ -1,26 +1,7 @@
 """napari-pacseg: interactive volumetric segmentation for napari with PAC refinement."""
 
-from ._version import __version__
-from .classes import ClassInfo, labels_from_probabilities
-from .features import FeatureSpec, compute_features
-from .instances import instance_labels, object_table
-from .model import (
-    ContextConfig,
-    HeadConfig,
-    InstanceConfig,
-    ModelConfig,
-    PacSegModel,
-    RefineConfig,
-)
-from .model_io import (
-    ModelFileError,
-    ModelFileWarning,
-    import_torch_mlp,
-    load_model,
-    save_model,
-)
-from .normalise import Normalisation
-from .pipeline import (
+from napari_pacseg._version import __version__
+from napari_pacseg.engine.segment import (
     Segmentation,
     SegmentationCancelled,
     image_range,
@@ -29,7 +10,26 @@ from .pipeline import (
     volume_intensity_range,
     volume_noise_level,
 )
-from .training import train
+from napari_pacseg.instances.labels import instance_labels, object_table
+from napari_pacseg.io.model_file import (
+    ModelFileError,
+    ModelFileWarning,
+    import_torch_mlp,
+    load_model,
+    save_model,
+)
+from napari_pacseg.model.classes import ClassInfo, labels_from_probabilities
+from napari_pacseg.model.features import FeatureSpec, compute_features
+from napari_pacseg.model.network import (
+    ContextConfig,
+    HeadConfig,
+    InstanceConfig,
+    ModelConfig,
+    PacSegModel,
+    RefineConfig,
+)
+from napari_pacseg.model.normalise import Normalisation
+from napari_pacseg.training.fit import train
 
 __all__ = [
     "ClassInfo",

@@ -17,9 +17,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .checks import one_line, printable, short_repr
-from .classes import DEFAULT_THRESHOLD
-from .training import DEFAULT_STEPS, DEFAULT_STEPS_2D
+from napari_pacseg.checks import one_line, printable, short_repr
+from napari_pacseg.model.classes import DEFAULT_THRESHOLD
+from napari_pacseg.training.fit import DEFAULT_STEPS, DEFAULT_STEPS_2D
 
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="napari-pacseg without napari: segment folders of volumes and zarr volumes "
         "larger than memory (optionally on a dask cluster), train a model, inspect one.",
     )
-    from ._version import __version__
+    from napari_pacseg._version import __version__
 
     parser.add_argument("--version", action="version", version=f"napari-pacseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref = seg.add_argument_group("refinement (defaults: the model's; see pacseg info MODEL)")
     ref.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                      help="PAC-CRF refinement (default: on)")  # fmt: skip
-    from .model import refine_params_schema
+    from napari_pacseg.model.network import refine_params_schema
 
     for name, spec in refine_params_schema().items():
         ref.add_argument(
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also separate the objects: <stem>_instances.<ext> (one id per "
                      "object) and <stem>_objects.csv (volume, centroid, bounding box, "
                      "intensities, sphericity per object); TIFF and NPY inputs")  # fmt: skip
-    from .model import instance_params_schema
+    from napari_pacseg.model.network import instance_params_schema
 
     for name, spec in instance_params_schema().items():
         obj.add_argument(
@@ -315,7 +315,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _check_device(device: str) -> None:
-    from .checks import resolve_device
+    from napari_pacseg.checks import resolve_device
 
     try:
         resolve_device(device)
@@ -324,7 +324,7 @@ def _check_device(device: str) -> None:
 
 
 def _refine_option(args):
-    from .model import refine_params_schema
+    from napari_pacseg.model.network import refine_params_schema
 
     given = {n: getattr(args, n) for n in refine_params_schema() if hasattr(args, n)}  # given only
     if not args.refine:
@@ -336,7 +336,7 @@ def _refine_option(args):
 
 
 def _instances_option(args):
-    from .model import instance_params_schema
+    from napari_pacseg.model.network import instance_params_schema
 
     given = {n: getattr(args, n) for n in instance_params_schema() if hasattr(args, n)}
     if given and not args.instances:
@@ -346,8 +346,8 @@ def _instances_option(args):
 
 
 def _cmd_segment(args) -> int:
-    from .batch import iter_segment_files
-    from .volume_io import volume_kind
+    from napari_pacseg.batch import iter_segment_files
+    from napari_pacseg.io.volumes import volume_kind
 
     _check_device(args.device)
     refine = _refine_option(args)
@@ -404,12 +404,17 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .classes import check_distinct_names
-    from .features import FeatureSpec
-    from .image_io import is_2d_file, picture_kind, read_picture
-    from .model_io import save_model
-    from .training import default_features, train
-    from .volume_io import VolumeError, check_not_input, check_output_folder, read_volume
+    from napari_pacseg.io.images import is_2d_file, picture_kind, read_picture
+    from napari_pacseg.io.model_file import save_model
+    from napari_pacseg.io.volumes import (
+        VolumeError,
+        check_not_input,
+        check_output_folder,
+        read_volume,
+    )
+    from napari_pacseg.model.classes import check_distinct_names
+    from napari_pacseg.model.features import FeatureSpec
+    from napari_pacseg.training.fit import default_features, train
 
     _check_device(args.device)
     if args.output.suffix != ".safetensors":
@@ -523,7 +528,7 @@ SCRIBBLES_ONE_CHANNEL = (
 def _read_scribble_volume(path):
     """The ``(D, H, W)`` scribbles of a volume file; ``VolumeError`` for more than one channel
     (an RGB painting: its channels are no labels)."""
-    from .volume_io import VolumeError, load_npy, read_volume, volume_kind
+    from napari_pacseg.io.volumes import VolumeError, load_npy, read_volume, volume_kind
 
     if volume_kind(path) == "npy" and Path(path).is_file():
         shape = load_npy(path).shape  # memory-mapped: only the header is read
@@ -549,8 +554,8 @@ def _assumed_spacing(record) -> str:
 def _cmd_demo(args) -> int:
     import numpy as np
 
-    from .sample import DEMO_MODEL_FILE, load_sample
-    from .volume_io import write_bytes, write_tiff
+    from napari_pacseg.io.volumes import write_bytes, write_tiff
+    from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
 
     out = args.outdir
     names = {"image": "nuclei.tif", "scribbles": "nuclei_scribbles.tif",
@@ -579,8 +584,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .describe import model_lines, model_summary
-    from .model_io import ModelFileError, load_model
+    from napari_pacseg.describe import model_lines, model_summary
+    from napari_pacseg.io.model_file import ModelFileError, load_model
 
     try:
         model = load_model(args.model)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .classes import label_values, scribble_values
-from .model import PacSegModel
+from napari_pacseg.model.classes import label_values, scribble_values
+from napari_pacseg.model.network import PacSegModel
 
 
 def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
@@ -18,9 +18,9 @@ def model_summary(model: PacSegModel, path: str | Path | None = None) -> dict:
     sha256 first, then ``ndim`` (2: a model of 2D images, 3: of volumes), ``config``,
     ``n_features``, ``grid`` and ``receptive_field`` (voxels ``(z, y, x)``, ``(y, x)`` for a 2D
     model, with and without refinement; a text when the default refinement is not usable)."""
-    from .model_io import config_to_dict
-    from .pipeline import receptive_field
-    from .provenance import sha256_file
+    from napari_pacseg.engine.segment import receptive_field
+    from napari_pacseg.io.model_file import config_to_dict
+    from napari_pacseg.io.provenance import sha256_file
 
     try:
         refined = list(receptive_field(model))

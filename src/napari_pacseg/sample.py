@@ -81,6 +81,6 @@ def load_sample_2d(plane: int = SAMPLE_2D_PLANE) -> Sample2D:
 
 def load_demo_model():
     """The demo ``PacSegModel`` trained from the sample's scribbles."""
-    from .model_io import load_model
+    from napari_pacseg.io.model_file import load_model
 
     return load_model(DEMO_MODEL_FILE)

@@ -19,5 +19,5 @@ def one_torch_thread():
 def errors(monkeypatch):
     """Error notifications the widget raised (captured instead of shown; the widget tests)."""
     seen: list[str] = []
-    monkeypatch.setattr("napari_pacseg._widget.show_error", seen.append)
+    monkeypatch.setattr("napari_pacseg._napari.widget.show_error", seen.append)
     return seen

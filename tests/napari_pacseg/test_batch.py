@@ -22,14 +22,14 @@ tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import ModelPayload, segment_zarr  # noqa: E402
-from napari_pacseg.batch_zarr import model_from_payload  # noqa: E402
-from napari_pacseg.sample import load_demo_model, load_sample  # noqa: E402
-from napari_pacseg.volume_io import (  # noqa: E402
+from napari_pacseg.batch.zarr_runs import model_from_payload  # noqa: E402
+from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
     layout_from_axes,
     read_volume,
     write_tiff,
 )
+from napari_pacseg.sample import load_demo_model, load_sample  # noqa: E402
 
 CHUNKS = (12, 40, 40)
 
@@ -343,9 +343,9 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
     import dask
 
     from napari_pacseg import InstanceConfig, instance_labels
-    from napari_pacseg.engine import split_box
-    from napari_pacseg.engine import whole as whole_box
-    from napari_pacseg.instances_zarr import instances_pass
+    from napari_pacseg.engine.plan import split_box
+    from napari_pacseg.engine.plan import whole as whole_box
+    from napari_pacseg.instances.chunked import instances_pass
 
     labels = _touching_balls(seed=seed)
     spacing = (1.5, 1.0, 1.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_pacseg import labels_from_probabilities, segment
-from napari_pacseg.classes import label_values
+from napari_pacseg.model.classes import label_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,7 +97,7 @@ def test_every_face_gives_the_same_labels(tmp_path, k):
     # the widget's face: its headless session, a full run and a live box (whole planes)
     from types import SimpleNamespace
 
-    from napari_pacseg.session import RunParams, Session
+    from napari_pacseg._napari.session import RunParams, Session
 
     session = Session()
     session.use_image(

@@ -16,11 +16,11 @@ zarr = pytest.importorskip("zarr")
 tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import ContextConfig, load_model, receptive_field, segment  # noqa: E402
-from napari_pacseg import batch_files as batch_module  # noqa: E402
+from napari_pacseg.batch import files as batch_module  # noqa: E402
 from napari_pacseg.cli import ProgressBar, main  # noqa: E402
-from napari_pacseg.provenance import sha256_file  # noqa: E402
+from napari_pacseg.io.provenance import sha256_file  # noqa: E402
+from napari_pacseg.io.volumes import read_volume, write_tiff  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
-from napari_pacseg.volume_io import read_volume, write_tiff  # noqa: E402
 
 SHAPE = (16, 48, 48)
 
@@ -241,7 +241,7 @@ def test_train_then_segment(tmp_path, capsys):
 
 
 def test_train_with_context(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)  # the option, not the fit
+    monkeypatch.setattr("napari_pacseg.training.fit.CONTEXT_STEPS", 5)  # the option, not the fit
     sample = load_sample()
     box = (slice(16, 48), slice(128, 256), slice(0, 256))
     np.save(tmp_path / "img.npy", sample.image[box])

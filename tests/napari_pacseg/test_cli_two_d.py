@@ -12,9 +12,9 @@ iio = pytest.importorskip("imageio.v3")
 
 from napari_pacseg import load_model, segment  # noqa: E402
 from napari_pacseg.cli import main  # noqa: E402
-from napari_pacseg.image_io import is_2d_file, read_picture  # noqa: E402
+from napari_pacseg.io.images import is_2d_file, read_picture  # noqa: E402
+from napari_pacseg.io.volumes import VolumeError, write_tiff  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE  # noqa: E402
-from napari_pacseg.volume_io import VolumeError, write_tiff  # noqa: E402
 
 from .test_two_d import _cells  # noqa: E402
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import napari_pacseg.context_training as context_training
+import napari_pacseg.training.context as context_training
 from napari_pacseg import (
     ClassInfo,
     ContextConfig,

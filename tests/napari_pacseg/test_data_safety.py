@@ -23,15 +23,15 @@ tifffile = pytest.importorskip("tifffile")
 from napari_pacseg import save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import segment_zarr, source_paths  # noqa: E402
 from napari_pacseg.cli import main  # noqa: E402
-from napari_pacseg.model import RefineConfig, refine_params_schema  # noqa: E402
-from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
-from napari_pacseg.volume_io import (  # noqa: E402
+from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
     read_volume,
     remove_stale_temporaries,
     temporary_sibling,
     write_tiff,
 )
+from napari_pacseg.model.network import RefineConfig, refine_params_schema  # noqa: E402
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (8, 40, 40)
@@ -158,7 +158,7 @@ def test_segment_zarr_refuses_its_input_as_output(tmp_path, image, model, kind):
 
 
 def test_resume_in_the_input_folder(tmp_path, image, capsys, monkeypatch):
-    from napari_pacseg import batch_files as batch_module
+    from napari_pacseg.batch import files as batch_module
 
     np.save(tmp_path / "x.npy", image)
     real = batch_module.write_npy
@@ -277,7 +277,7 @@ def test_an_input_changed_in_place_is_redone(tmp_path, image, capsys):
 
 
 def test_input_digest_of_large_files_and_folders(tmp_path, monkeypatch):
-    from napari_pacseg import provenance
+    from napari_pacseg.io import provenance
 
     monkeypatch.setattr(provenance, "WHOLE_HASH_BYTES", 1 << 12)
     monkeypatch.setattr(provenance, "END_BYTES", 1 << 10)
@@ -387,7 +387,7 @@ def test_sigkilled_zarr_run_leaves_nothing_after_the_rerun(tmp_path, image):
     out = tmp_path / "out"
     script = (
         "import os, signal\n"
-        "from napari_pacseg import batch_zarr\n"
+        "from napari_pacseg.batch import zarr_runs as batch_zarr\n"
         "def die(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "batch_zarr.segment_chunk = die\n"

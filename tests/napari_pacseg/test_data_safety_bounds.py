@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import napari_pacseg.model_io as model_io
+import napari_pacseg.io.model_file as model_io
 from napari_pacseg import (
     ClassInfo,
     ContextConfig,
@@ -29,7 +29,7 @@ from napari_pacseg import (
     segment,
     train,
 )
-from napari_pacseg.engine import (
+from napari_pacseg.engine.plan import (
     MAX_TILE_WORK,
     TILE_COST_VOXELS,
     UNARY_TILE,
@@ -41,7 +41,7 @@ from napari_pacseg.engine import (
     tiling_work,
     whole,
 )
-from napari_pacseg.model_io import model_from_bytes
+from napari_pacseg.io.model_file import model_from_bytes
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

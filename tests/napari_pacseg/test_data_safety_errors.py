@@ -22,14 +22,14 @@ zarr = pytest.importorskip("zarr")
 tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import save_model, segment, train  # noqa: E402
-from napari_pacseg import volume_io as vio  # noqa: E402
 from napari_pacseg.batch import segment_files, segment_zarr  # noqa: E402
 from napari_pacseg.cli import main  # noqa: E402
-from napari_pacseg.instances import instance_labels  # noqa: E402
-from napari_pacseg.model import ModelConfig  # noqa: E402
-from napari_pacseg.model_io import ModelFileError, config_from_dict, config_to_dict  # noqa: E402
-from napari_pacseg.pipeline import receptive_field  # noqa: E402
-from napari_pacseg.regions import RegionSegmenter  # noqa: E402
+from napari_pacseg.engine.preview import RegionSegmenter  # noqa: E402
+from napari_pacseg.engine.segment import receptive_field  # noqa: E402
+from napari_pacseg.instances.labels import instance_labels  # noqa: E402
+from napari_pacseg.io import volumes as vio  # noqa: E402
+from napari_pacseg.io.model_file import ModelFileError, config_from_dict, config_to_dict  # noqa: E402
+from napari_pacseg.model.network import ModelConfig  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -126,7 +126,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, model, image, monke
 
 
 def test_a_full_disk_during_a_zarr_run(tmp_path, model, image, monkeypatch):
-    from napari_pacseg import batch_zarr
+    from napari_pacseg.batch import zarr_runs as batch_zarr
 
     src = write_zarr(tmp_path / "in.zarr", image)
     out = tmp_path / "out"
@@ -173,12 +173,12 @@ def test_a_real_file_size_limit(tmp_path, image):
 
 def test_train_checks_its_output_folder_before_training(tmp_path, image, marks, capsys,
                                                         monkeypatch):  # fmt: skip
-    import napari_pacseg.training
+    import napari_pacseg.training.fit
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(napari_pacseg.training, "train", no_training)
+    monkeypatch.setattr(napari_pacseg.training.fit, "train", no_training)
     np.save(tmp_path / "img.npy", image)
     np.save(tmp_path / "marks.npy", marks)
     pair = [str(tmp_path / "img.npy"), str(tmp_path / "marks.npy")]
@@ -237,7 +237,7 @@ def test_a_read_only_folder_for_real(tmp_path, model, image, marks, capsys):
 
 @pytest.mark.parametrize("kind", ["file", "link"])
 def test_a_file_or_link_at_a_zarr_output_path(tmp_path, image, model, capsys, kind, monkeypatch):
-    from napari_pacseg import batch_zarr
+    from napari_pacseg.batch import zarr_runs as batch_zarr
 
     write_zarr(tmp_path / "v.zarr", image)
     out = tmp_path / "out"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from napari_pacseg import FeatureSpec, compute_features
-from napari_pacseg.features import symmetric_eigvals3
+from napari_pacseg.model.features import symmetric_eigvals3
 
 
 def _grid(shape, spacing):

@@ -9,15 +9,15 @@ import torch
 from scipy import ndimage
 
 from napari_pacseg import FeatureSpec, segment, train
-from napari_pacseg.engine import prepare
-from napari_pacseg.guide import (
+from napari_pacseg.engine.plan import prepare
+from napari_pacseg.model.normalise import volume_intensity_range
+from napari_pacseg.refine.guide import (
     RESIDUAL_TARGET,
     SMOOTHING_SIGMAS,
     guide_filter,
     make_guide,
     volume_noise_level,
 )
-from napari_pacseg.normalise import volume_intensity_range
 
 
 def _smooth_volume(shape=(12, 64, 80), seed=0):

@@ -19,7 +19,7 @@ from napari_pacseg import (
     save_model,
     segment,
 )
-from napari_pacseg.model_io import config_from_dict, config_to_dict
+from napari_pacseg.io.model_file import config_from_dict, config_to_dict
 from napari_pacseg.sample import load_demo_model, load_sample
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from napari_pacseg import FeatureSpec, RefineConfig, receptive_field, segment, train
-from napari_pacseg.engine import prepare, settle
-from napari_pacseg.features import axis_radii
-from napari_pacseg.local_fit import CAP, PRESENT, local_fit
+from napari_pacseg.engine.plan import prepare, settle
+from napari_pacseg.model.features import axis_radii
+from napari_pacseg.refine.local_fit import CAP, PRESENT, local_fit
 
 
 def _kernel64(sigma: float) -> np.ndarray:
@@ -206,8 +206,8 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
 
 def test_volume_models_fit_and_2d_models_fit_less(tmp_path):
     from napari_pacseg import load_model, save_model
-    from napari_pacseg.model_io import config_from_dict, config_to_dict
-    from napari_pacseg.training import FIT_WEIGHT_2D, default_refine
+    from napari_pacseg.io.model_file import config_from_dict, config_to_dict
+    from napari_pacseg.training.fit import FIT_WEIGHT_2D, default_refine
 
     assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.5
     assert default_refine(2) == RefineConfig(fit_weight=FIT_WEIGHT_2D) and 0 < FIT_WEIGHT_2D < 0.5

@@ -21,8 +21,8 @@ from napari_pacseg import (
     load_model,
     save_model,
 )
-from napari_pacseg.model_io import MAX_HEADER_BYTES, config_from_dict, config_to_dict
-from napari_pacseg.normalise import apply_range, volume_intensity_range
+from napari_pacseg.io.model_file import MAX_HEADER_BYTES, config_from_dict, config_to_dict
+from napari_pacseg.model.normalise import apply_range, volume_intensity_range
 
 CLASSES = (
     ClassInfo("background", (0, 0, 0, 0)),

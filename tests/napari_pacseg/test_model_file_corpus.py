@@ -35,7 +35,7 @@ from napari_pacseg import (
     load_model,
     save_model,
 )
-from napari_pacseg.model_io import META_KEY, ModelFileWarning, model_checksum
+from napari_pacseg.io.model_file import META_KEY, ModelFileWarning, model_checksum
 from napari_pacseg.sample import DEMO_MODEL_FILE
 
 SEED = 15

@@ -22,7 +22,7 @@ from napari_pacseg import (
     segment,
     train,
 )
-from napari_pacseg.normalise import CONTRAST_FRACTION, apply_range, contrast
+from napari_pacseg.model.normalise import CONTRAST_FRACTION, apply_range, contrast
 from napari_pacseg.sample import load_demo_model, load_sample, load_sample_2d
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -169,7 +169,7 @@ def _without_normalisation(model):
 def _legacy_file(model, path):
     """``model`` saved as a file from before the normalisation: no "normalisation" key,
     format version 2 (volumes) or 3 (2D images), the checksum recomputed."""
-    from napari_pacseg.model_io import model_bytes
+    from napari_pacseg.io.model_file import model_bytes
 
     data = model_bytes(_without_normalisation(model))
     (n,) = struct.unpack("<Q", data[:8])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import napari_pacseg.engine as engine
-import napari_pacseg.pipeline as pipeline
+import napari_pacseg.engine.plan as engine
+import napari_pacseg.engine.segment as pipeline
 from napari_pacseg import (
     ClassInfo,
     ContextConfig,

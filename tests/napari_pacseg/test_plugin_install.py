@@ -26,7 +26,7 @@ CHECK = """
 import json, sys
 import npe2
 import napari_pacseg
-from napari_pacseg._sample_data import make_sample_data, make_sample_data_2d
+from napari_pacseg._napari.sample_data import make_sample_data, make_sample_data_2d
 pm = npe2.PluginManager.instance()
 pm.discover()
 manifest = pm.get_manifest("napari-pacseg")

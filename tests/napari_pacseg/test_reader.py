@@ -6,7 +6,7 @@ import pytest
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("napari")
 
-from napari_pacseg._reader import get_reader  # noqa: E402
+from napari_pacseg._napari.reader import get_reader  # noqa: E402
 
 
 def _ome_zarr(path, channels: int):

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 
 from napari_pacseg.cli import build_parser
-from napari_pacseg.model import RefineConfig, refine_params_schema
+from napari_pacseg.model.network import RefineConfig, refine_params_schema
 
 
 def test_widget_controls_are_the_config(qtbot):
-    from napari_pacseg._controls import refine_controls, refine_values, set_refine_controls
+    from napari_pacseg._napari.controls import refine_controls, refine_values, set_refine_controls
 
     controls = refine_controls()
     assert list(controls) == [f.name for f in dataclasses.fields(RefineConfig)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_pacseg.sample import load_sample
-from napari_pacseg.scribble_checks import coverage_warnings, intensity_warnings
+from napari_pacseg.training.scribble_checks import coverage_warnings, intensity_warnings
 
 
 def test_the_samples_scribbles_raise_no_warning():

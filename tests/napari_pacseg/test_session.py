@@ -11,10 +11,7 @@ import pytest
 import torch
 
 from napari_pacseg import SegmentationCancelled, labels_from_probabilities, segment, train
-from napari_pacseg.describe import describe_model, model_lines, model_summary
-from napari_pacseg.features import FeatureSpec
-from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample
-from napari_pacseg.session import (
+from napari_pacseg._napari.session import (
     RunParams,
     Session,
     TrainParams,
@@ -22,6 +19,9 @@ from napari_pacseg.session import (
     parse_class_names,
     parse_scales,
 )
+from napari_pacseg.describe import describe_model, model_lines, model_summary
+from napari_pacseg.model.features import FeatureSpec
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample
 
 CROP = (slice(24, 40), slice(0, 64), slice(0, 64))  # 16 planes of the sample
 TRAIN_CROP = (slice(24, 40), slice(160, 256), slice(0, 96))  # holds scribbles of both classes
@@ -146,7 +146,7 @@ def test_training_is_train(sample, tmp_path):
 
 
 def test_training_with_context(sample, monkeypatch):
-    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)
+    monkeypatch.setattr("napari_pacseg.training.fit.CONTEXT_STEPS", 5)
     s = Session()
     s.use_image(layer(sample.image[TRAIN_CROP], sample.spacing, "cells"))
     params = TrainParams(scales="1", steps=10, device="cpu", context=True)
@@ -236,7 +236,7 @@ def test_description_is_what_pacseg_info_prints():
 
 
 def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
-    from napari_pacseg import engine
+    from napari_pacseg.engine import plan as engine
 
     # A budget that the default refinement of 3 planes of 64 x 64 fits and a wide one not.
     box = ((7, 10), (0, 64), (0, 64))
@@ -268,7 +268,7 @@ def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
 
 
 def test_bound_preview_rule():
-    from napari_pacseg import engine
+    from napari_pacseg.engine import plan as engine
 
     model = load_demo_model()
     vol = np.zeros((40, 300, 300), np.uint16)

@@ -18,7 +18,7 @@ from napari_pacseg import (
     train,
 )
 from napari_pacseg.describe import model_lines, model_summary
-from napari_pacseg.instances import instance_labels, object_table
+from napari_pacseg.instances.labels import instance_labels, object_table
 
 SPEC = FeatureSpec(sigmas=(1.0, 2.0))
 

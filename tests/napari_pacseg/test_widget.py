@@ -13,8 +13,8 @@ napari = pytest.importorskip("napari")
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_pacseg import segment  # noqa: E402
-from napari_pacseg.classes import labels_from_probabilities  # noqa: E402
-from napari_pacseg.regions import RegionSegmenter  # noqa: E402
+from napari_pacseg.engine.preview import RegionSegmenter  # noqa: E402
+from napari_pacseg.model.classes import labels_from_probabilities  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample  # noqa: E402
 
 CROP = (slice(32, 48), slice(64, 128), slice(64, 128))  # 16 planes of the sample, 3 nuclei
@@ -210,7 +210,7 @@ def test_live_mode_updates_only_the_visible_slab(docked, qtbot, errors, sample):
 
 
 def test_visible_box_in_3d_view_is_bounded(docked):
-    from napari_pacseg._layers import visible_box
+    from napari_pacseg._napari.layers import visible_box
 
     viewer, _ = docked
     layer = viewer.layers["crop"]
@@ -379,7 +379,7 @@ def test_four_d_image_with_a_leading_channel_axis(docked, qtbot, errors, sample)
 
 
 def test_train_with_context(docked, qtbot, errors, sample, monkeypatch):
-    monkeypatch.setattr("napari_pacseg.training.CONTEXT_STEPS", 5)
+    monkeypatch.setattr("napari_pacseg.training.fit.CONTEXT_STEPS", 5)
     viewer, widget = docked
     widget.image.value = viewer.add_image(sample.image[TRAIN_CROP], name="c", scale=sample.spacing)
     widget.new_scribbles_layer().data = sample.scribbles[TRAIN_CROP].copy()
@@ -519,7 +519,7 @@ def test_widget_fits_a_laptop_screen(make_napari_viewer, qtbot):
 def test_border_only_scribbles_warn_after_training(docked, qtbot, errors, monkeypatch):
     viewer, widget = docked
     warned: list[str] = []
-    monkeypatch.setattr("napari_pacseg._widget.show_warning", warned.append)
+    monkeypatch.setattr("napari_pacseg._napari.widget.show_warning", warned.append)
     marks = np.zeros((16, 64, 64), np.uint8)
     marks[8, 1, 5:60] = 1
     marks[8, 30, 30:34] = 2

@@ -1,0 +1,88 @@
+"""magicgui controls made from the parameter schemas (the ``Param`` fields of ``RefineConfig``
+and ``InstanceConfig``), so the widget's ranges, steps, labels and defaults are the config's
+own and cannot drift from it."""
+
+from __future__ import annotations
+
+from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox
+
+from napari_pacseg.model.network import (
+    InstanceConfig,
+    RefineConfig,
+    instance_params_schema,
+    refine_params_schema,
+)
+
+
+def param_controls(schema: dict, defaults) -> dict:
+    """One control per parameter of ``schema``, at ``defaults``' values: a choice of odd sizes
+    for odd integers, a spin box otherwise; an optional parameter's control reads 0 for None
+    ("off")."""
+    controls = {}
+    for name, spec in schema.items():
+        value = getattr(defaults, name)
+        if spec.odd:
+            control = ComboBox(
+                label=spec.label, choices=list(range(spec.low, spec.high + 1, 2)), value=value
+            )
+        elif spec.integer:
+            control = SpinBox(
+                label=spec.label, min=spec.low, max=spec.high, step=spec.step, value=value
+            )
+        else:
+            low, label = (
+                (0.0, f"{spec.label} (0: off)") if spec.optional else (spec.low, spec.label)
+            )
+            control = FloatSpinBox(
+                label=label, min=low, max=spec.high, step=spec.step, value=value or 0.0
+            )
+        control.tooltip = f"{spec.help} ({spec.low:g}-{spec.high:g})"
+        controls[name] = control
+    return controls
+
+
+def set_param_controls(controls: dict, schema: dict, config) -> None:
+    """Show ``config``'s values in the controls."""
+    for name, control in controls.items():
+        value = getattr(config, name)
+        control.value = 0.0 if schema[name].optional and value is None else value
+
+
+def param_values(controls: dict, schema: dict) -> dict:
+    """The controls' values as config fields (a dict of overrides)."""
+    out = {}
+    for name, control in controls.items():
+        spec = schema[name]
+        value = int(control.value) if spec.integer else float(control.value)
+        out[name] = None if spec.optional and value <= 0 else value
+    return out
+
+
+def refine_controls() -> dict:
+    """One control per refinement parameter, at ``RefineConfig()``'s defaults."""
+    return param_controls(refine_params_schema(), RefineConfig())
+
+
+def set_refine_controls(controls: dict, refine: RefineConfig) -> None:
+    """Show ``refine``'s values in the controls."""
+    set_param_controls(controls, refine_params_schema(), refine)
+
+
+def refine_values(controls: dict) -> dict:
+    """The controls' values as ``RefineConfig`` fields (a ``segment(refine=...)`` dict)."""
+    return param_values(controls, refine_params_schema())
+
+
+def instance_controls() -> dict:
+    """One control per instance parameter, at ``InstanceConfig()``'s defaults."""
+    return param_controls(instance_params_schema(), InstanceConfig())
+
+
+def set_instance_controls(controls: dict, config: InstanceConfig) -> None:
+    """Show ``config``'s values in the controls."""
+    set_param_controls(controls, instance_params_schema(), config)
+
+
+def instance_values(controls: dict) -> dict:
+    """The controls' values as ``InstanceConfig`` fields (a ``segment(instances=...)`` dict)."""
+    return param_values(controls, instance_params_schema())

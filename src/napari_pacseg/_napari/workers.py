@@ -1,0 +1,263 @@
+"""The widget's background work, all in napari worker threads: ``TaskRunner`` for full runs and
+training (one at a time, napari progress bar, cancel through the session's task) and
+``LiveRunner`` for live previews (debounced, one job in flight, stale results dropped).
+
+Workers never raise: ``run_caught`` turns an error into an ``Outcome`` that the main thread
+reports, so napari does not show a second, raw notification of it.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from napari_pacseg.engine.segment import SegmentationCancelled
+
+DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
+PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often
+
+
+@dataclass
+class Outcome:
+    """What a background job returns: its result, or the error it raised."""
+
+    result: object = None
+    error: BaseException | None = None
+    details: str = ""
+
+
+def run_caught(fn: Callable, *args, **kwargs) -> Outcome:
+    """``fn(*args, **kwargs)`` as an ``Outcome`` (for ``create_worker``)."""
+    try:
+        return Outcome(result=fn(*args, **kwargs))
+    except Exception as err:  # reported in the main thread by the caller
+        return Outcome(error=err, details=traceback.format_exc())
+
+
+def message(err: BaseException) -> str:
+    """An error for a person: its text, with its type unless it is a ``ValueError``."""
+    text = str(err) or type(err).__name__
+    if not isinstance(err, ValueError):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def _worker(fn: Callable, *args, returned: Callable, finished: Callable, **kwargs):
+    """A napari worker (not started) running ``run_caught(fn, *args, **kwargs)``."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(run_caught, fn, *args, _start_thread=False, **kwargs)
+    worker.returned.connect(returned)
+    worker.finished.connect(finished)
+    return worker
+
+
+class _Relay(QObject):
+    """Carries progress from worker threads to the main thread (queued signals)."""
+
+    progressed = Signal(int, int, int)  # task id, done, total
+    live = Signal(int, str, int, int)  # live generation, stage, done, total
+
+
+class _Throttled:
+    """A live job's ``progress(stage, done, total)`` (worker thread): relays a stage's first
+    call and then at most one call per ``PROGRESS_S``. Every relayed call costs the main thread
+    a status repaint, and main-thread Python work holds the GIL that the worker's many short
+    torch calls need back between them."""
+
+    def __init__(self, relay: _Relay, gen: int) -> None:
+        self.emit, self.gen = relay.live.emit, gen
+        self.stage, self.last = None, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage or now - self.last >= PROGRESS_S:
+            self.stage, self.last = stage, now
+            self.emit(self.gen, stage, done, total)
+
+
+class TaskRunner:
+    """Full runs and training in a worker thread, one at a time (``session.begin``).
+
+    ``start(kind, work, on_result)`` runs ``work(progress=..., should_cancel=...)`` (a
+    ``session.FullRun`` or ``session.Training``) with a napari progress bar; the main thread
+    gets ``on_result(result, seconds)``, or a status line when it was cancelled
+    (``session.cancel()``), or ``error(text)`` when it failed (also when ``on_result`` raises
+    ``ValueError``). ``status(text)`` shows progress; ``running(flag)`` is called when a task
+    starts and ends.
+    """
+
+    def __init__(self, session, status: Callable, error: Callable, running: Callable) -> None:
+        self.session, self.status, self.error, self.running = session, status, error, running
+        self._bar = None
+        self._worker = None
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+
+    def start(self, kind: str, work: Callable, on_result: Callable) -> None:
+        from napari.utils import progress
+
+        task = self.session.begin(kind)
+        self._bar = progress(total=0, desc=f"PAC {kind}")
+        emit = self._relay.progressed.emit
+        self._worker = _worker(
+            work, progress=lambda done, total: emit(task.ident, done, total),
+            should_cancel=task.should_cancel, returned=partial(self._returned, task, on_result),
+            finished=partial(self._finished, task),
+        )  # fmt: skip
+        self.running(True)
+        self.status(f"{kind} running…")
+        self._worker.start()
+
+    def cancel(self) -> None:
+        """Cancel the running task (between tiles or steps)."""
+        task = self.session.cancel()
+        if task is not None:
+            self.status(f"cancelling the {task.kind}…")
+
+    def _on_progress(self, ident: int, done: int, total: int) -> None:
+        task = self.session.task
+        if task is None or task.ident != ident or self._bar is None:
+            return  # queued from a task whose result is in (or that has ended)
+        # The status first: napari's bar may turn the event loop in update(), and so deliver
+        # the task's result, whose status line must then stay.
+        if task.should_cancel():
+            self.status(f"cancelling the {task.kind}… ({done}/{total} done)")
+        else:
+            self.status(f"{task.kind}: {done}/{total}")
+        bar = self._bar
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def _returned(self, task, on_result: Callable, outcome: Outcome) -> None:
+        from napari.utils.notifications import show_info
+
+        self.session.end(task)  # progress still queued from it is now ignored
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if isinstance(outcome.error, SegmentationCancelled):
+            self.status(f"{task.kind} cancelled; the layers were not changed")
+            show_info(f"PAC {task.kind} cancelled; nothing was written")
+        elif outcome.error is not None:
+            self.error(f"{task.kind} failed: {message(outcome.error)}")
+        else:
+            try:
+                on_result(outcome.result, task.seconds)
+            except ValueError as err:
+                self.error(str(err))
+
+    def _finished(self, task) -> None:
+        self.session.end(task)  # also when the worker ended without a result
+        self._worker = None
+        self.running(False)
+
+
+class LiveRunner:
+    """Debounced recomputation in a worker thread.
+
+    ``request()`` (main thread) restarts a single-shot timer; when it fires, ``prepare()``
+    (main thread) snapshots the job or returns None, ``compute(job, should_cancel, progress)``
+    runs in a worker thread, and ``deliver(job, result)`` or ``fail(job, outcome)`` run in the
+    main thread. One job at a time: a request during a job makes the job's ``should_cancel()``
+    true (the job stops at its next check) and starts the newest job when it ends. A result of
+    a request that is no longer the newest is dropped (counted in ``dropped``).
+
+    ``progressed(job, stage, done, total)`` (main thread) reports the running job's
+    ``progress(stage, done, total)`` calls while it is the newest; ``idle()`` (main thread) is
+    called when a job ends without a delivered result and no other job follows.
+    """
+
+    def __init__(
+        self, prepare, compute, deliver, fail, delay_ms: int = DEBOUNCE_MS, *,
+        progressed: Callable | None = None, idle: Callable | None = None,
+    ) -> None:  # fmt: skip
+        self.prepare, self.compute, self.deliver, self.fail = prepare, compute, deliver, fail
+        self.progressed, self.idle = progressed, idle
+        self._job = self._outcome = None
+        self._relay = _Relay()
+        self._relay.live.connect(self._on_progress)
+        self.generation = 0
+        self.dropped = 0
+        self.delivered = 0
+        self._worker = None
+        self._again = False
+        self.closed = False
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(delay_ms)
+        self._timer.timeout.connect(self._launch)
+
+    @property
+    def busy(self) -> bool:
+        """True while a request waits for its timer or a job runs."""
+        return self._timer.isActive() or self._worker is not None or self._again
+
+    def request(self) -> None:
+        """Ask for a recomputation (debounced)."""
+        if self.closed:
+            return
+        self.generation += 1
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Drop pending requests and make a running job's result stale."""
+        self.generation += 1
+        self._again = False
+        self._timer.stop()
+
+    def close(self) -> None:
+        """Stop for good (the widget is gone): later requests are ignored."""
+        self.stop()
+        self.closed = True
+
+    def _launch(self) -> None:
+        if self.closed:
+            return
+        if self._worker is not None:
+            self._again = True
+            return
+        try:
+            job = self.prepare()
+        except Exception as err:  # a bug or an unexpected layer state: report, stay usable
+            self.fail(None, Outcome(error=err, details=traceback.format_exc()))
+            return
+        if job is None:
+            return
+        gen = self.generation
+        self._job, self._outcome = job, None
+        self._worker = _worker(
+            self.compute, job, lambda: gen != self.generation, _Throttled(self._relay, gen),
+            returned=partial(self._returned, gen, job), finished=self._finished,
+        )  # fmt: skip
+        self._worker.start()
+
+    def _on_progress(self, gen: int, stage: str, done: int, total: int) -> None:
+        if gen == self.generation and self._worker is not None and self.progressed is not None:
+            self.progressed(self._job, stage, done, total)
+
+    def _returned(self, gen: int, job, outcome: Outcome) -> None:
+        self._outcome = "dropped"
+        if gen != self.generation or self.closed:
+            self.dropped += 1
+        elif outcome.error is not None:
+            self._outcome = "failed"
+            self.fail(job, outcome)
+        else:
+            self._outcome = "delivered"
+            self.delivered += 1
+            self.deliver(job, outcome.result)
+
+    def _finished(self) -> None:
+        self._worker = self._job = None
+        if self._again and not self.closed:
+            self._again = False
+            self._launch()
+        if self._worker is None and self._outcome == "dropped" and not self._timer.isActive():
+            if self.idle is not None and not self.closed:
+                self.idle()

@@ -1,0 +1,204 @@
+"""Segment boxes of one volume, exactly as ``segment`` does on the whole volume, with the head's
+logits cached per z plane: the live view of the widget.
+
+``RegionSegmenter(image, model, ...).probabilities(box, refine)`` returns the class
+probabilities of a box. The head's logits are computed from the box plus the feature halo and
+kept per plane, so a second request for the same planes with other refinement parameters runs
+only ``pac_crf3d``, and moving the box by one plane computes the logits of one new plane. The
+CRF runs on the box plus its reach, with the whole volume's intensity range, so the result on
+the box equals the whole-volume ``segment`` result there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from napari_pacseg.checks import check_callable
+from napari_pacseg.engine import plan as engine
+from napari_pacseg.engine.plan import (
+    Box,
+    SegmentationCancelled,
+    model_on_device,
+    prepare,
+    split_box,
+)
+from napari_pacseg.model.network import PacSegModel
+from pacseg_kernels.threads import adaptive_threads
+
+Progress = Callable[[str, int, int], None]
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class RegionSegmenter:
+    """Probabilities of boxes of one image under one model, head logits cached per plane.
+
+    Parameters
+    ----------
+    image : ``(D, H, W)`` array, or 4D with ``channel_axis`` (as for ``segment``).
+    model : the PacSegModel (not modified; copied when it lives on another device).
+    spacing : ``(z, y, x)`` voxel size (default: the model's training spacing).
+    device : "auto", "cpu", "cuda:1", ...
+    max_cache_bytes : bound on the cached logits; least recently used planes go first.
+
+    Thread-safe: calls are serialised by a lock, so one segmenter may serve a worker thread
+    while another thread queues the next request.
+    """
+
+    def __init__(
+        self,
+        image,
+        model: PacSegModel,
+        *,
+        spacing=None,
+        channel_axis: int | None = None,
+        device="auto",
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.plan = prepare(
+            image, model, spacing=spacing, channel_axis=channel_axis, refine=False, device=device
+        )
+        self.shape = self.plan.shape
+        self.spacing = self.plan.settings.spacing
+        self.device = self.plan.device
+        self.model = model_on_device(model, self.device)
+        self.config = model.config
+        self.max_cache_bytes = int(max_cache_bytes)
+        self._planes: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._last: tuple[tuple, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        #: Counters for callers and tests: planes of head logits computed, CRF runs.
+        self.stats = {"logit_planes": 0, "crf_runs": 0}
+        self.timings = {"features": 0.0, "context": 0.0, "head": 0.0, "refine": 0.0}
+
+    def check_box(self, box) -> Box:
+        """``box`` as three ``(start, stop)`` int pairs inside the volume, or ValueError."""
+        box = tuple((int(a), int(b)) for a, b in box)
+        if len(box) != 3 or not all(0 <= a < b <= n for (a, b), n in zip(box, self.shape)):
+            raise ValueError(
+                f"box must be 3 (start, stop) ranges inside the volume {self.shape}, got {box}"
+            )
+        return box
+
+    def probabilities(
+        self,
+        box,
+        refine=True,
+        should_cancel: Callable[[], bool] | None = None,
+        progress: Progress | None = None,
+        *,
+        reach=None,
+    ) -> np.ndarray:
+        """Class probabilities ``(K, d, h, w)`` float32 of ``box`` (``((z0, z1), (y0, y1),
+        (x0, x1))``), refined with ``refine`` (True: model defaults, False, or a dict of
+        ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles and
+        between the CRF's units of work; True raises ``SegmentationCancelled``.
+        ``progress(stage, done, total)`` reports them (stage "logits" or "refinement").
+        ``reach``: the CRF's reach per axis instead of the refinement's own (a bounded preview,
+        ``engine.bound_preview``; the result is then approximate near the box's ends). The
+        same request twice returns the cached array."""
+        box = self.check_box(box)
+        check_callable(should_cancel, "probabilities: should_cancel", "should_cancel() -> bool")
+        check_callable(progress, "probabilities: progress", "progress(stage, done, total)")
+        with self._lock:
+            plan = self.plan.with_refine(refine)
+            if self.plan.noise is None and plan.noise is not None:  # measured once per image
+                self.plan = dataclasses.replace(self.plan, noise=plan.noise)
+            if reach is not None:
+                plan = plan.with_reach(reach)
+            key = (box, plan.settings.refine, plan.settings.reach)
+            if self._last is not None and self._last[0] == key:
+                return self._last[1]
+            with adaptive_threads():  # fewer threads while other processes hold cores, as segment()
+                return self._probabilities(plan, box, key, should_cancel, progress)
+
+    def _probabilities(self, plan, box: Box, key, should_cancel, progress) -> np.ndarray:
+        """``probabilities`` of a checked ``box`` under ``plan``, cached under ``key``."""
+        ext = plan.refine_extent(box)
+        diffs = self._logit_diffs(ext, should_cancel, progress)
+
+        def step(done: int, total: int) -> None:
+            if should_cancel is not None and should_cancel():
+                raise SegmentationCancelled("region segmentation cancelled")
+            if progress is not None:
+                progress("refinement", done, total)
+
+        if should_cancel is not None and should_cancel():
+            raise SegmentationCancelled("region segmentation cancelled")
+        if plan.settings.refine is not None and progress is not None:
+            progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
+        p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
+        if plan.settings.refine is not None:
+            self.stats["crf_runs"] += 1
+        self._last = (key, p)
+        return p
+
+    def _logit_diffs(self, ext: Box, should_cancel, progress=None) -> np.ndarray:
+        """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache (a
+        plane of this in-plane window, or the cached whole plane cut to it: a bounded preview's
+        smaller window after previews of whole planes); missing planes are computed in runs
+        of consecutive planes, tile by tile."""
+        (z0, z1), ys, xs = ext
+        window = (ys, xs)
+        whole = ((0, self.shape[1]), (0, self.shape[2]))
+        out = np.empty(
+            (self.config.n_classes - 1, z1 - z0, ys[1] - ys[0], xs[1] - xs[0]), np.float32
+        )
+        missing = []
+        for z in range(z0, z1):
+            key = (window, z)
+            plane = self._planes.get(key)
+            if plane is None and window != whole:
+                key = (whole, z)
+                plane = self._planes.get(key)
+                if plane is not None:
+                    plane = plane[:, ys[0] : ys[1], xs[0] : xs[1]]
+            if plane is None:
+                missing.append(z)
+            else:
+                self._planes.move_to_end(key)
+                out[:, z - z0] = plane
+        grid = self.plan.settings.grid
+        runs = [
+            (run, split_box(((run[0], run[-1] + 1), ys, xs), engine.UNARY_TILE, grid))
+            for run in _runs(missing)
+        ]
+        total, done = sum(len(tiles) for _, tiles in runs), 0
+        for run, tiles in runs:
+            for tile in tiles:
+                if should_cancel is not None and should_cancel():
+                    raise SegmentationCancelled("region segmentation cancelled")
+                if progress is not None:
+                    progress("logits", done, total)
+                d = engine.logits(self.plan, tile, self.model, self.device, self.timings)
+                (ta, tb), (ya, yb), (xa, xb) = ((a - s, b - s) for (a, b), (s, _) in zip(tile, ext))
+                out[:, ta:tb, ya:yb, xa:xb] = d
+                done += 1
+            for z in run:
+                self._store((window, z), out[:, z - z0].copy())
+            self.stats["logit_planes"] += len(run)
+        return out
+
+    def _store(self, key, plane: np.ndarray) -> None:
+        self._planes[key] = plane
+        self._cached_bytes += plane.nbytes
+        while self._cached_bytes > self.max_cache_bytes and len(self._planes) > 1:
+            _, old = self._planes.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+
+
+def _runs(values: list[int]) -> list[list[int]]:
+    """Sorted ints split into runs of consecutive values."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs

@@ -1,0 +1,248 @@
+"""Instance labels of a zarr label volume, chunk by chunk: the same ids as ``instance_labels``
+on the whole volume in memory.
+
+``instance_labels`` splits each connected piece of a class on its own, so a chunked run only
+has to find the pieces across chunk borders; then every piece is split exactly as in memory,
+on its own bounding box. Four passes of tasks (run by ``segment_zarr``'s scheduler):
+
+1. per chunk: the 6-connected components of each class (ids unique over the volume: the
+   chunk's index in the high 32 bits) into a temporary int64 zarr array, and per component its
+   class, bounding box and first voxel in raster order;
+2. here: components that touch across a chunk face with the same class are merged
+   (union-find on the faces' planes), giving the pieces, ordered as ``instance_labels`` orders
+   them (class, then the raster index of the first voxel);
+3. per group of pieces: how many objects each piece splits into (``split_piece`` on the
+   piece's box), so ids can be numbered consecutively;
+4. per chunk: the ids of the pieces that meet the chunk (each recomputed on its box, the same
+   deterministic computation) written into the output chunk.
+
+Memory per task: a chunk, plus the bounding box of the largest piece that meets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_pacseg.instances.labels import FACES, InstanceConfig, split_piece
+
+SHIFT = 32  # component id = (chunk index << SHIFT) + local id (1-based)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    members: tuple[int, ...]  # component ids
+    value: int  # the class's label value
+    box: tuple[tuple[int, int], ...]
+    first: int  # raster index of its first voxel
+
+
+def _slices(box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def components_chunk(labels_path: str, cc_path: str, index: int, box) -> list[tuple]:
+    """Pass 1 for one chunk: returns ``(id, class value, box, first raster index, size)`` per
+    component and writes the component ids into ``cc_path``."""
+    import zarr
+
+    labels = np.asarray(zarr.open_array(labels_path, mode="r")[_slices(box)])
+    cc = np.zeros(labels.shape, np.int64)
+    out, base, shape = [], 0, zarr.open_array(labels_path, mode="r").shape
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        local, n = ndi.label(labels == value, structure=FACES)
+        cc[local > 0] = local[local > 0].astype(np.int64) + base + (index << SHIFT)
+        for i, sl in enumerate(ndi.find_objects(local), start=1):
+            coords = np.argwhere(local[sl] == i)[0] + [s.start for s in sl]
+            first = int(np.ravel_multi_index(tuple(coords + [a for a, _ in box]), shape))
+            gbox = tuple((s.start + a, s.stop + a) for s, (a, _) in zip(sl, box))
+            out.append(((index << SHIFT) + base + i, int(value), gbox, first))
+        base += n
+    zarr.open_array(cc_path, mode="r+")[_slices(box)] = cc
+    return out
+
+
+def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple]) -> list[_Piece]:
+    """Pass 2: the pieces (components joined across chunk faces), in ``instance_labels``' order."""
+    import zarr
+
+    cc = zarr.open_array(cc_path, mode="r")
+    labels = zarr.open_array(labels_path, mode="r")
+    parent = {c[0]: c[0] for c in comps}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    shape = cc.shape
+    for box in boxes:
+        for axis in range(3):
+            end = box[axis][1]
+            if end >= shape[axis]:
+                continue
+            lo = [slice(a, b) for a, b in box]
+            hi = list(lo)
+            lo[axis], hi[axis] = slice(end - 1, end), slice(end, end + 1)
+            a, b = np.asarray(cc[tuple(lo)]).ravel(), np.asarray(cc[tuple(hi)]).ravel()
+            la, lb = np.asarray(labels[tuple(lo)]).ravel(), np.asarray(labels[tuple(hi)]).ravel()
+            touch = (a > 0) & (b > 0) & (la == lb)
+            for x, y in set(zip(a[touch].tolist(), b[touch].tolist())):
+                rx, ry = find(x), find(y)
+                if rx != ry:
+                    parent[max(rx, ry)] = min(rx, ry)
+    groups: dict[int, list[tuple]] = {}
+    for c in comps:
+        groups.setdefault(find(c[0]), []).append(c)
+    pieces = []
+    for members in groups.values():
+        box = tuple(
+            (min(m[2][a][0] for m in members), max(m[2][a][1] for m in members)) for a in range(3)
+        )
+        pieces.append(
+            _Piece(tuple(m[0] for m in members), members[0][1], box, min(m[3] for m in members))
+        )
+    pieces.sort(key=lambda p: (p.value, p.first))
+    return pieces
+
+
+def _split(cc_path: str, piece: _Piece, spacing, config: InstanceConfig) -> np.ndarray:
+    import zarr
+
+    crop = np.asarray(zarr.open_array(cc_path, mode="r")[_slices(piece.box)])
+    return split_piece(np.isin(crop, piece.members), spacing, config)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What pass 3 needs to measure the objects: the raw zarr source (read here) with its
+    layout, its name for messages, the labels array and the model's class names."""
+
+    source: object
+    layout: object
+    name: str
+    labels_path: str
+    class_names: tuple[str, ...]
+    channels: int
+
+
+def count_objects(cc_path: str, index: int, pieces: list[_Piece], spacing, config,
+                  measure: Measure | None = None):  # fmt: skip
+    """Pass 3 for group ``index`` of pieces: ``(index, objects per piece, tables)``; with
+    ``measure`` each piece's ``object_table`` (ids 1..n of the piece, positions in the
+    volume's coordinates), else None for each."""
+    counts, tables = [], []
+    for p in pieces:
+        ids = _split(cc_path, p, spacing, config)
+        counts.append(int(ids.max()))
+        tables.append(_measure(ids, p, spacing, measure) if measure and ids.max() else None)
+    return index, counts, tables
+
+
+def _measure(ids: np.ndarray, piece: _Piece, spacing, measure: Measure) -> dict:
+    import zarr
+
+    from napari_pacseg.instances.labels import object_table
+    from napari_pacseg.io.volumes import read_region
+
+    labels = np.asarray(zarr.open_array(measure.labels_path, mode="r")[_slices(piece.box)])
+    image = read_region(measure.source, measure.layout, piece.box, measure.name)
+    table = object_table(ids, labels, image, spacing, measure.class_names)
+    for axis, name in enumerate("zyx"):
+        start = piece.box[axis][0]
+        table[f"bbox_{name}0"] = table[f"bbox_{name}0"] + start
+        table[f"bbox_{name}1"] = table[f"bbox_{name}1"] + start
+        table[f"centroid_{name}"] = table[f"centroid_{name}"] + start * spacing[axis]
+    return table
+
+
+def write_chunk(
+    cc_path: str, out_path: str, box, pieces: list[_Piece], bases: list[int], spacing, config
+) -> int:
+    """Pass 4 for one chunk: the ids of ``pieces`` (those meeting the chunk; ``bases[i]`` is
+    the id before piece ``i``'s first object) written into the chunk of ``out_path``."""
+    import zarr
+
+    out = np.zeros(tuple(b - a for a, b in box), np.int32)
+    for piece, base in zip(pieces, bases):
+        ids = _split(cc_path, piece, spacing, config)
+        inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(box, piece.box))
+        src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, piece.box))
+        dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, box))
+        part = ids[src]
+        view = out[dst]
+        view[part > 0] = part[part > 0] + base
+    zarr.open_array(out_path, mode="r+")[_slices(box)] = out
+    return len(pieces)
+
+
+def meets(piece: _Piece, box) -> bool:
+    return all(a < d and c < b for (a, b), (c, d) in zip(box, piece.box))
+
+
+def piece_bases(counts: list[int]) -> list[int]:
+    """The id before each piece's first object: ids run 1..N over the pieces in order."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist() if counts else []
+
+
+def instances_pass(dask, run, labels_path: str, out_path: str, cc_path: str, boxes, spacing,
+                   config: InstanceConfig, token: str, measure: Measure | None = None):  # fmt: skip
+    """The four passes over a finished labels zarr array (chunks ``boxes``) into ``out_path``
+    (an int32 zarr array of the same shape and chunks, already created), with ``cc_path`` an
+    int64 scratch array like it. ``run(tasks)`` computes a list of dask delayed tasks on the
+    caller's scheduler and returns their results. Returns ``(number of objects, table)``: with
+    ``measure`` the measurement table of every object (``object_table``'s columns, ids as in
+    ``out_path``), else None."""
+    delayed = dask.delayed
+    comps_per_chunk = run([
+        delayed(components_chunk, pure=False)(labels_path, cc_path, i, box,
+                                               dask_key_name=f"pacseg-cc-{token}-{i}")
+        for i, box in enumerate(boxes)
+    ])  # fmt: skip
+    comps = [c for chunk in comps_per_chunk for c in chunk]
+    pieces = merge_pieces(cc_path, labels_path, boxes, comps)
+    groups = [pieces[i : i + 256] for i in range(0, len(pieces), 256)]
+    counts = run([
+        delayed(count_objects, pure=False)(cc_path, i, g, spacing, config, measure,
+                                           dask_key_name=f"pacseg-count-{token}-{i}")
+        for i, g in enumerate(groups)
+    ])  # fmt: skip
+    done = sorted(counts, key=lambda r: r[0])  # results come in any order
+    counts = [n for _, group, _ in done for n in group]
+    tables = [t for _, _, group in done for t in group]
+    bases = piece_bases(counts)
+    of_chunk: list[list[int]] = [[] for _ in boxes]
+    for k, piece in enumerate(pieces):
+        for chunk in sorted({m >> SHIFT for m in piece.members}):
+            of_chunk[chunk].append(k)
+    run([
+        delayed(write_chunk, pure=False)(
+            cc_path, out_path, box, [pieces[k] for k in ks], [bases[k] for k in ks], spacing,
+            config, dask_key_name=f"pacseg-ids-{token}-{i}",
+        )
+        for i, (box, ks) in enumerate(zip(boxes, of_chunk))
+    ])  # fmt: skip
+    table = None
+    if measure is not None:
+        parts = [t for t in tables if t is not None]
+        for part, base in zip(tables, bases):
+            if part is not None:
+                part["id"] = part["id"] + base
+        table = _concat(parts, measure)
+    return int(sum(counts)), table
+
+
+def _concat(parts: list[dict], measure: Measure) -> dict:
+    """The pieces' tables as one (an empty table with the same columns when there are none)."""
+    if not parts:
+        from napari_pacseg.instances.labels import object_table
+
+        empty = np.zeros((1, 1, 1), np.int32)
+        image = np.zeros((measure.channels, 1, 1, 1), np.float32)
+        return object_table(empty, empty, image, (1.0, 1.0, 1.0), measure.class_names)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,1 @@
+"""Files: the model file, volumes and 2D images, atomic writes, provenance."""

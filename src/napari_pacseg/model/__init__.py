@@ -1,0 +1,1 @@
+"""The model: its configuration, classes, feature bank, intensity normalisation and the network."""

@@ -1,0 +1,1 @@
+"""What the refinement runs on besides the kernels: the denoised guide and the local intensity fit."""

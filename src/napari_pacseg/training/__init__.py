@@ -1,0 +1,1 @@
+"""Training from scribbles: the head fit, the context net, the optimiser and the scribble checks."""
