@@ -8,7 +8,9 @@ median of ``--repeats`` calls after one warm-up, with torch's default thread cou
 thread, while 0, 1 or 2 other processes spin on a core each (``while True: pass``). Reports
 every time as a ratio to the quiet one-thread time (the issue's target: with one core busy,
 <= 1.3x), the quiet speed-up of the default threads, and ours against each baseline in every
-configuration. Writes ``benchmarks/results/busy-cpu.md``.
+configuration. The ops never change torch's thread count themselves: here they run inside an
+explicit ``pacseg_kernels.adaptive_threads()`` block, as a user opts in; ``segment()`` and
+``train()`` apply it themselves. Writes ``benchmarks/results/busy-cpu.md``.
 
 Usage: python benchmarks/bench_busy.py [--repeats 3] [--ops segment train ...]
 """
@@ -63,7 +65,14 @@ def _work(op: str):
 
     from napari_pacseg import segment, train
     from napari_pacseg.sample import load_demo_model, load_sample
-    from pacseg_kernels import pac3d, pac_crf3d, voxel_mlp
+    from pacseg_kernels import adaptive_threads, pac3d, pac_crf3d, voxel_mlp
+
+    def adapted(fn):  # the ops with the opt-in load-adaptive thread count
+        def run():
+            with adaptive_threads():
+                return fn()
+
+        return run
 
     gen = torch.Generator().manual_seed(0)
     if op in ("voxel_mlp", "nn.Sequential"):
@@ -72,7 +81,7 @@ def _work(op: str):
               torch.randn(4, 64, generator=gen) * 0.1]  # fmt: skip
         bs = [torch.zeros(64), torch.zeros(64), torch.zeros(4)]
         if op == "voxel_mlp":
-            return lambda: voxel_mlp(x, ws, bs)
+            return adapted(lambda: voxel_mlp(x, ws, bs))
         seq = torch.nn.Sequential(
             torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
             torch.nn.Linear(64, 4),
@@ -93,7 +102,7 @@ def _work(op: str):
         g = torch.randn(1, 3, 64, 64, 64, generator=gen)
         w = torch.randn(4, 4, 5, 5, 5, generator=gen)
         if op == "pac3d":
-            return lambda: pac3d(x, g, w, padding=2)
+            return adapted(lambda: pac3d(x, g, w, padding=2))
         from bench_pac import unfold_pac
 
         return torch.no_grad()(lambda: unfold_pac(x, g, w, 2))
@@ -102,8 +111,10 @@ def _work(op: str):
         if op == "pac_crf3d":
             unary = torch.from_numpy(np.log(probs))[None]
             guide = torch.from_numpy(image / 0.25)[None, None]
-            return lambda: pac_crf3d(
-                unary, guide, iterations=5, kernel_size=5, compat=3.0, spatial_sigma=2.0
+            return adapted(
+                lambda: pac_crf3d(
+                    unary, guide, iterations=5, kernel_size=5, compat=3.0, spatial_sigma=2.0
+                )
             )
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import create_pairwise_bilateral, unary_from_softmax
@@ -192,8 +203,9 @@ def main() -> None:
         f"Each cell: median of {args.repeats} calls in a fresh interpreter after a warm-up, and in "
         "brackets the ratio to the quiet one-thread time of the same op (target with one busy "
         "process: <= 1.3x). Busy processes spin in pure Python, one core each. 'default threads' "
-        "is torch's default count; our ops, segment() and train() then adapt it to the load "
-        "(pacseg_kernels.threads).",
+        "is torch's default count; segment() and train() adapt it to the load, and our ops run "
+        "inside an explicit pacseg_kernels.adaptive_threads() block (the ops alone never change "
+        "it).",
         "",
         "| config | " + " | ".join(args.ops) + " |",
         "|---|" + "---|" * len(args.ops),

@@ -46,7 +46,7 @@ from bench_quality import NOISE_LEVELS, degrade, otsu_threshold
 import common
 from napari_pacseg import InstanceConfig, segment, train
 from napari_pacseg.sample import load_sample
-from napari_pacseg.training.fit import default_features
+from napari_pacseg.training.defaults import default_features
 
 DEMO_FEATURES = default_features(3, make_sample.DEMO_SIGMAS)  # the demo model's bank
 

@@ -67,7 +67,7 @@ import common
 import robustness
 from napari_pacseg import segment, train
 from napari_pacseg.sample import load_sample
-from napari_pacseg.training.fit import default_features
+from napari_pacseg.training.defaults import default_features
 
 TOLERANCE_UM = 0.4  # one voxel in y and x: at 1 um every method but the RF scores > 0.98
 APOC_SETS = ("small_quick", "small_dog_log")

@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from . import crf_torch, threads
+from . import crf_torch
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, check_taps, compute_dtype, is_int, short_repr, triple
 from .pac import bad_guide_mask, check_volume_pair, pac_apply, window_any
@@ -153,11 +153,9 @@ def pac_crf3d(
     unary = unary.to(dtype)
     if iterations == 0:
         return unary if keep is None else unary[crop]
-    with threads.on_cpu(unary):
-        logits = _mean_field(
-            unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress,
-            keep,
-        )  # fmt: skip
+    logits = _mean_field(
+        unary, guide, iterations, kernel, dil, compat, sigma, dtype, backend, op, progress, keep
+    )
     bad = bad_guide_mask(guide)
     if bad is not None:  # the kernels give such taps weight 0; make what they reach NaN instead
         pad = tuple((k - 1) // 2 * d for k, d in zip(kernel, dil))

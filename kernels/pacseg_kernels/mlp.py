@@ -7,22 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import mlp_torch, threads
+from . import mlp_torch
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, VOLUME_AXES, check_float, check_not_empty, short_repr
+from .mlp_limits import FUSED_MAX_LAYERS, FUSED_MAX_WIDTH, fused_hidden_limit
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
-# Limits of the fused Triton kernel (its code unrolls exactly FUSED_MAX_LAYERS layers).
-FUSED_MAX_LAYERS = 6
-# Width 128 at most: a layer of 256 keeps a 256 x 256 float32 weight tile (256 KiB) in shared
-# memory, over what a block may have on sm_80 (163 KiB) and sm_90 (227 KiB): compiled ahead of
-# time, every width-256 configuration asked for 262-296 KB (benchmarks/results/triton-aot.md).
-# Wider MLPs run on the torch path (cuBLAS on CUDA).
-FUSED_MAX_WIDTH = 128
-# IEEE float32 dots have no tensor-core path and lower to FMA on register tiles: with a hidden
-# layer of 128 units ptxas spills 5-8 KB per thread on sm_80 at every block and warp count tried
-# (sm_90a holds it in 238 registers), so there such MLPs run on the torch path (cuBLAS).
-FUSED_MAX_HIDDEN_IEEE_SM80 = 64
 _OP = "voxel_mlp"
 
 
@@ -101,12 +91,6 @@ def _validate(x, weights, biases, activation, channels_last) -> None:
         expected_in = w.shape[0]
 
 
-def fused_hidden_limit(precision: str, arch: int) -> int:
-    """Widest layer output the fused kernel takes for a ``tl.dot`` precision ("ieee" or
-    "tf32") on a GPU of compute capability ``arch`` (major * 10 + minor, e.g. 80, 90)."""
-    return FUSED_MAX_HIDDEN_IEEE_SM80 if precision == "ieee" and arch < 90 else FUSED_MAX_WIDTH
-
-
 def _fused_unsupported(
     weights: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> str:
@@ -165,14 +149,13 @@ class _VoxelMLPFunction(torch.autograd.Function):
             else:
                 mlp_triton.mlp_forward(x, out, weights, biases, activation)
         elif out.numel():
-            with threads.on_cpu(x):
-                mlp_torch.mlp_forward(
-                    _channels_first(x, channels_last),
-                    _channels_first(out, channels_last),
-                    weights,
-                    biases,
-                    activation,
-                )
+            mlp_torch.mlp_forward(
+                _channels_first(x, channels_last),
+                _channels_first(out, channels_last),
+                weights,
+                biases,
+                activation,
+            )
         ctx.save_for_backward(x, *params)
         ctx.meta = (activation, channels_last, n_layers)
         return out
@@ -188,15 +171,14 @@ class _VoxelMLPFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]
             else None
         )
-        with threads.on_cpu(x):
-            gw, gb = mlp_torch.mlp_backward(
-                _channels_first(x, channels_last),
-                _channels_first(grad_out, channels_last),
-                weights,
-                biases,
-                activation,
-                _channels_first(grad_x, channels_last),
-            )
+        gw, gb = mlp_torch.mlp_backward(
+            _channels_first(x, channels_last),
+            _channels_first(grad_out, channels_last),
+            weights,
+            biases,
+            activation,
+            _channels_first(grad_x, channels_last),
+        )
         return (grad_x, None, None, None, None, *gw, *gb)
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mlp import FUSED_MAX_LAYERS as MAX_LAYERS
+from .mlp_limits import FUSED_MAX_LAYERS as MAX_LAYERS
 from .triton_helpers import unravel3
 
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3, "sigmoid": 4, "identity": 5}
@@ -190,7 +190,7 @@ def mlp_forward(
     x : Tensor ``(N, C, D, H, W)``, any strides; float32, float16 or bfloat16
     out : Tensor ``(N, K, D, H, W)`` float32, any strides
     weights, biases : float32 ``(out, in)`` matrices and ``(out,)`` vectors, at most
-        ``FUSED_MAX_LAYERS`` layers of width at most ``FUSED_MAX_WIDTH`` (see ``mlp``).
+        ``FUSED_MAX_LAYERS`` layers of width at most ``FUSED_MAX_WIDTH`` (see ``mlp_limits``).
     """
     n, c, d, h, w = x.shape
     params = _padded_layers(weights, biases)

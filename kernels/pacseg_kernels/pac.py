@@ -13,7 +13,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import pac_torch, threads
+from . import pac_torch
 from .backend import resolve_backend
 from .checks import (
     FLOAT64_UNFUSED,
@@ -144,8 +144,7 @@ class _PacFunction(torch.autograd.Function):
 
                 pac_triton.pac_forward(x, guide, w, b, geo, groups, normalize, tap_scale, out)
             else:
-                with threads.on_cpu(x):
-                    pac_torch.pac_forward(x, guide, w, b, geo, groups, normalize, tap_scale, out)
+                pac_torch.pac_forward(x, guide, w, b, geo, groups, normalize, tap_scale, out)
         ctx.save_for_backward(x, guide, weight)
         ctx.meta = (geo, groups, normalize, tap_scale, bias is not None)
         return out
@@ -161,10 +160,9 @@ class _PacFunction(torch.autograd.Function):
             weight is not None and ctx.needs_input_grad[2],
             has_bias and ctx.needs_input_grad[3],
         )
-        with threads.on_cpu(x):
-            gx, gg, gw, gb = pac_torch.pac_backward(
-                x, guide, weight, geo, groups, normalize, tap_scale, grad_out, needs
-            )
+        gx, gg, gw, gb = pac_torch.pac_backward(
+            x, guide, weight, geo, groups, normalize, tap_scale, grad_out, needs
+        )
         cast = [(gx, x), (gg, guide), (gw, weight)]
         gx, gg, gw = (None if g is None else g.to(t.dtype) for g, t in cast)
         return gx, gg, gw, gb, None, None, None, None, None

@@ -1,19 +1,25 @@
-"""How many torch threads the CPU paths use on a machine that other processes share.
+"""An opt-in thread policy for CPU work on a machine that other processes share.
 
 torch splits each operation over all its threads and waits for the slowest; when another
-process holds a core, the thread that shares it stalls every operation (measured in
-``benchmarks/results/busy-cpu.md``: with one of two cores busy, ``pac3d`` took 3.9x its quiet
-one-thread time with two threads and 1.0x with one). So the ops' CPU paths, and
-``napari_pacseg``'s ``segment()`` and ``train()`` around them, run inside ``adaptive_threads()``:
-the load of the other processes is measured (Linux: ``/proc/stat`` minus this process's own
-time) and torch is given the cores they leave free, for the block only. A quiet machine keeps
-the caller's thread count; it is never raised.
+process holds a core, the thread that shares it stalls every operation (with one of two cores
+busy, ``pac3d`` on two threads takes several times its quiet one-thread time without this
+policy, ``benchmarks/results/busy-cpu-before.md``, and about its quiet time with it,
+``busy-cpu.md``). ``adaptive_threads()`` is a context manager that measures the load of the
+other processes (Linux: ``/proc/stat`` minus this process's own time) and gives torch the cores
+they leave free while its block runs; ``readapt()`` measures again inside a long block. A quiet
+machine keeps the caller's thread count; it is never raised.
+
+Nothing here runs unless called: the ops (``voxel_mlp``, ``pac3d``, ``pac_crf3d``,
+``max_unpool3d`` and their modules) never change torch's thread count themselves, as with any
+torch op. The policy is the caller's choice: ``napari_pacseg`` applies it around ``segment()``,
+the feature and head fit of ``train()`` and the live preview, and users of the ops can wrap their
+own calls. torch's thread count is process-wide, so while a block runs every thread of the
+process sees the lowered count.
 
 The load is the average since the previous measurement when that was 50 ms to 5 s ago (no
-waiting), else over a 50 ms sleep; a result is reused for 2 s, so ops called in a loop pay
-nothing. ``set_adaptive(False)`` turns the policy off (torch's thread count is then used as
-set). torch's thread count is process-wide: while a block runs, other threads of the process
-see the reduced count too.
+waiting), else over a 50 ms sleep; a result is reused for 2 s, so blocks entered in a loop pay
+nothing. ``set_adaptive(False)`` turns the policy off for the process (blocks then keep torch's
+thread count as set).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 
 SAMPLE_S = 0.05  # the shortest interval a load is measured over (a sleep when no earlier one)
-REUSE_S = 2.0  # a measured load is reused this long (ops and live previews start often)
+REUSE_S = 2.0  # a measured load is reused this long (blocks and live previews start often)
 MAX_WINDOW_S = 5.0  # an earlier reading older than this is too stale to average from
 
 _lock = threading.Lock()
@@ -104,8 +110,22 @@ def threads_for_load(threads: int, load: float | None) -> int:
 
 @contextlib.contextmanager
 def adaptive_threads():
-    """Run the block with the torch thread count the current load leaves (yielded), then
-    restore it. Nested and concurrent blocks keep the outermost block's choice."""
+    """Run the block with torch's thread count lowered to the cores other processes leave
+    free, then restore the count; yields the count the block runs with.
+
+    Use it around CPU work (the ops of this package, or any torch code) that runs on a machine
+    where other processes may hold cores, e.g. a service or a GUI beside other jobs::
+
+        with pacseg_kernels.adaptive_threads():
+            out = pac_crf3d(unary, guide)
+
+    The count is never raised above the caller's, and is kept when the load cannot be measured
+    (off Linux) or after ``set_adaptive(False)``. It is process-wide while the block runs: other
+    threads of the process see the lowered count too. Nested and concurrent blocks keep the
+    outermost block's choice, and the outermost one restores the count. Results may round
+    differently at another thread count (sums split over threads), so code that must give
+    bitwise the same result on a busy and a quiet machine keeps such sums outside the block.
+    Call ``readapt()`` between the units of a long block to follow a load that changes."""
     global _depth, _restore
     with _lock:
         _depth += 1
@@ -130,19 +150,11 @@ def readapt() -> int:
     now (lowered when another process took a core since the block began, back up to the
     block's starting count when it left); returns the count. Long runs call it between their
     units of work (``napari_pacseg``'s tiles): a count chosen once at the start goes stale when
-    the load changes during a run, or was measured over a window that was mostly quiet
-    (measured: one spinning process started 0.5 s before a 256^3 ``segment()`` made it 1.7x
-    slower than with the count chosen for that load). Outside a block it changes nothing."""
+    the load changes during a run, or was measured over a window that was mostly quiet.
+    Outside a block it changes nothing."""
     with _lock:
         if _depth > 0 and _enabled:
             threads = threads_for_load(_restore, current_load())
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         return torch.get_num_threads()
-
-
-def on_cpu(*tensors) -> contextlib.AbstractContextManager:
-    """``adaptive_threads()`` when any of ``tensors`` lives on the CPU, else a no-op."""
-    if any(t is not None and t.device.type == "cpu" for t in tensors):
-        return adaptive_threads()
-    return contextlib.nullcontext()

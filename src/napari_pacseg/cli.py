@@ -19,7 +19,7 @@ from pathlib import Path
 
 from napari_pacseg.checks import one_line, printable, short_repr
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD
-from napari_pacseg.training.fit import DEFAULT_STEPS, DEFAULT_STEPS_2D
+from napari_pacseg.training.defaults import DEFAULT_STEPS, DEFAULT_STEPS_2D
 
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
 
@@ -404,8 +404,10 @@ def _cmd_segment(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from napari_pacseg.engine.frames import painted_frames
     from napari_pacseg.io.images import is_2d_file, picture_kind, read_picture
     from napari_pacseg.io.model_file import save_model
+    from napari_pacseg.io.spacing import resolve_spacing
     from napari_pacseg.io.volumes import (
         VolumeError,
         check_not_input,
@@ -414,7 +416,8 @@ def _cmd_train(args) -> int:
     )
     from napari_pacseg.model.classes import check_distinct_names
     from napari_pacseg.model.features import FeatureSpec
-    from napari_pacseg.training.fit import default_features, train
+    from napari_pacseg.training.defaults import default_features
+    from napari_pacseg.training.fit import train
 
     _check_device(args.device)
     if args.output.suffix != ".safetensors":
@@ -470,20 +473,14 @@ def _cmd_train(args) -> int:
             else:
                 image = read_volume(path, args.channel_axis)
                 mark = _read_scribble_volume(scribbles)
-            if args.spacing is None and image.spacing_problem:
-                axes = "Y X" if flat else "Z Y X"
-                raise VolumeError(
-                    f"{path}: {image.spacing_problem}; give the voxel size with --spacing {axes}"
-                )
-            spacing = tuple(args.spacing)[-2:] if flat and args.spacing else args.spacing
-            spacing = tuple(spacing) if spacing else image.spacing  # None: train's default
+            spacing, _ = resolve_spacing(args.spacing, image, None, 2 if flat else 3)
             if args.frames:  # the painted frames, each a 2D image of its own
-                painted = [t for t in range(mark.shape[0]) if mark[t].any()]
-                images += [image.data[t] for t in painted]
-                marks += [mark[t] for t in painted]
-                spacings += [spacing] * len(painted)
-                if not painted:
+                if not mark.any():
                     raise VolumeError(f"{scribbles}: no frame holds scribbles")
+                painted, frame_marks, _ = painted_frames(image.data, mark, 0, 1, str(path))
+                images += painted
+                marks += frame_marks
+                spacings += [spacing] * len(painted)
                 continue
             images.append(image.data if flat else image.load())
             marks.append(mark)
@@ -554,7 +551,8 @@ def _assumed_spacing(record) -> str:
 def _cmd_demo(args) -> int:
     import numpy as np
 
-    from napari_pacseg.io.volumes import write_bytes, write_tiff
+    from napari_pacseg.io.atomic import write_bytes
+    from napari_pacseg.io.volumes import write_tiff
     from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
 
     out = args.outdir

@@ -22,7 +22,7 @@ tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import ModelPayload, segment_zarr  # noqa: E402
-from napari_pacseg.batch.zarr_runs import model_from_payload  # noqa: E402
+from napari_pacseg.engine.request import model_from_payload  # noqa: E402
 from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
     layout_from_axes,
@@ -373,8 +373,8 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
 def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, model, cluster):
     ref = segment(crop, model, instances={"min_volume": 5.0})
     res = segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
-                       chunks=CHUNKS, scheduler=cluster, instances=tmp_path / "ids.zarr",
-                       instance_config={"min_volume": 5.0},
+                       chunks=CHUNKS, scheduler=cluster, instances_out=tmp_path / "ids.zarr",
+                       instances={"min_volume": 5.0},
                        objects_out=tmp_path / "objects.csv")  # fmt: skip
     import pandas as pd
 
@@ -399,11 +399,11 @@ def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, mod
     ]
     # the same synchronously, and bad parameters before any work
     segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l2.zarr", chunks=CHUNKS,
-                 instances=tmp_path / "ids2.zarr", instance_config={"min_volume": 5.0})  # fmt: skip
+                 instances_out=tmp_path / "ids2.zarr", instances={"min_volume": 5.0})  # fmt: skip
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids2.zarr"))[:], ref.instances)
     with pytest.raises(ValueError, match="unknown parameters"):
         segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",
-                     instances=tmp_path / "i3.zarr", instance_config={"size": 1})  # fmt: skip
+                     instances_out=tmp_path / "i3.zarr", instances={"size": 1})  # fmt: skip
     assert not (tmp_path / "l3.zarr").exists()
     with pytest.raises(ValueError, match="objects_out needs instances"):
         segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",

@@ -23,11 +23,10 @@ tifffile = pytest.importorskip("tifffile")
 from napari_pacseg import save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import segment_zarr, source_paths  # noqa: E402
 from napari_pacseg.cli import main  # noqa: E402
+from napari_pacseg.io.atomic import remove_stale_temporaries, temporary_sibling  # noqa: E402
 from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
     read_volume,
-    remove_stale_temporaries,
-    temporary_sibling,
     write_tiff,
 )
 from napari_pacseg.model.network import RefineConfig, refine_params_schema  # noqa: E402

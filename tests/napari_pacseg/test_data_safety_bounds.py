@@ -41,6 +41,7 @@ from napari_pacseg.engine.plan import (
     tiling_work,
     whole,
 )
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.io.model_file import model_from_bytes
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample
 
@@ -207,7 +208,7 @@ def test_single_voxel_tiles_are_refused_at_once(demo):
     assert f"(limit {MAX_TILE_WORK:g}x)" in message and "leave tile_shape unset" in message
     # the larger tiles it names are accepted
     better = tuple(int(v) for v in message.split("e.g. (")[1].split(")")[0].split(", "))
-    prepare(image, model, tile_shape=better)
+    prepare(image, SegmentRequest.build(model, tile_shape=better))
 
 
 @pytest.mark.parametrize("refine", [True, False])

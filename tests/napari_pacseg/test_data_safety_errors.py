@@ -27,6 +27,7 @@ from napari_pacseg.cli import main  # noqa: E402
 from napari_pacseg.engine.preview import RegionSegmenter  # noqa: E402
 from napari_pacseg.engine.segment import receptive_field  # noqa: E402
 from napari_pacseg.instances.labels import instance_labels  # noqa: E402
+from napari_pacseg.io import atomic  # noqa: E402
 from napari_pacseg.io import volumes as vio  # noqa: E402
 from napari_pacseg.io.model_file import ModelFileError, config_from_dict, config_to_dict  # noqa: E402
 from napari_pacseg.model.network import ModelConfig  # noqa: E402
@@ -107,12 +108,12 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, model, image, monke
     def full(path):
         raise error
 
-    monkeypatch.setattr(vio, "_fsync", full)  # after the data is written, as on a full disk
+    monkeypatch.setattr(atomic, "_fsync", full)  # after the data is written, as on a full disk
     writers = {
         "a.npy": lambda p: vio.write_npy(p, image),
         "a.tif": lambda p: vio.write_tiff(p, image),
-        "a.bin": lambda p: vio.write_bytes(p, b"data"),
-        "a.json": lambda p: vio.write_json(p, {"a": 1}),
+        "a.bin": lambda p: atomic.write_bytes(p, b"data"),
+        "a.json": lambda p: atomic.write_json(p, {"a": 1}),
         "m.safetensors": lambda p: save_model(model, p),
     }
     for name, write in writers.items():

@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from napari_pacseg import FeatureSpec, segment, train
 from napari_pacseg.engine.plan import prepare
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.normalise import volume_intensity_range
 from napari_pacseg.refine.guide import (
     RESIDUAL_TARGET,
@@ -130,15 +131,18 @@ def noisy():
 
 def test_segment_smooths_the_guide_of_a_noisy_image(noisy):
     image, model = noisy
-    plan = prepare(image, model)
+    plan = prepare(image, SegmentRequest.build(model))
     assert float(plan.noise[0]) > RESIDUAL_TARGET * model.config.refine.guide_sigma
     assert any(plan.guide().sigmas)
     # no smoothing when told the image is clean: a different refinement
     a = segment(image, model, return_probabilities=True).probabilities
     b = segment(image, model, noise_level=0.0, return_probabilities=True).probabilities
     assert not np.allclose(a, b, atol=1e-4)
-    assert prepare(image, model, refine=False).noise is None
-    assert prepare(image, model, refine=False).with_refine(True).noise is not None
+    assert prepare(image, SegmentRequest.build(model, refine=False)).noise is None
+    assert (
+        prepare(image, SegmentRequest.build(model, refine=False)).with_refine(True).noise
+        is not None
+    )
 
 
 def test_tiles_get_the_same_smoothed_guide(noisy):

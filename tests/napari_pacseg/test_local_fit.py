@@ -10,6 +10,7 @@ import torch
 
 from napari_pacseg import FeatureSpec, RefineConfig, receptive_field, segment, train
 from napari_pacseg.engine.plan import prepare, settle
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.features import axis_radii
 from napari_pacseg.refine.local_fit import CAP, PRESENT, local_fit
 
@@ -158,7 +159,7 @@ def test_the_fit_helps_under_uneven_light(uneven):
 
 def test_fit_weight_zero_is_the_crf_alone(uneven):
     image, _, model = uneven
-    plan = prepare(image, model, refine={"fit_weight": 0.0})
+    plan = prepare(image, SegmentRequest.build(model, refine={"fit_weight": 0.0}))
     assert plan.settings.fit_sigma is None and plan.settings.fit_reach == (0, 0, 0)
     assert plan.settings.read_reach == plan.settings.reach
     assert receptive_field(model, refine={"fit_weight": 0.0}) < receptive_field(model)
@@ -185,7 +186,7 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
     whole = segment(image, model, return_probabilities=True)
     tiled = segment(image, model, tile_shape=(5, 21, 30), return_probabilities=True)
     np.testing.assert_allclose(whole.probabilities, tiled.probabilities, atol=1e-5)
-    plan = prepare(image, model)
+    plan = prepare(image, SegmentRequest.build(model))
     halo = receptive_field(model)
     assert halo[2] > plan.settings.reach[2] + axis_radii(settle(model).fit_sigma)[2] - 1
     lo, hi = (t.flatten().tolist() for t in (plan.lo, plan.hi))
@@ -207,7 +208,7 @@ def test_tiles_and_pieces_equal_the_whole(uneven):
 def test_volume_models_fit_and_2d_models_fit_less(tmp_path):
     from napari_pacseg import load_model, save_model
     from napari_pacseg.io.model_file import config_from_dict, config_to_dict
-    from napari_pacseg.training.fit import FIT_WEIGHT_2D, default_refine
+    from napari_pacseg.training.defaults import FIT_WEIGHT_2D, default_refine
 
     assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.5
     assert default_refine(2) == RefineConfig(fit_weight=FIT_WEIGHT_2D) and 0 < FIT_WEIGHT_2D < 0.5

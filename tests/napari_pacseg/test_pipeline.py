@@ -20,6 +20,7 @@ from napari_pacseg import (
     segment,
     train,
 )
+from napari_pacseg.engine.request import SegmentRequest
 
 
 def _blobs(shape=(16, 40, 40), seed=0):
@@ -199,7 +200,7 @@ def test_train_works_under_no_grad(trained):
 
 def test_the_callers_model_stays_where_it_is(trained):
     image, _, _, model = trained
-    runner = engine.TileRunner(engine.prepare(image, model, device="cpu"))
+    runner = engine.TileRunner(engine.prepare(image, SegmentRequest.build(model, device="cpu")))
     assert runner.model_on(torch.device("cpu")) is model
     moved = runner.model_on(torch.device("meta"))
     assert moved is not model and next(moved.parameters()).device.type == "meta"

@@ -20,6 +20,7 @@ from napari_pacseg._napari.session import (
     parse_scales,
 )
 from napari_pacseg.describe import describe_model, model_lines, model_summary
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.features import FeatureSpec
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_demo_model, load_sample
 
@@ -240,7 +241,9 @@ def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
 
     # A budget that the default refinement of 3 planes of 64 x 64 fits and a wide one not.
     box = ((7, 10), (0, 64), (0, 64))
-    seg_plan = engine.prepare(sample.image[CROP], load_demo_model(), spacing=sample.spacing)
+    seg_plan = engine.prepare(
+        sample.image[CROP], SegmentRequest.build(load_demo_model(), spacing=sample.spacing)
+    )
     default_work = seg_plan.refine_work(box)
     monkeypatch.setattr(engine, "PREVIEW_WORK_CPU", 2 * default_work)
     exact = session.compute_live(session.live_job(box, RunParams(device="cpu")))
@@ -272,7 +275,9 @@ def test_bound_preview_rule():
 
     model = load_demo_model()
     vol = np.zeros((40, 300, 300), np.uint16)
-    plan = engine.prepare(vol, model, spacing=(1.0, 0.4, 0.4), intensity_range=(0, 1))
+    plan = engine.prepare(
+        vol, SegmentRequest.build(model, spacing=(1.0, 0.4, 0.4)), intensity_range=(0, 1)
+    )
     box = ((19, 22), (0, 300), (0, 300))
     work = plan.refine_work(box)
     assert engine.bound_preview(plan, box, work).exact

@@ -24,15 +24,18 @@ from pathlib import Path
 import numpy as np
 
 from napari_pacseg.describe import describe_model, model_headline
+from napari_pacseg.engine.frames import painted_frames
 from napari_pacseg.engine.plan import Box, bound_preview, preview_budget
 from napari_pacseg.engine.preview import RegionSegmenter
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import Segmentation, segment
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
 from napari_pacseg.io.model_file import load_model, save_model
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from napari_pacseg.model.features import FeatureSpec
 from napari_pacseg.model.network import PacSegModel
-from napari_pacseg.training.fit import default_features, train
+from napari_pacseg.training.defaults import default_features
+from napari_pacseg.training.fit import train
 from napari_pacseg.training.scribble_checks import coverage_warnings, intensity_warnings
 
 DEFAULT_CLASSES = "background, foreground"
@@ -189,7 +192,7 @@ def save_measurements(path, objects) -> Path:
     when it has no suffix), atomically (a temporary file renamed into place). ``path`` itself
     is replaced (a save dialog asked about it); a file at the name with ``.csv`` added, which
     nobody was asked about, is refused (``FileExistsError``)."""
-    from napari_pacseg.io.volumes import write_bytes
+    from napari_pacseg.io.atomic import write_bytes
 
     path = Path(path)
     if not path.suffix:
@@ -254,23 +257,23 @@ class TrainParams:
 
 @dataclass(frozen=True, eq=False)
 class FullRun:
-    """``segment`` of the whole image with ``params``: call it (in any thread) for the
-    ``Segmentation``; ``progress`` and ``should_cancel`` as in ``segment``."""
+    """``segment`` of the whole image as ``request`` asks (built from the widget's ``params``
+    when the run starts): call it (in any thread) for the ``Segmentation``; ``progress`` and
+    ``should_cancel`` as in ``segment``."""
 
     image: ImageInput
-    model: PacSegModel
+    request: SegmentRequest
     params: RunParams
+
+    @property
+    def model(self) -> PacSegModel:
+        return self.request.model
 
     def __call__(
         self, progress: Progress | None = None, should_cancel: Cancel | None = None
     ) -> Segmentation:
-        inp, p = self.image, self.params
-        return segment(
-            inp.data, self.model, spacing=inp.spacing, channel_axis=inp.channel_axis,
-            frame_axis=inp.frame_axis, refine=p.refine, device=p.device, progress=progress, should_cancel=should_cancel,
-            threshold=p.threshold, background=p.background,
-            instances=False if p.instances is None else p.instances,
-        )  # fmt: skip
+        return segment(self.image.data, self.request, progress=progress,
+                       should_cancel=should_cancel)  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,9 +331,12 @@ def training_arrays(images: list[ImageInput], scribbles: list[np.ndarray]):
     for inp, marks in zip(images, scribbles):
         pieces = [(inp.data, inp.channel_axis, marks)]
         if inp.frame_axis is not None:
-            pieces = [(*inp.frame(t), marks[t]) for t in range(marks.shape[0]) if marks[t].any()]
-            if not pieces:
+            if not np.any(marks):
                 raise ValueError(f"no frame of {inp.name!r} holds scribbles: paint some first")
+            frames, frame_marks, ca = painted_frames(
+                inp.data, marks, inp.frame_axis, inp.channel_axis, inp.name
+            )
+            pieces = [(data, ca, m) for data, m in zip(frames, frame_marks)]
         for data, ca, m in pieces:
             arr = np.asarray(data)
             out_images.append(arr[None] if ca is None else np.moveaxis(arr, ca, 0))
@@ -540,7 +546,13 @@ class Session:
         """The work of a full run of the current image and model."""
         inp, model = self.require_image(), self.require_model()
         check_kind(inp, model)
-        return FullRun(inp, model, params)
+        p = params
+        request = SegmentRequest.build(
+            model, spacing=inp.spacing, channel_axis=inp.channel_axis, frame_axis=inp.frame_axis,
+            refine=p.refine, device=p.device, threshold=p.threshold, background=p.background,
+            instances=False if p.instances is None else p.instances,
+        )  # fmt: skip
+        return FullRun(inp, request, params)
 
     def full_run_written(self) -> None:
         """A full run replaced the output layers: the next live request recomputes."""

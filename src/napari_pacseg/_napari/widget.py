@@ -36,7 +36,7 @@ from napari_pacseg._napari.session import (
 from napari_pacseg._napari.workers import LiveRunner, Outcome, TaskRunner, message
 from napari_pacseg.io.model_file import ModelFileError
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, scribble_values
-from napari_pacseg.training.fit import DEFAULT_STEPS, default_steps
+from napari_pacseg.training.defaults import DEFAULT_STEPS, default_steps
 
 if TYPE_CHECKING:
     import napari

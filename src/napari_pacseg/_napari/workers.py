@@ -16,7 +16,7 @@ from functools import partial
 
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from napari_pacseg.engine.segment import SegmentationCancelled
+from napari_pacseg.progress import SegmentationCancelled
 
 DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
 PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often

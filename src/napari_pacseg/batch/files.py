@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_pacseg.batch.zarr_runs import open_scheduler, resolve_spacing, segment_zarr
+from napari_pacseg.batch.zarr_runs import open_scheduler, segment_zarr
 from napari_pacseg.checks import check_callable, check_int, check_ints, error_line
-from napari_pacseg.engine.plan import refine_params, settle
-from napari_pacseg.engine.segment import segment
-from napari_pacseg.instances.labels import instance_config, table_csv
+from napari_pacseg.engine.plan import settle
+from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.engine.segment import as_request, segment
+from napari_pacseg.instances.labels import table_csv
+from napari_pacseg.io.atomic import remove, write_bytes, write_json
 from napari_pacseg.io.model_file import load_model, weights_digest
 from napari_pacseg.io.provenance import input_digest, now, sha256_file, versions
+from napari_pacseg.io.spacing import resolve_spacing
 from napari_pacseg.io.volumes import (
     NPY_SUFFIXES,
     PICTURE_SUFFIXES,
@@ -30,16 +33,13 @@ from napari_pacseg.io.volumes import (
     VolumeError,
     is_zarr_path,
     read_volume,
-    remove,
     resolved,
     stem,
     volume_kind,
-    write_bytes,
-    write_json,
     write_npy,
     write_tiff,
 )
-from napari_pacseg.model.classes import DEFAULT_THRESHOLD, check_output_rule
+from napari_pacseg.model.classes import DEFAULT_THRESHOLD
 
 # --- batches of files -------------------------------------------------------------------------
 
@@ -295,24 +295,26 @@ def iter_segment_files(
         model_info = {"path": str(resolved(path)), "sha256": sha256_file(path)}
     else:
         model_info = {"path": None, "sha256": None}
+    if channel_axis is not None:
+        channel_axis = check_int(channel_axis, "channel_axis", -8, 7)
+    # checked before any work; channel_axis is the raw axis in the files
+    request = as_request(
+        model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
+        tile_shape=tile_shape, threshold=threshold, instances=instances,
+    )  # fmt: skip
+    model = request.model
     model_info["weights_sha256"] = weights_digest(model)
-    model_info["classes"] = [c.name for c in model.config.classes]
-    params = refine_params(model, refine)  # checks overrides before any work
-    objects = instance_config(model.config.instances, instances)
-    if spacing is not None:  # the same for every input: check the refinement's work once
-        settle(model, spacing, refine)
-    threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
+    model_info["classes"] = request.classes
+    if request.spacing is not None:  # the same for every input: check the refinement's work once
+        settle(model, request.spacing, request.refine)
+    objects = request.instances
     if frames and model.config.ndim != 2:
         raise ValueError(
             "frames: a stack of 2D frames is segmented frame by frame by a 2D model; this model "
             "is a 3D model (of volumes)"
         )
-    if tile_shape is not None:
-        tile_shape = check_ints(tile_shape, model.config.ndim, "tile_shape", 1, 1 << 20)
     if chunks is not None:
         chunks = check_ints(chunks, 3, "chunks", 1, 1 << 20)
-    if channel_axis is not None:
-        channel_axis = check_int(channel_axis, "channel_axis", -8, 7)
     # a folder's PNG and JPEG files are inputs of a 2D model only (thumbnails beside volumes)
     entries = expand_inputs(
         [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs, model.config.ndim == 2
@@ -334,10 +336,7 @@ def iter_segment_files(
         raise ValueError(
             f"the output folder {outdir} is not writable; give a folder you can write to"
         )
-    options = RunOptions(
-        spacing, channel_axis, False if params is None else params, str(device), tile_shape,
-        threshold, chunks, scheduler, workers, overwrite, objects, bool(frames),
-    )  # fmt: skip
+    options = RunOptions(request, chunks, scheduler, workers, overwrite, bool(frames))
     # explicitly named files skipped as pacseg outputs: never written, though not inputs
     named_outputs = InputGuard(p for p, problem in entries if isinstance(problem, Skip))
     run = _FileRun(model, model_info, options, progress, len(entries), named_outputs)
@@ -398,36 +397,29 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The options of one ``segment_files`` call, checked once; ``refine`` resolved (a
-    ``RefineConfig`` or False), so no input resolves it again."""
+    """The options of one ``segment_files`` call, checked once: the ``SegmentRequest`` every
+    input shares (its ``channel_axis`` is the raw axis in the files, its ``spacing`` the one
+    given, else each file's own), the zarr runs' chunks and scheduler, ``overwrite``, and
+    whether the inputs are stacks of 2D frames (a 2D model)."""
 
-    spacing: tuple | None
-    channel_axis: int | None
-    refine: object
-    device: str
-    tile_shape: tuple | None
-    threshold: float
-    chunks: tuple | None
-    scheduler: object
-    workers: int | None
-    overwrite: bool
-    instances: object = None  # an InstanceConfig, or None
-    frames: bool = False  # inputs are stacks of 2D frames (a 2D model)
-
-    def segment_kwargs(self) -> dict:
-        """What ``segment`` and ``segment_zarr`` take of these options."""
-        return {"refine": self.refine, "device": self.device, "tile_shape": self.tile_shape,
-                "threshold": self.threshold}  # fmt: skip
+    request: SegmentRequest
+    chunks: tuple | None = None
+    scheduler: object = None
+    workers: int | None = None
+    overwrite: bool = False
+    frames: bool = False
 
     def recorded(self) -> dict:
         """The parameters every record of this run lists (and a resume compares)."""
+        r = self.request
+        ndim = r.model.config.ndim
         return {
-            "refine": False if self.refine is False else dataclasses.asdict(self.refine),
-            "channel_axis": self.channel_axis,
-            "device": self.device,
-            "tile_shape": None if self.tile_shape is None else list(self.tile_shape),
-            "threshold": self.threshold,
-            "instances": None if self.instances is None else dataclasses.asdict(self.instances),
+            "refine": False if r.refine is None else dataclasses.asdict(r.refine),
+            "channel_axis": r.channel_axis,
+            "device": str(r.device),
+            "tile_shape": None if r.tile_shape is None else list(r.tile_shape[3 - ndim :]),
+            "threshold": r.threshold,
+            "instances": None if r.instances is None else dataclasses.asdict(r.instances),
             "frames": self.frames,
         }
 
@@ -579,17 +571,15 @@ class _FileRun:
         )
 
     def _segment(self, path: Path, paths: dict[str, Path], tiles) -> dict:
-        opts = self.options
+        opts, request = self.options, self.options.request
         if self.model.config.ndim == 2:
             return self._segment_2d(path, paths, tiles)
-        volume = read_volume(path, opts.channel_axis)
+        volume = read_volume(path, request.channel_axis)
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
-                volume, self.model, paths["labels"], paths["matte"], spacing=opts.spacing,
-                channel_axis=opts.channel_axis, chunks=opts.chunks, scheduler=self.scheduler(),
-                **opts.segment_kwargs(),
-                overwrite=True, progress=tiles, instances=paths.get("instances"),
-                instance_config=opts.instances or True, objects_out=paths.get("objects"),
+                volume, request, paths["labels"], paths["matte"], chunks=opts.chunks,
+                scheduler=self.scheduler(), overwrite=True, progress=tiles,
+                instances_out=paths.get("instances"), objects_out=paths.get("objects"),
             )  # fmt: skip
             parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
                           "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip
@@ -598,36 +588,27 @@ class _FileRun:
             if res.instances is not None:
                 details["objects"] = res.n_objects
             return details
-        spacing, source = resolve_spacing(opts.spacing, volume, self.model)
+        spacing, source = resolve_spacing(request.spacing, volume, self.model.config.spacing)
         image = volume.load()
-        seg = segment(image, self.model, spacing=spacing, channel_axis=0, progress=tiles,
-                      instances=opts.instances or False, **opts.segment_kwargs())  # fmt: skip
+        seg = segment(image, request.replace(spacing=spacing, channel_axis=0), progress=tiles)
         return _write_in_memory(paths, seg, image, volume.kind == "npy", spacing, source, None)
 
     def _segment_2d(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         """A 2D image (or, with ``frames``, a stack of 2D frames) by a 2D model, in memory."""
         from napari_pacseg.io.images import read_picture
 
-        opts = self.options
+        opts, request = self.options, self.options.request
         if volume_kind(path) == "zarr":
             raise VolumeError(
                 f"{path}: a zarr input is read as a volume, and this is a 2D model; segment zarr "
                 "volumes with a volume model, or save the 2D images as TIFF, PNG or NPY"
             )
-        picture = read_picture(path, opts.channel_axis, opts.frames)
-        if opts.spacing is not None:
-            spacing, source = tuple(opts.spacing)[-2:], "argument"
-        elif picture.spacing_problem:
-            raise VolumeError(
-                f"{path}: {picture.spacing_problem}; give the pixel size (--spacing Y X)"
-            )
-        elif picture.spacing is not None:
-            spacing, source = picture.spacing, picture.spacing_source
-        else:
-            spacing, source = self.model.config.in_plane_spacing, "model"
+        picture = read_picture(path, request.channel_axis, opts.frames)
+        spacing, source = resolve_spacing(
+            request.spacing, picture, self.model.config.in_plane_spacing, 2
+        )
         axes = {"frame_axis": 0, "channel_axis": 1} if opts.frames else {"channel_axis": 0}
-        seg = segment(picture.data, self.model, spacing=spacing, progress=tiles,
-                      instances=opts.instances or False, **axes, **opts.segment_kwargs())  # fmt: skip
+        seg = segment(picture.data, request.replace(spacing=spacing, **axes), progress=tiles)
         return _write_in_memory(paths, seg, picture.data, picture.kind == "npy", spacing, source,
                                 "TYX" if opts.frames else "YX")  # fmt: skip
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,21 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_pacseg.checks import check_callable, check_spacing
-from napari_pacseg.engine.plan import (
-    as_model,
-    check_channels,
-    check_overlap,
-    extend_box,
-    refine_params,
-    split_box,
-    whole,
-)
-from napari_pacseg.engine.segment import receptive_field, segment
+from napari_pacseg.checks import check_callable
+from napari_pacseg.engine.plan import check_channels, check_overlap, extend_box, split_box, whole
+from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
 from napari_pacseg.instances.chunked import Measure, instances_pass
-from napari_pacseg.instances.labels import instance_config as instance_config_of
 from napari_pacseg.instances.labels import table_csv
-from napari_pacseg.io.model_file import ModelPayload, model_from_bytes
+from napari_pacseg.io.atomic import (
+    check_replaceable,
+    move_into_place,
+    remove,
+    remove_stale_temporaries,
+    temporary_sibling,
+    write_bytes,
+    write_error,
+)
+from napari_pacseg.io.model_file import weights_digest
+from napari_pacseg.io.spacing import resolve_spacing
 from napari_pacseg.io.volumes import (
     INSTALL_HINT,
     Layout,
@@ -45,19 +46,12 @@ from napari_pacseg.io.volumes import (
     VolumeError,
     check_not_input,
     check_output_folder,
-    check_replaceable,
     describe_bad_chunk,
     layout_from_axes,
-    move_into_place,
     open_zarr,
     read_region,
-    remove,
-    remove_stale_temporaries,
-    temporary_sibling,
-    write_bytes,
-    write_error,
 )
-from napari_pacseg.model.classes import DEFAULT_THRESHOLD, check_output_rule
+from napari_pacseg.model.classes import DEFAULT_THRESHOLD
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import image_range, volume_noise_level
 
@@ -77,46 +71,33 @@ def _dask():
     return dask
 
 
-_MODELS: dict[str, PacSegModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def model_from_payload(payload: ModelPayload) -> PacSegModel:
-    """The payload's model, built once per process."""
-    with _MODELS_LOCK:
-        model = _MODELS.get(payload.digest)
-        if model is None:
-            model = model_from_bytes(payload.data, "the model sent to this worker")
-            _MODELS.clear()  # one model per process at a time
-            _MODELS[payload.digest] = model
-        return model
-
-
 # --- one chunk ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _ChunkJob:
-    """Everything a worker needs for one chunk (all plain, picklable data)."""
+class ChunkJob:
+    """Everything a worker needs for one chunk (picklable: the request carries its model as
+    the bytes of its model file).
 
-    box: tuple[tuple[int, int], ...]  # the chunk's core, (z, y, x) ranges
-    ext: tuple[tuple[int, int], ...]  # core + halo, clipped to the volume
+    box : the chunk's core, ``(z, y, x)`` ranges. ext : the core plus the halo, clipped to the
+    volume. layout : how the source's axes map to ``(C, D, H, W)``. request : the chunk's
+    ``SegmentRequest`` (no objects: they have their own pass). norm : the whole volume's
+    ``(lo, hi, noise_level)``, one value per channel each. outputs : the labels and matte
+    (or None) zarr paths. read_here : ``segment_chunk``'s source is the zarr array to read
+    ``ext`` from, else the region itself. source_name : the input, for messages.
+    """
+
+    box: tuple[tuple[int, int], ...]
+    ext: tuple[tuple[int, int], ...]
     layout: Layout
-    model: ModelPayload
-    spacing: tuple[float, float, float]
-    refine: object
-    device: str
-    tile_shape: tuple[int, int, int] | None
-    threshold: float
-    intensity_range: tuple[list[float], list[float]]
-    noise_level: list[float]
-    labels_path: str
-    matte_path: str | None
-    read_here: bool  # source is the zarr array to read ``ext`` from, else the region itself
-    source_name: str  # the input, for messages
+    request: SegmentRequest
+    norm: tuple[list[float], list[float], list[float]]
+    outputs: tuple[str, str | None]
+    read_here: bool
+    source_name: str
 
 
-def segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
+def segment_chunk(job: ChunkJob, source) -> dict[str, float]:
     """Segment one chunk and write its core into the output stores. ``source`` is the raw
     zarr array (the region is read here) or the region itself, ``(C, d, h, w)``."""
     import zarr
@@ -126,23 +107,14 @@ def segment_chunk(job: _ChunkJob, source) -> dict[str, float]:
         if job.read_here
         else np.asarray(source)
     )
-    seg = segment(
-        region,
-        model_from_payload(job.model),
-        spacing=job.spacing,
-        channel_axis=0,
-        refine=job.refine,
-        device=job.device,
-        tile_shape=job.tile_shape,
-        intensity_range=job.intensity_range,
-        noise_level=job.noise_level,
-        threshold=job.threshold,
-    )
+    lo, hi, noise = job.norm
+    seg = run(region, job.request, ImageOptions(intensity_range=(lo, hi), noise_level=noise))
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(job.box, job.ext))
     where = tuple(slice(a, b) for a, b in job.box)
-    zarr.open_array(job.labels_path, mode="r+")[where] = seg.labels[core]
-    if job.matte_path is not None:
-        zarr.open_array(job.matte_path, mode="r+")[where] = seg.matte[core]
+    labels_path, matte_path = job.outputs
+    zarr.open_array(labels_path, mode="r+")[where] = seg.labels[core]
+    if matte_path is not None:
+        zarr.open_array(matte_path, mode="r+")[where] = seg.matte[core]
     return seg.timings
 
 
@@ -248,19 +220,6 @@ def open_scheduler(scheduler, workers):
     )
 
 
-def resolve_spacing(spacing, volume, model) -> tuple[tuple[float, float, float], str]:
-    if spacing is not None:
-        return check_spacing(spacing, None), "argument"
-    if volume is not None and volume.spacing_problem:
-        raise VolumeError(
-            f"{volume.path}: {volume.spacing_problem}; give the voxel size (--spacing Z Y X, or "
-            "spacing=...)"
-        )
-    if volume is not None and volume.spacing is not None:
-        return volume.spacing, volume.spacing_source
-    return check_spacing(None, model.config.spacing), "model"
-
-
 def source_paths(source) -> list[Path]:
     """The files or folders on this machine that ``source`` reads from: a path, a ``Volume``, a
     ``zarr.Array`` (its store's folder + the array's path), a ``np.memmap``, or a dask array
@@ -304,24 +263,24 @@ def _backing(value, found: list[Path], depth: int) -> None:
 
 def segment_zarr(
     source,
-    model: PacSegModel,
+    model: PacSegModel | SegmentRequest,
     labels_out,
     matte_out=None,
     *,
-    spacing=None,
-    channel_axis: int | None = None,
-    refine=True,
+    instances_out=None,
+    objects_out=None,
     chunks=None,
-    device="auto",
-    tile_shape=None,
     scheduler=None,
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    spacing=None,
+    channel_axis: int | None = None,
+    refine=True,
+    device="auto",
+    tile_shape=None,
     threshold: float = DEFAULT_THRESHOLD,
-    instances=None,
-    instance_config=True,
-    objects_out=None,
+    instances=False,
 ) -> ZarrResult:
     """Segment a volume larger than memory, chunk by chunk, into zarr arrays.
 
@@ -334,8 +293,9 @@ def segment_zarr(
     source : path of a zarr array or OME-Zarr image (level 0, spacing from its metadata), a
         ``Volume`` from ``volume_io``, a ``zarr.Array`` or a ``dask.array.Array``; 3D
         ``(D, H, W)`` or 4D with ``channel_axis``, any numeric dtype.
-    model : PacSegModel, or the path of a model file (sent to workers as the bytes of its
-        model file, rebuilt there with every check of ``load_model``).
+    model : PacSegModel, the path of a model file, or a ``SegmentRequest`` (then its keywords,
+        ``spacing`` to ``instances`` below, are left out). The model is sent to workers as the
+        bytes of its model file and rebuilt there with every check of ``load_model``.
     labels_out : path of the ``(D, H, W)`` uint8 zarr array to write (0 background, class
         index + 1 otherwise). matte_out : path of the ``(D, H, W)`` float32 matte array
         (1 - P(background)), or None to skip it. Both are written under temporary names in
@@ -355,15 +315,16 @@ def segment_zarr(
     overwrite : replace existing outputs (else ``FileExistsError`` before any work).
     progress : called as ``progress(done_chunks, total_chunks)`` in this process.
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
-    instances : path of a ``(D, H, W)`` int32 zarr array of object ids to write as well (the
-        same ids as ``segment(..., instances=...)`` on the whole volume: objects that cross
-        chunk borders are found whole; see ``instances_zarr``), or None. Written under a
-        temporary name and renamed into place with the others.
-    instance_config : its parameters: True (the model's ``InstanceConfig``), an
-        ``InstanceConfig`` or a dict of overrides.
-    objects_out : with ``instances``, the path of a CSV of the objects' measurements
-        (``instances.object_table``'s columns, the same rows as in memory), measured piece by
-        piece on the workers; needs a zarr source (read there).
+    instances_out : path of a ``(D, H, W)`` int32 zarr array of object ids to write as well
+        (the same ids as ``segment(..., instances=...)`` on the whole volume: objects that
+        cross chunk borders are found whole; see ``instances.chunked``), or None. Written under
+        a temporary name and renamed into place with the others.
+    objects_out : with ``instances_out``, the path of a CSV of the objects' measurements
+        (``instances.labels.object_table``'s columns, the same rows as in memory), measured
+        piece by piece on the workers; needs a zarr source (read there).
+    instances : how objects are separated for ``instances_out``: True (the default with
+        ``instances_out``: the model's ``InstanceConfig``), an ``InstanceConfig`` or a dict of
+        overrides.
 
     Returns
     -------
@@ -374,26 +335,34 @@ def segment_zarr(
 
     start = time.perf_counter()
     check_callable(progress, "segment_zarr: progress", "progress(done_chunks, total_chunks)")
-    model = as_model(model)
+    if instances_out is not None and instances is False and not isinstance(model, SegmentRequest):
+        instances = True  # objects asked for by their output path: the model's defaults
+    request = as_request(
+        model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
+        tile_shape=tile_shape, threshold=threshold, instances=instances,
+    )  # fmt: skip
+    model = request.model
     if model.config.ndim == 2:
         raise ValueError(
             "segment_zarr runs volume models chunk by chunk; this is a 2D model (of 2D images): "
             "load the image (np.asarray) and call segment(), with frame_axis for a stack of frames"
         )
     objects = None
-    if instances is not None:
-        objects = instance_config_of(model.config.instances, instance_config or True)
-    raw, layout, volume, readable = _open_source(source, channel_axis)
-    if objects_out is not None and (instances is None or not readable):
+    if instances_out is not None:
+        objects = request.instances or request.model.config.instances
+    raw, layout, volume, readable = _open_source(source, request.channel_axis)
+    if objects_out is not None and (instances_out is None or not readable):
         raise ValueError(
-            "objects_out needs instances=PATH and a zarr source (path, Volume or zarr.Array)"
+            "objects_out needs instances_out=PATH and a zarr source (path, Volume or zarr.Array)"
         )
-    outputs = [Path(p) for p in (labels_out, matte_out, instances, objects_out) if p is not None]
+    outputs = [Path(p) for p in (labels_out, matte_out, instances_out, objects_out) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)
     for out in outputs:  # also with overwrite=True: an input is never replaced
         check_not_input(out, inputs)
     if len({p.resolve() for p in outputs}) != len(outputs):
-        raise ValueError("labels_out, matte_out, instances and objects_out must be different paths")
+        raise ValueError(
+            "labels_out, matte_out, instances_out and objects_out must be different paths"
+        )
     for out in outputs:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -402,12 +371,12 @@ def segment_zarr(
         if out.parent.exists():  # zarr creates a missing one
             check_output_folder(out.parent)
     shape = layout.shape(raw.shape)
-    check_channels(shape, model, channel_axis)
-    spacing, spacing_source = resolve_spacing(spacing, volume, model)
-    refine = refine_params(model, refine) or False  # resolved once: chunks reuse it
-    threshold, _ = check_output_rule(threshold, 0, model.config.n_classes)
+    check_channels(shape, model, request.channel_axis)
+    spacing, spacing_source = resolve_spacing(request.spacing, volume, model.config.spacing)
+    # the chunks' request: regions arrive as (C, D, H, W); objects have a pass of their own
+    chunk_request = request.replace(spacing=spacing, channel_axis=0, instances=None)
     chunks = _check_chunks(chunks, shape[1:], model.grid)
-    halo = receptive_field(model, spacing, refine)
+    halo = receptive_field(model, spacing, request.refine)
     boxes = split_box(whole(shape[1:]), chunks)
     check_overlap(boxes, halo, shape[1:], "chunks")  # before any work: chunks + halo
     kind, client, owned = open_scheduler(scheduler, workers)
@@ -432,27 +401,25 @@ def segment_zarr(
             raise VolumeError(
                 f"{where}: {describe_bad_chunk(raw, (slice(None),) * raw.ndim, err)}"
             ) from err
-        rng = (lo.flatten().tolist(), hi.flatten().tolist())
+        norm = (lo.flatten().tolist(), hi.flatten().tolist(), noise)
         t_range = time.perf_counter() - t0
         attrs = {"spacing": list(spacing), "source": str(getattr(volume, "path", "array"))}
         kinds = [(np.uint8, "labels")] + [(np.float32, "matte")] * (matte_out is not None)
-        kinds += [(np.int32, "instances")] * (instances is not None)
+        kinds += [(np.int32, "instances")] * (instances_out is not None)
         for tmp, (dtype, what) in zip(tmps, kinds):
             arr = zarr.open_array(
                 str(tmp), mode="w", shape=shape[1:], chunks=chunks, dtype=dtype, fill_value=0
             )
             arr.attrs.update({"napari_pacseg": {**attrs, "content": what}})
-        payload = ModelPayload.of(model)
         jobs = []
+        paths = (str(tmps[0]), str(tmps[1]) if matte_out is not None else None)
         for box in boxes:
             ext, _ = extend_box(box, halo, shape[1:])
-            job = _ChunkJob(box, ext, layout, payload, spacing, refine, str(device),
-                            None if tile_shape is None else tuple(tile_shape), threshold, rng, noise,
-                            str(tmps[0]), str(tmps[1]) if matte_out is not None else None,
-                            readable, str(getattr(volume, "path", "source")))  # fmt: skip
+            job = ChunkJob(box, ext, layout, chunk_request, norm, paths, readable,
+                           str(getattr(volume, "path", "source")))  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
-        token = payload.digest[:8] + os.urandom(4).hex()
+        token = weights_digest(model)[:8] + os.urandom(4).hex()
         tasks = [
             dask.delayed(segment_chunk, pure=False)(job, region, dask_key_name=f"pacseg-chunk-{token}-{i}")
             for i, (job, region) in enumerate(jobs)
@@ -465,7 +432,7 @@ def segment_zarr(
         n_objects = 0
         if objects is not None:
             t0 = time.perf_counter()
-            scratch = temporary_sibling(instances)
+            scratch = temporary_sibling(instances_out)
             tmps.append(scratch)  # removed in the finally below
             zarr.open_array(str(scratch), mode="w", shape=shape[1:], chunks=chunks,
                             dtype=np.int64, fill_value=0)  # fmt: skip
@@ -482,7 +449,7 @@ def segment_zarr(
                 names = tuple(c.name for c in model.config.classes)
                 measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
                                   str(tmps[0]), names, shape[0])  # fmt: skip
-            ids_tmp = tmps[outputs.index(Path(instances))]
+            ids_tmp = tmps[outputs.index(Path(instances_out))]
             n_objects, table = instances_pass(dask, run, str(tmps[0]), str(ids_tmp),
                                               str(scratch), boxes, spacing, objects, token,
                                               measure)  # fmt: skip
@@ -522,7 +489,7 @@ def segment_zarr(
         spacing_source=spacing_source,
         halo=halo,
         timings=timings,
-        instances=Path(instances) if instances is not None else None,
+        instances=Path(instances_out) if instances_out is not None else None,
         objects=Path(objects_out) if objects_out is not None else None,
         n_objects=n_objects,
     )

@@ -1,13 +1,11 @@
 """Stacks of independent frames (time-lapses): ``frame_axis`` of ``segment`` and ``train``.
 
-Each frame is an image of its own (2D for a 2D model): segmented alone, its results stacked
-back along the frame axis; for training, the frames holding scribbles are the training images.
+Each frame is an image of its own (2D for a 2D model): ``segment`` segments each alone and
+stacks its results back along the frame axis (``segment.segment_frames``); for training, the
+frames holding scribbles are the training images.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -42,57 +40,25 @@ def frame_views(image, frame_axis, channel_axis, what: str = "image"):
     return np.moveaxis(arr, fa, 0), ca, position
 
 
-def segment_frames(
-    image,
-    model,
-    frame_axis,
-    channel_axis,
-    progress: Callable[[int, int], None] | None,
-    should_cancel: Callable[[], bool] | None,
-    **kwargs,
-):
-    """``segment`` of each frame alone, results stacked along the frame axis (see
-    ``segment``'s ``frame_axis``). Object ids run on from frame to frame and the objects table
-    gains a ``frame`` column."""
-    from napari_pacseg.engine.segment import Segmentation, segment
-    from napari_pacseg.instances.labels import as_table
-
-    start = time.perf_counter()
-    frames, ca, position = frame_views(image, frame_axis, channel_axis)
-    n = frames.shape[0]
-    results = []
-    for t in range(n):
-        relay = None
-        if progress is not None:
-
-            def relay(done, total, t=t):
-                progress(t * total + done, n * total)
-
-        one = segment(frames[t], model, channel_axis=ca, progress=relay, should_cancel=should_cancel, **kwargs)  # fmt: skip
-        results.append(one)
-
-    labels = np.stack([r.labels for r in results], position)
-    matte = np.stack([r.matte for r in results], position)
-    probs = None
-    if results[0].probabilities is not None:
-        probs = np.stack([r.probabilities for r in results], position + 1)
-    timings: dict[str, float] = {}
-    for r in results:
-        for k, v in r.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-    ids = objects = None
-    if results[0].instances is not None:
-        shifted, offset = [], 0
-        tables = []
-        for t, r in enumerate(results):
-            frame_ids = r.instances.copy()
-            frame_ids[frame_ids > 0] += offset
-            shifted.append(frame_ids)
-            cols = {k: np.asarray(r.objects[k]) for k in r.objects.keys()}
-            cols["id"] = cols["id"] + offset
-            tables.append({"id": cols.pop("id"), "frame": np.full(len(cols["class"]), t), **cols})
-            offset += int(r.instances.max())
-        ids = np.stack(shifted, position)
-        objects = as_table({k: np.concatenate([tb[k] for tb in tables]) for k in tables[0]})
-    timings["total"] = time.perf_counter() - start
-    return Segmentation(labels, matte, probs, timings, ids, objects)
+def painted_frames(image, scribbles, frame_axis, channel_axis, who: str = "train"):
+    """``(images, scribbles, channel_axis)``: the frames of ``image`` along ``frame_axis`` that
+    hold scribbles, as lists (the training images of a stack of frames), and the channel axis
+    within a frame. ``who`` names the caller in messages."""
+    if isinstance(image, (list, tuple)) or isinstance(scribbles, (list, tuple)):
+        raise TypeError(
+            f"{who}: frame_axis takes one stack of frames and its scribbles, not lists; "
+            "concatenate the stacks, or pass the frames as a list of images without frame_axis"
+        )
+    frames, ca, _ = frame_views(image, frame_axis, channel_axis, f"{who}: image")
+    marks, _, _ = frame_views(scribbles, frame_axis, None, f"{who}: scribbles")
+    if marks.shape[0] != frames.shape[0]:
+        raise ValueError(
+            f"{who}: the image has {frames.shape[0]} frames along frame_axis but the scribbles "
+            f"{marks.shape[0]}"
+        )
+    painted = [t for t in range(marks.shape[0]) if np.any(marks[t])]
+    if not painted:
+        raise ValueError(
+            f"{who}: the scribbles label no pixel in any frame; paint at least two classes"
+        )
+    return [frames[t] for t in painted], [marks[t] for t in painted], ca

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from napari_pacseg.checks import as_image, check_ints, check_spacing, resolve_device, short_repr
-from napari_pacseg.model.classes import DEFAULT_THRESHOLD, check_output_rule
+from napari_pacseg.checks import as_image, check_spacing, short_repr
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.features import axis_radii
 from napari_pacseg.model.network import PacSegModel, RefineConfig, with_overrides
 from napari_pacseg.model.normalise import apply_range, image_range, volume_noise_level
+from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.refine.guide import GuideFilter, guide_filter, make_guide
 from napari_pacseg.refine.local_fit import local_fit
 from pacseg_kernels import pac_crf3d
@@ -68,31 +69,15 @@ TILE_COST_VOXELS = 2048
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
-class SegmentationCancelled(RuntimeError):
-    """Raised by ``segment``/``train`` when ``should_cancel()`` returned True; nothing is returned."""
-
-
 # --- what does not depend on the image ------------------------------------------------------------
 
 
-def as_model(model) -> PacSegModel:
-    """``model`` itself, or the model file at that path (``load_model``)."""
-    if isinstance(model, PacSegModel):
-        return model
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from napari_pacseg.io.model_file import load_model
-
-        return load_model(model)
-    raise TypeError(
-        f"model must be a PacSegModel or the path of a model file (see load_model), got "
-        f"{type(model).__name__}"
-    )
-
-
 def refine_params(model: PacSegModel, refine) -> RefineConfig | None:
-    """The refinement to run: model defaults (True), none (False), a ``RefineConfig``, or
-    overrides (a dict)."""
-    return None if refine is False else with_overrides(model.config.refine, refine, "refine")
+    """The refinement to run: model defaults (True), none (False or None), a ``RefineConfig``,
+    or overrides (a dict)."""
+    if refine is False or refine is None:
+        return None
+    return with_overrides(model.config.refine, refine, "refine")
 
 
 @dataclass(frozen=True)
@@ -257,11 +242,10 @@ def _check_tiles(shape, tile, s: Settings, flat: bool = False) -> None:
 class Plan:
     """Everything a segmentation of one image needs, validated once by ``prepare``.
 
-    vol : ``(C, D, H, W)`` view of the image in its own dtype (any strides). model : the caller's
-    model (stages run a copy on ``device`` when it lives elsewhere). settings : ``Settings``.
-    device : where the stages run. lo, hi : the intensities mapped to 0 and 1, ``(1, C, 1, 1, 1)``
-    float32. threshold, background : the label rule (``classes.labels_from_probabilities``).
-    tile : core tile ``(D, H, W)`` of both passes, or None for ``UNARY_TILE`` / ``refine_tile``.
+    vol : ``(C, D, H, W)`` view of the image in its own dtype (any strides). request : the
+    ``SegmentRequest`` (model, label rule, device, tiles; the stages run a copy of the model on
+    the device when it lives elsewhere). settings : ``Settings`` at the image's spacing.
+    lo, hi : the intensities mapped to 0 and 1, ``(1, C, 1, 1, 1)`` float32.
     noise : the image's noise level per channel ``(C,)`` in normalised units
     (``guide.volume_noise_level``), which sets how the refinement's guide is denoised; None
     when the plan does not refine. flat : the image was 2D (``vol`` is its one-plane view;
@@ -269,16 +253,34 @@ class Plan:
     """
 
     vol: np.ndarray
-    model: PacSegModel
+    request: SegmentRequest
     settings: Settings
-    device: torch.device
     lo: torch.Tensor
     hi: torch.Tensor
-    threshold: float = DEFAULT_THRESHOLD
-    background: int = 0
-    tile: tuple[int, int, int] | None = None
     noise: torch.Tensor | None = None
     flat: bool = False
+
+    @property
+    def model(self) -> PacSegModel:
+        return self.request.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.request.device
+
+    @property
+    def threshold(self) -> float:
+        return self.request.threshold
+
+    @property
+    def background(self) -> int:
+        return self.request.background
+
+    @property
+    def tile(self) -> tuple[int, int, int] | None:
+        """Core tile ``(D, H, W)`` of both passes, or None for ``UNARY_TILE`` /
+        ``refine_tile``."""
+        return self.request.tile_shape
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -411,34 +413,18 @@ def _centred(a: int, b: int, n: int) -> tuple[int, int]:
     return start, start + n
 
 
-def prepare(
-    image,
-    model,
-    *,
-    spacing=None,
-    channel_axis: int | None = None,
-    refine=True,
-    device="auto",
-    tile_shape=None,
-    intensity_range=None,
-    threshold: float = DEFAULT_THRESHOLD,
-    background: int = 0,
-    noise_level=None,
-) -> Plan:
-    """A checked ``Plan`` for segmenting ``image`` with ``model`` (arguments as ``segment``)."""
-    model = as_model(model)
-    vol, flat = as_image(image, channel_axis, ndim=model.config.ndim)
-    check_channels((vol.shape[0], *vol.shape[2:]) if flat else vol.shape, model, channel_axis)
+def prepare(image, request: SegmentRequest, *, intensity_range=None, noise_level=None) -> Plan:
+    """A checked ``Plan`` for segmenting ``image`` as ``request`` asks (``segment``'s
+    ``image``, ``intensity_range`` and ``noise_level``)."""
+    model = request.model
+    vol, flat = as_image(image, request.channel_axis, ndim=model.config.ndim)
+    check_channels((vol.shape[0], *vol.shape[2:]) if flat else vol.shape, model, request.channel_axis)
+    spacing = request.spacing
     if flat and spacing is not None:
         spacing = check_spacing(spacing, None, 2)  # a 2D image takes (y, x)
-    settings = settle(model, spacing, refine)
-    threshold, background = check_output_rule(threshold, background, model.config.n_classes)
-    if tile_shape is not None:
-        if flat:  # a 2D image's tiles: (h, w)
-            tile_shape = (1, *check_ints(tile_shape, 2, "tile_shape (h, w)", 1, 1 << 20))
-        tile_shape = check_ints(tile_shape, 3, "tile_shape", 1, 1 << 20)
-        _check_tiles(vol.shape[1:], tile_shape, settings, flat)  # before the image is read
-    dev = resolve_device(device)
+    settings = settle(model, spacing, request.refine)
+    if request.tile_shape is not None:  # before the image is read
+        _check_tiles(vol.shape[1:], request.tile_shape, settings, flat)
     lo, hi = (
         image_range(vol, model.config.normalisation)
         if intensity_range is None
@@ -448,8 +434,8 @@ def prepare(
         noise = _checked_noise(noise_level, vol.shape[0])
     else:  # only the refinement's guide needs it (``with_refine`` measures it when it does)
         noise = volume_noise_level(vol, lo, hi) if settings.refine is not None else None
-    plan = Plan(vol, model, settings, dev, lo, hi, threshold, background, tile_shape, noise, flat)
-    if tile_shape is None:  # the caller's tiles are bounded by their work (_check_tiles)
+    plan = Plan(vol, request, settings, lo, hi, noise, flat)
+    if request.tile_shape is None:  # the caller's tiles are bounded by their work (_check_tiles)
         _check_overlap(plan)
     return plan
 
@@ -699,8 +685,7 @@ class TileRunner:
         pending = list(boxes)
         while pending:
             box = pending.pop(0)
-            if self.should_cancel is not None and self.should_cancel():
-                raise SegmentationCancelled("segmentation cancelled; no result was produced")
+            stop_if_cancelled(self.should_cancel, "segmentation cancelled; no result was produced")
             if self.device.type == "cpu":
                 readapt()  # the load may have changed since the run began
             try:

@@ -22,12 +22,13 @@ from napari_pacseg.checks import check_callable
 from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.plan import (
     Box,
-    SegmentationCancelled,
     model_on_device,
     prepare,
     split_box,
 )
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.network import PacSegModel
+from napari_pacseg.progress import stop_if_cancelled
 from pacseg_kernels.threads import adaptive_threads
 
 Progress = Callable[[str, int, int], None]
@@ -60,9 +61,10 @@ class RegionSegmenter:
         device="auto",
         max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        self.plan = prepare(
-            image, model, spacing=spacing, channel_axis=channel_axis, refine=False, device=device
+        request = SegmentRequest.build(
+            model, spacing=spacing, channel_axis=channel_axis, refine=False, device=device
         )
+        self.plan = prepare(image, request)
         self.shape = self.plan.shape
         self.spacing = self.plan.settings.spacing
         self.device = self.plan.device
@@ -124,13 +126,11 @@ class RegionSegmenter:
         diffs = self._logit_diffs(ext, should_cancel, progress)
 
         def step(done: int, total: int) -> None:
-            if should_cancel is not None and should_cancel():
-                raise SegmentationCancelled("region segmentation cancelled")
+            stop_if_cancelled(should_cancel, "region segmentation cancelled")
             if progress is not None:
                 progress("refinement", done, total)
 
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("region segmentation cancelled")
+        stop_if_cancelled(should_cancel, "region segmentation cancelled")
         if plan.settings.refine is not None and progress is not None:
             progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
         p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
@@ -172,8 +172,7 @@ class RegionSegmenter:
         total, done = sum(len(tiles) for _, tiles in runs), 0
         for run, tiles in runs:
             for tile in tiles:
-                if should_cancel is not None and should_cancel():
-                    raise SegmentationCancelled("region segmentation cancelled")
+                stop_if_cancelled(should_cancel, "region segmentation cancelled")
                 if progress is not None:
                     progress("logits", done, total)
                 d = engine.logits(self.plan, tile, self.model, self.device, self.timings)

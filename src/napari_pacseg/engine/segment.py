@@ -12,11 +12,14 @@ import numpy as np
 
 from napari_pacseg.checks import check_callable
 from napari_pacseg.engine import plan as engine
-from napari_pacseg.engine.plan import STAGES, SegmentationCancelled, TileRunner, prepare, settle
-from napari_pacseg.instances.labels import as_table, instance_config, instance_labels, object_table
+from napari_pacseg.engine.frames import frame_views
+from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
+from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.instances.labels import as_table, instance_labels, object_table
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import image_range, volume_intensity_range, volume_noise_level
+from napari_pacseg.progress import SegmentationCancelled
 from pacseg_kernels.threads import adaptive_threads
 
 __all__ = [
@@ -64,7 +67,7 @@ class Segmentation:
 
 def segment(
     image,
-    model: PacSegModel,
+    model: PacSegModel | SegmentRequest,
     *,
     spacing=None,
     channel_axis: int | None = None,
@@ -97,7 +100,10 @@ def segment(
         ``channel_axis`` (e.g. RGB ``(H, W, 3)`` with ``channel_axis=-1``) and one more for
         ``frame_axis``; numpy or anything ``np.asarray`` takes (a dask array is read tile by
         tile only through ``segment_zarr``; here it is loaded).
-    model : PacSegModel (not modified; it is copied to the device when that is another one).
+    model : PacSegModel (not modified; it is copied to the device when that is another one),
+        the path of a model file, or a ``SegmentRequest`` holding the model and every choice
+        below but the image's own (``progress``, ``should_cancel``, ``return_probabilities``,
+        ``intensity_range``, ``noise_level``); its keywords are then left out.
     spacing : (z, y, x) voxel size in the model's units (napari's layer ``scale``); ``(y, x)``
         for a 2D image; defaults to the spacing the model was trained at.
     channel_axis : the axis of the channels (of ``image`` as given), None for one channel.
@@ -129,34 +135,66 @@ def segment(
         (the model's ``InstanceConfig``), an ``InstanceConfig``, or a dict overriding its
         fields. Lengths in the units of ``spacing``.
     """
-    start = time.perf_counter()
     check_callable(progress, "segment: progress", "progress(done_tiles, total_tiles)")
     check_callable(should_cancel, "segment: should_cancel", "should_cancel() -> bool")
-    model = engine.as_model(model)
-    if frame_axis is not None:
-        from napari_pacseg.engine.frames import segment_frames
+    request = as_request(
+        model, spacing=spacing, channel_axis=channel_axis, frame_axis=frame_axis, refine=refine,
+        device=device, tile_shape=tile_shape, threshold=threshold, background=background,
+        instances=instances,
+    )  # fmt: skip
+    image_options = ImageOptions(return_probabilities, intensity_range, noise_level)
+    if request.frame_axis is not None:
+        return segment_frames(image, request, image_options, progress, should_cancel)
+    return run(image, request, image_options, progress, should_cancel)
 
-        args = dict(
-            spacing=spacing, refine=refine, device=device, tile_shape=tile_shape,
-            return_probabilities=return_probabilities, intensity_range=intensity_range,
-            threshold=threshold, background=background, noise_level=noise_level,
-            instances=instances,
-        )  # fmt: skip
-        return segment_frames(image, model, frame_axis, channel_axis, progress, should_cancel, **args)  # fmt: skip
-    inst = instance_config(model.config.instances, instances)
+
+# segment()'s keywords that make up its request, with their defaults
+REQUEST_KEYWORDS = {
+    "spacing": None, "channel_axis": None, "frame_axis": None, "refine": True, "device": "auto",
+    "tile_shape": None, "threshold": DEFAULT_THRESHOLD, "background": 0, "instances": False,
+}  # fmt: skip
+
+
+def as_request(model, **keywords) -> SegmentRequest:
+    """``model`` when it is a ``SegmentRequest`` (then ``keywords``, ``REQUEST_KEYWORDS``, must
+    be at their defaults), else the request of ``model`` with ``keywords``."""
+    if isinstance(model, SegmentRequest):
+        given = sorted(k for k, v in keywords.items() if v is not REQUEST_KEYWORDS[k]
+                       and not (isinstance(v, (int, float)) and v == REQUEST_KEYWORDS[k]
+                                and not isinstance(v, bool)))  # fmt: skip
+        if given:
+            raise TypeError(
+                f"segment: a SegmentRequest already holds {', '.join(given)}; pass the request "
+                "alone, or a model with those keywords"
+            )
+        return model
+    return SegmentRequest.build(model, **keywords)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What ``segment`` is asked about one image beyond its request: also return the class
+    probabilities; the intensity range and noise level to use instead of the image's own
+    (``segment``'s parameters of those names)."""
+
+    return_probabilities: bool = False
+    intensity_range: object = None
+    noise_level: object = None
+
+
+def run(image, request: SegmentRequest, options: ImageOptions, progress=None, should_cancel=None):
+    """``segment`` of one image (no frame axis) as ``request`` asks: the ``Segmentation``."""
+    start = time.perf_counter()
     with adaptive_threads():  # fewer threads while other processes hold cores
-        plan = prepare(
-            image, model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
-            tile_shape=tile_shape, intensity_range=intensity_range, threshold=threshold,
-            background=background, noise_level=noise_level,
-        )  # fmt: skip
+        plan = prepare(image, request, intensity_range=options.intensity_range,
+                       noise_level=options.noise_level)  # fmt: skip
         shape, k = plan.shape, plan.n_classes
         # Softmax and the Potts mean field only see differences between a voxel's logits, so the
         # logits are kept as differences to the background's: one channel fewer.
         diffs = np.empty((k - 1, *shape), dtype=np.float32)
         labels = np.zeros(shape, dtype=np.uint8)
         matte = np.zeros(shape, dtype=np.float32)
-        probs = np.zeros((k, *shape), dtype=np.float32) if return_probabilities else None
+        probs = np.zeros((k, *shape), dtype=np.float32) if options.return_probabilities else None
         timings = dict.fromkeys(STAGES, 0.0)
         unary_boxes, final_boxes = plan.unary_boxes(), plan.refine_boxes()
         runner = TileRunner(plan, progress, should_cancel)
@@ -179,20 +217,26 @@ def segment(
         labels, matte = labels[0], matte[0]
         probs = None if probs is None else probs[:, 0]
     ids = objects = None
-    if inst is not None:
+    if request.instances is not None:
         t0 = time.perf_counter()
-        plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
-        flat_labels = labels if plan.flat or not plane else labels[0]
-        spacing = plan.settings.spacing[1:] if plane else plan.settings.spacing
-        ids = instance_labels(flat_labels, spacing, inst, should_cancel=should_cancel)
-        names = [c.name for c in model.config.classes]
-        vol = plan.vol[:, 0] if plane else plan.vol
-        objects = as_table(object_table(ids, flat_labels, vol, spacing, names))
-        if plane and not plan.flat:
-            ids = ids[None]
+        ids, objects = _objects(plan, labels, should_cancel)
         timings["instances"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return Segmentation(labels, matte, probs, timings, ids, objects)
+
+
+def _objects(plan, labels, should_cancel):
+    """The object ids and measurement table of ``labels`` (``plan``'s image and request)."""
+    model = plan.model
+    plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
+    flat_labels = labels if plan.flat or not plane else labels[0]
+    spacing = plan.settings.spacing[1:] if plane else plan.settings.spacing
+    ids = instance_labels(flat_labels, spacing, plan.request.instances, should_cancel=should_cancel)
+    vol = plan.vol[:, 0] if plane else plan.vol
+    objects = as_table(object_table(ids, flat_labels, vol, spacing, plan.request.classes))
+    if plane and not plan.flat:
+        ids = ids[None]
+    return ids, objects
 
 
 def _slices(box) -> tuple[slice, ...]:
@@ -208,3 +252,49 @@ def receptive_field(model: PacSegModel, spacing=None, refine=True) -> tuple[int,
     context net, pieces must also start on multiples of ``model.grid``)."""
     field = settle(model, spacing, refine).receptive_field
     return field[1:] if model.config.ndim == 2 else field
+
+
+def segment_frames(image, request: SegmentRequest, options: ImageOptions, progress=None,
+                   should_cancel=None):  # fmt: skip
+    """``segment`` of each frame alone, results stacked along ``request.frame_axis`` (see
+    ``segment``'s ``frame_axis``). Object ids run on from frame to frame and the objects table
+    gains a ``frame`` column."""
+    start = time.perf_counter()
+    frames, ca, position = frame_views(image, request.frame_axis, request.channel_axis)
+    one_frame = request.replace(channel_axis=ca, frame_axis=None)
+    n = frames.shape[0]
+    results = []
+    for t in range(n):
+        relay = None
+        if progress is not None:
+
+            def relay(done, total, t=t):
+                progress(t * total + done, n * total)
+
+        results.append(run(frames[t], one_frame, options, relay, should_cancel))
+
+    labels = np.stack([r.labels for r in results], position)
+    matte = np.stack([r.matte for r in results], position)
+    probs = None
+    if results[0].probabilities is not None:
+        probs = np.stack([r.probabilities for r in results], position + 1)
+    timings: dict[str, float] = {}
+    for r in results:
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    ids = objects = None
+    if results[0].instances is not None:
+        shifted, offset = [], 0
+        tables = []
+        for t, r in enumerate(results):
+            frame_ids = r.instances.copy()
+            frame_ids[frame_ids > 0] += offset
+            shifted.append(frame_ids)
+            cols = {k: np.asarray(r.objects[k]) for k in r.objects.keys()}
+            cols["id"] = cols["id"] + offset
+            tables.append({"id": cols.pop("id"), "frame": np.full(len(cols["class"]), t), **cols})
+            offset += int(r.instances.max())
+        ids = np.stack(shifted, position)
+        objects = as_table({k: np.concatenate([tb[k] for tb in tables]) for k in tables[0]})
+    timings["total"] = time.perf_counter() - start
+    return Segmentation(labels, matte, probs, timings, ids, objects)

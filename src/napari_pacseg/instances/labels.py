@@ -17,8 +17,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_pacseg.checks import check_callable, check_spacing
-from napari_pacseg.engine.plan import SegmentationCancelled
 from napari_pacseg.model.network import InstanceConfig, with_overrides
+from napari_pacseg.progress import stop_if_cancelled
 
 __all__ = ["InstanceConfig", "instance_config", "instance_labels", "object_table"]
 
@@ -70,8 +70,7 @@ def instance_labels(
             continue
         pieces, _ = ndi.label(labels == value, structure=FACES)
         for i, box in enumerate(ndi.find_objects(pieces), start=1):
-            if should_cancel is not None and should_cancel():
-                raise SegmentationCancelled("instance labelling cancelled")
+            stop_if_cancelled(should_cancel, "instance labelling cancelled")
             piece = pieces[box] == i
             ids = split_piece(piece, spacing, config)
             n = int(ids.max())

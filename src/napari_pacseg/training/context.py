@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_pacseg.engine.plan import SegmentationCancelled, features, region, split_box, whole
+from napari_pacseg.engine.plan import features, region, split_box, whole
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import apply_range
+from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.training.adam import adam_step
+from napari_pacseg.training.defaults import INPUT_NOISE
 
 SITE_TILE = (8, 32, 32)
 SITES_PER_STEP = 4
@@ -64,8 +66,7 @@ def sites(plan, marks: np.ndarray, feature_model: PacSegModel, model: PacSegMode
     reach, size = model.context_reach, crop_shape(model, marks.shape)
     cpu = torch.device("cpu")
     for box in split_box(whole(marks.shape), SITE_TILE):
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("training cancelled; no model was produced")
+        stop_if_cancelled(should_cancel, "training cancelled; no model was produced")
         tile = marks[tuple(slice(a, b) for a, b in box)]
         if not tile.any():
             continue
@@ -141,8 +142,7 @@ def _adam_steps(
     for i, site in enumerate(all_sites):
         by_shape.setdefault(tuple(site.image.shape), []).append(i)
     for step in range(steps):
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("training cancelled; no model was produced")
+        stop_if_cancelled(should_cancel, "training cancelled; no model was produced")
         first = int(torch.randint(len(all_sites), (1,), generator=gen))
         group = by_shape[tuple(all_sites[first].image.shape)]  # by its share of the sites
         pick = torch.randperm(len(group), generator=gen)[:SITES_PER_STEP].tolist()
@@ -159,8 +159,6 @@ def batch_loss(model: PacSegModel, batch: list[Site], std, loss_fn, gen, dev) ->
     """The loss of one step: the sites' features (plus Gaussian noise of ``INPUT_NOISE`` x
     ``std`` ``(F,)``, as in the head's fit) and context channels through ``model.head`` (the
     ``voxel_mlp`` that ``segment`` runs), ``loss_fn`` against the scribbled classes."""
-    from napari_pacseg.training.fit import INPUT_NOISE
-
     f = torch.cat([s.feats for s in batch]).to(dev)
     f = f + INPUT_NOISE * std * torch.randn(f.shape, generator=gen).to(dev)
     h = torch.cat([f, torch.cat(_context_out(model, batch, gen, dev))], dim=1)

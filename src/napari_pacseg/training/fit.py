@@ -20,7 +20,9 @@ from napari_pacseg.checks import (
     resolve_device,
     short_repr,
 )
-from napari_pacseg.engine.plan import SegmentationCancelled, features, prepare, split_box, whole
+from napari_pacseg.engine.frames import painted_frames
+from napari_pacseg.engine.plan import features, prepare, split_box, whole
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.io.provenance import training_provenance
 from napari_pacseg.model.classes import MAX_CLASSES, class_infos
 from napari_pacseg.model.features import FeatureSpec
@@ -29,7 +31,6 @@ from napari_pacseg.model.network import (
     HeadConfig,
     ModelConfig,
     PacSegModel,
-    RefineConfig,
     plane_spacing,
 )
 from napari_pacseg.model.normalise import (
@@ -38,6 +39,7 @@ from napari_pacseg.model.normalise import (
     Normalisation,
     contrast,
 )
+from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.training.adam import adam_step
 from napari_pacseg.training.context import (
     CONTEXT_STEPS,
@@ -46,59 +48,17 @@ from napari_pacseg.training.context import (
     init_context,
     sites,
 )
+from napari_pacseg.training.defaults import (
+    INPUT_NOISE,
+    default_features,
+    default_refine,
+    default_steps,
+)
 from pacseg_kernels.mlp_torch import activate
+from pacseg_kernels.threads import adaptive_threads
 
 MAX_SAMPLES_PER_CLASS = 20000
-DEFAULT_STEPS = 400
-# A 2D model's default steps: fewer, as early stopping. Mean Dice over the 16 2D images of
-# benchmarks/bench_quality.py --2d (Gaussian features, refined), by steps: 50: 0.926 clean /
-# 0.821 degraded; 100: 0.921 / 0.831; 150: 0.917 / 0.809; 200: 0.913 / 0.832; 400: 0.898 /
-# 0.822 (and 0.074 s of training instead of 0.26 s). In 3D, 100 steps measured worse (0.880
-# vs 0.932 refined over the four clean volumes).
-DEFAULT_STEPS_2D = 100
 TRAIN_TILE = (32, 128, 128)
-# Std of the Gaussian noise added to the standardised features at every step. Scribbles are
-# few and clustered, so without it the head fits them with huge logits and draws the boundary
-# wherever the nearest scribble happens to be; with it, the decision boundary sits between the
-# classes in feature space (measured in benchmarks/bench_quality.py).
-INPUT_NOISE = 1.0
-# The feature kinds of a 2D model when none are given: Gaussians only. From one plane's
-# scribbles, the derivative features (gradient, Laplacian, Hessian) let the head learn "the
-# centre of the one painted object" and miss dimmer ones: mean Dice over the 2D images of
-# benchmarks/bench_quality.py --2d 0.693 -> 0.895 (clean, unrefined, 400 steps; seed 3's plane 0.356 ->
-# 0.849). In 3D, where strokes span planes, all kinds measure better (0.932 vs 0.919 refined).
-DEFAULT_KINDS_2D = ("gaussian",)
-
-
-def default_steps(ndim: int) -> int:
-    """The optimisation steps ``train`` makes when none are given: ``DEFAULT_STEPS`` for
-    volumes, ``DEFAULT_STEPS_2D`` for 2D images."""
-    return DEFAULT_STEPS if ndim == 3 else DEFAULT_STEPS_2D
-
-
-# The local fit's weight in 2D models: a fifth of the volumes' (see default_refine).
-FIT_WEIGHT_2D = 0.1
-
-
-def default_refine(ndim: int) -> RefineConfig:
-    """The refinement a model ``train`` makes carries: ``RefineConfig()`` for volumes; for 2D
-    images the same with the local intensity fit at ``FIT_WEIGHT_2D``. In a plane, a dim
-    out-of-focus object beside a bright one fits the object class better than the background,
-    and the fit grows it: on bench_quality --2d's images (probes, 2026-12-03/04; the images the
-    default was picked on, no held-out set) the fit at 0.2 / 0.5 lowered the clean planes' mean
-    Dice from 0.921 to 0.910 / 0.881 (one plane 0.892 -> 0.842 / 0.792) while raising the
-    degraded ones' from 0.831 to 0.855 / 0.857; at 0.1 clean 0.920 (boundary F 0.797 -> 0.817),
-    degraded 0.841, and the refinement lowers Dice or boundary F on 3 of the 16 images instead
-    of 5. Volumes see the planes above and below, and there the fit at 0.5 lowers none
-    (bench_quality; issue 18)."""
-    return RefineConfig() if ndim == 3 else RefineConfig(fit_weight=FIT_WEIGHT_2D)
-
-
-def default_features(ndim: int, sigmas=None) -> FeatureSpec:
-    """The feature bank ``train`` uses when none is given: every kind for volumes (``ndim``
-    3), ``DEFAULT_KINDS_2D`` for 2D images; ``sigmas`` (physical units) or the default ones."""
-    spec = FeatureSpec() if ndim == 3 else FeatureSpec(kinds=DEFAULT_KINDS_2D)
-    return spec if sigmas is None else dataclasses.replace(spec, sigmas=tuple(sigmas))
 
 
 def train(
@@ -159,7 +119,7 @@ def train(
             f"train: context must be None, True or a ContextConfig, got {short_repr(context)}"
         )
     if frame_axis is not None:
-        image, scribbles, channel_axis = _painted_frames(image, scribbles, frame_axis, channel_axis)
+        image, scribbles, channel_axis = painted_frames(image, scribbles, frame_axis, channel_axis, "train")
     pairs, ndim = _training_pairs(image, scribbles, channel_axis, spacing)
     vol, _, spacing = pairs[0]
     k = max(_classes_painted(m, i, len(pairs)) for i, (_, m, _) in enumerate(pairs))
@@ -214,16 +174,23 @@ def train(
     head_only = PacSegModel(dataclasses.replace(config, context=None)) if context else model
     total = steps + (CONTEXT_STEPS if context else 0)
     relay = None if progress is None else (lambda done, _: progress(done, total))
-    # At the caller's torch thread count, not the load-adaptive one: sums over threads round
-    # differently at another count, and a seed gives the same model at every load.
+    # The features and the head fit run with fewer threads while other processes hold cores, as
+    # segment() does: they give bitwise the same model at every thread count
+    # (tests/kernels/test_threads.py). The context fit runs at the caller's count: the backward
+    # of its convolutions sums over threads and can round differently at another count, and a
+    # seed must give the same model at every load.
     plans, parts = [], []
-    for v, m, sp in pairs:
-        plans.append(prepare(v, head_only, spacing=sp, channel_axis=0, refine=False, device="cpu"))  # fmt: skip
-        parts.append(_labelled_features(plans[-1], m, should_cancel))
-    x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
-    with torch.enable_grad():  # also when called under torch.no_grad()
-        _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
-        if context:
+    with adaptive_threads():
+        for v, m, sp in pairs:
+            request = SegmentRequest.build(head_only, spacing=sp, channel_axis=0, refine=False,
+                                           device="cpu")  # fmt: skip
+            plans.append(prepare(v, request))
+            parts.append(_labelled_features(plans[-1], m, should_cancel))
+        x, y = _balanced(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gen)
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
+    if context:
+        with torch.enable_grad():
             _fit_context(model, head_only, plans, pairs, k, steps, total, gen, dev, progress,
                          should_cancel)  # fmt: skip
     model = model.cpu().eval()
@@ -253,31 +220,6 @@ def _fit_context(model, head_only, plans, pairs, k, done, total, gen, dev, progr
     weight = counts.sum() / (k * counts.clamp_min(1))
     model.to(dev)
     fit_context(model, found, weight, CONTEXT_STEPS, gen, dev, progress, cancel, done, total)
-
-
-def _painted_frames(image, scribbles, frame_axis, channel_axis):
-    """``(images, scribbles, channel_axis)``: the frames of ``image`` along ``frame_axis`` that
-    hold scribbles, as lists for ``_training_pairs``."""
-    from napari_pacseg.engine.frames import frame_views
-
-    if isinstance(image, (list, tuple)) or isinstance(scribbles, (list, tuple)):
-        raise TypeError(
-            "train: frame_axis takes one stack of frames and its scribbles, not lists; "
-            "concatenate the stacks, or pass the frames as a list of images without frame_axis"
-        )
-    frames, ca, _ = frame_views(image, frame_axis, channel_axis, "train: image")
-    marks, _, _ = frame_views(scribbles, frame_axis, None, "train: scribbles")
-    if marks.shape[0] != frames.shape[0]:
-        raise ValueError(
-            f"train: the image has {frames.shape[0]} frames along frame_axis but the scribbles "
-            f"{marks.shape[0]}"
-        )
-    painted = [t for t in range(marks.shape[0]) if np.any(marks[t])]
-    if not painted:
-        raise ValueError(
-            "train: the scribbles label no pixel in any frame; paint at least two classes"
-        )
-    return [frames[t] for t in painted], [marks[t] for t in painted], ca
 
 
 def _training_pairs(image, scribbles, channel_axis, spacing) -> tuple[list, int]:
@@ -389,8 +331,7 @@ def _labelled_features(plan, marks, should_cancel):
     xs, ys = [], []
     cpu = torch.device("cpu")
     for box in split_box(whole(marks.shape), TRAIN_TILE):
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("training cancelled; no model was produced")
+        stop_if_cancelled(should_cancel, "training cancelled; no model was produced")
         tile_marks = marks[tuple(slice(a, b) for a, b in box)]
         if not tile_marks.any():
             continue
@@ -437,8 +378,7 @@ def _fit(model, x, y, k, steps, gen, progress, should_cancel) -> None:
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     act = model.head.activation
     for step in range(steps):
-        if should_cancel is not None and should_cancel():
-            raise SegmentationCancelled("training cancelled; no model was produced")
+        stop_if_cancelled(should_cancel, "training cancelled; no model was produced")
         h = xs
         if INPUT_NOISE > 0:
             h = xs + INPUT_NOISE * torch.randn(xs.shape, generator=gen).to(xs.device)
