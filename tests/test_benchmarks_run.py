@@ -42,3 +42,33 @@ def test_robustness_scribbles_and_crops(monkeypatch):
     assert (labels[scribbles == 2] > 0).all() and (labels[scribbles == 1] == 0).all()
     boxes = robustness.background_crops(labels > 0, (4, 8, 8), 3)
     assert len(boxes) == 3 and all(not labels[b].any() for b in boxes)
+
+
+def test_realdata_strokes_and_object_scores(monkeypatch):
+    """bench_realdata's helpers: strokes on a tiling of cells (membrane class 1 on the membrane
+    band, class 2 inside cells, well under 1% of the voxels) and the object scores."""
+    import numpy as np
+
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    import bench_realdata
+
+    cells = np.zeros((20, 64, 64), np.uint16)  # four cells tiling the volume
+    cells[:, :32, :32], cells[:, :32, 32:], cells[:, 32:, :32], cells[:, 32:, 32:] = 1, 2, 3, 4
+    band = bench_realdata.membrane_band(cells)
+    assert band[:, 31:33, :].all() and band[:, :, 31:33].all() and not band[:, 5:27, 5:27].any()
+    strokes = bench_realdata.cell_scribbles(cells, (5, 10, 15), seed=1)
+    assert set(np.unique(strokes)) == {0, 1, 2}
+    assert np.count_nonzero(strokes) < 0.01 * strokes.size
+    near = np.zeros_like(band)
+    near[:, 30:34, :] = near[:, :, 30:34] = True
+    assert near[strokes == 1].all() and not near[strokes == 2].any()
+
+    truth = np.zeros((10, 10), np.int32)
+    truth[1:4, 1:4], truth[6:9, 6:9] = 1, 2
+    pred = truth.copy()
+    pred[6:9, 8] = 3  # object 2 split in two: its larger part still matches (IoU 6/9)
+    scores = bench_realdata.match(truth, pred)
+    assert scores["F1"] == 2 * 2 / (2 + 3) and scores["objects"] == 3
+    assert scores["over"] == 1 and scores["under"] == 0
+    merged = np.where(truth > 0, 1, 0)
+    assert bench_realdata.match(truth, merged)["under"] == 1

@@ -345,7 +345,7 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
     from napari_pacseg import InstanceConfig, instance_labels
     from napari_pacseg.engine.plan import split_box
     from napari_pacseg.engine.plan import whole as whole_box
-    from napari_pacseg.instances.chunked import instances_pass
+    from napari_pacseg.instances.chunked import IdArrays, instances_pass
 
     labels = _touching_balls(seed=seed)
     spacing = (1.5, 1.0, 1.0)
@@ -361,10 +361,12 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
     for name, dtype in (("ids.zarr", np.int32), ("cc.zarr", np.int64)):
         zarr.open_array(str(tmp_path / name), mode="w", shape=labels.shape, chunks=chunks,
                         dtype=dtype, fill_value=0)  # fmt: skip
+    arrays = IdArrays(
+        str(tmp_path / "labels.zarr"), str(tmp_path / "ids.zarr"), str(tmp_path / "cc.zarr")
+    )
     n, table = instances_pass(
-        dask, lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
-        str(tmp_path / "labels.zarr"), str(tmp_path / "ids.zarr"), str(tmp_path / "cc.zarr"),
-        boxes, spacing, config, "test",
+        lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
+        arrays, boxes, spacing, config, "test",
     )  # fmt: skip
     assert n == expected.max() and table is None
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], expected)

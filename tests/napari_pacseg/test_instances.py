@@ -285,3 +285,27 @@ def test_a_piece_whose_parts_are_all_too_small_stays_one_object():
     assert instance_labels(labels, spacing, InstanceConfig(radius=1.0, min_volume=0.0)).max() == 2
     ids = instance_labels(labels, spacing, InstanceConfig(radius=1.0, min_volume=1.2 * one))
     assert ids.max() == 1 and np.array_equal(ids > 0, labels > 0)
+
+
+def discs(shape, spacing, circles) -> np.ndarray:
+    """2D uint8 labels: 1 inside each ``(centre, radius)`` (physical units)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    out = np.zeros(shape, np.uint8)
+    for centre, radius in circles:
+        out[((grid - np.asarray(centre, float)[:, None, None]) ** 2).sum(0) < radius**2] = 1
+    return out
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.25)])
+@pytest.mark.parametrize("count", [2, 3])
+def test_touching_discs_split_into_their_count_in_2d(spacing, count):
+    """A 2D image's pieces are split in the plane (no z distance caps them)."""
+    r = 4.0
+    circles = [((12.0, 8.0 + i * 0.85 * 2 * r), r) for i in range(count)]
+    shape = (int(24 / spacing[0]), int(48 / spacing[1]))
+    labels = discs(shape, spacing, circles)
+    assert ndi.label(labels)[1] == 1  # one connected piece
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=3.0, min_volume=5.0))
+    assert ids.shape == labels.shape and ids.max() == count
+    isolated = instance_labels(discs(shape, spacing, circles[:1]), spacing, InstanceConfig(radius=3.0))
+    assert isolated.max() == 1

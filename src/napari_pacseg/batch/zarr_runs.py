@@ -26,7 +26,7 @@ from napari_pacseg.checks import check_callable
 from napari_pacseg.engine.plan import check_channels, check_overlap, extend_box, split_box, whole
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
-from napari_pacseg.instances.chunked import Measure, instances_pass
+from napari_pacseg.instances.chunked import IdArrays, Measure, instances_pass
 from napari_pacseg.instances.labels import table_csv
 from napari_pacseg.io.atomic import (
     check_replaceable,
@@ -450,9 +450,8 @@ def segment_zarr(
                 measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
                                   str(tmps[0]), names, shape[0])  # fmt: skip
             ids_tmp = tmps[outputs.index(Path(instances_out))]
-            n_objects, table = instances_pass(dask, run, str(tmps[0]), str(ids_tmp),
-                                              str(scratch), boxes, spacing, objects, token,
-                                              measure)  # fmt: skip
+            arrays = IdArrays(str(tmps[0]), str(ids_tmp), str(scratch))
+            n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token, measure)
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0

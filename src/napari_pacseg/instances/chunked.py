@@ -22,6 +22,7 @@ Memory per task: a chunk, plus the bounding box of the largest piece that meets 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -190,15 +191,27 @@ def piece_bases(counts: list[int]) -> list[int]:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist() if counts else []
 
 
-def instances_pass(dask, run, labels_path: str, out_path: str, cc_path: str, boxes, spacing,
-                   config: InstanceConfig, token: str, measure: Measure | None = None):  # fmt: skip
-    """The four passes over a finished labels zarr array (chunks ``boxes``) into ``out_path``
-    (an int32 zarr array of the same shape and chunks, already created), with ``cc_path`` an
-    int64 scratch array like it. ``run(tasks)`` computes a list of dask delayed tasks on the
-    caller's scheduler and returns their results. Returns ``(number of objects, table)``: with
+class IdArrays(NamedTuple):
+    """The zarr arrays of the instance passes (paths): ``labels``, the finished class labels;
+    ``ids``, the int32 object ids they write; ``scratch``, an int64 array of the same shape and
+    chunks for the connected pieces. ``ids`` and ``scratch`` exist already."""
+
+    labels: str
+    ids: str
+    scratch: str
+
+
+def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, token: str,
+                   measure: Measure | None = None):  # fmt: skip
+    """The four passes over a finished labels zarr array (chunks ``boxes``) into
+    ``arrays.ids``. ``run(tasks)`` computes a list of dask delayed tasks on the caller's
+    scheduler and returns their results. Returns ``(number of objects, table)``: with
     ``measure`` the measurement table of every object (``object_table``'s columns, ids as in
-    ``out_path``), else None."""
+    ``arrays.ids``), else None."""
+    import dask
+
     delayed = dask.delayed
+    labels_path, out_path, cc_path = arrays
     comps_per_chunk = run([
         delayed(components_chunk, pure=False)(labels_path, cc_path, i, box,
                                                dask_key_name=f"pacseg-cc-{token}-{i}")

@@ -58,10 +58,12 @@ def instance_labels(
             f"instance_labels: labels must be a 2D (H, W) or 3D (D, H, W) integer array, got "
             f"{labels.ndim}D {labels.dtype}"
         )
-    if labels.ndim == 2:  # one plane with a unit z: volumes are areas, nothing reaches along z
+    planar = labels.ndim == 2
+    if planar:  # one plane with a unit z: volumes are areas, nothing reaches along z
         y, x = check_spacing(spacing, (1.0, 1.0), 2)
-        return instance_labels(labels[None], (1.0, y, x), config, should_cancel=should_cancel)[0]
-    spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
+        labels, spacing = labels[None], (1.0, y, x)
+    else:
+        spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     config = config or InstanceConfig()
     out = np.zeros(labels.shape, dtype=np.int32)
     next_id = 1
@@ -72,26 +74,35 @@ def instance_labels(
         for i, box in enumerate(ndi.find_objects(pieces), start=1):
             stop_if_cancelled(should_cancel, "instance labelling cancelled")
             piece = pieces[box] == i
-            ids = split_piece(piece, spacing, config)
+            ids = split_piece(piece, spacing, config, planar)
             n = int(ids.max())
             if n:
                 view = out[box]
                 view[ids > 0] = ids[ids > 0] + (next_id - 1)
                 next_id += n
-    return out
+    return out[0] if planar else out
 
 
-def split_piece(piece: np.ndarray, spacing, config: InstanceConfig) -> np.ndarray:
+def split_piece(
+    piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False
+) -> np.ndarray:
     """Objects of one connected piece: ``piece`` ``(d, h, w)`` bool -> int32 ids 1..n (0 outside
-    the piece and in dropped fragments), in raster order of each object's first voxel."""
+    the piece and in dropped fragments), in raster order of each object's first voxel.
+    ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane."""
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
     if size * voxel < config.min_volume:
         return np.zeros(piece.shape, np.int32)
     # Outside the volume counts as background, so a piece's distances never depend on where
-    # its box was cut from (chunks, tiles).
-    padded = np.pad(piece, 1)
-    dist = ndi.distance_transform_edt(padded, sampling=spacing).astype(np.float32)
+    # its box was cut from (chunks, tiles). A 2D image has no planes above or below: padding
+    # it along z would cap every distance at one z step, and no piece would ever split.
+    pad = ((0, 0), (1, 1), (1, 1)) if planar else 1
+    padded = np.pad(piece, pad)
+    if planar:
+        dist = ndi.distance_transform_edt(padded[0], sampling=spacing[1:])[None]
+    else:
+        dist = ndi.distance_transform_edt(padded, sampling=spacing)
+    dist = dist.astype(np.float32)
     markers, n = _seeds(dist, config.h)
     if n <= 1:
         return piece.astype(np.int32)
@@ -107,7 +118,7 @@ def split_piece(piece: np.ndarray, spacing, config: InstanceConfig) -> np.ndarra
             return piece.astype(np.int32)
         markers[np.isin(markers, small + 1)] = 0
         ids = watershed(-dist, markers, mask=padded)
-    ids = ids[1:-1, 1:-1, 1:-1]
+    ids = ids[:, 1:-1, 1:-1] if planar else ids[1:-1, 1:-1, 1:-1]
     return _raster_order(ids)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from napari_pacseg.engine.plan import features, region, split_box, whole
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import apply_range
-from napari_pacseg.progress import stop_if_cancelled
+from napari_pacseg.progress import Progress, ShouldCancel, stop_if_cancelled
 from napari_pacseg.training.adam import adam_step
 from napari_pacseg.training.defaults import INPUT_NOISE
 
@@ -105,14 +105,37 @@ def _context_out(model: PacSegModel, batch: list[Site], gen: torch.Generator, de
     return out
 
 
+@dataclass(frozen=True)
+class FitRun:
+    """How a fit runs: its random generator and device, the caller's ``progress(done,
+    total)`` and ``should_cancel()`` (``napari_pacseg.progress``), and where its steps sit in
+    the whole training (``done`` before it, ``total`` in all)."""
+
+    gen: torch.Generator
+    dev: torch.device
+    progress: Progress | None = None
+    should_cancel: ShouldCancel | None = None
+    done: int = 0
+    total: int = 0
+
+    def step(self, i: int) -> None:
+        """Before step ``i`` (0-based): ``SegmentationCancelled`` when the caller cancelled."""
+        stop_if_cancelled(self.should_cancel, "training cancelled; no model was produced")
+
+    def report(self, i: int) -> None:
+        """Step ``i`` (0-based) is done."""
+        if self.progress is not None:
+            self.progress(self.done + i + 1, self.total)
+
+
 def fit_context(
-    model: PacSegModel, all_sites: list[Site], weight: torch.Tensor, steps: int, gen, dev,
-    progress, should_cancel, done: int, total: int,
-) -> None:  # fmt: skip
-    """Adam on the context net and the head of ``model`` (on ``dev``), ``steps`` steps of
+    model: PacSegModel, all_sites: list[Site], weight: torch.Tensor, steps: int, run: FitRun
+) -> None:
+    """Adam on the context net and the head of ``model`` (on ``run.dev``), ``steps`` steps of
     ``SITES_PER_STEP`` random sites of one crop shape each (at most ``MAX_SITES`` sites, a
-    random choice of them when there are more). ``weight``: class weights of the loss ``(K,)``; ``done``/``total``:
-    progress so far and overall."""
+    random choice of them when there are more). ``weight``: class weights of the loss
+    ``(K,)``."""
+    gen, dev = run.gen, run.dev
     if len(all_sites) > MAX_SITES:
         keep = torch.randperm(len(all_sites), generator=gen)[:MAX_SITES].sort().values
         all_sites = [all_sites[i] for i in keep.tolist()]
@@ -122,17 +145,14 @@ def fit_context(
     # on the default net's batches of crops); the saved weights are made contiguous again.
     model.context.to(memory_format=torch.channels_last_3d)
     try:
-        _adam_steps(
-            model, all_sites, std, weight, steps, gen, dev, progress, should_cancel, done, total
-        )
+        _adam_steps(model, all_sites, std, weight, steps, run)
     finally:
         model.context.to(memory_format=torch.contiguous_format)
 
 
-def _adam_steps(
-    model, all_sites, std, weight, steps, gen, dev, progress, should_cancel, done, total
-) -> None:
+def _adam_steps(model, all_sites, std, weight, steps: int, run: FitRun) -> None:
     """The Adam steps of ``fit_context`` on its chosen sites; ``std``: the features' spread."""
+    gen, dev = run.gen, run.dev
     loss_fn = nn.CrossEntropyLoss(weight=weight.to(dev))
     ctx_params, head_params = list(model.context.parameters()), list(model.head.parameters())
     params = ctx_params + head_params
@@ -142,7 +162,7 @@ def _adam_steps(
     for i, site in enumerate(all_sites):
         by_shape.setdefault(tuple(site.image.shape), []).append(i)
     for step in range(steps):
-        stop_if_cancelled(should_cancel, "training cancelled; no model was produced")
+        run.step(step)
         first = int(torch.randint(len(all_sites), (1,), generator=gen))
         group = by_shape[tuple(all_sites[first].image.shape)]  # by its share of the sites
         pick = torch.randperm(len(group), generator=gen)[:SITES_PER_STEP].tolist()
@@ -151,8 +171,7 @@ def _adam_steps(
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         adam_step(ctx_params, grads[:n_ctx], moments[:n_ctx], step + 1, lr=CONTEXT_LR)
         adam_step(head_params, grads[n_ctx:], moments[n_ctx:], step + 1, lr=HEAD_LR)
-        if progress is not None:
-            progress(done + step + 1, total)
+        run.report(step)
 
 
 def batch_loss(model: PacSegModel, batch: list[Site], std, loss_fn, gen, dev) -> torch.Tensor:

@@ -43,6 +43,7 @@ from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.training.adam import adam_step
 from napari_pacseg.training.context import (
     CONTEXT_STEPS,
+    FitRun,
     fit_context,
     graft_head,
     init_context,
@@ -191,8 +192,8 @@ def train(
             _fit(head_only, x.to(dev), y.to(dev), k, steps, gen, relay, should_cancel)
     if context:
         with torch.enable_grad():
-            _fit_context(model, head_only, plans, pairs, k, steps, total, gen, dev, progress,
-                         should_cancel)  # fmt: skip
+            run = FitRun(gen, dev, progress, should_cancel, done=steps, total=total)
+            _fit_context(model, head_only, plans, pairs, k, run)
     model = model.cpu().eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(
@@ -211,15 +212,17 @@ def training_normalisation(images) -> Normalisation:
     return Normalisation(min_contrast=tuple(round(float(v), 4) for v in floor))
 
 
-def _fit_context(model, head_only, plans, pairs, k, done, total, gen, dev, progress, cancel):
-    """Train ``model``'s context net and head jointly, from ``head_only``'s fitted head."""
+def _fit_context(model, head_only, plans, pairs, k: int, run: FitRun) -> None:
+    """Train ``model``'s context net and head jointly, from ``head_only``'s fitted head, on
+    the scribbles of ``pairs`` (their ``plans`` normalise them); ``k`` classes."""
     graft_head(model, head_only.cpu())
-    init_context(model, gen)
+    init_context(model, run.gen)
+    cancel = run.should_cancel
     found = [s for plan, (_, m, _) in zip(plans, pairs) for s in sites(plan, m, head_only, model, cancel)]  # fmt: skip
     counts = torch.bincount(torch.cat([s.labels for s in found]), minlength=k).float()
     weight = counts.sum() / (k * counts.clamp_min(1))
-    model.to(dev)
-    fit_context(model, found, weight, CONTEXT_STEPS, gen, dev, progress, cancel, done, total)
+    model.to(run.dev)
+    fit_context(model, found, weight, CONTEXT_STEPS, run)
 
 
 def _training_pairs(image, scribbles, channel_axis, spacing) -> tuple[list, int]:
