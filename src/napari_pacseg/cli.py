@@ -464,7 +464,7 @@ def _cmd_train(args) -> int:
                         "label values at the strokes' edges; save them as PNG or TIFF"
                     )
                 image = read_picture(path, args.channel_axis, args.frames)
-                mark = read_picture(scribbles, None, args.frames).data
+                mark = read_picture(scribbles, None, args.frames).picture()
                 if mark.shape[-3] != 1:
                     raise VolumeError(
                         f"{scribbles}: {SCRIBBLES_ONE_CHANNEL}, got {mark.shape[-3]} channels"
@@ -477,12 +477,12 @@ def _cmd_train(args) -> int:
             if args.frames:  # the painted frames, each a 2D image of its own
                 if not mark.any():
                     raise VolumeError(f"{scribbles}: no frame holds scribbles")
-                painted, frame_marks, _ = painted_frames(image.data, mark, 0, 1, str(path))
+                painted, frame_marks, _ = painted_frames(image.picture(), mark, 0, 1, str(path))
                 images += painted
                 marks += frame_marks
                 spacings += [spacing] * len(painted)
                 continue
-            images.append(image.data if flat else image.load())
+            images.append(image.picture() if flat else image.load())
             marks.append(mark)
             spacings.append(spacing)
         if len(set(kinds)) > 1:

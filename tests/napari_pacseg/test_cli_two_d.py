@@ -42,18 +42,19 @@ def pictures(tmp_path):
 
 def test_reading_2d_files(pictures):
     png = read_picture(pictures / "cells.png")
-    assert png.data.shape == (1, 64, 72) and png.shape == (64, 72)
+    assert png.picture().shape == (1, 64, 72) and png.result_shape == (64, 72)
     rgb = read_picture(pictures / "rgb.png")
-    assert rgb.data.shape == (3, 64, 72)
+    assert rgb.picture().shape == (3, 64, 72)
     flat = read_picture(pictures / "flat.tif")
-    assert flat.spacing == pytest.approx((0.25, 0.25)) and flat.data.shape == (1, 64, 72)
+    assert flat.spacing == pytest.approx((0.25, 0.25)) and flat.picture().shape == (1, 64, 72)
     movie = read_picture(pictures / "movie.tif", frames=True)
-    assert movie.data.shape == (3, 1, 64, 72) and movie.shape == (3, 64, 72)
+    assert movie.picture().shape == (3, 1, 64, 72) and movie.result_shape == (3, 64, 72)
     with pytest.raises(VolumeError, match="--frames for a stack of 2D frames"):
         read_picture(pictures / "movie.tif")
     iio.imwrite(pictures / "cells.jpg", iio.imread(pictures / "cells.png"), quality=95)
     jpeg = read_picture(pictures / "cells.jpg")
-    assert jpeg.kind == "jpeg" and jpeg.data.shape == (1, 64, 72) and jpeg.data.dtype == np.uint8
+    assert jpeg.kind == "jpeg" and jpeg.picture().shape == (1, 64, 72)
+    assert jpeg.picture().dtype == np.uint8
     assert is_2d_file(pictures / "cells.png") and is_2d_file(pictures / "plain.npy")
     assert not is_2d_file(pictures / "movie.tif")
 

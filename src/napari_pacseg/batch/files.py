@@ -608,8 +608,9 @@ class _FileRun:
             request.spacing, picture, self.model.config.in_plane_spacing, 2
         )
         axes = {"frame_axis": 0, "channel_axis": 1} if opts.frames else {"channel_axis": 0}
-        seg = segment(picture.data, request.replace(spacing=spacing, **axes), progress=tiles)
-        return _write_in_memory(paths, seg, picture.data, picture.kind == "npy", spacing, source,
+        data = picture.picture()
+        seg = segment(data, request.replace(spacing=spacing, **axes), progress=tiles)
+        return _write_in_memory(paths, seg, data, picture.kind == "npy", spacing, source,
                                 "TYX" if opts.frames else "YX")  # fmt: skip
 
 

@@ -41,8 +41,8 @@ from napari_pacseg.io.model_file import weights_digest
 from napari_pacseg.io.spacing import resolve_spacing
 from napari_pacseg.io.volumes import (
     INSTALL_HINT,
+    ImageFile,
     Layout,
-    Volume,
     VolumeError,
     check_not_input,
     check_output_folder,
@@ -150,10 +150,10 @@ class ZarrResult:
 
 
 def _open_source(source, channel_axis):
-    """``(raw, layout, volume-or-None, readable_in_task)`` of a path, Volume, zarr or dask array."""
+    """``(raw, layout, volume-or-None, readable_in_task)`` of a path, ImageFile, zarr or dask array."""
     if isinstance(source, (str, os.PathLike)):
         source = open_zarr(source, channel_axis)
-    if isinstance(source, Volume):
+    if isinstance(source, ImageFile):
         return source.data, source.layout, source, source.kind in ("zarr", "ome-zarr")
     if not hasattr(source, "shape") or not hasattr(source, "dtype"):
         raise TypeError(
@@ -221,13 +221,13 @@ def open_scheduler(scheduler, workers):
 
 
 def source_paths(source) -> list[Path]:
-    """The files or folders on this machine that ``source`` reads from: a path, a ``Volume``, a
+    """The files or folders on this machine that ``source`` reads from: a path, an ``ImageFile``, a
     ``zarr.Array`` (its store's folder + the array's path), a ``np.memmap``, or a dask array
     (the zarr arrays and memmaps anywhere in its graph: graph values, or task arguments with
     ``inline_array=True``). Empty for in-memory data."""
     if isinstance(source, (str, os.PathLike)):
         return [Path(source)]
-    if isinstance(source, Volume):
+    if isinstance(source, ImageFile):
         return [source.path]
     found: list[Path] = []
     graph = getattr(source, "__dask_graph__", None)
@@ -291,7 +291,7 @@ def segment_zarr(
     Parameters
     ----------
     source : path of a zarr array or OME-Zarr image (level 0, spacing from its metadata), a
-        ``Volume`` from ``volume_io``, a ``zarr.Array`` or a ``dask.array.Array``; 3D
+        ``ImageFile`` from ``io.volumes``, a ``zarr.Array`` or a ``dask.array.Array``; 3D
         ``(D, H, W)`` or 4D with ``channel_axis``, any numeric dtype.
     model : PacSegModel, the path of a model file, or a ``SegmentRequest`` (then its keywords,
         ``spacing`` to ``instances`` below, are left out). The model is sent to workers as the
@@ -353,7 +353,7 @@ def segment_zarr(
     raw, layout, volume, readable = _open_source(source, request.channel_axis)
     if objects_out is not None and (instances_out is None or not readable):
         raise ValueError(
-            "objects_out needs instances_out=PATH and a zarr source (path, Volume or zarr.Array)"
+            "objects_out needs instances_out=PATH and a zarr source (path, ImageFile or zarr.Array)"
         )
     outputs = [Path(p) for p in (labels_out, matte_out, instances_out, objects_out) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)

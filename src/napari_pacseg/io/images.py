@@ -1,13 +1,13 @@
 """2D images and stacks of 2D frames on disk: PNG and JPEG (imageio), 2D TIFF, NPY.
 
-``read_picture`` returns a ``Picture``: the whole image in channel-first order, ``(C, H, W)``,
-or ``(T, C, H, W)`` for a stack of frames, with the pixel size from a TIFF's metadata when it has
-one. Volumes (``volume_io``) and 2D images are told apart by ``is_2d_file``.
+``read_picture`` returns an ``ImageFile`` (the one class of every image on disk; ``planar``):
+``.picture()`` gives it channel first, ``(C, H, W)``, or ``(T, C, H, W)`` for a stack of frames,
+with the pixel size ``(y, x)`` from a TIFF's metadata when it has one. Volumes (``volumes``) and
+2D images are told apart by ``is_2d_file``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +15,13 @@ import numpy as np
 from napari_pacseg.io.volumes import (
     PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
+    ImageFile,
+    Layout,
     VolumeError,
     load_npy,
     read_tiff_raw,
     tiff_axis_names,
 )
-
-
-@dataclass
-class Picture:
-    """A 2D image or a stack of 2D frames, loaded.
-
-    data : ``(C, H, W)``, or ``(T, C, H, W)`` when ``frames``, in the file's dtype.
-    spacing : ``(y, x)`` pixel size in micrometres from the file's metadata, or None.
-    """
-
-    path: Path
-    kind: str
-    data: np.ndarray
-    frames: bool
-    spacing: tuple[float, float] | None = None
-    spacing_source: str = ""
-    spacing_problem: str = ""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The spatial shape of the results: ``(H, W)`` or ``(T, H, W)``."""
-        s = self.data.shape
-        return (s[0], *s[2:]) if self.frames else s[1:]
 
 
 def picture_kind(path) -> str | None:
@@ -120,7 +99,7 @@ def _roles(axes: str, shape, channel_axis, frames: bool, path) -> dict[str, int 
     }
 
 
-def read_picture(path, channel_axis: int | None = None, frames: bool = False) -> Picture:
+def read_picture(path, channel_axis: int | None = None, frames: bool = False) -> ImageFile:
     """Read a 2D image (``frames=False``: PNG, JPEG, TIFF or NPY; RGB and multichannel) or a
     stack of 2D frames (TIFF or NPY: the one axis besides y, x and channels is the frame axis,
     a TIFF's T or Z). ``channel_axis`` is the raw index of the channel axis, overriding the
@@ -130,14 +109,9 @@ def read_picture(path, channel_axis: int | None = None, frames: bool = False) ->
         raise VolumeError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     data, axes, spacing, source, problem = _raw(path)
     r = _roles(axes, data.shape, channel_axis, frames, path)
-    index = tuple(0 if i in r["fixed"] else slice(None) for i in range(data.ndim))
-    kept = [i for i in range(data.ndim) if i not in r["fixed"]]
-    order = [a for a in (r["t"], r["c"], r["y"], r["x"]) if a is not None]
-    arr = np.asarray(data[index]).transpose([kept.index(a) for a in order])
-    if r["c"] is None:
-        arr = arr[:, None] if frames else arr[None]
+    layout = Layout((r["t"], r["y"], r["x"]), r["c"], tuple(r["fixed"]))
     kind = picture_kind(path) or ("tiff" if path.suffix.lower() in TIFF_SUFFIXES else "npy")
-    return Picture(path, kind, np.ascontiguousarray(arr), frames, spacing, source, problem)
+    return ImageFile(path, kind, np.asarray(data), layout, spacing, source, problem, True, frames)
 
 
 def is_2d_file(path, channel_axis: int | None = None) -> bool:

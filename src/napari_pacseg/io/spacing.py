@@ -8,7 +8,7 @@ from napari_pacseg.io.volumes import VolumeError
 
 
 def resolve_spacing(given, image, default, ndim: int = 3) -> tuple[tuple[float, ...] | None, str]:
-    """``(spacing, source)`` for ``image`` (a ``Volume``, a ``Picture`` or None): ``given``
+    """``(spacing, source)`` for ``image`` (an ``ImageFile`` or None): ``given``
     ("argument"; a 2D image, ``ndim`` 2, takes its last two numbers), else the file's metadata
     (its ``spacing_source``), else ``default`` ("model"; None stays None, "default").
     ``(z, y, x)``, or ``(y, x)`` for ``ndim`` 2. ``VolumeError`` naming the file when its

@@ -1,6 +1,6 @@
 """Volumes on disk: reading TIFF, NPY, zarr arrays and OME-Zarr images, writing NPY and TIFF.
 
-Every reader returns a ``Volume``: the array in the file's own axis order (NPY memory-mapped,
+Every reader returns an ``ImageFile``: the array in the file's own axis order (NPY memory-mapped,
 zarr lazy), a ``Layout`` saying which axes are z, y, x and channels, and the voxel spacing from
 the file's metadata when it has one. The writers go through ``atomic.write_atomically``: the
 data under a temporary name in the target's folder, renamed into place, so a target path only
@@ -53,38 +53,46 @@ def _need(module: str):
 class Layout:
     """Where the z, y, x and channel axes of a raw array are.
 
-    ``spatial`` : raw axis indices of (z, y, x). ``channel`` : raw index of the channel axis or
-    None. ``fixed`` : raw axes of length 1 that are dropped (a single time point, ...).
+    ``spatial`` : raw axis indices of (z, y, x); z is None for a 2D image (one plane), and the
+    frame axis of a stack of 2D frames. ``channel`` : raw index of the channel axis or None.
+    ``fixed`` : raw axes of length 1 that are dropped (a single time point, ...).
     """
 
-    spatial: tuple[int, int, int]
+    spatial: tuple[int | None, int, int]
     channel: int | None = None
     fixed: tuple[int, ...] = ()
 
+    @property
+    def ndim(self) -> int:
+        """Dimensions of the raw array."""
+        present = [a for a in self.spatial if a is not None]
+        return len(present) + len(self.fixed) + (self.channel is not None)
+
     def shape(self, raw_shape) -> tuple[int, int, int, int]:
-        """``(C, D, H, W)`` of the view."""
+        """``(C, D, H, W)`` of the view (D is 1 for a 2D image)."""
         c = 1 if self.channel is None else raw_shape[self.channel]
-        return (c, *(raw_shape[a] for a in self.spatial))
+        return (c, *(1 if a is None else raw_shape[a] for a in self.spatial))
 
     def selection(self, box) -> tuple:
         """Raw index selecting the spatial ``box`` ``((z0, z1), (y0, y1), (x0, x1))``."""
-        ndim = len(self.spatial) + len(self.fixed) + (self.channel is not None)
-        sel: list = [slice(None)] * ndim
+        sel: list = [slice(None)] * self.ndim
         for a in self.fixed:
             sel[a] = 0
         for a, (s, e) in zip(self.spatial, box):
-            sel[a] = slice(s, e)
+            if a is not None:
+                sel[a] = slice(s, e)
         return tuple(sel)
 
     def arrange(self, raw_region):
         """``(C, d, h, w)`` of what ``raw[self.selection(box)]`` returned (numpy or dask)."""
-        kept = [a for a in range(len(self.spatial) + len(self.fixed) + (self.channel is not None))
-                if a not in self.fixed]  # fmt: skip
+        kept = [a for a in range(self.ndim) if a not in self.fixed]
+        spatial = [a for a in self.spatial if a is not None]
         order = ([kept.index(self.channel)] if self.channel is not None else []) + [
-            kept.index(a) for a in self.spatial
+            kept.index(a) for a in spatial
         ]
         region = raw_region.transpose(order)
-        return region if self.channel is not None else region[None]
+        region = region if self.channel is not None else region[None]
+        return region[:, None] if self.spatial[0] is None else region
 
     def region(self, raw, box) -> np.ndarray:
         """The spatial ``box`` of ``raw`` as a numpy ``(C, d, h, w)`` array in its own dtype."""
@@ -160,35 +168,55 @@ def layout_from_axes(axes: str, shape, channel_axis: int | None = None, what: st
 
 
 @dataclass
-class Volume:
-    """A volume on disk.
+class ImageFile:
+    """An image on disk: a volume, a 2D image, or a stack of 2D frames (a time-lapse).
 
-    data : the raw array in the file's axis order: numpy (TIFF), ``np.memmap`` (NPY) or
-        ``zarr.Array`` (zarr, OME-Zarr level 0), never loaded whole by the readers.
-    layout : where z, y, x and channels are (``layout.full(data)`` is ``(C, D, H, W)``).
-    kind : "tiff", "npy", "zarr" or "ome-zarr".
-    spacing : ``(z, y, x)`` voxel size in micrometres from the file's metadata, or None.
+    data : the raw array in the file's axis order: numpy (TIFF, PNG, JPEG), ``np.memmap``
+        (NPY) or ``zarr.Array`` (zarr, OME-Zarr level 0); the volume readers never load it whole.
+    layout : where the axes are: ``layout.full(data)`` is ``(C, D, H, W)``, D the planes of a
+        volume, the frames of a stack, 1 for a 2D image.
+    kind : "tiff", "npy", "zarr", "ome-zarr", "png" or "jpeg".
+    spacing : the voxel size in micrometres from the file's metadata, ``(z, y, x)`` for a
+        volume, ``(y, x)`` for 2D images and stacks of frames; or None.
     spacing_source : where ``spacing`` came from ("" when None).
     spacing_problem : why metadata that should give the spacing could not be read ("" when
         none): the caller then needs a spacing of its own (``--spacing``) rather than a guess.
+    planar : a 2D image or a stack of 2D frames (what a 2D model segments).
+    frames : a stack of 2D frames (D is the frame axis).
     """
 
     path: Path
     kind: str
     data: object
     layout: Layout
-    spacing: tuple[float, float, float] | None = None
+    spacing: tuple[float, ...] | None = None
     spacing_source: str = ""
     spacing_problem: str = ""
+    planar: bool = False
+    frames: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(C, D, H, W)``."""
         return self.layout.shape(self.data.shape)
 
+    @property
+    def result_shape(self) -> tuple[int, ...]:
+        """The spatial shape of its results: ``(D, H, W)`` of a volume or a stack of frames,
+        ``(H, W)`` of a 2D image."""
+        _, d, h, w = self.shape
+        return (h, w) if self.planar and not self.frames else (d, h, w)
+
     def load(self) -> np.ndarray:
-        """The whole volume as a numpy ``(C, D, H, W)`` array in its own dtype."""
+        """The whole image as a numpy ``(C, D, H, W)`` array in its own dtype."""
         return self.layout.full(self.data)
+
+    def picture(self) -> np.ndarray:
+        """What a 2D model segments, loaded and contiguous: ``(C, H, W)`` for a 2D image,
+        ``(T, C, H, W)`` for a stack of frames (``segment(frame_axis=0, channel_axis=1)``)."""
+        full = self.load()
+        arr = full.transpose(1, 0, 2, 3) if self.frames else full[:, 0]
+        return np.ascontiguousarray(arr)
 
 
 def is_zarr_path(path) -> bool:
@@ -225,7 +253,7 @@ def stem(path) -> str:
     return name[:-4] if name.lower().endswith(".ome") else name
 
 
-def read_volume(path, channel_axis: int | None = None) -> Volume:
+def read_volume(path, channel_axis: int | None = None) -> ImageFile:
     """Open ``path`` (TIFF, NPY, zarr array, OME-Zarr image) without loading zarr data.
 
     ``channel_axis`` is the raw index of the channel axis, overriding the file's metadata.
@@ -253,11 +281,11 @@ def read_volume(path, channel_axis: int | None = None) -> Volume:
     )
 
 
-def read_npy(path, channel_axis: int | None = None) -> Volume:
+def read_npy(path, channel_axis: int | None = None) -> ImageFile:
     """An NPY file, memory-mapped (no axis metadata: 3D, or 4D with ``channel_axis``)."""
     path = Path(path)
     data = load_npy(path)
-    return Volume(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
+    return ImageFile(path, "npy", data, layout_from_axes("", data.shape, channel_axis, str(path)))
 
 
 def load_npy(path) -> np.ndarray:
@@ -272,13 +300,13 @@ def load_npy(path) -> np.ndarray:
         ) from err
 
 
-def read_tiff(path, channel_axis: int | None = None) -> Volume:
+def read_tiff(path, channel_axis: int | None = None) -> ImageFile:
     """The first series of a TIFF, with its axes and, from ImageJ or OME metadata, its spacing."""
     path = Path(path)
     data, tiff_axes, spacing, source, problem = read_tiff_raw(path)
     axes = tiff_axis_names(tiff_axes)
     layout = layout_from_axes(axes, data.shape, channel_axis, str(path))
-    return Volume(path, "tiff", data, layout, spacing, source, problem)
+    return ImageFile(path, "tiff", data, layout, spacing, source, problem)
 
 
 TIFF_AXES = {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c", "T": "t"}  # others: "?"
@@ -387,10 +415,10 @@ def _positive(sizes) -> tuple[float, float, float] | None:
     return sizes if all(math.isfinite(s) and s > 0 for s in sizes) else None
 
 
-def open_zarr(path, channel_axis: int | None = None) -> Volume:
+def open_zarr(path, channel_axis: int | None = None) -> ImageFile:
     """A zarr array, or an OME-Zarr image (level 0, spacing from its ``multiscales`` scale).
 
-    Nothing is loaded: ``Volume.data`` is the ``zarr.Array``.
+    Nothing is loaded: ``ImageFile.data`` is the ``zarr.Array``.
     """
     zarr = _need("zarr")
     path = Path(path)
@@ -399,7 +427,7 @@ def open_zarr(path, channel_axis: int | None = None) -> Volume:
     except Exception as err:  # zarr raises several kinds for a folder that is not a store
         raise VolumeError(f"{path}: not a readable zarr array or group ({err})") from err
     if isinstance(node, zarr.Array):
-        return Volume(path, "zarr", node, layout_from_axes("", node.shape, channel_axis, str(path)))
+        return ImageFile(path, "zarr", node, layout_from_axes("", node.shape, channel_axis, str(path)))
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
     if not multiscales:
@@ -429,7 +457,7 @@ def open_zarr(path, channel_axis: int | None = None) -> Volume:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         problem = f"its OME-Zarr scale metadata cannot be read ({str(err)[:80]})"
     source = "OME-Zarr metadata" if spacing else ""
-    return Volume(path, "ome-zarr", data, layout, spacing, source, problem)
+    return ImageFile(path, "ome-zarr", data, layout, spacing, source, problem)
 
 
 def _ome_axes(axes, ndim) -> tuple[str, list]:
