@@ -465,17 +465,32 @@ def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample,
     assert "exists" in errors.pop() and written.read_text() == "mine\n"
     assert widget.save_objects_file(written) == written and written.read_text() != "mine\n"
 
-    # live: the visible slab's objects go into the same layer, in place, measurements cleared
-    viewer.dims.set_current_step(0, 14)  # the crop's nucleus is in its last planes
-    inst.data = np.zeros_like(inst.data)
+    # live after a full run: the full run's objects and measurements stay as they are
+    full_ids, full_table = inst.data.copy(), inst.features.copy()
+    viewer.dims.set_current_step(0, 14)
     widget.live.value = True
     qtbot.waitUntil(
         lambda: widget.status.value.startswith("live preview of z 13-15"), timeout=WAIT_MS
     )
     qtbot.waitUntil(lambda: widget.live_runner._worker is None, timeout=WAIT_MS)
+    assert "objects: the last full run's" in widget.status.value
     assert viewer.layers["crop instances"] is inst
-    assert inst.data[13:16].any() and not inst.data[:13].any()
-    assert not inst.data[13:16][labels.data[13:16] == 0].any()
+    np.testing.assert_array_equal(inst.data, full_ids)
+    assert inst.features.equals(full_table)
+    written = widget.save_objects_file(tmp_path / "again.csv")
+    assert written.read_text().splitlines()[1:] == rows[1:]  # the table matches the layer
+
+    # live before any full run: the visible slab's objects go into the layer, in place
+    viewer.layers.remove(inst)
+    widget.live.value = False
+    viewer.dims.set_current_step(0, 13)
+    widget.live.value = True
+    qtbot.waitUntil(lambda: "instances" in [l.name.split()[-1] for l in viewer.layers], timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: widget.live_runner._worker is None, timeout=WAIT_MS)
+    inst = viewer.layers["crop instances"]
+    qtbot.waitUntil(lambda: inst.data[12:15].any(), timeout=WAIT_MS)
+    assert not inst.data[:12].any()
+    assert not inst.data[12:15][labels.data[12:15] == 0].any()
     assert len(inst.features) == 0
     assert errors == []
 

@@ -196,6 +196,15 @@ def instance_name(image_name: str) -> str:
     return f"{image_name} instances"
 
 
+def holds_full_run(viewer, image_name: str) -> bool:
+    """Whether ``"<image> instances"`` exists and holds a full run's objects (with their
+    measurements): a live preview then leaves it as it is."""
+    from napari.layers import Labels
+
+    layer = _find(viewer, instance_name(image_name), Labels)
+    return layer is not None and bool(layer.metadata.get(METADATA_KEY, {}).get("complete"))
+
+
 def instance_layer(viewer, image):
     """The ``"<image> instances"`` Labels layer of ``image`` (a ``session.ImageInput``): int32
     object ids with napari's default random colour per label, created full size (zeros) when

@@ -9,6 +9,7 @@ layers are ``_layers``' helpers. The widget adds no maths of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -522,10 +523,15 @@ class PacSegWidget(mw.Container):
             box = _layers.visible_box(self.viewer, inp.layer, inp.layer_channel_axis, inp.shape,
                                       frames=inp.frame_axis is not None)  # fmt: skip
             names = _layers.output_names(inp.name)
-            if self.instances.value:
+            params = self.run_params()
+            # A full run's objects and measurements stay until the next full run: a preview
+            # of a slab would cut objects at its edges and leave no measurements.
+            if self.instances.value and _layers.holds_full_run(self.viewer, inp.name):
+                params = dataclasses.replace(params, instances=None)
+            elif self.instances.value:
                 names += (_layers.instance_name(inp.name),)
             redo = not all(n in self.viewer.layers for n in names)
-            job = self.session.live_job(box, self.run_params(), redo=redo)
+            job = self.session.live_job(box, params, redo=redo)
         except ValueError as err:
             self._error(str(err))
             return None
@@ -559,6 +565,8 @@ class PacSegWidget(mw.Container):
                     _layers.write_instances(layer, result.instances, None, what, result.box)
             self.session.live_delivered(job)
             note = f"; {result.note}" if result.note else ""
+            if self.instances.value and job.params.instances is None:
+                note += "; objects: the last full run's (Run on full image updates them)"
             self._live_said = f"{what} in {result.seconds:.2f} s ({result.work}){note}"
             self._say(self._live_said)
 

@@ -138,6 +138,9 @@ class TaskRunner:
         from napari.utils.notifications import show_info
 
         self.session.end(task)  # progress still queued from it is now ignored
+        # The controls come back with the end of the task, not with the worker's later
+        # `finished` signal: in between, the widget is idle and its buttons must work.
+        self.running(False)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
