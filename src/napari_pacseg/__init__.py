@@ -1,6 +1,7 @@
 """napari-pacseg: interactive volumetric segmentation for napari with PAC refinement."""
 
 from napari_pacseg._version import __version__
+from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import (
     Segmentation,
     SegmentationCancelled,
@@ -43,6 +44,7 @@ __all__ = [
     "Normalisation",
     "PacSegModel",
     "RefineConfig",
+    "SegmentRequest",
     "Segmentation",
     "SegmentationCancelled",
     "__version__",

@@ -164,8 +164,8 @@ def as_request(model, **keywords) -> SegmentRequest:
                                 and not isinstance(v, bool)))  # fmt: skip
         if given:
             raise TypeError(
-                f"segment: a SegmentRequest already holds {', '.join(given)}; pass the request "
-                "alone, or a model with those keywords"
+                f"a SegmentRequest already holds {', '.join(given)}; pass the request alone, or "
+                "a model with those keywords"
             )
         return model
     return SegmentRequest.build(model, **keywords)
