@@ -17,11 +17,33 @@ import time
 import warnings
 from pathlib import Path
 
-from napari_pacseg.checks import one_line, printable, short_repr
-from napari_pacseg.model.classes import DEFAULT_THRESHOLD
-from napari_pacseg.training.defaults import DEFAULT_STEPS, DEFAULT_STEPS_2D
-
 USAGE_ERROR, FAILED, INTERRUPTED = 2, 1, 130
+COMMANDS = {  # the commands and their one-line help
+    "segment": "segment volumes with a model",
+    "train": "train a model from scribbles",
+    "demo": "write the bundled sample and the demo model, to try",
+    "info": "show a model's configuration",
+}
+
+
+# napari_pacseg.checks imports torch (seconds): these load it on first use, so that `pacseg`
+# and `pacseg --help` answer at once
+def one_line(err) -> str:
+    from napari_pacseg.checks import one_line as impl
+
+    return impl(err)
+
+
+def printable(text: str) -> str:
+    from napari_pacseg.checks import printable as impl
+
+    return impl(text)
+
+
+def short_repr(value) -> str:
+    from napari_pacseg.checks import short_repr as impl
+
+    return impl(value)
 
 
 class UsageError(Exception):
@@ -33,7 +55,9 @@ class UsageError(Exception):
 
 class ProgressBar:
     """A one-line text progress bar on ``stream`` (stderr). On a terminal it redraws in place;
-    in a log (not a terminal) it prints a line at each quarter; ``quiet`` shows no progress."""
+    in a log (not a terminal) it prints a line at each quarter; ``quiet`` shows no progress.
+    Past the first second it shows the rate (units per second since ``done == 0``) and the
+    time left at that rate; large counts in k and M (voxels of zarr runs)."""
 
     def __init__(self, stream=None, quiet: bool = False, width: int = 24) -> None:
         self.stream = stream or sys.stderr
@@ -56,7 +80,12 @@ class ProgressBar:
         frac = done / total if total else 0.0
         filled = round(self.width * frac)
         bar = "#" * filled + "." * (self.width - filled)
-        text = f"{label} |{bar}| {done}/{total or '?'} {unit} {now - self.started:.0f} s"
+        elapsed = now - self.started
+        of = self.count(total) if total else "?"
+        text = f"{label} |{bar}| {self.count(done)}/{of} {unit} {elapsed:.0f} s"
+        if 0 < done < total and elapsed >= 1:
+            rate = done / elapsed
+            text += f", {self.count(rate)} {unit}/s, {self.duration((total - done) / rate)} left"
         if self.tty:
             if done not in (0, total) and now - self.last_draw < 0.1:
                 return
@@ -78,6 +107,23 @@ class ProgressBar:
         """A line of its own (the bar is cleared first)."""
         self.clear()
         print(printable(text), file=sys.stderr if err else sys.stdout, flush=True)
+
+    @staticmethod
+    def count(n: float) -> str:
+        """A count for the bar: as is below 10 000, else in k or M (3 digits)."""
+        if n < 10_000:
+            return f"{n:.0f}" if n >= 10 or float(n).is_integer() else f"{n:.2g}"
+        return f"{n / 1e3:.3g}k" if n < 1e6 else f"{n / 1e6:.3g}M"
+
+    @staticmethod
+    def duration(seconds: float) -> str:
+        """``seconds`` as "42 s", "3 min 5 s" or "2 h 10 min"."""
+        s = round(seconds)
+        if s < 60:
+            return f"{s} s"
+        if s < 3600:
+            return f"{s // 60} min {s % 60} s"
+        return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -128,7 +174,9 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands_only: bool = False) -> argparse.ArgumentParser:
+    """The ``pacseg`` parser; ``commands_only``: the commands without their options (enough
+    when no command is named: ``pacseg --help``, ``--version``), which need no torch import."""
     parser = _Parser(
         prog="pacseg",
         description="napari-pacseg without napari: segment folders of volumes and zarr volumes "
@@ -138,10 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"napari-pacseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if commands_only:
+        for name, text in COMMANDS.items():
+            sub.add_parser(name, help=text)
+        return parser
+    from napari_pacseg.model.classes import DEFAULT_THRESHOLD
+    from napari_pacseg.training.defaults import DEFAULT_STEPS, DEFAULT_STEPS_2D
 
     seg = sub.add_parser(
         "segment",
-        help="segment volumes with a model",
+        help=COMMANDS["segment"],
         description="Segment TIFF, NPY, zarr and OME-Zarr volumes, or with a 2D model 2D images "
         "(PNG, JPEG, 2D TIFF, NPY; --frames for stacks of frames). Per input, OUTDIR gets "
         "<stem>_labels.<ext> (uint8 classes, 0 = background), <stem>_matte.<ext> (float32 "
@@ -172,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     obj.add_argument("--instances", action="store_true",
                      help="also separate the objects: <stem>_instances.<ext> (one id per "
                      "object) and <stem>_objects.csv (volume, centroid, bounding box, "
-                     "intensities, sphericity per object); TIFF and NPY inputs")  # fmt: skip
+                     "intensities, sphericity per object); any input: volumes, zarr, 2D images, frames")  # fmt: skip
     from napari_pacseg.model.network import instance_params_schema
 
     for name, spec in instance_params_schema().items():
@@ -196,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "the file's metadata, else the model's training spacing)")  # fmt: skip
     run.add_argument("--frames", action="store_true",
                      help="2D models: each input is a stack of 2D frames (a time-lapse: TIFF "
-                     "T or Z axis, or NPY axis 0), segmented frame by frame")  # fmt: skip
+                     "T or Z axis, or NPY axis 0), segmented frame by frame (without it: TIFFs "
+                     "whose axes say T)")  # fmt: skip
     run.add_argument("--channel-axis", type=int, metavar="AXIS",
                      help="axis of the channels in the files (default: from metadata)")  # fmt: skip
     run.add_argument("--chunks", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
-                     help="zarr inputs: chunk of work and of the outputs (default 64 256 256)")  # fmt: skip
+                     help="zarr inputs: storage chunk of the outputs (default 64 256 256)")  # fmt: skip
+    run.add_argument("--memory", metavar="SIZE",
+                     help="zarr inputs: memory per task, e.g. 4G or 512M (default: half the "
+                     "available memory, shared by the tasks at once)")  # fmt: skip
     where = run.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="zarr inputs: run on this dask.distributed scheduler (tcp://host:8786)")  # fmt: skip
@@ -212,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="one line per input, no bars")
     seg.set_defaults(handler=_cmd_segment)
 
-    tr = sub.add_parser("train", help="train a model from scribbles",
+    tr = sub.add_parser("train", help=COMMANDS["train"],
                         description="Train a model from images and their scribbles (0 "
                         "unlabelled, 1 background, 2.. the classes) and save it: pacseg train "
                         "IMG1 SCR1 [IMG2 SCR2 ...] -o MODEL trains one model from all the "
@@ -245,14 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "else 1)")  # fmt: skip
     tr.add_argument("--frames", action="store_true",
                     help="each image is a stack of 2D frames (a time-lapse) with scribbles on "
-                    "some of them: trains a 2D model on the painted frames")  # fmt: skip
+                    "some of them: trains a 2D model on the painted frames (without it: TIFFs "
+                    "whose axes say T)")  # fmt: skip
     tr.add_argument("--channel-axis", type=int, metavar="AXIS", help="channel axis of the image")
     tr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(handler=_cmd_train)
 
-    demo = sub.add_parser("demo", help="write the bundled sample and the demo model, to try",
+    demo = sub.add_parser("demo", help=COMMANDS["demo"],
                           description="Write the bundled sample (nuclei.tif, its scribbles and "
                           "ground truth as TIFFs with the voxel size) and the demo model "
                           "(nuclei_demo.safetensors) into OUTDIR, then print the commands "
@@ -261,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace files already there")
     demo.set_defaults(handler=_cmd_demo)
 
-    info = sub.add_parser("info", help="show a model's configuration",
+    info = sub.add_parser("info", help=COMMANDS["info"],
                           description="Classes, features, head, refinement defaults, spacing, "
                           "receptive field and provenance of a model file.")  # fmt: skip
     info.add_argument("model", type=Path, help="model file (.safetensors)")
@@ -275,7 +334,8 @@ def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names a terminal cannot show are escaped, not fatal
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(commands_only=not any(a in COMMANDS for a in argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage errors (2), --help and --version (0)
@@ -359,11 +419,11 @@ def _cmd_segment(args) -> int:
     results = iter_segment_files(
         args.inputs, args.model, args.output, spacing=args.spacing,
         channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
-        chunks=args.chunks, scheduler=args.scheduler, workers=args.workers,
+        chunks=args.chunks, memory=args.memory, scheduler=args.scheduler, workers=args.workers,
         overwrite=args.overwrite, threshold=args.threshold, instances=instances,
         frames=args.frames, progress=lambda i, n, path, done, total: bar.update(
             f"[{i + 1}/{n}] {path.name}", done, total,
-            "chunks" if volume_kind(path) == "zarr" else "tiles",
+            "voxels" if volume_kind(path) == "zarr" else "tiles",
         ),
     )  # fmt: skip
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -405,7 +465,7 @@ def _cmd_segment(args) -> int:
 
 def _cmd_train(args) -> int:
     from napari_pacseg.engine.frames import painted_frames
-    from napari_pacseg.io.images import is_2d_file, picture_kind, read_picture
+    from napari_pacseg.io.images import is_2d_file, is_time_lapse, picture_kind, read_picture
     from napari_pacseg.io.model_file import save_model
     from napari_pacseg.io.spacing import resolve_spacing
     from napari_pacseg.io.volumes import (
@@ -455,7 +515,9 @@ def _cmd_train(args) -> int:
     try:
         images, marks, spacings, kinds = [], [], [], []
         for path, scribbles in zip(args.pairs[::2], args.pairs[1::2]):
-            flat = args.frames or is_2d_file(path, args.channel_axis)
+            # a TIFF whose axes say T (and no Z) is a stack of frames without --frames
+            frames = args.frames or is_time_lapse(path, args.channel_axis)
+            flat = frames or is_2d_file(path, args.channel_axis)
             kinds.append(flat)
             if flat:
                 if picture_kind(scribbles) == "jpeg":
@@ -463,18 +525,18 @@ def _cmd_train(args) -> int:
                         f"{scribbles}: JPEG scribbles are refused: its lossy compression changes "
                         "label values at the strokes' edges; save them as PNG or TIFF"
                     )
-                image = read_picture(path, args.channel_axis, args.frames)
-                mark = read_picture(scribbles, None, args.frames).picture()
+                image = read_picture(path, args.channel_axis, frames)
+                mark = read_picture(scribbles, None, frames).picture()
                 if mark.shape[-3] != 1:
                     raise VolumeError(
                         f"{scribbles}: {SCRIBBLES_ONE_CHANNEL}, got {mark.shape[-3]} channels"
                     )
-                mark = mark[:, 0] if args.frames else mark[0]
+                mark = mark[:, 0] if frames else mark[0]
             else:
                 image = read_volume(path, args.channel_axis)
                 mark = _read_scribble_volume(scribbles)
             spacing, _ = resolve_spacing(args.spacing, image, None, 2 if flat else 3)
-            if args.frames:  # the painted frames, each a 2D image of its own
+            if frames:  # the painted frames, each a 2D image of its own
                 if not mark.any():
                     raise VolumeError(f"{scribbles}: no frame holds scribbles")
                 painted, frame_marks, _ = painted_frames(image.picture(), mark, 0, 1, str(path))
@@ -577,6 +639,7 @@ def _cmd_demo(args) -> int:
     print("retrain from the scribbles (1 background, 2 nucleus):")
     print(
         f"  pacseg train {out / names['image']} {out / names['scribbles']} -o {out / 'mine.safetensors'}"
+        " --class-names background nucleus"
     )
     return 0
 

@@ -22,6 +22,7 @@ tifffile = pytest.importorskip("tifffile")
 
 from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import ModelPayload, segment_zarr  # noqa: E402
+from napari_pacseg.engine.plan import extend_box  # noqa: E402
 from napari_pacseg.engine.request import model_from_payload  # noqa: E402
 from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
@@ -103,9 +104,109 @@ def test_synchronous_equals_in_memory(tmp_path, crop, model, whole):
     )
     assert_same(tmp_path, whole)
     assert res.n_chunks == 8 and res.chunks == CHUNKS and res.halo == receptive_field(model)
-    assert seen[0] == (0, 8) and seen[-1] == (8, 8)
+    assert res.n_blocks == 1 and res.blocks == (2, 2, 2)  # the default budget takes it whole
+    assert res.task_memory <= res.memory
+    # voxels, with the block's tiles reported as they are done: rate and time left can be shown
+    voxels = crop.size
+    assert seen[0] == (0, voxels) and seen[-1] == (voxels, voxels) and len(seen) >= 3
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert zarr.open_array(str(tmp_path / "labels.zarr")).chunks == CHUNKS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "labels.zarr", "matte.zarr"]
+
+
+# --- work blocks: storage chunks grouped within a memory budget ----------------------------------
+
+
+def _block_budget(model, shape, chunks, per_block, refine=True):
+    """The estimated peak of a task whose block holds ``per_block`` chunks per axis (the
+    largest such block, its halo clipped to ``shape``): a budget that allows that block."""
+    from napari_pacseg.batch.zarr_runs import task_memory
+    from napari_pacseg.engine.plan import settle
+
+    settings = settle(model, None, refine)
+    halo = settings.receptive_field
+    core = [min(n, b * c) for n, b, c in zip(shape, per_block, chunks)]
+    ext = [min(n, c + 2 * h) for n, c, h in zip(shape, core, halo)]
+    return task_memory(ext, settings, model, 2)
+
+
+@pytest.mark.parametrize(
+    "case", ["one chunk per block", "several chunks, uneven edges", "whole volume"]
+)
+def test_work_blocks_equal_in_memory(tmp_path, crop, model, case):
+    """Blocks of one chunk, of several chunks with clipped chunks at the volume's far edges,
+    and of the whole volume, all give the in-memory labels and matte; the outputs keep the
+    storage chunks."""
+    sample = load_sample().image
+    if case == "one chunk per block":  # 24 x 80 x 80 in 3 x 4 x 4 chunks (the last 8 wide)
+        image, chunks, refine, memory = crop, (8, 24, 24), False, "1M"
+    elif case == "several chunks, uneven edges":  # 32 x 208 x 208 in 2 x 5 x 5 chunks
+        image, chunks = np.ascontiguousarray(sample[16:48, :208, :208]), (16, 48, 48)
+        refine = True
+        memory = _block_budget(model, image.shape, chunks, (2, 2, 2))
+    else:
+        image, chunks, refine, memory = crop, (8, 24, 24), True, "64G"
+    ref = segment(image, model, refine=refine)
+    src = write_zarr(tmp_path / "in.zarr", image, chunks=(8, 40, 40))
+    args = (src, model, tmp_path / "labels.zarr", tmp_path / "matte.zarr")
+    if case == "one chunk per block":
+        with pytest.warns(UserWarning, match="one chunk per work block"):
+            res = segment_zarr(*args, chunks=chunks, refine=refine, memory=memory)
+    else:
+        res = segment_zarr(*args, chunks=chunks, refine=refine, memory=memory)
+    assert_same(tmp_path, ref)
+    assert zarr.open_array(str(tmp_path / "labels.zarr")).chunks == chunks
+    if case == "one chunk per block":
+        assert res.blocks == (1, 1, 1) and res.n_blocks == res.n_chunks == 48
+    elif case == "several chunks, uneven edges":
+        assert res.n_chunks == 50 and 1 < res.n_blocks < 50 and max(res.blocks) > 1
+        assert any(208 % (b * c) for b, c in zip(res.blocks[1:], chunks[1:]))  # a clipped block
+        assert res.task_memory <= res.memory == memory
+    else:
+        assert res.n_blocks == 1 and res.blocks == (3, 4, 4) and res.memory == 64 << 30
+
+
+def test_choose_blocks_tiles_the_volume_within_the_budget(model):
+    from napari_pacseg.batch.zarr_runs import choose_blocks, task_memory
+    from napari_pacseg.engine.plan import settle
+
+    settings = settle(model, None, True)
+    halo = settings.receptive_field
+    shape, chunks = (100, 300, 260), (16, 64, 64)
+
+    def estimate(ext):
+        return task_memory(ext, settings, model, 2)
+
+    one = estimate([min(n, c + 2 * h) for n, c, h in zip(shape, chunks, halo)])
+    counts = []
+    for budget in (one // 2, one, 2 * one, 8 * one, 1 << 40):
+        blocks = choose_blocks(shape, chunks, halo, settings, budget, 1, estimate)
+        assert blocks.over == (budget < one)
+        covered = np.zeros(shape, np.uint8)
+        for box in blocks.boxes:
+            for (a, b), c, n in zip(box, chunks, shape):
+                assert a % c == 0 and (b % c == 0 or b == n)  # whole chunks
+            ext, _ = extend_box(box, halo, shape)
+            if not blocks.over:
+                assert estimate([b - a for a, b in ext]) <= budget
+            covered[tuple(slice(a, b) for a, b in box)] += 1
+        assert (covered == 1).all()
+        counts.append(len(blocks.boxes))
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] == 1
+    # two tasks at once: the volume in (at least) two blocks, even where one would fit
+    assert len(choose_blocks(shape, chunks, halo, settings, 1 << 40, 2, estimate).boxes) >= 2
+
+
+def test_memory_sizes():
+    from napari_pacseg.batch.zarr_runs import memory_bytes
+
+    assert memory_bytes(None) is None
+    assert memory_bytes("4G") == 4 << 30 and memory_bytes("512M") == 512 << 20
+    assert memory_bytes("1.5GiB") == 3 << 29 and memory_bytes(" 800 mb ") == 800 << 20
+    assert memory_bytes(2_000_000) == 2_000_000 and memory_bytes("3000000") == 3_000_000
+    for bad in ("lots", "4X", "0.5M", -1, True, "", [4]):
+        with pytest.raises(ValueError, match="memory"):
+            memory_bytes(bad)
 
 
 def test_threads_dask_source_and_channel_axis(tmp_path, crop, model):
@@ -113,9 +214,14 @@ def test_threads_dask_source_and_channel_axis(tmp_path, crop, model):
 
     ref = segment(crop, model, refine=False)
     source = da.from_array(crop[:, None], chunks=(10, 1, 50, 50))  # (D, C=1, H, W)
+    seen = []
     segment_zarr(source, model, tmp_path / "labels.zarr", tmp_path / "matte.zarr", refine=False,
-                 channel_axis=1, chunks=(16, 48, 48), scheduler="threads")  # fmt: skip
+                 channel_axis=1, chunks=(16, 48, 48), scheduler="threads",
+                 progress=lambda done, total: seen.append((done, total)))  # fmt: skip
     assert_same(tmp_path, ref)
+    # reported from the worker threads, one call at a time, never going back
+    assert seen[0] == (0, crop.size) and seen[-1] == (crop.size, crop.size)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 def test_local_cluster_equals_in_memory(tmp_path, crop, model, whole, cluster):
@@ -131,7 +237,7 @@ def test_worker_killed_mid_run(tmp_path, crop, model, whole, cluster):
     killed = []
 
     def kill_a_busy_worker(done, total):
-        if done != 1 or killed:
+        if done == 0 or killed:  # once the first block is done
             return
         pids = cluster.run(os.getpid)
         busy = [addr for addr, keys in cluster.processing().items() if keys] or list(pids)
@@ -214,15 +320,17 @@ MEMORY_SCRIPT = textwrap.dedent(
                 return int(line.split()[1]) * 1024
     Path("/proc/self/clear_refs").write_text("5")
     before = status("VmRSS")
-    res = segment_zarr(sys.argv[2], model, sys.argv[3], chunks=(32, 128, 128), refine=False)
-    print(json.dumps({"extra": status("VmHWM") - before, "seconds": res.timings["total"]}))
+    res = segment_zarr(sys.argv[2], model, sys.argv[3], chunks=(32, 128, 128), refine=False,
+                       memory=sys.argv[4])
+    print(json.dumps({"extra": status("VmHWM") - before, "seconds": res.timings["total"],
+                      "blocks": res.n_blocks, "task": res.task_memory}))
     """
 )
 
 
-def _peak_extra(model_file, src, out) -> dict:
+def _peak_extra(model_file, src, out, memory) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(model_file), str(src), str(out)],
+        [sys.executable, "-c", MEMORY_SCRIPT, str(model_file), str(src), str(out), str(memory)],
         capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -230,12 +338,13 @@ def _peak_extra(model_file, src, out) -> dict:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-def test_peak_memory_is_bounded_by_the_chunk(tmp_path):
-    """A 128 x 512 x 512 zarr volume in 32 chunks of 32 x 128 x 128: the peak memory the run
-    adds stays far below what segment() in memory needs (> 13 bytes per voxel: the float32
-    image, logits and matte, and the labels). What it adds is per chunk plus the whole-volume
-    intensity range, whose sample (every 2nd voxel here) is already at its cap of ~4 M voxels:
-    a larger volume adds only more chunks, done one at a time."""
+def test_peak_memory_is_bounded_by_the_budget(tmp_path):
+    """A 128 x 512 x 512 zarr volume in 64 chunks of 32 x 128 x 128, with a budget of 64 MiB
+    per task: the chunks are grouped into fewer blocks, and the peak memory the run adds stays
+    far below what segment() in memory needs (> 13 bytes per voxel: the float32 image, logits
+    and matte, and the labels). What it adds is per block (within the budget) plus the
+    whole-volume intensity range, whose sample (every 2nd voxel here) is already at its cap of
+    ~4 M voxels: a larger volume adds only more blocks, done one at a time."""
     sample = load_sample()
     box = (slice(16, 48), slice(128, 256), slice(0, 256))  # holds both classes' scribbles
     fast = train(sample.image[box], sample.scribbles[box], spacing=sample.spacing,
@@ -247,7 +356,9 @@ def test_peak_memory_is_bounded_by_the_chunk(tmp_path):
                           dtype=np.uint16)  # fmt: skip
     for z, y, x in np.ndindex(2, 2, 2):
         src[64 * z : 64 * (z + 1), 256 * y : 256 * (y + 1), 256 * x : 256 * (x + 1)] = sample.image
-    peak = _peak_extra(model_file, tmp_path / "v.zarr", tmp_path / "l.zarr")["extra"]
+    run = _peak_extra(model_file, tmp_path / "v.zarr", tmp_path / "l.zarr", "64M")
+    peak = run["extra"]
+    assert 1 < run["blocks"] < 64 and run["task"] <= 64 << 20
     labels = zarr.open_array(str(tmp_path / "l.zarr"), mode="r")
     assert labels.shape == shape and labels[-32:, 256:, 256:].any()
     in_memory = 13 * np.prod(shape)

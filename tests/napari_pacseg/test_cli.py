@@ -113,11 +113,13 @@ def test_bad_inputs_among_good_ones(folder, capsys):
     np.save(folder / "in" / "flat.npy", np.zeros((4, 5)))
     code = run(folder, folder / "in", folder / "missing.tif", "-o", folder / "out", "-q")
     assert code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("pacseg: failed: ") for line in err)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("pacseg: failed: ") for line in err)
     assert any("broken.tif" in line and "not a readable TIFF" in line for line in err)
-    assert any("flat.npy" in line and "3D" in line for line in err)
     assert any("missing.tif" in line and "no such file" in line for line in err)
+    # a 2D array that the folder holds is of the other kind than the model's: skipped, said
+    assert f"skipped {folder / 'in' / 'flat.npy'}: a 2D image" in captured.out
     assert sorted(p.name for p in (folder / "out").glob("*.json")) == [
         "a_pacseg.json", "b_pacseg.json", "c_pacseg.json"
     ]  # fmt: skip
@@ -270,6 +272,24 @@ def test_progress_bar_in_a_log():
     quiet = io.StringIO()
     ProgressBar(quiet, quiet=True).update("x", 1, 2, "tiles")
     assert quiet.getvalue() == ""
+
+
+def test_progress_bar_rate_and_time_left():
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar.update("[1/1] c.zarr", 0, 16_777_216, "voxels")
+    bar.started -= 10  # ten seconds in
+    bar.update("[1/1] c.zarr", 4_194_304, 16_777_216, "voxels")
+    assert "| 4.19M/16.8M voxels 10 s, 419k voxels/s, 30 s left" in stream.getvalue()
+
+
+def test_memory_option(folder, capsys):
+    out = folder / "out"
+    assert run(folder, folder / "in" / "c.zarr", "-o", out, "--memory", "lots") == 2
+    assert "memory must be a size such as 4G" in capsys.readouterr().err and not out.exists()
+    assert run(folder, folder / "in" / "c.zarr", "-o", out, "--memory", "1G", "-q") == 0
+    record = json.loads((out / "c_pacseg.json").read_text())
+    assert record["parameters"]["memory"] == 1 << 30 and record["parameters"]["blocks"]
 
 
 def test_train_from_several_pairs(tmp_path, capsys):

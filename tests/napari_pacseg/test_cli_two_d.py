@@ -93,9 +93,12 @@ def test_frames(pictures, capsys):
     movie = tifffile.imread(pictures / "movie.tif")
     assert labels.shape == movie.shape
     np.testing.assert_array_equal(labels[2], segment(movie[2], model).labels)
-    # without --frames the stack is not a 2D image: a failed input that says what to pass
+    # without --frames: the TIFF's T axis says it is a stack of frames; an NPY's shape does not
+    assert main(["segment", str(model_path), str(pictures / "movie.tif"), "-o", str(pictures / "o2"), "-q"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(tifffile.imread(pictures / "o2" / "movie_labels.tif"), labels)
+    np.save(pictures / "movie.npy", movie)
     capsys.readouterr()
-    assert main(["segment", str(model_path), str(pictures / "movie.tif"), "-o", str(pictures / "o2")]) == 1  # fmt: skip
+    assert main(["segment", str(model_path), str(pictures / "movie.npy"), "-o", str(pictures / "o3")]) == 1  # fmt: skip
     assert "--frames for a stack of 2D frames" in capsys.readouterr().err
 
 

@@ -13,12 +13,14 @@ from napari_pacseg import (
     InstanceConfig,
     PacSegModel,
     SegmentationCancelled,
+    image_range,
     instance_labels,
     load_model,
     object_table,
     save_model,
     segment,
 )
+from napari_pacseg.instances.labels import brightness_evidence
 from napari_pacseg.io.model_file import config_from_dict, config_to_dict
 from napari_pacseg.sample import load_demo_model, load_sample
 
@@ -217,7 +219,10 @@ def test_segment_with_instances_on_the_sample():
     ids = result.instances
     assert ids.shape == image.shape and ids.max() >= 8
     assert not ids[result.labels == 0].any()
-    assert np.array_equal(ids, instance_labels(result.labels, sample.spacing))
+    config = model.config.instances
+    lo, hi = image_range(image[None], model.config.normalisation)
+    bright = brightness_evidence(image[None], lo.numpy(), hi.numpy(), sample.spacing, config)
+    assert np.array_equal(ids, instance_labels(result.labels, sample.spacing, evidence=bright))
     assert "instances" in result.timings
     table = result.objects
     assert len(table) == ids.max()
@@ -309,3 +314,27 @@ def test_touching_discs_split_into_their_count_in_2d(spacing, count):
     assert ids.shape == labels.shape and ids.max() == count
     isolated = instance_labels(discs(shape, spacing, circles[:1]), spacing, InstanceConfig(radius=3.0))
     assert isolated.max() == 1
+
+
+def test_a_dim_gap_splits_objects_the_mask_fused():
+    """Two bright balls joined by a slab of foreground with no neck in the mask: the shape
+    alone keeps them one object; the image's dim gap splits them. An isolated ball stays one."""
+    from napari_pacseg.instances.labels import brightness_evidence
+
+    spacing = (1.0, 0.5, 0.5)
+    shape = (16, 40, 64)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    image = np.zeros(shape, np.float32)
+    for cx in (10.0, 22.0):  # two bright nuclei, 12 apart, radius 5.5
+        d2 = (grid[0] - 8) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - cx) ** 2
+        image += np.exp(-d2 / (2 * 3.0**2))
+    mask = np.zeros(shape, np.uint8)  # a fused foreground: a box around both, no neck
+    mask[3:13, 10:30, 8:56] = 1
+    config = InstanceConfig(radius=4.0, min_volume=5.0, brightness=1.0)
+    bright = brightness_evidence(image[None], [0.0], [1.0], spacing, config)
+    assert instance_labels(mask, spacing, dataclasses.replace(config, brightness=0.0)).max() == 1
+    assert instance_labels(mask, spacing, config, evidence=bright).max() == 2
+    one = np.exp(-((grid[0] - 8) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 16.0) ** 2) / 18.0)
+    single = brightness_evidence(one[None].astype(np.float32), [0.0], [1.0], spacing, config)
+    ball = (((grid[0] - 8) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 16) ** 2) < 5.5**2)
+    assert instance_labels(ball.astype(np.uint8), spacing, config, evidence=single).max() == 1

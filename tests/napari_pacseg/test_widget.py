@@ -222,7 +222,7 @@ def test_visible_box_in_3d_view_is_bounded(docked):
     assert [b - a for a, b in box] == [4, 16, 16]
 
 
-def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path):
+def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path, monkeypatch):
     viewer, widget = docked
     widget.image.value = viewer.add_image(
         sample.image[TRAIN_CROP], name="cells", scale=sample.spacing
@@ -264,12 +264,13 @@ def test_train_from_scribbles_end_to_end(docked, qtbot, errors, sample, tmp_path
     assert widget.load_model_file(saved)
     assert widget.model.config.classes == cfg.classes
     assert len(errors) == 1
-    # "theirs" (no suffix) must not replace an existing theirs.safetensors nobody asked about
+    # "theirs" (no suffix) must not replace an existing theirs.safetensors unasked (declined)
     theirs = tmp_path / "theirs.safetensors"
     theirs.write_bytes(b"a file of someone else")
+    monkeypatch.setattr("napari_pacseg._napari.widget.confirm_replace", lambda *_: False)
     assert widget.save_model_file(tmp_path / "theirs") is None
     assert theirs.read_bytes() == b"a file of someone else"
-    assert len(errors) == 2 and "exists; choose that name to replace it" in errors[-1]
+    assert len(errors) == 1 and "not saved: theirs.safetensors exists" in widget.status.value
     assert widget.save_model_file(theirs) == theirs  # the dialog's own name: replaced
     assert widget.load_model_file(theirs)
 
@@ -428,7 +429,9 @@ def test_training_set_of_two_images(docked, qtbot, errors, sample):
     assert len(errors) == 1
 
 
-def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample, tmp_path):
+def test_instances_full_run_live_and_measurements(
+    docked, qtbot, errors, sample, tmp_path, monkeypatch
+):
     viewer, widget = docked
     assert widget.load_model_file(DEMO_MODEL_FILE)
     model = load_demo_model()
@@ -459,10 +462,11 @@ def test_instances_full_run_live_and_measurements(docked, qtbot, errors, sample,
     rows = written.read_text().splitlines()
     assert len(rows) == n + 1 and rows[0].startswith("id,class,class_name,volume")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    # "objects" again: objects.csv is not what was chosen, so it is not replaced silently
+    # "objects" again: objects.csv is not what was chosen, so it is not replaced unasked
     written.write_text("mine\n")
+    monkeypatch.setattr("napari_pacseg._napari.widget.confirm_replace", lambda *_: False)
     assert widget.save_objects_file(tmp_path / "objects") is None
-    assert "exists" in errors.pop() and written.read_text() == "mine\n"
+    assert "not saved" in widget.status.value and written.read_text() == "mine\n"
     assert widget.save_objects_file(written) == written and written.read_text() != "mine\n"
 
     # live after a full run: the full run's objects and measurements stay as they are

@@ -30,13 +30,12 @@ def param_controls(schema: dict, defaults) -> dict:
                 label=spec.label, min=spec.low, max=spec.high, step=spec.step, value=value
             )
         else:
-            low, label = (
-                (0.0, f"{spec.label} (0: off)") if spec.optional else (spec.low, spec.label)
-            )
             control = FloatSpinBox(
-                label=label, min=low, max=spec.high, step=spec.step, value=value or 0.0
-            )
-        control.tooltip = f"{spec.help} ({spec.low:g}-{spec.high:g})"
+                label=spec.label, min=0.0 if spec.optional else spec.low, max=spec.high,
+                step=spec.step, value=value or 0.0,
+            )  # fmt: skip
+        off = "; 0: off" if spec.optional else ""  # in the tooltip: short labels fit the dock
+        control.tooltip = f"{spec.help} ({spec.low:g}-{spec.high:g}{off})"
         controls[name] = control
     return controls
 

@@ -1,10 +1,11 @@
 """``napari-pacseg-demo``: napari with the bundled sample, the PAC Segmentation widget docked,
 the demo model loaded and the whole volume segmented.
 
-``napari-pacseg-demo --headless OUT_DIR`` does the same without showing a window (under Xvfb,
-started for it when there is no display and PyVirtualDisplay is installed) and writes
-``OUT_DIR/labels.npy`` (uint8), ``OUT_DIR/matte.npy`` (float32), ``OUT_DIR/screenshot.png`` and
-prints the Dice score against the sample's ground truth.
+``napari-pacseg-demo --headless [OUT_DIR]`` does the same without showing a window (under
+Xvfb, started for it when there is no display and PyVirtualDisplay is installed) and writes
+``OUT_DIR/labels.npy`` (uint8), ``OUT_DIR/matte.npy`` (float32), ``OUT_DIR/screenshot.png``
+(OUT_DIR: ``pacseg-demo-output`` in the current folder unless given), prints the Dice score
+against the sample's ground truth and the folder it wrote to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 PLUGIN, WIDGET, SAMPLE = "napari-pacseg", "PAC Segmentation", "nuclei"
+HEADLESS_OUT = Path("pacseg-demo-output")  # --headless without a folder: a name that says whose
+OUTPUTS = ("labels.npy", "matte.npy", "screenshot.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--headless",
         metavar="OUT_DIR",
         type=Path,
-        help="write labels.npy, matte.npy and screenshot.png to OUT_DIR instead of opening a window",
+        nargs="?",
+        const=HEADLESS_OUT,
+        help="write labels.npy, matte.npy and screenshot.png to OUT_DIR (default: "
+        f"{HEADLESS_OUT}/ in the current folder) instead of opening a window",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="headless: replace those files in OUT_DIR"
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="headless: seconds to wait for the result"
@@ -103,7 +112,7 @@ def run_headless(out_dir: Path, timeout: float) -> dict:
         matte = np.asarray(viewer.layers[f"{SAMPLE} matte"].data)
         np.save(out_dir / "labels.npy", labels)
         np.save(out_dir / "matte.npy", matte)
-        viewer.window.resize(1500, 900)
+        viewer.window.resize(1366, 768)  # a laptop screen: the widget fits it
         viewer.screenshot(path=str(out_dir / "screenshot.png"), canvas_only=False)
         truth = load_sample().truth
         fg = labels > 0
@@ -126,7 +135,13 @@ def _preload_triton() -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.headless is not None and not args.overwrite:
+        there = [n for n in OUTPUTS if (args.headless / n).exists()]
+        if there:
+            parser.error(f"{args.headless} already holds {', '.join(there)}; pass --overwrite "
+                         "or give another folder")  # fmt: skip
     _preload_triton()
     if args.headless is not None:
         display = _ensure_display()
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
             if display is not None:
                 display.stop()
         print(f"{summary['status']}; Dice vs ground truth {summary['dice']:.3f}")
-        print(f"wrote labels.npy, matte.npy, screenshot.png to {summary['out_dir']}")
+        print(f"wrote {', '.join(OUTPUTS)} to {Path(summary['out_dir']).resolve()}")
         return 0
     import napari
 

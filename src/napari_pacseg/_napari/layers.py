@@ -146,6 +146,31 @@ def add_scribbles(viewer, image, names: Sequence[str], colors=None):
     return layer
 
 
+def set_spacing(viewer, layer, spacing, scribbles=None) -> list[str]:
+    """Make ``spacing`` (the pixel or voxel size of ``layer``'s last ``len(spacing)`` axes)
+    the scale of those axes of the image ``layer``, of ``scribbles`` and of the image's
+    scribbles and result layers (``"<image> scribbles"``, ``labels``, ``matte``,
+    ``instances``) whose last axes have the image's shape, so they stay on top of it. Returns
+    the names of the layers changed."""
+    n = len(spacing)
+    shape = tuple(layer.data.shape[-n - (1 if getattr(layer, "rgb", False) else 0) :])[:n]
+    names = [f"{layer.name} {suffix}" for suffix in ("scribbles", "labels", "matte", "instances")]
+    others = [viewer.layers[name] for name in names if name in viewer.layers]
+    if scribbles is not None and scribbles not in others:
+        others.append(scribbles)
+    changed = []
+    for target in [layer, *others]:
+        if target is not layer and tuple(target.data.shape[-n:]) != shape:
+            continue  # not drawn over this image: its scale is its own
+        scale = list(target.scale)
+        if len(scale) < n:
+            continue
+        scale[-n:] = spacing
+        target.scale = scale
+        changed.append(target.name)
+    return changed
+
+
 def output_names(image_name: str) -> tuple[str, str]:
     """Names of the output layers of an image: ``"<image> labels"``, ``"<image> matte"``."""
     return f"{image_name} labels", f"{image_name} matte"

@@ -46,12 +46,13 @@ Cancel = Callable[[], bool]
 
 
 def device_choices() -> list[tuple[str, str]]:
-    """(label, device) pairs: "auto" (saying what it picks), each CUDA device, "cpu"."""
+    """(label, device) pairs: "auto" (saying what it picks: the first CUDA device, else the
+    CPU), each CUDA device with its name, "cpu"."""
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = [(f"cuda:{i} ({torch.cuda.get_device_name(i)})", f"cuda:{i}") for i in range(n)]
-    auto = f"auto: {gpus[0][0]}" if gpus else "auto: cpu (no CUDA device detected)"
+    auto = f"auto: {gpus[0][1]}" if gpus else "auto: cpu"  # short: the dock is narrow
     return [(auto, "auto"), *gpus, ("cpu", "cpu")]
 
 
@@ -224,6 +225,46 @@ def parse_scales(text: str) -> tuple[float, ...]:
     if not values or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"Feature scales must be positive numbers, e.g. '1, 2, 4'; got {text!r}")
     return values
+
+
+def parse_spacing(text: str, n: int) -> tuple[float, ...]:
+    """``n`` positive numbers (the pixel or voxel size, ``(z, y, x)`` or ``(y, x)``) from text
+    such as "1, 0.4, 0.4" or "1 x 0.4 x 0.4"; one number is the same on every axis. Else
+    ValueError."""
+    words = str(text).replace(",", " ").replace(";", " ").replace("x", " ").replace("\u00d7", " ")
+    axes = "z, y, x" if n == 3 else "y, x"
+    try:
+        values = tuple(float(v) for v in words.split())
+    except ValueError:
+        raise ValueError(
+            f"Spacing: {text!r} is not a list of numbers; write {n} ({axes})"
+        ) from None
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"Spacing: give {n} positive numbers ({axes}), e.g. "
+                         f"{', '.join(['1'] + ['0.4'] * (n - 1))}; got {text!r}")  # fmt: skip
+    return values
+
+
+SPACING_TOLERANCE = 0.2  # a model applied at a spacing this far (relative) from its own: a note
+
+
+def spacing_note(spacing, model: PacSegModel) -> str:
+    """A note when ``spacing`` differs from the model's training spacing by more than
+    ``SPACING_TOLERANCE`` on an axis (its features then see objects at another size than it
+    learnt them), else "". Both as ``(z, y, x)`` or ``(y, x)``."""
+    trained = tuple(model.config.in_plane_spacing)
+    if len(trained) != len(spacing):
+        return ""
+    if all(abs(s - t) <= SPACING_TOLERANCE * t for s, t in zip(spacing, trained)):
+        return ""
+    axes = "y, x" if len(trained) == 2 else "z, y, x"
+    show = lambda values: ", ".join(f"{v:g}" for v in values)  # noqa: E731
+    return (
+        f"the model was trained at {show(trained)} ({axes}), this image is at "
+        f"{show(spacing)}: set Spacing if that is wrong, or train a model at this spacing"
+    )
 
 
 @dataclass(frozen=True)
@@ -498,13 +539,14 @@ class Session:
         if cfg.ndim != inp.ndim:
             need = "a 2D model (train one on it)" if inp.ndim == 2 else "a volume model"
             return text + f"; the model is a {cfg.ndim}D model: this {inp.kind} needs {need}"
-        if not np.allclose(spacing, cfg.in_plane_spacing):
-            trained = ", ".join(f"{s:g}" for s in cfg.in_plane_spacing)
-            text += (
-                f"; the model was trained at {trained}: set the layer's scale to the voxel size "
-                "if this is wrong"
-            )
-        return text
+        note = spacing_note(spacing, self.model)
+        return text + (f"; {note}" if note else "")
+
+    def spacing_note(self) -> str:
+        """``spacing_note`` of the current image and model ("" without either)."""
+        if self.image is None or self.model is None:
+            return ""
+        return spacing_note(self.image.spacing, self.model)
 
     def scribble_classes(self, text: str) -> tuple[list[str], list | None]:
         """Class names of a new scribbles layer (``parse_class_names(text)``) and their colours:

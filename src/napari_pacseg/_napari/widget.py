@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,9 @@ from napari_pacseg._napari.session import (
     TrainParams,
     device_choices,
     live_description,
+    model_file_name,
     save_measurements,
+    spacing_note,
 )  # fmt: skip
 from napari_pacseg._napari.workers import LiveRunner, Outcome, TaskRunner, message
 from napari_pacseg.io.model_file import ModelFileError
@@ -43,6 +46,29 @@ if TYPE_CHECKING:
     import napari
 
     from napari_pacseg.model.network import PacSegModel
+
+
+def confirm_replace(parent, path: Path) -> bool:
+    """Ask whether to replace the file ``path`` (a name the save dialog did not ask about:
+    the suffix was added after it); True to replace."""
+    from qtpy.QtWidgets import QMessageBox
+
+    buttons = QMessageBox.StandardButton
+    answer = QMessageBox.question(
+        parent, "Replace file?", f"{path.name} already exists in {path.parent}.\nReplace it?",
+        buttons.Yes | buttons.No, buttons.No,
+    )  # fmt: skip
+    return answer == buttons.Yes
+
+
+CONTROLS_WIDTH = 300  # px: the controls' least width; the dock is this plus its scroll bar
+
+
+def _spacing_note(job) -> str:
+    """A "; note: ..." for the status line when the job's image is at another spacing than
+    its model was trained at (``session.spacing_note``), else ""."""
+    note = spacing_note(job.image.spacing, job.model)
+    return f"; note: {note}" if note else ""
 
 
 class PacSegWidget(mw.Container):
@@ -63,7 +89,9 @@ class PacSegWidget(mw.Container):
         self._syncing = False
         self._auto_steps = DEFAULT_STEPS  # the steps the widget itself last put in the box
         self._build()
-        self.tasks = TaskRunner(self.session, self._say, self._error, self._set_running)
+        self.tasks = TaskRunner(
+            self.session, self._say, self._error, self._set_running, self._task_progress
+        )
         self.live_runner = LiveRunner(
             self._prepare_live, self.session.compute_live, self._deliver_live, self._fail_live,
             progressed=self._live_progress, idle=self._live_idle,
@@ -79,7 +107,12 @@ class PacSegWidget(mw.Container):
     # --- construction -------------------------------------------------------------------------
 
     def _build(self) -> None:
-        heading = lambda text: mw.Label(value=f"<b>{text}</b>")  # noqa: E731
+        self._headings = []
+
+        def heading(text):
+            self._headings.append(mw.Label(value=f"<b>{text}</b>"))
+            return self._headings[-1]
+
         viewer = self.viewer
         self.image = mw.ComboBox(label="Image", choices=lambda _: _layers.image_choices(viewer))
         self.channel_axis = mw.SpinBox(
@@ -94,8 +127,14 @@ class PacSegWidget(mw.Container):
             tooltip="3D layers: a volume, a time-lapse of 2D frames (each segmented alone), or "
             "the channels of a 2D image; set from the layer's axis labels when they say",
         )  # fmt: skip
-        self.spacing_info = mw.Label(label="Spacing")
-        self.model_info = mw.Label(label="Model", value="none loaded")
+        self.spacing = mw.LineEdit(
+            label="Spacing",
+            tooltip="the pixel or voxel size (z, y, x; y, x for a 2D image or frames) in the "
+            "image's units (um for the sample): the image layer's scale. Enter sets it on the "
+            "image, its scribbles and its results",
+        )  # fmt: skip
+        self.spacing_info = mw.Label(value="(no image)")
+        self.model_info = mw.Label(value="none loaded")
         self.model_details = mw.CheckBox(
             text="Show model details", value=False,
             tooltip="the full description: features, head, refinement and instance defaults, "
@@ -113,7 +152,7 @@ class PacSegWidget(mw.Container):
             label="Training steps", min=10, max=5000, step=10, value=DEFAULT_STEPS
         )
         self.train_context = mw.CheckBox(
-            text="Context (slower, learns surroundings)", value=False,
+            text="Context net (slower)", value=False,
             tooltip="also train a small encoder/decoder that sees each voxel's surroundings "
             "(about 20 s more on a laptop CPU)",
         )  # fmt: skip
@@ -148,17 +187,24 @@ class PacSegWidget(mw.Container):
         )  # fmt: skip
         self.objects = None  # the last full run's measurement table
         self.background = mw.ComboBox(label="Background class", choices=[("background", 0)])
-        self.device = mw.ComboBox(label="Device", choices=device_choices())
+        self.device = mw.ComboBox(
+            label="Device", choices=device_choices(),
+            tooltip="where segmenting and training run; auto: the first CUDA device, else the CPU",
+        )  # fmt: skip
         self.live = mw.CheckBox(text="Live (visible region)", value=True)
         self.run_button = mw.PushButton(text="Run on full image")
         self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
+        self.progress = mw.ProgressBar(
+            min=0, max=1, value=0, visible=False,
+            tooltip="the full run's tiles or the training's steps done",
+        )  # fmt: skip
         self.status = mw.Label(label="Status", value="ready")
         # Everything but the run controls and the status scrolls, so the widget fits a laptop
         # screen (a magicgui container docked by napari never scrolls itself: napari docks its
         # inner widget); Run, Cancel and Status stay in sight below it.
         self.controls = mw.Container(labels=True, scrollable=True)
         self.controls.extend([
-            self.image, self.axis0, self.channel_axis, self.spacing_info,
+            self.image, self.axis0, self.channel_axis, self.spacing, self.spacing_info,
             heading("Model"), self.model_info, self.model_details, self.load_button,
             self.save_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
@@ -170,19 +216,61 @@ class PacSegWidget(mw.Container):
             heading("Output"), self.threshold, self.background, self.device,
         ])  # fmt: skip
         self.run_controls = mw.Container(
-            labels=True, widgets=[self.live, self.run_button, self.cancel_button, self.status]
+            labels=True,
+            widgets=[self.live, self.run_button, self.cancel_button, self.progress, self.status],
         )
         layout = self.native.layout()  # Qt level: magicgui would insert the scroll area's content
         layout.addWidget(self.controls.root_native_widget)
         layout.addWidget(self.run_controls.native)
+        self._fit_narrow_dock()
+
+    def _fit_narrow_dock(self) -> None:
+        """Make the controls fit a narrow dock (the dock opens at about 330 px at 1366 x 768):
+        headings and the info lines span the whole row (no empty label column before them),
+        texts wrap, drop-downs and number boxes may be narrower than their longest entry, and
+        the scroll area scrolls sideways only as a last resort."""
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QAbstractSpinBox, QComboBox, QLineEdit, QSizePolicy
+
+        full_row = [self.spacing_info, self.model_info, self.progress, *self._headings]
+        for w in full_row:
+            row = w._labeled_widget()
+            if row is not None:  # magicgui puts an empty label column before each value widget
+                row._label_widget.visible = False
         for w in (self.model_info, self.status, self.spacing_info):
             w.native.setWordWrap(True)
+            policy = w.native.sizePolicy()  # wrapped text: any width, the height follows
+            policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
+            policy.setVerticalPolicy(QSizePolicy.Policy.Preferred)
+            w.native.setSizePolicy(policy)
+        for w in (*self.controls, *self.run_controls):
+            native = w.native
+            if isinstance(native, QComboBox):
+                native.setSizeAdjustPolicy(
+                    QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+                )
+                native.setMinimumContentsLength(6)
+            if isinstance(native, (QComboBox, QAbstractSpinBox, QLineEdit)):
+                native.setMinimumWidth(72)
+        # The dock opens at the widget's size hint and never narrower than its minimum: the
+        # controls' width plus the vertical scroll bar, so nothing is cut.
+        scroll = self.controls.root_native_widget
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        # Always there: a bar that comes and goes changes the width the wrapped texts' heights
+        # were laid out for, and cuts their first and last lines.
+        scroll.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOn)
+        content = scroll.widget()
+        content.setMinimumWidth(CONTROLS_WIDTH)
+        chrome = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
+        least = max(CONTROLS_WIDTH, content.minimumSizeHint().width())
+        scroll.setMinimumWidth(least + chrome)
 
     def _connect(self) -> None:
         self.image.changed.connect(self._on_image_changed)
         self.scribbles.changed.connect(self._on_scribbles_changed)
         self.channel_axis.changed.connect(self._on_image_changed)
         self.axis0.changed.connect(self._on_axis0_changed)
+        self.spacing.native.editingFinished.connect(self._on_spacing_edited)
         self.model_details.changed.connect(self._show_model_info)
         self.load_button.clicked.connect(lambda: self._on_file_clicked(save=False))
         self.save_button.clicked.connect(lambda: self._on_file_clicked(save=True))
@@ -213,6 +301,7 @@ class PacSegWidget(mw.Container):
     def _teardown(self, *_args) -> None:
         """The Qt widget is being destroyed: stop live updates, leave the viewer's events."""
         self.live_runner.close()
+        self._watch_scale(None)
         for event, callback in self._viewer_hooks:
             event.disconnect(callback)
         self._viewer_hooks = []
@@ -268,6 +357,7 @@ class PacSegWidget(mw.Container):
                 self.axis0.value = default_axis0(layer)
         self._axis0_layer = layer
         self.axis0.visible = three_d
+        self._watch_scale(layer)
         self._update_spacing_info()
         self._request_live()
 
@@ -275,13 +365,65 @@ class PacSegWidget(mw.Container):
         self._update_spacing_info()
         self._request_live()
 
-    def _update_spacing_info(self) -> None:
+    def _watch_scale(self, layer) -> None:
+        """Follow ``layer``'s scale (set in the layer's console or by a script) in Spacing."""
+        old, hook = getattr(self, "_scale_hook", (None, None))
+        if old is layer:
+            return
+        if old is not None:
+            old.events.scale.disconnect(hook)
+        self._scale_hook = (None, None)
+        if layer is not None:
+            me = weakref.ref(self)  # the layer's event must not keep the widget alive
+
+            def hook(*_args):
+                widget = me()
+                if widget is not None:
+                    widget._on_scale_changed()
+
+            layer.events.scale.connect(hook)
+            self._scale_hook = (layer, hook)
+
+    def _on_scale_changed(self, *_args) -> None:
+        self._update_spacing_info()
+        self._request_live()
+
+    def _on_spacing_edited(self) -> None:
+        if self.image.value is not None:
+            self.set_spacing(self.spacing.value)
+
+    def set_spacing(self, text: str) -> bool:
+        """Set the image's pixel or voxel size from ``text`` ("1, 0.4, 0.4": z, y, x; y, x for a
+        2D image or a time-lapse's frames): the scale of the image layer, its scribbles and its
+        results, so napari draws it and segmenting uses it. True when set; an error (and
+        Spacing back to the layer's) when ``text`` is not a spacing."""
+        from napari_pacseg._napari.session import parse_spacing
+
         try:
-            self._input()
+            inp = self._input()
+            spacing = parse_spacing(text, len(inp.spacing))
+        except ValueError as err:
+            self._update_spacing_info()
+            self._error(str(err))
+            return False
+        if spacing != inp.spacing:
+            changed = _layers.set_spacing(self.viewer, inp.layer, spacing, self.scribbles.value)
+            self._update_spacing_info()
+            shown = ", ".join(f"{v:g}" for v in spacing)
+            self._say(f"spacing {shown} set on {', '.join(repr(n) for n in changed)}")
+        return True
+
+    def _update_spacing_info(self) -> None:
+        spacing = ""
+        try:
+            inp = self._input()
             text = self.session.spacing_text()
+            spacing = ", ".join(f"{v:g}" for v in inp.spacing)
         except ValueError as err:  # e.g. a 4D layer whose channel axis is not first
             text = "(no image)" if self.image.value is None else str(err)
         self.spacing_info.value = text
+        self.spacing.value = spacing
+        self.spacing.enabled = bool(spacing)
         kind = self.session.image.ndim if self.session.image is not None else 3
         if self.train_steps.value == self._auto_steps:  # still the widget's: not the user's own
             self.train_steps.value = self._auto_steps = default_steps(kind)
@@ -312,10 +454,18 @@ class PacSegWidget(mw.Container):
         return True
 
     def save_model_file(self, path):
-        """Save the current model (``.safetensors`` added when missing; a file at that added
-        name is never replaced without being asked: ``Session.save``)."""
+        """Save the current model (``.safetensors`` added when missing); the path written, or
+        None. A file at the added name, which the save dialog did not ask about, is replaced
+        only when the user says so (``confirm_replace``)."""
         try:
-            written = self.session.save(path)
+            try:
+                written = self.session.save(path)
+            except FileExistsError:
+                target = model_file_name(path)
+                if not confirm_replace(self.native, target):
+                    self._say(f"not saved: {target.name} exists")
+                    return None
+                written = self.session.save(target)  # the name itself: replaced
         except (OSError, ValueError) as err:
             self._error(f"could not save the model to {path}: {err}")
             return None
@@ -463,7 +613,7 @@ class PacSegWidget(mw.Container):
                     self.save_objects_button.enabled = True
                     objects = f", {int(seg.instances.max())} objects"
             self.session.full_run_written()
-            self._say(f"full image done in {seconds:.1f} s{objects}")
+            self._say(f"full image done in {seconds:.1f} s{objects}{_spacing_note(job)}")
 
     def _on_save_objects_clicked(self) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -480,7 +630,14 @@ class PacSegWidget(mw.Container):
             self._error("no measurements yet: turn Instances on and run on the full image")
             return None
         try:
-            written = save_measurements(path, self.objects)
+            try:
+                written = save_measurements(path, self.objects)
+            except FileExistsError:
+                target = Path(path).with_suffix(".csv")
+                if not confirm_replace(self.native, target):
+                    self._say(f"not saved: {target.name} exists")
+                    return None
+                written = save_measurements(target, self.objects)
         except OSError as err:
             self._error(f"could not save the measurements to {path}: {err}")
             return None
@@ -495,6 +652,13 @@ class PacSegWidget(mw.Container):
         for w in (self.run_button, self.train_button, self.load_button):
             w.enabled = not running
         self.cancel_button.enabled = running
+        # the bar in sight below Run and Cancel (napari's own is in its collapsed activity dock)
+        self.progress.max, self.progress.value = 1, 0
+        self.progress.visible = running
+
+    def _task_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(1, int(total))
+        self.progress.value = min(int(done), self.progress.max)
 
     # --- live preview ---------------------------------------------------------------------------
 
@@ -567,6 +731,7 @@ class PacSegWidget(mw.Container):
             note = f"; {result.note}" if result.note else ""
             if self.instances.value and job.params.instances is None:
                 note += "; objects: the last full run's (Run on full image updates them)"
+            note += _spacing_note(job)
             self._live_said = f"{what} in {result.seconds:.2f} s ({result.work}){note}"
             self._say(self._live_said)
 

@@ -81,6 +81,20 @@ class _Throttled:
             self.emit(self.gen, stage, done, total)
 
 
+UNITS = {"segmentation": "tiles", "training": "steps"}  # what a task's progress counts
+
+
+def progress_text(kind: str, done: int, total: int, seconds: float) -> str:
+    """A task's progress for the status line: "segmentation: tiles 5/12 (41%, ~6 s left)"
+    (the time left from the rate so far, once a second has passed)."""
+    unit = UNITS.get(kind, "")
+    percent = 100 * done // total if total else 0
+    left = ""
+    if 0 < done < total and seconds >= 1.0:
+        left = f", ~{seconds * (total - done) / done:.0f} s left"
+    return f"{kind}: {unit} {done}/{total} ({percent}%{left})".replace("  ", " ")
+
+
 class TaskRunner:
     """Full runs and training in a worker thread, one at a time (``session.begin``).
 
@@ -88,12 +102,17 @@ class TaskRunner:
     ``session.FullRun`` or ``session.Training``) with a napari progress bar; the main thread
     gets ``on_result(result, seconds)``, or a status line when it was cancelled
     (``session.cancel()``), or ``error(text)`` when it failed (also when ``on_result`` raises
-    ``ValueError``). ``status(text)`` shows progress; ``running(flag)`` is called when a task
-    starts and ends.
+    ``ValueError``). ``status(text)`` shows progress (``progress_text``: with units, percent
+    and time left); ``running(flag)`` is called when a task starts and ends;
+    ``progressed(done, total)``, when given, with each progress report (the widget's bar).
     """
 
-    def __init__(self, session, status: Callable, error: Callable, running: Callable) -> None:
+    def __init__(
+        self, session, status: Callable, error: Callable, running: Callable,
+        progressed: Callable | None = None,
+    ) -> None:  # fmt: skip
         self.session, self.status, self.error, self.running = session, status, error, running
+        self.progressed = progressed
         self._bar = None
         self._worker = None
         self._relay = _Relay()
@@ -127,9 +146,12 @@ class TaskRunner:
         # The status first: napari's bar may turn the event loop in update(), and so deliver
         # the task's result, whose status line must then stay.
         if task.should_cancel():
-            self.status(f"cancelling the {task.kind}… ({done}/{total} done)")
+            unit = UNITS.get(task.kind, "")
+            self.status(f"cancelling the {task.kind}… ({done}/{total} {unit} done)")
         else:
-            self.status(f"{task.kind}: {done}/{total}")
+            self.status(progress_text(task.kind, done, total, task.seconds))
+        if self.progressed is not None:
+            self.progressed(done, total)
         bar = self._bar
         bar.total = total
         bar.update(done - bar.n)
@@ -212,7 +234,10 @@ class LiveRunner:
         """Drop pending requests and make a running job's result stale."""
         self.generation += 1
         self._again = False
-        self._timer.stop()
+        try:
+            self._timer.stop()
+        except RuntimeError:  # Qt deleted the timer first (the application is closing)
+            pass
 
     def close(self) -> None:
         """Stop for good (the widget is gone): later requests are ignored."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_pacseg.batch.zarr_runs import open_scheduler, segment_zarr
+from napari_pacseg.batch.zarr_runs import memory_bytes, open_scheduler, segment_zarr
 from napari_pacseg.checks import check_callable, check_int, check_ints, error_line
 from napari_pacseg.engine.plan import settle
 from napari_pacseg.engine.request import SegmentRequest
@@ -152,7 +152,9 @@ class Skip(str):
     """An entry's "problem" that is no problem: the reason it is skipped (not an input)."""
 
 
-def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
+def expand_inputs(
+    inputs, pictures: bool = True, frames: bool = False, channel_axis: int | None = None
+) -> list[tuple[Path, str]]:
     """Files, zarr folders, plain folders (their volumes, not recursive, skipping hidden names)
     and glob patterns -> ``[(path, problem)]`` in order, without repeats; ``problem`` is "", why
     the entry cannot be segmented, or a ``Skip`` saying why it is not an input.
@@ -163,13 +165,16 @@ def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
     explicitly is an input whatever its name looks like, except one that a pacseg record lists
     as its output (a shell-expanded ``*.npy`` of a finished run): that one is reported as
     skipped, and it is never written either (``iter_segment_files`` fails the input that
-    would replace it). PNG and JPEG files are found by folders and patterns only with
-    ``pictures`` (a 2D model's run)."""
+    would replace it). ``pictures``: the run's model is a 2D model. Files that folders and
+    patterns find of the other kind than the model's are skipped, each with a ``Skip`` that
+    says why (``_other_kind``): 2D images (PNG, JPEG, 2D TIFF and NPY) and TIFF time-lapses
+    in a volume model's run, volumes in a 2D model's (unless ``frames``)."""
     entries: list[tuple[Path, str, bool]] = []  # (path, problem, named explicitly)
     for item in inputs:
         path = Path(item)
         if not _exists(path) and GLOB_CHARS & set(str(item)):
-            found = _volumes([Path(m) for m in sorted(glob.glob(str(item)))], pictures)
+            matches = [Path(m) for m in sorted(glob.glob(str(item)))]
+            found = _volumes(matches, pictures, frames, channel_axis)
             entries += found or [(path, "the pattern matches no volume", True)]
         elif path.is_symlink() and not _exists(path):
             entries.append((path, "a broken symbolic link (or a link loop)", True))
@@ -179,7 +184,9 @@ def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
             except OSError as err:
                 entries.append((path, f"cannot list the folder ({err.strerror or err})", True))
                 continue
-            found = _volumes([c for c in children if not c.name.startswith(".")], pictures)
+            found = _volumes(
+                [c for c in children if not c.name.startswith(".")], pictures, frames, channel_axis
+            )
             entries += found or [
                 (path, "the folder holds no TIFF, NPY, PNG, JPEG or zarr input", True)
             ]
@@ -209,25 +216,44 @@ def expand_inputs(inputs, pictures: bool = True) -> list[tuple[Path, str]]:
     return unique
 
 
-def _volumes(paths, pictures: bool = True) -> list[tuple[Path, str, bool]]:
-    """Entries for the volumes among ``paths`` (a folder's contents, a pattern's matches), and
-    the PNG / JPEG images with ``pictures``; broken links with a volume's name are entries that
-    say so."""
+def _volumes(
+    paths, pictures: bool = True, frames: bool = False, channel_axis: int | None = None
+) -> list[tuple[Path, str, bool]]:
+    """Entries for the inputs among ``paths`` (a folder's contents, a pattern's matches), those
+    of the other kind than the model's (``pictures``: a 2D model) skipped (``_other_kind``);
+    broken links with an input's name are entries that say so."""
     found = []
     for p in paths:
         try:
             if p.is_symlink() and not _exists(p):
                 if p.suffix.lower() in (*TIFF_SUFFIXES, *NPY_SUFFIXES, *PICTURE_SUFFIXES, ".zarr"):
                     found.append((p, "a broken symbolic link (or a link loop)", False))
-            elif (
-                _exists(p)
-                and volume_kind(p)
-                and (pictures or p.suffix.lower() not in PICTURE_SUFFIXES)
-            ):
-                found.append((p, "", False))
+            elif _exists(p) and volume_kind(p):
+                other = _other_kind(p, pictures, frames, channel_axis)
+                found.append((p, Skip(other) if other else "", False))
         except OSError:  # unreadable
             continue
     return found
+
+
+def _other_kind(path: Path, planar: bool, frames: bool, channel_axis: int | None) -> str:
+    """Why a file a folder or a pattern found is not for the run's model ("" when it is): a 2D
+    image or a time-lapse for a volume model (``planar`` False), a volume for a 2D model
+    (unless ``frames``: then every stack is one of 2D frames). Only headers are read."""
+    from napari_pacseg.io.images import is_2d_file, is_time_lapse
+
+    if frames:
+        return ""
+    flat, movie = is_2d_file(path, channel_axis), is_time_lapse(path, channel_axis)
+    if not planar and (flat or movie):
+        what = "a 2D image" if flat else "a stack of 2D frames (its TIFF axes say T)"
+        return f"{what}, and the model segments volumes; segment it with a 2D model"
+    if planar and not (flat or movie):
+        return (
+            "a volume, and the model segments 2D images; segment it with a volume model, or "
+            "pass --frames if it is a stack of 2D frames"
+        )
+    return ""
 
 
 def _without_outputs(entries):
@@ -279,6 +305,7 @@ def iter_segment_files(
     device="auto",
     tile_shape=None,
     chunks=None,
+    memory=None,
     scheduler=None,
     workers: int | None = None,
     overwrite: bool = False,
@@ -315,10 +342,12 @@ def iter_segment_files(
         )
     if chunks is not None:
         chunks = check_ints(chunks, 3, "chunks", 1, 1 << 20)
-    # a folder's PNG and JPEG files are inputs of a 2D model only (thumbnails beside volumes)
+    memory = memory_bytes(memory)
+    # a folder's files of the other kind (thumbnails beside volumes, ...): skipped, each said
     entries = expand_inputs(
-        [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs, model.config.ndim == 2
-    )
+        [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs, model.config.ndim == 2,
+        bool(frames), channel_axis,
+    )  # fmt: skip
     outdir = Path(outdir)
     if outdir.is_symlink() and not _exists(outdir):
         raise ValueError(f"output folder {outdir} is a broken symbolic link; give a folder")
@@ -336,7 +365,7 @@ def iter_segment_files(
         raise ValueError(
             f"the output folder {outdir} is not writable; give a folder you can write to"
         )
-    options = RunOptions(request, chunks, scheduler, workers, overwrite, bool(frames))
+    options = RunOptions(request, chunks, scheduler, workers, overwrite, bool(frames), memory)
     # explicitly named files skipped as pacseg outputs: never written, though not inputs
     named_outputs = InputGuard(p for p, problem in entries if isinstance(problem, Skip))
     run = _FileRun(model, model_info, options, progress, len(entries), named_outputs)
@@ -371,8 +400,8 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
         (``ValueError`` before any work), as are two inputs with the same output names.
     spacing, channel_axis, refine, device, tile_shape : as in ``segment`` (``spacing`` default:
         the file's metadata, else the model's). channel_axis is the raw axis in the file.
-    chunks, scheduler, workers : as in ``segment_zarr``, for zarr inputs only; a cluster from
-        ``workers`` is started once, at the first zarr input, for all of them.
+    chunks, memory, scheduler, workers : as in ``segment_zarr``, for zarr inputs only; a
+        cluster from ``workers`` is started once, at the first zarr input, for all of them.
     overwrite : redo inputs whose complete output exists.
     instances : also ``<stem>_instances.<ext>`` (object ids, uint16, or uint32 past 65535
         objects) and ``<stem>_objects.csv`` (``instances.object_table``; the record gives the
@@ -384,7 +413,7 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
         PNG, JPEG (outputs as TIFF), 2D TIFF and NPY (``image_io.read_picture``); zarr inputs
         need a volume model.
     progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
-        or chunks (zarr inputs); ``done == 0`` when an input starts.
+        or voxels (zarr inputs); ``done == 0`` when an input starts.
 
     Returns
     -------
@@ -399,8 +428,9 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
 class RunOptions:
     """The options of one ``segment_files`` call, checked once: the ``SegmentRequest`` every
     input shares (its ``channel_axis`` is the raw axis in the files, its ``spacing`` the one
-    given, else each file's own), the zarr runs' chunks and scheduler, ``overwrite``, and
-    whether the inputs are stacks of 2D frames (a 2D model)."""
+    given, else each file's own), the zarr runs' chunks and scheduler, ``overwrite``,
+    whether the inputs are stacks of 2D frames (a 2D model), and the zarr runs' memory budget
+    per task (bytes, None for ``segment_zarr``'s default)."""
 
     request: SegmentRequest
     chunks: tuple | None = None
@@ -408,6 +438,7 @@ class RunOptions:
     workers: int | None = None
     overwrite: bool = False
     frames: bool = False
+    memory: int | None = None
 
     def recorded(self) -> dict:
         """The parameters every record of this run lists (and a resume compares)."""
@@ -578,11 +609,12 @@ class _FileRun:
         if volume.kind in ("zarr", "ome-zarr"):
             res = segment_zarr(
                 volume, request, paths["labels"], paths["matte"], chunks=opts.chunks,
-                scheduler=self.scheduler(), overwrite=True, progress=tiles,
+                memory=opts.memory, scheduler=self.scheduler(), overwrite=True, progress=tiles,
                 instances_out=paths.get("instances"), objects_out=paths.get("objects"),
             )  # fmt: skip
             parameters = {"spacing": list(res.spacing), "spacing_source": res.spacing_source,
-                          "chunks": list(res.chunks), "halo": list(res.halo)}  # fmt: skip
+                          "chunks": list(res.chunks), "halo": list(res.halo),
+                          "blocks": list(res.blocks), "memory": res.memory}  # fmt: skip
             details = {"shape": list(res.shape), "dtype": str(volume.data.dtype),
                        "parameters": parameters, "timings": res.timings}  # fmt: skip
             if res.instances is not None:
@@ -595,7 +627,7 @@ class _FileRun:
 
     def _segment_2d(self, path: Path, paths: dict[str, Path], tiles) -> dict:
         """A 2D image (or, with ``frames``, a stack of 2D frames) by a 2D model, in memory."""
-        from napari_pacseg.io.images import read_picture
+        from napari_pacseg.io.images import is_time_lapse, read_picture
 
         opts, request = self.options, self.options.request
         if volume_kind(path) == "zarr":
@@ -603,15 +635,17 @@ class _FileRun:
                 f"{path}: a zarr input is read as a volume, and this is a 2D model; segment zarr "
                 "volumes with a volume model, or save the 2D images as TIFF, PNG or NPY"
             )
-        picture = read_picture(path, request.channel_axis, opts.frames)
+        # a TIFF whose axes say T (and no Z) is a stack of frames without --frames
+        frames = opts.frames or is_time_lapse(path, request.channel_axis)
+        picture = read_picture(path, request.channel_axis, frames)
         spacing, source = resolve_spacing(
             request.spacing, picture, self.model.config.in_plane_spacing, 2
         )
-        axes = {"frame_axis": 0, "channel_axis": 1} if opts.frames else {"channel_axis": 0}
+        axes = {"frame_axis": 0, "channel_axis": 1} if frames else {"channel_axis": 0}
         data = picture.picture()
         seg = segment(data, request.replace(spacing=spacing, **axes), progress=tiles)
         return _write_in_memory(paths, seg, data, picture.kind == "npy", spacing, source,
-                                "TYX" if opts.frames else "YX")  # fmt: skip
+                                "TYX" if frames else "YX")  # fmt: skip
 
 
 def _write_in_memory(paths, seg, image, npy: bool, spacing, source, axes) -> dict:

@@ -1,32 +1,56 @@
 """Out-of-core segmentation of zarr volumes with dask: ``segment_zarr``.
 
-The volume is cut into chunks; each chunk is segmented by ``segment()`` on the chunk plus a halo
-of ``receptive_field`` voxels (clipped at the volume's edges), with the whole volume's intensity
-range, and only the chunk's core is kept: the same overlap-and-trim as
+The volume's storage chunks are grouped into work blocks: boxes of whole chunks, as large as a
+memory budget allows (``choose_blocks``). Each block is one task: ``segment()`` on the block
+plus a halo of ``receptive_field`` voxels (clipped at the volume's edges), with the whole
+volume's intensity range, keeping only the block's core: the same overlap-and-trim as
 ``dask.array.map_overlap(depth=receptive_field, boundary="none")``, except that each task reads
 its haloed region straight from the zarr store, so no ghost cells travel between workers and a
-task needs nothing but the store and the model. The results are written chunk by chunk into zarr
-arrays under temporary names (each task writes whole output chunks: an idempotent write, so a
-retried task rewrites the same bytes) and renamed into place only when every chunk is done.
-Memory is bounded by the chunk size, whatever the volume size.
+task needs nothing but the store and the model. A block pays its halo once for all its chunks,
+so large blocks cost about what ``segment()`` in memory costs per voxel, while small storage
+chunks stay the writer's choice. The results are written into zarr arrays chunked as asked,
+under temporary names (each task writes whole output chunks: an idempotent write, so a retried
+task rewrites the same bytes), and renamed into place only when every chunk is done. Memory per
+task is bounded by the budget, whatever the volume size; the instance passes run chunk by
+chunk (``instances.chunked``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import logging
+import math
 import os
+import re
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from napari_pacseg.checks import check_callable
-from napari_pacseg.engine.plan import check_channels, check_overlap, extend_box, split_box, whole
+from napari_pacseg.checks import check_callable, short_repr
+from napari_pacseg.engine.plan import (
+    REFINE_FULL_DEPTH,
+    REFINE_TILE,
+    TILE_COST_VOXELS,
+    UNARY_TILE,
+    Settings,
+    check_channels,
+    check_overlap,
+    extend_box,
+    refine_tile,
+    settle,
+    split_box,
+    tiling_work,
+    whole,
+)
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
-from napari_pacseg.instances.chunked import IdArrays, Measure, instances_pass
+from napari_pacseg.instances.chunked import Brightness, IdArrays, Measure, instances_pass
 from napari_pacseg.instances.labels import table_csv
 from napari_pacseg.io.atomic import (
     check_replaceable,
@@ -55,10 +79,24 @@ from napari_pacseg.model.classes import DEFAULT_THRESHOLD
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import image_range, volume_noise_level
 
-# Default chunk (z, y, x): ~4 M voxels, so a task (chunk + halo, the features of one tile, the
-# logits of the chunk) stays within a few hundred MiB and the halo adds ~2x work at most for the
-# demo model's receptive field of (13, 30, 30).
+# Default storage chunk (z, y, x) of the outputs: ~4 M voxels, a few MiB per compressed chunk;
+# work blocks group chunks, so the chunk size does not set the halo's cost.
 DEFAULT_CHUNKS = (64, 256, 256)
+# The default memory budget of a task: this share of the memory available when the run starts
+# (psutil, else /proc/meminfo's MemAvailable, and no more than a cgroup's limit leaves), split
+# between the tasks that run at once on this machine; on a dask.distributed cluster this share
+# of each worker's memory limit per thread. The other half stays for the system, the file
+# cache and other programs. FALLBACK_MEMORY per task where neither is known.
+DEFAULT_MEMORY_SHARE = 0.5
+FALLBACK_MEMORY = 2 << 30
+# A task's estimated peak over the arrays it holds (``task_memory``): allocator slack, the
+# transient copies of torch's ops that the count leaves out.
+TASK_MEMORY_MARGIN = 1.25
+# A task's fixed cost (reading its region, dispatch, writing its chunks), in voxels of work.
+TASK_COST_VOXELS = 1 << 16
+# Block layouts whose makespan is found by placing each block (longest first) on the least
+# loaded task slot; beyond this many blocks per slot, total work / slots stands for it.
+BALANCE_BLOCKS_PER_SLOT = 8
 LOCAL_SCHEDULERS = ("synchronous", "sync", "threads", "threading")
 
 
@@ -71,20 +109,22 @@ def _dask():
     return dask
 
 
-# --- one chunk ------------------------------------------------------------------------------------
+# --- one work block ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """Everything a worker needs for one chunk (picklable: the request carries its model as
-    the bytes of its model file).
+    """Everything a worker needs for one work block (picklable: the request carries its model
+    as the bytes of its model file).
 
-    box : the chunk's core, ``(z, y, x)`` ranges. ext : the core plus the halo, clipped to the
-    volume. layout : how the source's axes map to ``(C, D, H, W)``. request : the chunk's
-    ``SegmentRequest`` (no objects: they have their own pass). norm : the whole volume's
-    ``(lo, hi, noise_level)``, one value per channel each. outputs : the labels and matte
-    (or None) zarr paths. read_here : ``segment_chunk``'s source is the zarr array to read
-    ``ext`` from, else the region itself. source_name : the input, for messages.
+    box : the block's core, ``(z, y, x)`` ranges of whole output chunks. ext : the core plus the
+    halo, clipped to the volume. layout : how the source's axes map to ``(C, D, H, W)``.
+    request : the blocks' ``SegmentRequest`` (no objects: they have their own pass). norm : the
+    whole volume's ``(lo, hi, noise_level)``, one value per channel each. outputs : the labels
+    and matte (or None) zarr paths. read_here : ``segment_chunk``'s source is the zarr array to
+    read ``ext`` from, else the region itself. source_name : the input, for messages. index :
+    the block's number in the run. progress_key : the run's key in ``_RELAYS`` (tile progress
+    inside the block, where the task runs in the calling process), or None.
     """
 
     box: tuple[tuple[int, int], ...]
@@ -95,11 +135,19 @@ class ChunkJob:
     outputs: tuple[str, str | None]
     read_here: bool
     source_name: str
+    index: int = 0
+    progress_key: str | None = None
+
+
+# Per run (its token), in the calling process: ``relay(block index, fraction done)``. A task that
+# runs in this process (the local schedulers) finds it; a worker process finds nothing.
+_RELAYS: dict[str, Callable[[int, float], None]] = {}
 
 
 def segment_chunk(job: ChunkJob, source) -> dict[str, float]:
-    """Segment one chunk and write its core into the output stores. ``source`` is the raw
-    zarr array (the region is read here) or the region itself, ``(C, d, h, w)``."""
+    """Segment one work block and write its core (whole chunks) into the output stores.
+    ``source`` is the raw zarr array (the region is read here) or the region itself, ``(C, d,
+    h, w)``."""
     import zarr
 
     region = (
@@ -108,7 +156,16 @@ def segment_chunk(job: ChunkJob, source) -> dict[str, float]:
         else np.asarray(source)
     )
     lo, hi, noise = job.norm
-    seg = run(region, job.request, ImageOptions(intensity_range=(lo, hi), noise_level=noise))
+    relay = _RELAYS.get(job.progress_key) if job.progress_key is not None else None
+    tiles = None
+    if relay is not None:
+
+        def tiles(done, total):
+            relay(job.index, done / total if total else 0.0)
+
+    options = ImageOptions(intensity_range=(lo, hi), noise_level=noise)
+    seg = run(region, job.request, options, tiles)
+    del region
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(job.box, job.ext))
     where = tuple(slice(a, b) for a, b in job.box)
     labels_path, matte_path = job.outputs
@@ -116,6 +173,297 @@ def segment_chunk(job: ChunkJob, source) -> dict[str, float]:
     if matte_path is not None:
         zarr.open_array(matte_path, mode="r+")[where] = seg.matte[core]
     return seg.timings
+
+
+# --- work blocks ----------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
+
+
+def memory_bytes(memory) -> int | None:
+    """``memory`` as bytes: None stays None; an int is bytes; a string is a number with an
+    optional unit K, M, G or T (powers of 1024; "4G", "512M", "1.5GiB", "800MB"), bytes
+    without one. ``ValueError`` for anything else or a size under 1 MiB."""
+    if memory is None:
+        return None
+    if isinstance(memory, bool):
+        raise ValueError(f"memory must be a size such as 4G or 512M, got {short_repr(memory)}")
+    if isinstance(memory, (int, np.integer, float, np.floating)):
+        value = float(memory)
+    elif isinstance(memory, str) and (m := _SIZE.fullmatch(memory)):
+        value = float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " ")
+    else:
+        raise ValueError(
+            f"memory must be a size such as 4G, 512M or a number of bytes, got {short_repr(memory)}"
+        )
+    if not math.isfinite(value) or value < 1 << 20:
+        raise ValueError(f"memory must be at least 1M (1 MiB), got {short_repr(memory)}")
+    return int(value)
+
+
+def describe_bytes(n: float) -> str:
+    """``n`` bytes as "1.5 GiB", "300 MiB"."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 1024:.3g} KiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations on this machine: psutil's ``available``,
+    else ``MemAvailable`` of ``/proc/meminfo``; no more than a cgroup's limit leaves (a
+    container's limit is below the host's free memory). None when nothing says."""
+    found = None
+    try:
+        import psutil
+
+        found = int(psutil.virtual_memory().available)
+    except Exception:  # not installed, or no /proc
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    left = _cgroup_left()
+    if left is not None:
+        found = left if found is None else min(found, left)
+    return found
+
+
+def _cgroup_left() -> int | None:
+    """Bytes a cgroup's memory limit still leaves this process's group (v2, then v1), or None."""
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):  # fmt: skip
+        try:
+            text = Path(limit).read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:  # no limit
+                return None
+            return max(0, int(text) - int(Path(usage).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def task_memory(ext_shape, settings: Settings, model, itemsize: int, tile_shape=None) -> int:
+    """Estimated peak bytes one task adds above its process's baseline (libraries, model):
+    ``segment()`` of a ``(D, H, W)`` region ``ext_shape`` (a block and its halo).
+
+    Per voxel of the region: the image as read (``itemsize`` per channel), the logit
+    differences (``K - 1`` float32), labels (uint8) and matte (float32). Per task, the larger
+    pass's working set: a logits tile (``UNARY_TILE`` + the features' halo) holds its float32
+    image, features and context channels; a refinement tile (``refine_tile`` + the
+    refinement's read reach) its logits, guide and local fit, and the mean field's weights for
+    a few planes of window taps. All times ``TASK_MEMORY_MARGIN``."""
+    config = model.config
+    c, k = config.in_channels, config.n_classes
+    held = math.prod(ext_shape) * (c * itemsize + 4 * (k - 1) + 1 + 4)
+    tile = tile_shape or UNARY_TILE
+    unary = [min(n, t + 2 * h) for n, t, h in zip(ext_shape, tile, settings.halo)]
+    context = sum(config.context.channels) if config.context else 0
+    work = math.prod(unary) * 4 * (c + config.n_features + context + 2)
+    if settings.refine is not None:
+        tile = tile_shape or refine_tile(ext_shape)
+        reach = settings.read_reach
+        fine = [min(n, t + 2 * r) for n, t, r in zip(ext_shape, tile, reach)]
+        weights = (settings.kernel[0] + 1) * fine[1] * fine[2] * math.prod(settings.kernel) * 4
+        work = max(work, math.prod(fine) * 4 * (3 * k + 2 * c + 4) + weights)
+    return int(TASK_MEMORY_MARGIN * (held + work))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How ``choose_blocks`` groups the chunks: ``size`` chunks per block along ``(z, y, x)``
+    (the last block of an axis may hold fewer), the blocks' core boxes in raster order,
+    ``task_bytes`` the estimated peak of the largest block's task (``task_memory``), ``budget``
+    the bytes per task it was chosen for, and ``over`` True when even one chunk is estimated
+    above the budget (blocks are then single chunks)."""
+
+    size: tuple[int, int, int]
+    boxes: list
+    task_bytes: int
+    budget: int
+    over: bool = False
+
+
+class _Axis:
+    """Along one axis of ``n`` voxels in chunks of ``c``, blocks of ``b`` chunks: each block's
+    extent length (the block grown by ``halo`` and clipped), and the voxels and tiles each pass
+    of ``segment()`` reads along the axis per block (``tiling_work`` of the extent alone)."""
+
+    def __init__(self, n: int, c: int, b: int, halo: int, reads) -> None:
+        starts = range(0, n, b * c)
+        self.ext = np.array([min(n, s + b * c + halo) - max(0, s - halo) for s in starts])
+        per = [reads(int(e)) for e in self.ext]  # [(reads, tiles) per pass] per block
+        self.reads = [np.array([p[i][0] for p in per], float) for i in range(len(per[0]))]
+        self.tiles = [np.array([p[i][1] for p in per], float) for i in range(len(per[0]))]
+
+
+def choose_blocks(shape, chunks, halo, settings: Settings, budget: int, slots: int, estimate,
+                  tile_shape=None) -> Blocks:  # fmt: skip
+    """The work blocks of a ``(D, H, W)`` volume stored in ``chunks``: boxes of whole chunks,
+    all of the same size in chunks per axis (the last of an axis clipped), each grown by
+    ``halo``, such that ``estimate(ext_shape)`` (bytes) of the largest is within
+    ``budget``, and the run takes the least work.
+
+    The work of a block is what ``segment()`` reads on its extent: both passes, tile by tile,
+    each tile grown by its own halo (``tiling_work``), plus ``TASK_COST_VOXELS``; a layout's
+    cost is its makespan on ``slots`` tasks at once (blocks placed longest first on the least
+    loaded slot; total / slots beyond ``BALANCE_BLOCKS_PER_SLOT`` blocks per slot). Fewer
+    blocks win ties. Sizes tried per axis: ``ceil(n_chunks / m)`` for m = 1 .. n_chunks (the
+    sizes that give m blocks, balanced); a budget below one chunk's estimate gives single
+    chunks (``Blocks.over``)."""
+    grid = [-(-n // c) for n, c in zip(shape, chunks)]
+    unary = dataclasses.replace(settings, refine=None)
+    fine = dataclasses.replace(settings, refine=None, halo=settings.read_reach, grid=1)
+    cache: dict = {}
+
+    def reads(axis: int, length: int):
+        key = (axis, length)
+        if key not in cache:
+            one = [1, 1, 1]
+            one[axis] = length
+            passes = [(unary, tile_shape or UNARY_TILE)]
+            if settings.refine is not None:
+                depth = length if length <= REFINE_FULL_DEPTH else REFINE_TILE[0]
+                passes.append((fine, tile_shape or (depth, *REFINE_TILE[1:])))
+            out = []
+            for s, tile in passes:
+                work, tiles = tiling_work(one, tile, s)
+                out.append((work - TILE_COST_VOXELS * tiles, tiles))
+            cache[key] = out
+        return cache[key]
+
+    axes: dict = {}
+
+    def axis(a: int, b: int) -> _Axis:
+        if (a, b) not in axes:
+            axes[a, b] = _Axis(shape[a], chunks[a], b, halo[a], lambda e: reads(a, e))
+        return axes[a, b]
+
+    def peak(sizes) -> int:
+        lines = [axis(a, b) for a, b in enumerate(sizes)]
+        ext = tuple(int(x.ext.max()) for x in lines)
+        return estimate(ext)
+
+    def cost(sizes) -> tuple[float, int]:
+        z, y, x = (axis(a, b) for a, b in enumerate(sizes))
+        count = len(z.ext) * len(y.ext) * len(x.ext)
+        total = count * TASK_COST_VOXELS
+        for p in range(len(z.reads)):
+            total += z.reads[p].sum() * y.reads[p].sum() * x.reads[p].sum()
+            total += TILE_COST_VOXELS * z.tiles[p].sum() * y.tiles[p].sum() * x.tiles[p].sum()
+        if slots <= 1:
+            return total, count
+        if count > BALANCE_BLOCKS_PER_SLOT * slots:
+            return total / slots, count
+        each = np.full((len(z.ext), len(y.ext), len(x.ext)), float(TASK_COST_VOXELS))
+        for p in range(len(z.reads)):
+            each += np.einsum("i,j,k->ijk", z.reads[p], y.reads[p], x.reads[p])
+            each += TILE_COST_VOXELS * np.einsum("i,j,k->ijk", z.tiles[p], y.tiles[p], x.tiles[p])
+        load = [0.0] * slots
+        for w in sorted(each.ravel().tolist(), reverse=True):
+            heapq.heapreplace(load, load[0] + w)
+        return max(load), count
+
+    options = [sorted({-(-n // m) for m in range(1, n + 1)}) for n in grid]
+    best, best_key = (1, 1, 1), None
+    for bz in options[0]:
+        if peak((bz, 1, 1)) > budget:
+            break
+        for by in options[1]:
+            if peak((bz, by, 1)) > budget:
+                break
+            for bx in options[2]:
+                if peak((bz, by, bx)) > budget:
+                    break
+                key = cost((bz, by, bx))
+                if best_key is None or key < best_key:
+                    best, best_key = (bz, by, bx), key
+    task_bytes = peak(best)
+    size = tuple(b * c for b, c in zip(best, chunks))
+    boxes = split_box(whole(shape), size)
+    return Blocks(best, boxes, task_bytes, budget, over=best_key is None)
+
+
+def default_memory(kind: str, client, slots: int) -> int:
+    """The default budget of a task (see ``DEFAULT_MEMORY_SHARE``): locally the share of this
+    machine's available memory over ``slots``; on a dask.distributed cluster the share of the
+    smallest worker memory limit per thread (this machine's rule when no worker has a limit)."""
+    if kind == "distributed":
+        limits = []
+        for info in _workers(client):
+            limit, threads = info.get("memory_limit") or 0, info.get("nthreads") or 1
+            if limit > 0:
+                limits.append(limit / threads)
+        if limits:
+            return int(DEFAULT_MEMORY_SHARE * min(limits))
+    free = available_memory()
+    if free is None:
+        return FALLBACK_MEMORY
+    return int(DEFAULT_MEMORY_SHARE * free / max(1, slots))
+
+
+def task_slots(kind: str, client) -> int:
+    """How many tasks run at once: 1 synchronously, dask's thread count with "threads", the
+    cluster's threads on dask.distributed (1 while it has no worker)."""
+    if kind == "distributed":
+        return max(1, sum(info.get("nthreads") or 1 for info in _workers(client)))
+    if client == "threads":
+        import dask
+        from dask.system import CPU_COUNT
+
+        return int(dask.config.get("num_workers", None) or CPU_COUNT)
+    return 1
+
+
+def _workers(client) -> list[dict]:
+    try:
+        return list(client.scheduler_info().get("workers", {}).values())
+    except Exception:  # a scheduler that does not say
+        return []
+
+
+class _VoxelProgress:
+    """``progress(done_voxels, total_voxels)`` over the blocks of a run: finished blocks count
+    their core voxels, blocks in flight the fraction of their tiles done (where they run in
+    this process). Thread-safe (the "threads" scheduler's tasks report from their threads);
+    never goes back."""
+
+    def __init__(self, callback, sizes: list[int]) -> None:
+        self.callback, self.sizes = callback, sizes
+        self.total = int(sum(sizes))
+        self.done, self.partial, self.finished = 0, {}, set()
+        self.shown = -1
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            self._show()
+
+    def part(self, index: int, fraction: float) -> None:
+        with self.lock:
+            if index not in self.finished:
+                self.partial[index] = min(1.0, max(fraction, self.partial.get(index, 0.0)))
+                self._show()
+
+    def finish(self, index: int) -> None:
+        with self.lock:
+            if index not in self.finished:
+                self.finished.add(index)
+                self.partial.pop(index, None)
+                self.done += self.sizes[index]
+                self._show()
+
+    def _show(self) -> None:
+        value = self.done + int(sum(f * self.sizes[i] for i, f in self.partial.items()))
+        value = min(self.total, max(value, self.shown))
+        if value > self.shown:
+            self.shown = value
+            if self.callback is not None:
+                self.callback(value, self.total)
 
 
 # --- the whole volume -----------------------------------------------------------------------------
@@ -126,9 +474,12 @@ class ZarrResult:
     """What ``segment_zarr`` wrote.
 
     labels : path of the ``(D, H, W)`` uint8 zarr array. matte : path of the float32 one, or None.
-    shape : ``(C, D, H, W)`` of the input. chunks : ``(z, y, x)`` chunk (= output zarr chunk).
-    spacing : ``(z, y, x)`` used; spacing_source : "argument", the file's metadata or "model".
-    halo : ``receptive_field`` used. timings : seconds per ``segment`` stage summed over chunks,
+    shape : ``(C, D, H, W)`` of the input. chunks : ``(z, y, x)`` output zarr chunk; n_chunks :
+    how many. blocks : chunks per work block along ``(z, y, x)``; n_blocks : how many blocks
+    (tasks). memory : the budget per task in bytes; task_memory : the estimated peak of the
+    largest block's task (``task_memory``). spacing : ``(z, y, x)`` used; spacing_source :
+    "argument", the file's metadata or "model". halo : ``receptive_field`` used (each block's
+    halo). timings : seconds per ``segment`` stage summed over blocks,
     plus ``range`` (the volume's intensity range), ``instances`` (the instance passes) and
     ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
     n_objects : how many objects (0 without ``instances``). objects : the CSV of their
@@ -147,6 +498,10 @@ class ZarrResult:
     instances: Path | None = None
     n_objects: int = 0
     objects: Path | None = None
+    blocks: tuple[int, int, int] = (1, 1, 1)
+    n_blocks: int = 0
+    memory: int = 0
+    task_memory: int = 0
 
 
 def _open_source(source, channel_axis):
@@ -270,6 +625,7 @@ def segment_zarr(
     instances_out=None,
     objects_out=None,
     chunks=None,
+    memory=None,
     scheduler=None,
     workers: int | None = None,
     overwrite: bool = False,
@@ -282,11 +638,14 @@ def segment_zarr(
     threshold: float = DEFAULT_THRESHOLD,
     instances=False,
 ) -> ZarrResult:
-    """Segment a volume larger than memory, chunk by chunk, into zarr arrays.
+    """Segment a volume larger than memory, block by block, into zarr arrays.
 
-    Results equal ``segment()`` on the whole volume loaded in memory (each chunk is extended by
-    ``receptive_field(model, spacing, refine)`` and normalised with the whole volume's
-    ``volume_intensity_range``); peak memory per task is bounded by the chunk size.
+    Results equal ``segment()`` on the whole volume loaded in memory (each work block is
+    extended by ``receptive_field(model, spacing, refine)`` and normalised with the whole
+    volume's ``volume_intensity_range``). Work blocks are boxes of whole storage chunks, as
+    large as ``memory`` allows (``choose_blocks``: the layout that reads the fewest voxels,
+    halos and tiles counted, spread over the tasks that run at once), so a block's halo is
+    paid once for all its chunks; peak memory per task stays within ``memory``.
 
     Parameters
     ----------
@@ -304,16 +663,29 @@ def segment_zarr(
     spacing : ``(z, y, x)`` voxel size in the model's units; default: the OME-Zarr metadata,
         else the model's training spacing.
     refine : True (model defaults), False, or a dict of ``RefineConfig`` overrides.
-    chunks : ``(z, y, x)`` chunk of work and of the outputs (default ``DEFAULT_CHUNKS``,
-        clipped to the volume); multiples of ``model.grid``.
-    device, tile_shape : as in ``segment``, for each chunk (on the workers).
-    scheduler : None or "synchronous" (default: one chunk at a time in this process, torch
+    chunks : ``(z, y, x)`` storage chunk of the outputs (default ``DEFAULT_CHUNKS``, clipped
+        to the volume); multiples of ``model.grid``. The unit that work blocks group.
+    memory : the memory one task (one work block) may add, in bytes or as "4G", "512M"
+        (``memory_bytes``). Default: ``DEFAULT_MEMORY_SHARE`` (half) of the memory available
+        when the call starts (psutil, else ``/proc/meminfo``, within a cgroup's limit), split
+        between the tasks that run at once here (1 synchronously, the thread count with
+        "threads"); on a dask.distributed cluster (``workers=N`` included) half of the
+        smallest worker memory limit per thread (this machine's rule where workers have no
+        limit); 2 GiB where nothing says. A task's peak is estimated by ``task_memory``; a
+        budget below one chunk's estimate runs one chunk per block, with a warning when the
+        budget was given.
+    device, tile_shape : as in ``segment``, for each block (on the workers).
+    scheduler : None or "synchronous" (default: one block at a time in this process, torch
         using its threads), "threads" (dask's thread pool), the address of a dask.distributed
         scheduler ("tcp://host:8786"), or a ``distributed.Client``.
     workers : start a ``LocalCluster`` of this many single-threaded worker processes for the
         call (scripts that use it need an ``if __name__ == "__main__":`` guard).
     overwrite : replace existing outputs (else ``FileExistsError`` before any work).
-    progress : called as ``progress(done_chunks, total_chunks)`` in this process.
+    progress : called as ``progress(done_voxels, total_voxels)`` in this process, so a caller
+        can show voxels per second and the time left: blocks count their core voxels when
+        done and, where they run in this process (the synchronous and "threads" schedulers),
+        the share of their tiles done meanwhile (from the worker threads with "threads", one
+        call at a time); ``done == 0`` first, never decreasing.
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     instances_out : path of a ``(D, H, W)`` int32 zarr array of object ids to write as well
         (the same ids as ``segment(..., instances=...)`` on the whole volume: objects that
@@ -334,7 +706,8 @@ def segment_zarr(
     import zarr
 
     start = time.perf_counter()
-    check_callable(progress, "segment_zarr: progress", "progress(done_chunks, total_chunks)")
+    check_callable(progress, "segment_zarr: progress", "progress(done_voxels, total_voxels)")
+    budget = memory_bytes(memory)
     if instances_out is not None and instances is False and not isinstance(model, SegmentRequest):
         instances = True  # objects asked for by their output path: the model's defaults
     request = as_request(
@@ -354,6 +727,12 @@ def segment_zarr(
     if objects_out is not None and (instances_out is None or not readable):
         raise ValueError(
             "objects_out needs instances_out=PATH and a zarr source (path, ImageFile or zarr.Array)"
+        )
+    if objects is not None and objects.brightness != 0 and not readable:
+        raise ValueError(
+            "instances_out: splitting objects by the image's brightness reads the image, which "
+            "needs a zarr source (path, ImageFile or zarr.Array); pass "
+            "instances={'brightness': 0} to split by shape alone"
         )
     outputs = [Path(p) for p in (labels_out, matte_out, instances_out, objects_out) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)
@@ -377,14 +756,17 @@ def segment_zarr(
     chunk_request = request.replace(spacing=spacing, channel_axis=0, instances=None)
     chunks = _check_chunks(chunks, shape[1:], model.grid)
     halo = receptive_field(model, spacing, request.refine)
+    settings = settle(model, spacing, request.refine)
     boxes = split_box(whole(shape[1:]), chunks)
-    check_overlap(boxes, halo, shape[1:], "chunks")  # before any work: chunks + halo
     kind, client, owned = open_scheduler(scheduler, workers)
     for out in outputs:
         remove_stale_temporaries(out)
     tmps = [temporary_sibling(p) for p in outputs]
     futures = []
+    token = weights_digest(model)[:8] + os.urandom(4).hex()
     try:
+        blocks = _blocks(shape, chunks, halo, settings, request, raw.dtype.itemsize, budget,
+                         kind, client)  # fmt: skip
         t0 = time.perf_counter()
         view = (
             dask.array.from_array(raw, chunks=raw.chunks) if readable else dask.array.asarray(raw)
@@ -413,19 +795,22 @@ def segment_zarr(
             arr.attrs.update({"napari_pacseg": {**attrs, "content": what}})
         jobs = []
         paths = (str(tmps[0]), str(tmps[1]) if matte_out is not None else None)
-        for box in boxes:
+        for i, box in enumerate(blocks.boxes):
             ext, _ = extend_box(box, halo, shape[1:])
             job = ChunkJob(box, ext, layout, chunk_request, norm, paths, readable,
-                           str(getattr(volume, "path", "source")))  # fmt: skip
+                           str(getattr(volume, "path", "source")), i, token)  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
-        token = weights_digest(model)[:8] + os.urandom(4).hex()
         tasks = [
             dask.delayed(segment_chunk, pure=False)(job, region, dask_key_name=f"pacseg-chunk-{token}-{i}")
             for i, (job, region) in enumerate(jobs)
         ]  # fmt: skip
+        sizes = [math.prod(b - a for a, b in box) for box in blocks.boxes]
+        voxels = _VoxelProgress(progress, sizes)
+        _RELAYS[token] = voxels.part
+        voxels.start()
         timings: dict[str, float] = {}
-        for t in _run(dask, kind, client, tasks, futures, progress):
+        for t in _run(dask, kind, client, tasks, futures, voxels.finish):
             for k, v in t.items():
                 timings[k] = timings.get(k, 0.0) + v
         timings["segment_total"] = timings.pop("total", 0.0)
@@ -449,9 +834,14 @@ def segment_zarr(
                 names = tuple(c.name for c in model.config.classes)
                 measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
                                   str(tmps[0]), names, shape[0])  # fmt: skip
+            bright = None
+            if objects.brightness != 0:
+                bright = Brightness(raw, layout, str(getattr(volume, "path", "source")),
+                                    tuple(norm[0]), tuple(norm[1]))  # fmt: skip
             ids_tmp = tmps[outputs.index(Path(instances_out))]
             arrays = IdArrays(str(tmps[0]), str(ids_tmp), str(scratch))
-            n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token, measure)
+            n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token, measure,
+                                              bright)  # fmt: skip
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0
@@ -467,6 +857,7 @@ def segment_zarr(
             raise
         raise described from err
     finally:
+        _RELAYS.pop(token, None)
         if futures:
             client.cancel(futures)
         if owned:
@@ -483,7 +874,7 @@ def segment_zarr(
         matte=Path(matte_out) if matte_out is not None else None,
         shape=tuple(shape),
         chunks=chunks,
-        n_chunks=len(jobs),
+        n_chunks=len(boxes),
         spacing=spacing,
         spacing_source=spacing_source,
         halo=halo,
@@ -491,7 +882,41 @@ def segment_zarr(
         instances=Path(instances_out) if instances_out is not None else None,
         objects=Path(objects_out) if objects_out is not None else None,
         n_objects=n_objects,
+        blocks=blocks.size,
+        n_blocks=len(blocks.boxes),
+        memory=blocks.budget,
+        task_memory=blocks.task_bytes,
     )
+
+
+def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, client) -> Blocks:
+    """``choose_blocks`` for a run: the budget given, else ``default_memory``; ``ValueError``
+    (before any work) when the blocks and their halos would read the volume over
+    ``MAX_REFINE_OVERLAP`` times; a warning when a given budget is below one chunk's
+    estimate."""
+    slots = task_slots(kind, client)
+    given = budget is not None
+    budget = budget if given else default_memory(kind, client, slots)
+
+    def estimate(ext_shape):
+        return task_memory(ext_shape, settings, request.model, itemsize, request.tile_shape)
+
+    blocks = choose_blocks(shape[1:], chunks, halo, settings, budget, slots, estimate,
+                           request.tile_shape)  # fmt: skip
+    try:
+        check_overlap(blocks.boxes, halo, shape[1:], "work blocks")
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (a larger memory budget makes larger blocks: memory=, --memory)"
+        ) from None
+    if blocks.over and given:
+        warnings.warn(
+            f"memory {describe_bytes(budget)}: one chunk {tuple(chunks)} with its halo {halo} "
+            f"needs about {describe_bytes(blocks.task_bytes)}; running one chunk per work block "
+            "(smaller chunks stay within the budget)",
+            stacklevel=3,
+        )
+    return blocks
 
 
 def _raw_region(dask, raw, layout: Layout, ext):
@@ -502,29 +927,27 @@ def _raw_region(dask, raw, layout: Layout, ext):
     return dask.array.asarray(raw)[sel]
 
 
-def _run(dask, kind, client, tasks, futures, progress):
-    """Run the chunk tasks; yield each one's timings as it finishes (progress in this process)."""
-    total = len(tasks)
-    if progress is not None:
-        progress(0, total)
+def _run(dask, kind, client, tasks, futures, on_done=None):
+    """Run the tasks; yield each one's result as it finishes. ``on_done(index)`` in this
+    process as each block task (key ``pacseg-chunk-<token>-<index>``) finishes."""
+
+    def done(key) -> None:
+        if on_done is not None and isinstance(key, str) and key.startswith("pacseg-chunk-"):
+            on_done(int(key.rsplit("-", 1)[1]))
+
     if kind == "distributed":
         from distributed import as_completed
 
         futures.extend(client.compute(tasks))
-        for done, fut in enumerate(as_completed(futures, loop=client.loop), 1):
-            yield fut.result()
-            if progress is not None:
-                progress(done, total)
+        for fut in as_completed(futures, loop=client.loop):
+            result = fut.result()
+            done(fut.key)
+            yield result
         return
     from dask.callbacks import Callback
 
-    count = [0]
-
     def posttask(key, result, dsk, state, worker_id):
-        if isinstance(key, str) and key.startswith("pacseg-chunk-"):
-            count[0] += 1
-            if progress is not None:
-                progress(count[0], total)
+        done(key)
 
     with Callback(posttask=posttask):
         results = dask.compute(*tasks, scheduler=client)

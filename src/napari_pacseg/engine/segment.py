@@ -15,7 +15,12 @@ from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.frames import frame_views
 from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
 from napari_pacseg.engine.request import SegmentRequest
-from napari_pacseg.instances.labels import as_table, instance_labels, object_table
+from napari_pacseg.instances.labels import (
+    as_table,
+    brightness_evidence,
+    instance_labels,
+    object_table,
+)
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.model.normalise import image_range, volume_intensity_range, volume_noise_level
@@ -231,8 +236,11 @@ def _objects(plan, labels, should_cancel):
     plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
     flat_labels = labels if plan.flat or not plane else labels[0]
     spacing = plan.settings.spacing[1:] if plane else plan.settings.spacing
-    ids = instance_labels(flat_labels, spacing, plan.request.instances, should_cancel=should_cancel)
+    config = plan.request.instances
     vol = plan.vol[:, 0] if plane else plan.vol
+    bright = brightness_evidence(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing, config)
+    ids = instance_labels(flat_labels, spacing, config, should_cancel=should_cancel,
+                          evidence=bright)  # fmt: skip
     objects = as_table(object_table(ids, flat_labels, vol, spacing, plan.request.classes))
     if plane and not plan.flat:
         ids = ids[None]

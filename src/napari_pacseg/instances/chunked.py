@@ -27,7 +27,13 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_pacseg.instances.labels import FACES, InstanceConfig, split_piece
+from napari_pacseg.instances.labels import (
+    FACES,
+    InstanceConfig,
+    brightness_evidence,
+    evidence_reach,
+    split_piece,
+)
 
 SHIFT = 32  # component id = (chunk index << SHIFT) + local id (1-based)
 
@@ -112,11 +118,41 @@ def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple]) -> l
     return pieces
 
 
-def _split(cc_path: str, piece: _Piece, spacing, config: InstanceConfig) -> np.ndarray:
+@dataclass(frozen=True)
+class Brightness:
+    """What the passes need for the image's brightness evidence (``brightness_evidence``): the
+    raw zarr source (read here) with its layout and name for messages, and the segmentation's
+    normalisation ``lo``/``hi`` (one value per channel)."""
+
+    source: object
+    layout: object
+    name: str
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+
+    def on(self, box, shape, spacing, config: InstanceConfig) -> np.ndarray:
+        """The evidence on ``box`` of a volume of spatial ``shape``: the image read on the box
+        grown by the smoothing's reach (clipped to the volume, as the whole volume's smoothing
+        reflects at its edges), so it equals the whole volume's evidence there."""
+        from napari_pacseg.io.volumes import read_region
+
+        reach = evidence_reach(spacing, config)
+        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, shape))
+        region = read_region(self.source, self.layout, ext, self.name)
+        bright = brightness_evidence(region, self.lo, self.hi, spacing, config)
+        return bright[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
+
+
+def _split(cc_path: str, piece: _Piece, spacing, config: InstanceConfig,
+           brightness: Brightness | None = None) -> np.ndarray:  # fmt: skip
     import zarr
 
-    crop = np.asarray(zarr.open_array(cc_path, mode="r")[_slices(piece.box)])
-    return split_piece(np.isin(crop, piece.members), spacing, config)
+    cc = zarr.open_array(cc_path, mode="r")
+    crop = np.asarray(cc[_slices(piece.box)])
+    bright = None
+    if brightness is not None and config.brightness != 0:
+        bright = brightness.on(piece.box, cc.shape, spacing, config)
+    return split_piece(np.isin(crop, piece.members), spacing, config, evidence=bright)
 
 
 @dataclass(frozen=True)
@@ -133,13 +169,14 @@ class Measure:
 
 
 def count_objects(cc_path: str, index: int, pieces: list[_Piece], spacing, config,
-                  measure: Measure | None = None):  # fmt: skip
+                  measure: Measure | None = None,
+                  brightness: Brightness | None = None):  # fmt: skip
     """Pass 3 for group ``index`` of pieces: ``(index, objects per piece, tables)``; with
     ``measure`` each piece's ``object_table`` (ids 1..n of the piece, positions in the
     volume's coordinates), else None for each."""
     counts, tables = [], []
     for p in pieces:
-        ids = _split(cc_path, p, spacing, config)
+        ids = _split(cc_path, p, spacing, config, brightness)
         counts.append(int(ids.max()))
         tables.append(_measure(ids, p, spacing, measure) if measure and ids.max() else None)
     return index, counts, tables
@@ -163,15 +200,16 @@ def _measure(ids: np.ndarray, piece: _Piece, spacing, measure: Measure) -> dict:
 
 
 def write_chunk(
-    cc_path: str, out_path: str, box, pieces: list[_Piece], bases: list[int], spacing, config
-) -> int:
+    cc_path: str, out_path: str, box, pieces: list[_Piece], bases: list[int], spacing, config,
+    brightness: Brightness | None = None,
+) -> int:  # fmt: skip
     """Pass 4 for one chunk: the ids of ``pieces`` (those meeting the chunk; ``bases[i]`` is
     the id before piece ``i``'s first object) written into the chunk of ``out_path``."""
     import zarr
 
     out = np.zeros(tuple(b - a for a, b in box), np.int32)
     for piece, base in zip(pieces, bases):
-        ids = _split(cc_path, piece, spacing, config)
+        ids = _split(cc_path, piece, spacing, config, brightness)
         inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(box, piece.box))
         src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, piece.box))
         dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, box))
@@ -202,12 +240,14 @@ class IdArrays(NamedTuple):
 
 
 def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, token: str,
-                   measure: Measure | None = None):  # fmt: skip
+                   measure: Measure | None = None,
+                   brightness: Brightness | None = None):  # fmt: skip
     """The four passes over a finished labels zarr array (chunks ``boxes``) into
     ``arrays.ids``. ``run(tasks)`` computes a list of dask delayed tasks on the caller's
     scheduler and returns their results. Returns ``(number of objects, table)``: with
     ``measure`` the measurement table of every object (``object_table``'s columns, ids as in
-    ``arrays.ids``), else None."""
+    ``arrays.ids``), else None. ``brightness``: the image's evidence for the splits (needed when
+    ``config.brightness`` is not 0, as in memory)."""
     import dask
 
     delayed = dask.delayed
@@ -221,7 +261,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     pieces = merge_pieces(cc_path, labels_path, boxes, comps)
     groups = [pieces[i : i + 256] for i in range(0, len(pieces), 256)]
     counts = run([
-        delayed(count_objects, pure=False)(cc_path, i, g, spacing, config, measure,
+        delayed(count_objects, pure=False)(cc_path, i, g, spacing, config, measure, brightness,
                                            dask_key_name=f"pacseg-count-{token}-{i}")
         for i, g in enumerate(groups)
     ])  # fmt: skip
@@ -236,7 +276,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     run([
         delayed(write_chunk, pure=False)(
             cc_path, out_path, box, [pieces[k] for k in ks], [bases[k] for k in ks], spacing,
-            config, dask_key_name=f"pacseg-ids-{token}-{i}",
+            config, brightness, dask_key_name=f"pacseg-ids-{token}-{i}",
         )
         for i, (box, ks) in enumerate(zip(boxes, of_chunk))
     ])  # fmt: skip

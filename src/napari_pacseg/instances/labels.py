@@ -2,8 +2,10 @@
 per-object measurement table.
 
 Each connected piece (6-connected) of a non-background class is handled alone, in its own
-bounding box: the distance transform of the piece in physical units (the voxel spacing), seeds
-at its h-maxima (``InstanceConfig.h``), a watershed of the negated distance from those seeds
+bounding box: its elevation is the distance transform of the piece in physical units (the voxel
+spacing) over ``radius``, plus ``brightness`` times the image's evidence (``evidence``: the
+image smoothed and normalised, so a dim gap between two bright objects is a valley); seeds at
+its h-maxima (``InstanceConfig.h``), a watershed of the negated elevation from those seeds
 inside the piece. Working piece by piece keeps the cost proportional to the foreground, and
 makes an object's result depend only on its own piece, which is what lets chunked runs equal
 the whole-volume one.
@@ -20,7 +22,13 @@ from napari_pacseg.checks import check_callable, check_spacing
 from napari_pacseg.model.network import InstanceConfig, with_overrides
 from napari_pacseg.progress import stop_if_cancelled
 
-__all__ = ["InstanceConfig", "instance_config", "instance_labels", "object_table"]
+__all__ = [
+    "InstanceConfig",
+    "brightness_evidence",
+    "instance_config",
+    "instance_labels",
+    "object_table",
+]
 
 FACES = ndi.generate_binary_structure(
     3, 1
@@ -35,12 +43,41 @@ def instance_config(base: InstanceConfig, instances) -> InstanceConfig | None:
     return with_overrides(base, instances, "instances")
 
 
+def brightness_evidence(
+    image: np.ndarray, lo, hi, spacing, config: InstanceConfig
+) -> np.ndarray | None:
+    """The brightness evidence of ``instance_labels``: ``image`` ``(C, D, H, W)`` (or ``(C, H,
+    W)`` with a ``(y, x)`` spacing) smoothed by a Gaussian of ``config.smoothing`` (physical
+    units; not across the planes of a 2D image), mapped by ``lo``/``hi`` (one value per
+    channel: the segmentation's normalisation) to 0..1, clipped, averaged over channels:
+    float32 of the spatial shape. None when ``config.brightness`` is 0."""
+    if config.brightness == 0:
+        return None
+    image = np.asarray(image)
+    lo = np.asarray(lo, np.float32).reshape(-1)
+    hi = np.asarray(hi, np.float32).reshape(-1)
+    sigmas = [config.smoothing / s for s in spacing]
+    out = np.zeros(image.shape[1:], np.float32)
+    for c in range(image.shape[0]):
+        smooth = ndi.gaussian_filter(image[c].astype(np.float32), sigmas, mode="reflect")
+        scale = hi[c] - lo[c] if hi[c] > lo[c] else 1.0
+        out += np.clip((smooth - lo[c]) / scale, 0.0, 1.0)
+    return out / image.shape[0]
+
+
+def evidence_reach(spacing, config: InstanceConfig) -> tuple[int, ...]:
+    """Voxels per axis the evidence of a voxel reads beyond it (the smoothing's kernel, as
+    ``scipy.ndimage.gaussian_filter`` truncates it at 4 sigma)."""
+    return tuple(int(4.0 * config.smoothing / s + 0.5) for s in spacing)
+
+
 def instance_labels(
     labels: np.ndarray,
     spacing,
     config: InstanceConfig | None = None,
     *,
     should_cancel: Callable[[], bool] | None = None,
+    evidence: np.ndarray | None = None,
 ) -> np.ndarray:
     """One id per object: ``(D, H, W)`` int32, 0 where ``labels`` is 0 (background) or the
     object was smaller than ``config.min_volume``, 1..N objects (consecutive), each one
@@ -50,7 +87,10 @@ def instance_labels(
     voxel, then the objects of a piece in raster order of theirs.
 
     2D labels ``(H, W)`` with a ``(y, x)`` spacing give ``(H, W)`` ids: pieces are then
-    4-connected and ``config.min_volume`` is an area (spacing units squared)."""
+    4-connected and ``config.min_volume`` is an area (spacing units squared).
+
+    ``evidence``: float32 of the labels' shape, the image's brightness in 0..1 (``brightness_evidence``);
+    None (or ``config.brightness`` 0): the pieces' shapes alone."""
     check_callable(should_cancel, "instance_labels: should_cancel", "should_cancel() -> bool")
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or not np.issubdtype(labels.dtype, np.integer):
@@ -62,9 +102,15 @@ def instance_labels(
     if planar:  # one plane with a unit z: volumes are areas, nothing reaches along z
         y, x = check_spacing(spacing, (1.0, 1.0), 2)
         labels, spacing = labels[None], (1.0, y, x)
+        evidence = None if evidence is None else np.asarray(evidence)[None]
     else:
         spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     config = config or InstanceConfig()
+    if evidence is not None and np.shape(evidence) != labels.shape:
+        raise ValueError(
+            f"instance_labels: evidence has shape {np.shape(evidence)}, the labels "
+            f"{labels.shape}; give one value per voxel"
+        )
     out = np.zeros(labels.shape, dtype=np.int32)
     next_id = 1
     for value in np.unique(labels):
@@ -74,7 +120,8 @@ def instance_labels(
         for i, box in enumerate(ndi.find_objects(pieces), start=1):
             stop_if_cancelled(should_cancel, "instance labelling cancelled")
             piece = pieces[box] == i
-            ids = split_piece(piece, spacing, config, planar)
+            bright = None if evidence is None else evidence[box]
+            ids = split_piece(piece, spacing, config, planar, bright)
             n = int(ids.max())
             if n:
                 view = out[box]
@@ -84,11 +131,12 @@ def instance_labels(
 
 
 def split_piece(
-    piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False
+    piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False, evidence=None
 ) -> np.ndarray:
     """Objects of one connected piece: ``piece`` ``(d, h, w)`` bool -> int32 ids 1..n (0 outside
     the piece and in dropped fragments), in raster order of each object's first voxel.
-    ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane."""
+    ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane.
+    ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None."""
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
     if size * voxel < config.min_volume:
@@ -102,11 +150,18 @@ def split_piece(
         dist = ndi.distance_transform_edt(padded[0], sampling=spacing[1:])[None]
     else:
         dist = ndi.distance_transform_edt(padded, sampling=spacing)
-    dist = dist.astype(np.float32)
-    markers, n = _seeds(dist, config.h)
+    # The elevation, in units of radius: the shape, plus the image's brightness inside.
+    dist = (dist / config.radius).astype(np.float32)
+    elevation = dist
+    if evidence is not None and config.brightness > 0:
+        bright = np.pad(np.asarray(evidence, np.float32), pad) * padded
+        elevation = dist + np.float32(config.brightness) * bright
+    markers, n = _seeds(elevation, config.h)
     if n <= 1:
         return piece.astype(np.int32)
     from skimage.segmentation import watershed
+
+    dist = elevation
 
     ids = watershed(-dist, markers, mask=padded)
     for _ in range(n):  # fragments under min_volume give their seed up and join a neighbour

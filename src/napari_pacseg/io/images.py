@@ -114,6 +114,23 @@ def read_picture(path, channel_axis: int | None = None, frames: bool = False) ->
     return ImageFile(path, kind, np.asarray(data), layout, spacing, source, problem, True, frames)
 
 
+def is_time_lapse(path, channel_axis: int | None = None) -> bool:
+    """True when ``path`` is a TIFF whose metadata names a time axis and no z axis (ImageJ's
+    or OME's ``TYX``, with channels or not): a stack of 2D frames, which a 2D model segments
+    frame by frame without being told (``frames``). Only its header is read."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    try:
+        _, axes, *_ = _raw(path, load=False)
+    except VolumeError:
+        return False
+    names = list(axes)
+    if channel_axis is not None and -len(names) <= channel_axis < len(names):
+        names[channel_axis] = "c"
+    return "t" in names and "z" not in names
+
+
 def is_2d_file(path, channel_axis: int | None = None) -> bool:
     """True when ``path`` holds a 2D image rather than a volume: a PNG or JPEG, a TIFF with no
     z or time axis (besides y, x and channels; length-1 axes of unknown kind are ignored), or

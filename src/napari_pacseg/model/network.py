@@ -271,9 +271,14 @@ class InstanceConfig:
     from seeds where the distance rises more than ``(1 - sensitivity) * radius`` above the
     saddles around it (0.45 at the defaults): two touching objects of about ``radius`` or more
     split, the bumps of one smooth object do not; objects several times ``radius`` with rough
-    surfaces can split, so set ``radius`` to the size of the objects. Pieces and fragments
-    under ``min_volume`` are dropped (fragments of a split first join their neighbour). The
-    defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius)."""
+    surfaces can split, so set ``radius`` to the size of the objects. ``brightness`` adds the
+    image's own evidence: the seeds and the watershed follow the distance in units of
+    ``radius`` plus ``brightness`` times the image smoothed at a quarter of ``radius`` (in the
+    segmentation's normalised units, clipped to 0..1), so two bright objects with a dim gap
+    split even where the foreground fused them; 0 (the default) uses the mask's shape alone. Pieces and
+    fragments under ``min_volume`` are dropped (fragments of a split first join their
+    neighbour). The defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5
+    um radius) and ``benchmarks/bench_realdata.py``."""
 
     radius: float = _param(
         3.0, "Object radius", "expected radius of the smallest objects (spacing units)",
@@ -286,14 +291,24 @@ class InstanceConfig:
     min_volume: float = _param(
         10.0, "Min volume", "smallest object kept (spacing units cubed)", 0.0, 1e12, step=5.0
     )
+    brightness: float = _param(
+        0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
+        0.0, 10.0, step=0.25,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_params(self)
 
     @property
     def h(self) -> float:
-        """The seeds' least height above the saddles, in spacing units."""
-        return (1.0 - self.sensitivity) * self.radius
+        """The seeds' least height above the saddles, in units of ``radius`` (the elevation's
+        unit: ``split_piece``)."""
+        return 1.0 - self.sensitivity
+
+    @property
+    def smoothing(self) -> float:
+        """The Gaussian sigma of the brightness evidence, in spacing units."""
+        return 0.25 * self.radius
 
 
 def instance_params_schema() -> dict[str, Param]:

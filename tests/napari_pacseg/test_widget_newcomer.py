@@ -1,0 +1,308 @@
+"""The widget as a newcomer meets it: it fits a 1366 x 768 screen, the voxel size is in reach
+(editable Spacing, TIFFs opened at their voxel size), progress with units, a model saved
+again under its name after asking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from qtpy.QtWidgets import QApplication, QScrollArea, QWidget  # noqa: E402
+
+from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
+
+SCREEN = (1366, 768)
+WAIT_MS = 60_000
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample()
+
+
+def _settle(qtbot, ms: int = 200) -> None:
+    qtbot.wait(ms)
+    QApplication.processEvents()
+
+
+@pytest.fixture
+def laptop(make_napari_viewer, qtbot):
+    """napari at 1366 x 768 with the 3D sample and the widget docked (live off)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-pacseg", "nuclei")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    window = viewer.window._qt_window
+    window.showNormal()
+    window.resize(*SCREEN)
+    _settle(qtbot)
+    yield viewer, dock, widget
+    widget.live_runner.stop()
+    qtbot.waitUntil(
+        lambda: not widget.running and widget.live_runner._worker is None, timeout=WAIT_MS
+    )
+
+
+def _cut_off(widget) -> list[str]:
+    """The visible controls that end right of the scroll area's view (cut off on screen)."""
+    scroll = widget.controls.root_native_widget
+    assert isinstance(scroll, QScrollArea)
+    view = scroll.viewport()
+    cut = []
+    for child in scroll.widget().findChildren(QWidget):
+        if not child.isVisibleTo(view) or child.width() == 0:
+            continue
+        right = child.mapTo(view, child.rect().topRight()).x()
+        if right >= view.width():
+            cut.append(f"{type(child).__name__} {getattr(child, 'text', lambda: '')()!r}: {right}")
+    return cut
+
+
+@pytest.mark.parametrize("details", [False, True], ids=["summary", "model details"])
+def test_the_widget_fits_its_dock_at_1366x768(laptop, qtbot, details):
+    viewer, dock, widget = laptop
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    widget.model_details.value = details
+    _settle(qtbot)
+    window = viewer.window._qt_window
+    assert (window.width(), window.height()) == SCREEN
+    scroll = widget.controls.root_native_widget
+    content = scroll.widget()
+    # nothing needs the horizontal scroll bar: the content's least width fits the view
+    assert content.minimumSizeHint().width() <= scroll.viewport().width()
+    assert scroll.horizontalScrollBar().maximum() == 0
+    assert widget.native.sizeHint().width() <= dock.width()
+    assert _cut_off(widget) == []
+    # the dock leaves the canvas most of the screen
+    assert dock.width() <= 0.3 * SCREEN[0]
+    # the wrapped texts are as tall as their lines need (none cut at the top or bottom)
+    for label in (widget.model_info, widget.spacing_info, widget.status):
+        native = label.native
+        assert native.height() >= native.heightForWidth(native.width())
+    # headings span the row (no empty label column before them), their text whole
+    for heading in widget._headings:
+        row = heading.native.parentWidget()
+        assert row.mapTo(content, row.rect().topLeft()).x() < 20
+        assert heading.native.width() >= heading.native.sizeHint().width()
+
+
+# --- the voxel size in reach ---------------------------------------------------------------------
+
+CROP = (slice(32, 40), slice(64, 128), slice(64, 128))  # 8 planes of the sample, a few nuclei
+
+
+@pytest.fixture
+def docked(make_napari_viewer, qtbot):
+    """A viewer and the widget docked (live off)."""
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pacseg", "PAC Segmentation")
+    widget.live.value = False
+    yield viewer, widget
+    widget.live_runner.stop()
+    qtbot.waitUntil(
+        lambda: not widget.running and widget.live_runner._worker is None, timeout=WAIT_MS
+    )
+
+
+def test_spacing_is_editable_and_is_the_layers_scale(docked, sample, errors):
+    viewer, widget = docked
+    # a TIFF opened by napari's builtins: scale 1
+    image = viewer.add_image(sample.image[CROP], name="crop")
+    scribbles = viewer.add_labels(sample.scribbles[CROP], name="crop scribbles")
+    widget.image.value = image
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    assert widget.spacing.value == "1, 1, 1" and widget.spacing.enabled
+    assert "the model was trained at 1, 0.4, 0.4 (z, y, x), this image is at 1, 1, 1" in (
+        widget.spacing_info.value
+    )
+    # typed and confirmed (Enter / leaving the field)
+    widget.spacing.value = "1 x 0.4 x 0.4"
+    widget.spacing.native.editingFinished.emit()
+    assert tuple(image.scale) == tuple(scribbles.scale) == (1.0, 0.4, 0.4)
+    assert widget.spacing.value == "1, 0.4, 0.4"
+    assert widget.spacing_info.value == "volume: 1, 0.4, 0.4 (z, y, x; layer scale)"
+    assert widget.session.image.spacing == (1.0, 0.4, 0.4)
+    assert errors == []
+    # a wrong spacing: an error, the layer as it was, the field shows the layer's again
+    for bad in ("0.4, 0.4", "1, 0, 0.4", "a, b, c"):
+        assert not widget.set_spacing(bad)
+        assert tuple(image.scale) == (1.0, 0.4, 0.4) and widget.spacing.value == "1, 0.4, 0.4"
+    assert len(errors) == 3 and "Spacing" in errors[0]
+    # one number: the same on every axis; the image's results follow the image
+    labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="crop labels")
+    assert widget.set_spacing("0.5")
+    assert tuple(image.scale) == tuple(labels.scale) == tuple(scribbles.scale) == (0.5,) * 3
+    # the layer's scale set elsewhere (console, script) shows in the field
+    image.scale = (2.0, 0.4, 0.4)
+    assert widget.spacing.value == "2, 0.4, 0.4"
+    assert "the model was trained at" in widget.spacing_info.value
+
+
+def test_a_full_run_segments_at_the_spacing_set(docked, sample, qtbot, errors):
+    from napari_pacseg import segment
+
+    viewer, widget = docked
+    image = viewer.add_image(sample.image[CROP], name="crop")
+    widget.image.value = image
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    assert widget.set_spacing("1, 0.4, 0.4")
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == [] and widget.status.value.startswith("full image done")
+    assert "note" not in widget.status.value
+    labels = viewer.layers["crop labels"]
+    assert tuple(labels.scale) == (1.0, 0.4, 0.4)
+    want = segment(sample.image[CROP], widget.model, spacing=(1.0, 0.4, 0.4)).labels
+    np.testing.assert_array_equal(labels.data, want)
+
+
+def test_a_2d_model_at_another_pixel_size_says_so(docked, qtbot, errors):
+    from napari_pacseg import train
+    from napari_pacseg.sample import load_sample_2d
+
+    viewer, widget = docked
+    s = load_sample_2d()
+    model = train(s.image, s.scribbles, spacing=(1.0, 1.0), steps=20, device="cpu")
+    image = viewer.add_image(s.image[64:192, 64:192], name="plane", scale=s.spacing)
+    widget.image.value = image
+    widget.set_model(model, "trained at 1 um")
+    note = "the model was trained at 1, 1 (y, x), this image is at 0.4, 0.4"
+    assert note in widget.spacing_info.value
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == []
+    assert widget.status.value.startswith("full image done") and f"note: {note}" in (
+        widget.status.value
+    )
+    # within 20 % of the model's spacing: no note
+    assert widget.set_spacing("1.1, 0.9")
+    assert "trained at" not in widget.spacing_info.value
+
+
+# --- the reader: TIFFs at their voxel size -------------------------------------------------------
+
+
+def test_the_reader_opens_the_demo_tiffs_at_their_voxel_size(docked, tmp_path, qtbot):
+    from napari_pacseg._napari.reader import get_reader, read_tiff
+    from napari_pacseg.cli import main
+
+    assert main(["demo", str(tmp_path)]) == 0
+    viewer, widget = docked
+    assert get_reader(str(tmp_path / "nuclei.tif")) is read_tiff
+    assert get_reader(str(tmp_path / "nuclei_demo.safetensors")) is None
+    for name in ("nuclei.tif", "nuclei_scribbles.tif", "nuclei_truth.tif"):
+        viewer.open(str(tmp_path / name), plugin="napari-pacseg")
+    image, scribbles, truth = (
+        viewer.layers[n] for n in ("nuclei", "nuclei scribbles", "nuclei_truth")
+    )
+    assert isinstance(image, napari.layers.Image) and image.data.shape == (64, 256, 256)
+    assert isinstance(scribbles, napari.layers.Labels) and isinstance(truth, napari.layers.Labels)
+    for layer in (image, scribbles, truth):
+        assert tuple(layer.scale) == (1.0, 0.4, 0.4)
+        assert tuple(layer.axis_labels) == ("z", "y", "x")
+    widget.image.value = image
+    assert widget.scribbles.value is scribbles  # "<image> scribbles": picked for the image
+    assert widget.spacing.value == "1, 0.4, 0.4"
+
+
+def test_the_reader_gives_axes_channels_and_rgb(docked, tmp_path):
+    import tifffile
+
+    viewer, widget = docked
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 1000, (5, 32, 40), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "movie.tif", stack, imagej=True, resolution=(2.5, 2.5),
+                     metadata={"axes": "TYX", "unit": "um"})  # fmt: skip
+    (movie,) = viewer.open(str(tmp_path / "movie.tif"), plugin="napari-pacseg")
+    assert tuple(movie.axis_labels) == ("t", "y", "x") and tuple(movie.scale) == (1.0, 0.4, 0.4)
+    widget.image.value = movie
+    assert widget.axis0.value == "frames"  # a time-lapse, from the file's axes
+    assert widget.spacing.value == "0.4, 0.4"
+    # ImageJ hyperstacks put the channels after z: the layer has them first
+    zcyx = rng.integers(0, 1000, (6, 2, 16, 20), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", zcyx, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZCYX", "spacing": 1.5, "unit": "um"})  # fmt: skip
+    (two,) = viewer.open(str(tmp_path / "two.tif"), plugin="napari-pacseg")
+    np.testing.assert_array_equal(two.data, np.moveaxis(zcyx, 1, 0))
+    assert tuple(two.axis_labels) == ("c", "z", "y", "x")
+    assert tuple(two.scale) == (1.0, 1.5, 0.5, 0.5)
+    widget.image.value = two
+    assert widget.channel_axis.visible and widget.spacing.value == "1.5, 0.5, 0.5"
+    # RGB; a TIFF without metadata keeps scale 1
+    rgb = rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "photo.tif", rgb, photometric="rgb")
+    (photo,) = viewer.open(str(tmp_path / "photo.tif"), plugin="napari-pacseg")
+    assert photo.rgb and photo.data.shape == (24, 30, 3) and tuple(photo.scale) == (1.0, 1.0)
+
+
+# --- progress with units, in sight; saving again under one name ----------------------------------
+
+
+def test_progress_text_has_units_percent_and_time_left():
+    from napari_pacseg._napari.workers import progress_text
+
+    assert progress_text("segmentation", 5, 12, 5.0) == "segmentation: tiles 5/12 (41%, ~7 s left)"
+    assert progress_text("training", 0, 400, 0.0) == "training: steps 0/400 (0%)"
+    assert progress_text("training", 400, 400, 3.0) == "training: steps 400/400 (100%)"
+
+
+def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):
+    viewer, widget = docked
+    crop = (slice(24, 40), slice(160, 256), slice(0, 96))  # scribbles of both classes
+    image = viewer.add_image(sample.image[crop], name="crop", scale=sample.spacing)
+    viewer.add_labels(sample.scribbles[crop], name="crop scribbles")
+    widget.image.value = image
+    seen = []
+    say = widget.tasks.status
+
+    def status(text):  # the task's status lines, and whether the bar was in sight then
+        seen.append((text, widget.progress.visible))
+        say(text)
+
+    widget.tasks.status = status
+    assert not widget.progress.visible
+    widget.train_steps.value = 30
+    widget.start_training()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == [] and widget.model is not None
+    steps = [(t, shown) for t, shown in seen if t.startswith("training: steps ")]
+    assert steps and all(shown for _, shown in steps), seen
+    assert any("/30 (" in t and "%" in t for t, _ in steps)
+    seen.clear()
+    widget.run_full()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert errors == [] and widget.status.value.startswith("full image done")
+    tiles = [(t, shown) for t, shown in seen if t.startswith("segmentation: tiles ")]
+    assert tiles and all(shown for _, shown in tiles), seen
+    assert not widget.progress.visible  # only while a task runs
+
+
+def test_saving_a_model_again_under_its_name_asks_to_replace(docked, tmp_path, errors, monkeypatch):
+    from napari_pacseg.io.model_file import load_model
+
+    _, widget = docked
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    first = widget.save_model_file(tmp_path / "mine")  # the dialog gives no suffix
+    assert first == tmp_path / "mine.safetensors"
+    asked = []
+
+    def answer(reply):
+        def confirm(parent, path):
+            asked.append(path)
+            return reply
+
+        return confirm
+
+    first.write_bytes(b"an older model")
+    monkeypatch.setattr("napari_pacseg._napari.widget.confirm_replace", answer(False))
+    assert widget.save_model_file(tmp_path / "mine") is None
+    assert asked == [first] and first.read_bytes() == b"an older model"
+    assert widget.status.value == "not saved: mine.safetensors exists"
+    monkeypatch.setattr("napari_pacseg._napari.widget.confirm_replace", answer(True))
+    assert widget.save_model_file(tmp_path / "mine") == first
+    assert asked == [first, first] and errors == []
+    assert load_model(first).config == widget.model.config
