@@ -196,3 +196,25 @@ def test_an_older_model_file_keeps_its_behaviour_with_a_note(tmp_path, demo):
         save_model(old, tmp_path / "again.safetensors")
         again = load_model(tmp_path / "again.safetensors")
     assert again.config.normalisation is None
+
+
+def test_the_noise_level_is_measured_once_per_image(demo, monkeypatch):
+    """prepare() takes the range and the refinement's noise level from one measurement."""
+    import napari_pacseg.engine.plan as plan
+    import napari_pacseg.model.normalise as normalise
+    from napari_pacseg import SegmentRequest
+
+    calls = []
+    real = normalise.volume_noise_level
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(normalise, "volume_noise_level", counted)
+    monkeypatch.setattr(plan, "volume_noise_level", counted)
+    image = load_sample().image[16:48, :128, :128]
+    made = plan.prepare(image, SegmentRequest.build(demo))
+    assert len(calls) == 1 and made.noise is not None
+    _, hi, noise = normalise.image_normalisation(image[None], demo.config.normalisation)
+    assert torch.equal(made.hi, hi) and torch.equal(made.noise, noise)

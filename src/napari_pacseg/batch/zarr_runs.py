@@ -77,7 +77,7 @@ from napari_pacseg.io.volumes import (
 )
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD
 from napari_pacseg.model.network import PacSegModel
-from napari_pacseg.model.normalise import image_range, volume_noise_level
+from napari_pacseg.model.normalise import image_normalisation
 
 # Default storage chunk (z, y, x) of the outputs: ~4 M voxels, a few MiB per compressed chunk;
 # work blocks group chunks, so the chunk size does not set the halo's cost.
@@ -774,8 +774,8 @@ def segment_zarr(
         view = layout.arrange(view[layout.selection([(0, n) for n in shape[1:]])])
         try:
             with dask.config.set(scheduler=client):
-                lo, hi = image_range(view, model.config.normalisation)
-                noise = volume_noise_level(view, lo, hi).tolist()
+                lo, hi, noise = image_normalisation(view, model.config.normalisation)
+                noise = noise.tolist()
         except (MemoryError, KeyboardInterrupt, ValueError):  # ValueError: values out of range
             raise
         except Exception as err:  # a damaged chunk: name it and the file

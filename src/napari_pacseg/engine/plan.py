@@ -34,7 +34,12 @@ from napari_pacseg.checks import as_image, check_spacing, short_repr
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.features import axis_radii
 from napari_pacseg.model.network import PacSegModel, RefineConfig, with_overrides
-from napari_pacseg.model.normalise import apply_range, image_range, volume_noise_level
+from napari_pacseg.model.normalise import (
+    apply_range,
+    image_normalisation,
+    image_range,
+    volume_noise_level,
+)
 from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.refine.guide import GuideFilter, guide_filter, make_guide
 from napari_pacseg.refine.local_fit import local_fit
@@ -425,15 +430,18 @@ def prepare(image, request: SegmentRequest, *, intensity_range=None, noise_level
     settings = settle(model, spacing, request.refine)
     if request.tile_shape is not None:  # before the image is read
         _check_tiles(vol.shape[1:], request.tile_shape, settings, flat)
-    lo, hi = (
-        image_range(vol, model.config.normalisation)
-        if intensity_range is None
-        else _checked_range(intensity_range, vol.shape[0])
-    )
+    norm, noise = model.config.normalisation, None
     if noise_level is not None:
         noise = _checked_noise(noise_level, vol.shape[0])
-    else:  # only the refinement's guide needs it (``with_refine`` measures it when it does)
-        noise = volume_noise_level(vol, lo, hi) if settings.refine is not None else None
+    if intensity_range is not None:
+        lo, hi = _checked_range(intensity_range, vol.shape[0])
+    elif noise is None and settings.refine is not None:
+        lo, hi, noise = image_normalisation(vol, norm)  # one pass for the range and the noise
+    else:
+        lo, hi = image_range(vol, norm)
+    if noise is None and settings.refine is not None:
+        # only the refinement's guide needs it (``with_refine`` measures it when it does)
+        noise = volume_noise_level(vol, lo, hi)
     plan = Plan(vol, request, settings, lo, hi, noise, flat)
     if request.tile_shape is None:  # the caller's tiles are bounded by their work (_check_tiles)
         _check_overlap(plan)

@@ -103,9 +103,15 @@ class SegmentRequest:
         """The model's class names, background first."""
         return [c.name for c in self.model.config.classes]
 
+    @cached_property
+    def payload(self) -> ModelPayload:
+        """The model as the bytes of its model file, made once per request (every chunk job
+        that pickles the request shares them)."""
+        return ModelPayload.of(self.model)
+
     def __reduce__(self):
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["model"] = ModelPayload.of(self.model)
+        fields["model"] = self.payload
         fields["device"] = str(self.device)
         return (_rebuilt, (fields,))
 

@@ -164,6 +164,24 @@ def image_range(vol, norm: Normalisation | None) -> tuple[torch.Tensor, torch.Te
     lo, hi = volume_intensity_range(vol)
     if norm is None or norm.min_contrast is None:
         return lo, hi
+    return _floored(vol, norm, lo, hi, volume_noise_level(vol, lo, hi))[:2]
+
+
+def image_normalisation(vol, norm: Normalisation | None):
+    """``image_range`` and the image's noise level in units of that range
+    (``volume_noise_level``, ``(C,)``): ``(lo, hi, noise)``, the noise measured once where the
+    floor leaves the range as it was (the image's rows are read once, not twice)."""
+    lo, hi = volume_intensity_range(vol)
+    noise = volume_noise_level(vol, lo, hi)
+    if norm is None or norm.min_contrast is None:
+        return lo, hi, noise
+    return _floored(vol, norm, lo, hi, noise)
+
+
+def _floored(vol, norm: Normalisation, lo, hi, noise):
+    """``(lo, hi', noise')``: ``hi`` raised to ``norm.min_contrast`` noise levels where the
+    range is narrower; ``noise`` measured in units of ``(lo, hi)``, re-measured for ``hi'``
+    where it differs."""
     floor = torch.tensor(norm.min_contrast, dtype=torch.float32)
     if floor.numel() != lo.shape[1]:
         raise ValueError(
@@ -171,9 +189,12 @@ def image_range(vol, norm: Normalisation | None) -> tuple[torch.Tensor, torch.Te
             f"{floor.numel()}"
         )
     width = (hi - lo).view(-1)
-    sigma = volume_noise_level(vol, lo, hi) * torch.where(width > 0, width, torch.ones_like(width))
+    sigma = noise * torch.where(width > 0, width, torch.ones_like(width))
     width = torch.maximum(width, floor * sigma)
-    return lo, lo + width.view(lo.shape)
+    floored = lo + width.view(lo.shape)
+    if not torch.equal(floored, hi):
+        noise = volume_noise_level(vol, lo, floored)
+    return lo, floored, noise
 
 
 def contrast(vol) -> torch.Tensor:
