@@ -416,16 +416,22 @@ def _cmd_segment(args) -> int:
         if values is not None and len(values) not in (2, 3):
             raise UsageError(f"{opt} takes 3 numbers (Z Y X), or 2 (Y X) for a 2D model")
     bar = ProgressBar(quiet=args.quiet)
-    results = iter_segment_files(
-        args.inputs, args.model, args.output, spacing=args.spacing,
-        channel_axis=args.channel_axis, refine=refine, device=args.device, tile_shape=args.tile,
-        chunks=args.chunks, memory=args.memory, scheduler=args.scheduler, workers=args.workers,
-        overwrite=args.overwrite, threshold=args.threshold, instances=instances,
-        frames=args.frames, progress=lambda i, n, path, done, total: bar.update(
-            f"[{i + 1}/{n}] {path.name}", done, total,
-            "voxels" if volume_kind(path) == "zarr" else "tiles",
-        ),
-    )  # fmt: skip
+
+    def show(done: int, total: int) -> None:
+        index, path = results.current
+        unit = "voxels" if volume_kind(path) == "zarr" else "tiles"
+        bar.update(f"[{index + 1}/{results.count}] {path.name}", done, total, unit)
+
+    try:
+        results = iter_segment_files(
+            args.inputs, args.model, args.output, spacing=args.spacing,
+            channel_axis=args.channel_axis, refine=refine, device=args.device,
+            tile_shape=args.tile, chunks=args.chunks, memory=args.memory,
+            scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite,
+            threshold=args.threshold, instances=instances, frames=args.frames, progress=show,
+        )  # fmt: skip
+    except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
+        raise UsageError(str(err)) from None
     counts = {"done": 0, "skipped": 0, "failed": 0}
     start, zarr_inputs = time.perf_counter(), 0
     try:
@@ -446,7 +452,7 @@ def _cmd_segment(args) -> int:
                     if assumed else ""
                 )  # fmt: skip
                 bar.print(f"done {res.input} -> {outs} ({res.seconds:.1f} s){note}")
-    except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
+    except ValueError as err:  # a run-wide option found wrong at its first use (--scheduler)
         raise UsageError(str(err)) from None
     finally:
         bar.clear()

@@ -83,6 +83,24 @@ def test_segment_a_folder(folder, image, capsys):
     assert captured.out.count("done ") == 3 and "3 done, 0 skipped, 0 failed" in captured.err
 
 
+def test_file_run_says_which_input_it_counts(folder):
+    from napari_pacseg.batch import iter_segment_files
+
+    seen = []
+    results = iter_segment_files(
+        folder / "in", folder / "model.safetensors", folder / "out", chunks=(8, 24, 24),
+        progress=lambda done, total: seen.append((results.current, done, total)),
+    )  # fmt: skip
+    assert results.count == 3 and results.current is None and seen == []  # nothing ran yet
+    assert [r.status for r in results] == ["done"] * 3
+    assert results.current is None
+    starts = list(dict.fromkeys((i, path.name) for (i, path), done, _ in seen if done == 0))
+    assert starts == [(0, "a.tif"), (1, "b.npy"), (2, "c.zarr")]
+    for index in range(3):  # each input's count ends complete
+        done, total = [(d, t) for (i, _), d, t in seen if i == index][-1]
+        assert done == total > 0
+
+
 def test_resume_and_overwrite(folder, capsys):
     out = folder / "out"
     assert run(folder, folder / "in" / "a.tif", folder / "in" / "b.npy", "-o", out, "-q") == 0

@@ -260,8 +260,8 @@ def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
     assert bounded.plan.settings.reach[0] < plan.settings.reach[0]
     assert result.box == bounded.box and "approximate preview" in result.note
     assert "Run on full image is exact" in result.note
-    assert steps[-1][0] == "refinement" and steps[-1][1] == steps[-1][2]
-    assert [s for s, _, _ in steps] == sorted(s for s, _, _ in steps)  # logits, then the CRF
+    assert steps[-1][0] == steps[-1][1]  # one count over the logit tiles and the CRF's units
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps)
     # what it computes is the region segmenter's result with the cut reach
     p = session.segmenter.probabilities(
         bounded.box, costly.refine, reach=bounded.plan.settings.reach

@@ -707,7 +707,7 @@ class Session:
         segmenter (made anew when image, model, spacing or device changed; cached logits),
         then the label rule. The refinement's work is bounded by ``engine.preview_budget``
         (``engine.bound_preview``: within it the result is the full run's). ``should_cancel``
-        and ``progress(stage, done, total)`` as in ``RegionSegmenter.probabilities``."""
+        and ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
         inp = job.image
         data, axis = inp.data, inp.channel_axis

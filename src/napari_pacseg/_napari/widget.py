@@ -703,8 +703,8 @@ class PacSegWidget(mw.Container):
             self._say(f"{job.preview}…")
         return job
 
-    def _live_progress(self, job, stage: str, done: int, total: int) -> None:
-        self._say(f"{job.preview}: {stage} {100 * done // max(1, total)}%…")
+    def _live_progress(self, job, done: int, total: int) -> None:
+        self._say(f"{job.preview}: {100 * done // max(1, total)}%…")
 
     def _live_idle(self) -> None:
         """A preview was abandoned and none follows: say what the layers show."""

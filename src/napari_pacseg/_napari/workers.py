@@ -61,24 +61,24 @@ class _Relay(QObject):
     """Carries progress from worker threads to the main thread (queued signals)."""
 
     progressed = Signal(int, int, int)  # task id, done, total
-    live = Signal(int, str, int, int)  # live generation, stage, done, total
+    live = Signal(int, int, int)  # live generation, done, total
 
 
 class _Throttled:
-    """A live job's ``progress(stage, done, total)`` (worker thread): relays a stage's first
-    call and then at most one call per ``PROGRESS_S``. Every relayed call costs the main thread
+    """A live job's ``progress(done, total)`` (worker thread): relays the first call and then
+    at most one call per ``PROGRESS_S``. Every relayed call costs the main thread
     a status repaint, and main-thread Python work holds the GIL that the worker's many short
     torch calls need back between them."""
 
     def __init__(self, relay: _Relay, gen: int) -> None:
         self.emit, self.gen = relay.live.emit, gen
-        self.stage, self.last = None, 0.0
+        self.last = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if stage != self.stage or now - self.last >= PROGRESS_S:
-            self.stage, self.last = stage, now
-            self.emit(self.gen, stage, done, total)
+        if self.last is None or now - self.last >= PROGRESS_S:
+            self.last = now
+            self.emit(self.gen, done, total)
 
 
 UNITS = {"segmentation": "tiles", "training": "steps"}  # what a task's progress counts
@@ -193,8 +193,8 @@ class LiveRunner:
     true (the job stops at its next check) and starts the newest job when it ends. A result of
     a request that is no longer the newest is dropped (counted in ``dropped``).
 
-    ``progressed(job, stage, done, total)`` (main thread) reports the running job's
-    ``progress(stage, done, total)`` calls while it is the newest; ``idle()`` (main thread) is
+    ``progressed(job, done, total)`` (main thread) reports the running job's
+    ``progress(done, total)`` calls while it is the newest; ``idle()`` (main thread) is
     called when a job ends without a delivered result and no other job follows.
     """
 
@@ -265,9 +265,9 @@ class LiveRunner:
         )  # fmt: skip
         self._worker.start()
 
-    def _on_progress(self, gen: int, stage: str, done: int, total: int) -> None:
+    def _on_progress(self, gen: int, done: int, total: int) -> None:
         if gen == self.generation and self._worker is not None and self.progressed is not None:
-            self.progressed(self._job, stage, done, total)
+            self.progressed(self._job, done, total)
 
     def _returned(self, gen: int, job, outcome: Outcome) -> None:
         self._outcome = "dropped"

@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from napari_pacseg.io.volumes import (
     write_tiff,
 )
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD
+from napari_pacseg.progress import Progress
 
 # --- batches of files -------------------------------------------------------------------------
 
@@ -309,13 +309,17 @@ def iter_segment_files(
     scheduler=None,
     workers: int | None = None,
     overwrite: bool = False,
-    progress: Callable[[int, int, Path, int, int], None] | None = None,
+    progress: Progress | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     instances=False,
     frames: bool = False,
-):
-    """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished."""
-    check_callable(progress, "progress", "progress(index, n_inputs, path, done, total)")
+) -> FileRunIterator:
+    """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished
+    (in input order). The arguments are checked and the inputs expanded at the call
+    (``ValueError`` before any work). The iterator's ``current`` is the input being segmented
+    (``(index, path)``, None between inputs) and ``count`` the number of inputs, so a
+    ``progress(done, total)`` callback can say which input it counts."""
+    check_callable(progress, "progress", "progress(done, total)")
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         model = load_model(path)  # first: a folder or a bad file is a ModelFileError
@@ -368,12 +372,44 @@ def iter_segment_files(
     options = RunOptions(request, chunks, scheduler, workers, overwrite, bool(frames), memory)
     # explicitly named files skipped as pacseg outputs: never written, though not inputs
     named_outputs = InputGuard(p for p, problem in entries if isinstance(problem, Skip))
-    run = _FileRun(model, model_info, options, progress, len(entries), named_outputs)
-    try:
-        for index, (path, problem) in enumerate(entries):
-            yield run.one(index, path, problem, output_paths(path, outdir, objects is not None))
-    finally:
-        run.close()
+    run = _FileRun(model, model_info, options, progress, named_outputs)
+    jobs = [(path, problem, output_paths(path, outdir, objects is not None))
+            for path, problem in entries]  # fmt: skip
+    return FileRunIterator(run, jobs)
+
+
+class FileRunIterator:
+    """The ``FileResult`` of each input of an ``iter_segment_files`` call, in input order, each
+    as soon as it is finished.
+
+    ``count``: the number of inputs; ``current``: ``(index, path)`` of the input being
+    segmented, None between inputs. ``close()`` ends the run early (a cluster it started is
+    closed, as when the last result is taken)."""
+
+    def __init__(self, run: _FileRun, jobs: list) -> None:
+        self.count = len(jobs)
+        self.current: tuple[int, Path] | None = None
+        self._results = self._each(run, jobs)
+
+    def _each(self, run: _FileRun, jobs: list):
+        try:
+            for index, (path, problem, paths) in enumerate(jobs):
+                self.current = (index, path)
+                result = run.one(path, problem, paths)
+                self.current = None
+                yield result
+        finally:
+            self.current = None
+            run.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> FileResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
 
 
 def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
@@ -412,8 +448,9 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
         segmented frame by frame (``segment(frame_axis=...)``). A 2D model reads 2D images:
         PNG, JPEG (outputs as TIFF), 2D TIFF and NPY (``image_io.read_picture``); zarr inputs
         need a volume model.
-    progress : ``progress(index, n_inputs, path, done, total)``, over tiles (in-memory inputs)
-        or voxels (zarr inputs); ``done == 0`` when an input starts.
+    progress : ``progress(done, total)``, over tiles (in-memory inputs) or voxels (zarr
+        inputs) of the running input; ``done == 0`` when an input starts (which one:
+        ``iter_segment_files(...).current``).
 
     Returns
     -------
@@ -458,12 +495,12 @@ class RunOptions:
 class _FileRun:
     """The state of one ``segment_files`` call: the model, options and a lazily started client."""
 
-    def __init__(self, model, model_info: dict, options: RunOptions, progress, n: int,
+    def __init__(self, model, model_info: dict, options: RunOptions, progress,
                  named: InputGuard) -> None:  # fmt: skip
         self.model, self.model_info, self.options = model, model_info, options
         self.named = named
         self.common = options.recorded()
-        self.overwrite, self.progress, self.n = options.overwrite, progress, n
+        self.overwrite, self.progress = options.overwrite, progress
         self.client, self.owned = None, False
 
     def scheduler(self):
@@ -480,7 +517,7 @@ class _FileRun:
                 cluster.close()
         self.client, self.owned = None, False
 
-    def one(self, index: int, path: Path, problem: str, paths: dict[str, Path]) -> FileResult:
+    def one(self, path: Path, problem: str, paths: dict[str, Path]) -> FileResult:
         start = time.perf_counter()
         if isinstance(problem, Skip):
             return FileResult(path, "skipped", str(problem))
@@ -507,7 +544,7 @@ class _FileRun:
 
         def tiles(done, total):
             if self.progress is not None:
-                self.progress(index, self.n, path, done, total)
+                self.progress(done, total)
 
         tiles(0, 0)
         outputs = [k for k in paths if k != "record"]

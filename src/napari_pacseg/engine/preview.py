@@ -101,13 +101,14 @@ class RegionSegmenter:
         (x0, x1))``), refined with ``refine`` (True: model defaults, False, or a dict of
         ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles and
         between the CRF's units of work; True raises ``SegmentationCancelled``.
-        ``progress(stage, done, total)`` reports them (stage "logits" or "refinement").
+        ``progress(done, total)`` counts them: the logit tiles still to compute, then the
+        CRF's units (``total`` grows by them when the refinement starts).
         ``reach``: the CRF's reach per axis instead of the refinement's own (a bounded preview,
         ``engine.bound_preview``; the result is then approximate near the box's ends). The
         same request twice returns the cached array."""
         box = self.check_box(box)
         check_callable(should_cancel, "probabilities: should_cancel", "should_cancel() -> bool")
-        check_callable(progress, "probabilities: progress", "progress(stage, done, total)")
+        check_callable(progress, "probabilities: progress", "progress(done, total)")
         with self._lock:
             plan = self.plan.with_refine(refine)
             if self.plan.noise is None and plan.noise is not None:  # measured once per image
@@ -123,24 +124,31 @@ class RegionSegmenter:
     def _probabilities(self, plan, box: Box, key, should_cancel, progress) -> np.ndarray:
         """``probabilities`` of a checked ``box`` under ``plan``, cached under ``key``."""
         ext = plan.refine_extent(box)
-        diffs = self._logit_diffs(ext, should_cancel, progress)
+        refining = plan.settings.refine is not None
+        # one count over both stages: the logit tiles, then the CRF's units (one until the
+        # CRF reports how many it has)
+        diffs, tiles = self._logit_diffs(ext, should_cancel, progress, int(refining))
 
         def step(done: int, total: int) -> None:
             stop_if_cancelled(should_cancel, "region segmentation cancelled")
             if progress is not None:
-                progress("refinement", done, total)
+                progress(tiles + done, tiles + total)
 
         stop_if_cancelled(should_cancel, "region segmentation cancelled")
-        if plan.settings.refine is not None and progress is not None:
-            progress("refinement", 0, 1)  # the stage shows before the CRF's first unit
+        if refining and progress is not None:
+            progress(tiles, tiles + 1)  # the logits are done before the CRF's first unit
         p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
         if plan.settings.refine is not None:
             self.stats["crf_runs"] += 1
         self._last = (key, p)
         return p
 
-    def _logit_diffs(self, ext: Box, should_cancel, progress=None) -> np.ndarray:
-        """Head logits minus the background's, ``(K - 1, *ext shape)``, from the plane cache (a
+    def _logit_diffs(
+        self, ext: Box, should_cancel, progress=None, later: int = 0
+    ) -> tuple[np.ndarray, int]:
+        """Head logits minus the background's, ``(K - 1, *ext shape)``, and the number of
+        tiles computed for them. ``progress(done, total)`` counts the tiles, ``later`` more
+        units of work after them in ``total``. The logits come from the plane cache (a
         plane of this in-plane window, or the cached whole plane cut to it: a bounded preview's
         smaller window after previews of whole planes); missing planes are computed in runs
         of consecutive planes, tile by tile."""
@@ -174,7 +182,7 @@ class RegionSegmenter:
             for tile in tiles:
                 stop_if_cancelled(should_cancel, "region segmentation cancelled")
                 if progress is not None:
-                    progress("logits", done, total)
+                    progress(done, total + later)
                 d = engine.logits(self.plan, tile, self.model, self.device, self.timings)
                 (ta, tb), (ya, yb), (xa, xb) = ((a - s, b - s) for (a, b), (s, _) in zip(tile, ext))
                 out[:, ta:tb, ya:yb, xa:xb] = d
@@ -182,7 +190,7 @@ class RegionSegmenter:
             for z in run:
                 self._store((window, z), out[:, z - z0].copy())
             self.stats["logit_planes"] += len(run)
-        return out
+        return out, total
 
     def _store(self, key, plane: np.ndarray) -> None:
         self._planes[key] = plane
