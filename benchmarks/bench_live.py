@@ -14,7 +14,7 @@ flight, not queue behind it), and the status line (never stale). Each configurat
 ``--rounds`` times, interleaved: this machine's timings drift by tens of percent between runs.
 Writes ``benchmarks/results/live-cpu.md`` (``live-cpu-poll.md`` with ``--poll``).
 
-Usage: python benchmarks/bench_live.py [--busy 0 1] [--rounds 2] [--poll]
+Usage: python benchmarks/bench_live.py [--busy 0 1 2] [--rounds 2] [--poll]
 """
 
 from __future__ import annotations
@@ -36,13 +36,18 @@ TIMEOUT_S = 120.0
 CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)
 POLL = os.environ.get("BENCH_LIVE_POLL") == "1"  # the old busy-polling wait, for comparison
 TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
+FULL_ROUNDS = 2  # full runs of the sample per way (widget, API), alternated
 SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
 REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
     ("compat", 8.0), ("guide_sigma", 0.15), ("temperature", 6.0), ("iterations", 4),
     ("kernel_size", 7), ("spatial_sigma", 3.0), ("dilation", 2),
 )  # fmt: skip
+# Costly settings, up to the widget's limits (``_napari.refine_limits``: iterations x window
+# taps within ``MAX_TAP_STEPS`` at the sample's spacing) with the widest dilation
 COSTLY = ({"kernel_size": 15, "iterations": 6}, {"kernel_size": 5, "iterations": 50},
-          {"kernel_size": 9, "iterations": 10})  # fmt: skip
+          {"kernel_size": 9, "iterations": 10},
+          {"kernel_size": 15, "iterations": 6, "dilation": 8},
+          {"kernel_size": 7, "iterations": 50, "dilation": 8})  # fmt: skip
 # The newer, cheap change made 0.6 s into the costliest preview (1.2-1.6 s on 2026-12-04)
 ABORTED, NEWER = (
     {"kernel_size": 15, "iterations": 6},
@@ -157,6 +162,30 @@ def _measure() -> dict:
     out["abort"] = wait(newer)
     out["abort"]["after_newer"] = out["abort"]["end"] - marks["newer"]
     out["final_status"] = widget.status.value
+
+    # A full run: the widget's (the button to the result in its layers, the worker thread and
+    # the progress bar included) against segment() plus the same layer update in this process,
+    # alternated.
+    from napari_pacseg import segment
+    from napari_pacseg._napari import layers as _layers
+
+    widget.live.value = False
+    turn(lambda: not runner.busy, time.perf_counter() + TIMEOUT_S)
+    names = _layers.output_names("nuclei")
+    out["full"] = {"widget": [], "api": []}
+    for _ in range(FULL_ROUNDS):
+        start = time.perf_counter()
+        widget.run_full()
+        turn(lambda: widget.status.value.startswith("full image done"), start + TIMEOUT_S)
+        if not widget.status.value.startswith("full image done"):
+            raise RuntimeError(f"no full run within {TIMEOUT_S} s: {widget.status.value!r}")
+        out["full"]["widget"].append(time.perf_counter() - start)
+        turn(lambda: not widget.running, time.perf_counter() + TIMEOUT_S)
+        start = time.perf_counter()
+        seg = segment(sample.image, widget.model, spacing=sample.spacing)
+        _layers.write_full(*(viewer.layers[n] for n in names), seg.labels, seg.matte, "api")
+        turn(lambda: True, time.perf_counter())  # the repaint the layer change asks for
+        out["full"]["api"].append(time.perf_counter() - start)
     out["threads"] = __import__("torch").get_num_threads()
     viewer.close()
     return out
@@ -186,7 +215,7 @@ def _median(rows) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--rounds", type=int, default=2,
         help="each configuration this many times, interleaved (this machine's timings drift)",
@@ -269,6 +298,19 @@ def main() -> None:
             lines.append(
                 f"| {label(key)} | {settings} | {row['seconds']:.2f} s | {row['status']} |"
             )
+    lines += [
+        "",
+        "Full run of the sample (64 x 256 x 256, default refinement): the widget's *Run on full "
+        "image* (button to the result in its layers: worker thread, progress bar, layer update) "
+        "against `segment()` plus the same layer update in the same process, alternated; "
+        f"median of {FULL_ROUNDS} each:",
+        "",
+        "| config | widget | API + layer update | widget / API |",
+        "|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        w, a = (statistics.median(r["full"][k]) for k in ("widget", "api"))
+        lines.append(f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} |")
     lines += [
         "",
         f"A newer, cheap change ({_settings(NEWER)}) 0.6 s into a costly preview "

@@ -21,3 +21,12 @@ def errors(monkeypatch):
     seen: list[str] = []
     monkeypatch.setattr("napari_pacseg._napari.widget.show_error", seen.append)
     return seen
+
+
+@pytest.fixture(autouse=True)
+def quiet_preview_budget(monkeypatch):
+    """Live previews get the quiet machine's budget (``engine.plan.preview_budget`` shrinks it
+    while other processes hold every core): which previews are exact must not depend on what
+    else runs on the test machine. ``test_session.test_preview_budget_follows_the_load`` tests
+    the load rule itself."""
+    monkeypatch.setattr("napari_pacseg.engine.plan.current_load", lambda: 0.0)

@@ -270,6 +270,21 @@ def test_a_costly_preview_is_bounded_and_says_so(session, sample, monkeypatch):
     np.testing.assert_array_equal(result.labels, labels)
 
 
+def test_preview_budget_follows_the_load(monkeypatch):
+    from napari_pacseg.engine import plan as engine
+
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
+    full = engine.PREVIEW_WORK_CPU
+    assert engine.preview_budget("cpu", 0.0) == full  # quiet
+    assert engine.preview_budget("cpu", 1.0) == full  # a core is free: one thread runs alone
+    assert engine.preview_budget("cpu", 2.0) == pytest.approx(full * 2 / 3)  # 3 share 2 cores
+    assert engine.preview_budget("cpu", 40.0) == full / 4  # never below a quarter
+    assert engine.preview_budget("cpu", None) == full  # unmeasurable: one core's budget
+    monkeypatch.setattr(engine, "current_load", lambda: 2.0)  # measured when not given
+    assert engine.preview_budget("cpu") == pytest.approx(full * 2 / 3)
+    assert engine.preview_budget("cuda", 2.0) == engine.PREVIEW_WORK_GPU
+
+
 def test_bound_preview_rule():
     from napari_pacseg.engine import plan as engine
 

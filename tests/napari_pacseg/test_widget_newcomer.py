@@ -142,6 +142,35 @@ def test_spacing_is_editable_and_is_the_layers_scale(docked, sample, errors):
     assert "the model was trained at" in widget.spacing_info.value
 
 
+def test_refinement_controls_cannot_reach_a_refused_setting(docked, sample, errors):
+    from napari_pacseg import segment
+    from napari_pacseg.engine.plan import MAX_TAP_STEPS
+    from napari_pacseg.io.model_file import load_model
+
+    viewer, widget = docked
+    image = viewer.add_image(sample.image[CROP], name="crop", scale=(1.0, 0.4, 0.4))
+    widget.image.value = image
+    assert widget.load_model_file(DEMO_MODEL_FILE)
+    iterations, kernel = widget.iterations, widget.kernel_size
+    # at 1 x 0.4 x 0.4 a kernel of 15 is 7 x 15 x 15 voxels: 1574 neighbours per iteration
+    kernel.value = 15
+    assert iterations.max == MAX_TAP_STEPS // 1574 == 6
+    iterations.native.setValue(50)  # typed past the maximum: Qt holds it at the maximum
+    assert iterations.value == 6
+    kernel.value = 5
+    iterations.value = 50  # 3 x 5 x 5 - 1 = 74 neighbours: 50 iterations are allowed
+    assert iterations.value == 50 and list(kernel.choices) == [1, 3, 5, 7]
+    # every pair the controls allow is one the engine takes
+    model = load_model(DEMO_MODEL_FILE)
+    segment(sample.image[:4, :16, :16], model, refine=widget.refine_overrides())
+    # an isotropic image allows less: the limits follow the spacing
+    widget.set_spacing("1, 1, 1")
+    assert iterations.value == 50  # 5**3 - 1 = 124 neighbours x 50: within the limit
+    assert list(kernel.choices) == [1, 3, 5]  # 7**3 - 1 = 342 neighbours x 50: over it
+    assert "neighbour visits" in iterations.tooltip
+    assert errors == []
+
+
 def test_a_full_run_segments_at_the_spacing_set(docked, sample, qtbot, errors):
     from napari_pacseg import segment
 

@@ -27,6 +27,7 @@ from napari_pacseg._napari.controls import (
     set_instance_controls,
     set_refine_controls,
 )
+from napari_pacseg._napari.refine_limits import limit_refine_controls
 from napari_pacseg._napari.session import (
     RunParams,
     Session,
@@ -169,6 +170,8 @@ class PacSegWidget(mw.Container):
         self.refine_controls = refine_controls()
         for name, control in self.refine_controls.items():
             setattr(self, name, control)
+        for name in ("iterations", "kernel_size"):
+            self.refine_controls[name].changed.connect(self._limit_refine)
         self.reset_refine_button = mw.PushButton(text="Model defaults")
         self.threshold = mw.FloatSlider(
             label="Matte threshold", min=0.0, max=1.0, step=0.01, value=DEFAULT_THRESHOLD
@@ -427,6 +430,19 @@ class PacSegWidget(mw.Container):
         kind = self.session.image.ndim if self.session.image is not None else 3
         if self.train_steps.value == self._auto_steps:  # still the widget's: not the user's own
             self.train_steps.value = self._auto_steps = default_steps(kind)
+        self._limit_refine()
+
+    def _limit_refine(self, *_args) -> None:
+        """Keep the refinement controls within the work the engine accepts at the image's
+        spacing (the model's when the image's does not fit it; isotropic without a model)."""
+        model, spacing, ndim = self.model, (1.0, 1.0, 1.0), 3
+        if model is not None:
+            ndim = model.config.ndim
+            try:
+                spacing = model.config.volume_spacing(self._input().spacing)
+            except ValueError:  # no image, or one of the other kind: the model's own spacing
+                spacing = model.config.volume_spacing(None)
+        limit_refine_controls(self.refine_controls, spacing, ndim)
 
     # --- model ----------------------------------------------------------------------------------
 
@@ -652,7 +668,7 @@ class PacSegWidget(mw.Container):
         for w in (self.run_button, self.train_button, self.load_button):
             w.enabled = not running
         self.cancel_button.enabled = running
-        # the bar in sight below Run and Cancel (napari's own is in its collapsed activity dock)
+        # the task's bar, in sight below Run and Cancel (``workers.TaskRunner``)
         self.progress.max, self.progress.value = 1, 0
         self.progress.visible = running
 

@@ -99,13 +99,16 @@ class TaskRunner:
     """Full runs and training in a worker thread, one at a time (``session.begin``).
 
     ``start(kind, work, on_result)`` runs ``work(progress=..., should_cancel=...)`` (a
-    ``session.FullRun`` or ``session.Training``) with a napari progress bar; the main thread
+    ``session.FullRun`` or ``session.Training``); the main thread
     gets ``on_result(result, seconds)``, or a status line when it was cancelled
     (``session.cancel()``), or ``error(text)`` when it failed (also when ``on_result`` raises
     ``ValueError``). ``status(text)`` shows progress (``progress_text``: with units, percent
     and time left); ``running(flag)`` is called when a task starts and ends;
     ``progressed(done, total)``, when given, with each progress report (the widget's bar).
-    """
+    napari's activity bar is not used: while any of its bars runs, its status-bar spinner
+    repaints the window without pause, and on a software-rendered display (a VM, a remote
+    desktop, Xvfb) those repaints take the CPU the run needs (``benchmarks/results/live-cpu.md``,
+    full-run rows)."""
 
     def __init__(
         self, session, status: Callable, error: Callable, running: Callable,
@@ -113,16 +116,14 @@ class TaskRunner:
     ) -> None:  # fmt: skip
         self.session, self.status, self.error, self.running = session, status, error, running
         self.progressed = progressed
-        self._bar = None
+        self._showing = False  # a task's progress is shown (from its start to its result)
         self._worker = None
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
 
     def start(self, kind: str, work: Callable, on_result: Callable) -> None:
-        from napari.utils import progress
-
         task = self.session.begin(kind)
-        self._bar = progress(total=0, desc=f"PAC {kind}")
+        self._showing = True
         emit = self._relay.progressed.emit
         self._worker = _worker(
             work, progress=lambda done, total: emit(task.ident, done, total),
@@ -141,10 +142,8 @@ class TaskRunner:
 
     def _on_progress(self, ident: int, done: int, total: int) -> None:
         task = self.session.task
-        if task is None or task.ident != ident or self._bar is None:
+        if task is None or task.ident != ident or not self._showing:
             return  # queued from a task whose result is in (or that has ended)
-        # The status first: napari's bar may turn the event loop in update(), and so deliver
-        # the task's result, whose status line must then stay.
         if task.should_cancel():
             unit = UNITS.get(task.kind, "")
             self.status(f"cancelling the {task.kind}… ({done}/{total} {unit} done)")
@@ -152,9 +151,6 @@ class TaskRunner:
             self.status(progress_text(task.kind, done, total, task.seconds))
         if self.progressed is not None:
             self.progressed(done, total)
-        bar = self._bar
-        bar.total = total
-        bar.update(done - bar.n)
 
     def _returned(self, task, on_result: Callable, outcome: Outcome) -> None:
         from napari.utils.notifications import show_info
@@ -163,9 +159,7 @@ class TaskRunner:
         # The controls come back with the end of the task, not with the worker's later
         # `finished` signal: in between, the widget is idle and its buttons must work.
         self.running(False)
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._showing = False
         if isinstance(outcome.error, SegmentationCancelled):
             self.status(f"{task.kind} cancelled; the layers were not changed")
             show_info(f"PAC {task.kind} cancelled; nothing was written")

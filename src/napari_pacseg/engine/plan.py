@@ -44,7 +44,7 @@ from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.refine.guide import GuideFilter, guide_filter, make_guide
 from napari_pacseg.refine.local_fit import local_fit
 from pacseg_kernels import pac_crf3d
-from pacseg_kernels.threads import readapt
+from pacseg_kernels.threads import current_load, readapt, usable_cores
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
 # memory stays under 4x the float32 image (benchmarks/bench_pipeline.py; 64-plane refinement
@@ -406,9 +406,26 @@ PREVIEW_WORK_CPU = 1.2e9
 PREVIEW_WORK_GPU = 1e11
 
 
-def preview_budget(device: torch.device) -> float:
-    """Tap visits a live preview's refinement may make on ``device``."""
-    return PREVIEW_WORK_CPU if torch.device(device).type == "cpu" else PREVIEW_WORK_GPU
+def preview_budget(device: torch.device, load: float | None = None) -> float:
+    """Tap visits a live preview's refinement may make on ``device``. On the CPU the budget is
+    one core's; where other processes keep busy (``load``, cores; default: measured,
+    ``pacseg_kernels.threads.current_load``) all but a share of a core, it shrinks to that
+    share, so the preview's time stays bounded on a saturated machine."""
+    if torch.device(device).type != "cpu":
+        return PREVIEW_WORK_GPU
+    if load is None:
+        load = current_load()
+    return PREVIEW_WORK_CPU * core_share(load)
+
+
+def core_share(load: float | None) -> float:
+    """The share of one core a thread of this process gets while other processes keep ``load``
+    cores busy: 1 while a core is free, else the cores split evenly between them and it (at
+    least a quarter)."""
+    cores = usable_cores()
+    if load is None or cores - load >= 1:
+        return 1.0
+    return max(0.25, min(1.0, cores / (load + 1)))
 
 
 def _centred(a: int, b: int, n: int) -> tuple[int, int]:
