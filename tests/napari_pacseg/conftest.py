@@ -30,3 +30,12 @@ def quiet_preview_budget(monkeypatch):
     else runs on the test machine. ``test_session.test_preview_budget_follows_the_load`` tests
     the load rule itself."""
     monkeypatch.setattr("napari_pacseg.engine.plan.current_load", lambda: 0.0)
+
+
+@pytest.fixture(autouse=True)
+def user_data_home(tmp_path_factory, monkeypatch):
+    """napari-pacseg's user data folder (``platformdirs``: the widget's autosaved sessions) in
+    a temporary folder: no test writes into the user's home."""
+    home = tmp_path_factory.mktemp("data-home")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    return home

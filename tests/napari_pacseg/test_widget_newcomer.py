@@ -335,3 +335,76 @@ def test_saving_a_model_again_under_its_name_asks_to_replace(docked, tmp_path, e
     assert widget.save_model_file(tmp_path / "mine") == first
     assert asked == [first, first] and errors == []
     assert load_model(first).config == widget.model.config
+
+
+TRAIN_CROP = (slice(28, 36), slice(160, 256), slice(0, 96))  # scribbles of both classes at z 32
+
+
+def test_a_session_is_saved_after_training_and_restored(docked, sample, qtbot, errors,
+                                                         user_data_home, tmp_path):  # fmt: skip
+    from napari_pacseg._napari.autosave import RECORD, read_session, user_sessions_dir
+    from napari_pacseg.io.model_file import model_bytes
+
+    viewer, widget = docked
+    image = viewer.add_image(sample.image[TRAIN_CROP], name="crop", scale=sample.spacing)
+    painted = viewer.add_labels(sample.scribbles[TRAIN_CROP], name="crop scribbles",
+                                scale=sample.spacing)  # fmt: skip
+    widget.image.value, widget.scribbles.value = image, painted
+    widget.class_names.value = "background, nucleus"
+    widget.train_steps.value = 20
+    widget.start_training()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.model is not None, widget.status.value
+    # saved in the user data folder (the image is not read from a file): a complete session
+    folder = user_sessions_dir() / "crop"
+    assert str(folder).startswith(str(user_data_home)) and (folder / RECORD).is_file()
+    assert widget.session_folder == folder
+    trained = model_bytes(widget.model)
+
+    # settings changed after it, the scribbles layer gone: a restart, as far as they go
+    widget.threshold.value = 0.7
+    widget.iterations.value = 2
+    viewer.layers.remove(painted)
+    assert widget.restore_session(folder)
+    restored = viewer.layers["crop scribbles"]
+    np.testing.assert_array_equal(restored.data, sample.scribbles[TRAIN_CROP])
+    assert tuple(restored.scale) == tuple(sample.spacing)
+    assert model_bytes(widget.model) == trained
+    assert widget.threshold.value == 0.5 and widget.iterations.value == 5
+    assert widget.class_names.value == "background, nucleus" and widget.train_steps.value == 20
+    assert widget.status.value.startswith("restored the session of")
+    assert errors == []
+
+    # a second training replaces pacseg's own session files, nothing else in the folder
+    mine = folder / "notes.txt"
+    mine.write_text("the user's")
+    widget.start_training()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert mine.read_text() == "the user's" and read_session(folder).settings["train_steps"] == 20
+
+    # a folder that is not a session: an error, nothing changed; a user's folder of the
+    # session's name is never written into
+    model = widget.model
+    assert not widget.restore_session(tmp_path)
+    assert "holds no pacseg session" in errors[-1] and widget.model is model
+    theirs = user_sessions_dir() / "other"
+    theirs.mkdir()
+    (theirs / "session.json").write_text("{}")
+    from napari_pacseg._napari.autosave import session_folder
+
+    assert session_folder("other") == user_sessions_dir() / "other-2"
+    assert (theirs / "session.json").read_text() == "{}"
+
+
+def test_a_file_backed_image_keeps_its_session_beside_it(tmp_path):
+    from napari_pacseg._napari.autosave import session_folder, user_sessions_dir
+
+    source = tmp_path / "embryo.tif"
+    source.write_bytes(b"")
+    assert session_folder("embryo", source) == tmp_path / "embryo.pacseg-session"
+    # a user's own folder of that name is left alone: the user data folder instead
+    (tmp_path / "embryo.pacseg-session").mkdir()
+    assert session_folder("embryo", source) == user_sessions_dir() / "embryo"
+    zarr_folder = tmp_path / "big.zarr"
+    zarr_folder.mkdir()
+    assert session_folder("big", zarr_folder) == tmp_path / "big.zarr.pacseg-session"

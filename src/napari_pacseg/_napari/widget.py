@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from magicgui import widgets as mw
 from napari.utils.notifications import show_error, show_warning
 
@@ -63,6 +64,11 @@ def confirm_replace(parent, path: Path) -> bool:
 
 
 CONTROLS_WIDTH = 300  # px: the controls' least width; the dock is this plus its scroll bar
+
+
+# The widget's own controls a session keeps (with the refinement and instance controls)
+SESSION_CONTROLS = ("class_names", "feature_scales", "train_steps", "train_context",
+                    "threshold", "background", "device", "instances", "live")  # fmt: skip
 
 
 def _spacing_note(job) -> str:
@@ -143,6 +149,11 @@ class PacSegWidget(mw.Container):
         )  # fmt: skip
         self.load_button = mw.PushButton(text="Load model…")
         self.save_button = mw.PushButton(text="Save model…")
+        self.restore_button = mw.PushButton(
+            text="Restore session…",
+            tooltip="bring back the scribbles, model and settings saved after each training "
+            "(beside the image's file, or in napari-pacseg's user data folder)",
+        )  # fmt: skip
         self.scribbles = mw.ComboBox(
             label="Scribbles", choices=lambda _: _layers.scribble_choices(viewer), nullable=True
         )
@@ -209,7 +220,7 @@ class PacSegWidget(mw.Container):
         self.controls.extend([
             self.image, self.axis0, self.channel_axis, self.spacing, self.spacing_info,
             heading("Model"), self.model_info, self.model_details, self.load_button,
-            self.save_button,
+            self.save_button, self.restore_button,
             heading("Training"), self.scribbles, self.class_names, self.new_scribbles_button,
             self.feature_scales, self.train_steps, self.train_context, self.add_pair_button, self.training_set,
             self.remove_pair_button, self.train_button,
@@ -277,6 +288,7 @@ class PacSegWidget(mw.Container):
         self.model_details.changed.connect(self._show_model_info)
         self.load_button.clicked.connect(lambda: self._on_file_clicked(save=False))
         self.save_button.clicked.connect(lambda: self._on_file_clicked(save=True))
+        self.restore_button.clicked.connect(self._on_restore_clicked)
         self.new_scribbles_button.clicked.connect(self.new_scribbles_layer)
         self.train_button.clicked.connect(self.start_training)
         self.add_pair_button.clicked.connect(self.add_to_training_set)
@@ -603,6 +615,109 @@ class PacSegWidget(mw.Container):
         self._say(f"trained ({voxels} labelled voxels); {then}{warned}")
         for w in job.warnings:
             show_warning(f"PAC Segmentation: {w}")
+        self._autosave(model, job)
+
+    # --- sessions (autosave) --------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """The widget's settings (control name to value; JSON-able), as a session keeps them."""
+        out = {n: getattr(self, n).value for n in SESSION_CONTROLS}
+        out["refine"] = self.refine_overrides()
+        out["instance_controls"] = instance_values(self.instance_controls)
+        return out
+
+    def apply_settings(self, settings: dict) -> list[str]:
+        """Show ``settings`` (``settings()``'s dict) in the controls; returns the names that
+        could not be set (a value out of a control's range, a control of another version)."""
+        skipped = []
+
+        def put(control, name, value):
+            try:
+                control.value = value
+            except (ValueError, TypeError):
+                skipped.append(name)
+
+        groups = {"refine": self.refine_controls, "instance_controls": self.instance_controls}
+        with self._synced():
+            for name, value in settings.items():
+                if name in groups and isinstance(value, dict):
+                    for key, v in value.items():
+                        if key in groups[name]:
+                            put(groups[name][key], key, 0.0 if v is None else v)
+                        else:
+                            skipped.append(key)
+                elif name in SESSION_CONTROLS:
+                    put(getattr(self, name), name, value)
+                else:
+                    skipped.append(name)
+        return skipped
+
+    def _autosave(self, model: PacSegModel, job) -> None:
+        """Save the session after a training: the scribbles it trained from, the model and
+        the settings (``autosave``); a failure is said, never raised."""
+        from napari_pacseg._napari.autosave import SessionScribbles, save_session, session_folder
+
+        names = [c.name for c in model.config.classes]
+        scribbles = [SessionScribbles(inp.name, np.asarray(marks), tuple(inp.scale), names)
+                     for inp, marks in zip(job.images, job.scribbles)]  # fmt: skip
+        layer = job.image.layer
+        source = getattr(getattr(layer, "source", None), "path", None)
+        try:
+            folder = save_session(session_folder(job.image.name, source), model, scribbles,
+                                  self.settings())  # fmt: skip
+        except (OSError, ValueError) as err:
+            self._say(f"{self.status.value}; session not saved: {err}")
+            return
+        self.session_folder = folder
+        self.restore_button.tooltip = f"the last session was saved to {folder}"
+
+    def _on_restore_clicked(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        from napari_pacseg._napari.autosave import session_folder, user_sessions_dir
+
+        start = getattr(self, "session_folder", None)
+        if start is None and self.image.value is not None:
+            layer = self.image.value
+            start = session_folder(layer.name, getattr(layer.source, "path", None))
+        if start is None or not Path(start).exists():
+            start = user_sessions_dir()
+        folder = QFileDialog.getExistingDirectory(self.native, "Restore a PAC-Seg session",
+                                                  str(start))  # fmt: skip
+        if folder:
+            self.restore_session(folder)
+
+    def restore_session(self, folder) -> bool:
+        """Bring back the session in ``folder`` (``autosave.read_session``): its model, the
+        settings, and each image's scribbles as a Labels layer (``"<image> scribbles"``, or
+        ``"<image> scribbles (restored)"`` when that name is taken) at the saved scale. True
+        when restored; an error (nothing changed) when ``folder`` is not a session."""
+        from napari_pacseg._napari.autosave import read_session
+
+        try:
+            self.session.check_idle()
+            saved = read_session(folder)
+        except ValueError as err:
+            self._error(str(err))
+            return False
+        layers = []
+        for s in saved.scribbles:
+            name = f"{s.image} scribbles"
+            if name in self.viewer.layers:
+                name += " (restored)"
+            layer = self.viewer.add_labels(
+                s.data, name=name, scale=s.scale, **_layers.scribble_styling(s.classes)
+            )
+            layers.append(layer)
+        self.set_model(saved.model, f"session {saved.folder} ({saved.saved})")
+        skipped = self.apply_settings(saved.settings)
+        if layers:
+            self.scribbles.value = layers[0]
+        self.session_folder = saved.folder
+        note = f"; settings not restored: {', '.join(skipped)}" if skipped else ""
+        self._say(f"restored the session of {saved.saved}: the model and "
+                  f"{len(layers)} scribbles layer(s){note}")  # fmt: skip
+        return True
 
     # --- full run -------------------------------------------------------------------------------
 
