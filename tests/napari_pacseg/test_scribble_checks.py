@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from napari_pacseg.sample import load_sample
-from napari_pacseg.training.scribble_checks import coverage_warnings, intensity_warnings
+from napari_pacseg.training.scribble_checks import (
+    coverage_warnings,
+    intensity_warnings,
+    sparsity_warnings,
+)
 
 
 def test_the_samples_scribbles_raise_no_warning():
@@ -47,3 +51,18 @@ def test_a_class_painted_in_one_shade_is_warned_about():
     # a black background painted where it is black: no other shade to miss
     dark = np.where(sample.truth, sample.image, 0)[None]
     assert intensity_warnings([dark], [sample.scribbles], ["background", "nucleus"]) == []
+
+
+def test_a_class_marked_on_a_handful_of_voxels_is_warned_about():
+    names = ["background", "membrane", "cell"]
+    assert sparsity_warnings([load_sample().scribbles], ["background", "nucleus"]) == []
+    marks = np.zeros((4, 32, 32), np.uint8)
+    marks[1, 5:25, 5] = 1  # a stroke of 20 voxels
+    marks[2, 10, 10:15] = 2  # a membrane touched on 5 voxels
+    marks[3, 20:28, 20:28] = 3
+    warned = sparsity_warnings([marks], names)
+    assert len(warned) == 1 and "membrane scribbles mark only 5 voxels" in warned[0]
+    other = np.zeros_like(marks)
+    other[0, 3, 3:20] = 2  # more strokes of it in another image: 22 in all
+    assert sparsity_warnings([marks, other], names) == []
+    assert sparsity_warnings([np.zeros_like(marks)], names) == []  # unpainted: train's error

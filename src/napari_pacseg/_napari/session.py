@@ -36,7 +36,11 @@ from napari_pacseg.model.features import FeatureSpec
 from napari_pacseg.model.network import PacSegModel
 from napari_pacseg.training.defaults import default_features
 from napari_pacseg.training.fit import train
-from napari_pacseg.training.scribble_checks import coverage_warnings, intensity_warnings
+from napari_pacseg.training.scribble_checks import (
+    coverage_warnings,
+    intensity_warnings,
+    sparsity_warnings,
+)
 
 DEFAULT_CLASSES = "background, foreground"
 NO_MODEL = "none: load a model file or train one from scribbles"
@@ -337,8 +341,9 @@ class TrainingPair:
 class Training:
     """``train`` from copies of the scribbles of one image or several: call it (in any thread)
     for the model; ``source`` says where it came from, ``warnings`` what looks amiss in the
-    scribbles: ``scribble_checks.coverage_warnings`` when made, then the call adds
-    ``intensity_warnings`` (it reads the images, so it runs in the call's thread)."""
+    scribbles: ``scribble_checks.coverage_warnings`` and ``sparsity_warnings`` when made, then
+    the call adds ``intensity_warnings`` (it reads the images, so it runs in the call's
+    thread)."""
 
     images: list[ImageInput]
     scribbles: list[np.ndarray]
@@ -672,7 +677,7 @@ class Session:
             source = f"trained from {pairs[0].name!r} on {pairs[0].image.name!r}"
         else:
             source = f"trained from {len(pairs)} images: " + ", ".join(p.label for p in pairs)
-        warned = coverage_warnings(marks, names)
+        warned = coverage_warnings(marks, names) + sparsity_warnings(marks, names)
         return Training([p.image for p in pairs], marks, kwargs, source, warned)
 
     # --- live preview -----------------------------------------------------------------------------

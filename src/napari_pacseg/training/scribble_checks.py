@@ -1,7 +1,8 @@
 """Warnings about where scribbles were painted: a class painted only along the image's border
 teaches the model that class from the border's look alone (a tester who painted the background
 that way got bright nuclear rims labelled background); a class painted in one shade only is
-extrapolated to its other shades."""
+extrapolated to its other shades; a class marked on a handful of voxels (a thin membrane
+touched once) gives the head too few examples to learn it."""
 
 from __future__ import annotations
 
@@ -88,3 +89,24 @@ def intensity_warnings(
                 "darker parts of it)"
             )
     return out
+
+
+MIN_LEARN_VOXELS = 16  # fewer scribbled voxels of a class than this are too few to learn from
+
+
+def sparsity_warnings(scribbles: Sequence[np.ndarray], names: Sequence[str]) -> list[str]:
+    """One sentence per class (scribble value ``i + 1`` is ``names[i]``) painted on fewer than
+    ``MIN_LEARN_VOXELS`` voxels over all the scribble arrays, but not on none (a class not
+    painted at all is ``train``'s error): the per-voxel head sees too few examples of it. Thin
+    classes (a membrane 1-3 voxels wide) need strokes along them, in several places."""
+    counts = np.zeros(len(names) + 1, np.int64)
+    for marks in scribbles:
+        marks = np.asarray(marks)
+        values, n = np.unique(marks[(marks > 0) & (marks <= len(names))], return_counts=True)
+        counts[values.astype(np.int64)] += n
+    return [
+        f"the {name} scribbles mark only {int(counts[i + 1])} voxels: too few to learn the class "
+        "from; paint more of it, in several places (along thin structures such as membranes)"
+        for i, name in enumerate(names)
+        if 0 < counts[i + 1] < MIN_LEARN_VOXELS
+    ]
