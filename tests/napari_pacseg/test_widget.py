@@ -542,7 +542,7 @@ def test_border_only_scribbles_warn_after_training(docked, qtbot, errors, monkey
     monkeypatch.setattr("napari_pacseg._napari.widget.show_warning", warned.append)
     marks = np.zeros((16, 64, 64), np.uint8)
     marks[8, 1, 5:60] = 1
-    marks[8, 30, 30:34] = 2
+    marks[8, 28:32, 30:34] = 2  # 16 voxels: enough to learn from (no sparsity warning)
     layer = viewer.add_labels(marks, name="crop scribbles", scale=viewer.layers["crop"].scale)
     widget.scribbles.value = layer
     widget.train_steps.value = 20
