@@ -2,7 +2,7 @@
 
 Compares, on a (1, C, S, S, S) float32 volume:
   * ours: ``pacseg_kernels.voxel_mlp`` (blocked torch path on CPU, fused Triton kernel on CUDA),
-    channels-first and channels-last;
+    channels-first and channels-last, and on the CPU with ``matmul_dtype=torch.bfloat16``;
   * ``nn.Sequential`` applied to the whole flattened (S^3, C) volume (what people write);
   * ``numpy.apply_along_axis`` with a numpy MLP, on a subsample (what people start from);
   * the ceilings of ``common.measure_rates`` (a large copy, a large float32 ``torch.mm``): every
@@ -99,14 +99,16 @@ def worker(method: str, size: int, widths: tuple[int, ...], device: str) -> dict
 
         t = common.best_time(lambda: np.apply_along_axis(per_voxel, -1, x), "cpu", repeats=1)
         return {"time": t * n_vox / sub**3, "peak_extra": None}
-    if method in ("ours", "ours_cl"):
+    if method in ("ours", "ours_cl", "ours_bf16"):
         channels_last = method == "ours_cl"
+        matmul_dtype = torch.bfloat16 if method == "ours_bf16" else None
 
         def make(s):
             return torch.randn((s, s, s, c) if channels_last else (1, c, s, s, s), device=device)
 
         def apply(v):
-            return voxel_mlp(v, weights, biases, channels_last=channels_last)
+            return voxel_mlp(v, weights, biases, channels_last=channels_last,
+                             matmul_dtype=matmul_dtype)  # fmt: skip
     elif method == "sequential":
         seq = _sequential(weights, biases)
 
@@ -182,6 +184,7 @@ def main() -> None:
     fpv = _flops_per_voxel(MAIN_WIDTHS)
     methods = ["ours", "ours_cl", "sequential"]
     if dev == "cpu":
+        methods.insert(2, "ours_bf16")
         methods += ["apply_along_axis", "apply_along_axis_numpy"]
     # Interleaved rounds, best of each: the shared 2-core CPU machine has slow spells lasting
     # seconds, and one process at the wrong moment should not decide a ratio.
@@ -199,6 +202,8 @@ def main() -> None:
     label = {
         "ours": "ours, channels-first" + (" (Triton)" if dev == "cuda" else " (torch path)"),
         "ours_cl": "ours, channels-last (X, Y, Z, n)",
+        "ours_bf16": "ours, channels-first, matmul_dtype=bfloat16 (what segment() uses on CPUs "
+        "with AMX; GFLOP/s and % against the float32 mm rate)",
         "sequential": "nn.Sequential on the flattened volume",
         "apply_along_axis": "np.apply_along_axis calling the nn.Sequential per voxel "
         "(16^3 subsample, extrapolated)",

@@ -133,7 +133,7 @@ def _as_ncdhw(t: torch.Tensor) -> torch.Tensor:
 
 class _VoxelMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, activation, channels_last, backend, n_layers, *params):
+    def forward(ctx, x, activation, channels_last, backend, n_layers, matmul_dtype, *params):
         weights, biases = params[:n_layers], params[n_layers:]
         k = weights[-1].shape[0]
         dtype = weights[0].dtype
@@ -155,6 +155,7 @@ class _VoxelMLPFunction(torch.autograd.Function):
                 weights,
                 biases,
                 activation,
+                matmul_dtype,
             )
         ctx.save_for_backward(x, *params)
         ctx.meta = (activation, channels_last, n_layers)
@@ -179,7 +180,7 @@ class _VoxelMLPFunction(torch.autograd.Function):
             activation,
             _channels_first(grad_x, channels_last),
         )
-        return (grad_x, None, None, None, None, *gw, *gb)
+        return (grad_x, None, None, None, None, None, *gw, *gb)
 
 
 def voxel_mlp(
@@ -190,6 +191,7 @@ def voxel_mlp(
     *,
     channels_last: bool = False,
     backend: str = "auto",
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Apply an MLP to the channel vector of every voxel, all layers fused.
 
@@ -207,6 +209,14 @@ def voxel_mlp(
     backend : {"auto", "triton", "torch"}
         ``auto``: the fused Triton kernel for CUDA tensors when triton imports, else the blocked
         torch path (cache-sized blocks; peak extra memory independent of the volume size).
+    matmul_dtype : None or ``torch.bfloat16``
+        ``torch.bfloat16``: every layer runs on bfloat16 copies of its input, weights and
+        bias (products accumulated in float32, each layer's output rounded to bfloat16); the
+        result is float32. oneDNN runs these at about twice the float32 rate on CPUs with
+        matrix units (AMX: ``benchmarks/results/mlp-cpu.md``); outputs differ from float32's
+        by bfloat16's rounding (relative ~4e-3). For inference only: the torch path, float32
+        inputs and parameters, no gradient wanted; else ``ValueError``. None (default): the
+        parameters' dtype throughout.
 
     Returns
     -------
@@ -236,10 +246,36 @@ def voxel_mlp(
     params = [*weights, *biases]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in [x, *params]) else torch.float32
     params = [p.to(dtype) for p in params]
+    if matmul_dtype is not None:
+        _check_matmul_dtype(matmul_dtype, dtype, backend, [x, *params])
+        backend = "torch"
     chosen = resolve_backend(
         backend,
         x.device,
         op="voxel_mlp",
         triton_unsupported=_fused_unsupported(params[: len(weights)], dtype, x.device),
     )
-    return _VoxelMLPFunction.apply(x, activation, channels_last, chosen, len(weights), *params)
+    return _VoxelMLPFunction.apply(
+        x, activation, channels_last, chosen, len(weights), matmul_dtype, *params
+    )
+
+
+def _check_matmul_dtype(matmul_dtype, dtype, backend: str, tensors) -> None:
+    """``ValueError`` unless ``voxel_mlp``'s ``matmul_dtype`` can be honoured: bfloat16, float32
+    parameters, the torch path, no gradient wanted."""
+    if matmul_dtype != torch.bfloat16:
+        raise ValueError(
+            f"voxel_mlp: matmul_dtype must be None or torch.bfloat16, got {matmul_dtype!r}"
+        )
+    if dtype != torch.float32:
+        raise ValueError("voxel_mlp: matmul_dtype=torch.bfloat16 needs float32 inputs and parameters")
+    if backend == "triton":
+        raise ValueError(
+            "voxel_mlp: matmul_dtype=torch.bfloat16 runs on the torch path only; pass "
+            'backend="torch" or "auto"'
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(
+            "voxel_mlp: matmul_dtype=torch.bfloat16 is for inference; run it under "
+            "torch.no_grad() or leave matmul_dtype None to train"
+        )

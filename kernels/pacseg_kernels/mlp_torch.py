@@ -123,6 +123,7 @@ def mlp_forward(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
     activation: str,
+    matmul_dtype: torch.dtype | None = None,
 ) -> None:
     """Write ``MLP(x)`` into ``out``, block by block.
 
@@ -133,10 +134,25 @@ def mlp_forward(
     out : Tensor ``(K, *S)``, dtype of the weights
         Written in place; any strides.
     weights, biases : ``(out, in)`` matrices and ``(out,)`` vectors, all of one float dtype.
+    matmul_dtype : None, or ``torch.bfloat16`` (float32 parameters): every layer runs on
+        bfloat16 copies (products accumulated in float32, each layer's output rounded to
+        bfloat16); ``out`` stays float32.
     """
     dtype = weights[0].dtype
     if use_onednn(x, weights):
-        _forward_onednn(x, out, weights, biases, activation)
+        _forward_onednn(x, out, weights, biases, activation, matmul_dtype)
+        return
+    if matmul_dtype is not None:  # every layer in bfloat16, as oneDNN's path runs them
+        low_w = [w.to(matmul_dtype) for w in weights]
+        low_b = [b_[:, None].to(matmul_dtype) for b_ in biases]
+        for index, n in spatial_blocks(tuple(x.shape[1:]), block_voxels(weights)):
+            h = x[(slice(None), *index)].reshape(x.shape[0], n).to(matmul_dtype)
+            for layer, (w, b_) in enumerate(zip(low_w, low_b)):
+                h = torch.addmm(b_, w, h)
+                if layer < len(low_w) - 1:
+                    h = _activate_(h, activation)
+            target = out[(slice(None), *index)]
+            target.copy_(h.view(target.shape))
         return
     block = block_voxels(weights)
     width = max(w.shape[0] for w in weights)
@@ -188,7 +204,7 @@ def relu_safe_input_bound(weights: Sequence[torch.Tensor], biases: Sequence[torc
     return bound
 
 
-def _forward_onednn(x, out, weights, biases, activation) -> None:
+def _forward_onednn(x, out, weights, biases, activation, matmul_dtype=None) -> None:
     """``mlp_forward`` with oneDNN's fused linear + activation, on ``(n, C)`` row blocks.
 
     Its fused ReLU maps NaN to 0; a block whose input could lead to a NaN pre-activation (see
@@ -201,6 +217,9 @@ def _forward_onednn(x, out, weights, biases, activation) -> None:
     # Only ReLU between layers needs the check (one layer has none).
     check = activation == "relu" and len(weights) > 1
     bound = relu_safe_input_bound(weights, biases) if check else math.inf
+    if matmul_dtype is not None:  # bfloat16 copies: oneDNN accumulates in float32
+        weights = [w.to(matmul_dtype) for w in weights]
+        biases = [b.to(matmul_dtype) for b in biases]
     width = max(w.shape[0] for w in weights)
     block_n = onednn_block(width)
     # The op allocates each layer's (block, width) output afresh. glibc serves allocations above
@@ -211,7 +230,10 @@ def _forward_onednn(x, out, weights, biases, activation) -> None:
     last = len(weights) - 1
     for index, n in spatial_blocks(tuple(x.shape[1:]), block_n):
         rows = x[(slice(None), *index)].reshape(x.shape[0], n)  # (C, n)
-        block = rows.t() if rows.dtype == torch.float32 else rows.t().float()
+        if matmul_dtype is not None:  # row-major: oneDNN's bfloat16 kernels are slow on a view
+            block = torch.empty((n, rows.shape[0]), dtype=matmul_dtype).copy_(rows.t())
+        else:
+            block = rows.t() if rows.dtype == torch.float32 else rows.t().float()
         h = block
         for layer, (w, b) in enumerate(zip(weights, biases)):
             h = op(h, w, b, "none", [], "") if layer == last else op(h, w, b, attr, [], algorithm)
@@ -226,7 +248,7 @@ def _forward_onednn(x, out, weights, biases, activation) -> None:
                     if layer < last:
                         h.relu_()
         target = out[(slice(None), *index)]
-        target.copy_(h.t().reshape(target.shape))
+        target.copy_(h.t().reshape(target.shape))  # (bfloat16 layers: converted by the copy)
 
 
 def mlp_backward(

@@ -79,7 +79,8 @@ class VoxelMLP(nn.Module):
         self.channels_last = channels_last
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``voxel_mlp`` of ``x`` with this module's layers (``matmul_dtype`` as there)."""
         return voxel_mlp(
             x,
             [layer.weight for layer in self.layers],
@@ -87,6 +88,7 @@ class VoxelMLP(nn.Module):
             self.activation,
             channels_last=self.channels_last,
             backend=self.backend,
+            matmul_dtype=matmul_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -243,6 +243,9 @@ def build_parser(commands_only: bool = False) -> argparse.ArgumentParser:
                      f"probable other class (0-1, default {DEFAULT_THRESHOLD:g})")  # fmt: skip
     run = seg.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    run.add_argument("--precision", choices=("auto", "float32"), default="auto",
+                     help="auto (default): the head's products in bfloat16 on CPUs with AMX "
+                     "matrix units; float32: float32 everywhere")  # fmt: skip
     run.add_argument("--tile", type=_positive_int, nargs="+", metavar="N",
                      help="tile size of segment(): Z Y X (a 2D model: Y X; default: its own)")  # fmt: skip
     run.add_argument("--spacing", type=_positive_float, nargs="+", metavar="S",
@@ -429,6 +432,7 @@ def _cmd_segment(args) -> int:
             tile_shape=args.tile, chunks=args.chunks, memory=args.memory,
             scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite,
             threshold=args.threshold, instances=instances, frames=args.frames, progress=show,
+            precision=args.precision,
         )  # fmt: skip
     except ValueError as err:  # raised before any input is touched (clashing outputs, ...)
         raise UsageError(str(err)) from None

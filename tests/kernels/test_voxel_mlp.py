@@ -319,3 +319,38 @@ def test_from_state_dict_refuses_other_layers():
         VoxelMLP.from_state_dict(sd)
     with pytest.raises(ValueError, match=r"Conv|2-D"):
         VoxelMLP.from_state_dict(nn.Conv3d(2, 3, 1).state_dict())
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_bfloat16_matmuls_match_reference_within_their_rounding(case, activation, cpu_path):
+    n, c, spatial, hidden, k = case
+    gen = torch.Generator().manual_seed(hash((case[1], tuple(hidden), activation, "bf16")) % 2**31)
+    x = torch.randn(n, c, *spatial, generator=gen)
+    weights, biases = _mlp(c, hidden, k, gen)
+    with torch.no_grad():
+        out = voxel_mlp(x, weights, biases, activation, matmul_dtype=torch.bfloat16)
+    assert out.shape == (n, k, *spatial) and out.dtype == torch.float32
+    ref = mlp_reference(x, weights, biases, activation)
+    # bfloat16 keeps 8 significant bits: ~0.4% per rounding, a few roundings per layer
+    torch.testing.assert_close(out.double(), ref, rtol=4e-2, atol=4e-2 * (len(hidden) + 1))
+    if x.numel() * k > 200:  # the products did run in bfloat16: not float32's result
+        assert not torch.equal(out, voxel_mlp(x, weights, biases, activation))
+
+
+def test_bfloat16_matmuls_are_for_inference_on_the_torch_path():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4, 3, 3, 3, generator=gen)
+    weights, biases = _mlp(4, [8], 2, gen)
+    bf16 = torch.bfloat16
+    with pytest.raises(ValueError, match="for inference"):
+        voxel_mlp(x, [w.requires_grad_() for w in weights], biases, matmul_dtype=bf16)
+    with pytest.raises(ValueError, match="torch path only"):
+        voxel_mlp(x, weights, biases, backend="triton", matmul_dtype=bf16)
+    with pytest.raises(ValueError, match="float32 inputs"):
+        voxel_mlp(x.double(), weights, biases, matmul_dtype=bf16)
+    with pytest.raises(ValueError, match="None or torch.bfloat16"):
+        voxel_mlp(x, weights, biases, matmul_dtype=torch.float16)
+    with torch.no_grad():  # the module passes it on
+        mlp = VoxelMLP(4, [8], 2)
+        torch.testing.assert_close(mlp(x, matmul_dtype=bf16), mlp(x), rtol=4e-2, atol=4e-2)

@@ -313,6 +313,7 @@ def iter_segment_files(
     threshold: float = DEFAULT_THRESHOLD,
     instances=False,
     frames: bool = False,
+    precision: str = "auto",
 ) -> FileRunIterator:
     """Like ``segment_files``, yielding each input's ``FileResult`` as soon as it is finished
     (in input order). The arguments are checked and the inputs expanded at the call
@@ -331,7 +332,7 @@ def iter_segment_files(
     # checked before any work; channel_axis is the raw axis in the files
     request = as_request(
         model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
-        tile_shape=tile_shape, threshold=threshold, instances=instances,
+        tile_shape=tile_shape, threshold=threshold, instances=instances, precision=precision,
     )  # fmt: skip
     model = request.model
     model_info["weights_sha256"] = weights_digest(model)
@@ -444,6 +445,7 @@ def segment_files(inputs, model, outdir, **kwargs) -> list[FileResult]:
         object count): True, an ``InstanceConfig`` or a dict, as in ``segment``; zarr inputs
         chunk by chunk (``segment_zarr(instances=..., objects_out=...)``).
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
+    precision : the head's precision, as in ``segment``.
     frames : with a 2D model, each input is a stack of 2D frames (a time-lapse; TIFF or NPY),
         segmented frame by frame (``segment(frame_axis=...)``). A 2D model reads 2D images:
         PNG, JPEG (outputs as TIFF), 2D TIFF and NPY (``image_io.read_picture``); zarr inputs
@@ -489,6 +491,7 @@ class RunOptions:
             "threshold": r.threshold,
             "instances": None if r.instances is None else dataclasses.asdict(r.instances),
             "frames": self.frames,
+            "precision": r.precision,
         }
 
 
@@ -624,7 +627,8 @@ class _FileRun:
 
     def _skip_reason(self, old: dict, record: Path) -> str:
         try:
-            defaults = {"threshold": DEFAULT_THRESHOLD, "frames": False}  # older records
+            defaults = {"threshold": DEFAULT_THRESHOLD, "frames": False,
+                        "precision": "auto"}  # older records  # fmt: skip
             same = old["model"]["weights_sha256"] == self.model_info["weights_sha256"] and all(
                 old["parameters"].get(k, defaults.get(k)) == v
                 for k, v in self.common.items()

@@ -604,7 +604,7 @@ def logits(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> np.n
         norm = apply_range(
             region(plan.vol, ext, dev), plan.lo.to(dev), plan.hi.to(dev), plan.model.clip
         )
-    out = model.crop_logits(norm, plan.settings.spacing, core, watch)[0]
+    out = model.crop_logits(norm, plan.settings.spacing, core, watch, plan.request.head_dtype)[0]
     del norm
     with watch("head"):
         out = (out[1:] - out[:1]).cpu().numpy()

@@ -9,6 +9,7 @@ adds that per image.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,18 @@ from napari_pacseg.model.classes import DEFAULT_THRESHOLD, check_output_rule
 from napari_pacseg.model.network import InstanceConfig, PacSegModel, RefineConfig, with_overrides
 
 CPU = torch.device("cpu")
+PRECISIONS = ("auto", "float32")
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True where this CPU has AMX tiles and this torch's oneDNN runs bfloat16 on them."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported()) and bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):  # private probes missing in another torch
+        return False
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,8 @@ class SegmentRequest:
         ``ModelConfig.volume_spacing``), None for the image's own (a file's metadata) or else
         the model's training spacing.
     channel_axis, frame_axis : the image's channel and frame axes as given, None for none.
+    precision : "auto" (the head's products in bfloat16 where the CPU has AMX matrix units:
+        ``head_dtype``) or "float32".
 
     A request pickles with its model as the bytes of its model file (``ModelPayload``), so a
     dask worker rebuilds it with every check of ``load_model`` and no code is unpickled.
@@ -54,6 +69,7 @@ class SegmentRequest:
     spacing: tuple[float, ...] | None = None
     channel_axis: int | None = None
     frame_axis: int | None = None
+    precision: str = "auto"
 
     @classmethod
     def build(
@@ -69,13 +85,14 @@ class SegmentRequest:
         spacing=None,
         channel_axis: int | None = None,
         frame_axis: int | None = None,
+        precision: str = "auto",
     ) -> SegmentRequest:
         """The request of ``segment``'s keywords, each resolved and checked: ``refine`` True
         (the model's defaults), False, a ``RefineConfig`` or a dict of overrides (0 iterations:
         none); ``instances`` likewise for ``InstanceConfig`` (default False); ``device``
         "auto", "cpu", "cuda:1", ...; ``tile_shape`` 3 numbers (a 2D model: 2); ``spacing``
-        ``(z, y, x)`` (a 2D model: ``(y, x)``). ``ValueError``/``TypeError`` naming the
-        argument at the first that is wrong."""
+        ``(z, y, x)`` (a 2D model: ``(y, x)``); ``precision`` "auto" or "float32".
+        ``ValueError``/``TypeError`` naming the argument at the first that is wrong."""
         model = as_model(model)
         config = model.config
         params = None if refine is False else with_overrides(config.refine, refine, "refine")
@@ -89,14 +106,28 @@ class SegmentRequest:
         if spacing is not None:
             config.volume_spacing(spacing)  # checked here; kept as given (2D images: (y, x))
             spacing = tuple(float(s) for s in spacing)
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got "
+                f"{precision!r}"
+            )
         return cls(
             model, params, instance_config(config.instances, instances), threshold, background,
-            resolve_device(device), tile_shape, spacing, channel_axis, frame_axis,
+            resolve_device(device), tile_shape, spacing, channel_axis, frame_axis, precision,
         )  # fmt: skip
 
     def replace(self, **changes) -> SegmentRequest:
         """The same request with some fields changed (already resolved values)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def head_dtype(self) -> torch.dtype | None:
+        """The head's matmul dtype (``voxel_mlp``'s ``matmul_dtype``): bfloat16 for "auto" on
+        a CPU with AMX matrix units (where it pays: ``benchmarks/results/mlp-cpu.md``), else
+        None (float32)."""
+        if self.precision == "auto" and self.device.type == "cpu" and cpu_has_amx():
+            return torch.bfloat16
+        return None
 
     @cached_property
     def classes(self) -> list[str]:

@@ -88,6 +88,7 @@ def segment(
     background: int = 0,
     noise_level=None,
     instances=False,
+    precision: str = "auto",
 ) -> Segmentation:
     """Segment a volume or a 2D image with a trained model: logits, PAC-CRF refinement,
     labels and matte.
@@ -139,13 +140,17 @@ def segment(
     instances : also separate the objects (``Segmentation.instances`` and ``.objects``): True
         (the model's ``InstanceConfig``), an ``InstanceConfig``, or a dict overriding its
         fields. Lengths in the units of ``spacing``.
+    precision : "auto" (the head's matrix products in bfloat16 on CPUs with AMX matrix units,
+        where they run at about twice the float32 rate and change labels of ~1e-5 of the
+        voxels: ``benchmarks/results/mlp-cpu.md``; float32 elsewhere) or "float32" (float32
+        everywhere, the same result on every machine).
     """
     check_callable(progress, "segment: progress", "progress(done_tiles, total_tiles)")
     check_callable(should_cancel, "segment: should_cancel", "should_cancel() -> bool")
     request = as_request(
         model, spacing=spacing, channel_axis=channel_axis, frame_axis=frame_axis, refine=refine,
         device=device, tile_shape=tile_shape, threshold=threshold, background=background,
-        instances=instances,
+        instances=instances, precision=precision,
     )  # fmt: skip
     image_options = ImageOptions(return_probabilities, intensity_range, noise_level)
     if request.frame_axis is not None:
@@ -157,6 +162,7 @@ def segment(
 REQUEST_KEYWORDS = {
     "spacing": None, "channel_axis": None, "frame_axis": None, "refine": True, "device": "auto",
     "tile_shape": None, "threshold": DEFAULT_THRESHOLD, "background": 0, "instances": False,
+    "precision": "auto",
 }  # fmt: skip
 
 

@@ -565,13 +565,16 @@ class PacSegModel(nn.Module):
                 feats = torch.cat([feats, ctx], dim=1)
         return feats
 
-    def crop_logits(self, normalized: torch.Tensor, spacing=None, crop=None, watch=_no_watch):
+    def crop_logits(
+        self, normalized: torch.Tensor, spacing=None, crop=None, watch=_no_watch,
+        matmul_dtype: torch.dtype | None = None,
+    ):  # fmt: skip
         """Class logits ``(N, K, *crop)`` float32 of ``crop`` of a normalised image: features ->
         context -> head, what ``segment`` runs on every tile (its "head" stage timed by
-        ``watch``)."""
+        ``watch``; its products in ``matmul_dtype``, as ``voxel_mlp`` takes it)."""
         feats = self.crop_features(normalized, spacing, crop, watch)
         with watch("head"):
-            return self.head(feats)
+            return self.head(feats, matmul_dtype=matmul_dtype)
 
     def forward(self, image: torch.Tensor, spacing=None, intensity_range=None) -> torch.Tensor:
         """Unrefined class logits ``(N, K, D, H, W)`` float32 of raw images ``(N, C, D, H, W)``.
