@@ -349,7 +349,7 @@ def test_bfloat16_matmuls_are_for_inference_on_the_torch_path():
         voxel_mlp(x, weights, biases, backend="triton", matmul_dtype=bf16)
     with pytest.raises(ValueError, match="float32 inputs"):
         voxel_mlp(x.double(), weights, biases, matmul_dtype=bf16)
-    with pytest.raises(ValueError, match="None or torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"None or torch\.bfloat16"):
         voxel_mlp(x, weights, biases, matmul_dtype=torch.float16)
     with torch.no_grad():  # the module passes it on
         mlp = VoxelMLP(4, [8], 2)

@@ -280,7 +280,7 @@ def test_segment_follows_a_load_that_changes_during_the_run(trained, monkeypatch
 def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_matrix_units(trained, monkeypatch):
     import napari_pacseg.engine.request as request_module
 
-    image, _, truth, model = trained
+    image, _, _, model = trained
     for amx in (True, False):
         monkeypatch.setattr(request_module, "cpu_has_amx", lambda amx=amx: amx)
         auto = SegmentRequest.build(model, device="cpu")
