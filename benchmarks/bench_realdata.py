@@ -12,10 +12,12 @@ and the worst over them), made from the reference labels as a user would paint t
 * nuclei: ``robustness.user_scribbles`` in z planes 30, 50 and 70 (the 2D image: its one plane):
   per plane 4 strokes of up to 6 voxels along x inside nuclei (2 voxels from their edge; class 2)
   and 4 of up to 20 voxels through the background (3 voxels from any nucleus; class 1).
-* plant cells (``cell_scribbles``), in z planes 16, 32 and 48. Ours has no boundary-class
-  instance mode yet, so the user paints the membrane as the background class and the cell
-  interiors as the object class: the foreground is "cell interior" and the objects are the
-  interiors' objects. The reference membrane is the band of voxels that have a face neighbour
+* plant cells (``cell_scribbles``), in z planes 16, 32 and 48. The whole crop is tissue, so the
+  user paints two classes, the membrane (value 1: the model's first class, named "membrane")
+  and the cell interiors (value 2, "cell"), and asks for cells from the boundary class
+  (``instances={"boundary": "membrane", "radius": R}``: cells enclosed by the membrane, tiling
+  the tissue). The membrane is then also the label rule's background, so the foreground is
+  "cell interior". The reference membrane is the band of voxels that have a face neighbour
   of another label (both sides of every boundary between two cells: 2 voxels wide); per plane,
   4 strokes of up to 20 voxels walk along the membrane (the band dilated by 1 voxel: the stain
   is about 4 voxels wide here; class 1) and 4 of up to 10 voxels run along x inside cells (2
@@ -24,7 +26,8 @@ and the worst over them), made from the reference labels as a user would paint t
 Methods (all on the same image, scored against the same reference):
 
 * ours: ``train(image, strokes, spacing=...)`` (default features, seed 0), then ``segment(image,
-  model, spacing=..., instances={"radius": R})`` with the radius a user reads off the image
+  model, spacing=..., instances={"radius": R})`` (cells: plus ``"boundary": "membrane"``) with
+  the radius a user reads off the image
   (README: nuclei ~2 um for Arabidopsis; plant cells ~10-15 voxels, 12 here; DSB nuclei ~4
   pixels; ``--radius STEM=R`` overrides, ``--instances-json`` adds other overrides), refined (the
   model's defaults) and unrefined (``refine=False``). "train s" is train(), "segment s"
@@ -172,8 +175,9 @@ def _walk(mask: np.ndarray, start, length: int) -> list[tuple[int, int]]:
 def cell_scribbles(labels: np.ndarray, planes, seed: int = 0) -> np.ndarray:
     """Strokes a user paints on cells behind a membrane stain, from reference cell labels that
     tile the tissue: per plane of ``planes`` 4 strokes of up to 20 voxels along the membrane
-    (the membrane band dilated by 1; value 1, the background class) and 4 of up to 10 voxels
-    along x inside cells (2 voxels from the band; value 2). uint8 of ``labels``' shape."""
+    (the membrane band dilated by 1; value 1, the membrane class, first: the background) and 4
+    of up to 10 voxels along x inside cells (2 voxels from the band; value 2). uint8 of
+    ``labels``' shape."""
     rng = np.random.default_rng(seed)
     band = membrane_band(labels)
     membrane = ndi.binary_dilation(band)
@@ -405,11 +409,16 @@ def run_apoc(python: str, case: Case, scribbles: np.ndarray) -> dict:
 # --- ours ----------------------------------------------------------------------------------------
 
 
+CELL_CLASSES = ("membrane", "cell")  # the strokes' values 1 and 2 on the cells image
+
+
 def run_ours(case: Case, scribbles, instances: dict, device: str) -> dict:
     from napari_pacseg import segment, train
 
+    names = CELL_CLASSES if case.image.kind == "cells" else None
     start = time.perf_counter()
-    model = train(case.pixels, scribbles, spacing=case.spacing, seed=0, device=device)
+    model = train(case.pixels, scribbles, spacing=case.spacing, seed=0, device=device,
+                  class_names=names)  # fmt: skip
     train_s = time.perf_counter() - start
     rows = {}
     for refine, name in ((False, UNREFINED), (True, OURS)):
@@ -655,7 +664,10 @@ def main() -> None:
         if image.stem not in args.images:
             continue
         case = load_case(data, image, radii[image.stem])
-        instances = {"radius": radii[image.stem], **extra.get(image.stem, {})}
+        instances = {"radius": radii[image.stem]}
+        if image.kind == "cells":  # cells enclosed by the membrane class
+            instances["boundary"] = CELL_CLASSES[0]
+        instances.update(extra.get(image.stem, {}))
         result = evaluate(case, args.seeds, instances, args.device, apoc_python)
         result["seeds_used"] = args.seeds
         results.append(result)
@@ -681,7 +693,8 @@ def main() -> None:
         "",
         "Definitions (module docstring of `benchmarks/bench_realdata.py`): strokes made from the "
         "reference labels in 3 planes (2D: the one plane), one set per seed; ours = train() "
-        "(defaults) + segment(instances={\"radius\": R}), refined and unrefined, 'mean' and "
+        '(defaults) + segment(instances={"radius": R}; cells: with "boundary": '
+        "\"membrane\", cells mode), refined and unrefined, 'mean' and "
         "'worst' (each column's worst value) over the seeds. Objects matched one-to-one at IoU "
         "> 0.5; F1 = 2 matches / (reference + predicted); over-split = reference objects holding "
         ">= half of each of 2+ predicted objects; under-split = predicted objects holding >= half "

@@ -237,6 +237,12 @@ def build_parser(commands_only: bool = False) -> argparse.ArgumentParser:
             metavar="X",
             help=f"with --instances: {spec.help} ({spec.low:g}-{spec.high:g})",
         )
+    obj.add_argument(
+        "--boundary-class", dest="boundary", type=_boundary_class, default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="with --instances: objects are the cells this class (a membrane, a cell wall) "
+        "encloses, tiling the tissue; --radius is the cells' radius; 'none' for blobs",
+    )  # fmt: skip
     out = seg.add_argument_group("labels")
     out.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD, metavar="X",
                      help="foreground where the matte (1 - P(background)) is >= X, then the most "
@@ -398,12 +404,22 @@ def _refine_option(args):
     return given or True
 
 
+def _boundary_class(text: str) -> str | None:
+    """``--boundary-class``: a class name, or ``none`` for blobs (the model file's may name one)."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("give a class name of the model (or 'none' for blobs)")
+    return None if name.lower() == "none" else name
+
+
 def _instances_option(args):
     from napari_pacseg.model.network import instance_params_schema
 
-    given = {n: getattr(args, n) for n in instance_params_schema() if hasattr(args, n)}
+    names = [*instance_params_schema(), "boundary"]
+    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if given and not args.instances:
-        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        flags = {"boundary": "--boundary-class"}
+        opts = ", ".join(flags.get(n, "--" + n.replace("_", "-")) for n in given)
         raise UsageError(f"{opts} given without --instances; add --instances or drop them")
     return (given or True) if args.instances else False
 

@@ -72,16 +72,39 @@ def refine_values(controls: dict) -> dict:
     return param_values(controls, refine_params_schema())
 
 
+BLOBS = ("blobs (split each piece)", "")  # the boundary control's choice of blobs mode
+
+
 def instance_controls() -> dict:
-    """One control per instance parameter, at ``InstanceConfig()``'s defaults."""
-    return param_controls(instance_params_schema(), InstanceConfig())
+    """One control per instance parameter, at ``InstanceConfig()``'s defaults, then
+    ``"boundary"``: what the objects are, blobs or the cells a class encloses (its choices
+    are the model's classes: ``set_instance_controls``)."""
+    controls = param_controls(instance_params_schema(), InstanceConfig())
+    controls["boundary"] = ComboBox(label="Objects are", choices=[BLOBS], value="")
+    controls["boundary"].tooltip = (
+        "blobs: each piece of a class, split where it narrows; cells inside a class: the "
+        "regions a boundary class (membrane, cell wall) encloses, tiling the tissue, with the "
+        "object radius as the cells' radius"
+    )
+    return controls
 
 
-def set_instance_controls(controls: dict, config: InstanceConfig) -> None:
-    """Show ``config``'s values in the controls."""
-    set_param_controls(controls, instance_params_schema(), config)
+def set_instance_controls(controls: dict, config: InstanceConfig, classes=()) -> None:
+    """Show ``config``'s values in the controls; ``classes`` (the model's class names) become
+    the boundary control's choices."""
+    numbers = {k: v for k, v in controls.items() if k != "boundary"}
+    set_param_controls(numbers, instance_params_schema(), config)
+    names = list(classes)
+    if config.boundary is not None and config.boundary not in names:
+        names.append(config.boundary)
+    box = controls["boundary"]
+    box.choices = [BLOBS, *((f"cells inside '{n}'", n) for n in names)]
+    box.value = config.boundary or ""
 
 
 def instance_values(controls: dict) -> dict:
     """The controls' values as ``InstanceConfig`` fields (a ``segment(instances=...)`` dict)."""
-    return param_values(controls, instance_params_schema())
+    numbers = {k: v for k, v in controls.items() if k != "boundary"}
+    values = param_values(numbers, instance_params_schema())
+    values["boundary"] = controls["boundary"].value or None
+    return values

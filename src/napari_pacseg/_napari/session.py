@@ -742,7 +742,9 @@ class Session:
         ids = None
         if job.params.instances is not None:
             config = instance_config(job.model.config.instances, job.params.instances)
-            ids = instance_labels(labels, spacing, config, should_cancel=should_cancel)
+            classes = [c.name for c in job.model.config.classes]  # a boundary class's name
+            ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
+                                  classes=classes, background=job.params.background)  # fmt: skip
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

@@ -513,7 +513,8 @@ class PacSegWidget(mw.Container):
             self.class_names.value = ", ".join(c.name for c in cfg.classes)
             self.feature_scales.value = ", ".join(f"{s:g}" for s in cfg.features.sigmas)
             set_refine_controls(self.refine_controls, cfg.refine)
-            set_instance_controls(self.instance_controls, cfg.instances)
+            set_instance_controls(self.instance_controls, cfg.instances,
+                                  [c.name for c in cfg.classes])  # fmt: skip
         self._show_model_info()
         self._update_spacing_info()
 

@@ -9,16 +9,20 @@ its haloed region straight from the zarr store, so no ghost cells travel between
 task needs nothing but the store and the model. A block pays its halo once for all its chunks,
 so large blocks cost about what ``segment()`` in memory costs per voxel, while small storage
 chunks stay the writer's choice. The results are written into zarr arrays chunked as asked,
-under temporary names (each task writes whole output chunks: an idempotent write, so a retried
-task rewrites the same bytes), and renamed into place only when every chunk is done. Memory per
-task is bounded by the budget, whatever the volume size; the instance passes run chunk by
-chunk (``instances.chunked``).
+in partials beside the outputs (``batch.partial``; each task writes whole output chunks: an
+idempotent write, so a retried task rewrites the same bytes), and renamed into place only when
+every chunk is done. Each finished block is logged in the partial, so a run that fails or is
+killed is resumed by the next call with the same source, model and parameters: the chunks
+already finished are skipped, and the result is the uninterrupted run's, bit for bit. Memory
+per task is bounded by the budget, whatever the volume size; the instance passes run chunk by
+chunk (``instances.chunked``), after the blocks, and are redone whole by a resumed run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -31,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from napari_pacseg._version import __version__
+from napari_pacseg.batch.partial import PartialRun, inspect_partials, partial_path
 from napari_pacseg.checks import check_callable, short_repr
 from napari_pacseg.engine.plan import (
     REFINE_FULL_DEPTH,
@@ -50,7 +57,9 @@ from napari_pacseg.engine.plan import (
 )
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
+from napari_pacseg.instances.cells import boundary_label
 from napari_pacseg.instances.chunked import Brightness, IdArrays, Measure, instances_pass
+from napari_pacseg.instances.chunked_cells import cells_pass
 from napari_pacseg.instances.labels import table_csv
 from napari_pacseg.io.atomic import (
     check_replaceable,
@@ -62,6 +71,7 @@ from napari_pacseg.io.atomic import (
     write_error,
 )
 from napari_pacseg.io.model_file import weights_digest
+from napari_pacseg.io.provenance import input_digest
 from napari_pacseg.io.spacing import resolve_spacing
 from napari_pacseg.io.volumes import (
     INSTALL_HINT,
@@ -443,6 +453,15 @@ class _VoxelProgress:
         with self.lock:
             self._show()
 
+    def skip(self, indices) -> None:
+        """Count the blocks ``indices`` (finished by an earlier run) as done, silently: the first
+        report (``start``) includes them."""
+        with self.lock:
+            for index in indices:
+                if index not in self.finished:
+                    self.finished.add(index)
+                    self.done += self.sizes[index]
+
     def part(self, index: int, fraction: float) -> None:
         with self.lock:
             if index not in self.finished:
@@ -479,11 +498,12 @@ class ZarrResult:
     (tasks). memory : the budget per task in bytes; task_memory : the estimated peak of the
     largest block's task (``task_memory``). spacing : ``(z, y, x)`` used; spacing_source :
     "argument", the file's metadata or "model". halo : ``receptive_field`` used (each block's
-    halo). timings : seconds per ``segment`` stage summed over blocks,
+    halo). timings : seconds per ``segment`` stage summed over the blocks computed,
     plus ``range`` (the volume's intensity range), ``instances`` (the instance passes) and
     ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
     n_objects : how many objects (0 without ``instances``). objects : the CSV of their
-    measurements, or None.
+    measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
+    killed run of the same outputs had finished (skipped here; 0 for a fresh run).
     """
 
     labels: Path
@@ -502,6 +522,7 @@ class ZarrResult:
     n_blocks: int = 0
     memory: int = 0
     task_memory: int = 0
+    resumed_blocks: int = 0
 
 
 def _open_source(source, channel_axis):
@@ -657,9 +678,16 @@ def segment_zarr(
         bytes of its model file and rebuilt there with every check of ``load_model``.
     labels_out : path of the ``(D, H, W)`` uint8 zarr array to write (0 background, class
         index + 1 otherwise). matte_out : path of the ``(D, H, W)`` float32 matte array
-        (1 - P(background)), or None to skip it. Both are written under temporary names in
-        their folders and renamed into place when every chunk is done; neither may be or
-        contain the input.
+        (1 - P(background)), or None to skip it. Both are written into partials in their
+        folders (``.<name>.pacseg-partial.tmp``, ``batch.partial``) and renamed into place
+        when every chunk is done; neither may be or contain the input. A call that fails
+        (an error, Ctrl-C) after a block is finished keeps the partials when the source is a
+        zarr on disk, as does a process killed outright; the next call with the same
+        outputs, source content (``input_digest``), model, parameters, chunks and
+        normalisation resumes them, skipping the finished chunks, with the uninterrupted
+        run's result bit for bit; any other call removes them and starts afresh. A folder
+        at a partial's name that pacseg did not make, or one a live run is writing, is
+        refused (``FileExistsError``) and left as it is.
     spacing : ``(z, y, x)`` voxel size in the model's units; default: the OME-Zarr metadata,
         else the model's training spacing.
     refine : True (model defaults), False, or a dict of ``RefineConfig`` overrides.
@@ -680,17 +708,20 @@ def segment_zarr(
         scheduler ("tcp://host:8786"), or a ``distributed.Client``.
     workers : start a ``LocalCluster`` of this many single-threaded worker processes for the
         call (scripts that use it need an ``if __name__ == "__main__":`` guard).
-    overwrite : replace existing outputs (else ``FileExistsError`` before any work).
+    overwrite : replace existing outputs (else ``FileExistsError`` before any work). Resuming
+        needs no ``overwrite``: the partials are not the outputs.
     progress : called as ``progress(done_voxels, total_voxels)`` in this process, so a caller
         can show voxels per second and the time left: blocks count their core voxels when
         done and, where they run in this process (the synchronous and "threads" schedulers),
         the share of their tiles done meanwhile (from the worker threads with "threads", one
-        call at a time); ``done == 0`` first, never decreasing.
+        call at a time); ``done == 0`` first (a resumed run: the voxels of the blocks already
+        finished), never decreasing.
     threshold : the label rule's matte threshold (``classes.labels_from_probabilities``).
     instances_out : path of a ``(D, H, W)`` int32 zarr array of object ids to write as well
         (the same ids as ``segment(..., instances=...)`` on the whole volume: objects that
         cross chunk borders are found whole; see ``instances.chunked``), or None. Written under
-        a temporary name and renamed into place with the others.
+        a temporary name (removed on a failure: a resumed run redoes the instance passes) and
+        renamed into place with the others.
     objects_out : with ``instances_out``, the path of a CSV of the objects' measurements
         (``instances.labels.object_table``'s columns, the same rows as in memory), measured
         piece by piece on the workers; needs a zarr source (read there).
@@ -720,9 +751,10 @@ def segment_zarr(
             "segment_zarr runs volume models chunk by chunk; this is a 2D model (of 2D images): "
             "load the image (np.asarray) and call segment(), with frame_axis for a stack of frames"
         )
-    objects = None
+    objects = boundary = None
     if instances_out is not None:
         objects = request.instances or request.model.config.instances
+        boundary = boundary_label(objects, model.config.classes, request.background)
     raw, layout, volume, readable = _open_source(source, request.channel_axis)
     if objects_out is not None and (instances_out is None or not readable):
         raise ValueError(
@@ -733,6 +765,11 @@ def segment_zarr(
             "instances_out: splitting objects by the image's brightness reads the image, which "
             "needs a zarr source (path, ImageFile or zarr.Array); pass "
             "instances={'brightness': 0} to split by shape alone"
+        )
+    if boundary is not None and not readable:
+        raise ValueError(
+            "instances_out: cells from a boundary class read the image (the boundary's stain), "
+            "which needs a zarr source (path, ImageFile or zarr.Array)"
         )
     outputs = [Path(p) for p in (labels_out, matte_out, instances_out, objects_out) if p is not None]
     inputs = source_paths(volume if volume is not None else raw)
@@ -749,6 +786,11 @@ def segment_zarr(
         check_replaceable(out, folder=not is_table)  # the zarr arrays are folders
         if out.parent.exists():  # zarr creates a missing one
             check_output_folder(out.parent)
+    # the outputs the blocks write live in partials (``batch.partial``) until every block is done
+    staged = {"labels": outputs[0]} | ({"matte": outputs[1]} if matte_out is not None else {})
+    for out in staged.values():
+        check_not_input(partial_path(out), inputs)
+    found = inspect_partials(staged)  # refuses a folder not ours, or one a live run writes
     shape = layout.shape(raw.shape)
     check_channels(shape, model, request.channel_axis)
     spacing, spacing_source = resolve_spacing(request.spacing, volume, model.config.spacing)
@@ -761,7 +803,11 @@ def segment_zarr(
     kind, client, owned = open_scheduler(scheduler, workers)
     for out in outputs:
         remove_stale_temporaries(out)
-    tmps = [temporary_sibling(p) for p in outputs]
+    # the partials, then temporaries for the instance outputs (their pass is redone on resume)
+    tmps = [partial_path(p) for p in staged.values()]
+    tmps += [temporary_sibling(p) for p in outputs[len(staged) :]]
+    partials: PartialRun | None = None
+    succeeded = False
     futures = []
     token = weights_digest(model)[:8] + os.urandom(4).hex()
     try:
@@ -786,31 +832,50 @@ def segment_zarr(
         norm = (lo.flatten().tolist(), hi.flatten().tolist(), noise)
         t_range = time.perf_counter() - t0
         attrs = {"spacing": list(spacing), "source": str(getattr(volume, "path", "array"))}
-        kinds = [(np.uint8, "labels")] + [(np.float32, "matte")] * (matte_out is not None)
-        kinds += [(np.int32, "instances")] * (instances_out is not None)
-        for tmp, (dtype, what) in zip(tmps, kinds):
-            arr = zarr.open_array(
-                str(tmp), mode="w", shape=shape[1:], chunks=chunks, dtype=dtype, fill_value=0
-            )
+        dtypes = {"labels": np.uint8, "matte": np.float32, "instances": np.int32}
+
+        def create(what: str, folder) -> None:
+            arr = zarr.open_array(str(folder), mode="w", shape=shape[1:], chunks=chunks,
+                                  dtype=dtypes[what], fill_value=0)  # fmt: skip
             arr.attrs.update({"napari_pacseg": {**attrs, "content": what}})
+
+        key = _run_key(inputs, readable, raw, layout, chunk_request, shape, chunks, halo, norm,
+                       list(staged))  # fmt: skip
+        resumable = key["source"]["digest"] is not None
+        partials = PartialRun(staged, key, resumable, found, create)
+        if partials.resumed and partials.blocks is not None:  # the blocks it stopped in
+            blocks = _resumed_blocks(partials.blocks, blocks, shape, chunks, halo, settings,
+                                     request, raw.dtype.itemsize)  # fmt: skip
+        partials.set_blocks(blocks.size)
+        finished = _finished_blocks(blocks.boxes, partials.done, chunks, shape[1:])
+        if instances_out is not None:
+            create("instances", tmps[outputs.index(Path(instances_out))])
         jobs = []
         paths = (str(tmps[0]), str(tmps[1]) if matte_out is not None else None)
         for i, box in enumerate(blocks.boxes):
+            if i in finished:
+                continue
             ext, _ = extend_box(box, halo, shape[1:])
             job = ChunkJob(box, ext, layout, chunk_request, norm, paths, readable,
                            str(getattr(volume, "path", "source")), i, token)  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
         tasks = [
-            dask.delayed(segment_chunk, pure=False)(job, region, dask_key_name=f"pacseg-chunk-{token}-{i}")
-            for i, (job, region) in enumerate(jobs)
+            dask.delayed(segment_chunk, pure=False)(job, region, dask_key_name=f"pacseg-chunk-{token}-{job.index}")
+            for job, region in jobs
         ]  # fmt: skip
         sizes = [math.prod(b - a for a, b in box) for box in blocks.boxes]
         voxels = _VoxelProgress(progress, sizes)
+        voxels.skip(finished)  # an earlier run's blocks count as done from the start
         _RELAYS[token] = voxels.part
+
+        def block_done(index: int) -> None:
+            partials.mark(blocks.boxes[index])  # before the progress, which may interrupt
+            voxels.finish(index)
+
         voxels.start()
         timings: dict[str, float] = {}
-        for t in _run(dask, kind, client, tasks, futures, voxels.finish):
+        for t in _run(dask, kind, client, tasks, futures, block_done) if tasks else ():
             for k, v in t.items():
                 timings[k] = timings.get(k, 0.0) + v
         timings["segment_total"] = timings.pop("total", 0.0)
@@ -835,18 +900,24 @@ def segment_zarr(
                 measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
                                   str(tmps[0]), names, shape[0])  # fmt: skip
             bright = None
-            if objects.brightness != 0:
+            if objects.brightness != 0 or boundary is not None:
                 bright = Brightness(raw, layout, str(getattr(volume, "path", "source")),
                                     tuple(norm[0]), tuple(norm[1]))  # fmt: skip
             ids_tmp = tmps[outputs.index(Path(instances_out))]
             arrays = IdArrays(str(tmps[0]), str(ids_tmp), str(scratch))
-            n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token, measure,
-                                              bright)  # fmt: skip
+            if boundary is None:
+                n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token,
+                                                  measure, bright)  # fmt: skip
+            else:  # cells from a boundary class
+                n_objects, table = cells_pass(run, arrays, boxes, spacing, objects, token,
+                                              boundary, measure, bright)  # fmt: skip
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0
-        for tmp, out in zip(tmps, outputs):
+        partials.publish(overwrite)  # each partial renamed into place, then its record removed
+        for tmp, out in zip(tmps[len(staged) :], outputs[len(staged) :]):
             move_into_place(tmp, out, overwrite)
+        succeeded = True
     except OSError as err:  # a full disk, the file-size limit: one line naming the output
         written = Path(err.filename or "")
         out = next((o for t, o in zip(tmps, outputs) if t == written or t in written.parents),
@@ -865,7 +936,10 @@ def segment_zarr(
             client.close()
             if cluster is not None:
                 cluster.close()
-        for tmp in tmps:
+        if partials is not None and not succeeded:
+            # kept for a rerun to resume when it can (a source on disk, a block finished)
+            partials.release(keep=partials.resumable and bool(partials.done))
+        for tmp in tmps[len(staged) :]:  # the instance outputs and their scratch
             remove(tmp)
     timings["range"] = t_range
     timings["total"] = time.perf_counter() - start
@@ -886,6 +960,7 @@ def segment_zarr(
         n_blocks=len(blocks.boxes),
         memory=blocks.budget,
         task_memory=blocks.task_bytes,
+        resumed_blocks=len(finished),
     )
 
 
@@ -917,6 +992,84 @@ def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, clie
             stacklevel=3,
         )
     return blocks
+
+
+def _resumed_blocks(size, blocks: Blocks, shape, chunks, halo, settings, request,
+                    itemsize) -> Blocks:  # fmt: skip
+    """The blocks of ``size`` chunks per axis (those a resumed run's partial was written in),
+    in place of the ``blocks`` chosen now, when their largest task stays within the same budget
+    and their halos pass ``check_overlap``; else ``blocks``."""
+    try:
+        size = tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        return blocks
+    if size == tuple(blocks.size) or len(size) != 3 or min(size) < 1:
+        return blocks
+    boxes = split_box(whole(shape[1:]), tuple(b * c for b, c in zip(size, chunks)))
+    exts = [extend_box(box, halo, shape[1:])[0] for box in boxes]
+    largest = [max(e[a][1] - e[a][0] for e in exts) for a in range(3)]
+    task_bytes = task_memory(largest, settings, request.model, itemsize, request.tile_shape)
+    if task_bytes > max(blocks.budget, blocks.task_bytes):  # beyond what the run allows now
+        return blocks
+    try:
+        check_overlap(boxes, halo, shape[1:], "work blocks")
+    except ValueError:
+        return blocks
+    return Blocks(size, boxes, task_bytes, blocks.budget, blocks.over)
+
+
+def _finished_blocks(boxes, done, chunks, shape) -> set[int]:
+    """The indices of ``boxes`` (work blocks, ``(z, y, x)`` ranges) whose every storage chunk
+    lies in one of the ``done`` boxes (the finished blocks of a partial, in any block
+    layout)."""
+    if not done:
+        return set()
+
+    def chunk_ranges(box):  # the chunks a box covers whole (the volume's last chunk: to the end)
+        return [range(-(-a // c), b // c if b < n else -(-n // c))
+                for (a, b), c, n in zip(box, chunks, shape)]  # fmt: skip
+
+    have = set()
+    for box in done:
+        have.update(itertools.product(*chunk_ranges(box)))
+    return {i for i, box in enumerate(boxes)
+            if all(c in have for c in itertools.product(*chunk_ranges(box)))}  # fmt: skip
+
+
+def _run_key(inputs, readable, raw, layout: Layout, request: SegmentRequest, shape, chunks,
+             halo, norm, roles) -> dict:  # fmt: skip
+    """What a partial's record must hold for a run to resume it (JSON data): the source's
+    content digest (``input_digest`` of each zarr folder it reads; None for a source not on
+    disk, which never resumes), dtype, raw shape and layout; the model's weights digest; the
+    blocks' ``request`` (every field: refinement, label rule, tile shape, spacing, device,
+    precision, and the head's dtype that precision gives here); the ``(C, D, H,
+    W)`` shape, storage chunks, halo, the whole volume's normalisation ``(lo, hi, noise)``, the
+    outputs the blocks write (``roles``) and the versions that compute them."""
+    digest = None
+    paths = [Path(p) for p in inputs]
+    if readable and paths and all(p.is_dir() for p in paths):
+        try:
+            digest = [input_digest(p) for p in paths]
+        except OSError:
+            digest = None
+    # every field of the request but the model (its digest) and the objects (redone on resume)
+    params = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)
+              if f.name not in ("model", "instances")}  # fmt: skip
+    for name, value in params.items():
+        params[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    params["head_dtype"] = str(request.head_dtype)  # "auto" precision as this machine takes it
+    return {
+        "source": {"digest": digest, "dtype": str(raw.dtype), "raw_shape": list(raw.shape),
+                   "layout": dataclasses.asdict(layout)},
+        "model": weights_digest(request.model),
+        "request": params,
+        "shape": list(shape),
+        "chunks": list(chunks),
+        "halo": list(halo),
+        "normalisation": {"lo": norm[0], "hi": norm[1], "noise": norm[2]},
+        "outputs": list(roles),
+        "versions": {"napari-pacseg": __version__, "torch": torch.__version__},
+    }  # fmt: skip
 
 
 def _raw_region(dask, raw, layout: Layout, ext):

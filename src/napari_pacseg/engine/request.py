@@ -17,6 +17,7 @@ from functools import cached_property
 import torch
 
 from napari_pacseg.checks import check_ints, resolve_device
+from napari_pacseg.instances.cells import boundary_label
 from napari_pacseg.instances.labels import instance_config
 from napari_pacseg.io.model_file import ModelPayload, load_model, model_from_bytes
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, check_output_rule
@@ -111,8 +112,10 @@ class SegmentRequest:
                 f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got "
                 f"{precision!r}"
             )
+        objects = instance_config(config.instances, instances)
+        boundary_label(objects, config.classes, background)  # a boundary class: checked here
         return cls(
-            model, params, instance_config(config.instances, instances), threshold, background,
+            model, params, objects, threshold, background,
             resolve_device(device), tile_shape, spacing, channel_axis, frame_axis, precision,
         )  # fmt: skip
 

@@ -15,6 +15,7 @@ from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.frames import frame_views
 from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
 from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.instances.cells import boundary_label, enclosed_labels
 from napari_pacseg.instances.labels import (
     as_table,
     brightness_evidence,
@@ -139,7 +140,8 @@ def segment(
         whole volume's, as with ``intensity_range``, when segmenting it piece by piece.
     instances : also separate the objects (``Segmentation.instances`` and ``.objects``): True
         (the model's ``InstanceConfig``), an ``InstanceConfig``, or a dict overriding its
-        fields. Lengths in the units of ``spacing``.
+        fields (``{"boundary": "membrane", "radius": 12}``: the cells a boundary class
+        encloses, tiling the tissue). Lengths in the units of ``spacing``.
     precision : "auto" (the head's matrix products in bfloat16 on CPUs with AMX matrix units,
         where they run at about twice the float32 rate and change labels of ~1e-5 of the
         voxels: ``benchmarks/results/mlp-cpu.md``; float32 elsewhere) or "float32" (float32
@@ -245,9 +247,13 @@ def _objects(plan, labels, should_cancel):
     config = plan.request.instances
     vol = plan.vol[:, 0] if plane else plan.vol
     bright = brightness_evidence(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing, config)
+    classes, background = plan.request.classes, plan.request.background
     ids = instance_labels(flat_labels, spacing, config, should_cancel=should_cancel,
-                          evidence=bright)  # fmt: skip
-    objects = as_table(object_table(ids, flat_labels, vol, spacing, plan.request.classes))
+                          evidence=bright, classes=classes, background=background)  # fmt: skip
+    boundary = boundary_label(config, classes, background)
+    if boundary is not None:  # a cell's class is the one it encloses
+        flat_labels = enclosed_labels(ids, flat_labels, boundary)
+    objects = as_table(object_table(ids, flat_labels, vol, spacing, classes))
     if plane and not plan.flat:
         ids = ids[None]
     return ids, objects

@@ -17,6 +17,10 @@ on its own bounding box. Four passes of tasks (run by ``segment_zarr``'s schedul
    deterministic computation) written into the output chunk.
 
 Memory per task: a chunk, plus the bounding box of the largest piece that meets it.
+
+Cells mode (``InstanceConfig.boundary``; ``CellRule``): the pieces are those of the cells'
+interiors (every interior class as one), split with the boundary's contrast; the boundary is
+then filled chunk by chunk (``instances.chunked_cells``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_pacseg.instances.cells import interior_mask, stain_contrast
 from napari_pacseg.instances.labels import (
     FACES,
     InstanceConfig,
     brightness_evidence,
+    cell_weight,
     evidence_reach,
     split_piece,
 )
@@ -39,23 +45,41 @@ SHIFT = 32  # component id = (chunk index << SHIFT) + local id (1-based)
 
 
 @dataclass(frozen=True)
-class _Piece:
+class Piece:
     members: tuple[int, ...]  # component ids
     value: int  # the class's label value
     box: tuple[tuple[int, int], ...]
     first: int  # raster index of its first voxel
 
 
+@dataclass(frozen=True)
+class CellRule:
+    """Cells mode for the passes: ``boundary``, the boundary class's label value; ``bright``,
+    whether its stain is bright (``cells.stain_is_bright``), None without the image."""
+
+    boundary: int
+    bright: bool | None = None
+
+
 def _slices(box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
-def components_chunk(labels_path: str, cc_path: str, index: int, box) -> list[tuple]:
+def piece_values(labels: np.ndarray, cells: CellRule | None) -> np.ndarray:
+    """What the pieces are made of: ``labels`` itself, or in cells mode 1 on the interiors."""
+    if cells is None:
+        return labels
+    return interior_mask(labels, cells.boundary).view(np.uint8)
+
+
+def components_chunk(labels_path: str, cc_path: str, index: int, box,
+                     cells: CellRule | None = None) -> list[tuple]:  # fmt: skip
     """Pass 1 for one chunk: returns ``(id, class value, box, first raster index, size)`` per
     component and writes the component ids into ``cc_path``."""
     import zarr
 
     labels = np.asarray(zarr.open_array(labels_path, mode="r")[_slices(box)])
+    labels = piece_values(labels, cells)
     cc = np.zeros(labels.shape, np.int64)
     out, base, shape = [], 0, zarr.open_array(labels_path, mode="r").shape
     for value in np.unique(labels):
@@ -73,7 +97,8 @@ def components_chunk(labels_path: str, cc_path: str, index: int, box) -> list[tu
     return out
 
 
-def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple]) -> list[_Piece]:
+def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple],
+                 cells: CellRule | None = None) -> list[Piece]:  # fmt: skip
     """Pass 2: the pieces (components joined across chunk faces), in ``instance_labels``' order."""
     import zarr
 
@@ -97,7 +122,8 @@ def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple]) -> l
             hi = list(lo)
             lo[axis], hi[axis] = slice(end - 1, end), slice(end, end + 1)
             a, b = np.asarray(cc[tuple(lo)]).ravel(), np.asarray(cc[tuple(hi)]).ravel()
-            la, lb = np.asarray(labels[tuple(lo)]).ravel(), np.asarray(labels[tuple(hi)]).ravel()
+            la = piece_values(np.asarray(labels[tuple(lo)]), cells).ravel()
+            lb = piece_values(np.asarray(labels[tuple(hi)]), cells).ravel()
             touch = (a > 0) & (b > 0) & (la == lb)
             for x, y in set(zip(a[touch].tolist(), b[touch].tolist())):
                 rx, ry = find(x), find(y)
@@ -112,7 +138,7 @@ def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple]) -> l
             (min(m[2][a][0] for m in members), max(m[2][a][1] for m in members)) for a in range(3)
         )
         pieces.append(
-            _Piece(tuple(m[0] for m in members), members[0][1], box, min(m[3] for m in members))
+            Piece(tuple(m[0] for m in members), members[0][1], box, min(m[3] for m in members))
         )
     pieces.sort(key=lambda p: (p.value, p.first))
     return pieces
@@ -143,16 +169,25 @@ class Brightness:
         return bright[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
 
 
-def _split(cc_path: str, piece: _Piece, spacing, config: InstanceConfig,
-           brightness: Brightness | None = None) -> np.ndarray:  # fmt: skip
+def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
+             brightness: Brightness | None = None, cells: CellRule | None = None) -> np.ndarray:  # fmt: skip
+    """A piece's objects on its box (``split_piece``, as ``instance_labels`` splits it)."""
     import zarr
 
     cc = zarr.open_array(cc_path, mode="r")
     crop = np.asarray(cc[_slices(piece.box)])
+    piece_mask = np.isin(crop, piece.members)
+    if cells is not None:
+        valley = None
+        if brightness is not None and cells.bright is not None:
+            bright = brightness.on(piece.box, cc.shape, spacing, config)
+            valley = np.float32(1.0) - stain_contrast(bright, cells.bright)
+        return split_piece(piece_mask, spacing, config, evidence=valley,
+                           weight=cell_weight(config))  # fmt: skip
     bright = None
     if brightness is not None and config.brightness != 0:
         bright = brightness.on(piece.box, cc.shape, spacing, config)
-    return split_piece(np.isin(crop, piece.members), spacing, config, evidence=bright)
+    return split_piece(piece_mask, spacing, config, evidence=bright)
 
 
 @dataclass(frozen=True)
@@ -168,21 +203,23 @@ class Measure:
     channels: int
 
 
-def count_objects(cc_path: str, index: int, pieces: list[_Piece], spacing, config,
+def count_objects(cc_path: str, index: int, pieces: list[Piece], spacing, config,
                   measure: Measure | None = None,
-                  brightness: Brightness | None = None):  # fmt: skip
+                  brightness: Brightness | None = None, cells: CellRule | None = None):  # fmt: skip
     """Pass 3 for group ``index`` of pieces: ``(index, objects per piece, tables)``; with
     ``measure`` each piece's ``object_table`` (ids 1..n of the piece, positions in the
-    volume's coordinates), else None for each."""
+    volume's coordinates), else None for each (in cells mode the cells are measured once the
+    boundary is filled: ``chunked_cells``)."""
     counts, tables = [], []
     for p in pieces:
-        ids = _split(cc_path, p, spacing, config, brightness)
+        ids = split_of(cc_path, p, spacing, config, brightness, cells)
         counts.append(int(ids.max()))
-        tables.append(_measure(ids, p, spacing, measure) if measure and ids.max() else None)
+        measured = measure is not None and cells is None and ids.max()
+        tables.append(_measure(ids, p, spacing, measure) if measured else None)
     return index, counts, tables
 
 
-def _measure(ids: np.ndarray, piece: _Piece, spacing, measure: Measure) -> dict:
+def _measure(ids: np.ndarray, piece: Piece, spacing, measure: Measure) -> dict:
     import zarr
 
     from napari_pacseg.instances.labels import object_table
@@ -200,7 +237,7 @@ def _measure(ids: np.ndarray, piece: _Piece, spacing, measure: Measure) -> dict:
 
 
 def write_chunk(
-    cc_path: str, out_path: str, box, pieces: list[_Piece], bases: list[int], spacing, config,
+    cc_path: str, out_path: str, box, pieces: list[Piece], bases: list[int], spacing, config,
     brightness: Brightness | None = None,
 ) -> int:  # fmt: skip
     """Pass 4 for one chunk: the ids of ``pieces`` (those meeting the chunk; ``bases[i]`` is
@@ -209,7 +246,7 @@ def write_chunk(
 
     out = np.zeros(tuple(b - a for a, b in box), np.int32)
     for piece, base in zip(pieces, bases):
-        ids = _split(cc_path, piece, spacing, config, brightness)
+        ids = split_of(cc_path, piece, spacing, config, brightness)
         inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(box, piece.box))
         src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, piece.box))
         dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, box))
@@ -220,7 +257,7 @@ def write_chunk(
     return len(pieces)
 
 
-def meets(piece: _Piece, box) -> bool:
+def meets(piece: Piece, box) -> bool:
     return all(a < d and c < b for (a, b), (c, d) in zip(box, piece.box))
 
 
@@ -286,11 +323,11 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
         for part, base in zip(tables, bases):
             if part is not None:
                 part["id"] = part["id"] + base
-        table = _concat(parts, measure)
+        table = concat_tables(parts, measure)
     return int(sum(counts)), table
 
 
-def _concat(parts: list[dict], measure: Measure) -> dict:
+def concat_tables(parts: list[dict], measure: Measure) -> dict:
     """The pieces' tables as one (an empty table with the same columns when there are none)."""
     if not parts:
         from napari_pacseg.instances.labels import object_table

@@ -1,5 +1,6 @@
 """Objects from classes: instance labels by a seeded watershed in physical units, and the
-per-object measurement table.
+per-object measurement table. (Cells mode, ``InstanceConfig.boundary``: the pieces are those of
+the cells' interiors, then ``instances.cells`` fills the boundary; see there.)
 
 Each connected piece (6-connected) of a non-background class is handled alone, in its own
 bounding box: its elevation is the distance transform of the piece in physical units (the voxel
@@ -19,6 +20,14 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_pacseg.checks import check_callable, check_spacing
+from napari_pacseg.instances.cells import (
+    boundary_label,
+    fill_boundary,
+    interior_mask,
+    stain_contrast,
+    stain_is_bright,
+    stain_sums,
+)
 from napari_pacseg.model.network import InstanceConfig, with_overrides
 from napari_pacseg.progress import stop_if_cancelled
 
@@ -50,8 +59,9 @@ def brightness_evidence(
     W)`` with a ``(y, x)`` spacing) smoothed by a Gaussian of ``config.smoothing`` (physical
     units; not across the planes of a 2D image), mapped by ``lo``/``hi`` (one value per
     channel: the segmentation's normalisation) to 0..1, clipped, averaged over channels:
-    float32 of the spatial shape. None when ``config.brightness`` is 0."""
-    if config.brightness == 0:
+    float32 of the spatial shape. None when ``config.brightness`` is 0 in blobs mode (cells mode
+    always reads the image: ``instances.cells``)."""
+    if config.brightness == 0 and config.boundary is None:
         return None
     image = np.asarray(image)
     lo = np.asarray(lo, np.float32).reshape(-1)
@@ -78,6 +88,8 @@ def instance_labels(
     *,
     should_cancel: Callable[[], bool] | None = None,
     evidence: np.ndarray | None = None,
+    classes=None,
+    background: int = 0,
 ) -> np.ndarray:
     """One id per object: ``(D, H, W)`` int32, 0 where ``labels`` is 0 (background) or the
     object was smaller than ``config.min_volume``, 1..N objects (consecutive), each one
@@ -90,7 +102,14 @@ def instance_labels(
     4-connected and ``config.min_volume`` is an area (spacing units squared).
 
     ``evidence``: float32 of the labels' shape, the image's brightness in 0..1 (``brightness_evidence``);
-    None (or ``config.brightness`` 0): the pieces' shapes alone."""
+    None (or ``config.brightness`` 0): the pieces' shapes alone.
+
+    Cells mode (``config.boundary`` a class name; ``classes``: the model's class names,
+    background first, ``background`` the index of the class that is 0 in ``labels``): the ids
+    are cells that tile the tissue, numbered by the interiors' pieces (any interior class) in
+    raster order of their first voxel, then the cells of a piece in raster order of theirs;
+    ``evidence`` (the brightness evidence, as above) gives the boundary's contrast
+    (``instances.cells``)."""
     check_callable(should_cancel, "instance_labels: should_cancel", "should_cancel() -> bool")
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or not np.issubdtype(labels.dtype, np.integer):
@@ -111,32 +130,60 @@ def instance_labels(
             f"instance_labels: evidence has shape {np.shape(evidence)}, the labels "
             f"{labels.shape}; give one value per voxel"
         )
-    out = np.zeros(labels.shape, dtype=np.int32)
+    boundary = boundary_label(config, classes, background, "instance_labels")
+    if boundary is None:
+        out = _split_pieces(labels, spacing, config, planar, evidence, None, should_cancel)
+        return out[0] if planar else out
+    contrast = None
+    if evidence is not None:
+        bright = stain_is_bright(stain_sums(evidence, labels, boundary, planar))
+        contrast = stain_contrast(evidence, bright)
+    inner = interior_mask(labels, boundary).view(np.uint8)
+    valley = None if contrast is None else np.float32(1.0) - contrast
+    out = _split_pieces(inner, spacing, config, planar, valley, cell_weight(config), should_cancel)
+    stop_if_cancelled(should_cancel, "instance labelling cancelled")
+    out = fill_boundary(out, labels, boundary, spacing, config, contrast, planar)
+    return out[0] if planar else out
+
+
+def cell_weight(config: InstanceConfig) -> float:
+    """The weight of the boundary's contrast in a cell piece's elevation: ``1 + brightness``
+    (the contrast counts as much as the distance in radii, ``brightness`` adds to it)."""
+    return 1.0 + config.brightness
+
+
+def _split_pieces(values, spacing, config, planar, evidence, weight, should_cancel) -> np.ndarray:
+    """``split_piece`` on every 6-connected piece of each non-zero value of ``values`` ``(D, H,
+    W)``, ids numbered as ``instance_labels`` numbers them."""
+    out = np.zeros(values.shape, dtype=np.int32)
     next_id = 1
-    for value in np.unique(labels):
+    for value in np.unique(values):
         if value == 0:
             continue
-        pieces, _ = ndi.label(labels == value, structure=FACES)
+        pieces, _ = ndi.label(values == value, structure=FACES)
         for i, box in enumerate(ndi.find_objects(pieces), start=1):
             stop_if_cancelled(should_cancel, "instance labelling cancelled")
             piece = pieces[box] == i
             bright = None if evidence is None else evidence[box]
-            ids = split_piece(piece, spacing, config, planar, bright)
+            ids = split_piece(piece, spacing, config, planar, bright, weight)
             n = int(ids.max())
             if n:
                 view = out[box]
                 view[ids > 0] = ids[ids > 0] + (next_id - 1)
                 next_id += n
-    return out[0] if planar else out
+    return out
 
 
 def split_piece(
-    piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False, evidence=None
-) -> np.ndarray:
+    piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False, evidence=None,
+    weight: float | None = None,
+) -> np.ndarray:  # fmt: skip
     """Objects of one connected piece: ``piece`` ``(d, h, w)`` bool -> int32 ids 1..n (0 outside
     the piece and in dropped fragments), in raster order of each object's first voxel.
     ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane.
-    ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None."""
+    ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None;
+    ``weight``: its weight in the elevation (None: ``config.brightness``)."""
+    weight = config.brightness if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
     if size * voxel < config.min_volume:
@@ -153,9 +200,9 @@ def split_piece(
     # The elevation, in units of radius: the shape, plus the image's brightness inside.
     dist = (dist / config.radius).astype(np.float32)
     elevation = dist
-    if evidence is not None and config.brightness > 0:
+    if evidence is not None and weight > 0:
         bright = np.pad(np.asarray(evidence, np.float32), pad) * padded
-        elevation = dist + np.float32(config.brightness) * bright
+        elevation = dist + np.float32(weight) * bright
     markers, n = _seeds(elevation, config.h)
     if n <= 1:
         return piece.astype(np.int32)

@@ -32,12 +32,13 @@ from napari_pacseg.model.network import (
 from napari_pacseg.model.normalise import Normalisation
 
 FORMAT = "napari-pacseg-model"
-# 4: the config holds a "normalisation" (clip, training contrast); 3: a model of 2D images
-# (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1: none (still read, with a
-# warning). A model without a normalisation (loaded from an older file) is written in the
-# version it came in, so older releases keep reading it; a newer model in an older release is
-# refused as "upgrade napari-pacseg" rather than misread.
-FORMAT_VERSION = 4
+# 5: the config's "instances" name a boundary class (cells mode); 4: the config holds a
+# "normalisation" (clip, training contrast); 3: a model of 2D images (``"ndim": 2`` in the
+# config); 2: the metadata holds a checksum; 1: none (still read, with a warning). A model is
+# written in the lowest version that holds it (without a normalisation: the version it came
+# in; without a boundary class: no "boundary" key), so older releases keep reading it; a newer
+# model in an older release is refused as "upgrade napari-pacseg" rather than misread.
+FORMAT_VERSION = 5
 META_KEY = "napari_pacseg"
 MAX_JSON_DEPTH = 32  # our header and config nest 5 deep at most
 MAX_JSON_INT = 1 << 53  # larger integers in the config are refused as out of range
@@ -70,12 +71,16 @@ def config_to_dict(config: ModelConfig) -> dict:
         del data["ndim"]
     if data["normalisation"] is None:  # a model from a file written before it: stays so
         del data["normalisation"]
+    if data["instances"]["boundary"] is None:  # blobs mode: as written before cells mode
+        del data["instances"]["boundary"]
     return data
 
 
 def file_version(config: ModelConfig) -> int:
-    """The format version a model file of ``config`` is written in: 4 with a normalisation,
-    else 3 for a 2D model, else 2."""
+    """The format version a model file of ``config`` is written in: 5 with a boundary class
+    (cells mode), else 4 with a normalisation, else 3 for a 2D model, else 2."""
+    if config.instances.boundary is not None:
+        return 5
     if config.normalisation is not None:
         return 4
     return 3 if config.ndim == 2 else 2

@@ -8,11 +8,13 @@ holds the JSON text of ``{"format": "napari-pacseg-model", "version": ..., "writ
 ``model_checksum``).
 
 Version 1 files (without a checksum) load with a ``ModelFileWarning`` asking to re-save them;
-a version 2, 3 or 4 file must have a checksum. Version 4 is written for models with a
-``"normalisation"`` in the config (every model trained now); files without one load with each
-image scaled by its own range, and a ``ModelFileWarning`` saying so. Version 3 is written for
-models of 2D images without it (``"ndim": 2`` in the config), version 2 for volume models
-without it (no ``"ndim"``: 3).
+a version 2 to 5 file must have a checksum. Version 5 is written for models whose instance
+defaults name a boundary class (cells mode: ``"boundary"`` in the config's ``"instances"``), so
+releases without cells mode refuse them as newer rather than misread them. Version 4 is written
+for models with a ``"normalisation"`` in the config (every model trained now); files without one
+load with each image scaled by its own range, and a ``ModelFileWarning`` saying so. Version 3 is
+written for models of 2D images without it (``"ndim": 2`` in the config), version 2 for volume
+models without it (no ``"ndim"``: 3).
 
 Loading parses and checks everything (sizes, offsets, names, shapes, JSON types, finiteness,
 the config, the checksum) before building anything, and never unpickles: the file is only

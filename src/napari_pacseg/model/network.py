@@ -211,8 +211,9 @@ def refine_params_schema() -> dict[str, Param]:
 
 
 def params_schema(cls) -> dict[str, Param]:
-    """A config class's fields and their ``Param``, in field order."""
-    return {f.name: f.metadata["param"] for f in fields(cls)}
+    """A config class's numeric fields and their ``Param``, in field order (a field without a
+    ``Param``, such as ``InstanceConfig.boundary``, has controls of its own)."""
+    return {f.name: f.metadata["param"] for f in fields(cls) if "param" in f.metadata}
 
 
 def check_params(config) -> None:
@@ -266,19 +267,31 @@ def with_overrides(base, value, what: str):
 class InstanceConfig:
     """How ``segment(..., instances=True)`` separates objects (``napari_pacseg.instances.labels``).
 
-    Lengths are in the units of the voxel spacing (um for the sample). Each connected piece of a
-    non-background class is split by a watershed of its distance transform (in physical units)
-    from seeds where the distance rises more than ``(1 - sensitivity) * radius`` above the
-    saddles around it (0.45 at the defaults): two touching objects of about ``radius`` or more
-    split, the bumps of one smooth object do not; objects several times ``radius`` with rough
-    surfaces can split, so set ``radius`` to the size of the objects. ``brightness`` adds the
-    image's own evidence: the seeds and the watershed follow the distance in units of
-    ``radius`` plus ``brightness`` times the image smoothed at a quarter of ``radius`` (in the
-    segmentation's normalised units, clipped to 0..1), so two bright objects with a dim gap
-    split even where the foreground fused them; 0 (the default) uses the mask's shape alone. Pieces and
-    fragments under ``min_volume`` are dropped (fragments of a split first join their
-    neighbour). The defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5
-    um radius) and ``benchmarks/bench_realdata.py``."""
+    Lengths are in the units of the voxel spacing (um for the sample). Two modes:
+
+    * blobs (``boundary`` None, the default): each connected piece of a non-background class is
+      split by a watershed of its distance transform (in physical units) from seeds where the
+      distance rises more than ``(1 - sensitivity) * radius`` above the saddles around it (0.45
+      at the defaults): two touching objects of about ``radius`` or more split, the bumps of one
+      smooth object do not; objects several times ``radius`` with rough surfaces can split, so
+      set ``radius`` to the size of the objects. ``brightness`` adds the image's own evidence:
+      the seeds and the watershed follow the distance in units of ``radius`` plus
+      ``brightness`` times the image smoothed at a quarter of ``radius`` (in the segmentation's
+      normalised units, clipped to 0..1), so two bright objects with a dim gap split even where
+      the foreground fused them; 0 (the default) uses the mask's shape alone.
+    * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
+      that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
+      connected piece of the other non-background classes (the cells' interiors) is split as
+      above, its elevation the distance to the boundary in units of ``radius`` plus ``1 +
+      brightness`` times the image's boundary contrast turned into a valley (the smoothed image,
+      oriented so the boundary's stain is high); then every boundary voxel joins the cell it
+      reaches most cheaply, a step across the stain costing more. ``radius`` is the cells'
+      radius. Naming the background class means the whole image is tissue (a crop inside it).
+
+    Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
+    their neighbour; in cells mode a dropped piece joins the cells around it). The defaults
+    were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
+    ``benchmarks/bench_realdata.py``."""
 
     radius: float = _param(
         3.0, "Object radius", "expected radius of the smallest objects (spacing units)",
@@ -295,9 +308,18 @@ class InstanceConfig:
         0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
         0.0, 10.0, step=0.25,
     )  # fmt: skip
+    boundary: str | None = None
 
     def __post_init__(self) -> None:
         check_params(self)
+        b = self.boundary
+        if b is not None and (
+            not isinstance(b, str) or not 0 < len(b) <= 100 or not b.strip() or unprintable_chars(b)
+        ):
+            raise ValueError(
+                "InstanceConfig: boundary must be None (blobs) or the name of a class (printable "
+                f"text of 1-100 characters), got {short_repr(b)}"
+            )
 
     @property
     def h(self) -> float:

@@ -1,0 +1,345 @@
+"""Cells from a boundary class (``InstanceConfig.boundary``): objects are the regions a membrane
+class encloses, they tile the tissue, and chunked, tiled and zarr runs give the in-memory ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_pacseg import InstanceConfig, PacSegModel, instance_labels, load_model, save_model
+from napari_pacseg.instances.cells import boundary_label, enclosed_labels
+from napari_pacseg.instances.labels import brightness_evidence, object_table
+from napari_pacseg.sample import load_demo_model, load_sample
+
+CLASSES = ["background", "membrane", "cell"]  # label values 0, 2, 3
+MEMBRANE, CELL = 2, 3
+
+
+def honeycomb(shape, spacing, radius, seed=0, width=1):
+    """A Voronoi tissue: ``(truth, membrane)``, ``truth`` the cell of each voxel (1..n) and
+    ``membrane`` the voxels with a face neighbour in another cell (on the lower cell's side
+    when ``width`` is 1, both sides when 2). Seeds on a jittered grid ``2 * radius`` apart."""
+    rng = np.random.default_rng(seed)
+    extent = np.asarray(shape) * np.asarray(spacing)
+    axes = [np.arange(radius, e, 2 * radius) for e in extent]
+    seeds = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))
+    seeds = seeds + rng.uniform(-0.4, 0.4, seeds.shape) * radius
+    points = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)],
+                                  indexing="ij"), -1).reshape(-1, len(shape))  # fmt: skip
+    nearest = np.argmin(((points[:, None, :] - seeds[None]) ** 2).sum(-1), axis=1)
+    truth = (nearest + 1).reshape(shape).astype(np.int32)
+    membrane = np.zeros(shape, bool)
+    for axis in range(len(shape)):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(len(shape)))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(len(shape)))
+        differ = truth[lo] != truth[hi]
+        membrane[lo] |= differ & ((truth[lo] < truth[hi]) | (width == 2))
+        membrane[hi] |= differ & ((truth[hi] < truth[lo]) | (width == 2))
+    return truth, membrane
+
+
+def as_labels(membrane, tissue=None):
+    """Class labels of ``CLASSES``: membrane 2, cell interiors 3, outside ``tissue`` 0."""
+    labels = np.where(membrane, MEMBRANE, CELL).astype(np.uint8)
+    if tissue is not None:
+        labels[~tissue] = 0
+    return labels
+
+
+def assert_one_per_cell(ids, truth, tissue):
+    """Each true cell (in the tissue) is one id, a different one per cell, and no tissue voxel
+    lacks an id."""
+    assert np.all(ids[tissue] > 0) and np.all(ids[~tissue] == 0)  # tiles the tissue: no gaps
+    cells = np.unique(truth[tissue])
+    assert ids.max() == len(cells)
+    for cell in cells:
+        inside = (truth == cell) & tissue
+        _, counts = np.unique(ids[inside], return_counts=True)
+        assert counts.max() >= 0.8 * inside.sum()  # the cell is mostly its one id
+    owners = [np.bincount(ids[(truth == c) & tissue]).argmax() for c in cells]
+    assert len(set(owners)) == len(cells)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_honeycomb_gives_one_object_per_cell_and_no_gaps_in_3d(width):
+    spacing = (2.0, 0.8, 0.8)
+    radius = 6.0
+    truth, membrane = honeycomb((16, 48, 48), spacing, radius, seed=width, width=width)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(truth.shape, spacing)],
+                                indexing="ij"))  # fmt: skip
+    tissue = ((grid - np.array([16, 19, 19])[:, None, None, None]) ** 2).sum(0) < 30.0**2
+    truth = np.where(tissue, truth, 0)
+    labels = as_labels(membrane, tissue)
+    config = InstanceConfig(radius=radius, boundary="membrane")
+    ids = instance_labels(labels, spacing, config, classes=CLASSES)
+    assert ids.dtype == np.int32 and ids.shape == labels.shape
+    cut = [c for c in np.unique(truth[tissue]) if ((truth == c) & tissue).sum() < 40]
+    keep = tissue & ~np.isin(truth, cut)  # slivers cut by the tissue's edge join a neighbour
+    assert_one_per_cell(np.where(np.isin(truth, cut), 0, ids), np.where(keep, truth, 0), keep)
+    # with the image (a bright membrane stain) the cells are the same
+    image = ndi.gaussian_filter(membrane.astype(np.float32), 0.7) + 0.1
+    bright = brightness_evidence(image[None], [0.0], [image.max()], spacing, config)
+    with_image = instance_labels(labels, spacing, config, evidence=bright, classes=CLASSES)
+    np.testing.assert_array_equal(with_image > 0, ids > 0)
+    assert with_image.max() == ids.max()
+
+
+def test_the_background_class_as_boundary_tiles_the_whole_image():
+    """Two classes, membrane and interior, the membrane the background class (the image is a
+    crop inside the tissue): every voxel belongs to a cell."""
+    spacing = (1.5, 1.0, 1.0)
+    truth, membrane = honeycomb((12, 40, 40), spacing, 5.0, seed=3)
+    labels = np.where(membrane, 0, 2).astype(np.uint8)  # classes: membrane (0), cell (2)
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=5.0, boundary="membrane"),
+                          classes=["membrane", "cell"])  # fmt: skip
+    assert_one_per_cell(ids, truth, np.ones(truth.shape, bool))
+
+
+def test_a_honeycomb_in_2d():
+    spacing = (1.0, 0.5)
+    truth, membrane = honeycomb((60, 120), spacing, 6.0, seed=4)
+    labels = as_labels(membrane)
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=6.0, boundary="membrane"),
+                          classes=CLASSES)  # fmt: skip
+    assert ids.shape == labels.shape
+    assert_one_per_cell(ids, truth, np.ones(truth.shape, bool))
+
+
+def test_a_gap_in_the_membrane_still_gives_two_cells():
+    """Two box cells behind a wall with a hole: their interiors are one piece, the distance to
+    the membrane has a neck at the hole, and they split there. Without a wall they are one."""
+    spacing = (1.0, 1.0, 1.0)
+    labels = np.full((14, 24, 48), CELL, np.uint8)
+    labels[:, :, 23:25] = MEMBRANE
+    labels[5:9, 10:14, 23:25] = CELL  # the hole
+    config = InstanceConfig(radius=6.0, boundary="membrane")
+    inner = (labels == CELL).astype(np.uint8)
+    assert ndi.label(inner, ndi.generate_binary_structure(3, 1))[1] == 1
+    ids = instance_labels(labels, spacing, config, classes=CLASSES)
+    assert ids.max() == 2 and np.all(ids > 0)
+    assert set(np.unique(ids[:, :, :20])) == {1} and set(np.unique(ids[:, :, 28:])) == {2}
+    whole = instance_labels(np.full(labels.shape, CELL, np.uint8), spacing, config,
+                            classes=CLASSES)  # fmt: skip
+    assert whole.max() == 1
+
+
+def test_small_interior_pieces_join_the_cells_around_them():
+    spacing = (1.0, 1.0, 1.0)
+    truth, membrane = honeycomb((12, 36, 36), spacing, 6.0, seed=5, width=2)
+    labels = as_labels(membrane)
+    speck = np.argwhere(membrane)[len(np.argwhere(membrane)) // 2]
+    labels[tuple(speck)] = CELL  # a one-voxel interior inside the membrane
+    config = InstanceConfig(radius=6.0, boundary="membrane", min_volume=5.0)
+    ids = instance_labels(labels, spacing, config, classes=CLASSES)
+    assert np.all(ids > 0) and ids.max() == truth.max()
+
+
+def test_a_cell_is_measured_as_the_class_it_encloses():
+    spacing = (1.0, 1.0, 1.0)
+    _, membrane = honeycomb((10, 30, 30), spacing, 5.0, seed=6)
+    labels = as_labels(membrane)
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=5.0, boundary="membrane"),
+                          classes=CLASSES)  # fmt: skip
+    table = object_table(ids, enclosed_labels(ids, labels, MEMBRANE), None, spacing, CLASSES)
+    assert set(table["class_name"]) == {"cell"} and len(table["id"]) == ids.max()
+    np.testing.assert_allclose(table["volume"].sum(), labels.size)
+
+
+@pytest.mark.parametrize(
+    ("boundary", "classes", "match"),
+    [
+        ("wall", CLASSES, "'wall' is not a class of the model; its classes are 'background', 'membrane', 'cell'"),
+        ("cell", ["background", "cell"], "leaves no class for the cells' interiors"),
+        ("membrane", None, "give the model's classes"),
+    ],
+)  # fmt: skip
+def test_bad_boundary_classes_are_refused(boundary, classes, match):
+    labels = np.full((4, 8, 8), CELL, np.uint8)
+    config = InstanceConfig(boundary=boundary)
+    with pytest.raises(ValueError, match=match):
+        instance_labels(labels, (1.0, 1.0, 1.0), config, classes=classes)
+
+
+@pytest.mark.parametrize("bad", [3, "", "   ", "a\nb", "x" * 101])
+def test_a_boundary_must_be_a_class_name(bad):
+    with pytest.raises(ValueError, match="boundary must be None"):
+        InstanceConfig(boundary=bad)
+
+
+def test_boundary_label_values():
+    assert boundary_label(InstanceConfig(), CLASSES) is None
+    assert boundary_label(InstanceConfig(boundary="membrane"), CLASSES) == MEMBRANE
+    assert boundary_label(InstanceConfig(boundary="background"), CLASSES) == 0
+    # another background class: the old background comes out as 1, the boundary as 0
+    assert boundary_label(InstanceConfig(boundary="background"), CLASSES, background=1) == 1
+    assert boundary_label(InstanceConfig(boundary="membrane"), CLASSES, background=1) == 0
+
+
+# --- the pipeline: segment(), tiles, zarr, the model file ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo_model()
+
+
+@pytest.fixture(scope="module")
+def crop():
+    return np.ascontiguousarray(load_sample().image[24:40, 80:144, 80:144])
+
+
+CELLS = {"boundary": "background", "radius": 3.0}  # the demo's nuclei as cells in the tissue
+
+
+def test_segment_with_a_bad_boundary_fails_before_segmenting(demo, crop):
+    from napari_pacseg import segment
+
+    with pytest.raises(ValueError, match="'wall' is not a class of the model; its classes are 'background', 'nucleus'"):  # fmt: skip
+        segment(crop, demo, instances={"boundary": "wall"})
+    with pytest.raises(ValueError, match="leaves no class for the cells' interiors"):
+        segment(crop, demo, instances={"boundary": "nucleus"})
+
+
+def test_segment_tiled_and_zarr_give_the_same_cells(tmp_path, demo, crop):
+    pytest.importorskip("distributed")
+    zarr = pytest.importorskip("zarr")
+    import pandas as pd
+
+    from napari_pacseg import segment
+    from napari_pacseg.batch import segment_zarr
+
+    spacing = load_sample().spacing
+    ref = segment(crop, demo, spacing=spacing, instances=CELLS)
+    assert ref.instances.max() >= 3
+    tissue = ref.instances > 0
+    assert tissue.mean() > 2 * (ref.labels > 0).mean()  # the cells reach beyond the nuclei
+    assert set(ref.objects["class_name"]) == {"nucleus"}
+    tiled = segment(crop, demo, spacing=spacing, instances=CELLS, tile_shape=(8, 40, 40))
+    np.testing.assert_array_equal(tiled.instances, ref.instances)
+    source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=crop.shape,
+                             chunks=(8, 24, 24), dtype=crop.dtype)  # fmt: skip
+    source[:] = crop
+    res = segment_zarr(tmp_path / "in.zarr", demo, tmp_path / "labels.zarr", spacing=spacing,
+                       chunks=(8, 24, 24), instances_out=tmp_path / "ids.zarr", instances=CELLS,
+                       objects_out=tmp_path / "objects.csv")  # fmt: skip
+    ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(ids, ref.instances)
+    assert res.n_objects == ref.instances.max()
+    table = pd.read_csv(tmp_path / "objects.csv")
+    assert list(table.columns) == list(ref.objects.columns) and len(table) == len(ref.objects)
+    for column in table.columns:
+        if column == "class_name":
+            assert list(table[column]) == list(ref.objects[column])
+        else:
+            np.testing.assert_allclose(table[column], ref.objects[column], rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_cells_equal_in_memory_with_pieces_and_fills_across_chunks(tmp_path):
+    dask = pytest.importorskip("dask")
+    zarr = pytest.importorskip("zarr")
+    from napari_pacseg.engine.plan import split_box, whole
+    from napari_pacseg.instances.chunked import IdArrays
+    from napari_pacseg.instances.chunked_cells import cells_pass
+
+    spacing = (1.5, 1.0, 1.0)
+    _, membrane = honeycomb((14, 40, 40), spacing, 4.0, seed=7, width=2)
+    labels = as_labels(membrane)
+    labels[:, :, :3] = 0  # some outside
+    labels[6:9, 10:30, 19:21] = MEMBRANE  # a thick wall: a long fill
+    config = InstanceConfig(radius=4.0, boundary="membrane", min_volume=8.0)
+    expected = instance_labels(labels, spacing, config, classes=CLASSES)
+    chunks = (5, 12, 12)
+    paths = {}
+    for name, dtype in (("labels", np.uint8), ("ids", np.int32), ("cc", np.int64)):
+        paths[name] = str(tmp_path / f"{name}.zarr")
+        arr = zarr.open_array(paths[name], mode="w", shape=labels.shape, chunks=chunks,
+                              dtype=dtype, fill_value=0)  # fmt: skip
+        if name == "labels":
+            arr[:] = labels
+    n, table = cells_pass(
+        lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
+        IdArrays(paths["labels"], paths["ids"], paths["cc"]),
+        split_box(whole(labels.shape), chunks), spacing, config, "test", MEMBRANE,
+    )  # fmt: skip
+    assert n == expected.max() >= 20 and table is None
+    np.testing.assert_array_equal(zarr.open_array(paths["ids"], mode="r")[:], expected)
+
+
+def _meta(path):
+    """The napari_pacseg metadata of a model file (safetensors: 8-byte length, JSON header)."""
+    import json
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["napari_pacseg"])
+
+
+def test_the_model_file_carries_a_boundary_class(tmp_path, demo):
+    cells = dataclasses.replace(demo.config.instances, boundary="background", radius=4.0)
+    model = PacSegModel(dataclasses.replace(demo.config, instances=cells))
+    model.load_state_dict(demo.state_dict())
+    path = save_model(model, tmp_path / "cells.safetensors")
+    assert load_model(path).config.instances == cells
+    meta = _meta(path)  # a release without cells mode refuses it as newer, not misread
+    assert meta["version"] == 5 and meta["config"]["instances"]["boundary"] == "background"
+    blobs = _meta(save_model(demo, tmp_path / "blobs.safetensors"))  # as before cells mode
+    assert blobs["version"] == 4 and "boundary" not in blobs["config"]["instances"]
+
+
+def test_the_command_takes_a_boundary_class(tmp_path, demo, crop, capsys):
+    from napari_pacseg import segment
+    from napari_pacseg.cli import main
+    from napari_pacseg.sample import DEMO_MODEL_FILE
+
+    np.save(tmp_path / "crop.npy", crop)
+
+    def run(*flags):
+        return main(["segment", str(DEMO_MODEL_FILE), str(tmp_path / "crop.npy"), "-o",
+                     str(tmp_path / "out"), "-q", *flags])  # fmt: skip
+
+    assert run("--boundary-class", "background") == 2
+    assert "--boundary-class given without --instances" in capsys.readouterr().err
+    assert run("--instances", "--boundary-class", "wall") == 2
+    assert "'wall' is not a class of the model" in capsys.readouterr().err
+    assert run("--instances", "--boundary-class", "background", "--radius", "3") == 0
+    ids = np.load(tmp_path / "out" / "crop_instances.npy")
+    ref = segment(crop, demo, spacing=demo.config.spacing, instances=CELLS)
+    np.testing.assert_array_equal(ids, ref.instances)
+
+
+def test_the_widget_control_chooses_blobs_or_a_boundary_class(qtbot):
+    from napari_pacseg._napari.controls import (
+        instance_controls,
+        instance_values,
+        set_instance_controls,
+    )
+
+    controls = instance_controls()
+    assert instance_values(controls)["boundary"] is None
+    assert InstanceConfig(**instance_values(controls)) == InstanceConfig()
+    config = InstanceConfig(radius=12.0, boundary="membrane")
+    set_instance_controls(controls, config, ["membrane", "cell"])
+    choices = [c for c in controls["boundary"].choices]
+    assert choices == ["", "membrane", "cell"]
+    assert InstanceConfig(**instance_values(controls)) == config
+    controls["boundary"].value = ""  # blobs again
+    assert instance_values(controls)["boundary"] is None
+
+
+@pytest.mark.parametrize("stain", ["bright", "dark"])
+def test_the_side_of_the_stain_is_read_where_the_classes_meet(stain):
+    from napari_pacseg.instances.cells import stain_is_bright, stain_sums
+
+    spacing = (1.0, 1.0, 1.0)
+    truth, membrane = honeycomb((10, 36, 36), spacing, 6.0, seed=8)
+    labels = as_labels(membrane)
+    image = ndi.gaussian_filter(membrane.astype(np.float32), 0.7)
+    image = image if stain == "bright" else 1.0 - image
+    config = InstanceConfig(radius=6.0, boundary="membrane")
+    bright = brightness_evidence(image[None], [image.min()], [image.max()], spacing, config)
+    assert stain_is_bright(stain_sums(bright, labels, MEMBRANE)) == (stain == "bright")
+    ids = instance_labels(labels, spacing, config, evidence=bright, classes=CLASSES)
+    assert_one_per_cell(ids, truth, np.ones(truth.shape, bool))
