@@ -220,7 +220,8 @@ def build_parser(commands_only: bool = False) -> argparse.ArgumentParser:
             type=_in_range(name, spec),
             default=argparse.SUPPRESS,
             metavar="N" if spec.integer else "X",
-            help=f"{spec.help} ({spec.low:g}-{spec.high:g}{', or none' if spec.optional else ''})",
+            help=f"{spec.help} ({spec.low:g}-{spec.high:g}"
+            + (f", or none: {spec.off})" if spec.optional else ")"),
         )
     obj = seg.add_argument_group("objects (defaults: the model's; see pacseg info MODEL)")
     obj.add_argument("--instances", action="store_true",
@@ -235,7 +236,8 @@ def build_parser(commands_only: bool = False) -> argparse.ArgumentParser:
             type=_in_range(name, spec),
             default=argparse.SUPPRESS,
             metavar="X",
-            help=f"with --instances: {spec.help} ({spec.low:g}-{spec.high:g})",
+            help=f"with --instances: {spec.help} ({spec.low:g}-{spec.high:g}"
+            + (f", or none: {spec.off})" if spec.optional else ")"),
         )
     obj.add_argument(
         "--boundary-class", dest="boundary", type=_boundary_class, default=argparse.SUPPRESS,

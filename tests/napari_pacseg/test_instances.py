@@ -122,6 +122,26 @@ def test_small_objects_are_removed_and_min_volume_is_physical():
     assert ids.max() == 1 and not ids[:, :, 35:].any()
 
 
+def test_min_volume_auto_is_a_ball_of_half_the_radius(tmp_path):
+    spacing = (2.0, 1.0, 1.0)
+    # a ball of radius 6 and one of 1.5: auto at radius 4 keeps balls from radius 2 up
+    labels = balls((20, 40, 60), spacing, [((20.0, 20.0, 15.0), 6.0), ((20.0, 20.0, 45.0), 1.5)], 2)  # fmt: skip
+    auto = InstanceConfig(radius=4.0)
+    assert auto.min_volume is None and auto.smallest() == pytest.approx(4 / 3 * np.pi * 8)
+    assert auto.smallest(planar=True) == pytest.approx(np.pi * 4)
+    ids = instance_labels(labels, spacing, auto)
+    assert ids.max() == 1 and not ids[:, :, 35:].any()
+    assert instance_labels(labels, spacing, InstanceConfig(radius=2.0)).max() == 2  # from 1 up
+    assert InstanceConfig(min_volume=7.5).smallest() == 7.5  # a given value is kept
+    # a model file keeps None (auto) as None
+    demo = load_demo_model()
+    config = dataclasses.replace(demo.config, instances=InstanceConfig(radius=4.0))
+    model = PacSegModel(config)
+    model.load_state_dict(demo.state_dict())
+    save_model(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").config.instances.min_volume is None
+
+
 def test_sensitivity_controls_splitting():
     spacing = (1.0, 1.0, 1.0)
     labels = balls((30, 40, 60), spacing, chain((5.0, 5.0), overlap=0.85), value=2)

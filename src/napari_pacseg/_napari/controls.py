@@ -34,7 +34,7 @@ def param_controls(schema: dict, defaults) -> dict:
                 label=spec.label, min=0.0 if spec.optional else spec.low, max=spec.high,
                 step=spec.step, value=value or 0.0,
             )  # fmt: skip
-        off = "; 0: off" if spec.optional else ""  # in the tooltip: short labels fit the dock
+        off = f"; 0: {spec.off}" if spec.optional else ""  # in the tooltip: short labels fit the dock
         control.tooltip = f"{spec.help} ({spec.low:g}-{spec.high:g}{off})"
         controls[name] = control
     return controls

@@ -92,14 +92,14 @@ def instance_labels(
     background: int = 0,
 ) -> np.ndarray:
     """One id per object: ``(D, H, W)`` int32, 0 where ``labels`` is 0 (background) or the
-    object was smaller than ``config.min_volume``, 1..N objects (consecutive), each one
+    object was smaller than ``config.smallest()``, 1..N objects (consecutive), each one
     6-connected piece of a single class. ``labels``: ``(D, H, W)`` integer class labels (0
     background), e.g. ``Segmentation.labels``; ``spacing``: ``(z, y, x)`` voxel size. Ids
     follow the classes in increasing order, then the pieces in raster order of their first
     voxel, then the objects of a piece in raster order of theirs.
 
     2D labels ``(H, W)`` with a ``(y, x)`` spacing give ``(H, W)`` ids: pieces are then
-    4-connected and ``config.min_volume`` is an area (spacing units squared).
+    4-connected and ``config.smallest(planar=True)`` is an area (spacing units squared).
 
     ``evidence``: float32 of the labels' shape, the image's brightness in 0..1 (``brightness_evidence``);
     None (or ``config.brightness`` 0): the pieces' shapes alone.
@@ -186,7 +186,7 @@ def split_piece(
     weight = config.brightness if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
-    if size * voxel < config.min_volume:
+    if size * voxel < config.smallest(planar):
         return np.zeros(piece.shape, np.int32)
     # Outside the volume counts as background, so a piece's distances never depend on where
     # its box was cut from (chunks, tiles). A 2D image has no planes above or below: padding
@@ -213,7 +213,7 @@ def split_piece(
     ids = watershed(-dist, markers, mask=padded)
     for _ in range(n):  # fragments under min_volume give their seed up and join a neighbour
         sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
-        small = np.flatnonzero((sizes * voxel < config.min_volume) & (sizes > 0))
+        small = np.flatnonzero((sizes * voxel < config.smallest(planar)) & (sizes > 0))
         if small.size == 0:
             break
         if small.size == np.count_nonzero(sizes):  # every part too small: the piece is one

@@ -8,6 +8,7 @@ Refinement (``pac_crf3d``) defaults travel with the model in ``RefineConfig``.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
 
@@ -90,7 +91,8 @@ class Param:
     the command's flags are made, so their ranges, steps and help cannot drift from the config.
 
     ``low``/``high``: the allowed range (inclusive); ``step``: the control's step; ``odd``: odd
-    integers only; ``optional``: None is allowed (off; the widget's control shows it as 0).
+    integers only; ``optional``: None is allowed (the widget's control shows it as 0, the
+    command takes "none"); ``off``: what None means, in the controls' and flags' help.
     """
 
     label: str
@@ -100,6 +102,7 @@ class Param:
     step: float = 1
     odd: bool = False
     optional: bool = False
+    off: str = "off"
 
     @property
     def integer(self) -> bool:
@@ -271,8 +274,8 @@ class InstanceConfig:
 
     * blobs (``boundary`` None, the default): each connected piece of a non-background class is
       split by a watershed of its distance transform (in physical units) from seeds where the
-      distance rises more than ``(1 - sensitivity) * radius`` above the saddles around it (0.45
-      at the defaults): two touching objects of about ``radius`` or more split, the bumps of one
+      distance rises more than ``(1 - sensitivity) * radius`` above the saddles around it (0.3 at
+      the defaults): two touching objects of about ``radius`` or more split, the bumps of one
       smooth object do not; objects several times ``radius`` with rough surfaces can split, so
       set ``radius`` to the size of the objects. ``brightness`` adds the image's own evidence:
       the seeds and the watershed follow the distance in units of ``radius`` plus
@@ -289,7 +292,9 @@ class InstanceConfig:
       radius. Naming the background class means the whole image is tissue (a crop inside it).
 
     Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
-    their neighbour; in cells mode a dropped piece joins the cells around it). The defaults
+    their neighbour; in cells mode a dropped piece joins the cells around it); its default,
+    None, keeps objects from a ball of half ``radius`` up (``smallest``), so the one size a
+    user gives sets both. The defaults
     were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
     ``benchmarks/bench_realdata.py``."""
 
@@ -298,12 +303,13 @@ class InstanceConfig:
         0.01, 1e4, step=0.5,
     )  # fmt: skip
     sensitivity: float = _param(
-        0.85, "Split sensitivity", "higher splits touching objects more readily", 0.0, 0.95,
+        0.9, "Split sensitivity", "higher splits touching objects more readily", 0.0, 0.95,
         step=0.05,
     )  # fmt: skip
-    min_volume: float = _param(
-        10.0, "Min volume", "smallest object kept (spacing units cubed)", 0.0, 1e12, step=5.0
-    )
+    min_volume: float | None = _param(
+        None, "Min volume", "smallest object kept (spacing units cubed; a 2D image's: squared)",
+        0.0, 1e12, step=5.0, optional=True, off="auto, a ball of half the radius",
+    )  # fmt: skip
     brightness: float = _param(
         0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
         0.0, 10.0, step=0.25,
@@ -320,6 +326,14 @@ class InstanceConfig:
                 "InstanceConfig: boundary must be None (blobs) or the name of a class (printable "
                 f"text of 1-100 characters), got {short_repr(b)}"
             )
+
+    def smallest(self, planar: bool = False) -> float:
+        """The smallest object kept: ``min_volume``, or when it is None (auto) a ball of half
+        ``radius`` (``planar``, a 2D image: a disc, an area)."""
+        if self.min_volume is not None:
+            return self.min_volume
+        r = self.radius / 2
+        return math.pi * r * r if planar else 4 / 3 * math.pi * r**3
 
     @property
     def h(self) -> float:
