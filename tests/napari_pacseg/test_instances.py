@@ -133,6 +133,8 @@ def test_min_volume_auto_is_a_ball_of_half_the_radius(tmp_path):
     assert ids.max() == 1 and not ids[:, :, 35:].any()
     assert instance_labels(labels, spacing, InstanceConfig(radius=2.0)).max() == 2  # from 1 up
     assert InstanceConfig(min_volume=7.5).smallest() == 7.5  # a given value is kept
+    cells = InstanceConfig(radius=8.0, boundary="membrane")  # cells: a quarter of the radius
+    assert cells.smallest() == pytest.approx(4 / 3 * np.pi * 8)
     # a model file keeps None (auto) as None
     demo = load_demo_model()
     config = dataclasses.replace(demo.config, instances=InstanceConfig(radius=4.0))

@@ -308,7 +308,8 @@ class InstanceConfig:
     )  # fmt: skip
     min_volume: float | None = _param(
         None, "Min volume", "smallest object kept (spacing units cubed; a 2D image's: squared)",
-        0.0, 1e12, step=5.0, optional=True, off="auto, a ball of half the radius",
+        0.0, 1e12, step=5.0, optional=True,
+        off="auto, a ball of half the radius (cells: a quarter)",
     )  # fmt: skip
     brightness: float = _param(
         0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
@@ -329,10 +330,13 @@ class InstanceConfig:
 
     def smallest(self, planar: bool = False) -> float:
         """The smallest object kept: ``min_volume``, or when it is None (auto) a ball of half
-        ``radius`` (``planar``, a 2D image: a disc, an area)."""
+        ``radius`` (``planar``, a 2D image: a disc, an area). In cells mode a smaller piece is
+        not dropped but joins the cells around it, merging a real small cell with its
+        neighbour, so auto there takes only fragments far smaller than a cell: a ball of a
+        quarter of ``radius``."""
         if self.min_volume is not None:
             return self.min_volume
-        r = self.radius / 2
+        r = self.radius / (4 if self.boundary is not None else 2)
         return math.pi * r * r if planar else 4 / 3 * math.pi * r**3
 
     @property
