@@ -143,9 +143,9 @@ def segment(
         fields (``{"boundary": "membrane", "radius": 12}``: the cells a boundary class
         encloses, tiling the tissue). Lengths in the units of ``spacing``.
     precision : "auto" (the head's matrix products in bfloat16 on CPUs with AMX matrix units,
-        where they run at about twice the float32 rate and change labels of ~1e-5 of the
-        voxels: ``benchmarks/results/mlp-cpu.md``; float32 elsewhere) or "float32" (float32
-        everywhere, the same result on every machine).
+        where they run about 1.6x faster than float32, ``benchmarks/results/mlp-cpu.md``, and
+        move the labels of a few voxels near a class boundary; float32 elsewhere) or "float32"
+        (float32 everywhere, the same result on every machine).
     """
     check_callable(progress, "segment: progress", "progress(done_tiles, total_tiles)")
     check_callable(should_cancel, "segment: should_cancel", "should_cancel() -> bool")
