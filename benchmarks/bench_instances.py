@@ -107,7 +107,7 @@ def classic(image: np.ndarray, spacing, tuned: bool) -> np.ndarray:
     markers, _ = ndi.label(peaks)
     labels = watershed(-distance, markers, mask=mask)
     # remove_small_objects, written out (its size argument changed meaning in skimage 0.26)
-    min_voxels = InstanceConfig().min_volume / float(np.prod(spacing))
+    min_voxels = InstanceConfig().smallest() / float(np.prod(spacing))
     small = np.bincount(labels.ravel()) < min_voxels
     small[0] = False
     labels[small[labels]] = 0
