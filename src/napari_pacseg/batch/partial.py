@@ -26,7 +26,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from napari_pacseg.io.atomic import move_into_place, remove, temporary_sibling, write_json
+from napari_pacseg.io.atomic import (
+    move_into_place,
+    process_alive,
+    remove,
+    temporary_sibling,
+    write_json,
+)
 
 PARTIAL_SUFFIX = ".pacseg-partial.tmp"
 RECORD_DIR = ".pacseg-partial"
@@ -62,15 +68,7 @@ def _running(writer) -> bool:
         pid, host = int(writer["pid"]), str(writer["host"])
     except (KeyError, TypeError, ValueError):
         return False
-    if host != _host() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # another user's process, or cannot tell: taken as running
-    return True
+    return host == _host() and pid != os.getpid() and process_alive(pid)
 
 
 def read_record(partial: Path) -> dict | None:

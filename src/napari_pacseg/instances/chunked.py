@@ -246,15 +246,20 @@ def write_chunk(
 
     out = np.zeros(tuple(b - a for a, b in box), np.int32)
     for piece, base in zip(pieces, bases):
-        ids = split_of(cc_path, piece, spacing, config, brightness)
-        inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(box, piece.box))
-        src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, piece.box))
-        dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, box))
-        part = ids[src]
-        view = out[dst]
-        view[part > 0] = part[part > 0] + base
+        paste_ids(out, box, split_of(cc_path, piece, spacing, config, brightness), piece.box, base)
     zarr.open_array(out_path, mode="r+")[_slices(box)] = out
     return len(pieces)
+
+
+def paste_ids(out: np.ndarray, box, ids: np.ndarray, ids_box, base: int) -> None:
+    """Write the objects of ``ids`` (a piece's 1..n, on the box ``ids_box``), numbered from
+    ``base + 1``, into ``out`` (int32 of the box ``box``) where the two boxes overlap."""
+    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(box, ids_box))
+    src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, ids_box))
+    dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, box))
+    part = ids[src]
+    view = out[dst]
+    view[part > 0] = part[part > 0] + base
 
 
 def meets(piece: Piece, box) -> bool:

@@ -40,6 +40,7 @@ from napari_pacseg.instances.chunked import (
     concat_tables,
     count_objects,
     merge_pieces,
+    paste_ids,
     piece_bases,
     split_of,
 )
@@ -75,12 +76,7 @@ def _cells_on(cc_path, ext, pieces, bases, spacing, config, brightness, cells) -
     out = np.zeros(tuple(b - a for a, b in ext), np.int32)
     for piece, base in zip(pieces, bases):
         ids = split_of(cc_path, piece, spacing, config, brightness, cells)
-        inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(ext, piece.box))
-        src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, piece.box))
-        dst = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, ext))
-        part = ids[src]
-        view = out[dst]
-        view[part > 0] = part[part > 0] + base
+        paste_ids(out, ext, ids, piece.box, base)
     return out
 
 

@@ -46,7 +46,9 @@ def temporary_sibling(path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}.tmp")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether the process ``pid`` runs on this host (this process counts; another user's, or
+    one that cannot be told, is taken as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -83,7 +85,7 @@ def remove_stale_temporaries(path) -> list[Path]:
     _SCANNED[key] = time.monotonic()
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or match["host"] not in (None, _host()) or _alive(int(match["pid"])):
+        if match is None or match["host"] not in (None, _host()) or process_alive(int(match["pid"])):
             continue
         remove(entry)
         removed.append(entry)
