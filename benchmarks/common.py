@@ -183,6 +183,17 @@ def _copy_time(n: int, device: str, repeats: int) -> float:
     return best_time(lambda: dst.copy_(src), device, repeats=repeats)
 
 
+def _exp_time(n: int, device: str, repeats: int) -> float:
+    """Seconds of 32 in-place ``exp_`` passes over ``n`` floats (small enough to stay in cache)."""
+    x = torch.full((n,), -1e-3, device=device)  # exp stays near 1: every pass the same values
+
+    def run():
+        for _ in range(32):
+            x.exp_().neg_()
+
+    return best_time(run, device, repeats=repeats) / 32
+
+
 def _mm_time(n: int, device: str, repeats: int) -> float:
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=gen)
@@ -195,6 +206,8 @@ def measure_rates(device: str) -> dict:
 
     ``bandwidth``: bytes read plus bytes written per second by one large copy between two
     buffers of random floats (2 GiB each on CUDA, 256 MiB on CPU: far beyond any cache).
+    ``exps``: float32 ``torch.exp`` per second over 2^18 floats in cache on CPU (2^24 on CUDA),
+    each pass followed by a negation (counted as free).
     ``gflops``: float32 ``torch.mm`` of two random n x n matrices (n = 8192 on CUDA, 4096 on CPU)
     at torch's default precision, TF32 off on CUDA, as in the benchmark workers, where the
     Triton kernels then use IEEE float32 dots too. On CUDA also ``h2d`` and ``d2h``: pinned
@@ -207,7 +220,10 @@ def measure_rates(device: str) -> dict:
     n = 8192 if cuda else 4096
     t_copy = _copy_time(n_copy, device, repeats=10 if cuda else 5)
     t_mm = _mm_time(n, device, repeats=5 if cuda else 3)
+    n_exp = 2**24 if cuda else 2**18
+    t_exp = _exp_time(n_exp, device, repeats=5)
     rates = {
+        "exps": n_exp / t_exp,
         "bandwidth": 2 * n_copy * 4 / t_copy,
         "copy_bytes": n_copy * 4,
         "gflops": 2 * n**3 / t_mm / 1e9,
@@ -268,20 +284,24 @@ def of_floor(floor: float, t: float | None) -> str:
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
 
 
-def rates_line(rates: dict) -> str:
-    """One line for a results file: the ceilings this run measured."""
+def rates_line(
+    rates: dict, floor: str = "max(bytes / bandwidth, matmul flops / mm rate)"
+) -> str:
+    """One line for a results file: the ceilings this run measured and how ``floor`` uses them."""
     line = (
         f"Ceilings measured in this run: copy bandwidth {rates['bandwidth'] / 1e9:.0f} GB/s "
         f"(bytes read + written, {rates['copy_bytes'] / 2**20:.0f} MiB copy), float32 "
         f"`torch.mm` {rates['gflops']:.0f} GFLOP/s ({rates['mm_n']}^3"
         + (f", TF32 {'on' if rates['tf32'] else 'off'})" if "h2d" in rates else ")")
     )
+    if "exps" in rates:
+        line += f", float32 `torch.exp` {rates['exps'] / 1e9:.2f} G/s (in cache)"
     if "h2d" in rates:
         line += (
             f", pinned host->device {rates['h2d'] / 1e9:.1f} GB/s, device->host "
             f"{rates['d2h'] / 1e9:.1f} GB/s"
         )
-    return line + ". Floor = max(bytes / bandwidth, matmul flops / mm rate)."
+    return line + f". Floor = {floor}."
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from . import crf_torch
+from . import crf_numba, crf_torch
 from .backend import resolve_backend
 from .checks import FLOAT64_UNFUSED, check_taps, compute_dtype, is_int, short_repr, triple
 from .pac import bad_guide_mask, check_volume_pair, pac_apply, window_any
@@ -108,7 +108,9 @@ def pac_crf3d(
     compat : float: Potts compatibility strength, finite, ``|compat| <= 1e6``.
     spatial_sigma : None, float or (d, h, w): Gaussian spatial falloff in voxels (dilation
         included in the offsets); None weighs all taps of the window equally.
-    backend : {"auto", "triton", "torch"}
+    backend : {"auto", "triton", "torch"}: "auto" runs Triton on CUDA and, on the CPU, the
+        mean-field steps as numba loops when numba imports (``crf_numba``); "torch" plain
+        torch ops.
     progress : None, or ``progress(done, total)``, called after each unit of work (a step, or
         on the CPU a position of the wavefront over slabs). An exception it raises propagates
         and abandons the call: a caller's way to cancel a long refinement.
@@ -246,7 +248,11 @@ def _mean_field(
             if progress is not None:
                 progress(step + 1, iterations)
         return logits
+    fused = backend == "auto" and unary.device.type == "cpu" and crf_numba.available()
+    if fused:  # its loops address unary and the logits with one set of strides
+        unary = unary.contiguous()
     crf_torch.mean_field(
-        unary, guide, iterations, kernel, dil, float(compat), scale, logits, progress, keep
-    )
+        unary, guide, iterations, kernel, dil, float(compat), scale, logits, progress, keep,
+        fused,
+    )  # fmt: skip
     return logits

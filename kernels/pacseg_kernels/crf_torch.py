@@ -19,11 +19,16 @@ planes), else over y (on ``(H, D, W)`` views of the same memory): a y plane is s
 z plane in volumes thinner than they are tall, such as refinement tiles with windows that
 reach 2+ planes in z. When neither fits (or many steps), every step recomputes the weights
 instead, tile by tile (``pac_torch``).
+
+With ``fused`` (``pac_crf3d``'s CPU default when numba imports) a slab's weights and each of its
+steps are one compiled loop each (``crf_numba``), in place of the torch calls below; the
+wavefront, its ring and the ``keep`` cone are the same.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -64,13 +69,15 @@ def mean_field(
     out: torch.Tensor,
     progress: Progress | None = None,
     keep=None,
+    fused: bool = False,
 ) -> None:
     """Write the refined logits of ``iterations >= 1`` mean-field steps into ``out``.
 
     unary : ``(N, K, D, H, W)``, guide : ``(N, F, D, H, W)``, out : ``(N, K, D, H, W)``
     contiguous, all of one float dtype; ``scale`` the spatial tap weights in ``geo.taps()``
     order (0 for the centre). ``progress(done, total)`` is called after each unit of work (a
-    wavefront position, or a step when the weights are recomputed).
+    wavefront position, or a step when the weights are recomputed). ``fused``: run each
+    wavefront step as one compiled loop (``crf_numba``; the caller checks it is available).
     """
     plan = wavefront_plan(unary, guide, iterations, kernel, dilation)
     if plan is None:
@@ -79,7 +86,7 @@ def mean_field(
         cone = None if keep is None else keep[0]
         _wavefront(
             unary, guide, iterations, kernel, dilation, compat, scale, out, plan[1], progress,
-            cone,
+            cone, fused,
         )  # fmt: skip
     else:  # over y: the same maths on (N, C, H, D, W) views, taps reordered to match
         order = (1, 0, 2)
@@ -91,7 +98,7 @@ def mean_field(
         cone = None if keep is None else keep[1]
         _wavefront(
             unary, guide, iterations, kernel, dilation, compat, scale_yzx, out, plan[1], progress,
-            cone,
+            cone, fused,
         )  # fmt: skip
 
 
@@ -163,19 +170,22 @@ class _SlabViews:
     the one call over the strided taps running far below the memory's speed (on slabs of
     7,700 voxels at one thread, the loop's calls cost more than they save)."""
 
-    def __init__(self, ring, kernel, planes, plane_shape, k, n_guide, dtype, device):
+    def __init__(
+        self, ring, kernel, planes, plane_shape, k, n_guide, dtype, device, fused=False
+    ):  # fmt: skip
         new = functools.partial(torch.empty, dtype=dtype, device=device)
         self.kernel, self.plane_shape, self.k = kernel, plane_shape, k
         self.taps = math.prod(kernel)
         size = planes * plane_shape[0] * plane_shape[1]
         self.weights = new((ring, self.taps * size))
         self.rden, self.has = new((ring, size)), new((ring, size))
-        self.per_tap = (
+        self.per_tap = fused or (
             torch.device(device).type == "cpu" and size >= PER_TAP_VOXELS * torch.get_num_threads()
         )
+        # The fused loops (``crf_numba``) need only the weights, 1 / sum and has.
         self.products = None if self.per_tap else new(self.taps * size)
         self.message, self.exps = new(k * size), new(k * size)
-        self.squares = new(self.taps * size) if n_guide > 1 else None
+        self.squares = new(self.taps * size) if n_guide > 1 and not fused else None
         self._cache: dict[int, dict] = {}
 
     def __call__(self, nz: int) -> dict:
@@ -208,7 +218,7 @@ class _SlabViews:
 
 def _wavefront(
     unary, guide, iterations, kernel, dilation, compat, scale, out, planes, progress=None,
-    cone=None,
+    cone=None, fused=False,
 ) -> None:  # fmt: skip
     """The wavefront of the module docstring over slabs of ``planes`` planes of the first
     spatial axis; arguments as in ``mean_field``, but ``unary``, ``guide`` and ``out`` may be
@@ -218,7 +228,8 @@ def _wavefront(
     ``1 / sum_t w`` and ``sum_t w > 0``. ``cone``: None, or the ``(start, stop)`` planes of the
     first spatial axis whose output is wanted; step ``s`` then runs only on the slabs that hold
     planes within ``(iterations - s) * reach`` of them (what those planes depend on, rounded
-    out to whole slabs; the other planes of ``out`` are left unwritten)."""
+    out to whole slabs; the other planes of ``out`` are left unwritten). ``fused``: each step
+    on a slab is one ``crf_numba.step`` call."""
     n_img, k, d, h, w = unary.shape
     dtype, device = out.dtype, out.device
     reach = tuple((kk - 1) // 2 * dd for kk, dd in zip(kernel, dilation))
@@ -234,7 +245,7 @@ def _wavefront(
         [math.log(v) if v > 0 else -math.inf for v in scale], dtype=dtype, device=device
     ).view(-1, 1)
     n_guide = guide.shape[1]
-    views = _SlabViews(ring, kernel, planes, (h, w), k, n_guide, dtype, device)
+    views = _SlabViews(ring, kernel, planes, (h, w), k, n_guide, dtype, device, fused)
     g_pad = torch.full((n_guide, *padded), pac_torch.FAR_GUIDE, dtype=dtype, device=device)
     g_inner = g_pad[(slice(None), *interior)]
     g_rows, g_centres = list(g_pad), list(g_inner)
@@ -254,6 +265,12 @@ def _wavefront(
 
     def guide_weights(slot: int, z0: int, nz: int) -> None:
         v = views(nz)
+        if fused:
+            crf_numba.guide_weights(
+                g_pad, tap_offsets, reach, log_scale_flat, v["weights"][slot], v["den"][slot],
+                v["has_flat"][slot], z0, nz, (h, w), floor, cut,
+            )  # fmt: skip
+            return
         kern, kern_taps = v["weights"][slot], v["weights_taps"][slot]
         for f in range(n_guide):
             centre = g_centres[f].narrow(0, z0, nz)
@@ -276,9 +293,30 @@ def _wavefront(
         # no weight gets a finite 1 / sum that multiplies messages of exactly 0.
         den.clamp_(min=tiny).reciprocal_()
 
+    if fused:
+        from . import crf_numba
+
+        # Each tap's offset in a padded probability buffer from its window's first voxel.
+        p_strides = probs[0].stride()[1:]
+        tap_offsets = torch.tensor(
+            [
+                sum(i * dd * st for i, dd, st in zip(tap, dilation, p_strides))
+                for tap in itertools.product(*(range(kk) for kk in kernel))
+            ],
+            dtype=torch.int64,
+        )
+        log_scale_flat = log_scale.view(-1)
+
     def step(s: int, slot: int, z0: int, nz: int, unary_n, out_n) -> None:
         """Mean-field step ``s`` (1-based) on output planes ``z0 .. z0 + nz`` of one image."""
         v = views(nz)
+        if fused:
+            crf_numba.step(
+                v["weights"][slot], v["den"][slot], v["has_flat"][slot], probs[(s - 1) % 2],
+                probs[s % 2], tap_offsets, reach, unary_n, out_n, z0, nz, compat,
+                s < iterations,
+            )  # fmt: skip
+            return
         msg, rows = v["message"], v["message_rows"]
         for c in range(k - 1):  # the last class's message is what the others leave
             src = windows(prob_rows[(s - 1) % 2][c], z0, nz)

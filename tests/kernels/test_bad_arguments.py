@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pacseg_kernels.crf as crf
+import pacseg_kernels.crf_numba as crf_numba
 import pacseg_kernels.crf_torch as crf_torch
 import pacseg_kernels.mlp_torch as mlp_torch
 from pacseg_kernels import (
@@ -315,7 +316,7 @@ def test_absurd_sizes_fail_fast_with_little_memory():
 # --- pac_crf3d: a window larger than the volume is clipped, exactly -------------------------
 
 
-@pytest.mark.parametrize("engine", ["wavefront", "recompute", "autograd"])
+@pytest.mark.parametrize("engine", ["wavefront", "fused", "recompute", "autograd"])
 def test_crf_clipped_window_equals_unclipped(engine, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     unary = 2 * torch.randn(1, 3, 3, 4, 5, generator=gen, dtype=torch.float64)
@@ -327,9 +328,10 @@ def test_crf_clipped_window_equals_unclipped(engine, monkeypatch):
         monkeypatch.setattr(crf_torch, "RING_FLOOR_BYTES", 0)
     if engine == "autograd":
         unary.requires_grad_(True)
-    clipped = pac_crf3d(unary, guide, backend="torch", **kwargs)
+    backend = _crf_backend(engine)
+    clipped = pac_crf3d(unary, guide, backend=backend, **kwargs)
     monkeypatch.setattr(crf, "useful_kernel", lambda kernel, dilation, shape: kernel)
-    unclipped = pac_crf3d(unary, guide, backend="torch", **kwargs)
+    unclipped = pac_crf3d(unary, guide, backend=backend, **kwargs)
     torch.testing.assert_close(clipped, unclipped, rtol=1e-12, atol=1e-12)
     ref = crf_reference(unary, guide, **kwargs)  # by the definition, over the whole window
     torch.testing.assert_close(clipped.detach(), ref, rtol=1e-10, atol=1e-10)
@@ -540,7 +542,16 @@ def _crf_nan_case(where, value, iterations):
     return unary, guide, bad[:, None].expand(1, 3, 6, 7, 8) > 0
 
 
-CRF_ENGINES = ["wavefront", "recompute", "autograd"]
+CRF_ENGINES = ["wavefront", "fused", "recompute", "autograd"]
+
+
+def _crf_backend(engine: str) -> str:
+    """``fused``: the CPU wavefront's numba loops (``backend="auto"``); others plain torch."""
+    if engine != "fused":
+        return "torch"
+    if not crf_numba.available():
+        pytest.skip("numba is not installed")
+    return "auto"
 
 
 @pytest.mark.parametrize(
@@ -554,7 +565,9 @@ def test_pac_crf3d_non_finite(where, value, engine, monkeypatch):
     unary, guide, expected = _crf_nan_case(where, value, 2)
     if engine == "autograd":
         unary.requires_grad_(True)
-    out = pac_crf3d(unary, guide, iterations=2, kernel_size=3, compat=2.0, backend="torch")
+    out = pac_crf3d(
+        unary, guide, iterations=2, kernel_size=3, compat=2.0, backend=_crf_backend(engine)
+    )
     assert torch.equal(out.isnan(), expected)
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import pacseg_kernels.crf_numba as crf_numba
 import pacseg_kernels.crf_torch as crf_torch
 import pacseg_kernels.pac_torch as pac_torch
 from pacseg_kernels import PacCRF3d, pac_crf3d
@@ -33,7 +34,8 @@ def _tensors(case, gen, dtype=torch.float32):
 # (slabs of one plane, of two planes with a shorter last slab where the axis is odd, of the
 # whole volume; each step's message summed tap by tap or in one call over the taps, as the
 # slab's size picks on the CPU), or the steps recomputing them (with pac_torch's default tiles,
-# or tiny ones).
+# or tiny ones). The fused engines run each wavefront step and the weights as numba loops
+# (``crf_numba``, what ``backend="auto"`` takes on the CPU when numba imports).
 Z, Y = dict(WAVEFRONT_AXES=(0,)), dict(WAVEFRONT_AXES=(1,))
 PER_TAP, ONE_CALL = dict(PER_TAP_VOXELS=0), dict(PER_TAP_VOXELS=1 << 40)
 ENGINES = {
@@ -43,29 +45,38 @@ ENGINES = {
     "wavefront-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y, **ONE_CALL),
     "wavefront-y-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Y, **PER_TAP),
     "wavefront-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y, **ONE_CALL),
+    "fused-z-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Z, FUSED=True),
+    "fused-z-2": dict(RING_BUDGET=math.inf, SLAB_VOXELS="two planes", **Z, FUSED=True),
+    "fused-y-1": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1, **Y, FUSED=True),
+    "fused-y-all": dict(RING_BUDGET=math.inf, SLAB_VOXELS=1 << 30, **Y, FUSED=True),
     "recompute": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0),
     "recompute-tile29": dict(RING_BUDGET=0.0, RING_FLOOR_BYTES=0, TILE_VOXELS=29),
 }
 
 
-def use_engine(name: str, spatial, monkeypatch) -> None:
-    engine = ENGINES[name]
+def use_engine(name: str, spatial, monkeypatch) -> str:
+    """Set up engine ``name``; returns the ``backend`` argument that takes it."""
+    engine = dict(ENGINES[name])
+    fused = engine.pop("FUSED", False)
+    if fused and not crf_numba.available():
+        pytest.skip("numba is not installed")
     for attr, value in engine.items():
         if value == "two planes":
             d, h, w = spatial
             value = 2 * (d if engine["WAVEFRONT_AXES"] == (1,) else h) * w
         module = pac_torch if attr == "TILE_VOXELS" else crf_torch
         monkeypatch.setattr(module, attr, value)
+    return "auto" if fused else "torch"
 
 
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_matches_reference(case, engine, monkeypatch):
-    use_engine(engine, case[3], monkeypatch)
+    backend = use_engine(engine, case[3], monkeypatch)
     *_, kernel, dilation, sigma, compat, iterations = case
     gen = torch.Generator().manual_seed(hash(case[3]) % 2**31)
     unary, guide = _tensors(case, gen)
-    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, backend="torch")
+    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, backend=backend)
     ref = crf_reference(unary, guide, iterations, kernel, dilation, compat, sigma)
     assert out.shape == unary.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
@@ -90,15 +101,15 @@ def _keeps(spatial, gen) -> list:
 @pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_keep_equals_the_whole_result_cropped(case, engine, monkeypatch):
-    use_engine(engine, case[3], monkeypatch)
+    backend = use_engine(engine, case[3], monkeypatch)
     *_, kernel, dilation, sigma, compat, iterations = case
     gen = torch.Generator().manual_seed(hash(case[3]) % 2**31 + 1)
     unary, guide = _tensors(case, gen)
     args = (unary, guide, iterations, kernel, dilation, compat, sigma)
-    whole = pac_crf3d(*args, backend="torch")
+    whole = pac_crf3d(*args, backend=backend)
     for keep in _keeps(case[3], gen):
         crop = (slice(None), slice(None), *(slice(a, b) for a, b in keep))
-        part = pac_crf3d(*args, backend="torch", keep=keep)
+        part = pac_crf3d(*args, backend=backend, keep=keep)
         assert part.shape == whole[crop].shape, keep
         torch.testing.assert_close(part, whole[crop], rtol=0, atol=0, msg=f"keep {keep}")
 
@@ -184,19 +195,20 @@ def test_zero_iterations_returns_unary():
     assert torch.equal(pac_crf3d(unary, guide, iterations=0), unary)
 
 
-@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-1", "recompute"])
+@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-1", "fused-y-1", "recompute"])
 def test_isolated_voxels_keep_their_unary(engine, monkeypatch):
     """A voxel whose guide is far from all neighbours gets no message: its probabilities stay."""
-    use_engine(engine, (5, 5, 5), monkeypatch)
+    backend = use_engine(engine, (5, 5, 5), monkeypatch)
     unary = torch.randn(1, 2, 5, 5, 5)
     guide = torch.zeros(1, 1, 5, 5, 5)
     guide[0, 0, 2, 2, 2] = 1e4  # every weight to or from it underflows to 0
-    out = pac_crf3d(unary, guide, iterations=3, kernel_size=3)
+    out = pac_crf3d(unary, guide, iterations=3, kernel_size=3, backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, :, 2, 2, 2].softmax(0), unary[0, :, 2, 2, 2].softmax(0))
     huge = pac_crf3d(
-        unary, torch.arange(125.0).view(1, 1, 5, 5, 5) * 1e3, iterations=2, kernel_size=3
-    )
+        unary, torch.arange(125.0).view(1, 1, 5, 5, 5) * 1e3, iterations=2, kernel_size=3,
+        backend=backend,
+    )  # fmt: skip
     torch.testing.assert_close(huge.softmax(1), unary.softmax(1))
 
 
@@ -225,13 +237,14 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (unary, guide))
 
 
-@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-2", "recompute"])
+@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-2", "fused-z-2", "recompute"])
 def test_module_and_float64(engine, monkeypatch):
-    use_engine(engine, CASES[1][3], monkeypatch)
+    backend = use_engine(engine, CASES[1][3], monkeypatch)
     unary, guide = _tensors(CASES[1], torch.Generator().manual_seed(1), torch.float64)
     layer = PacCRF3d(
-        iterations=3, kernel_size=(1, 5, 3), dilation=(1, 1, 2), compat=2.5, spatial_sigma=1.5
-    )
+        iterations=3, kernel_size=(1, 5, 3), dilation=(1, 1, 2), compat=2.5, spatial_sigma=1.5,
+        backend=backend,
+    )  # fmt: skip
     out = layer(unary, guide)
     assert out.dtype == torch.float64
     ref = crf_reference(unary, guide, 3, (1, 5, 3), (1, 1, 2), 2.5, 1.5)
@@ -269,18 +282,21 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("engine", ["wavefront-z-1", "wavefront-y-2", "recompute", "autograd"])
+@pytest.mark.parametrize(
+    "engine", ["wavefront-z-1", "wavefront-y-2", "fused-z-1", "recompute", "autograd"]
+)
 def test_progress_reports_every_unit_and_can_abandon_the_call(engine, monkeypatch):
     case = CASES[5]
-    if engine != "autograd":
-        use_engine(engine, case[3], monkeypatch)
+    backend = "auto" if engine == "autograd" else use_engine(engine, case[3], monkeypatch)
     *_, kernel, dilation, sigma, compat, iterations = case
     unary, guide = _tensors(case, torch.Generator().manual_seed(3))
     unary.requires_grad_(engine == "autograd")
     calls = []
-    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma,
+    out = pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, backend=backend,
                     progress=lambda done, total: calls.append((done, total)))  # fmt: skip
-    plain = pac_crf3d(unary.detach(), guide, iterations, kernel, dilation, compat, sigma)
+    plain = pac_crf3d(
+        unary.detach(), guide, iterations, kernel, dilation, compat, sigma, backend=backend
+    )
     torch.testing.assert_close(out.detach(), plain, rtol=1e-5, atol=1e-5)  # the same result
     totals = {t for _, t in calls}
     assert len(totals) == 1 and [d for d, _ in calls] == list(range(1, totals.pop() + 1))
@@ -291,7 +307,10 @@ def test_progress_reports_every_unit_and_can_abandon_the_call(engine, monkeypatc
             raise Stop
 
     with pytest.raises(Stop):
-        pac_crf3d(unary, guide, iterations, kernel, dilation, compat, sigma, progress=stop)
+        pac_crf3d(
+            unary, guide, iterations, kernel, dilation, compat, sigma, backend=backend,
+            progress=stop,
+        )  # fmt: skip
 
 
 def test_progress_must_be_callable():
