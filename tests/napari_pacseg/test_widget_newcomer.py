@@ -279,6 +279,64 @@ def test_progress_text_has_units_percent_and_time_left():
     assert progress_text("training", 400, 400, 3.0) == "training: steps 400/400 (100%)"
 
 
+def test_a_job_runs_in_a_thread_that_ends_with_it(qtbot):
+    """Each widget job has a thread of its own that ends with the job (its OpenMP team goes
+    with it); the result and the end reach the main thread, in that order."""
+    import threading
+
+    from napari_pacseg._napari import workers
+
+    seen, threads = [], []
+
+    def work(x):
+        threads.append(threading.current_thread())
+        return x * 2
+
+    job = workers._worker(
+        work, 21, returned=lambda out: seen.append(("returned", out.result, out.error)),
+        finished=lambda: seen.append(("finished", threading.current_thread())),
+    )  # fmt: skip
+    job.start()
+    qtbot.waitUntil(lambda: len(seen) == 2, timeout=5000)
+    assert seen == [("returned", 42, None), ("finished", threading.main_thread())]
+    assert threads[0] is not threading.main_thread()
+    threads[0].join(timeout=5)
+    assert not threads[0].is_alive()
+
+
+def test_the_widget_keeps_numba_serial_in_the_main_thread_only(make_napari_viewer):
+    """napari's label colouring (numba) must not give the main thread an OpenMP team."""
+    import threading
+
+    numba = pytest.importorskip("numba")
+    from napari_pacseg._napari.widget import PacSegWidget
+
+    PacSegWidget(make_napari_viewer())
+    assert numba.get_num_threads() == 1
+    other = []
+    thread = threading.Thread(target=lambda: other.append(numba.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert other == [numba.config.NUMBA_NUM_THREADS]
+
+
+def test_progress_reaches_the_main_thread_a_few_times_a_second(monkeypatch):
+    """A full run reports every tile and refinement slab; the main thread repaints for the
+    first report, the last, and at most one per PROGRESS_S between them."""
+    from napari_pacseg._napari import workers
+
+    clock = [100.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    sent = []
+    relay = workers._Throttled(lambda *args: sent.append(args), 7)
+    for done in range(1, 101):  # 100 reports over 1 s
+        relay(done, 100)
+        clock[0] += 0.01
+    assert sent[0] == (7, 1, 100) and sent[-1] == (7, 100, 100)
+    assert 4 <= len(sent) <= 2 + 1.0 / workers.PROGRESS_S
+    assert [d for _, d, _ in sent] == sorted(d for _, d, _ in sent)
+
+
 def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):
     viewer, widget = docked
     crop = (slice(24, 40), slice(160, 256), slice(0, 96))  # scribbles of both classes

@@ -39,7 +39,13 @@ from napari_pacseg._napari.session import (
     save_measurements,
     spacing_note,
 )  # fmt: skip
-from napari_pacseg._napari.workers import LiveRunner, Outcome, TaskRunner, message
+from napari_pacseg._napari.workers import (
+    LiveRunner,
+    Outcome,
+    TaskRunner,
+    message,
+    serial_numba_in_this_thread,
+)
 from napari_pacseg.io.model_file import ModelFileError
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, scribble_values
 from napari_pacseg.training.defaults import DEFAULT_STEPS, default_steps
@@ -91,6 +97,7 @@ class PacSegWidget(mw.Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=False)
+        serial_numba_in_this_thread()  # the main thread: no OpenMP team beside the jobs' own
         self.viewer = napari_viewer
         self.session = Session()
         self._syncing = False

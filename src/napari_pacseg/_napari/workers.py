@@ -1,6 +1,6 @@
-"""The widget's background work, all in napari worker threads: ``TaskRunner`` for full runs and
-training (one at a time, napari progress bar, cancel through the session's task) and
-``LiveRunner`` for live previews (debounced, one job in flight, stale results dropped).
+"""The widget's background work, each job in a thread of its own (``_Job``): ``TaskRunner`` for
+full runs and training (one at a time, the widget's progress bar, cancel through the session's
+task) and ``LiveRunner`` for live previews (debounced, one job in flight, stale results dropped).
 
 Workers never raise: ``run_caught`` turns an error into an ``Outcome`` that the main thread
 reports, so napari does not show a second, raw notification of it.
@@ -8,6 +8,7 @@ reports, so napari does not show a second, raw notification of it.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from napari_pacseg.progress import SegmentationCancelled
 
 DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
-PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often
+PROGRESS_S = 0.25  # a job's progress reaches the status line and bar at most this often
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Outcome:
 
 
 def run_caught(fn: Callable, *args, **kwargs) -> Outcome:
-    """``fn(*args, **kwargs)`` as an ``Outcome`` (for ``create_worker``)."""
+    """``fn(*args, **kwargs)`` as an ``Outcome`` (what a ``_Job`` delivers)."""
     try:
         return Outcome(result=fn(*args, **kwargs))
     except Exception as err:  # reported in the main thread by the caller
@@ -47,14 +48,55 @@ def message(err: BaseException) -> str:
     return text
 
 
-def _worker(fn: Callable, *args, returned: Callable, finished: Callable, **kwargs):
-    """A napari worker (not started) running ``run_caught(fn, *args, **kwargs)``."""
-    from napari.qt.threading import create_worker
+class _Job(QObject):
+    """``run_caught(fn, *args, **kwargs)`` in a thread of its own that ends with the job;
+    ``returned(outcome)`` then ``finished()`` run in the main thread.
 
-    worker = create_worker(run_caught, fn, *args, _start_thread=False, **kwargs)
-    worker.returned.connect(returned)
-    worker.finished.connect(finished)
-    return worker
+    Not napari's worker pool: its threads outlive their jobs (30 s), and torch's OpenMP keeps a
+    team of threads for every thread that has run a parallel op while that thread lives. With
+    more team threads than cores, libgomp stops spinning between parallel regions and wakes its
+    threads through the kernel for every one, so each of the pipeline's many mid-sized torch
+    calls pays a wake-up: after a few live previews a full run took 3x its time
+    (``benchmarks/results/live-cpu.md``, full-run rows). A thread that ends frees its team."""
+
+    delivered = Signal(object)  # the Outcome, queued to the main thread
+
+    def __init__(self, fn: Callable, args, kwargs, returned: Callable, finished: Callable):
+        super().__init__()
+        self._call = partial(run_caught, fn, *args, **kwargs)
+        self._returned, self._finished = returned, finished
+        self.delivered.connect(self._deliver)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="pacseg-job", daemon=True).start()
+
+    def _run(self) -> None:
+        self.delivered.emit(self._call())
+
+    def _deliver(self, outcome: Outcome) -> None:
+        self._returned(outcome)
+        self._finished()
+
+
+def serial_numba_in_this_thread() -> None:
+    """Make numba's parallel loops launched from the calling thread (napari's main thread) run
+    on one thread; numba's thread count is per thread, so other threads keep theirs.
+
+    napari colours label layers with numba's parallel loops when numba is installed, and numba
+    runs them on the same OpenMP runtime as torch: the main thread then keeps an OpenMP team
+    of its own for the rest of the process, and with it the widget's jobs are throttled as
+    ``_Job`` says (a full run of the sample took 3x its time after the first label layer was
+    drawn). One thread per label slice is ample: the colouring is per displayed slice."""
+    try:
+        import numba
+    except Exception:  # no numba (or a broken one): napari colours labels without it
+        return
+    numba.set_num_threads(1)
+
+
+def _worker(fn: Callable, *args, returned: Callable, finished: Callable, **kwargs) -> _Job:
+    """A job (not started) running ``run_caught(fn, *args, **kwargs)`` in its own thread."""
+    return _Job(fn, args, kwargs, returned, finished)
 
 
 class _Relay(QObject):
@@ -65,20 +107,21 @@ class _Relay(QObject):
 
 
 class _Throttled:
-    """A live job's ``progress(done, total)`` (worker thread): relays the first call and then
-    at most one call per ``PROGRESS_S``. Every relayed call costs the main thread
-    a status repaint, and main-thread Python work holds the GIL that the worker's many short
-    torch calls need back between them."""
+    """A job's ``progress(done, total)`` (worker thread): relays ``emit(ident, done, total)``
+    for the first call, the last (``done == total``) and at most one call per ``PROGRESS_S``
+    in between. Every relayed call costs the main thread a status and bar repaint, and
+    main-thread Python work holds the GIL that the worker's many short torch calls need back
+    between them (a full run reports every tile and every slab of the refinement)."""
 
-    def __init__(self, relay: _Relay, gen: int) -> None:
-        self.emit, self.gen = relay.live.emit, gen
+    def __init__(self, emit: Callable, ident: int) -> None:
+        self.emit, self.ident = emit, ident
         self.last = None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if self.last is None or now - self.last >= PROGRESS_S:
+        if self.last is None or now - self.last >= PROGRESS_S or done >= total:
             self.last = now
-            self.emit(self.gen, done, total)
+            self.emit(self.ident, done, total)
 
 
 UNITS = {"segmentation": "tiles", "training": "steps"}  # what a task's progress counts
@@ -124,9 +167,8 @@ class TaskRunner:
     def start(self, kind: str, work: Callable, on_result: Callable) -> None:
         task = self.session.begin(kind)
         self._showing = True
-        emit = self._relay.progressed.emit
         self._worker = _worker(
-            work, progress=lambda done, total: emit(task.ident, done, total),
+            work, progress=_Throttled(self._relay.progressed.emit, task.ident),
             should_cancel=task.should_cancel, returned=partial(self._returned, task, on_result),
             finished=partial(self._finished, task),
         )  # fmt: skip
@@ -253,8 +295,9 @@ class LiveRunner:
             return
         gen = self.generation
         self._job, self._outcome = job, None
+        progress = _Throttled(self._relay.live.emit, gen)
         self._worker = _worker(
-            self.compute, job, lambda: gen != self.generation, _Throttled(self._relay, gen),
+            self.compute, job, lambda: gen != self.generation, progress,
             returned=partial(self._returned, gen, job), finished=self._finished,
         )  # fmt: skip
         self._worker.start()
