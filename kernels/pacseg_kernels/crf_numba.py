@@ -12,21 +12,18 @@ step and nothing else of the slab's size is written more than once (``pac_crf3d`
 
 numba is optional: ``available()`` is False where it does not import, and ``crf_torch`` then
 runs its torch step. The loops compile on first use (cached on disk by numba when it can write
-its cache), for float32 and float64. Calls hold a lock, so two Python threads never run the
-parallel loop at once (numba's fallback threading layer aborts the process on that), and each
-call runs on as many threads as torch's current thread count (``numba.set_num_threads`` is
-thread-local: other threads and libraries keep theirs).
+its cache), for float32 and float64. Calls run under ``threads.numba_threads``: one caller at a
+time, on torch's current thread count.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import threading
 
 import torch
 
-_lock = threading.Lock()
+from .threads import numba_threads
 
 
 @functools.cache
@@ -83,7 +80,7 @@ def step(
     out : ``(K, D, H, W)`` views with unit x stride (``out`` receives the step's logits). All
     float tensors of one dtype (float32 or float64), on the CPU.
     """
-    numba, loops = _kernels()
+    _, loops = _kernels()
     k = unary.shape[0]
     h, w = unary.shape[2], unary.shape[3]
     w_np, w_off, _ = _flat(weights)
@@ -94,18 +91,13 @@ def step(
     if o_strides != (u_cs, u_s0, u_s1, 1) or unary.stride(3) != 1:
         raise ValueError("crf_numba.step: unary and out need the same strides, x stride 1")
     inner = reach[0] * q_s0 + reach[1] * q_s1 + reach[2]
-    with _lock:
-        _set_threads(numba)
+    with numba_threads():
         loops.step(
             w_np[w_off : w_off + weights.numel()], rden.numpy(), has.numpy(),
             q_np[q_off:], d_np[d_off:], taps.numpy(), q_cs, q_s0, q_s1, inner,
             u_np[u_off:], o_np[o_off:], u_cs, u_s0, u_s1, z0, nz, h, w, k, float(compat),
             bool(next_probs),
         )  # fmt: skip
-
-
-def _set_threads(numba) -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 def guide_weights(
@@ -131,12 +123,11 @@ def guide_weights(
     ``w = exp(max(log_scale - |g_i - g_j|^2 / 2, floor))``, 0 where ``<= cut``, then
     ``1 / max(sum_t w, tiny)`` and ``sum_t w > 0``. ``shape``: ``(H, W)``.
     """
-    numba, loops = _kernels()
+    _, loops = _kernels()
     g_np, g_off, (g_cs, g_s0, g_s1, _) = _flat(g_pad)
     inner = reach[0] * g_s0 + reach[1] * g_s1 + reach[2]
     tiny = torch.finfo(weights.dtype).tiny
-    with _lock:
-        _set_threads(numba)
+    with numba_threads():
         loops.weights(
             g_np[g_off:], taps.numpy(), g_cs, g_s0, g_s1, inner, g_pad.shape[0],
             log_scale.numpy(), weights.reshape(-1).numpy(), rden.numpy(), has.numpy(), z0, nz,

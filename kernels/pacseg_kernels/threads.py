@@ -158,3 +158,22 @@ def readapt() -> int:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         return torch.get_num_threads()
+
+
+_numba_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def numba_threads():
+    """Run the block's numba parallel loops one caller at a time, on as many threads as torch
+    has now (``adaptive_threads`` lowers both).
+
+    numba's thread count is per calling thread (this sets only the caller's), and numba's
+    fallback threading layer (workqueue, where OpenMP and TBB are missing) aborts the process
+    when two threads launch parallel loops at once: the lock serialises them. numba is
+    imported here, on first use."""
+    import numba
+
+    with _numba_lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        yield

@@ -131,3 +131,28 @@ def test_crop_equals_cropping_the_whole(shape, spacing, crop):
     whole = compute_features(image, spec, spacing)
     part = compute_features(image, spec, spacing, crop=crop)
     torch.testing.assert_close(part, whole[(slice(None), slice(None), *crop)], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 1, 7, 9, 11), (2, 1, 1, 20, 30), (5, 1, 12, 1, 50),
+                                   (2, 1, 9, 13, 1), (1, 1, 6, 700, 3)])  # fmt: skip
+def test_the_compiled_filter_equals_the_loop_of_taps(shape, dtype, monkeypatch):
+    """``_filter_axis``'s numba loop (rows in blocks, lines) against its torch loop of taps, on
+    every axis, for ranges inside, at and past the edges; float64 to 1e-12."""
+    from napari_pacseg.model import features
+
+    if features._filter_loops() is None:
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(shape, generator=gen, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for axis in range(3):
+        n = shape[2 + axis]
+        for keep in [(0, n), (1, max(2, n - 1)), (-3, n + 2), (n - 1, n + 4)]:
+            kernel = torch.rand(2 * (1 + axis) + 1, generator=gen, dtype=dtype)
+            compiled = features._filter_axis(t, kernel, axis, keep)
+            with monkeypatch.context() as m:
+                m.setattr(features, "_filter_loops", lambda: None)
+                loop = features._filter_axis(t, kernel, axis, keep)
+            assert compiled.shape == loop.shape and compiled.dtype == dtype
+            torch.testing.assert_close(compiled, loop, rtol=tol, atol=tol)

@@ -14,9 +14,11 @@ stage of a 256^3 volume 3.8 s -> 3.0 s (benchmarks/bench_pipeline.py, median run
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,7 +115,9 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
 
     A loop of ``add_`` over shifted views: on the CPU this is 10-25x faster than ``conv3d`` with
     a one-channel 1-D kernel (which falls back to torch's slow unfolded convolution), and 4-6x
-    faster than ``conv1d``.
+    faster than ``conv1d``. On the CPU with numba, one compiled loop instead
+    (``filter_loops``: each output written once, one parallel region per call;
+    ``benchmarks/results/pipeline-cpu.md``).
     """
     r = kernel.numel() // 2
     n = t.shape[2 + axis]
@@ -132,10 +136,48 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
         pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = before, after
         t = F.pad(t, pad, mode="replicate")
     first = start - r + before  # where the window of output ``start`` begins in ``t``
+    compiled = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    loops = _filter_loops() if compiled else None
+    if loops is not None:
+        return _filter_compiled(loops, t, kernel, axis, first, stop - start)
     weights = kernel.tolist()
     out = torch.mul(t.narrow(2 + axis, first, stop - start), weights[0])
     for j in range(1, 2 * r + 1):
         out.add_(t.narrow(2 + axis, first + j, stop - start), alpha=weights[j])
+    return out
+
+
+@functools.cache
+def _filter_loops():
+    """``filter_loops`` (numba's compiled filter) on the CPU, or None without numba."""
+    try:
+        from napari_pacseg.model import filter_loops
+    except Exception:  # no numba, or a broken one: the torch loop of taps
+        return None
+    return filter_loops
+
+
+def _filter_compiled(
+    loops, t: torch.Tensor, kernel: torch.Tensor, axis: int, first: int, n: int
+) -> torch.Tensor:
+    """``_filter_axis``'s sum on the CPU as one compiled loop (``filter_loops``): outputs
+    ``first .. first + n`` of the window starts along ``axis`` of ``t`` ``(M, 1, D, H, W)``."""
+    from pacseg_kernels.threads import numba_threads
+
+    t = t.contiguous()
+    shape = list(t.shape)
+    n_src = shape[2 + axis]
+    outer = shape[0] * shape[1] * int(np.prod(shape[2 : 2 + axis]))
+    inner = int(np.prod(shape[3 + axis :]))
+    shape[2 + axis] = n
+    out = torch.empty(shape, dtype=t.dtype)
+    src, dst = t.view(-1).numpy(), out.view(-1).numpy()
+    weights = kernel.to(device="cpu", dtype=t.dtype).numpy()
+    with numba_threads():
+        if inner == 1:
+            loops.filter_lines(src, weights, outer, n_src, first, n, dst)
+        else:
+            loops.filter_rows(src, weights, outer, n_src, inner, first, n, dst)
     return out
 
 
