@@ -3,7 +3,7 @@ in memory on the same volume. Writes ``results/batch-<device>.md``.
 
     python benchmarks/bench_batch.py [--device cpu|cuda] [--depth 128] [--height 512]
         [--width 256] [--chunks 64 256 256] [--small-chunks 32 128 128] [--repeats 3]
-        [--budget 384M] [--note TEXT]
+        [--budget 384M] [--busy-rounds 2] [--note TEXT]
 
 The volume is the bundled sample (64 x 256 x 256) tiled to ``depth x height x width``; the model
 is the demo model with its default refinement. Three parts:
@@ -14,7 +14,8 @@ is the demo model with its default refinement. Three parts:
    (``--repeats`` rounds), so a change in the machine's load hits every method alike; the
    ratio is the median over rounds of each run over the same round's in-memory run. Then once
    each with a budget that keeps one chunk per block (what every chunk paid before work
-   blocks), against the in-memory median.
+   blocks), against the in-memory median. The three rows again in turns (``--busy-rounds``)
+   with one process spinning beside them.
 2. Peak memory against the budget: ``segment_zarr`` in a fresh interpreter with ``--budget``
    and with the default budget; the peak resident memory the call adds (above the loaded
    libraries and model) next to the budget and the estimate (``task_memory``) of its largest
@@ -35,6 +36,7 @@ import json
 import logging
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--small-chunks", type=int, nargs=3, default=(32, 128, 128))
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the per-voxel part")
     parser.add_argument("--budget", default="384M", help="the budget of the peak-memory part")
+    parser.add_argument("--busy-rounds", type=int, default=2,
+                        help="rounds of the per-voxel rows with one busy process")  # fmt: skip
     parser.add_argument("--note", default="", help="a line added to the results (e.g. load)")
     parser.add_argument("--worker", nargs=5, metavar=("SRC", "OUT", "CHUNKS", "MEMORY", "DEVICE"))
     args = parser.parse_args()
@@ -183,6 +187,25 @@ def main() -> None:
                         info[name] = res
                     check(name, labels)
                     walls[name].append(wall)
+
+        # 1b. the same rows in turns with one busy process beside them
+        busy_walls: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            for _ in range(args.busy_rounds):
+                for name, chunks, _ in methods:
+                    if chunks is None:
+                        wall, labels = run_memory(image, model, threads_before, dev)
+                    else:
+                        wall, labels, _ = run_zarr(f"{name}, 1 busy", tmp / "in.zarr",
+                                                   tmp / "labels.zarr", model, chunks,
+                                                   threads_before, device=dev)  # fmt: skip
+                    check(name, labels)
+                    busy_walls[name].append(wall)
+        finally:
+            spinner.kill()
+            spinner.wait()
 
         # 2. peak memory against the budget, each in a fresh interpreter
         peaks = []
@@ -271,6 +294,22 @@ def main() -> None:
             per_round, ratio = "-", med / base
         lines.append(f"| {name} | {blocks} | {each} | {voxels / med / 1e6:.3g} | {per_round} "
                      f"| {ratio:.2f}x |")  # fmt: skip
+    busy_base = busy_walls[methods[0][0]]
+    lines += [
+        "",
+        f"## The same with one busy process ({args.busy_rounds} rounds in turns; a process "
+        "spinning on one core beside them)",
+        "",
+        "| method | wall s (each round) | Mvoxel/s (median) | cost per voxel / in memory "
+        "| busy / quiet |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, _, _ in methods:
+        med = statistics.median(busy_walls[name])
+        ratio = statistics.median(w / m for w, m in zip(busy_walls[name], busy_base))
+        each = ", ".join(f"{w:.3g}" for w in busy_walls[name])
+        lines.append(f"| {name} | {each} | {voxels / med / 1e6:.3g} | {ratio:.2f}x "
+                     f"| {med / statistics.median(walls[name]):.2f} |")  # fmt: skip
     lines += [
         "",
         "## Peak memory against the budget (fresh interpreter, synchronous, chunks "
