@@ -75,7 +75,8 @@ unrefined result (Dice and boundary F, every seed); object count within 20% of t
 (every seed). Writes ``benchmarks/results/realdata-<device>.md``.
 
 Usage: python benchmarks/bench_realdata.py [--data PATH] [--seeds 0 1 2] [--images STEM ...]
-       [--radius STEM=R ...] [--instances-json JSON] [--device cpu|cuda] [--apoc-python PATH]
+       [--radius STEM=R ...] [--instances-json JSON] [--train-json JSON --name NAME]
+       [--device cpu|cuda] [--apoc-python PATH]
 """
 
 from __future__ import annotations
@@ -412,13 +413,13 @@ def run_apoc(python: str, case: Case, scribbles: np.ndarray) -> dict:
 CELL_CLASSES = ("membrane", "cell")  # the strokes' values 1 and 2 on the cells image
 
 
-def run_ours(case: Case, scribbles, instances: dict, device: str) -> dict:
+def run_ours(case: Case, scribbles, instances: dict, device: str, train_kw=None) -> dict:
     from napari_pacseg import segment, train
 
     names = CELL_CLASSES if case.image.kind == "cells" else None
     start = time.perf_counter()
     model = train(case.pixels, scribbles, spacing=case.spacing, seed=0, device=device,
-                  class_names=names)  # fmt: skip
+                  class_names=names, **(train_kw or {}))  # fmt: skip
     train_s = time.perf_counter() - start
     rows = {}
     for refine, name in ((False, UNREFINED), (True, OURS)):
@@ -457,7 +458,9 @@ def strokes(case: Case, seed: int) -> np.ndarray:
     return user_scribbles(case.labels, case.image.planes, seed)
 
 
-def evaluate(case: Case, seeds, instances: dict, device: str, apoc_python: str) -> dict:
+def evaluate(
+    case: Case, seeds, instances: dict, device: str, apoc_python: str, train_kw=None
+) -> dict:
     """Per image: ``{"seeds": {method: [row per seed]}, "anchors": {method: row}, ...}``."""
     print(f"{case.image.stem}: {case.pixels.shape}, instances {instances}", flush=True)
     anchors = {ALL_FG: {**score(case, np.ones(case.fg.shape, bool)), "BF": None}}  # no boundary
@@ -472,7 +475,7 @@ def evaluate(case: Case, seeds, instances: dict, device: str, apoc_python: str) 
     for seed in seeds:
         scribbles = strokes(case, seed)
         coverage.append(np.count_nonzero(scribbles) / scribbles.size)
-        rows = run_ours(case, scribbles, instances, device)
+        rows = run_ours(case, scribbles, instances, device, train_kw)
         if apoc_python:
             rows.update(run_apoc(apoc_python, case, scribbles))
         for name, row in rows.items():
@@ -633,6 +636,11 @@ def main() -> None:
     parser.add_argument("--instances-json", default="{}", metavar="JSON",
                         help='more InstanceConfig overrides for ours per image, e.g. '
                         '\'{"plant_cells_3d": {"sensitivity": 0.9}}\'')  # fmt: skip
+    parser.add_argument("--train-json", default="{}", metavar="JSON",
+                        help='train() keyword overrides for ours, e.g. \'{"context": true}\'; the '
+                        "results then go to realdata-<device>-<--name>.md")  # fmt: skip
+    parser.add_argument("--name", default="variant",
+                        help="the results file's suffix with --train-json (default 'variant')")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for ours")
     parser.add_argument("--apoc-python", default=None,
                         help="interpreter with apoc installed (default: .apoc-venv/bin/python "
@@ -648,6 +656,9 @@ def main() -> None:
         if stem not in radii:
             raise SystemExit(f"--radius {item}: unknown image {stem!r} (one of {', '.join(STEMS)})")
         radii[stem] = float(value)
+    train_kw = json.loads(args.train_json)
+    if not isinstance(train_kw, dict):
+        raise SystemExit("--train-json: a dict of train() keywords")
     extra = json.loads(args.instances_json)
     if not isinstance(extra, dict) or not set(extra) <= set(STEMS):
         raise SystemExit(f"--instances-json: a dict keyed by image ({', '.join(STEMS)})")
@@ -668,7 +679,7 @@ def main() -> None:
         if image.kind == "cells":  # cells enclosed by the membrane class
             instances["boundary"] = CELL_CLASSES[0]
         instances.update(extra.get(image.stem, {}))
-        result = evaluate(case, args.seeds, instances, args.device, apoc_python)
+        result = evaluate(case, args.seeds, instances, args.device, apoc_python, train_kw)
         result["seeds_used"] = args.seeds
         results.append(result)
     run_s = time.perf_counter() - started
@@ -679,6 +690,7 @@ def main() -> None:
     flags += f" --images {' '.join(args.images)}" if args.images != list(STEMS) else ""
     flags += "".join(f" --radius {r}" for r in args.radius)
     flags += f" --instances-json '{args.instances_json}'" if extra else ""
+    flags += f" --train-json '{args.train_json}' --name {args.name}" if train_kw else ""
     flags += f" --device {args.device}" if args.device != "cpu" else ""
     flags += f" --apoc-python {common.shown_path(apoc_python)}" if args.apoc_python else ""
     dev = args.device
@@ -702,7 +714,8 @@ def main() -> None:
         "Dice; the recipe (Gaussian + Otsu + distance-transform seeded watershed + small-object "
         "removal) and the membrane watershed (cells) tuned over a small grid by object F1 on the "
         "same image (hindsight: an upper bound of what a user tuning by eye gets). Times: "
-        "train() and segment() for ours, the chosen setting's run for the anchors.",
+        "train() and segment() for ours, the chosen setting's run for the anchors."
+        + (f" Ours trained with `train(..., **{train_kw})`." if train_kw else ""),
         "",
         "APOC: "
         + (
@@ -715,7 +728,10 @@ def main() -> None:
     lines += targets(results)
     for result in results:
         lines += ["", *image_section(result, args.seeds)]
-    out = common.write_result(f"realdata-{common.device_name(dev)}.md", "\n".join(lines) + "\n")
+    suffix = f"-{args.name}" if train_kw else ""
+    out = common.write_result(
+        f"realdata-{common.device_name(dev)}{suffix}.md", "\n".join(lines) + "\n"
+    )
     print(f"wrote {out} ({run_s:.0f} s)")
 
 
