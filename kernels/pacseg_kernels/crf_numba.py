@@ -8,7 +8,7 @@ row buffer while the taps are summed, then the same loop normalises it, adds the
 compatibility term to the unary and writes the next step's probabilities; the weights are
 written in one pass with a vectorised float32 exp. The kept weights are then read once per
 step and nothing else of the slab's size is written more than once (``pac_crf3d`` at
-60 x 256 x 256, 5 steps: ``benchmarks/results/pac-cpu.md``).
+60 x 256 x 256, 5 steps: ``benchmarks/results/crf-cpu.md``).
 
 numba is optional: ``available()`` is False where it does not import, and ``crf_torch`` then
 runs its torch step. The loops compile on first use (cached on disk by numba when it can write

@@ -136,7 +136,11 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
         pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = before, after
         t = F.pad(t, pad, mode="replicate")
     first = start - r + before  # where the window of output ``start`` begins in ``t``
-    compiled = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    compiled = (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and not (torch.is_grad_enabled() and t.requires_grad)
+    )
     loops = _filter_loops() if compiled else None
     if loops is not None:
         return _filter_compiled(loops, t, kernel, axis, first, stop - start)
