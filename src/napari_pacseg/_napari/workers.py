@@ -20,7 +20,11 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from napari_pacseg.progress import SegmentationCancelled
 
 DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
-PROGRESS_S = 0.25  # a job's progress reaches the status line and bar at most this often
+PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often
+# ... and a full run's or training's the status line and bar: each report repaints part of the
+# window (~5 ms of the main thread on a software-rendered display), time taken from the run's
+# threads; once a second still counts the seconds left.
+TASK_PROGRESS_S = 1.0
 
 
 @dataclass
@@ -108,18 +112,18 @@ class _Relay(QObject):
 
 class _Throttled:
     """A job's ``progress(done, total)`` (worker thread): relays ``emit(ident, done, total)``
-    for the first call, the last (``done == total``) and at most one call per ``PROGRESS_S``
+    for the first call, the last (``done == total``) and at most one call per ``every`` seconds
     in between. Every relayed call costs the main thread a status and bar repaint, and
     main-thread Python work holds the GIL that the worker's many short torch calls need back
     between them (a full run reports every tile and every slab of the refinement)."""
 
-    def __init__(self, emit: Callable, ident: int) -> None:
-        self.emit, self.ident = emit, ident
+    def __init__(self, emit: Callable, ident: int, every: float = PROGRESS_S) -> None:
+        self.emit, self.ident, self.every = emit, ident, every
         self.last = None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if self.last is None or now - self.last >= PROGRESS_S or done >= total:
+        if self.last is None or now - self.last >= self.every or done >= total:
             self.last = now
             self.emit(self.ident, done, total)
 
@@ -168,7 +172,7 @@ class TaskRunner:
         task = self.session.begin(kind)
         self._showing = True
         self._worker = _worker(
-            work, progress=_Throttled(self._relay.progressed.emit, task.ident),
+            work, progress=_Throttled(self._relay.progressed.emit, task.ident, TASK_PROGRESS_S),
             should_cancel=task.should_cancel, returned=partial(self._returned, task, on_result),
             finished=partial(self._finished, task),
         )  # fmt: skip
