@@ -23,13 +23,14 @@ import importlib.util
 
 import torch
 
-from .threads import numba_threads
+from .threads import numba_threads, numba_threadsafe
 
 
 @functools.cache
 def available() -> bool:
-    """True when numba imports and its parallel loops can run here."""
-    if importlib.util.find_spec("numba") is None:
+    """True when numba imports with a thread-safe threading layer (``threads.numba_threadsafe``)
+    and the loops load."""
+    if importlib.util.find_spec("numba") is None or not numba_threadsafe():
         return False
     try:
         _kernels()

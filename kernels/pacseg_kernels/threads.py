@@ -25,6 +25,7 @@ thread count as set).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -163,14 +164,44 @@ def readapt() -> int:
 _numba_lock = threading.Lock()
 
 
+def numba_threadsafe() -> bool:
+    """True when numba imports and has a threading layer that other threads may use at the same
+    time (OpenMP or TBB). Without one numba falls back to its workqueue layer, which aborts the
+    process when two threads launch parallel loops at once, and napari launches its own (label
+    colouring) from the main thread: the package's numba loops are then not used (their torch
+    paths run instead). Imports numba, on first use."""
+    return _numba_threadsafe()
+
+
+@functools.cache
+def _numba_threadsafe() -> bool:
+    import importlib
+
+    try:
+        import numba  # noqa: F401
+    except Exception:  # no numba, or a broken one
+        return False
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
+    pools = {"omp": ["omppool"], "tbb": ["tbbpool"], "workqueue": []}.get(
+        layer, ["tbbpool", "omppool"]
+    )
+    for pool in pools:
+        try:
+            importlib.import_module(f"numba.np.ufunc.{pool}")
+        except Exception:  # that layer's library is missing here
+            continue
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def numba_threads():
     """Run the block's numba parallel loops one caller at a time, on as many threads as torch
     has now (``adaptive_threads`` lowers both).
 
-    numba's thread count is per calling thread (this sets only the caller's), and numba's
-    fallback threading layer (workqueue, where OpenMP and TBB are missing) aborts the process
-    when two threads launch parallel loops at once: the lock serialises them. numba is
+    numba's thread count is per calling thread (this sets only the caller's); the lock keeps
+    two of the package's callers from launching loops at once (callers check
+    ``numba_threadsafe`` first: other libraries launch theirs without this lock). numba is
     imported here, on first use."""
     import numba
 

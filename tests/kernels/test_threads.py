@@ -276,3 +276,25 @@ def test_readapt_follows_a_load_that_changes_during_a_block(monkeypatch):
         load_of(monkeypatch, 0.0)  # and left: back to the block's starting count, no higher
         assert threads.readapt() == n
     assert torch.get_num_threads() == before
+
+
+def test_no_numba_loops_without_a_thread_safe_numba_layer():
+    """With numba's workqueue layer (no OpenMP or TBB), loops launched from two threads at once
+    abort the process and napari launches its own: the CRF and the features' filters then take
+    their torch paths, with the same results."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from pacseg_kernels import crf_numba, pac_crf3d, threads\n"
+        "from napari_pacseg.model import features\n"
+        "assert not threads.numba_threadsafe() and not crf_numba.available()\n"
+        "assert features._filter_loops() is None\n"
+        "u, g = torch.randn(1, 2, 5, 6, 7), torch.randn(1, 1, 5, 6, 7)\n"
+        "torch.testing.assert_close(pac_crf3d(u, g, 3, 3), pac_crf3d(u, g, 3, 3, backend='torch'))\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

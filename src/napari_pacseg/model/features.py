@@ -153,7 +153,12 @@ def _filter_axis(t: torch.Tensor, kernel: torch.Tensor, axis: int, keep) -> torc
 
 @functools.cache
 def _filter_loops():
-    """``filter_loops`` (numba's compiled filter) on the CPU, or None without numba."""
+    """``filter_loops`` (numba's compiled filter) on the CPU, or None without numba or without
+    a thread-safe numba threading layer (``pacseg_kernels.threads.numba_threadsafe``)."""
+    from pacseg_kernels.threads import numba_threadsafe
+
+    if not numba_threadsafe():
+        return None
     try:
         from napari_pacseg.model import filter_loops
     except Exception:  # no numba, or a broken one: the torch loop of taps
