@@ -535,6 +535,28 @@ def _line(name: str, row: dict, counts: str = "d") -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def _fragments_line(case: Case, instances: dict) -> str:
+    """How many scored reference objects are smaller than the smallest object ours keeps
+    (``InstanceConfig.smallest``), and how many of those the crop's border cuts."""
+    from napari_pacseg.model.network import InstanceConfig
+
+    smallest = InstanceConfig(**instances).smallest(planar=len(case.spacing) == 2)
+    truth = case.truth
+    sizes = np.bincount(truth.ravel()) * float(np.prod(case.spacing))
+    ids = np.flatnonzero(sizes[1:]) + 1
+    small = {int(i) for i in ids if sizes[i] < smallest}
+    border = set()
+    for axis in range(truth.ndim):
+        for end in (0, -1):
+            border |= {int(v) for v in np.unique(np.take(truth, end, axis=axis))}
+    return (
+        f"Of the {len(ids)} scored reference objects, {len(small)} are smaller than the smallest "
+        f"object ours keeps ({smallest:.3g} spacing units^{truth.ndim}: `InstanceConfig.smallest`), "
+        f"{len(small & border)} of them cut by the crop's border; without those the reference "
+        f"holds {len(ids) - len(small)}."
+    )
+
+
 def image_section(result: dict, seeds) -> list[str]:
     case: Case = result["case"]
     im = case.image
@@ -554,6 +576,7 @@ def image_section(result: dict, seeds) -> list[str]:
         f"Boundary F tolerance {case.tol:g}.",
         "",
     ]
+    lines += [_fragments_line(case, result["instances"]), ""]
     if im.kind == "cells":
         lines += [
             "Cells: foreground = cell interiors (labelled voxels off the 2-voxel membrane band, "
