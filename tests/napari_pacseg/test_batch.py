@@ -32,6 +32,7 @@ from napari_pacseg.io.volumes import (  # noqa: E402
     write_tiff,
 )
 from napari_pacseg.sample import load_demo_model, load_sample  # noqa: E402
+from tests.napari_pacseg.tables import assert_same_table  # noqa: E402
 
 CHUNKS = (12, 40, 40)
 
@@ -506,12 +507,7 @@ def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, mod
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "objects.csv")
-    assert list(table.columns) == list(ref.objects.columns) and len(table) == len(ref.objects)
-    for column in table.columns:
-        if column == "class_name":
-            assert list(table[column]) == list(ref.objects[column])
-        else:
-            np.testing.assert_allclose(table[column], ref.objects[column], rtol=1e-9, atol=1e-9)
+    assert_same_table(table, ref.objects)
     assert res.objects == tmp_path / "objects.csv"
     ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")
     assert ids.dtype == np.int32 and ids.chunks == CHUNKS

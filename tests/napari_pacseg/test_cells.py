@@ -13,6 +13,7 @@ from napari_pacseg import InstanceConfig, PacSegModel, instance_labels, load_mod
 from napari_pacseg.instances.cells import boundary_label, enclosed_labels
 from napari_pacseg.instances.labels import brightness_evidence, object_table
 from napari_pacseg.sample import load_demo_model, load_sample
+from tests.napari_pacseg.tables import assert_same_table
 
 CLASSES = ["background", "membrane", "cell"]  # label values 0, 2, 3
 MEMBRANE, CELL = 2, 3
@@ -229,12 +230,7 @@ def test_segment_tiled_and_zarr_give_the_same_cells(tmp_path, demo, crop):
     np.testing.assert_array_equal(ids, ref.instances)
     assert res.n_objects == ref.instances.max()
     table = pd.read_csv(tmp_path / "objects.csv")
-    assert list(table.columns) == list(ref.objects.columns) and len(table) == len(ref.objects)
-    for column in table.columns:
-        if column == "class_name":
-            assert list(table[column]) == list(ref.objects[column])
-        else:
-            np.testing.assert_allclose(table[column], ref.objects[column], rtol=1e-9, atol=1e-9)
+    assert_same_table(table, ref.objects)
 
 
 def test_chunked_cells_equal_in_memory_with_pieces_and_fills_across_chunks(tmp_path):
