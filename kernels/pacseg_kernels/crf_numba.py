@@ -19,7 +19,6 @@ time, on torch's current thread count.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
@@ -30,7 +29,7 @@ from .threads import numba_threads, numba_threadsafe
 def available() -> bool:
     """True when numba imports with a thread-safe threading layer (``threads.numba_threadsafe``)
     and the loops load."""
-    if importlib.util.find_spec("numba") is None or not numba_threadsafe():
+    if not numba_threadsafe():  # also False without numba
         return False
     try:
         _kernels()
