@@ -37,7 +37,7 @@ TIMEOUT_S = 120.0
 CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)
 POLL = os.environ.get("BENCH_LIVE_POLL") == "1"  # the old busy-polling wait, for comparison
 TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
-FULL_ROUNDS = 3  # full runs of the sample per way (widget, API), alternated
+FULL_ROUNDS = 5  # full runs of the sample per way (widget, API), alternated
 SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
 REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
     ("compat", 8.0), ("guide_sigma", 0.15), ("temperature", 6.0), ("iterations", 4),
@@ -172,33 +172,54 @@ def _measure() -> dict:
     out["abort"] = wait(newer)
     out["abort"]["after_newer"] = out["abort"]["end"] - marks["newer"]
     out["final_status"] = widget.status.value
+    wait(widget._reset_refine)  # the full runs below at the model's defaults
 
     # A full run: the widget's (the button to the result in its layers, the worker thread and
     # the progress bar included) against segment() (in a thread of its own) plus the same layer
     # update in this process, alternated.
+    import numpy as np
+
     from napari_pacseg import segment
     from napari_pacseg._napari import layers as _layers
 
     widget.live.value = False
     turn(lambda: not runner.busy, time.perf_counter() + TIMEOUT_S)
     names = _layers.output_names("nuclei")
-    out["full"] = {"widget": [], "api": []}
+    out["full"] = {k: [] for k in ("widget", "api", "widget_cpu", "api_cpu")}
     for _ in range(FULL_ROUNDS):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         widget.run_full()  # waited for on its status line: no timer wakes the main thread
         turn(lambda: widget.status.value.startswith("full image done"), start + TIMEOUT_S, True)
         if not widget.status.value.startswith("full image done"):
             raise RuntimeError(f"no full run within {TIMEOUT_S} s: {widget.status.value!r}")
         out["full"]["widget"].append(time.perf_counter() - start)
+        out["full"]["widget_cpu"].append(_cpu_seconds(cpu))
         turn(lambda: not widget.running, time.perf_counter() + TIMEOUT_S)
-        start = time.perf_counter()
-        seg = _in_a_thread(segment, sample.image, widget.model, spacing=sample.spacing)
+        shown = np.array(viewer.layers[names[0]].data)  # the widget's labels
+        params = widget.run_params()
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        seg = _in_a_thread(segment, sample.image, widget.model, spacing=sample.spacing,
+                           refine=params.refine, threshold=params.threshold,
+                           background=params.background)  # fmt: skip
         _layers.write_full(*(viewer.layers[n] for n in names), seg.labels, seg.matte, "api")
         turn(lambda: True, time.perf_counter())  # the repaint the layer change asks for
         out["full"]["api"].append(time.perf_counter() - start)
+        out["full"]["api_cpu"].append(_cpu_seconds(cpu))
+        if not np.array_equal(shown, seg.labels):
+            raise RuntimeError("the widget's full run and segment() gave different labels")
     out["threads"] = __import__("torch").get_num_threads()
     viewer.close()
     return out
+
+
+def _cpu_seconds(since=None):
+    """CPU seconds of (this process, the calling thread: napari's main thread), or their
+    increase ``since`` an earlier reading."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    now = (use.ru_utime + use.ru_stime, time.thread_time())
+    return now if since is None else tuple(a - b for a, b in zip(now, since))
 
 
 def _in_a_thread(fn, *args, **kwargs):
@@ -327,15 +348,24 @@ def main() -> None:
         "Full run of the sample (64 x 256 x 256, default refinement): the widget's *Run on full "
         "image* (button to the result in its layers: worker thread, progress bar, layer update) "
         "against `segment()` (in a thread of its own, waited for) plus the same layer update in "
-        "the same process, alternated; "
-        f"median of {FULL_ROUNDS} each:",
+        "the same process with the widget's settings (the model's defaults; same labels), "
+        "alternated; "
+        f"median of {FULL_ROUNDS} each. CPU seconds of the process (all threads) and of "
+        "napari's main thread during each, medians:",
         "",
-        "| config | widget | API + layer update | widget / API |",
-        "|---|---|---|---|",
+        "| config | widget | API + layer update | widget / API | process CPU s, widget / API "
+        "| main thread CPU s, widget / API |",
+        "|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
-        w, a = (statistics.median(r["full"][k]) for k in ("widget", "api"))
-        lines.append(f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} |")
+        f = r["full"]
+        w, a = (statistics.median(f[k]) for k in ("widget", "api"))
+        cpu = [[statistics.median(c[i] for c in f[k]) for k in ("widget_cpu", "api_cpu")]
+               for i in (0, 1)]  # fmt: skip
+        lines.append(
+            f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} "
+            f"| {cpu[0][0]:.2f} / {cpu[0][1]:.2f} | {cpu[1][0]:.2f} / {cpu[1][1]:.2f} |"
+        )
     lines += [
         "",
         f"A newer, cheap change ({_settings(NEWER)}) 0.6 s into a costly preview "

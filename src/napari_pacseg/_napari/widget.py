@@ -793,11 +793,13 @@ class PacSegWidget(mw.Container):
         self.cancel_button.enabled = running
         # the task's bar, in sight below Run and Cancel (``workers.TaskRunner``)
         self.progress.max, self.progress.value = 1, 0
+        self.progress.native.setFormat("starting…")
         self.progress.visible = running
 
-    def _task_progress(self, done: int, total: int) -> None:
+    def _task_progress(self, done: int, total: int, text: str) -> None:
         self.progress.max = max(1, int(total))
         self.progress.value = min(int(done), self.progress.max)
+        self.progress.native.setFormat(text)  # the bar's text: no new layout, unlike a status'
 
     # --- live preview ---------------------------------------------------------------------------
 

@@ -21,9 +21,9 @@ from napari_pacseg.progress import SegmentationCancelled
 
 DEBOUNCE_MS = 100  # coalesces a slider drag; a newer change also aborts the preview in flight
 PROGRESS_S = 0.25  # a live preview's progress reaches the status line at most this often
-# ... and a full run's or training's the status line and bar: each report repaints part of the
-# window (~5 ms of the main thread on a software-rendered display), time taken from the run's
-# threads; once a second still counts the seconds left.
+# ... and a full run's or training's the bar: each report repaints part of the window (~5 ms of
+# the main thread on a software-rendered display), time taken from the run's threads; once a
+# second still counts the seconds left.
 TASK_PROGRESS_S = 1.0
 
 
@@ -132,14 +132,14 @@ UNITS = {"segmentation": "tiles", "training": "steps"}  # what a task's progress
 
 
 def progress_text(kind: str, done: int, total: int, seconds: float) -> str:
-    """A task's progress for the status line: "segmentation: tiles 5/12 (41%, ~6 s left)"
-    (the time left from the rate so far, once a second has passed)."""
+    """A task's progress for its bar: "tiles 5/12 (41%, ~6 s left)" for a segmentation (the
+    time left from the rate so far, once a second has passed)."""
     unit = UNITS.get(kind, "")
     percent = 100 * done // total if total else 0
     left = ""
     if 0 < done < total and seconds >= 1.0:
         left = f", ~{seconds * (total - done) / done:.0f} s left"
-    return f"{kind}: {unit} {done}/{total} ({percent}%{left})".replace("  ", " ")
+    return f"{unit} {done}/{total} ({percent}%{left})".strip()
 
 
 class TaskRunner:
@@ -149,13 +149,17 @@ class TaskRunner:
     ``session.FullRun`` or ``session.Training``); the main thread
     gets ``on_result(result, seconds)``, or a status line when it was cancelled
     (``session.cancel()``), or ``error(text)`` when it failed (also when ``on_result`` raises
-    ``ValueError``). ``status(text)`` shows progress (``progress_text``: with units, percent
-    and time left); ``running(flag)`` is called when a task starts and ends;
-    ``progressed(done, total)``, when given, with each progress report (the widget's bar).
-    napari's activity bar is not used: while any of its bars runs, its status-bar spinner
-    repaints the window without pause, and on a software-rendered display (a VM, a remote
-    desktop, Xvfb) those repaints take the CPU the run needs (``benchmarks/results/live-cpu.md``,
-    full-run rows)."""
+    ``ValueError``). ``status(text)`` says when a task starts, is being cancelled and ends;
+    ``running(flag)`` is called when a task starts and ends; ``progressed(done, total, text)``,
+    when given, with each progress report (the widget's bar; ``text``: ``progress_text``, with
+    units, percent and time left).
+
+    The progress goes to the bar only: a bar's value and text repaint the bar, while a new
+    status line re-lays out the dock and napari's window around it, and on a
+    software-rendered display (a VM, a remote desktop, Xvfb) each such repaint takes the CPU
+    the run needs (``benchmarks/results/live-cpu.md``, full-run rows). napari's activity bar is
+    not used for the same reason: while any of its bars runs, its status-bar spinner repaints
+    the window without pause."""
 
     def __init__(
         self, session, status: Callable, error: Callable, running: Callable,
@@ -193,10 +197,8 @@ class TaskRunner:
         if task.should_cancel():
             unit = UNITS.get(task.kind, "")
             self.status(f"cancelling the {task.kind}… ({done}/{total} {unit} done)")
-        else:
-            self.status(progress_text(task.kind, done, total, task.seconds))
         if self.progressed is not None:
-            self.progressed(done, total)
+            self.progressed(done, total, progress_text(task.kind, done, total, task.seconds))
 
     def _returned(self, task, on_result: Callable, outcome: Outcome) -> None:
         from napari.utils.notifications import show_info
