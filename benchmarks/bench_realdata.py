@@ -537,23 +537,25 @@ def _line(name: str, row: dict, counts: str = "d") -> str:
 
 def _fragments_line(case: Case, instances: dict) -> str:
     """How many scored reference objects are smaller than the smallest object ours keeps
-    (``InstanceConfig.smallest``), and how many of those the crop's border cuts."""
+    (``InstanceConfig.smallest``: whole, or cut by the image's border), and how many of those
+    the crop's border cuts."""
     from napari_pacseg.model.network import InstanceConfig
 
-    smallest = InstanceConfig(**instances).smallest(planar=len(case.spacing) == 2)
+    config, planar = InstanceConfig(**instances), len(case.spacing) == 2
+    whole, cut = config.smallest(planar), config.smallest(planar, cut=True)
     truth = case.truth
     sizes = np.bincount(truth.ravel()) * float(np.prod(case.spacing))
     ids = np.flatnonzero(sizes[1:]) + 1
-    small = {int(i) for i in ids if sizes[i] < smallest}
     border = set()
     for axis in range(truth.ndim):
         for end in (0, -1):
             border |= {int(v) for v in np.unique(np.take(truth, end, axis=axis))}
+    small = {int(i) for i in ids if sizes[i] < (cut if int(i) in border else whole)}
     return (
         f"Of the {len(ids)} scored reference objects, {len(small)} are smaller than the smallest "
-        f"object ours keeps ({smallest:.3g} spacing units^{truth.ndim}: `InstanceConfig.smallest`), "
-        f"{len(small & border)} of them cut by the crop's border; without those the reference "
-        f"holds {len(ids) - len(small)}."
+        f"object ours keeps ({whole:.3g} spacing units^{truth.ndim}, {cut:.3g} where the "
+        f"image's border cuts it: `InstanceConfig.smallest`), {len(small & border)} of them cut "
+        f"by the crop's border; without those the reference holds {len(ids) - len(small)}."
     )
 
 

@@ -464,8 +464,8 @@ def _touching_balls(shape=(40, 60, 60), seed=0) -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_chunked_instances_equal_in_memory(tmp_path, seed):
+@pytest.mark.parametrize("seed, auto", [(0, False), (1, False), (0, True)])
+def test_chunked_instances_equal_in_memory(tmp_path, seed, auto):
     import dask
 
     from napari_pacseg import InstanceConfig, instance_labels
@@ -475,9 +475,16 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed):
 
     labels = _touching_balls(seed=seed)
     spacing = (1.5, 1.0, 1.0)
-    config = InstanceConfig(min_volume=20.0)
+    # auto: objects the volume's border cuts are kept from a quarter of the whole size up
+    config = InstanceConfig(radius=5.0) if auto else InstanceConfig(min_volume=20.0)
+    if auto:  # small blobs (27 spacing units, under the whole 65) on the border, across chunks
+        labels[7:9, 15:18, 0:3] = 2
+        labels[38:40, 30:33, 31:34] = 3
+        labels[20:22, 45:48, 15:18] = 2  # and one inside: dropped
     expected = instance_labels(labels, spacing, config)
     assert expected.max() >= 12
+    if auto:  # the two on the border are objects, the one inside is not
+        assert expected[8, 16, 1] and expected[39, 31, 32] and not expected[21, 46, 16]
     chunks = (8, 16, 16)
     boxes = split_box(whole_box(labels.shape), chunks)
     crossing = [i for i in range(1, expected.max() + 1)

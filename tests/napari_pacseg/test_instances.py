@@ -144,6 +144,54 @@ def test_min_volume_auto_is_a_ball_of_half_the_radius(tmp_path):
     assert load_model(tmp_path / "m.safetensors").config.instances.min_volume is None
 
 
+def test_objects_cut_by_the_border_are_kept_from_a_quarter_of_the_auto_size():
+    from napari_pacseg.model.network import BORDER_SHARE
+
+    auto = InstanceConfig(radius=4.0)  # whole objects from 33.5 voxels up, cut ones from 8.4
+    assert auto.smallest(cut=True) == pytest.approx(BORDER_SHARE * auto.smallest())
+    labels = np.zeros((12, 20, 30), np.uint8)
+    labels[5:7, 8:11, 8:11] = 1  # 18 voxels inside: dropped
+    labels[5:7, 0:3, 20:23] = 1  # 18 voxels on the y border: kept (a cut nucleus)
+    labels[0:2, 14:16, 26:28] = 1  # 8 voxels on the z border: under a quarter, dropped
+    ids = instance_labels(labels, (1.0, 1.0, 1.0), auto)
+    assert ids.max() == 1 and ids[5, 0, 20] == 1
+    # a size the user gives holds everywhere
+    given = InstanceConfig(radius=4.0, min_volume=auto.smallest())
+    assert instance_labels(labels, (1.0, 1.0, 1.0), given).max() == 0
+    # cells mode keeps its own rule: small interior pieces join the cells around them
+    assert InstanceConfig(radius=8.0, boundary="m").smallest(cut=True) == pytest.approx(
+        InstanceConfig(radius=8.0, boundary="m").smallest()
+    )
+    # 2D: whole from 12.6 pixels, cut from 3.1; the plane itself is no border
+    flat = np.zeros((20, 30), np.uint8)
+    flat[8:10, 8:10] = 1  # 4 pixels inside: dropped
+    flat[0:2, 20:22] = 1  # 4 pixels on the border: kept
+    flat[18:20, 5] = 1  # 2 pixels on the border: dropped
+    ids = instance_labels(flat, (1.0, 1.0), auto)
+    assert ids.max() == 1 and ids[0, 20] == 1
+
+
+def test_fragments_touching_a_border_side_are_found():
+    """The fragments of a split that reach a side of the piece's box on the image's border (the
+    ones kept from the cut size up), on the padded box the split works on."""
+    from napari_pacseg.instances.labels import _touching
+
+    ids = np.zeros((5, 6, 6), np.int32)  # a box of (3, 4, 4) padded by 1
+    ids[1:4, 1:5, 1:3] = 1  # on the box's low x side
+    ids[1:4, 1:5, 3:5] = 2  # on its high x side
+    ids[1, 2, 3] = 3  # on its low z side
+    low_x = ((False, False), (False, False), (True, False))
+    assert _touching(ids, low_x, 1, 3).tolist() == [True, False, False]
+    assert _touching(ids, ((True, False), (False, False), (False, True)), 1, 3).tolist() == [
+        True, True, True,
+    ]  # fmt: skip
+    flat = ids[2:3]  # a 2D image's piece: padded in y and x only
+    pad = ((0, 0), (1, 1), (1, 1))
+    assert _touching(flat, ((False, False), (False, False), (False, True)), pad, 3).tolist() == [
+        False, True, False,
+    ]  # fmt: skip
+
+
 def test_sensitivity_controls_splitting():
     spacing = (1.0, 1.0, 1.0)
     labels = balls((30, 40, 60), spacing, chain((5.0, 5.0), overlap=0.85), value=2)
@@ -244,7 +292,7 @@ def test_segment_with_instances_on_the_sample():
     config = model.config.instances
     lo, hi = image_range(image[None], model.config.normalisation)
     bright = brightness_evidence(image[None], lo.numpy(), hi.numpy(), sample.spacing, config)
-    assert np.array_equal(ids, instance_labels(result.labels, sample.spacing, evidence=bright))
+    assert np.array_equal(ids, instance_labels(result.labels, sample.spacing, config, evidence=bright))
     assert "instances" in result.timings
     table = result.objects
     assert len(table) == ids.max()

@@ -38,6 +38,7 @@ from napari_pacseg.instances.labels import (
     brightness_evidence,
     cell_weight,
     evidence_reach,
+    on_border,
     split_piece,
 )
 
@@ -187,7 +188,8 @@ def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
     bright = None
     if brightness is not None and config.brightness != 0:
         bright = brightness.on(piece.box, cc.shape, spacing, config)
-    return split_piece(piece_mask, spacing, config, evidence=bright)
+    return split_piece(piece_mask, spacing, config, evidence=bright,
+                       edges=on_border(piece.box, cc.shape))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ def _split_pieces(values, spacing, config, planar, evidence, weight, should_canc
             stop_if_cancelled(should_cancel, "instance labelling cancelled")
             piece = pieces[box] == i
             bright = None if evidence is None else evidence[box]
-            ids = split_piece(piece, spacing, config, planar, bright, weight)
+            edges = on_border(box, values.shape, planar)
+            ids = split_piece(piece, spacing, config, planar, bright, weight, edges)
             n = int(ids.max())
             if n:
                 view = out[box]
@@ -174,19 +175,33 @@ def _split_pieces(values, spacing, config, planar, evidence, weight, should_canc
     return out
 
 
+def on_border(box, shape, planar: bool = False) -> tuple[tuple[bool, bool], ...]:
+    """Which sides ``(low, high)`` per axis of ``box`` (slices or ``(start, stop)`` pairs) lie
+    on the border of an image of ``shape``; a 2D image's plane axis has none."""
+    sides = []
+    for axis, (part, n) in enumerate(zip(box, shape)):
+        a, b = (part.start, part.stop) if isinstance(part, slice) else part
+        sides.append((False, False) if planar and axis == 0 else (a == 0, b == n))
+    return tuple(sides)
+
+
 def split_piece(
     piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False, evidence=None,
-    weight: float | None = None,
+    weight: float | None = None, edges=None,
 ) -> np.ndarray:  # fmt: skip
     """Objects of one connected piece: ``piece`` ``(d, h, w)`` bool -> int32 ids 1..n (0 outside
     the piece and in dropped fragments), in raster order of each object's first voxel.
     ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane.
     ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None;
-    ``weight``: its weight in the elevation (None: ``config.brightness``)."""
+    ``weight``: its weight in the elevation (None: ``config.brightness``). ``edges``: which
+    sides of the box lie on the image's border (``on_border``; None: none): a piece or
+    fragment touching one is kept from ``config.smallest(cut=True)`` up."""
     weight = config.brightness if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
-    if size * voxel < config.smallest(planar):
+    edges = edges or ((False, False),) * 3
+    cut = any(lo or hi for lo, hi in edges)
+    if size * voxel < config.smallest(planar, cut):
         return np.zeros(piece.shape, np.int32)
     # Outside the volume counts as background, so a piece's distances never depend on where
     # its box was cut from (chunks, tiles). A 2D image has no planes above or below: padding
@@ -213,7 +228,9 @@ def split_piece(
     ids = watershed(-dist, markers, mask=padded)
     for _ in range(n):  # fragments under min_volume give their seed up and join a neighbour
         sizes = np.bincount(ids.ravel(), minlength=n + 1)[1:]
-        small = np.flatnonzero((sizes * voxel < config.smallest(planar)) & (sizes > 0))
+        least = np.where(_touching(ids, edges, pad, n), config.smallest(planar, True),
+                         config.smallest(planar))  # fmt: skip
+        small = np.flatnonzero((sizes * voxel < least) & (sizes > 0))
         if small.size == 0:
             break
         if small.size == np.count_nonzero(sizes):  # every part too small: the piece is one
@@ -222,6 +239,18 @@ def split_piece(
         ids = watershed(-dist, markers, mask=padded)
     ids = ids[:, 1:-1, 1:-1] if planar else ids[1:-1, 1:-1, 1:-1]
     return _raster_order(ids)
+
+
+def _touching(ids: np.ndarray, edges, pad, n: int) -> np.ndarray:
+    """Per id 1..n of a padded box's watershed, whether it reaches a side of the box on the
+    image's border (bool ``(n,)``)."""
+    out = np.zeros(n + 1, bool)
+    for axis, sides in enumerate(edges):
+        width = pad if isinstance(pad, int) else pad[axis][0]
+        for index, edge in ((width, sides[0]), (-1 - width, sides[1])):
+            if edge:
+                out[np.unique(np.take(ids, index, axis=axis))] = True
+    return out[1:]
 
 
 def _seeds(dist: np.ndarray, h: float) -> tuple[np.ndarray, int]:

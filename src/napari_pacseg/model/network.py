@@ -266,6 +266,13 @@ def with_overrides(base, value, what: str):
     )
 
 
+# Objects the image's border cuts are kept (auto size rule, blobs mode) from this share of the
+# smallest whole object up: the cap of a ball of ``radius`` cut at a fifth of its depth. A crop
+# of dense nuclei holds many such pieces (benchmarks/results/realdata-cpu.md counts the reference
+# objects under either size).
+BORDER_SHARE = 0.25
+
+
 @dataclass(frozen=True)
 class InstanceConfig:
     """How ``segment(..., instances=True)`` separates objects (``napari_pacseg.instances.labels``).
@@ -294,7 +301,9 @@ class InstanceConfig:
     Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
     their neighbour; in cells mode a dropped piece joins the cells around it); its default,
     None, keeps objects from a ball of half ``radius`` up (``smallest``), so the one size a
-    user gives sets both. The defaults
+    user gives sets both, and in blobs mode objects the image's border cuts from
+    ``BORDER_SHARE`` of that up (a nucleus of ``radius`` showing a fifth of its depth). The
+    defaults
     were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
     ``benchmarks/bench_realdata.py``."""
 
@@ -309,7 +318,8 @@ class InstanceConfig:
     min_volume: float | None = _param(
         None, "Min volume", "smallest object kept (spacing units cubed; a 2D image's: squared)",
         0.0, 1e12, step=5.0, optional=True,
-        off="auto, a ball of half the radius (cells: a quarter)",
+        off="auto, a ball of half the radius (cut by the image's border: a quarter of that; "
+        "cells: a ball of a quarter of the radius)",
     )  # fmt: skip
     brightness: float = _param(
         0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
@@ -328,16 +338,19 @@ class InstanceConfig:
                 f"text of 1-100 characters), got {short_repr(b)}"
             )
 
-    def smallest(self, planar: bool = False) -> float:
+    def smallest(self, planar: bool = False, cut: bool = False) -> float:
         """The smallest object kept: ``min_volume``, or when it is None (auto) a ball of half
         ``radius`` (``planar``, a 2D image: a disc, an area). In cells mode a smaller piece is
         not dropped but joins the cells around it, merging a real small cell with its
         neighbour, so auto there takes only fragments far smaller than a cell: a ball of a
-        quarter of ``radius``."""
+        quarter of ``radius``. ``cut``: the object touches the image's border, which may have
+        cut it to any size: auto keeps it from ``BORDER_SHARE`` of the ball up (blobs mode;
+        a given ``min_volume`` holds everywhere)."""
         if self.min_volume is not None:
             return self.min_volume
         r = self.radius / (4 if self.boundary is not None else 2)
-        return math.pi * r * r if planar else 4 / 3 * math.pi * r**3
+        ball = math.pi * r * r if planar else 4 / 3 * math.pi * r**3
+        return ball * BORDER_SHARE if cut and self.boundary is None else ball
 
     @property
     def h(self) -> float:
