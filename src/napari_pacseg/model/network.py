@@ -303,8 +303,7 @@ class InstanceConfig:
     None, keeps objects from a ball of half ``radius`` up (``smallest``), so the one size a
     user gives sets both, and in blobs mode objects the image's border cuts from
     ``BORDER_SHARE`` of that up (a nucleus of ``radius`` showing a fifth of its depth). The
-    defaults
-    were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
+    defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
     ``benchmarks/bench_realdata.py``."""
 
     radius: float = _param(
