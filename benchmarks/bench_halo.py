@@ -43,7 +43,7 @@ from napari_pacseg.batch.zarr_runs import (
     memory_bytes,
     task_memory,
 )
-from napari_pacseg.engine.plan import settle
+from napari_pacseg.engine.plan import extend_box, settle
 from napari_pacseg.sample import load_demo_model, load_sample
 
 STAGES_LOGITS = ("features", "context", "head")
@@ -79,20 +79,15 @@ def layout_saving(shape, chunks, halo, settings, model, budget: int, costs: dict
         return task_memory(ext_shape, settings, model, 2)
 
     blocks = choose_blocks(shape, chunks, halo, settings, budget, 1, estimate)
-    ext_voxels = 0
-    for box in blocks.boxes:
-        ext_voxels += math.prod(min(n, b + h) - max(0, a - h)
-                                for (a, b), h, n in zip(box, halo, shape))  # fmt: skip
     reach_z = settings.read_reach[0]
-    shared = 0
+    ext_voxels = shared = 0
     for box in blocks.boxes:
-        (z0, _), (y0, y1), (x0, x1) = box
-        if z0 == 0:
-            continue  # no block below
-        planes = min(z0 + reach_z, shape[0]) - max(0, z0 - reach_z)
-        ext_y = min(shape[1], y1 + halo[1]) - max(0, y0 - halo[1])
-        ext_x = min(shape[2], x1 + halo[2]) - max(0, x0 - halo[2])
-        shared += planes * ext_y * ext_x
+        ext = extend_box(box, halo, shape)[0]  # the block's extent, as segment_zarr reads it
+        ext_voxels += math.prod(b - a for a, b in ext)
+        z0 = box[0][0]
+        if z0 > 0:  # a block below: the planes around z0 both read
+            planes = min(z0 + reach_z, shape[0]) - max(0, z0 - reach_z)
+            shared += planes * math.prod(b - a for a, b in ext[1:])
     run = ext_voxels * costs["whole_per_voxel"]
     saved = shared * costs["logits_per_voxel"]
     grid = [len({b[a] for b in blocks.boxes}) for a in range(3)]
@@ -149,8 +144,9 @@ def main() -> None:
     for shape in shapes:
         for text in args.budgets:
             r = layout_saving(shape, chunks, halo, settings, model, memory_bytes(text), costs)
+            volume = f"{'x'.join(map(str, shape))} ({math.prod(shape) / 1e6:.0f} Mvoxel)"
             lines.append(
-                f"| {'x'.join(map(str, shape))} ({math.prod(shape) / 1e6:.0f} Mvoxel) | {text} | {r['blocks']} ({', '.join(map(str, r['grid']))}) "
+                f"| {volume} | {text} | {r['blocks']} ({', '.join(map(str, r['grid']))}) "
                 f"| {describe_bytes(r['task'])} | {r['overread']:.2f} | {r['shared']:.3f} "
                 f"| {r['run']:.0f} | {r['saved']:.1f} | {100 * r['saved'] / r['run']:.1f}% |"
             )
