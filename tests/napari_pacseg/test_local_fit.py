@@ -210,8 +210,9 @@ def test_volume_models_fit_and_2d_models_fit_less(tmp_path):
     from napari_pacseg.io.model_file import config_from_dict, config_to_dict
     from napari_pacseg.training.defaults import FIT_WEIGHT_2D, default_refine
 
-    assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.5
-    assert default_refine(2) == RefineConfig(fit_weight=FIT_WEIGHT_2D) and 0 < FIT_WEIGHT_2D < 0.5
+    assert default_refine(3) == RefineConfig() and RefineConfig().fit_weight == 0.75
+    assert default_refine(2) == RefineConfig(fit_weight=FIT_WEIGHT_2D)
+    assert 0 < FIT_WEIGHT_2D < RefineConfig().fit_weight
     rng = np.random.default_rng(0)
     plane = rng.normal(10, 1, (24, 24)).astype(np.float32)
     plane[6:14, 6:14] += 20
@@ -223,7 +224,7 @@ def test_volume_models_fit_and_2d_models_fit_less(tmp_path):
     assert load_model(tmp_path / "m.safetensors").config.refine == default_refine(2)
     # files written before the fit existed: 2D models stay without it (they were made without
     # it), volumes take it up
-    for config, expected in ((model.config, 0.0), (dataclasses.replace(model.config, ndim=3), 0.5)):
+    for config, expected in ((model.config, 0.0), (dataclasses.replace(model.config, ndim=3), 0.75)):
         data = config_to_dict(config)
         del data["refine"]["fit_weight"], data["refine"]["fit_sigma"]
         assert config_from_dict(data).refine.fit_weight == expected
