@@ -337,6 +337,40 @@ def test_progress_reaches_the_main_thread_a_few_times_a_second(monkeypatch):
     assert [d for _, d, _ in sent] == sorted(d for _, d, _ in sent)
 
 
+def test_the_progress_bar_is_drawn_with_the_next_paint_not_at_once(docked, qtbot):
+    """``QProgressBar.setValue`` repaints at once; the widget's bar waits for the window's next
+    paint, so a progress report costs no immediate redraw of the window (``_set_bar``)."""
+    from qtpy.QtCore import QEvent, QObject
+
+    _, widget = docked
+    bar = widget.progress.native
+    widget._set_running(True)
+    qtbot.waitUntil(lambda: bar.isVisible(), timeout=WAIT_MS)
+    qtbot.wait(100)  # its first paint is done
+
+    class Paints(QObject):
+        count = 0
+
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.Paint:
+                Paints.count += 1
+            return False
+
+    paints = Paints()
+    bar.installEventFilter(paints)
+    try:
+        for done in range(1, 6):
+            widget._task_progress(done, 12, f"tiles {done}/12")
+        assert Paints.count == 0  # nothing drawn during the calls
+        assert (bar.value(), bar.maximum(), bar.format()) == (5, 12, "tiles 5/12")
+        assert bar.updatesEnabled()
+        qtbot.waitUntil(lambda: Paints.count >= 1, timeout=WAIT_MS)  # drawn afterwards
+    finally:
+        bar.removeEventFilter(paints)
+        widget._set_running(False)
+    assert not widget.progress.visible and bar.value() == 0
+
+
 def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):
     viewer, widget = docked
     crop = (slice(24, 40), slice(160, 256), slice(0, 96))  # scribbles of both classes

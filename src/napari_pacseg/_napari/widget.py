@@ -791,15 +791,32 @@ class PacSegWidget(mw.Container):
         for w in (self.run_button, self.train_button, self.load_button):
             w.enabled = not running
         self.cancel_button.enabled = running
-        # the task's bar, in sight below Run and Cancel (``workers.TaskRunner``)
-        self.progress.max, self.progress.value = 1, 0
-        self.progress.native.setFormat("starting…")
-        self.progress.visible = running
+        # the task's bar, in sight below Run and Cancel (``workers.TaskRunner``), set while
+        # hidden
+        if not running:
+            self.progress.visible = False
+        self._set_bar(0, 1, "starting…")
+        if running:
+            self.progress.visible = True
 
     def _task_progress(self, done: int, total: int, text: str) -> None:
-        self.progress.max = max(1, int(total))
-        self.progress.value = min(int(done), self.progress.max)
-        self.progress.native.setFormat(text)  # the bar's text: no new layout, unlike a status'
+        total = max(1, int(total))
+        self._set_bar(min(int(done), total), total, text)
+
+    def _set_bar(self, done: int, total: int, text: str) -> None:
+        """The bar's range, value and text (its text: no new layout, unlike a status line's),
+        drawn with the window's next paint. ``QProgressBar.setValue`` repaints at once, and on
+        a display whose window is composited in software (Xvfb, a VM, a remote desktop) each
+        immediate repaint redraws the whole napari window in the main thread while the run
+        needs the cores (``benchmarks/results/live-cpu.md``, full-run rows)."""
+        bar = self.progress.native
+        bar.setUpdatesEnabled(False)
+        try:
+            bar.setMaximum(total)
+            bar.setValue(done)
+            bar.setFormat(text)
+        finally:
+            bar.setUpdatesEnabled(True)  # one deferred update instead
 
     # --- live preview ---------------------------------------------------------------------------
 
