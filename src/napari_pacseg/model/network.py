@@ -156,9 +156,9 @@ class RefineConfig:
         0.1, "Guide sigma", "intensity similarity scale", 0.01, 10.0, step=0.01
     )
     temperature: float = _param(8.0, "Temperature", "logit temperature", 0.1, 100.0, step=0.5)
-    # 0.75: the most the generator's unevenly lit volumes take at a loss of at most 0.005 in
-    # mean boundary F (1 loses 0.008); on real dense nuclei it splits more touching nuclei than
-    # 0.5 (benchmarks/results/quality-cpu.md, realdata-cpu.md).
+    # 0.75: of the weights 0.5, 0.75 and 1, the most the generator's unevenly lit volumes take
+    # within 0.005 of mean boundary F (1 loses 0.008); on real dense nuclei it splits more
+    # touching nuclei than 0.5 (benchmarks/results/quality-cpu.md, realdata-cpu.md).
     fit_weight: float = _param(
         0.75, "Local fit", "weight of the local intensity fit (0: off)", 0.0, 10.0, step=0.1
     )
