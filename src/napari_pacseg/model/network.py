@@ -157,8 +157,9 @@ class RefineConfig:
     )
     temperature: float = _param(8.0, "Temperature", "logit temperature", 0.1, 100.0, step=0.5)
     # 0.75: of the weights 0.5, 0.75 and 1, the most the generator's unevenly lit volumes take
-    # within 0.005 of mean boundary F (1 loses 0.008); on real dense nuclei it splits more
-    # touching nuclei than 0.5 (benchmarks/results/quality-cpu.md, realdata-cpu.md).
+    # within 0.005 of mean boundary F (benchmarks/bench_quality.py with the weight forced: 0.844,
+    # 0.841, 0.836; quality-cpu.md holds 0.75's run); on real dense nuclei it splits more
+    # touching nuclei than 0.5 (benchmarks/results/realdata-cpu.md).
     fit_weight: float = _param(
         0.75, "Local fit", "weight of the local intensity fit (0: off)", 0.0, 10.0, step=0.1
     )
