@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 pytest.importorskip("dask.array")
 pytest.importorskip("distributed")
@@ -503,6 +504,66 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed, auto):
     )  # fmt: skip
     assert n == expected.max() and table is None
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], expected)
+
+
+def test_chunked_instances_with_seeds_equal_in_memory(tmp_path):
+    """Seeds (``instance_labels``' ``seeds``: here the labels worn down by a voxel, so necks
+    deepen) split the pieces chunk by chunk as in memory."""
+    import dask
+
+    from napari_pacseg import InstanceConfig, instance_labels
+    from napari_pacseg.engine.plan import split_box
+    from napari_pacseg.engine.plan import whole as whole_box
+    from napari_pacseg.instances.chunked import IdArrays, instances_pass
+
+    labels = _touching_balls(seed=2)
+    spacing = (1.5, 1.0, 1.0)
+    config = InstanceConfig(radius=3.0, min_volume=10.0)
+    seeds = np.where(ndi.binary_erosion(labels > 0, iterations=2), labels, 0).astype(np.uint8)
+    expected = instance_labels(labels, spacing, config, seeds=seeds)
+    assert not np.array_equal(expected, instance_labels(labels, spacing, config))
+    chunks = (8, 16, 16)
+    write_zarr(tmp_path / "labels.zarr", labels, chunks)
+    write_zarr(tmp_path / "seeds.zarr", seeds, chunks)
+    for name, dtype in (("ids.zarr", np.int32), ("cc.zarr", np.int64)):
+        zarr.open_array(str(tmp_path / name), mode="w", shape=labels.shape, chunks=chunks,
+                        dtype=dtype, fill_value=0)  # fmt: skip
+    arrays = IdArrays(*(str(tmp_path / f"{n}.zarr") for n in ("labels", "ids", "cc", "seeds")))
+    n, _ = instances_pass(
+        lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
+        arrays, split_box(whole_box(labels.shape), chunks), spacing, config, "test",
+    )  # fmt: skip
+    assert n == expected.max()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], expected)
+
+
+def test_segment_zarr_seeds_the_objects_as_in_memory(tmp_path, crop, model, monkeypatch):
+    """The blocks write the seeding refinement's labels (``Segmentation.seeds``) for the
+    instance passes, also those of blocks an earlier run finished; the scratch is removed."""
+    from napari_pacseg.batch import zarr_runs
+
+    ref = segment(crop, model, instances={"min_volume": 5.0})
+    assert ref.seeds is not None
+    seen = []
+    real = zarr_runs.instances_pass
+
+    def spy(run, arrays, *args, **kwargs):
+        seeds = arrays.seeds
+        seen.append(None if seeds is None else np.asarray(zarr.open_array(seeds, mode="r")[:]))
+        return real(run, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_runs, "instances_pass", spy)
+    res = segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
+                       chunks=CHUNKS, instances_out=tmp_path / "ids.zarr",
+                       instances={"min_volume": 5.0})  # fmt: skip
+    np.testing.assert_array_equal(seen[0], ref.seeds)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], ref.instances)
+    assert res.timings["seeds"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.zarr", "in.zarr", "labels.zarr"]
+    # without objects, or with split_fit 0, no seeds are made
+    segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l2.zarr", chunks=CHUNKS,
+                 instances_out=tmp_path / "i2.zarr", instances={"split_fit": 0})  # fmt: skip
+    assert len(seen) == 2 and seen[1] is None
 
 
 def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, model, cluster):

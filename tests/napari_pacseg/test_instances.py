@@ -19,6 +19,7 @@ from napari_pacseg import (
     object_table,
     save_model,
     segment,
+    train,
 )
 from napari_pacseg.instances.labels import brightness_evidence
 from napari_pacseg.io.model_file import config_from_dict, config_to_dict
@@ -408,3 +409,100 @@ def test_a_dim_gap_splits_objects_the_mask_fused():
     single = brightness_evidence(one[None].astype(np.float32), [0.0], [1.0], spacing, config)
     ball = (((grid[0] - 8) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 16) ** 2) < 5.5**2)
     assert instance_labels(ball.astype(np.uint8), spacing, config, evidence=single).max() == 1
+
+
+# --- objects seeded by a stronger local fit (InstanceConfig.split_fit) ---------------------------
+
+
+def _ellipse(shape, spacing, centre, axes) -> np.ndarray:
+    """bool: inside the ellipse (2D) or ellipsoid (3D) of semi-axes ``axes`` (physical units)."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    return sum(((g - c) / a) ** 2 for g, c, a in zip(grid, centre, axes)) < 1
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.25), (1.0, 0.5, 0.5), (2.0, 0.5, 0.5)])
+def test_seeds_split_a_piece_whose_shape_is_one_object(spacing):
+    """An elongated piece with no neck is one object by its shape; seeds cut across its middle
+    (the dim gap a stronger fit drops) make two, which together cover the piece; seeds of
+    another class, or that differ from the piece by less than the smallest object, change
+    nothing; a piece whose seeds are a smaller copy of it stays one."""
+    extent = (20.0, 16.0, 40.0)[-len(spacing) :]  # physical size per axis
+    shape = tuple(int(e / s) for e, s in zip(extent, spacing))
+    centre = tuple(e / 2 for e in extent)
+    axes = (7.0, 6.0, 17.0)[-len(spacing) :]
+    piece = _ellipse(shape, spacing, centre, axes)
+    labels = piece.astype(np.uint8) * 2
+    config = InstanceConfig(radius=4.0)
+    assert instance_labels(labels, spacing, config).max() == 1
+    x = np.arange(shape[-1]) * spacing[-1]
+    gap = np.abs(x - centre[-1]) < 1.5  # 3 units wide, across the long axis
+    seeds = np.where(gap, 0, labels).astype(np.uint8)
+    ids = instance_labels(labels, spacing, config, seeds=seeds)
+    assert ids.max() == 2
+    np.testing.assert_array_equal(ids > 0, piece)  # the seeds grew over the whole piece
+    left, right = piece & ~gap & (x < centre[-1]), piece & ~gap & (x > centre[-1])
+    assert len(np.unique(ids[left])) == len(np.unique(ids[right])) == 1  # one object a side
+    other = np.where(gap, 0, 3 * piece).astype(np.uint8)  # the seeds of another class
+    assert instance_labels(labels, spacing, config, seeds=other).max() == 1
+    voxel = float(np.prod(spacing))
+    taken = np.cumsum((piece & gap).ravel()).reshape(shape) * voxel
+    nick = piece & gap & (taken < 0.5 * config.smallest(len(spacing) == 2))  # a few voxels
+    assert nick.any()
+    assert instance_labels(labels, spacing, config, seeds=np.where(nick, 0, labels)).max() == 1
+    smaller = _ellipse(shape, spacing, centre, [0.8 * a for a in axes])
+    assert instance_labels(labels, spacing, config, seeds=2 * smaller.astype(np.uint8)).max() == 1
+
+
+def test_bad_seeds_are_refused():
+    labels = np.zeros((8, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="seeds must be integer class labels"):
+        instance_labels(labels, (1, 1, 1), seeds=np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="seeds must be integer class labels"):
+        instance_labels(labels, (1, 1, 1), seeds=np.zeros((8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="split_fit must be a number"):
+        InstanceConfig(split_fit=-1.0)
+
+
+@pytest.fixture(scope="module")
+def fused_pair():
+    """The dim-gap pair (``dim_gap.fused_pair``), its model, and a copy without the gap."""
+    from tests.napari_pacseg.dim_gap import fused_pair as make
+
+    image, strokes = make()
+    model = train(image, strokes, seed=0)
+    return image, make(gap_value=1.0)[0], model
+
+
+def test_segment_seeds_objects_from_a_stronger_fit(fused_pair):
+    """The 2D model's labels fuse two nuclei across a dim gap; the refinement with the fit at
+    ``split_fit`` drops the gap, and its labels (``Segmentation.seeds``: that refinement run
+    alone with ``SEED_ITERATIONS`` steps) seed two objects; ``split_fit`` 0 keeps one, and so
+    does the same ellipse without a gap; tiles change nothing."""
+    from napari_pacseg.engine.plan import SEED_ITERATIONS
+
+    image, no_gap, model = fused_pair
+    kw = {"precision": "float32", "device": "cpu"}
+    assert model.config.refine.fit_weight < InstanceConfig().split_fit
+    off = segment(image, model, instances={"radius": 4.0, "split_fit": 0}, **kw)
+    assert off.instances.max() == 1 and off.seeds is None
+    seg = segment(image, model, instances={"radius": 4.0}, **kw)
+    assert seg.instances.max() == 2
+    np.testing.assert_array_equal(seg.instances > 0, seg.labels > 0)
+    alone = segment(image, model, refine={"fit_weight": 1.0, "iterations": SEED_ITERATIONS}, **kw)
+    np.testing.assert_array_equal(seg.seeds, alone.labels)
+    assert seg.timings["instances"] > 0 and "seeds" not in seg.timings
+    tiled = segment(image, model, instances={"radius": 4.0}, tile_shape=(24, 24), **kw)
+    np.testing.assert_array_equal(tiled.instances, seg.instances)
+    np.testing.assert_array_equal(tiled.seeds, seg.seeds)
+    assert segment(no_gap, model, instances={"radius": 4.0}, **kw).instances.max() == 1
+    # no refinement, or a fit already of that weight: the labels seed the objects themselves
+    assert segment(image, model, refine=False, instances={"radius": 4.0}, **kw).seeds is None
+    same = segment(image, model, refine={"fit_weight": 1.0}, instances={"radius": 4.0}, **kw)
+    assert same.seeds is None
+
+
+def test_cells_mode_takes_no_seeds(fused_pair):
+    image, _, model = fused_pair
+    names = [c.name for c in model.config.classes]
+    seg = segment(image, model, instances={"radius": 4.0, "boundary": names[0]}, device="cpu")
+    assert seg.seeds is None and seg.instances.max() >= 1

@@ -367,3 +367,24 @@ def test_training_set_is_train_on_every_pair(sample):
     s.training_set.clear()
     with pytest.raises(ValueError, match="no scribbles layer"):
         s.training(params, None)
+
+
+def test_a_live_preview_seeds_objects_as_segment(tmp_path):
+    """The preview's objects come from the same seeding refinement as segment()'s
+    (``InstanceConfig.split_fit``): a dim gap the labels fuse splits in the preview too."""
+    from napari_pacseg import save_model
+    from tests.napari_pacseg.dim_gap import fused_pair
+
+    image, strokes = fused_pair()
+    model = train(image, strokes, seed=0)
+    save_model(model, tmp_path / "pair.safetensors")
+    s = Session()
+    s.use_image(layer(image, (1.0, 1.0), name="pair"))
+    s.load(tmp_path / "pair.safetensors")
+    box = ((0, image.shape[0]), (0, image.shape[1]))
+    for instances, count in (({"radius": 4.0}, 2), ({"radius": 4.0, "split_fit": 0}, 1)):
+        params = RunParams(device="cpu", instances=instances)
+        result = s.compute_live(s.live_job(box, params))
+        want = segment(image, model, instances=instances, device="cpu")
+        assert result.instances.max() == want.instances.max() == count
+        assert_same_labels(result.labels, want.labels, want.matte)

@@ -59,16 +59,19 @@ def budget(model, shape, chunks, per_block, refine=True):
 
 
 class Blocks:
-    """``segment_chunk`` counted; ``stop_at``: the call (0-based) that raises ``error``."""
+    """``segment_chunk`` counted; ``stop_at``: the call (0-based) that raises ``error``.
+    ``seeds_only``: the calls for blocks an earlier run finished, which make the objects'
+    seeds alone (``ChunkJob.outputs`` both None)."""
 
     def __init__(self, monkeypatch, stop_at=None, error=KeyboardInterrupt):
-        self.calls, self.stop_at, self.error = 0, stop_at, error
+        self.calls, self.seeds_only, self.stop_at, self.error = 0, 0, stop_at, error
         real = zarr_runs.segment_chunk
 
         def counted(job, source):
             if self.stop_at is not None and self.calls == self.stop_at:
                 raise self.error("stopped")
             self.calls += 1
+            self.seeds_only += job.outputs == (None, None)
             return real(job, source)
 
         monkeypatch.setattr(zarr_runs, "segment_chunk", counted)
@@ -126,7 +129,10 @@ def test_a_run_interrupted_between_blocks_resumes_exactly(tmp_path, model, monke
     with pytest.MonkeyPatch.context() as m:
         second = Blocks(m)
         res = segment_zarr(*args, **kw, progress=lambda d, t: seen.append((d, t)))
-    assert second.calls == n - k and res.resumed_blocks == k and res.blocks == ref.blocks
+    assert second.calls - second.seeds_only == n - k
+    assert res.resumed_blocks == k and res.blocks == ref.blocks
+    # the objects' seeds come from a refinement: its finished blocks make them again
+    assert second.seeds_only == (k if refine else 0) and ("seeds" in res.timings) == bool(refine)
     # the finished blocks count as done from the first report
     assert seen[0][0] > 0 and seen[-1] == (data.size, data.size)
     for got, want in zip(outputs(out, ("labels.zarr", "matte.zarr", "ids.zarr")),

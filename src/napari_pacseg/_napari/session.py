@@ -25,7 +25,7 @@ import numpy as np
 
 from napari_pacseg.describe import describe_model, model_headline
 from napari_pacseg.engine.frames import painted_frames
-from napari_pacseg.engine.plan import Box, bound_preview, preview_budget
+from napari_pacseg.engine.plan import Box, bound_preview, preview_budget, seeding_fit
 from napari_pacseg.engine.preview import RegionSegmenter
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import Segmentation, segment
@@ -731,20 +731,30 @@ class Session:
             seg = self._segmenter
         planes = seg.stats["logit_planes"]
         plan = seg.plan.with_refine(job.params.refine)
-        bounded = bound_preview(plan, box, preview_budget(seg.device))
+        config = None
+        if job.params.instances is not None:
+            config = instance_config(job.model.config.instances, job.params.instances)
+        split_fit = seeding_fit(config, plan.settings)  # the objects seeded as segment() seeds them
+        bounded = bound_preview(plan, box, preview_budget(seg.device), split_fit is not None)
         reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
-        p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach)
+        p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach,
+                              split_fit=split_fit)  # fmt: skip
+        seeds = None
+        if split_fit is not None:
+            p, seed_p = p
+            seeds = labels_from_probabilities(seed_p, job.params.threshold, job.params.background)[0]
         labels, matte = labels_from_probabilities(p, job.params.threshold, job.params.background)
         done = bounded.box
         spacing = seg.plan.settings.spacing
         if inp.ndim == 2:  # back to the image's axes: (h, w), or (1, h, w) for a frame
             labels, matte, spacing, done = labels[0], matte[0], spacing[1:], bounded.box[1:]
+            seeds = None if seeds is None else seeds[0]
         ids = None
-        if job.params.instances is not None:
-            config = instance_config(job.model.config.instances, job.params.instances)
+        if config is not None:
             classes = [c.name for c in job.model.config.classes]  # a boundary class's name
             ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
-                                  classes=classes, background=job.params.background)  # fmt: skip
+                                  classes=classes, background=job.params.background,
+                                  seeds=seeds)  # fmt: skip
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

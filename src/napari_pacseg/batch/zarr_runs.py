@@ -50,6 +50,7 @@ from napari_pacseg.engine.plan import (
     check_overlap,
     extend_box,
     refine_tile,
+    seeding_fit,
     settle,
     split_box,
     tiling_work,
@@ -131,7 +132,10 @@ class ChunkJob:
     halo, clipped to the volume. layout : how the source's axes map to ``(C, D, H, W)``.
     request : the blocks' ``SegmentRequest`` (no objects: they have their own pass). norm : the
     whole volume's ``(lo, hi, noise_level)``, one value per channel each. outputs : the labels
-    and matte (or None) zarr paths. read_here : ``segment_chunk``'s source is the zarr array to
+    and matte zarr paths (either None: not written; both None for a block an earlier run
+    finished, whose seeds alone are needed). seeds : the zarr path of the labels that seed the
+    objects, written with the local fit weighing ``split_fit`` (``engine.plan.seeding_fit``),
+    or None. read_here : ``segment_chunk``'s source is the zarr array to
     read ``ext`` from, else the region itself. source_name : the input, for messages. index :
     the block's number in the run. progress_key : the run's key in ``_RELAYS`` (tile progress
     inside the block, where the task runs in the calling process), or None.
@@ -142,11 +146,13 @@ class ChunkJob:
     layout: Layout
     request: SegmentRequest
     norm: tuple[list[float], list[float], list[float]]
-    outputs: tuple[str, str | None]
+    outputs: tuple[str | None, str | None]
     read_here: bool
     source_name: str
     index: int = 0
     progress_key: str | None = None
+    seeds: str | None = None
+    split_fit: float | None = None
 
 
 # Per run (its token), in the calling process: ``relay(block index, fraction done)``. A task that
@@ -173,15 +179,18 @@ def segment_chunk(job: ChunkJob, source) -> dict[str, float]:
         def tiles(done, total):
             relay(job.index, done / total if total else 0.0)
 
-    options = ImageOptions(intensity_range=(lo, hi), noise_level=noise)
+    options = ImageOptions(intensity_range=(lo, hi), noise_level=noise, split_fit=job.split_fit)
     seg = run(region, job.request, options, tiles)
     del region
     core = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(job.box, job.ext))
     where = tuple(slice(a, b) for a, b in job.box)
     labels_path, matte_path = job.outputs
-    zarr.open_array(labels_path, mode="r+")[where] = seg.labels[core]
+    if labels_path is not None:
+        zarr.open_array(labels_path, mode="r+")[where] = seg.labels[core]
     if matte_path is not None:
         zarr.open_array(matte_path, mode="r+")[where] = seg.matte[core]
+    if job.seeds is not None:
+        zarr.open_array(job.seeds, mode="r+")[where] = seg.seeds[core]
     return seg.timings
 
 
@@ -499,8 +508,9 @@ class ZarrResult:
     largest block's task (``task_memory``). spacing : ``(z, y, x)`` used; spacing_source :
     "argument", the file's metadata or "model". halo : ``receptive_field`` used (each block's
     halo). timings : seconds per ``segment`` stage summed over the blocks computed,
-    plus ``range`` (the volume's intensity range), ``instances`` (the instance passes) and
-    ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
+    plus ``range`` (the volume's intensity range), ``instances`` (the instance passes), ``seeds``
+    (with objects seeded by ``InstanceConfig.split_fit``: the seeding refinement, summed over
+    the blocks) and ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
     n_objects : how many objects (0 without ``instances``). objects : the CSV of their
     measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
     killed run of the same outputs had finished (skipped here; 0 for a fresh run).
@@ -850,18 +860,32 @@ def segment_zarr(
         finished = _finished_blocks(blocks.boxes, partials.done, chunks, shape[1:])
         if instances_out is not None:
             create("instances", tmps[outputs.index(Path(instances_out))])
+        # the labels of a stronger local fit that seed the objects: scratch beside the labels,
+        # made by every block (those an earlier run finished make them alone)
+        split_fit = None if objects is None else seeding_fit(objects, settings)
+        seeds = None
+        if split_fit is not None:
+            seeds = temporary_sibling(outputs[0])
+            tmps.append(seeds)  # removed in the finally below
+            zarr.open_array(str(seeds), mode="w", shape=shape[1:], chunks=chunks,
+                            dtype=np.uint8, fill_value=0)  # fmt: skip
         jobs = []
         paths = (str(tmps[0]), str(tmps[1]) if matte_out is not None else None)
         for i, box in enumerate(blocks.boxes):
-            if i in finished:
+            if i in finished and seeds is None:
                 continue
             ext, _ = extend_box(box, halo, shape[1:])
-            job = ChunkJob(box, ext, layout, chunk_request, norm, paths, readable,
-                           str(getattr(volume, "path", "source")), i, token)  # fmt: skip
+            job = ChunkJob(box, ext, layout, chunk_request, norm,
+                           (None, None) if i in finished else paths, readable,
+                           str(getattr(volume, "path", "source")), i, token,
+                           None if seeds is None else str(seeds), split_fit)  # fmt: skip
             region = raw if readable else layout.arrange(_raw_region(dask, raw, layout, ext))
             jobs.append((job, region))
         tasks = [
-            dask.delayed(segment_chunk, pure=False)(job, region, dask_key_name=f"pacseg-chunk-{token}-{job.index}")
+            dask.delayed(segment_chunk, pure=False)(
+                job, region,
+                dask_key_name=f"pacseg-{'seeds' if job.outputs[0] is None else 'chunk'}-{token}-{job.index}",
+            )
             for job, region in jobs
         ]  # fmt: skip
         sizes = [math.prod(b - a for a, b in box) for box in blocks.boxes]
@@ -904,7 +928,8 @@ def segment_zarr(
                 bright = Brightness(raw, layout, str(getattr(volume, "path", "source")),
                                     tuple(norm[0]), tuple(norm[1]))  # fmt: skip
             ids_tmp = tmps[outputs.index(Path(instances_out))]
-            arrays = IdArrays(str(tmps[0]), str(ids_tmp), str(scratch))
+            arrays = IdArrays(str(tmps[0]), str(ids_tmp), str(scratch),
+                              None if seeds is None else str(seeds))  # fmt: skip
             if boundary is None:
                 n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token,
                                                   measure, bright)  # fmt: skip

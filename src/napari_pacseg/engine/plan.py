@@ -33,7 +33,7 @@ import torch
 from napari_pacseg.checks import as_image, check_spacing, short_repr
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.model.features import axis_radii
-from napari_pacseg.model.network import PacSegModel, RefineConfig, with_overrides
+from napari_pacseg.model.network import InstanceConfig, PacSegModel, RefineConfig, with_overrides
 from napari_pacseg.model.normalise import (
     apply_range,
     image_normalisation,
@@ -54,6 +54,10 @@ REFINE_TILE = (32, 128, 128)
 # Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
 REFINE_FULL_DEPTH = 64
 STAGES = ("features", "context", "head", "refine")
+# Mean-field steps of the refinement that seeds the objects (``refine(seeds=True)``): its guide
+# and fit are the refinement's own, and 2 steps split touching nuclei as 5 do on the real
+# images (bench_realdata.py) at less than half the cost.
+SEED_ITERATIONS = 2
 # Bounds on the refinement's work, beyond which a run would take hours on a CPU: tap visits per
 # voxel (iterations x window taps; the model default is 5 x 74 = 370 at the sample's spacing),
 # and how many times over the refinement tiles, each grown by the CRF's reach (iterations x
@@ -122,6 +126,19 @@ class Settings:
         return tuple(
             -(-(h + r) // self.grid) * self.grid for h, r in zip(self.halo, self.read_reach)
         )
+
+
+def seeding_fit(config: InstanceConfig | None, settings: Settings) -> float | None:
+    """The local fit's weight in the refinement whose labels seed the objects of ``config``
+    (``InstanceConfig.split_fit``; ``refine(split_fit=...)``), or None where the labels seed
+    them themselves: no objects asked, cells mode, ``split_fit`` 0, no refinement or no local
+    fit in it (``settings``), or a fit of that weight already."""
+    if config is None or config.boundary is not None or not config.split_fit:
+        return None
+    refine = settings.refine
+    if refine is None or settings.fit_sigma is None or refine.fit_weight == config.split_fit:
+        return None
+    return config.split_fit
 
 
 def settle(model: PacSegModel, spacing=None, refine=True) -> Settings:
@@ -310,6 +327,11 @@ class Plan:
             noise = volume_noise_level(self.vol, self.lo, self.hi)
         return dataclasses.replace(self, settings=settings, noise=noise)
 
+    @property
+    def split_fit(self) -> float | None:
+        """``seeding_fit`` of the request's objects."""
+        return seeding_fit(self.request.instances, self.settings)
+
     def unary_boxes(self) -> list[Box]:
         """Core boxes of the logits pass (origins on the model's pooling grid)."""
         return split_box(whole(self.shape), self.tile or UNARY_TILE, self.settings.grid)
@@ -329,15 +351,19 @@ class Plan:
         settings = dataclasses.replace(self.settings, reach=tuple(int(r) for r in reach))
         return dataclasses.replace(self, settings=settings)
 
-    def refine_work(self, box: Box) -> int:
+    def refine_work(self, box: Box, seeding: bool = False) -> int:
         """Tap visits of the refinement of ``box``, at most: voxels of the box grown by the CRF's
         reach x iterations x taps (``pac_crf3d``'s ``keep`` skips some of them on the CPU; the
-        local fit's few smoothings are not counted)."""
+        local fit's few smoothings are not counted); ``seeding``: with the mean field that
+        seeds the objects (``refine``'s ``split_fit``)."""
         s = self.settings
         if s.refine is None:
             return 0
+        steps = s.refine.iterations
+        if seeding:
+            steps += min(SEED_ITERATIONS, steps)
         voxels = math.prod(b - a for a, b in extend_box(box, s.reach, self.shape)[0])
-        return voxels * s.refine.iterations * (math.prod(s.kernel) - 1)
+        return voxels * steps * (math.prod(s.kernel) - 1)
 
 
 @dataclass(frozen=True)
@@ -369,31 +395,36 @@ class Bounded:
         return text + " to stay within the preview's budget; Run on full image is exact"
 
 
-def bound_preview(plan: Plan, box: Box, budget: float) -> Bounded:
+def bound_preview(plan: Plan, box: Box, budget: float, seeding: bool = False) -> Bounded:
     """The preview of ``box`` whose refinement makes at most ``budget`` tap visits
-    (``Plan.refine_work``). Within budget it is the full run's (exact). Else, in this order:
-    the CRF's reach along z is cut (down to 0: the slab's planes then see no planes beyond
-    it), the box's in-plane window shrinks around its centre (down to ``MIN_PREVIEW_WINDOW``),
-    and last the reach along y and x is cut."""
+    (``Plan.refine_work``; ``seeding``: with the mean field that seeds the objects). Within
+    budget it is the full run's (exact). Else, in this order: the CRF's reach along z is cut
+    (down to 0: the slab's planes then see no planes beyond it), the box's in-plane window
+    shrinks around its centre (down to ``MIN_PREVIEW_WINDOW``), and last the reach along y
+    and x is cut."""
     full = plan.settings.reach
-    if plan.refine_work(box) <= budget:
+
+    def work(p: Plan, window: Box) -> int:
+        return p.refine_work(window, seeding)
+
+    if work(plan, box) <= budget:
         return Bounded(box, plan, box, full)
     for zr in range(full[0] - 1, -1, -1):
         cut = plan.with_reach((zr, *full[1:]))
-        if cut.refine_work(box) <= budget:
+        if work(cut, box) <= budget:
             return Bounded(box, cut, box, full)
     cut = plan.with_reach((0, *full[1:]))
     (z0, z1), (y0, y1), (x0, x1) = box
     sizes = (y1 - y0, x1 - x0)
     smallest = tuple(min(MIN_PREVIEW_WINDOW, n) for n in sizes)
     factor, window, shape = 1.0, box, sizes
-    while cut.refine_work(window) > budget and shape != smallest:
+    while work(cut, window) > budget and shape != smallest:
         factor *= 0.9
         shape = tuple(max(m, int(n * factor)) for n, m in zip(sizes, smallest))
         window = ((z0, z1), _centred(y0, y1, shape[0]), _centred(x0, x1, shape[1]))
     for r in range(max(full[1:]), -1, -1):
         cut = plan.with_reach((0, min(full[1], r), min(full[2], r)))
-        if cut.refine_work(window) <= budget:
+        if work(cut, window) <= budget:
             break
     return Bounded(window, cut, box, full)
 
@@ -619,17 +650,24 @@ def logits(plan: Plan, box: Box, model: PacSegModel, dev, timings: dict) -> np.n
 
 @torch.no_grad()
 def refine(
-    plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict, progress=None
-) -> np.ndarray:
+    plan: Plan, box: Box, diffs: np.ndarray, dev, timings: dict, progress=None, split_fit=None
+):
     """Class probabilities ``(K, *box)`` float32 of one box: ``diffs`` (``(K - 1, ...)``, the
     logit differences of ``plan.refine_extent(box)``) divided by the temperature, plus the
     local intensity fit (``local_fit``, computed over the box grown by the CRF's reach), then
     refined by ``pac_crf3d`` on that region, when the plan refines. ``progress(done,
-    total)``: ``pac_crf3d``'s (it may raise to stop)."""
+    total)``: ``pac_crf3d``'s (it may raise to stop).
+
+    ``split_fit`` (a weight, ``seeding_fit``): also the probabilities that seed the objects,
+    ``(p, seed_p)``: the same guide and fit, the fit weighing ``split_fit``, refined by
+    ``SEED_ITERATIONS`` steps of the mean field (timed as ``timings["seeds"]``); the plan
+    must refine with a local fit."""
     ext = plan.refine_extent(box)
+    s = plan.settings
+    if split_fit is not None and s.fit_sigma is None:
+        raise ValueError("refine: split_fit needs a plan that refines with a local fit")
     out = torch.zeros((1, diffs.shape[0] + 1, *diffs.shape[1:]), dtype=torch.float32, device=dev)
     out[0, 1:] = torch.from_numpy(diffs).to(dev)  # a strided view of the caller's buffer
-    s = plan.settings
     if s.refine is not None:
         with Stopwatch(timings, dev)("refine"):
             filt = plan.guide()
@@ -651,22 +689,25 @@ def refine(
             # The CRF's region as compact copies, the fit's larger region freed before the
             # mean field, whose weights are the peak of memory (bench_pipeline.py)
             out = out[cut].contiguous()
+            seed_unary = None if split_fit is None else torch.add(out, fit, alpha=split_fit)
             if fit is not None:
                 out.add_(fit, alpha=s.refine.fit_weight)
             del fit
             guide = guide[cut].contiguous()
+            crf_kw = dict(kernel_size=s.kernel, dilation=s.refine.dilation,
+                          compat=s.refine.compat, spatial_sigma=s.sigma,
+                          keep=[(a - e, b - e) for (a, b), (e, _) in zip(box, crf)])  # fmt: skip
             out = pac_crf3d(
-                out,
-                guide,
-                iterations=s.refine.iterations,
-                kernel_size=s.kernel,
-                dilation=s.refine.dilation,
-                compat=s.refine.compat,
-                spatial_sigma=s.sigma,
-                progress=progress,
-                keep=[(a - e, b - e) for (a, b), (e, _) in zip(box, crf)],
+                out, guide, iterations=s.refine.iterations, progress=progress, **crf_kw
             )
             ext = box
+        if seed_unary is not None:
+            # fewer steps reach less far than the region holds: the box's values are exact
+            steps = min(SEED_ITERATIONS, s.refine.iterations)
+            with Stopwatch(timings, dev)("seeds"):
+                seed_out = pac_crf3d(seed_unary, guide, iterations=steps, **crf_kw)
+                seed_p = torch.softmax(seed_out, dim=1)[0].cpu().numpy()
+            del seed_unary, seed_out
     core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
     p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
     if not np.isfinite(p).all():
@@ -674,7 +715,7 @@ def refine(
             f"the refinement gave NaN in the box {short_repr(box)}: the image's normalised values "
             "are out of range for the guide; clip outliers or pass intensity_range"
         )
-    return p
+    return p if split_fit is None else (p, seed_p)
 
 
 # --- running a pass over boxes --------------------------------------------------------------------

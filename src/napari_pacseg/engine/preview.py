@@ -96,7 +96,8 @@ class RegionSegmenter:
         progress: Progress | None = None,
         *,
         reach=None,
-    ) -> np.ndarray:
+        split_fit=None,
+    ):
         """Class probabilities ``(K, d, h, w)`` float32 of ``box`` (``((z0, z1), (y0, y1),
         (x0, x1))``), refined with ``refine`` (True: model defaults, False, or a dict of
         ``RefineConfig`` overrides). ``should_cancel`` is polled between logit tiles and
@@ -104,8 +105,10 @@ class RegionSegmenter:
         ``progress(done, total)`` counts them: the logit tiles still to compute, then the
         CRF's units (``total`` grows by them when the refinement starts).
         ``reach``: the CRF's reach per axis instead of the refinement's own (a bounded preview,
-        ``engine.bound_preview``; the result is then approximate near the box's ends). The
-        same request twice returns the cached array."""
+        ``engine.bound_preview``; the result is then approximate near the box's ends).
+        ``split_fit``: also the probabilities that seed the objects, ``(p, seed_p)``
+        (``engine.refine``'s ``split_fit``; the refinement must have a local fit). The same
+        request twice returns the cached result."""
         box = self.check_box(box)
         check_callable(should_cancel, "probabilities: should_cancel", "should_cancel() -> bool")
         check_callable(progress, "probabilities: progress", "progress(done, total)")
@@ -115,13 +118,13 @@ class RegionSegmenter:
                 self.plan = dataclasses.replace(self.plan, noise=plan.noise)
             if reach is not None:
                 plan = plan.with_reach(reach)
-            key = (box, plan.settings.refine, plan.settings.reach)
+            key = (box, plan.settings.refine, plan.settings.reach, split_fit)
             if self._last is not None and self._last[0] == key:
                 return self._last[1]
             with adaptive_threads():  # fewer threads while other processes hold cores, as segment()
-                return self._probabilities(plan, box, key, should_cancel, progress)
+                return self._probabilities(plan, box, key, should_cancel, progress, split_fit)
 
-    def _probabilities(self, plan, box: Box, key, should_cancel, progress) -> np.ndarray:
+    def _probabilities(self, plan, box: Box, key, should_cancel, progress, split_fit=None):
         """``probabilities`` of a checked ``box`` under ``plan``, cached under ``key``."""
         ext = plan.refine_extent(box)
         refining = plan.settings.refine is not None
@@ -137,7 +140,8 @@ class RegionSegmenter:
         stop_if_cancelled(should_cancel, "region segmentation cancelled")
         if refining and progress is not None:
             progress(tiles, tiles + 1)  # the logits are done before the CRF's first unit
-        p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step)
+        p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step,
+                          split_fit=split_fit)  # fmt: skip
         if plan.settings.refine is not None:
             self.stats["crf_runs"] += 1
         self._last = (key, p)

@@ -61,6 +61,8 @@ class Segmentation:
         2D images area, perimeter and circularity; with ``frame_axis`` a ``frame`` column
         after ``id``), a pandas DataFrame when pandas is installed, else a dict of columns;
         None without ``instances``.
+    seeds : uint8 class labels like ``labels``, of the refinement whose local fit weighs
+        ``InstanceConfig.split_fit``, when the objects were seeded from it; else None.
     """
 
     labels: np.ndarray
@@ -69,6 +71,7 @@ class Segmentation:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     instances: np.ndarray | None = None
     objects: object = None
+    seeds: np.ndarray | None = None
 
 
 def segment(
@@ -193,6 +196,9 @@ class ImageOptions:
     return_probabilities: bool = False
     intensity_range: object = None
     noise_level: object = None
+    # the fit weight of the seeding refinement (``plan.seeding_fit``) for a request without
+    # objects whose caller separates them later (``segment_zarr``'s blocks); None: the plan's
+    split_fit: float | None = None
 
 
 def run(image, request: SegmentRequest, options: ImageOptions, progress=None, should_cancel=None):
@@ -208,6 +214,9 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
         labels = np.zeros(shape, dtype=np.uint8)
         matte = np.zeros(shape, dtype=np.float32)
         probs = np.zeros((k, *shape), dtype=np.float32) if options.return_probabilities else None
+        # the labels of the refinement with a stronger local fit, which seed the objects
+        split_fit = plan.split_fit if options.split_fit is None else options.split_fit
+        seeds = None if split_fit is None else np.zeros(shape, dtype=np.uint8)
         timings = dict.fromkeys(STAGES, 0.0)
         unary_boxes, final_boxes = plan.unary_boxes(), plan.refine_boxes()
         runner = TileRunner(plan, progress, should_cancel)
@@ -218,9 +227,15 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
 
         def final_pass(box, dev, _):
             ext = plan.refine_extent(box)
-            p = engine.refine(plan, box, diffs[(slice(None), *_slices(ext))], dev, timings)
+            view = diffs[(slice(None), *_slices(ext))]
+            if seeds is None:
+                p = engine.refine(plan, box, view, dev, timings)
+            else:
+                p, seed_p = engine.refine(plan, box, view, dev, timings, split_fit=split_fit)
             sl = _slices(box)
             labels[sl], matte[sl] = labels_from_probabilities(p, plan.threshold, plan.background)
+            if seeds is not None:
+                seeds[sl] = labels_from_probabilities(seed_p, plan.threshold, plan.background)[0]
             if probs is not None:
                 probs[(slice(None), *sl)] = p
 
@@ -229,27 +244,33 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
     if plan.flat:  # a 2D image: its results without the plane axis
         labels, matte = labels[0], matte[0]
         probs = None if probs is None else probs[:, 0]
+        seeds = None if seeds is None else seeds[0]
     ids = objects = None
     if request.instances is not None:
         t0 = time.perf_counter()
-        ids, objects = _objects(plan, labels, should_cancel)
-        timings["instances"] = time.perf_counter() - t0
+        ids, objects = _objects(plan, labels, should_cancel, seeds)
+        # the seeding mean field is part of the instance step
+        timings["instances"] = time.perf_counter() - t0 + timings.pop("seeds", 0.0)
     timings["total"] = time.perf_counter() - start
-    return Segmentation(labels, matte, probs, timings, ids, objects)
+    return Segmentation(labels, matte, probs, timings, ids, objects, seeds)
 
 
-def _objects(plan, labels, should_cancel):
-    """The object ids and measurement table of ``labels`` (``plan``'s image and request)."""
+def _objects(plan, labels, should_cancel, seeds=None):
+    """The object ids and measurement table of ``labels`` (``plan``'s image and request);
+    ``seeds``: the labels that seed the objects (``refine(seeds=True)``), or None."""
     model = plan.model
     plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
     flat_labels = labels if plan.flat or not plane else labels[0]
+    if seeds is not None and plane and not plan.flat:
+        seeds = seeds[0]
     spacing = plan.settings.spacing[1:] if plane else plan.settings.spacing
     config = plan.request.instances
     vol = plan.vol[:, 0] if plane else plan.vol
     bright = brightness_evidence(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing, config)
     classes, background = plan.request.classes, plan.request.background
     ids = instance_labels(flat_labels, spacing, config, should_cancel=should_cancel,
-                          evidence=bright, classes=classes, background=background)  # fmt: skip
+                          evidence=bright, classes=classes, background=background,
+                          seeds=seeds)  # fmt: skip
     boundary = boundary_label(config, classes, background)
     if boundary is not None:  # a cell's class is the one it encloses
         flat_labels = enclosed_labels(ids, flat_labels, boundary)
@@ -295,6 +316,9 @@ def segment_frames(image, request: SegmentRequest, options: ImageOptions, progre
 
     labels = np.stack([r.labels for r in results], position)
     matte = np.stack([r.matte for r in results], position)
+    seeds = None
+    if results[0].seeds is not None:
+        seeds = np.stack([r.seeds for r in results], position)
     probs = None
     if results[0].probabilities is not None:
         probs = np.stack([r.probabilities for r in results], position + 1)
@@ -317,4 +341,4 @@ def segment_frames(image, request: SegmentRequest, options: ImageOptions, progre
         ids = np.stack(shifted, position)
         objects = as_table({k: np.concatenate([tb[k] for tb in tables]) for k in tables[0]})
     timings["total"] = time.perf_counter() - start
-    return Segmentation(labels, matte, probs, timings, ids, objects)
+    return Segmentation(labels, matte, probs, timings, ids, objects, seeds)

@@ -171,8 +171,10 @@ class Brightness:
 
 
 def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
-             brightness: Brightness | None = None, cells: CellRule | None = None) -> np.ndarray:  # fmt: skip
-    """A piece's objects on its box (``split_piece``, as ``instance_labels`` splits it)."""
+             brightness: Brightness | None = None, cells: CellRule | None = None,
+             seeds_path: str | None = None) -> np.ndarray:  # fmt: skip
+    """A piece's objects on its box (``split_piece``, as ``instance_labels`` splits it);
+    ``seeds_path``: the zarr array of the labels that seed the objects (``IdArrays.seeds``)."""
     import zarr
 
     cc = zarr.open_array(cc_path, mode="r")
@@ -188,8 +190,11 @@ def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
     bright = None
     if brightness is not None and config.brightness != 0:
         bright = brightness.on(piece.box, cc.shape, spacing, config)
+    core = None
+    if seeds_path is not None:
+        core = np.asarray(zarr.open_array(seeds_path, mode="r")[_slices(piece.box)]) == piece.value
     return split_piece(piece_mask, spacing, config, evidence=bright,
-                       edges=on_border(piece.box, cc.shape))  # fmt: skip
+                       edges=on_border(piece.box, cc.shape), core=core)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,14 +212,15 @@ class Measure:
 
 def count_objects(cc_path: str, index: int, pieces: list[Piece], spacing, config,
                   measure: Measure | None = None,
-                  brightness: Brightness | None = None, cells: CellRule | None = None):  # fmt: skip
+                  brightness: Brightness | None = None, cells: CellRule | None = None,
+                  seeds_path: str | None = None):  # fmt: skip
     """Pass 3 for group ``index`` of pieces: ``(index, objects per piece, tables)``; with
     ``measure`` each piece's ``object_table`` (ids 1..n of the piece, positions in the
     volume's coordinates), else None for each (in cells mode the cells are measured once the
     boundary is filled: ``chunked_cells``)."""
     counts, tables = [], []
     for p in pieces:
-        ids = split_of(cc_path, p, spacing, config, brightness, cells)
+        ids = split_of(cc_path, p, spacing, config, brightness, cells, seeds_path)
         counts.append(int(ids.max()))
         measured = measure is not None and cells is None and ids.max()
         tables.append(_measure(ids, p, spacing, measure) if measured else None)
@@ -240,7 +246,7 @@ def _measure(ids: np.ndarray, piece: Piece, spacing, measure: Measure) -> dict:
 
 def write_chunk(
     cc_path: str, out_path: str, box, pieces: list[Piece], bases: list[int], spacing, config,
-    brightness: Brightness | None = None,
+    brightness: Brightness | None = None, seeds_path: str | None = None,
 ) -> int:  # fmt: skip
     """Pass 4 for one chunk: the ids of ``pieces`` (those meeting the chunk; ``bases[i]`` is
     the id before piece ``i``'s first object) written into the chunk of ``out_path``."""
@@ -248,7 +254,8 @@ def write_chunk(
 
     out = np.zeros(tuple(b - a for a, b in box), np.int32)
     for piece, base in zip(pieces, bases):
-        paste_ids(out, box, split_of(cc_path, piece, spacing, config, brightness), piece.box, base)
+        ids = split_of(cc_path, piece, spacing, config, brightness, None, seeds_path)
+        paste_ids(out, box, ids, piece.box, base)
     zarr.open_array(out_path, mode="r+")[_slices(box)] = out
     return len(pieces)
 
@@ -276,11 +283,14 @@ def piece_bases(counts: list[int]) -> list[int]:
 class IdArrays(NamedTuple):
     """The zarr arrays of the instance passes (paths): ``labels``, the finished class labels;
     ``ids``, the int32 object ids they write; ``scratch``, an int64 array of the same shape and
-    chunks for the connected pieces. ``ids`` and ``scratch`` exist already."""
+    chunks for the connected pieces. ``ids`` and ``scratch`` exist already. ``seeds``: the
+    class labels that seed the objects (``segment``'s ``Segmentation.seeds``; blobs mode), or
+    None."""
 
     labels: str
     ids: str
     scratch: str
+    seeds: str | None = None
 
 
 def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, token: str,
@@ -295,7 +305,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     import dask
 
     delayed = dask.delayed
-    labels_path, out_path, cc_path = arrays
+    labels_path, out_path, cc_path, seeds_path = arrays
     comps_per_chunk = run([
         delayed(components_chunk, pure=False)(labels_path, cc_path, i, box,
                                                dask_key_name=f"pacseg-cc-{token}-{i}")
@@ -306,6 +316,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     groups = [pieces[i : i + 256] for i in range(0, len(pieces), 256)]
     counts = run([
         delayed(count_objects, pure=False)(cc_path, i, g, spacing, config, measure, brightness,
+                                           None, seeds_path,
                                            dask_key_name=f"pacseg-count-{token}-{i}")
         for i, g in enumerate(groups)
     ])  # fmt: skip
@@ -320,7 +331,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     run([
         delayed(write_chunk, pure=False)(
             cc_path, out_path, box, [pieces[k] for k in ks], [bases[k] for k in ks], spacing,
-            config, brightness, dask_key_name=f"pacseg-ids-{token}-{i}",
+            config, brightness, seeds_path, dask_key_name=f"pacseg-ids-{token}-{i}",
         )
         for i, (box, ks) in enumerate(zip(boxes, of_chunk))
     ])  # fmt: skip

@@ -151,7 +151,7 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
     import zarr
 
     delayed = dask.delayed
-    labels_path, out_path, cc_path = arrays
+    labels_path, out_path, cc_path = arrays.labels, arrays.ids, arrays.scratch
     shape = zarr.open_array(labels_path, mode="r").shape
     bright = None
     if brightness is not None:

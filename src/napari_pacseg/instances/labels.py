@@ -90,6 +90,7 @@ def instance_labels(
     evidence: np.ndarray | None = None,
     classes=None,
     background: int = 0,
+    seeds: np.ndarray | None = None,
 ) -> np.ndarray:
     """One id per object: ``(D, H, W)`` int32, 0 where ``labels`` is 0 (background) or the
     object was smaller than ``config.smallest()``, 1..N objects (consecutive), each one
@@ -103,6 +104,11 @@ def instance_labels(
 
     ``evidence``: float32 of the labels' shape, the image's brightness in 0..1 (``brightness_evidence``);
     None (or ``config.brightness`` 0): the pieces' shapes alone.
+
+    ``seeds``: integer class labels of the labels' shape from a refinement with a stronger local
+    fit (``InstanceConfig.split_fit``; ``segment`` makes them), or None: a piece's objects are
+    then seeded by the pieces of its class in ``seeds`` inside it, split by their own shapes
+    (``split_piece``'s ``core``); blobs mode only (cells mode ignores them).
 
     Cells mode (``config.boundary`` a class name; ``classes``: the model's class names,
     background first, ``background`` the index of the class that is 0 in ``labels``): the ids
@@ -122,6 +128,7 @@ def instance_labels(
         y, x = check_spacing(spacing, (1.0, 1.0), 2)
         labels, spacing = labels[None], (1.0, y, x)
         evidence = None if evidence is None else np.asarray(evidence)[None]
+        seeds = None if seeds is None else np.asarray(seeds)[None]
     else:
         spacing = check_spacing(spacing, (1.0, 1.0, 1.0))
     config = config or InstanceConfig()
@@ -130,9 +137,16 @@ def instance_labels(
             f"instance_labels: evidence has shape {np.shape(evidence)}, the labels "
             f"{labels.shape}; give one value per voxel"
         )
+    if seeds is not None and (
+        np.shape(seeds) != labels.shape or not np.issubdtype(np.asarray(seeds).dtype, np.integer)
+    ):
+        raise ValueError(
+            f"instance_labels: seeds must be integer class labels of the labels' shape "
+            f"{labels.shape}, got {np.asarray(seeds).dtype} of shape {np.shape(seeds)}"
+        )
     boundary = boundary_label(config, classes, background, "instance_labels")
     if boundary is None:
-        out = _split_pieces(labels, spacing, config, planar, evidence, None, should_cancel)
+        out = _split_pieces(labels, spacing, config, planar, evidence, None, should_cancel, seeds)
         return out[0] if planar else out
     contrast = None
     if evidence is not None:
@@ -152,9 +166,12 @@ def cell_weight(config: InstanceConfig) -> float:
     return 1.0 + config.brightness
 
 
-def _split_pieces(values, spacing, config, planar, evidence, weight, should_cancel) -> np.ndarray:
+def _split_pieces(
+    values, spacing, config, planar, evidence, weight, should_cancel, seeds=None
+) -> np.ndarray:
     """``split_piece`` on every 6-connected piece of each non-zero value of ``values`` ``(D, H,
-    W)``, ids numbered as ``instance_labels`` numbers them."""
+    W)``, ids numbered as ``instance_labels`` numbers them; ``seeds`` (class labels of the same
+    shape, or None): a piece's ``core`` is where they hold its value."""
     out = np.zeros(values.shape, dtype=np.int32)
     next_id = 1
     for value in np.unique(values):
@@ -166,7 +183,8 @@ def _split_pieces(values, spacing, config, planar, evidence, weight, should_canc
             piece = pieces[box] == i
             bright = None if evidence is None else evidence[box]
             edges = on_border(box, values.shape, planar)
-            ids = split_piece(piece, spacing, config, planar, bright, weight, edges)
+            core = None if seeds is None else seeds[box] == value
+            ids = split_piece(piece, spacing, config, planar, bright, weight, edges, core)
             n = int(ids.max())
             if n:
                 view = out[box]
@@ -187,7 +205,7 @@ def on_border(box, shape, planar: bool = False) -> tuple[tuple[bool, bool], ...]
 
 def split_piece(
     piece: np.ndarray, spacing, config: InstanceConfig, planar: bool = False, evidence=None,
-    weight: float | None = None, edges=None,
+    weight: float | None = None, edges=None, core: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Objects of one connected piece: ``piece`` ``(d, h, w)`` bool -> int32 ids 1..n (0 outside
     the piece and in dropped fragments), in raster order of each object's first voxel.
@@ -195,7 +213,10 @@ def split_piece(
     ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None;
     ``weight``: its weight in the elevation (None: ``config.brightness``). ``edges``: which
     sides of the box lie on the image's border (``on_border``; None: none): a piece or
-    fragment touching one is kept from ``config.smallest(cut=True)`` up."""
+    fragment touching one is kept from ``config.smallest(cut=True)`` up. ``core``: bool of the
+    box's shape, or None: the seeding foreground (``instance_labels``' ``seeds``); its pieces
+    inside ``piece``, each split as a piece (without a core), are the seeds, and the watershed
+    grows them over ``piece``; with none, the piece's own h-maxima seed it."""
     weight = config.brightness if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
@@ -218,7 +239,19 @@ def split_piece(
     if evidence is not None and weight > 0:
         bright = np.pad(np.asarray(evidence, np.float32), pad) * padded
         elevation = dist + np.float32(weight) * bright
-    markers, n = _seeds(elevation, config.h)
+    if core is not None:
+        core = core & piece
+        # A core that differs from the piece by less than the smallest object is no evidence
+        # of a gap: its split differs from the piece's own only where a seed sits at the
+        # threshold, as on the generator's volumes (bench_instances.py), where no piece is
+        # shaved by that much and no object changes (benchmarks/results/instances-cpu.md).
+        if (size - int(core.sum())) * voxel < config.smallest(planar):
+            core = None
+    markers, n = (None, 0) if core is None else _core_seeds(
+        core, spacing, config, planar, evidence, weight, edges, pad
+    )
+    if n == 0:
+        markers, n = _seeds(elevation, config.h)
     if n <= 1:
         return piece.astype(np.int32)
     from skimage.segmentation import watershed
@@ -239,6 +272,27 @@ def split_piece(
         ids = watershed(-dist, markers, mask=padded)
     ids = ids[:, 1:-1, 1:-1] if planar else ids[1:-1, 1:-1, 1:-1]
     return _raster_order(ids)
+
+
+def _core_seeds(core, spacing, config, planar, evidence, weight, edges, pad):
+    """Seeds from a piece's core (``split_piece``): ``(markers int32, n)`` on the padded box,
+    the objects of each 6-connected piece of ``core`` (``split_piece`` without a core, its
+    own sides on the image's border where they meet a side of the box that is)."""
+    markers = np.zeros(np.pad(core, pad).shape, np.int32)
+    pieces, _ = ndi.label(core, structure=FACES)
+    inner = markers[:, 1:-1, 1:-1] if planar else markers[1:-1, 1:-1, 1:-1]
+    n = 0
+    for i, box in enumerate(ndi.find_objects(pieces), start=1):
+        sides = tuple(
+            (lo and part.start == 0, hi and part.stop == size)
+            for (lo, hi), part, size in zip(edges, box, core.shape)
+        )
+        bright = None if evidence is None else evidence[box]
+        ids = split_piece(pieces[box] == i, spacing, config, planar, bright, weight, sides)
+        view = inner[box]
+        view[ids > 0] = ids[ids > 0] + n
+        n += int(ids.max())
+    return markers, n
 
 
 def _touching(ids: np.ndarray, edges, pad, n: int) -> np.ndarray:

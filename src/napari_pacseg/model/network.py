@@ -292,7 +292,14 @@ class InstanceConfig:
       the seeds and the watershed follow the distance in units of ``radius`` plus
       ``brightness`` times the image smoothed at a quarter of ``radius`` (in the segmentation's
       normalised units, clipped to 0..1), so two bright objects with a dim gap split even where
-      the foreground fused them; 0 (the default) uses the mask's shape alone.
+      the foreground fused them; 0 (the default) uses the mask's shape alone. ``split_fit``
+      seeds the objects from a second refinement whose local intensity fit weighs
+      ``split_fit`` (``RefineConfig.fit_weight``; 1.0 by default, stronger than the labels'
+      own): the fit judges each voxel against its local surroundings, so the dim gap between
+      touching objects drops out of that foreground and its pieces, split as above, are the
+      seeds; the objects then grow over the labels' foreground from them, so the labels keep
+      their shape. A piece with no seed there is split by its own shape; 0, or a segmentation
+      without refinement, seeds from the labels' own shapes.
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
@@ -327,6 +334,10 @@ class InstanceConfig:
     brightness: float = _param(
         0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
         0.0, 10.0, step=0.25,
+    )  # fmt: skip
+    split_fit: float = _param(
+        1.0, "Split fit", "local fit weight of the refinement that seeds the objects (0: the "
+        "labels' own shapes)", 0.0, 10.0, step=0.25,
     )  # fmt: skip
     boundary: str | None = None
 
