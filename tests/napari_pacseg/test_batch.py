@@ -560,7 +560,7 @@ def test_segment_zarr_seeds_the_objects_as_in_memory(tmp_path, crop, model, monk
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], ref.instances)
     assert res.timings["seeds"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.zarr", "in.zarr", "labels.zarr"]
-    # without objects, or with split_fit 0, no seeds are made
+    # with split_fit 0 no seeds are made
     segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l2.zarr", chunks=CHUNKS,
                  instances_out=tmp_path / "i2.zarr", instances={"split_fit": 0})  # fmt: skip
     assert len(seen) == 2 and seen[1] is None

@@ -453,6 +453,22 @@ def test_seeds_split_a_piece_whose_shape_is_one_object(spacing):
     assert instance_labels(labels, spacing, config, seeds=2 * smaller.astype(np.uint8)).max() == 1
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.5, 0.5)])
+def test_seeds_never_merge_what_the_shape_splits(spacing):
+    """Two touching discs (balls) split by their shape; seeds that lost one of them (a dim
+    nucleus the stronger fit drops) still give two objects."""
+    r = 6.0
+    extent = (16.0, 20.0, 40.0)[-len(spacing) :]
+    shape = tuple(int(e / s) for e, s in zip(extent, spacing))
+    centres = [(*(e / 2 for e in extent[:-1]), x) for x in (12.0, 12.0 + 1.7 * r)]
+    a, b = (_ellipse(shape, spacing, c, (r,) * len(spacing)) for c in centres)
+    labels = (a | b).astype(np.uint8)
+    assert ndi.label(labels)[1] == 1
+    config = InstanceConfig(radius=4.0)
+    assert instance_labels(labels, spacing, config).max() == 2
+    assert instance_labels(labels, spacing, config, seeds=a.astype(np.uint8)).max() == 2
+
+
 def test_bad_seeds_are_refused():
     labels = np.zeros((8, 8, 8), np.uint8)
     with pytest.raises(ValueError, match="seeds must be integer class labels"):

@@ -266,19 +266,22 @@ def _cgroup_left() -> int | None:
     return None
 
 
-def task_memory(ext_shape, settings: Settings, model, itemsize: int, tile_shape=None) -> int:
+def task_memory(ext_shape, settings: Settings, model, itemsize: int, tile_shape=None,
+                seeding: bool = False) -> int:  # fmt: skip
     """Estimated peak bytes one task adds above its process's baseline (libraries, model):
     ``segment()`` of a ``(D, H, W)`` region ``ext_shape`` (a block and its halo).
 
     Per voxel of the region: the image as read (``itemsize`` per channel), the logit
-    differences (``K - 1`` float32), labels (uint8) and matte (float32). Per task, the larger
+    differences (``K - 1`` float32), labels (uint8) and matte (float32), and with ``seeding``
+    (the objects' seeds, ``engine.plan.seeding_fit``) the seeds (uint8). Per task, the larger
     pass's working set: a logits tile (``UNARY_TILE`` + the features' halo) holds its float32
     image, features and context channels; a refinement tile (``refine_tile`` + the
-    refinement's read reach) its logits, guide and local fit, and the mean field's weights for
-    a few planes of window taps. All times ``TASK_MEMORY_MARGIN``."""
+    refinement's read reach) its logits, guide and local fit (with ``seeding``: the seeds'
+    logits too), and the mean field's weights for a few planes of window taps. All times
+    ``TASK_MEMORY_MARGIN``."""
     config = model.config
     c, k = config.in_channels, config.n_classes
-    held = math.prod(ext_shape) * (c * itemsize + 4 * (k - 1) + 1 + 4)
+    held = math.prod(ext_shape) * (c * itemsize + 4 * (k - 1) + 1 + 4 + int(seeding))
     tile = tile_shape or UNARY_TILE
     unary = [min(n, t + 2 * h) for n, t, h in zip(ext_shape, tile, settings.halo)]
     context = sum(config.context.channels) if config.context else 0
@@ -288,7 +291,8 @@ def task_memory(ext_shape, settings: Settings, model, itemsize: int, tile_shape=
         reach = settings.read_reach
         fine = [min(n, t + 2 * r) for n, t, r in zip(ext_shape, tile, reach)]
         weights = (settings.kernel[0] + 1) * fine[1] * fine[2] * math.prod(settings.kernel) * 4
-        work = max(work, math.prod(fine) * 4 * (3 * k + 2 * c + 4) + weights)
+        logits = (4 if seeding else 3) * k
+        work = max(work, math.prod(fine) * 4 * (logits + 2 * c + 4) + weights)
     return int(TASK_MEMORY_MARGIN * (held + work))
 
 
@@ -513,7 +517,8 @@ class ZarrResult:
     the blocks) and ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
     n_objects : how many objects (0 without ``instances``). objects : the CSV of their
     measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
-    killed run of the same outputs had finished (skipped here; 0 for a fresh run).
+    killed run of the same outputs had finished (not written again here; with objects seeded by
+    ``InstanceConfig.split_fit`` they are segmented again for the seeds; 0 for a fresh run).
     """
 
     labels: Path
@@ -821,8 +826,11 @@ def segment_zarr(
     futures = []
     token = weights_digest(model)[:8] + os.urandom(4).hex()
     try:
+        # the labels of a stronger local fit that seed the objects (engine.plan.seeding_fit)
+        split_fit = None if objects is None else seeding_fit(objects, settings)
+        seeding = split_fit is not None
         blocks = _blocks(shape, chunks, halo, settings, request, raw.dtype.itemsize, budget,
-                         kind, client)  # fmt: skip
+                         kind, client, seeding)  # fmt: skip
         t0 = time.perf_counter()
         view = (
             dask.array.from_array(raw, chunks=raw.chunks) if readable else dask.array.asarray(raw)
@@ -855,16 +863,15 @@ def segment_zarr(
         partials = PartialRun(staged, key, resumable, found, create)
         if partials.resumed and partials.blocks is not None:  # the blocks it stopped in
             blocks = _resumed_blocks(partials.blocks, blocks, shape, chunks, halo, settings,
-                                     request, raw.dtype.itemsize)  # fmt: skip
+                                     request, raw.dtype.itemsize, seeding)  # fmt: skip
         partials.set_blocks(blocks.size)
         finished = _finished_blocks(blocks.boxes, partials.done, chunks, shape[1:])
         if instances_out is not None:
             create("instances", tmps[outputs.index(Path(instances_out))])
-        # the labels of a stronger local fit that seed the objects: scratch beside the labels,
-        # made by every block (those an earlier run finished make them alone)
-        split_fit = None if objects is None else seeding_fit(objects, settings)
+        # the seeds: scratch beside the labels, made by every block (those an earlier run
+        # finished are segmented again for them alone: the scratch is not kept between runs)
         seeds = None
-        if split_fit is not None:
+        if seeding:
             seeds = temporary_sibling(outputs[0])
             tmps.append(seeds)  # removed in the finally below
             zarr.open_array(str(seeds), mode="w", shape=shape[1:], chunks=chunks,
@@ -890,11 +897,13 @@ def segment_zarr(
         ]  # fmt: skip
         sizes = [math.prod(b - a for a, b in box) for box in blocks.boxes]
         voxels = _VoxelProgress(progress, sizes)
-        voxels.skip(finished)  # an earlier run's blocks count as done from the start
+        if seeds is None:  # an earlier run's blocks count as done from the start
+            voxels.skip(finished)
         _RELAYS[token] = voxels.part
 
-        def block_done(index: int) -> None:
-            partials.mark(blocks.boxes[index])  # before the progress, which may interrupt
+        def block_done(index: int, seeds_only: bool = False) -> None:
+            if not seeds_only:  # a finished block is in the record already
+                partials.mark(blocks.boxes[index])  # before the progress, which may interrupt
             voxels.finish(index)
 
         voxels.start()
@@ -989,7 +998,8 @@ def segment_zarr(
     )
 
 
-def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, client) -> Blocks:
+def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, client,
+            seeding: bool = False) -> Blocks:  # fmt: skip
     """``choose_blocks`` for a run: the budget given, else ``default_memory``; ``ValueError``
     (before any work) when the blocks and their halos would read the volume over
     ``MAX_REFINE_OVERLAP`` times; a warning when a given budget is below one chunk's
@@ -999,7 +1009,8 @@ def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, clie
     budget = budget if given else default_memory(kind, client, slots)
 
     def estimate(ext_shape):
-        return task_memory(ext_shape, settings, request.model, itemsize, request.tile_shape)
+        return task_memory(ext_shape, settings, request.model, itemsize, request.tile_shape,
+                           seeding)  # fmt: skip
 
     blocks = choose_blocks(shape[1:], chunks, halo, settings, budget, slots, estimate,
                            request.tile_shape)  # fmt: skip
@@ -1020,7 +1031,7 @@ def _blocks(shape, chunks, halo, settings, request, itemsize, budget, kind, clie
 
 
 def _resumed_blocks(size, blocks: Blocks, shape, chunks, halo, settings, request,
-                    itemsize) -> Blocks:  # fmt: skip
+                    itemsize, seeding: bool = False) -> Blocks:  # fmt: skip
     """The blocks of ``size`` chunks per axis (those a resumed run's partial was written in),
     in place of the ``blocks`` chosen now, when their largest task stays within the same budget
     and their halos pass ``check_overlap``; else ``blocks``."""
@@ -1033,7 +1044,8 @@ def _resumed_blocks(size, blocks: Blocks, shape, chunks, halo, settings, request
     boxes = split_box(whole(shape[1:]), tuple(b * c for b, c in zip(size, chunks)))
     exts = [extend_box(box, halo, shape[1:])[0] for box in boxes]
     largest = [max(e[a][1] - e[a][0] for e in exts) for a in range(3)]
-    task_bytes = task_memory(largest, settings, request.model, itemsize, request.tile_shape)
+    task_bytes = task_memory(largest, settings, request.model, itemsize, request.tile_shape,
+                             seeding)  # fmt: skip
     if task_bytes > max(blocks.budget, blocks.task_bytes):  # beyond what the run allows now
         return blocks
     try:
@@ -1107,11 +1119,16 @@ def _raw_region(dask, raw, layout: Layout, ext):
 
 def _run(dask, kind, client, tasks, futures, on_done=None):
     """Run the tasks; yield each one's result as it finishes. ``on_done(index)`` in this
-    process as each block task (key ``pacseg-chunk-<token>-<index>``) finishes."""
+    process as each block task (key ``pacseg-chunk-<token>-<index>``) finishes, and
+    ``on_done(index, True)`` as a block's seeds-only task (``pacseg-seeds-...``) does."""
 
     def done(key) -> None:
-        if on_done is not None and isinstance(key, str) and key.startswith("pacseg-chunk-"):
+        if on_done is None or not isinstance(key, str):
+            return
+        if key.startswith("pacseg-chunk-"):
             on_done(int(key.rsplit("-", 1)[1]))
+        elif key.startswith("pacseg-seeds-"):  # a finished block segmented for its seeds alone
+            on_done(int(key.rsplit("-", 1)[1]), True)
 
     if kind == "distributed":
         from distributed import as_completed

@@ -54,9 +54,10 @@ REFINE_TILE = (32, 128, 128)
 # Volumes at most this deep are refined in full-depth tiles: no z halo to recompute.
 REFINE_FULL_DEPTH = 64
 STAGES = ("features", "context", "head", "refine")
-# Mean-field steps of the refinement that seeds the objects (``refine(seeds=True)``): its guide
-# and fit are the refinement's own, and 2 steps split touching nuclei as 5 do on the real
-# images (bench_realdata.py) at less than half the cost.
+# Mean-field steps of the refinement that seeds the objects (``refine(split_fit=...)``): its guide
+# and fit are the refinement's own. In an ad-hoc sweep on bench_realdata.py's nuclei, 2 steps
+# split touching nuclei as well as the refinement's 5 (object F1 and counts within the spread
+# of the stroke sets) at 2/5 of the mean field's cost.
 SEED_ITERATIONS = 2
 # Bounds on the refinement's work, beyond which a run would take hours on a CPU: tap visits per
 # voxel (iterations x window taps; the model default is 5 x 74 = 370 at the sample's spacing),
@@ -708,6 +709,12 @@ def refine(
                 seed_out = pac_crf3d(seed_unary, guide, iterations=steps, **crf_kw)
                 seed_p = torch.softmax(seed_out, dim=1)[0].cpu().numpy()
             del seed_unary, seed_out
+            if not np.isfinite(seed_p).all():
+                raise ValueError(
+                    f"the seeding refinement gave NaN in the box {short_repr(box)}: the image's "
+                    "normalised values are out of range for the guide; clip outliers or pass "
+                    "intensity_range"
+                )
     core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
     p = torch.softmax(out[(slice(None), slice(None), *core)], dim=1)[0].cpu().numpy()
     if not np.isfinite(p).all():

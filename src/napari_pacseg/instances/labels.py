@@ -216,7 +216,8 @@ def split_piece(
     fragment touching one is kept from ``config.smallest(cut=True)`` up. ``core``: bool of the
     box's shape, or None: the seeding foreground (``instance_labels``' ``seeds``); its pieces
     inside ``piece``, each split as a piece (without a core), are the seeds, and the watershed
-    grows them over ``piece``; with none, the piece's own h-maxima seed it."""
+    grows them over ``piece``; where they are fewer than the piece's own h-maxima (or the core
+    differs from the piece by less than the smallest object), those seed it."""
     weight = config.brightness if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
@@ -247,11 +248,13 @@ def split_piece(
         # shaved by that much and no object changes (benchmarks/results/instances-cpu.md).
         if (size - int(core.sum())) * voxel < config.smallest(planar):
             core = None
-    markers, n = (None, 0) if core is None else _core_seeds(
-        core, spacing, config, planar, evidence, weight, edges, pad
-    )
-    if n == 0:
-        markers, n = _seeds(elevation, config.h)
+    markers, n = _seeds(elevation, config.h)
+    if core is not None:
+        # the core's seeds, unless they are fewer than the piece's own: a core that lost an
+        # object (a dim one beside a bright one) must not merge it into its neighbour
+        core_markers, k = _core_seeds(core, spacing, config, planar, evidence, weight, edges, pad)
+        if k >= n:
+            markers, n = core_markers, k
     if n <= 1:
         return piece.astype(np.int32)
     from skimage.segmentation import watershed

@@ -298,8 +298,10 @@ class InstanceConfig:
       own): the fit judges each voxel against its local surroundings, so the dim gap between
       touching objects drops out of that foreground and its pieces, split as above, are the
       seeds; the objects then grow over the labels' foreground from them, so the labels keep
-      their shape. A piece with no seed there is split by its own shape; 0, or a segmentation
-      without refinement, seeds from the labels' own shapes.
+      their shape. A piece with fewer seeds there than its own shape gives, or that foreground
+      shaves by less than the smallest object, is split by its own shape. There are no such
+      seeds with ``split_fit`` 0, without refinement or its local fit (``fit_weight`` 0),
+      where the refinement's fit weighs ``split_fit`` already, and in cells mode.
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
