@@ -23,8 +23,14 @@ each of two or more true objects) counts. Then the instance step's time against 
 at 256^3 (the sample tiled to 256 x 256 x 256), quiet and with one busy process. Writes
 ``benchmarks/results/instances-cpu.md``.
 
+With ``--2d`` every volume (and degraded copy) is replaced by its plane holding the most
+scribbles of both classes (``bench_quality.scribbled_plane``), its truth the objects' sections
+in that plane: ours trains a 2D model on the plane's scribbles (the demo scales), the classic
+recipes run in 2D (3x3 footprint, areas), APOC on the plane; no 256^3 timing. Writes
+``benchmarks/results/instances-2d-cpu.md``.
+
 Usage: python benchmarks/bench_instances.py [--clusters 10] [--seeds 11 3 5] [--no-degraded]
-       [--apoc-python PATH]
+       [--2d] [--apoc-python PATH]
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
 import make_sample
-from bench_quality import NOISE_LEVELS, degrade, otsu_threshold
+from bench_quality import NOISE_LEVELS, degrade, otsu_threshold, scribbled_plane
 
 import common
 from napari_pacseg import InstanceConfig, segment, train
@@ -49,6 +55,7 @@ from napari_pacseg.sample import load_sample
 from napari_pacseg.training.defaults import default_features
 
 DEMO_FEATURES = default_features(3, make_sample.DEMO_SIGMAS)  # the demo model's bank
+DEMO_FEATURES_2D = default_features(2, make_sample.DEMO_SIGMAS)
 
 OURS, CLASSIC, TUNED, APOC = "ours", "classic", "classic, tuned", "APOC ObjectSegmenter"
 IOU = 0.5
@@ -90,7 +97,8 @@ def match(truth: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def classic(image: np.ndarray, spacing, tuned: bool) -> np.ndarray:
-    """scikit-image's watershed example in 3D (see the module docstring)."""
+    """scikit-image's watershed example in 3D, or 2D for a 2D image (see the module
+    docstring)."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import relabel_sequential, watershed
 
@@ -101,13 +109,13 @@ def classic(image: np.ndarray, spacing, tuned: bool) -> np.ndarray:
         radius = InstanceConfig().radius / min(spacing)
         coords = peak_local_max(distance, min_distance=max(1, round(radius)), labels=mask)
     else:
-        coords = peak_local_max(distance, footprint=np.ones((3, 3, 3)), labels=mask)
+        coords = peak_local_max(distance, footprint=np.ones((3,) * image.ndim), labels=mask)
     peaks = np.zeros(distance.shape, bool)
     peaks[tuple(coords.T)] = True
     markers, _ = ndi.label(peaks)
     labels = watershed(-distance, markers, mask=mask)
     # remove_small_objects, written out (its size argument changed meaning in skimage 0.26)
-    min_voxels = InstanceConfig().smallest() / float(np.prod(spacing))
+    min_voxels = InstanceConfig().smallest(planar=image.ndim == 2) / float(np.prod(spacing))
     small = np.bincount(labels.ravel()) < min_voxels
     small[0] = False
     labels[small[labels]] = 0
@@ -121,7 +129,8 @@ def run_apoc(python: str, image, scribbles) -> tuple[np.ndarray, float]:
 
 def evaluate(name, image, instances, scribbles, spacing, apoc_python) -> dict:
     rows = {}
-    model = train(image, scribbles, spacing=spacing, features=DEMO_FEATURES, seed=0)
+    features = DEMO_FEATURES_2D if image.ndim == 2 else DEMO_FEATURES
+    model = train(image, scribbles, spacing=spacing, features=features, seed=0)
     result = segment(image, model, spacing=spacing, instances=True)
     rows[OURS] = {**match(instances, result.instances), "s": result.timings["instances"]}
     for label, tuned in ((CLASSIC, False), (TUNED, True)):
@@ -168,6 +177,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 3, 5])
     parser.add_argument("--clusters", type=int, default=10, help="touching groups per volume")
     parser.add_argument("--no-degraded", action="store_true", help="clean volumes only")
+    parser.add_argument("--2d", dest="two_d", action="store_true",
+                        help="2D: each volume's most scribbled plane, and a 2D model")  # fmt: skip
     args = parser.parse_args()
 
     sample = load_sample()
@@ -183,30 +194,38 @@ def main() -> None:
             for noise in (0.0, *NOISE_LEVELS):
                 what = "uneven light" + (f", noise {noise:.0%}" if noise else "")
                 volumes.append((f"{name}, degraded: {what}", degrade(image, noise, 7), inst, scribbles))  # fmt: skip
+    if args.two_d:
+        volumes = [(f"{n}, plane {z}", im[z], t[z], sc[z])
+                   for n, im, t, sc in volumes for z in [scribbled_plane(sc)]]  # fmt: skip
+        spacing = spacing[1:]
     results = []
     for name, image, inst, scribbles in volumes:
         print(name, flush=True)
         results.append((name, evaluate(name, image, inst, scribbles, spacing, args.apoc_python)))
-    inst_s, rest_s, n_obj = step_share(sample)
-    print(f"256^3: instances {inst_s:.2f} s, rest of segment() {rest_s:.2f} s", flush=True)
-    busy_inst, busy_rest, _ = step_share(sample, busy=1)
-    print(f"256^3, one busy process: {busy_inst:.2f} s, {busy_rest:.2f} s", flush=True)
+    if not args.two_d:
+        inst_s, rest_s, n_obj = step_share(sample)
+        print(f"256^3: instances {inst_s:.2f} s, rest of segment() {rest_s:.2f} s", flush=True)
+        busy_inst, busy_rest, _ = step_share(sample, busy=1)
+        print(f"256^3, one busy process: {busy_inst:.2f} s, {busy_rest:.2f} s", flush=True)
 
     methods = list(results[0][1])
     flags = f" --clusters {args.clusters}" if args.clusters != 10 else ""
     flags += f" --seeds{''.join(f' {s}' for s in args.seeds)}" if args.seeds != [11, 3, 5] else ""
     flags += " --no-degraded" if args.no_degraded else ""
+    flags += " --2d" if args.two_d else ""
     flags += f" --apoc-python {common.shown_path(args.apoc_python)}" if args.apoc_python else ""
     head = "| method | F1 (IoU >= 0.5) | mean matched IoU | over-split | under-split | objects / true | s |"
     rule = "|---|---|---|---|---|---|---|"
     lines = [
-        "# Instance segmentation of touching nuclei (cpu)",
+        f"# Instance segmentation of touching nuclei{' in 2D' if args.two_d else ''} (cpu)",
         "",
         f"Command: `python benchmarks/bench_instances.py{flags}`  ",
         f"Machine: {common.describe_machine('cpu')}  ",
-        f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x). 's': the instance "
-        "step for ours (segment()'s timings['instances']), the whole recipe for classic, train + "
-        "predict for APOC.",
+        (f"2D images (each volume's most scribbled plane): {make_sample.SHAPE[1:]} pixels, "
+         f"spacing {spacing} um (y, x)" if args.two_d else
+         f"Volumes: {make_sample.SHAPE} voxels, spacing {spacing} um (z, y, x)")
+        + ". 's': the instance step for ours (segment()'s timings['instances']), the whole "
+        "recipe for classic, train + predict for APOC.",
         "",
         "## Mean over all volumes",
         "",
@@ -225,24 +244,29 @@ def main() -> None:
         "",
         "(over/under-split and objects: totals over the volumes)",
         "",
+        "## Targets (issue 19, set for volumes), this run" if args.two_d else
         "## Targets (issue 19), this run",
         "",
         f"- mean F1: ours {np.mean(ours):.3f} vs the better classic per volume {np.mean(best):.3f} "
         f"+ 0.10: {'met' if np.mean(ours) >= np.mean(best) + 0.10 else 'NOT met'}",
         "- ours not worse than the better classic on any volume: "
         + ("met" if not worse else "NOT met on " + "; ".join(worse)),
-        f"- instance step at 256^3: {inst_s:.2f} s against the rest of segment() {rest_s:.2f} s "
-        f"({100 * inst_s / rest_s:.0f}%; target <= 50%): "
-        + ("met" if inst_s <= 0.5 * rest_s else "NOT met")
-        + f"; {n_obj} objects",
-        f"- the same with one busy process spinning: {busy_inst:.2f} s against {busy_rest:.2f} s "
-        f"({100 * busy_inst / busy_rest:.0f}%): "
-        + ("met" if busy_inst <= 0.5 * busy_rest else "NOT met"),
     ]
+    if not args.two_d:
+        lines += [
+            f"- instance step at 256^3: {inst_s:.2f} s against the rest of segment() "
+            f"{rest_s:.2f} s ({100 * inst_s / rest_s:.0f}%; target <= 50%): "
+            + ("met" if inst_s <= 0.5 * rest_s else "NOT met")
+            + f"; {n_obj} objects",
+            f"- the same with one busy process spinning: {busy_inst:.2f} s against "
+            f"{busy_rest:.2f} s ({100 * busy_inst / busy_rest:.0f}%): "
+            + ("met" if busy_inst <= 0.5 * busy_rest else "NOT met"),
+        ]
     for name, rows in results:
         lines += ["", f"## {name}", "", head, rule]
         lines += [_row(m, r) for m, r in rows.items()]
-    out = common.write_result("instances-cpu.md", "\n".join(lines) + "\n")
+    kind = "instances-2d" if args.two_d else "instances"
+    out = common.write_result(f"{kind}-cpu.md", "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 
