@@ -388,3 +388,43 @@ def test_a_live_preview_seeds_objects_as_segment(tmp_path):
         want = segment(image, model, instances=instances, device="cpu")
         assert result.instances.max() == want.instances.max() == count
         assert_same_labels(result.labels, want.labels, want.matte)
+
+
+def test_a_live_preview_with_seeds_counts_and_cancels_their_steps(tmp_path):
+    """The seeding mean field reports its units after the refinement's (the count never goes
+    back, and ends above the count without seeds) and stops when the preview is cancelled
+    during them."""
+    from napari_pacseg import save_model
+    from tests.napari_pacseg.dim_gap import fused_pair
+
+    image, strokes = fused_pair()
+    save_model(train(image, strokes, seed=0), tmp_path / "pair.safetensors")
+
+    def fresh() -> Session:  # no logits cached yet
+        s = Session()
+        s.use_image(layer(image, (1.0, 1.0), name="pair"))
+        s.load(tmp_path / "pair.safetensors")
+        return s
+
+    box = ((0, image.shape[0]), (0, image.shape[1]))
+    totals = {}
+    for split_fit in (0.0, 1.0):
+        seen: list = []
+        params = RunParams(device="cpu", instances={"radius": 4.0, "split_fit": split_fit})
+        s = fresh()
+        s.compute_live(s.live_job(box, params), progress=lambda d, t, seen=seen: seen.append((d, t)))
+        done = [d for d, _ in seen]
+        assert done == sorted(done) and seen[-1][0] == seen[-1][1]
+        totals[split_fit] = seen[-1][1]
+    assert totals[1.0] > totals[0.0]
+    reports = []
+
+    def in_the_seeding() -> bool:  # past the refinement's units
+        return bool(reports) and reports[-1][0] > totals[0.0]
+
+    other = RunParams(device="cpu", instances={"radius": 4.0})
+    s = fresh()
+    with pytest.raises(SegmentationCancelled):
+        s.compute_live(s.live_job(box, other), in_the_seeding,
+                       lambda d, t: reports.append((d, t)))  # fmt: skip
+    assert reports[-1][0] > totals[0.0]

@@ -661,8 +661,8 @@ def refine(
 
     ``split_fit`` (a weight, ``seeding_fit``): also the probabilities that seed the objects,
     ``(p, seed_p)``: the same guide and fit, the fit weighing ``split_fit``, refined by
-    ``SEED_ITERATIONS`` steps of the mean field (timed as ``timings["seeds"]``); the plan
-    must refine with a local fit."""
+    ``SEED_ITERATIONS`` steps of the mean field (timed as ``timings["seeds"]``; ``progress``
+    counts its units after the refinement's); the plan must refine with a local fit."""
     ext = plan.refine_extent(box)
     s = plan.settings
     if split_fit is not None and s.fit_sigma is None:
@@ -698,15 +698,28 @@ def refine(
             crf_kw = dict(kernel_size=s.kernel, dilation=s.refine.dilation,
                           compat=s.refine.compat, spatial_sigma=s.sigma,
                           keep=[(a - e, b - e) for (a, b), (e, _) in zip(box, crf)])  # fmt: skip
+            counted = [0]  # the main mean field's units, after which the seeding's count on
+            main_progress = progress
+            if progress is not None and seed_unary is not None:
+
+                def main_progress(done: int, total: int) -> None:
+                    counted[0] = total
+                    progress(done, total)
+
             out = pac_crf3d(
-                out, guide, iterations=s.refine.iterations, progress=progress, **crf_kw
+                out, guide, iterations=s.refine.iterations, progress=main_progress, **crf_kw
             )
             ext = box
         if seed_unary is not None:
             # fewer steps reach less far than the region holds: the box's values are exact
             steps = min(SEED_ITERATIONS, s.refine.iterations)
+
+            def seed_progress(done: int, total: int) -> None:
+                progress(counted[0] + done, counted[0] + total)
+
             with Stopwatch(timings, dev)("seeds"):
-                seed_out = pac_crf3d(seed_unary, guide, iterations=steps, **crf_kw)
+                seed_out = pac_crf3d(seed_unary, guide, iterations=steps, **crf_kw,
+                                     progress=None if progress is None else seed_progress)
                 seed_p = torch.softmax(seed_out, dim=1)[0].cpu().numpy()
             del seed_unary, seed_out
             if not np.isfinite(seed_p).all():
