@@ -129,13 +129,11 @@ def test_a_run_interrupted_between_blocks_resumes_exactly(tmp_path, model, monke
     with pytest.MonkeyPatch.context() as m:
         second = Blocks(m)
         res = segment_zarr(*args, **kw, progress=lambda d, t: seen.append((d, t)))
-    assert second.calls - second.seeds_only == n - k
+    assert second.calls == n - k and second.seeds_only == 0  # the seeds were kept too
     assert res.resumed_blocks == k and res.blocks == ref.blocks
-    # the objects' seeds come from a refinement: its finished blocks make them again
-    assert second.seeds_only == (k if refine else 0) and ("seeds" in res.timings) == bool(refine)
-    # the finished blocks count as done from the first report (segmented again for the
-    # seeds, they count as they finish)
-    assert (seen[0][0] == 0 if refine else seen[0][0] > 0) and seen[-1] == (data.size, data.size)
+    assert ("seeds" in res.timings) == bool(refine)  # objects seeded by a refinement
+    # the finished blocks count as done from the first report
+    assert seen[0][0] > 0 and seen[-1] == (data.size, data.size)
     for got, want in zip(outputs(out, ("labels.zarr", "matte.zarr", "ids.zarr")),
                          outputs(ref_dir, ("labels.zarr", "matte.zarr", "ids.zarr"))):  # fmt: skip
         assert got.dtype == want.dtype and np.array_equal(got, want)  # bit for bit
@@ -143,6 +141,37 @@ def test_a_run_interrupted_between_blocks_resumes_exactly(tmp_path, model, monke
     assert hidden(out) == []  # the partials moved into place, their records gone
     assert not (out / "labels.zarr" / RECORD_DIR).exists()
     assert zarr.open_array(str(out / "labels.zarr")).chunks == chunks
+
+
+def test_a_run_without_objects_resumed_with_them_seeds_its_finished_blocks(
+    tmp_path, model, monkeypatch
+):
+    """Blocks a run without objects finished hold no seeds (``InstanceConfig.split_fit``): the
+    resumed run with objects segments them again for their seeds alone, and its labels and
+    objects are the uninterrupted run's."""
+    shape, chunks, per_block, refine = CASES["blocks of several chunks, odd shape, refined"]
+    data = np.ascontiguousarray(load_sample().image[16 : 16 + shape[0], 90:, 90:]
+                                [:, : shape[1], : shape[2]])  # fmt: skip
+    src = write_zarr(tmp_path / "in.zarr", data)
+    kw = dict(chunks=chunks, memory=budget(model, shape, chunks, per_block, refine), refine=refine)
+    ref = segment_zarr(src, model, tmp_path / "ref.zarr", instances_out=tmp_path / "ref_ids.zarr",
+                       **kw)  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as m:
+        first = Blocks(m, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            segment_zarr(src, model, out / "labels.zarr", **kw)  # no objects: no seeds
+    assert first.calls == 2
+    with pytest.MonkeyPatch.context() as m:
+        second = Blocks(m)
+        res = segment_zarr(src, model, out / "labels.zarr", instances_out=out / "ids.zarr", **kw)
+    assert res.resumed_blocks >= 1 and second.seeds_only == res.resumed_blocks
+    assert res.n_objects == ref.n_objects
+    for name, want in (("labels.zarr", "ref.zarr"), ("ids.zarr", "ref_ids.zarr")):
+        got = zarr.open_array(str(out / name), mode="r")[:]
+        assert np.array_equal(got, zarr.open_array(str(tmp_path / want), mode="r")[:])
+    assert hidden(out) == [] and not (out / "labels.zarr" / RECORD_DIR).exists()
 
 
 def test_interrupted_by_the_progress_callback_and_resumed_twice(tmp_path, model, image,

@@ -239,9 +239,39 @@ class PartialRun:
     def _log(self) -> Path:
         return next(iter(self.paths.values())) / RECORD_DIR / "done"
 
-    def _read_log(self) -> list:
+    def seeds(self, split_fit: float, create: Callable[[Path], None]) -> tuple[Path, list]:
+        """The objects' seeds (``engine.plan.seeding_fit``), kept with the partials so that a
+        resumed run need not segment its finished blocks again for them: a zarr array in the
+        first partial's record folder (it goes with the record when the partials are published,
+        and with them when they are discarded), and the boxes whose seeds it holds
+        (``mark_seeds``). One kept for another ``split_fit``, or none, is made anew by
+        ``create(folder)``, holding none."""
+        record = next(iter(self.paths.values())) / RECORD_DIR
+        folder, about = record / "seeds.zarr", record / "seeds.json"
+        self._seeds_log = record / "seeds-done"
         try:
-            text = self._log.read_text("ascii")
+            kept = json.loads(about.read_text("utf-8"))["split_fit"] == split_fit
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = False
+        if kept and folder.is_dir():
+            return folder, self._read_log(self._seeds_log)
+        for old in (about, self._seeds_log, folder):
+            remove(old)
+        create(folder)
+        self._seeds_log.write_text("", "ascii")
+        write_json(about, {"split_fit": split_fit})  # last: the array and log are ready
+        return folder, []
+
+    def mark_seeds(self, box) -> None:
+        """Log the block ``box`` as holding its seeds (``seeds``)."""
+        box = tuple((int(a), int(b)) for a, b in box)
+        with self._lock:
+            with open(self._seeds_log, "a", encoding="ascii") as f:
+                f.write(" ".join(f"{a} {b}" for a, b in box) + "\n")
+
+    def _read_log(self, log: Path | None = None) -> list:
+        try:
+            text = (self._log if log is None else log).read_text("ascii")
         except (OSError, UnicodeDecodeError):
             return []
         boxes = []

@@ -134,8 +134,8 @@ class ChunkJob:
     whole volume's ``(lo, hi, noise_level)``, one value per channel each. outputs : the labels
     and matte zarr paths (either None: not written; both None for a block an earlier run
     finished, whose seeds alone are needed). seeds : the zarr path of the labels that seed the
-    objects, written with the local fit weighing ``split_fit`` (``engine.plan.seeding_fit``),
-    or None. read_here : ``segment_chunk``'s source is the zarr array to
+    objects (kept with the partials: ``PartialRun.seeds``), written with the local fit
+    weighing ``split_fit`` (``engine.plan.seeding_fit``), or None. read_here : ``segment_chunk``'s source is the zarr array to
     read ``ext`` from, else the region itself. source_name : the input, for messages. index :
     the block's number in the run. progress_key : the run's key in ``_RELAYS`` (tile progress
     inside the block, where the task runs in the calling process), or None.
@@ -518,7 +518,8 @@ class ZarrResult:
     n_objects : how many objects (0 without ``instances``). objects : the CSV of their
     measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
     killed run of the same outputs had finished (not written again here; with objects seeded by
-    ``InstanceConfig.split_fit`` they are segmented again for the seeds; 0 for a fresh run).
+    ``InstanceConfig.split_fit``, those it finished without their seeds are segmented again for
+    them; 0 for a fresh run).
     """
 
     labels: Path
@@ -868,18 +869,22 @@ def segment_zarr(
         finished = _finished_blocks(blocks.boxes, partials.done, chunks, shape[1:])
         if instances_out is not None:
             create("instances", tmps[outputs.index(Path(instances_out))])
-        # the seeds: scratch beside the labels, made by every block (those an earlier run
-        # finished are segmented again for them alone: the scratch is not kept between runs)
-        seeds = None
+        # the seeds, kept with the partials: every block writes its own; a block an earlier run
+        # finished without them (a run without objects, or one stopped before) is segmented
+        # again for them alone
+        seeds, unseeded = None, set()
         if seeding:
-            seeds = temporary_sibling(outputs[0])
-            tmps.append(seeds)  # removed in the finally below
-            zarr.open_array(str(seeds), mode="w", shape=shape[1:], chunks=chunks,
-                            dtype=np.uint8, fill_value=0)  # fmt: skip
+
+            def create_seeds(folder) -> None:
+                zarr.open_array(str(folder), mode="w", shape=shape[1:], chunks=chunks,
+                                dtype=np.uint8, fill_value=0)  # fmt: skip
+
+            seeds, seeded = partials.seeds(split_fit, create_seeds)
+            unseeded = finished - _finished_blocks(blocks.boxes, seeded, chunks, shape[1:])
         jobs = []
         paths = (str(tmps[0]), str(tmps[1]) if matte_out is not None else None)
         for i, box in enumerate(blocks.boxes):
-            if i in finished and seeds is None:
+            if i in finished and i not in unseeded:
                 continue
             ext, _ = extend_box(box, halo, shape[1:])
             job = ChunkJob(box, ext, layout, chunk_request, norm,
@@ -897,13 +902,14 @@ def segment_zarr(
         ]  # fmt: skip
         sizes = [math.prod(b - a for a, b in box) for box in blocks.boxes]
         voxels = _VoxelProgress(progress, sizes)
-        if seeds is None:  # an earlier run's blocks count as done from the start
-            voxels.skip(finished)
+        voxels.skip(finished - unseeded)  # an earlier run's blocks count as done from the start
         _RELAYS[token] = voxels.part
 
         def block_done(index: int, seeds_only: bool = False) -> None:
             if not seeds_only:  # a finished block is in the record already
                 partials.mark(blocks.boxes[index])  # before the progress, which may interrupt
+            if seeds is not None:
+                partials.mark_seeds(blocks.boxes[index])
             voxels.finish(index)
 
         voxels.start()
