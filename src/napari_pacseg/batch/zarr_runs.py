@@ -135,10 +135,11 @@ class ChunkJob:
     and matte zarr paths (either None: not written; both None for a block an earlier run
     finished, whose seeds alone are needed). seeds : the zarr path of the labels that seed the
     objects (kept with the partials: ``PartialRun.seeds``), written with the local fit
-    weighing ``split_fit`` (``engine.plan.seeding_fit``), or None. read_here : ``segment_chunk``'s source is the zarr array to
-    read ``ext`` from, else the region itself. source_name : the input, for messages. index :
-    the block's number in the run. progress_key : the run's key in ``_RELAYS`` (tile progress
-    inside the block, where the task runs in the calling process), or None.
+    weighing ``split_fit`` (``engine.plan.seeding_fit``), or None. read_here :
+    ``segment_chunk``'s source is the zarr array to read ``ext`` from, else the region itself.
+    source_name : the input, for messages. index : the block's number in the run.
+    progress_key : the run's key in ``_RELAYS`` (tile progress inside the block, where the task
+    runs in the calling process), or None.
     """
 
     box: tuple[tuple[int, int], ...]
@@ -512,11 +513,11 @@ class ZarrResult:
     largest block's task (``task_memory``). spacing : ``(z, y, x)`` used; spacing_source :
     "argument", the file's metadata or "model". halo : ``receptive_field`` used (each block's
     halo). timings : seconds per ``segment`` stage summed over the blocks computed,
-    plus ``range`` (the volume's intensity range), ``instances`` (the instance passes), ``seeds``
-    (with objects seeded by ``InstanceConfig.split_fit``: the seeding refinement, summed over
-    the blocks) and ``total`` (wall time of the call). instances : path of the int32 object ids, or None;
-    n_objects : how many objects (0 without ``instances``). objects : the CSV of their
-    measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
+    plus ``range`` (the volume's intensity range), ``instances`` (the instance passes),
+    ``seeds`` (with objects seeded by ``InstanceConfig.split_fit``: the seeding refinement,
+    summed over the blocks) and ``total`` (wall time of the call). instances : path of the
+    int32 object ids, or None; n_objects : how many objects (0 without ``instances``).
+    objects : the CSV of their measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
     killed run of the same outputs had finished (not written again here; with objects seeded by
     ``InstanceConfig.split_fit``, those it finished without their seeds are segmented again for
     them; 0 for a fresh run).
