@@ -264,10 +264,8 @@ class PartialRun:
 
     def mark_seeds(self, box) -> None:
         """Log the block ``box`` as holding its seeds (``seeds``)."""
-        box = tuple((int(a), int(b)) for a, b in box)
         with self._lock:
-            with open(self._seeds_log, "a", encoding="ascii") as f:
-                f.write(" ".join(f"{a} {b}" for a, b in box) + "\n")
+            _append_box(self._seeds_log, box)
 
     def _read_log(self, log: Path | None = None) -> list:
         try:
@@ -289,12 +287,8 @@ class PartialRun:
     def mark(self, box) -> None:
         """Log the block ``box`` (``(z, y, x)`` ranges) as finished: every output's chunks of it
         are written."""
-        box = tuple((int(a), int(b)) for a, b in box)
-        line = " ".join(f"{a} {b}" for a, b in box) + "\n"
         with self._lock:
-            with open(self._log, "a", encoding="ascii") as f:
-                f.write(line)
-            self.done.append(box)
+            self.done.append(_append_box(self._log, box))
 
     def publish(self, overwrite: bool) -> None:
         """Rename each partial into place (``move_into_place``), then remove its record."""
@@ -313,3 +307,12 @@ class PartialRun:
         with _ACTIVE_LOCK:
             _ACTIVE.difference_update(self._held)
         self._held = []
+
+
+def _append_box(log: Path, box) -> tuple:
+    """``box`` (``(z, y, x)`` ranges) as a line of the log ``log`` (``PartialRun._read_log``
+    reads it); returns it as int pairs. The caller holds the run's lock."""
+    box = tuple((int(a), int(b)) for a, b in box)
+    with open(log, "a", encoding="ascii") as f:
+        f.write(" ".join(f"{a} {b}" for a, b in box) + "\n")
+    return box

@@ -517,10 +517,10 @@ class ZarrResult:
     ``seeds`` (with objects seeded by ``InstanceConfig.split_fit``: the seeding refinement,
     summed over the blocks) and ``total`` (wall time of the call). instances : path of the
     int32 object ids, or None; n_objects : how many objects (0 without ``instances``).
-    objects : the CSV of their measurements, or None. resumed_blocks : how many of the ``n_blocks`` an earlier, failed or
-    killed run of the same outputs had finished (not written again here; with objects seeded by
-    ``InstanceConfig.split_fit``, those it finished without their seeds are segmented again for
-    them; 0 for a fresh run).
+    objects : the CSV of their measurements, or None. resumed_blocks : how many of the
+    ``n_blocks`` an earlier, failed or killed run of the same outputs had finished (not written
+    again here; with objects seeded by ``InstanceConfig.split_fit``, those it finished without
+    their seeds are segmented again for them; 0 for a fresh run).
     """
 
     labels: Path

@@ -167,11 +167,13 @@ def cell_weight(config: InstanceConfig) -> float:
 
 
 def _split_pieces(
-    values, spacing, config, planar, evidence, weight, should_cancel, seeds=None
+    values, spacing, config, planar, evidence, weight, should_cancel, seeds=None, within=None
 ) -> np.ndarray:
     """``split_piece`` on every 6-connected piece of each non-zero value of ``values`` ``(D, H,
     W)``, ids numbered as ``instance_labels`` numbers them; ``seeds`` (class labels of the same
-    shape, or None): a piece's ``core`` is where they hold its value."""
+    shape, or None): a piece's ``core`` is where they hold its value. ``within``: which sides
+    of ``values``' box lie on the image's border (``on_border``), or None: ``values`` is the
+    whole image."""
     out = np.zeros(values.shape, dtype=np.int32)
     next_id = 1
     for value in np.unique(values):
@@ -183,6 +185,8 @@ def _split_pieces(
             piece = pieces[box] == i
             bright = None if evidence is None else evidence[box]
             edges = on_border(box, values.shape, planar)
+            if within is not None:  # a side of the piece on the image's border
+                edges = tuple((a and lo, b and hi) for (a, b), (lo, hi) in zip(edges, within))
             core = None if seeds is None else seeds[box] == value
             ids = split_piece(piece, spacing, config, planar, bright, weight, edges, core)
             n = int(ids.max())
@@ -279,23 +283,11 @@ def split_piece(
 
 def _core_seeds(core, spacing, config, planar, evidence, weight, edges, pad):
     """Seeds from a piece's core (``split_piece``): ``(markers int32, n)`` on the padded box,
-    the objects of each 6-connected piece of ``core`` (``split_piece`` without a core, its
-    own sides on the image's border where they meet a side of the box that is)."""
-    markers = np.zeros(np.pad(core, pad).shape, np.int32)
-    pieces, _ = ndi.label(core, structure=FACES)
-    inner = markers[:, 1:-1, 1:-1] if planar else markers[1:-1, 1:-1, 1:-1]
-    n = 0
-    for i, box in enumerate(ndi.find_objects(pieces), start=1):
-        sides = tuple(
-            (lo and part.start == 0, hi and part.stop == size)
-            for (lo, hi), part, size in zip(edges, box, core.shape)
-        )
-        bright = None if evidence is None else evidence[box]
-        ids = split_piece(pieces[box] == i, spacing, config, planar, bright, weight, sides)
-        view = inner[box]
-        view[ids > 0] = ids[ids > 0] + n
-        n += int(ids.max())
-    return markers, n
+    the objects of each 6-connected piece of ``core`` (split as pieces without a core, on the
+    piece's box whose sides ``edges`` lie on the image's border)."""
+    ids = _split_pieces(core.view(np.uint8), spacing, config, planar, evidence, weight, None,
+                        within=edges)  # fmt: skip
+    return np.pad(ids, pad), int(ids.max())
 
 
 def _touching(ids: np.ndarray, edges, pad, n: int) -> np.ndarray:
