@@ -268,8 +268,11 @@ def test_segment_tiled_and_zarr_give_the_same_cells(tmp_path, demo, crop):
     tissue = ref.instances > 0
     assert tissue.mean() > 2 * (ref.labels > 0).mean()  # the cells reach beyond the nuclei
     assert set(ref.objects["class_name"]) == {"nucleus"}
+    plain = segment(crop, demo, spacing=spacing)  # no cells: the classifier's labels
+    assert (plain.labels != ref.labels).sum() > 100  # cells mode drew the boundary on its stain
     tiled = segment(crop, demo, spacing=spacing, instances=CELLS, tile_shape=(8, 40, 40))
     np.testing.assert_array_equal(tiled.instances, ref.instances)
+    np.testing.assert_array_equal(tiled.labels, ref.labels)
     source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=crop.shape,
                              chunks=(8, 24, 24), dtype=crop.dtype)  # fmt: skip
     source[:] = crop
@@ -278,6 +281,8 @@ def test_segment_tiled_and_zarr_give_the_same_cells(tmp_path, demo, crop):
                        objects_out=tmp_path / "objects.csv")  # fmt: skip
     ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")[:]
     np.testing.assert_array_equal(ids, ref.instances)
+    labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(labels, ref.labels)
     assert res.n_objects == ref.instances.max()
     table = pd.read_csv(tmp_path / "objects.csv")
     assert_same_table(table, ref.objects)
@@ -389,3 +394,108 @@ def test_the_side_of_the_stain_is_read_where_the_classes_meet(stain):
     assert stain_is_bright(stain_sums(bright, labels, MEMBRANE)) == (stain == "bright")
     ids = instance_labels(labels, spacing, config, evidence=bright, classes=CLASSES)
     assert_one_per_cell(ids, truth, np.ones(truth.shape, bool))
+
+
+# --- the labels on the boundary's stain ------------------------------------------------------
+
+
+def _thick_prediction(seed=8, stain="bright"):
+    """A honeycomb with a one-voxel membrane stain (blurred, noisy) and a classifier's labels
+    that paint the membrane 7 voxels wide and call a dark patch inside one cell membrane too:
+    ``(truth, membrane, labels, image, spacing)``."""
+    spacing = (1.0, 1.0, 1.0)
+    truth, membrane = honeycomb((16, 48, 48), spacing, 8.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    image = ndi.gaussian_filter(membrane.astype(np.float32), 0.8) + 0.2
+    image = image + rng.normal(0, 0.05, image.shape).astype(np.float32)
+    labels = as_labels(ndi.binary_dilation(membrane, iterations=3))
+    cell = truth == truth[8, 24, 24]
+    dark = cell & (ndi.distance_transform_edt(cell) >= 2)
+    image[dark] = 0.05
+    labels[dark] = MEMBRANE
+    if stain == "dark":
+        image = 1.2 - image
+    return truth, membrane, labels, image, spacing
+
+
+@pytest.mark.parametrize("stain", ["bright", "dark"])
+def test_the_boundary_class_is_drawn_on_its_stain(stain):
+    """A boundary class painted wider than its stain (and over a dark patch no stroke covered)
+    is drawn back to the stain and a voxel beside it; the rest takes its cell's class; the
+    stain itself stays whole; the cells do not change."""
+    from napari_pacseg.instances.cells import boundary_on_stain, stain_image
+
+    _, membrane, labels, image, spacing = _thick_prediction(stain=stain)
+    config = InstanceConfig(radius=8.0, boundary="membrane")
+    ids = instance_labels(labels, spacing, config, classes=CLASSES)
+    stain_img = stain_image(image[None], [image.min()], [image.max()], spacing)
+    out = boundary_on_stain(labels, ids, stain_img, MEMBRANE)
+    called = out == MEMBRANE
+    assert (called & membrane).sum() >= 0.97 * membrane.sum()  # the stain stays whole
+    # the stain's blur (0.8 voxel, and the stain's own smoothing) leaves it 3 voxels wide:
+    # drawn with a voxel beside it, nothing farther than 2 voxels from the membrane stays
+    assert not called[ndi.distance_transform_edt(~membrane) > 2.5].any()
+    assert called.sum() < 0.75 * (labels == MEMBRANE).sum()
+    assert set(np.unique(out)) == {MEMBRANE, CELL} and out.dtype == labels.dtype
+    np.testing.assert_array_equal(out[labels != MEMBRANE], labels[labels != MEMBRANE])
+
+
+def test_the_stain_drawing_keeps_labels_it_cannot_split_and_gives_cells_their_class():
+    """A uniform stain (one histogram bin) changes nothing; with two interior classes a voxel
+    leaving the boundary takes the class its cell encloses; one in no cell the image's most
+    common interior class."""
+    from napari_pacseg.instances.cells import (
+        boundary_on_stain,
+        enclosed_labels,
+        interior_counts,
+        main_interior,
+        stain_histogram,
+        stain_threshold,
+        thin_boundary,
+    )
+
+    _, _, labels, image, spacing = _thick_prediction()
+    config = InstanceConfig(radius=8.0, boundary="membrane")
+    ids = instance_labels(labels, spacing, config, classes=CLASSES)
+    flat = np.full(labels.shape, 0.5, np.float32)
+    assert stain_threshold(stain_histogram(flat, labels, MEMBRANE), True) is None
+    np.testing.assert_array_equal(boundary_on_stain(labels, ids, flat, MEMBRANE), labels)
+    # two interior classes: cells of the left half enclose class 4
+    two = labels.copy()
+    two[(two == CELL) & (np.arange(48)[None, None, :] < 24)] = 4
+    ids = instance_labels(two, spacing, config, classes=[*CLASSES, "other"])
+    stain = (image - image.min()) / (image.max() - image.min())
+    out = boundary_on_stain(two, ids, stain, MEMBRANE)
+    enclosed = enclosed_labels(ids, two, MEMBRANE)
+    moved = (two == MEMBRANE) & (out != MEMBRANE)
+    assert moved.sum() > 1000
+    np.testing.assert_array_equal(out[moved & (ids > 0)], enclosed[moved & (ids > 0)])
+    assert {4, CELL} <= set(np.unique(out[moved]))
+    # a voxel in no cell: the most common interior class, or none
+    counts = interior_counts(two, MEMBRANE, 5)
+    assert main_interior(counts) == int(np.argmax(counts)) and main_interior(np.zeros(5)) is None
+    lone = np.full((1, 1, 3), MEMBRANE, np.uint8)
+    dim = np.asarray([[[0.9, 0.1, 0.1]]], np.float32)
+    kept = thin_boundary(lone, dim, MEMBRANE, 0.5, True, lone, None)
+    np.testing.assert_array_equal(kept, lone)  # no cell, no fallback: stays
+    given = thin_boundary(lone, dim, MEMBRANE, 0.5, True, lone, CELL)
+    np.testing.assert_array_equal(given, [[[MEMBRANE, MEMBRANE, CELL]]])  # beside the stain
+
+
+def test_enclosed_classes_summed_over_chunks_equal_the_whole():
+    from napari_pacseg.engine.plan import split_box, whole
+    from napari_pacseg.instances.cells import enclosed_lut, enclosed_pairs
+
+    _, _, labels, _, spacing = _thick_prediction()
+    labels[(labels == CELL) & (np.arange(48)[None, :, None] < 21)] = 4
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=8.0, boundary="membrane"),
+                          classes=[*CLASSES, "other"])  # fmt: skip
+    parts = [enclosed_pairs(ids, labels, MEMBRANE, core=box)
+             for box in split_box(whole(labels.shape), (5, 12, 12))]  # fmt: skip
+    lut, has = enclosed_lut(*(np.concatenate([p[k] for p in parts]) for k in range(3)),
+                            int(ids.max()) + 1, labels.dtype)  # fmt: skip
+    want = enclosed_labels(ids, labels, MEMBRANE)
+    got = labels.copy()
+    got[has[ids]] = lut[ids[has[ids]]]
+    np.testing.assert_array_equal(got, want)
+    assert {4, CELL} <= set(np.unique(want[ids > 0]))

@@ -428,3 +428,31 @@ def test_a_live_preview_with_seeds_counts_and_cancels_their_steps(tmp_path):
         s.compute_live(s.live_job(box, other), in_the_seeding,
                        lambda d, t: reports.append((d, t)))  # fmt: skip
     assert reports[-1][0] > totals[0.0]
+
+
+def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
+    """In cells mode the preview's labels keep the boundary class on its stain, as segment()
+    draws it: previewing the whole image gives segment()'s labels (unrefined: exact)."""
+    from scipy import ndimage as ndi
+
+    from napari_pacseg import save_model
+    from tests.napari_pacseg.test_cells import honeycomb, membrane_strokes
+
+    shape, radius = (12, 40, 40), 6.0
+    truth, membrane = honeycomb(shape, (1.0, 1.0, 1.0), radius, seed=4)
+    rng = np.random.default_rng(4)
+    image = ndi.gaussian_filter(membrane.astype(np.float32), 0.8) + 0.2
+    image = np.clip((image + rng.normal(0, 0.05, shape)) * 1000, 0, None).astype(np.uint16)
+    model = train(image, membrane_strokes(truth, membrane, (3, 6, 9), seed=4), seed=0,
+                  class_names=["membrane", "cell"], steps=100)  # fmt: skip
+    save_model(model, tmp_path / "cells.safetensors")
+    s = Session()
+    s.use_image(layer(image, (1.0, 1.0, 1.0), name="tissue"))
+    s.load(tmp_path / "cells.safetensors")
+    instances = {"radius": radius, "boundary": "membrane"}
+    params = RunParams(refine={"iterations": 0}, device="cpu", instances=instances)
+    result = s.compute_live(s.live_job(tuple((0, n) for n in shape), params))
+    want = segment(image, model, refine={"iterations": 0}, instances=instances, device="cpu")
+    plain = segment(image, model, refine={"iterations": 0}, device="cpu")
+    assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on its stain
+    np.testing.assert_array_equal(result.labels, want.labels)

@@ -469,3 +469,45 @@ def test_the_command_resumes_a_zarr_input(tmp_path, model, image, monkeypatch, c
     assert sorted(p.name for p in out.iterdir()) == ["vol_labels.zarr", "vol_matte.zarr",
                                                      "vol_pacseg.json"]  # fmt: skip
     capsys.readouterr()
+
+
+def test_a_cells_run_stopped_while_drawing_the_stain_starts_anew(tmp_path, model, image):
+    """Cells mode rewrites the labels after the blocks (the boundary class on its stain): a run
+    stopped there cannot be resumed (its partials no longer hold what the blocks wrote), so
+    they are removed, and a record a kill left marked (``REWRITTEN``) makes the next run start
+    anew; both give the uninterrupted run's labels and cells."""
+    from napari_pacseg.batch.partial import REWRITTEN
+    from napari_pacseg.instances import chunked_cells
+
+    src = write_zarr(tmp_path / "in.zarr", image)
+    kw = {"chunks": CHUNKS, "refine": False, "instances": {"boundary": "background", "radius": 3.0},
+          "memory": budget(model, image.shape, CHUNKS, (1, 1, 1), False)}  # fmt: skip
+    segment_zarr(src, model, tmp_path / "ref.zarr", instances_out=tmp_path / "ref_ids.zarr", **kw)
+    out = tmp_path / "out"
+    out.mkdir()
+    real, calls = chunked_cells.thin_chunk, []
+
+    def stopping(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("stopped")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    run = lambda: segment_zarr(src, model, out / "labels.zarr",  # noqa: E731
+                               instances_out=out / "ids.zarr", **kw)  # fmt: skip
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(chunked_cells, "thin_chunk", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    assert calls and hidden(out) == []  # one chunk rewritten, then the partials removed
+    with pytest.MonkeyPatch.context() as m:
+        Blocks(m, stop_at=3)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    assert len(hidden(out)) == 1  # the labels' partial, kept to resume
+    (partial_path(out / "labels.zarr") / RECORD_DIR / REWRITTEN).touch()  # as a kill leaves it
+    res = run()
+    assert res.resumed_blocks == 0
+    for name, want in (("labels.zarr", "ref.zarr"), ("ids.zarr", "ref_ids.zarr")):
+        got = zarr.open_array(str(out / name), mode="r")[:]
+        assert np.array_equal(got, zarr.open_array(str(tmp_path / want), mode="r")[:])

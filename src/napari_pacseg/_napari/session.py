@@ -29,6 +29,7 @@ from napari_pacseg.engine.plan import Box, bound_preview, preview_budget, seedin
 from napari_pacseg.engine.preview import RegionSegmenter
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import Segmentation, segment
+from napari_pacseg.instances.cells import boundary_label, boundary_on_stain
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
 from napari_pacseg.io.model_file import load_model, save_model
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
@@ -755,6 +756,13 @@ class Session:
             ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
                                   classes=classes, background=job.params.background,
                                   seeds=seeds)  # fmt: skip
+            boundary = boundary_label(config, classes, job.params.background)
+            if boundary is not None:  # the boundary class on its stain, as segment() draws it
+                planar = inp.ndim == 2
+                stain = seg.stain(bounded.box, planar)
+                lift = (lambda a: a[None]) if planar else (lambda a: a)
+                labels = boundary_on_stain(lift(labels), lift(ids), lift(stain), boundary,
+                                           planar).reshape(labels.shape)  # fmt: skip
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

@@ -38,6 +38,7 @@ PARTIAL_SUFFIX = ".pacseg-partial.tmp"
 RECORD_DIR = ".pacseg-partial"
 RECORD_FORMAT = "napari-pacseg partial output"
 RECORD_VERSION = 1
+REWRITTEN = "rewritten"  # in a record: the partials were rewritten after their blocks
 
 # Partials being written by runs of this process (resolved paths): a second run of the same
 # outputs in this process (another thread) is refused.
@@ -190,6 +191,7 @@ class PartialRun:
             self.resumable
             and all(r is not None and r.get("key") == self.key for r in records)
             and len(ids) == 1
+            and not (next(iter(self.paths.values())) / RECORD_DIR / REWRITTEN).exists()
         ):
             self.run_id = ids.pop()
             self.blocks = records[0].get("blocks")
@@ -289,6 +291,14 @@ class PartialRun:
         are written."""
         with self._lock:
             self.done.append(_append_box(self._log, box))
+
+    def rewriting(self) -> None:
+        """Say that the partials are being rewritten after their blocks (cells mode's labels on
+        their stain): from here they cannot be resumed (their blocks no longer hold what the
+        blocks wrote), so a failure removes them, and a record left by a kill says so
+        (``REWRITTEN``; ``_open`` then starts anew)."""
+        (next(iter(self.paths.values())) / RECORD_DIR / REWRITTEN).touch()
+        self.resumable = False
 
     def publish(self, overwrite: bool) -> None:
         """Rename each partial into place (``move_into_place``), then remove its record."""

@@ -60,7 +60,7 @@ from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
 from napari_pacseg.instances.cells import boundary_label
 from napari_pacseg.instances.chunked import Brightness, IdArrays, Measure, instances_pass
-from napari_pacseg.instances.chunked_cells import cells_pass
+from napari_pacseg.instances.chunked_cells import cells_pass, stain_pass
 from napari_pacseg.instances.labels import table_csv
 from napari_pacseg.io.atomic import (
     check_replaceable,
@@ -952,6 +952,10 @@ def segment_zarr(
             else:  # cells from a boundary class
                 n_objects, table = cells_pass(run, arrays, boxes, spacing, objects, token,
                                               boundary, measure, bright)  # fmt: skip
+                # the labels' boundary class on its stain, as segment() draws it (after the
+                # cells: they come from the classifier's classes)
+                stain_pass(run, arrays, boxes, spacing, token, boundary, bright,
+                           len(model.config.classes), n_objects, partials.rewriting)  # fmt: skip
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0

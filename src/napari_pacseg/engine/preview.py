@@ -88,6 +88,22 @@ class RegionSegmenter:
             )
         return box
 
+    def stain(self, box, planar: bool = False) -> np.ndarray:
+        """The boundary's stain on ``box`` (``cells.stain_image``; float32 ``(d, h, w)``, or
+        ``(h, w)`` for a 2D image, ``planar``): the image read on the box grown by the stain's
+        smoothing, so it equals the whole image's stain there."""
+        from napari_pacseg.instances.cells import stain_image, stain_reach
+
+        box = self.check_box(box)
+        spacing = self.plan.settings.spacing[1:] if planar else self.plan.settings.spacing
+        reach = (0, *stain_reach(spacing)) if planar else stain_reach(spacing)
+        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, self.shape))
+        region = self.plan.vol[(slice(None), *(slice(a, b) for a, b in ext))]
+        lo, hi = self.plan.lo.cpu().numpy(), self.plan.hi.cpu().numpy()
+        stain = stain_image(region[:, 0] if planar else region, lo, hi, spacing)
+        crop = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
+        return stain[crop[1:]] if planar else stain[crop]
+
     def probabilities(
         self,
         box,

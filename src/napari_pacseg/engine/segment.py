@@ -15,7 +15,12 @@ from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.frames import frame_views
 from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
 from napari_pacseg.engine.request import SegmentRequest
-from napari_pacseg.instances.cells import boundary_label, enclosed_labels
+from napari_pacseg.instances.cells import (
+    boundary_label,
+    boundary_on_stain,
+    enclosed_labels,
+    stain_image,
+)
 from napari_pacseg.instances.labels import (
     as_table,
     brightness_evidence,
@@ -248,7 +253,7 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
     ids = objects = None
     if request.instances is not None:
         t0 = time.perf_counter()
-        ids, objects = _objects(plan, labels, should_cancel, seeds)
+        ids, objects, labels = _objects(plan, labels, should_cancel, seeds)
         # the seeding mean field is part of the instance step
         timings["instances"] = time.perf_counter() - t0 + timings.pop("seeds", 0.0)
     timings["total"] = time.perf_counter() - start
@@ -256,8 +261,10 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
 
 
 def _objects(plan, labels, should_cancel, seeds=None):
-    """The object ids and measurement table of ``labels`` (``plan``'s image and request);
-    ``seeds``: the labels that seed the objects (``refine(split_fit=...)``), or None."""
+    """``(ids, table, labels)``: the object ids and measurement table of ``labels``
+    (``plan``'s image and request), and the labels (in cells mode with the boundary class
+    thinned to its stain: ``cells.boundary_on_stain``; else ``labels`` itself); ``seeds``: the
+    labels that seed the objects (``refine(split_fit=...)``), or None."""
     model = plan.model
     plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
     flat_labels = labels if plan.flat or not plane else labels[0]
@@ -272,12 +279,19 @@ def _objects(plan, labels, should_cancel, seeds=None):
                           evidence=bright, classes=classes, background=background,
                           seeds=seeds)  # fmt: skip
     boundary = boundary_label(config, classes, background)
+    measured = flat_labels
     if boundary is not None:  # a cell's class is the one it encloses
-        flat_labels = enclosed_labels(ids, flat_labels, boundary)
-    objects = as_table(object_table(ids, flat_labels, vol, spacing, classes))
+        measured = enclosed_labels(ids, flat_labels, boundary)
+    objects = as_table(object_table(ids, measured, vol, spacing, classes))
+    if boundary is not None:  # the boundary class on its stain (the cells are made above)
+        stain = stain_image(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing)
+        planar = flat_labels.ndim == 2
+        lift = (lambda a: a.reshape(1, *flat_labels.shape)) if planar else (lambda a: a)
+        thinned = boundary_on_stain(lift(flat_labels), lift(ids), lift(stain), boundary, planar)
+        labels = thinned.reshape(labels.shape)
     if plane and not plan.flat:
         ids = ids[None]
-    return ids, objects
+    return ids, objects, labels
 
 
 def _slices(box) -> tuple[slice, ...]:

@@ -22,6 +22,17 @@ electron-microscopy membranes dark). The side is read where the classes meet: th
 on the boundary voxels beside an interior against the interior voxels beside the boundary (not
 the classes' means: a classifier that calls dark cells boundary would turn those round), summed
 in integers so chunk by chunk gives the same answer.
+
+The labels follow the stain (``boundary_on_stain``): a classifier trained on strokes a few
+voxels wide paints the boundary class as wide as the strokes, and calls dark interiors it has
+not seen boundary, while the stain itself is a thin sheet. So in cells mode the boundary class
+keeps only the voxels whose stain (``stain_image``: the image at its own resolution) is on the
+stain's side of Otsu's threshold of the boundary class's stain (``stain_threshold``: the
+boundary voxels more stained than the interiors' median, split into the stain and its
+flanks), and those beside them; the others take their cell's enclosed class (in no cell: the
+image's most common interior class). The cells themselves come from the classifier's classes, before this: a gap in the
+thinned boundary must not merge two cells. The threshold is a histogram summed over chunks, so
+chunk by chunk gives the same labels.
 """
 
 from __future__ import annotations
@@ -31,22 +42,35 @@ import math
 import numpy as np
 
 from napari_pacseg.checks import short_repr
+from napari_pacseg.instances.evidence import smoothed_image, smoothing_reach
 from napari_pacseg.model.network import InstanceConfig
 
 REACH = 2.0  # the fill reaches this many radii (in steps of the finest axis) into the boundary
 STEP_COST = 10.0  # a step through the strongest stain costs 1 + STEP_COST plain steps
 LEVELS = 1 << 16  # the contrast's sums count the evidence in units of 1 / LEVELS
+STAIN_SIGMA = 1.0  # the stain's Gaussian (stain_image), voxels of the finest axis
+STAIN_BINS = 256  # bins of the stain's histogram (stain_threshold)
 
 __all__ = [
     "boundary_label",
+    "boundary_on_stain",
     "enclosed_labels",
+    "enclosed_lut",
+    "enclosed_pairs",
     "fill_boundary",
     "fill_halo",
     "fill_rounds",
+    "interior_counts",
     "interior_mask",
+    "main_interior",
     "stain_contrast",
+    "stain_histogram",
+    "stain_image",
     "stain_is_bright",
+    "stain_reach",
     "stain_sums",
+    "stain_threshold",
+    "thin_boundary",
 ]
 
 
@@ -215,28 +239,173 @@ def fill_boundary(
     return lab[1:-1, 1:-1, 1:-1]
 
 
+def enclosed_pairs(ids: np.ndarray, labels: np.ndarray, boundary: int, core=None):
+    """``(cells, values, counts)`` int64 arrays: how many interior voxels of each class value
+    each cell of ``ids`` holds (``labels`` the classes, ``boundary`` the boundary's label
+    value), one row per (cell, value) pair; ``core``: only the voxels of this box (``((z0,
+    z1), ...)``). Summed over chunks they give the whole volume's (``enclosed_lut``)."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if core is not None:
+        window = tuple(slice(a, b) for a, b in core)
+        ids, labels = ids[window], labels[window]
+    inner = interior_mask(labels, boundary) & (ids > 0)
+    if not inner.any():
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    pairs, counts = np.unique(
+        np.stack([ids[inner].astype(np.int64), labels[inner].astype(np.int64)]), axis=1,
+        return_counts=True,
+    )  # fmt: skip
+    return pairs[0], pairs[1], counts.astype(np.int64)
+
+
+def enclosed_lut(cells, values, counts, size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's enclosed class from ``enclosed_pairs`` (rows from any number of chunks, a
+    pair may repeat): ``(lut, has)`` of length ``size`` (more than the largest id), ``lut[i]``
+    the class value most of cell ``i``'s interior voxels have (a tie: the smaller value),
+    ``has[i]`` whether it has any."""
+    cells = np.asarray(cells, np.int64)
+    values = np.asarray(values, np.int64)
+    lut = np.zeros(size, dtype)
+    has = np.zeros(size, bool)
+    if cells.size == 0:
+        return lut, has
+    pairs, where = np.unique(np.stack([cells, values]), axis=1, return_inverse=True)
+    totals = np.bincount(where.reshape(-1), weights=np.asarray(counts, np.float64))
+    cell, value = pairs
+    order = np.lexsort((value, -totals, cell))  # per cell: most voxels first, then smaller value
+    cell, value = cell[order], value[order]
+    first = np.r_[True, cell[1:] != cell[:-1]]
+    lut[cell[first]] = value[first]
+    has[cell[first]] = True
+    return lut, has
+
+
 def enclosed_labels(ids: np.ndarray, labels: np.ndarray, boundary: int) -> np.ndarray:
     """``labels`` with each cell's voxels set to its enclosed class (the interior class most of
     its interior voxels have; a tie: the smaller label value), so ``object_table`` gives a cell
     the class it encloses, not the boundary's. Same shape and dtype as ``labels``."""
     labels = np.asarray(labels)
     ids = np.asarray(ids)
-    inner = interior_mask(labels, boundary) & (ids > 0)
+    lut, has = enclosed_lut(*enclosed_pairs(ids, labels, boundary), int(ids.max(initial=0)) + 1,
+                            labels.dtype)  # fmt: skip
     out = labels.copy()
-    if not inner.any():
-        return out
-    width = int(labels.max()) + 1
-    keys, counts = np.unique(
-        ids[inner].astype(np.int64) * width + labels[inner].astype(np.int64), return_counts=True
-    )
-    cell, value = keys // width, keys % width
-    order = np.lexsort((value, -counts, cell))  # per cell: most voxels first, then smaller value
-    cell, value = cell[order], value[order]
-    first = np.r_[True, cell[1:] != cell[:-1]]
-    lut = np.zeros(int(ids.max()) + 1, labels.dtype)
-    has = np.zeros(lut.size, bool)
-    lut[cell[first]] = value[first]
-    has[cell[first]] = True
     where = has[ids]
     out[where] = lut[ids[where]]
     return out
+
+
+def stain_sigma(spacing) -> float:
+    """The stain's Gaussian (``stain_image``): ``STAIN_SIGMA`` voxels of the finest axis, in
+    spacing units."""
+    return STAIN_SIGMA * min(float(s) for s in spacing)
+
+
+def stain_image(image: np.ndarray, lo, hi, spacing) -> np.ndarray:
+    """The boundary's stain at the image's resolution: ``smoothed_image`` of ``image`` (``(C,
+    D, H, W)``, or ``(C, H, W)`` with a ``(y, x)`` spacing) at ``stain_sigma``; float32 0..1."""
+    return smoothed_image(image, lo, hi, spacing, stain_sigma(spacing))
+
+
+def stain_reach(spacing) -> tuple[int, ...]:
+    """Voxels per axis that ``stain_image`` of a voxel reads beyond it."""
+    return smoothing_reach(spacing, stain_sigma(spacing))
+
+
+def stain_histogram(stain: np.ndarray, labels: np.ndarray, boundary: int, core=None) -> np.ndarray:
+    """int64 ``(2, STAIN_BINS)``: the stain (``stain_image``, 0..1) counted in ``STAIN_BINS``
+    equal bins on the boundary voxels (row 0) and on the interiors' (row 1); ``core``: only
+    the voxels of this box. Summed over chunks it is the whole volume's."""
+    stain, labels = np.asarray(stain), np.asarray(labels)
+    if core is not None:
+        window = tuple(slice(a, b) for a, b in core)
+        stain, labels = stain[window], labels[window]
+    bins = np.clip((stain * STAIN_BINS).astype(np.int64), 0, STAIN_BINS - 1)
+    rows = [bins[labels == boundary], bins[interior_mask(labels, boundary)]]
+    return np.stack([np.bincount(r, minlength=STAIN_BINS) for r in rows]).astype(np.int64)
+
+
+def stain_threshold(hist, is_bright: bool) -> float | None:
+    """The contrast (``stain_contrast``) above which a boundary voxel is on the stain, from
+    ``stain_histogram`` (added over chunks): Otsu's threshold (a bin centre) of the boundary
+    voxels that are more stained than the interiors' median (those at or below it are surely
+    not the stain: a dark patch the classifier called boundary must not pull the threshold
+    below the stain's flanks), and at least that median. None when fewer than two bins of
+    those hold voxels (nothing to split)."""
+    from skimage.filters import threshold_otsu
+
+    hist = np.asarray(hist, np.int64)
+    if not is_bright:  # contrast is 1 - stain: the bins in reverse
+        hist = hist[:, ::-1]
+    on, inner = hist
+    centres = (np.arange(on.size) + 0.5) / on.size
+    median = -1
+    if inner.sum():
+        median = int(np.searchsorted(np.cumsum(inner), (inner.sum() + 1) // 2))
+    above = on[median + 1 :]
+    if np.count_nonzero(above) < 2:
+        return None
+    otsu = float(threshold_otsu(hist=(above, centres[median + 1 :])))
+    return max(otsu, float(centres[median]) if median >= 0 else 0.0)
+
+
+def thin_boundary(labels: np.ndarray, stain: np.ndarray, boundary: int, threshold: float | None,
+                  is_bright: bool, enclosed: np.ndarray, fallback: int | None,
+                  planar: bool = False) -> np.ndarray:  # fmt: skip
+    """``labels`` ``(D, H, W)`` with the boundary class kept on its stain: a boundary voxel
+    stays where its contrast (``stain_contrast`` of ``stain``, ``stain_image``) is above
+    ``threshold`` (``stain_threshold``; None: every voxel stays), or where a face neighbour's
+    is and it is boundary too (the stain's blurred flank: a membrane one voxel wide in noise
+    stays whole). The others take the class of the cell they belong to (``enclosed``:
+    ``enclosed_labels`` of the cells), or ``fallback`` (``main_interior``) when in no cell or
+    in one without interior (None: they stay boundary). ``planar``: a 2D image (``D`` 1),
+    neighbours in the plane. A voxel's result depends on its face neighbours: a chunk's arrays
+    reach one voxel beyond it. Same shape and dtype as ``labels``."""
+    labels = np.asarray(labels)
+    if threshold is None:
+        return labels.copy()
+    enclosed = np.asarray(enclosed)
+    on = labels == boundary
+    stained = on & (stain_contrast(stain, is_bright) > threshold)
+    near = stained.copy()
+    for axis in (1, 2) if planar else (0, 1, 2):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        near[lo] |= stained[hi]
+        near[hi] |= stained[lo]
+    if fallback is not None:
+        enclosed = np.where(enclosed == boundary, labels.dtype.type(fallback), enclosed)
+    thin = on & ~near & (enclosed != boundary)
+    return np.where(thin, enclosed, labels).astype(labels.dtype, copy=False)
+
+
+def interior_counts(labels: np.ndarray, boundary: int, size: int, core=None) -> np.ndarray:
+    """int64 ``(size,)``: voxels per label value (``size`` more than the largest) of the
+    interior classes of ``labels`` (0 for the background and the boundary); ``core``: only the
+    voxels of this box. Summed over chunks it is the whole volume's."""
+    labels = np.asarray(labels)
+    if core is not None:
+        labels = labels[tuple(slice(a, b) for a, b in core)]
+    inner = labels[interior_mask(labels, boundary)]
+    return np.bincount(inner.astype(np.int64).ravel(), minlength=size)[:size].astype(np.int64)
+
+
+def main_interior(counts) -> int | None:
+    """The interior class most voxels have (``interior_counts``; a tie: the smaller value), or
+    None when there are none."""
+    counts = np.asarray(counts)
+    return int(np.argmax(counts)) if counts.any() else None
+
+
+def boundary_on_stain(labels: np.ndarray, ids: np.ndarray, stain: np.ndarray, boundary: int,
+                      planar: bool = False) -> np.ndarray:  # fmt: skip
+    """The labels of cells mode in memory: ``labels`` ``(D, H, W)`` thinned to the stain
+    (``thin_boundary``), with the threshold, the stain's side and the main interior class read
+    on this image (``stain``: ``stain_image``; ``ids``: the cells, ``instance_labels``).
+    ``planar``: a 2D image (``D`` 1)."""
+    labels = np.asarray(labels)
+    is_bright = stain_is_bright(stain_sums(stain, labels, boundary, planar))
+    threshold = stain_threshold(stain_histogram(stain, labels, boundary), is_bright)
+    fallback = main_interior(interior_counts(labels, boundary, int(labels.max(initial=0)) + 1))
+    return thin_boundary(labels, stain, boundary, threshold, is_bright,
+                         enclosed_labels(ids, labels, boundary), fallback, planar)  # fmt: skip

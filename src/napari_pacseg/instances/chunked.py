@@ -170,6 +170,19 @@ class Brightness:
         return bright[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
 
 
+    def stain(self, box, shape, spacing) -> np.ndarray:
+        """The boundary's stain on ``box`` (``cells.stain_image``), read as ``on`` reads the
+        evidence: on the box grown by the stain's smoothing."""
+        from napari_pacseg.instances.cells import stain_image, stain_reach
+        from napari_pacseg.io.volumes import read_region
+
+        reach = stain_reach(spacing)
+        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, shape))
+        region = read_region(self.source, self.layout, ext, self.name)
+        stain = stain_image(region, self.lo, self.hi, spacing)
+        return stain[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
+
+
 def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
              brightness: Brightness | None = None, cells: CellRule | None = None,
              seeds_path: str | None = None) -> np.ndarray:  # fmt: skip

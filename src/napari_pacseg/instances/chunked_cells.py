@@ -13,7 +13,10 @@ pieces (as in ``instances.chunked``), and the boundary's fill reaches a bounded 
 4. per chunk: the chunk grown by the fill's halo, the cells of every piece that meets it (each
    split on its own box), the fill there, the chunk's part written (``fill_chunk``);
 5. with measurements: per group of pieces, each cell measured on its piece's box grown by the
-   halo (it holds the whole cell), read back from the written ids (``measure_cells``).
+   halo (it holds the whole cell), read back from the written ids (``measure_cells``);
+6. and 7. the labels on the boundary's stain (``stain_pass``): per chunk the stain's sums,
+   histogram and the cells' enclosed classes (``stain_stats_chunk``), then per chunk the labels
+   rewritten (``thin_chunk``).
 
 Memory per task: a chunk grown by the halo, plus the box of the largest piece that meets it.
 """
@@ -24,11 +27,18 @@ import numpy as np
 
 from napari_pacseg.instances.cells import (
     enclosed_labels,
+    enclosed_lut,
+    enclosed_pairs,
     fill_boundary,
     fill_halo,
+    interior_counts,
+    main_interior,
     stain_contrast,
+    stain_histogram,
     stain_is_bright,
     stain_sums,
+    stain_threshold,
+    thin_boundary,
 )
 from napari_pacseg.instances.chunked import (
     Brightness,
@@ -204,3 +214,82 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
         parts = [t for _, group in sorted(measured, key=lambda r: r[0]) for t in group]
         table = concat_tables([t for t in parts if t is not None], measure)
     return int(sum(counts)), table
+
+
+def stain_stats_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
+                      boundary: int, size: int):  # fmt: skip
+    """Pass 6 for one chunk: ``(sums, histogram, pairs, counts)``, its ``cells.stain_sums``,
+    ``stain_histogram`` and ``enclosed_pairs`` of the stain (``Brightness.stain``), the labels
+    (read one voxel beyond it) and the cells, and its ``interior_counts`` (``size`` values)."""
+    import zarr
+
+    labels = zarr.open_array(labels_path, mode="r")
+    ext = grown(box, (1, 1, 1), labels.shape)
+    lab = np.asarray(labels[_slices(ext)])
+    stain = brightness.stain(ext, labels.shape, spacing)
+    core = tuple((a - e, b - e) for (a, b), (e, _) in zip(box, ext))
+    inner = lab[_slices(core)]
+    ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(box)])
+    return (stain_sums(stain, lab, boundary, core=core),
+            stain_histogram(stain, lab, boundary, core=core),
+            enclosed_pairs(ids, inner, boundary), interior_counts(inner, boundary, size))  # fmt: skip
+
+
+def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
+               boundary: int, rule: tuple) -> int:  # fmt: skip
+    """Pass 7 for one chunk: its labels rewritten on the stain (``cells.thin_boundary``, read
+    one voxel beyond it); ``rule``: ``(threshold, is_bright, lut, has, fallback)`` of the
+    whole volume. Returns the voxels that changed."""
+    import zarr
+
+    threshold, is_bright, lut, has, fallback = rule
+    labels = zarr.open_array(labels_path, mode="r+")
+    ext = grown(box, (1, 1, 1), labels.shape)
+    lab = np.asarray(labels[_slices(ext)])
+    ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(ext)])
+    enclosed = lab.copy()
+    where = has[ids]
+    enclosed[where] = lut[ids[where]]
+    stain = brightness.stain(ext, labels.shape, spacing)
+    out = thin_boundary(lab, stain, boundary, threshold, is_bright, enclosed, fallback)
+    core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
+    changed = int(np.count_nonzero(out[core] != lab[core]))
+    if changed:
+        labels[_slices(box)] = out[core]
+    return changed
+
+
+def stain_pass(run, arrays: IdArrays, boxes, spacing, token: str, boundary: int,
+               brightness: Brightness, classes: int, n_cells: int, before_write=None) -> int:
+    """Passes 6 and 7: the labels zarr array (``arrays.labels``, chunks ``boxes``) rewritten
+    with the boundary class on its stain, as ``segment`` draws it in memory
+    (``cells.boundary_on_stain``; the cells in ``arrays.ids``, ids 1..``n_cells``, are
+    final). ``classes``: the model's number of classes; ``before_write()``, when given, is called once the rule is known
+    and before the first chunk is rewritten. Returns the voxels that changed."""
+    import dask
+    import zarr
+
+    delayed = dask.delayed
+    labels_path, ids_path = arrays.labels, arrays.ids
+    stats = run([
+        delayed(stain_stats_chunk, pure=False)(labels_path, ids_path, box, spacing, brightness,
+                                               boundary, classes + 1,
+                                               dask_key_name=f"pacseg-stain-stats-{token}-{i}")
+        for i, box in enumerate(boxes)
+    ])  # fmt: skip
+    is_bright = stain_is_bright([sum(s[0][k] for s in stats) for k in range(4)])
+    threshold = stain_threshold(np.sum([s[1] for s in stats], axis=0), is_bright)
+    if threshold is None:
+        return 0
+    cells, values, counts = (np.concatenate([s[2][k] for s in stats]) for k in range(3))
+    dtype = zarr.open_array(labels_path, mode="r").dtype
+    lut, has = enclosed_lut(cells, values, counts, n_cells + 1, dtype)
+    fallback = main_interior(np.sum([s[3] for s in stats], axis=0))
+    if before_write is not None:
+        before_write()
+    return int(sum(run([
+        delayed(thin_chunk, pure=False)(labels_path, ids_path, box, spacing, brightness, boundary,
+                                        (threshold, is_bright, lut, has, fallback),
+                                        dask_key_name=f"pacseg-thin-{token}-{i}")
+        for i, box in enumerate(boxes)
+    ])))  # fmt: skip

@@ -28,6 +28,7 @@ from napari_pacseg.instances.cells import (
     stain_is_bright,
     stain_sums,
 )
+from napari_pacseg.instances.evidence import smoothed_image, smoothing_reach
 from napari_pacseg.model.network import InstanceConfig, with_overrides
 from napari_pacseg.progress import stop_if_cancelled
 
@@ -55,30 +56,18 @@ def instance_config(base: InstanceConfig, instances) -> InstanceConfig | None:
 def brightness_evidence(
     image: np.ndarray, lo, hi, spacing, config: InstanceConfig
 ) -> np.ndarray | None:
-    """The brightness evidence of ``instance_labels``: ``image`` ``(C, D, H, W)`` (or ``(C, H,
-    W)`` with a ``(y, x)`` spacing) smoothed by a Gaussian of ``config.smoothing`` (physical
-    units; not across the planes of a 2D image), mapped by ``lo``/``hi`` (one value per
-    channel: the segmentation's normalisation) to 0..1, clipped, averaged over channels:
-    float32 of the spatial shape. None when ``config.brightness`` is 0 in blobs mode (cells mode
+    """The brightness evidence of ``instance_labels``: ``smoothed_image`` of ``image`` (``(C,
+    D, H, W)``, or ``(C, H, W)`` with a ``(y, x)`` spacing) at ``config.smoothing``: float32 of
+    the spatial shape, 0..1. None when ``config.brightness`` is 0 in blobs mode (cells mode
     always reads the image: ``instances.cells``)."""
     if config.brightness == 0 and config.boundary is None:
         return None
-    image = np.asarray(image)
-    lo = np.asarray(lo, np.float32).reshape(-1)
-    hi = np.asarray(hi, np.float32).reshape(-1)
-    sigmas = [config.smoothing / s for s in spacing]
-    out = np.zeros(image.shape[1:], np.float32)
-    for c in range(image.shape[0]):
-        smooth = ndi.gaussian_filter(image[c].astype(np.float32), sigmas, mode="reflect")
-        scale = hi[c] - lo[c] if hi[c] > lo[c] else 1.0
-        out += np.clip((smooth - lo[c]) / scale, 0.0, 1.0)
-    return out / image.shape[0]
+    return smoothed_image(image, lo, hi, spacing, config.smoothing)
 
 
 def evidence_reach(spacing, config: InstanceConfig) -> tuple[int, ...]:
-    """Voxels per axis the evidence of a voxel reads beyond it (the smoothing's kernel, as
-    ``scipy.ndimage.gaussian_filter`` truncates it at 4 sigma)."""
-    return tuple(int(4.0 * config.smoothing / s + 0.5) for s in spacing)
+    """Voxels per axis the evidence of a voxel reads beyond it (``smoothing_reach``)."""
+    return smoothing_reach(spacing, config.smoothing)
 
 
 def instance_labels(

@@ -308,8 +308,10 @@ class InstanceConfig:
       above, its elevation the distance to the boundary in units of ``radius`` plus ``1 +
       brightness`` times the image's boundary contrast turned into a valley (the smoothed image,
       oriented so the boundary's stain is high); then every boundary voxel joins the cell it
-      reaches most cheaply, a step across the stain costing more. ``radius`` is the cells'
-      radius. Naming the background class means the whole image is tissue (a crop inside it).
+      reaches most cheaply, a step across the stain costing more; and the labels keep the
+      boundary class only on its stain and a voxel beside it (the rest takes its cell's class:
+      ``cells.boundary_on_stain``). ``radius`` is the cells' radius. Naming the background
+      class means the whole image is tissue (a crop inside it).
 
     Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
     their neighbour; in cells mode a dropped piece joins the cells around it); its default,
