@@ -74,14 +74,20 @@ anchor (recipe; for cells also the membrane watershed) + 0.05; refinement never 
 unrefined result (Dice and boundary F, every seed); object count within 20% of the reference
 (every seed). Writes ``benchmarks/results/realdata-<device>.md``.
 
+``--halves``: each image's two halves (3D: along y, 2D: along x) as images of their own, with
+the same strokes planes, radius and targets (their reference objects cut by the new border
+included): held-back crops of these kinds are what the targets are checked on, and the halves
+show how much the defaults' margins depend on the one crop (``realdata-<device>-halves.md``).
+
 Usage: python benchmarks/bench_realdata.py [--data PATH] [--seeds 0 1 2] [--images STEM ...]
        [--radius STEM=R ...] [--instances-json JSON] [--train-json JSON --name NAME]
-       [--device cpu|cuda] [--apoc-python PATH]
+       [--halves] [--device cpu|cuda] [--apoc-python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -450,6 +456,23 @@ def load_case(folder: Path, image: RealImage, radius: float) -> Case:
     return Case(image, pixels, labels, truth, ignore, image.spacing, radius)
 
 
+def halves(case: Case) -> list[Case]:
+    """The two halves of ``case`` along y (a 2D image: along x), each a case of its own named
+    after the half (its stem gains ", y 0-100" and so on)."""
+    axis = case.pixels.ndim - (1 if case.pixels.ndim == 2 else 2)
+    n = case.pixels.shape[axis]
+    out = []
+    for lo, hi in ((0, n // 2), (n // 2, n)):
+        window = tuple(slice(lo, hi) if a == axis else slice(None) for a in range(case.pixels.ndim))
+        name = f"{case.image.stem}, {'zyx'[axis + 3 - case.pixels.ndim]} {lo}-{hi}"
+        out.append(dataclasses.replace(
+            case, image=dataclasses.replace(case.image, stem=name), pixels=case.pixels[window],
+            labels=case.labels[window], truth=case.truth[window],
+            ignore=None if case.ignore is None else case.ignore[window],
+        ))  # fmt: skip
+    return out
+
+
 def strokes(case: Case, seed: int) -> np.ndarray:
     if case.image.kind == "cells":
         return cell_scribbles(case.labels, case.image.planes, seed)
@@ -666,6 +689,9 @@ def main() -> None:
                         "results then go to realdata-<device>-<--name>.md")  # fmt: skip
     parser.add_argument("--name", default="variant",
                         help="the results file's suffix with --train-json (default 'variant')")
+    parser.add_argument("--halves", action="store_true",
+                        help="each image's two halves (3D: along y, 2D: along x) as images of "
+                        "their own (results in realdata-<device>-halves.md)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for ours")
     parser.add_argument("--apoc-python", default=None,
                         help="interpreter with apoc installed (default: .apoc-venv/bin/python "
@@ -704,9 +730,10 @@ def main() -> None:
         if image.kind == "cells":  # cells enclosed by the membrane class
             instances["boundary"] = CELL_CLASSES[0]
         instances.update(extra.get(image.stem, {}))
-        result = evaluate(case, args.seeds, instances, args.device, apoc_python, train_kw)
-        result["seeds_used"] = args.seeds
-        results.append(result)
+        for part in halves(case) if args.halves else [case]:
+            result = evaluate(part, args.seeds, instances, args.device, apoc_python, train_kw)
+            result["seeds_used"] = args.seeds
+            results.append(result)
     run_s = time.perf_counter() - started
 
     shown_data = "../shared/realdata" if data == DEFAULT_DATA else common.shown_path(str(data))
@@ -716,6 +743,7 @@ def main() -> None:
     flags += "".join(f" --radius {r}" for r in args.radius)
     flags += f" --instances-json '{args.instances_json}'" if extra else ""
     flags += f" --train-json '{args.train_json}' --name {args.name}" if train_kw else ""
+    flags += " --halves" if args.halves else ""
     flags += f" --device {args.device}" if args.device != "cpu" else ""
     flags += f" --apoc-python {common.shown_path(apoc_python)}" if args.apoc_python else ""
     dev = args.device
@@ -740,7 +768,10 @@ def main() -> None:
         "removal) and the membrane watershed (cells) tuned over a small grid by object F1 on the "
         "same image (hindsight: an upper bound of what a user tuning by eye gets). Times: "
         "train() and segment() for ours, the chosen setting's run for the anchors."
-        + (f" Ours trained with `train(..., **{train_kw})`." if train_kw else ""),
+        + (f" Ours trained with `train(..., **{train_kw})`." if train_kw else "")
+        + (" Each image's two halves (3D: along y; 2D: along x) are images of their own here, "
+           "their reference objects cut by the new border included: a check that the defaults "
+           "hold on other crops of the same kinds." if args.halves else ""),
         "",
         "APOC: "
         + (
@@ -753,7 +784,7 @@ def main() -> None:
     lines += targets(results)
     for result in results:
         lines += ["", *image_section(result, args.seeds)]
-    suffix = f"-{args.name}" if train_kw else ""
+    suffix = (f"-{args.name}" if train_kw else "") + ("-halves" if args.halves else "")
     out = common.write_result(
         f"realdata-{common.device_name(dev)}{suffix}.md", "\n".join(lines) + "\n"
     )

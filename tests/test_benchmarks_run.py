@@ -72,3 +72,27 @@ def test_realdata_strokes_and_object_scores(monkeypatch):
     assert scores["over"] == 1 and scores["under"] == 0
     merged = np.where(truth > 0, 1, 0)
     assert bench_realdata.match(truth, merged)["under"] == 1
+
+
+def test_realdata_halves_are_cases_of_their_own(monkeypatch):
+    """``bench_realdata --halves``: a 3D image splits along y, a 2D one along x, each half with
+    its own pixels, labels, truth and ignore mask, named after the half."""
+    import numpy as np
+
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    import bench_realdata as br
+
+    pixels = np.arange(4 * 6 * 8).reshape(4, 6, 8)
+    image = br.RealImage("cells3d", "cells", (1.0, 1.0, 1.0), (1, 2), 3.0)
+    case = br.Case(image, pixels, pixels + 1, pixels + 2, pixels % 2 == 0, image.spacing, 3.0)
+    lo, hi = br.halves(case)
+    assert (lo.image.stem, hi.image.stem) == ("cells3d, y 0-3", "cells3d, y 3-6")
+    np.testing.assert_array_equal(np.concatenate([lo.pixels, hi.pixels], axis=1), pixels)
+    np.testing.assert_array_equal(hi.truth, pixels[:, 3:] + 2)
+    np.testing.assert_array_equal(hi.ignore, pixels[:, 3:] % 2 == 0)
+    assert lo.image.planes == (1, 2) and lo.radius == 3.0
+    flat = br.RealImage("dsb", "nuclei", (1.0, 1.0), (None,), 4.0)
+    two = br.Case(flat, pixels[0], pixels[0], pixels[0], None, flat.spacing, 4.0)
+    left, right = br.halves(two)
+    assert right.image.stem == "dsb, x 4-8" and right.pixels.shape == (6, 4)
+    assert left.ignore is None

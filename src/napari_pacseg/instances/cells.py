@@ -252,11 +252,10 @@ def enclosed_pairs(ids: np.ndarray, labels: np.ndarray, boundary: int, core=None
     if not inner.any():
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    pairs, counts = np.unique(
-        np.stack([ids[inner].astype(np.int64), labels[inner].astype(np.int64)]), axis=1,
-        return_counts=True,
-    )  # fmt: skip
-    return pairs[0], pairs[1], counts.astype(np.int64)
+    width = int(labels.max()) + 1
+    keys, counts = np.unique(ids[inner].astype(np.int64) * width + labels[inner],
+                             return_counts=True)  # fmt: skip
+    return keys // width, keys % width, counts.astype(np.int64)
 
 
 def enclosed_lut(cells, values, counts, size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -270,9 +269,10 @@ def enclosed_lut(cells, values, counts, size: int, dtype) -> tuple[np.ndarray, n
     has = np.zeros(size, bool)
     if cells.size == 0:
         return lut, has
-    pairs, where = np.unique(np.stack([cells, values]), axis=1, return_inverse=True)
+    width = int(values.max()) + 1
+    keys, where = np.unique(cells * width + values, return_inverse=True)
     totals = np.bincount(where.reshape(-1), weights=np.asarray(counts, np.float64))
-    cell, value = pairs
+    cell, value = keys // width, keys % width
     order = np.lexsort((value, -totals, cell))  # per cell: most voxels first, then smaller value
     cell, value = cell[order], value[order]
     first = np.r_[True, cell[1:] != cell[:-1]]

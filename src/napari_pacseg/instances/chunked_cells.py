@@ -239,7 +239,9 @@ def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Bright
                boundary: int, rule: tuple) -> int:  # fmt: skip
     """Pass 7 for one chunk: its labels rewritten on the stain (``cells.thin_boundary``, read
     one voxel beyond it); ``rule``: ``(threshold, is_bright, lut, has, fallback)`` of the
-    whole volume. Returns the voxels that changed."""
+    whole volume. A neighbour chunk rewritten first reads the same: the rewrite keeps every
+    boundary voxel on the stain, the only ones a neighbour's result depends on. Returns the
+    voxels that changed."""
     import zarr
 
     threshold, is_bright, lut, has, fallback = rule
@@ -264,8 +266,9 @@ def stain_pass(run, arrays: IdArrays, boxes, spacing, token: str, boundary: int,
     """Passes 6 and 7: the labels zarr array (``arrays.labels``, chunks ``boxes``) rewritten
     with the boundary class on its stain, as ``segment`` draws it in memory
     (``cells.boundary_on_stain``; the cells in ``arrays.ids``, ids 1..``n_cells``, are
-    final). ``classes``: the model's number of classes; ``before_write()``, when given, is called once the rule is known
-    and before the first chunk is rewritten. Returns the voxels that changed."""
+    final). ``classes``: the model's number of classes; ``before_write()``, when given, is
+    called once the rule is known, before the first chunk is rewritten. Returns the voxels
+    that changed."""
     import dask
     import zarr
 
