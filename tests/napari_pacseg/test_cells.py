@@ -310,7 +310,7 @@ def test_chunked_cells_equal_in_memory_with_pieces_and_fills_across_chunks(tmp_p
                               dtype=dtype, fill_value=0)  # fmt: skip
         if name == "labels":
             arr[:] = labels
-    n, table = cells_pass(
+    n, table, _ = cells_pass(
         lambda tasks: list(dask.compute(*tasks, scheduler="synchronous")),
         IdArrays(paths["labels"], paths["ids"], paths["cc"]),
         split_box(whole(labels.shape), chunks), spacing, config, "test", MEMBRANE,
@@ -399,16 +399,16 @@ def test_the_side_of_the_stain_is_read_where_the_classes_meet(stain):
 # --- the labels on the boundary's stain ------------------------------------------------------
 
 
-def _thick_prediction(seed=8, stain="bright"):
+def _thick_prediction(seed=8, stain="bright", width=3):
     """A honeycomb with a one-voxel membrane stain (blurred, noisy) and a classifier's labels
-    that paint the membrane 7 voxels wide and call a dark patch inside one cell membrane too:
-    ``(truth, membrane, labels, image, spacing)``."""
+    that paint the membrane ``2 * width + 1`` voxels wide and call a dark patch inside one
+    cell membrane too: ``(truth, membrane, labels, image, spacing)``."""
     spacing = (1.0, 1.0, 1.0)
     truth, membrane = honeycomb((16, 48, 48), spacing, 8.0, seed=seed)
     rng = np.random.default_rng(seed)
     image = ndi.gaussian_filter(membrane.astype(np.float32), 0.8) + 0.2
     image = image + rng.normal(0, 0.05, image.shape).astype(np.float32)
-    labels = as_labels(ndi.binary_dilation(membrane, iterations=3))
+    labels = as_labels(ndi.binary_dilation(membrane, iterations=width))
     cell = truth == truth[8, 24, 24]
     dark = cell & (ndi.distance_transform_edt(cell) >= 2)
     image[dark] = 0.05
@@ -418,18 +418,30 @@ def _thick_prediction(seed=8, stain="bright"):
     return truth, membrane, labels, image, spacing
 
 
-@pytest.mark.parametrize("stain", ["bright", "dark"])
-def test_the_boundary_class_is_drawn_on_its_stain(stain):
-    """A boundary class painted wider than its stain (and over a dark patch no stroke covered)
-    is drawn back to the stain and a voxel beside it; the rest takes its cell's class; the
-    stain itself stays whole; the cells do not change."""
-    from napari_pacseg.instances.cells import boundary_on_stain, stain_image
+def _drawn(labels, image, spacing, classes=CLASSES, radius=8.0):
+    """``boundary_on_stain`` as segment() runs it: the cells, the side they read on the
+    brightness evidence, the stain: ``(out, ids)``."""
+    from napari_pacseg.instances.cells import boundary_on_stain, stain_image, stain_side
 
-    _, membrane, labels, image, spacing = _thick_prediction(stain=stain)
-    config = InstanceConfig(radius=8.0, boundary="membrane")
-    ids = instance_labels(labels, spacing, config, classes=CLASSES)
-    stain_img = stain_image(image[None], [image.min()], [image.max()], spacing)
-    out = boundary_on_stain(labels, ids, stain_img, MEMBRANE)
+    config = InstanceConfig(radius=radius, boundary="membrane")
+    lo, hi = [float(image.min())], [float(image.max())]
+    evidence = brightness_evidence(image[None], lo, hi, spacing, config)
+    ids = instance_labels(labels, spacing, config, evidence=evidence, classes=classes)
+    side = stain_side(evidence, labels, MEMBRANE)
+    stain = stain_image(image[None], lo, hi, spacing)
+    return boundary_on_stain(labels, ids, stain, MEMBRANE, side), ids
+
+
+@pytest.mark.parametrize("stain", ["bright", "dark"])
+@pytest.mark.parametrize("width", [3, 5])
+def test_the_boundary_class_is_drawn_on_its_stain(stain, width):
+    """A boundary class painted 7 or 11 voxels wide over a one-voxel stain (and over a dark
+    patch no stroke covered) is drawn back to the stain and a voxel beside it; the rest takes
+    its cell's class; the stain itself stays whole; nothing else changes. At 11 voxels the
+    band's edges lie where the stain does not reach at its own resolution: the side of the
+    stain is the one the cells read on the smoothed evidence."""
+    _, membrane, labels, image, spacing = _thick_prediction(stain=stain, width=width)
+    out, _ = _drawn(labels, image, spacing)
     called = out == MEMBRANE
     assert (called & membrane).sum() >= 0.97 * membrane.sum()  # the stain stays whole
     # the stain's blur (0.8 voxel, and the stain's own smoothing) leaves it 3 voxels wide:
@@ -443,7 +455,7 @@ def test_the_boundary_class_is_drawn_on_its_stain(stain):
 def test_the_stain_drawing_keeps_labels_it_cannot_split_and_gives_cells_their_class():
     """A uniform stain (one histogram bin) changes nothing; with two interior classes a voxel
     leaving the boundary takes the class its cell encloses; one in no cell the image's most
-    common interior class."""
+    common interior class, or stays without one."""
     from napari_pacseg.instances.cells import (
         boundary_on_stain,
         enclosed_labels,
@@ -455,36 +467,37 @@ def test_the_stain_drawing_keeps_labels_it_cannot_split_and_gives_cells_their_cl
     )
 
     _, _, labels, image, spacing = _thick_prediction()
-    config = InstanceConfig(radius=8.0, boundary="membrane")
-    ids = instance_labels(labels, spacing, config, classes=CLASSES)
     flat = np.full(labels.shape, 0.5, np.float32)
-    assert stain_threshold(stain_histogram(flat, labels, MEMBRANE), True) is None
-    np.testing.assert_array_equal(boundary_on_stain(labels, ids, flat, MEMBRANE), labels)
-    # two interior classes: cells of the left half enclose class 4
+    assert stain_threshold(stain_histogram(flat, labels, MEMBRANE, True)) is None
+    ids = instance_labels(labels, spacing, InstanceConfig(radius=8.0, boundary="membrane"),
+                          classes=CLASSES)  # fmt: skip
+    np.testing.assert_array_equal(boundary_on_stain(labels, ids, flat, MEMBRANE, True), labels)
+    # two interior classes: cells of the left half enclose class 4, and a slab outside every
+    # cell (its ids removed) where class 4 is the more common interior
     two = labels.copy()
-    two[(two == CELL) & (np.arange(48)[None, None, :] < 24)] = 4
-    ids = instance_labels(two, spacing, config, classes=[*CLASSES, "other"])
-    stain = (image - image.min()) / (image.max() - image.min())
-    out = boundary_on_stain(two, ids, stain, MEMBRANE)
+    two[(two == CELL) & (np.arange(48)[None, None, :] < 30)] = 4
+    out, ids = _drawn(two, image, spacing, classes=[*CLASSES, "other"])
     enclosed = enclosed_labels(ids, two, MEMBRANE)
     moved = (two == MEMBRANE) & (out != MEMBRANE)
-    assert moved.sum() > 1000
-    np.testing.assert_array_equal(out[moved & (ids > 0)], enclosed[moved & (ids > 0)])
-    assert {4, CELL} <= set(np.unique(out[moved]))
-    # a voxel in no cell: the most common interior class, or none
+    assert moved.sum() > 1000 and {4, CELL} <= set(np.unique(out[moved]))
+    np.testing.assert_array_equal(out[moved], enclosed[moved])
     counts = interior_counts(two, MEMBRANE, 5)
-    assert main_interior(counts) == int(np.argmax(counts)) and main_interior(np.zeros(5)) is None
+    assert counts[4] > counts[CELL] and main_interior(counts) == 4
+    assert main_interior(np.zeros(5)) is None
     lone = np.full((1, 1, 3), MEMBRANE, np.uint8)
     dim = np.asarray([[[0.9, 0.1, 0.1]]], np.float32)
-    kept = thin_boundary(lone, dim, MEMBRANE, 0.5, True, lone, None)
+    cut = stain_threshold(stain_histogram(dim, lone, MEMBRANE, True))  # no interiors: all bins
+    kept = thin_boundary(lone, dim, MEMBRANE, cut, True, lone, None)
     np.testing.assert_array_equal(kept, lone)  # no cell, no fallback: stays
-    given = thin_boundary(lone, dim, MEMBRANE, 0.5, True, lone, CELL)
+    given = thin_boundary(lone, dim, MEMBRANE, cut, True, lone, CELL)
     np.testing.assert_array_equal(given, [[[MEMBRANE, MEMBRANE, CELL]]])  # beside the stain
+    dark = thin_boundary(lone, 1.0 - dim, MEMBRANE, cut, False, lone, CELL)
+    np.testing.assert_array_equal(dark, given)  # a dark stain: the same, read the other way
 
 
 def test_enclosed_classes_summed_over_chunks_equal_the_whole():
     from napari_pacseg.engine.plan import split_box, whole
-    from napari_pacseg.instances.cells import enclosed_lut, enclosed_pairs
+    from napari_pacseg.instances.cells import apply_enclosed, enclosed_lut, enclosed_pairs
 
     _, _, labels, _, spacing = _thick_prediction()
     labels[(labels == CELL) & (np.arange(48)[None, :, None] < 21)] = 4
@@ -495,7 +508,64 @@ def test_enclosed_classes_summed_over_chunks_equal_the_whole():
     lut, has = enclosed_lut(*(np.concatenate([p[k] for p in parts]) for k in range(3)),
                             int(ids.max()) + 1, labels.dtype)  # fmt: skip
     want = enclosed_labels(ids, labels, MEMBRANE)
-    got = labels.copy()
-    got[has[ids]] = lut[ids[has[ids]]]
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(apply_enclosed(labels, ids, lut, has), want)
     assert {4, CELL} <= set(np.unique(want[ids > 0]))
+
+
+@pytest.mark.parametrize("stain", ["bright", "dark"])
+def test_the_stain_pass_over_zarr_chunks_equals_memory(tmp_path, stain):
+    """``chunked_cells.stain_pass`` on zarr arrays (odd chunks, a threads scheduler, the
+    membrane a class of its own with the outside as background, two interior classes) gives
+    ``boundary_on_stain``'s labels; chunks rewritten in waves that never touch."""
+    dask = pytest.importorskip("dask")
+    zarr = pytest.importorskip("zarr")
+    from napari_pacseg.engine.plan import split_box, whole
+    from napari_pacseg.instances.cells import stain_side
+    from napari_pacseg.instances.chunked import Brightness, IdArrays
+    from napari_pacseg.instances.chunked_cells import stain_pass, waves
+    from napari_pacseg.io.volumes import Layout
+
+    _, _, labels, image, spacing = _thick_prediction(stain=stain)
+    labels[:, :, 40:] = 0  # outside the tissue
+    labels[(labels == CELL) & (np.arange(48)[None, :, None] < 20)] = 4
+    classes = [*CLASSES, "other"]
+    want, ids = _drawn(labels, image, spacing, classes=classes)
+    assert (want != labels).sum() > 1000
+    lo, hi = float(image.min()), float(image.max())
+    config = InstanceConfig(radius=8.0, boundary="membrane")
+    side = stain_side(brightness_evidence(image[None], [lo], [hi], spacing, config), labels,
+                      MEMBRANE)  # fmt: skip
+    chunks = (5, 12, 11)
+    paths = {}
+    for name, array in (("labels", labels), ("ids", ids), ("image", image)):
+        paths[name] = str(tmp_path / f"{name}.zarr")
+        zarr.open_array(paths[name], mode="w", shape=array.shape, chunks=chunks,
+                        dtype=array.dtype)[:] = array  # fmt: skip
+    boxes = split_box(whole(labels.shape), chunks)
+    groups = waves(boxes)
+    assert sorted(i for g in groups for i in g) == list(range(len(boxes))) and len(groups) == 8
+    source = zarr.open_array(paths["image"], mode="r")
+    changed = stain_pass(
+        lambda tasks: list(dask.compute(*tasks, scheduler="threads", num_workers=4)),
+        IdArrays(paths["labels"], paths["ids"], str(tmp_path / "cc.zarr")), boxes, spacing,
+        "test", MEMBRANE, Brightness(source, Layout((0, 1, 2)), "image", (lo,), (hi,)), side,
+        len(classes), int(ids.max()),
+    )  # fmt: skip
+    np.testing.assert_array_equal(zarr.open_array(paths["labels"], mode="r")[:], want)
+    assert changed == (want != labels).sum()
+
+
+def test_the_stain_drawing_of_a_2d_image_is_the_one_plane_volume_s():
+    """``boundary_on_stain`` takes a 2D image's ``(H, W)`` arrays (neighbours in the plane):
+    the same as the one-plane volume, which has no neighbour along z."""
+    from napari_pacseg.instances.cells import boundary_on_stain
+
+    _, _, labels, image, spacing = _thick_prediction()
+    plane, picture = labels[8], image[8]
+    ids = instance_labels(plane, spacing[1:], InstanceConfig(radius=8.0, boundary="membrane"),
+                          classes=CLASSES)  # fmt: skip
+    stain = (picture - picture.min()) / (picture.max() - picture.min())
+    flat = boundary_on_stain(plane, ids, stain, MEMBRANE, True)
+    assert flat.shape == plane.shape and (flat != plane).sum() > 50
+    lifted = boundary_on_stain(plane[None], ids[None], stain[None], MEMBRANE, True)
+    np.testing.assert_array_equal(flat, lifted[0])

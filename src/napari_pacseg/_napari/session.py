@@ -29,7 +29,12 @@ from napari_pacseg.engine.plan import Box, bound_preview, preview_budget, seedin
 from napari_pacseg.engine.preview import RegionSegmenter
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import Segmentation, segment
-from napari_pacseg.instances.cells import boundary_label, boundary_on_stain
+from napari_pacseg.instances.cells import (
+    boundary_label,
+    boundary_on_stain,
+    stain_side,
+    stain_sigma,
+)
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
 from napari_pacseg.io.model_file import load_model, save_model
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
@@ -712,8 +717,10 @@ class Session:
         """Labels and matte of the job's box (any thread): probabilities from the region
         segmenter (made anew when image, model, spacing or device changed; cached logits),
         then the label rule. The refinement's work is bounded by ``engine.preview_budget``
-        (``engine.bound_preview``: within it the result is the full run's). ``should_cancel``
-        and ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
+        (``engine.bound_preview``: within it the labels are the full run's). Objects are made
+        on the box alone (in cells mode the boundary's stain is read on the box too, so the
+        labels equal the full run's where the box is the whole image). ``should_cancel`` and
+        ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
         inp = job.image
         data, axis = inp.data, inp.channel_axis
@@ -757,12 +764,12 @@ class Session:
                                   classes=classes, background=job.params.background,
                                   seeds=seeds)  # fmt: skip
             boundary = boundary_label(config, classes, job.params.background)
-            if boundary is not None:  # the boundary class on its stain, as segment() draws it
+            if boundary is not None:  # the boundary class on its stain, read on the box
                 planar = inp.ndim == 2
-                stain = seg.stain(bounded.box, planar)
-                lift = (lambda a: a[None]) if planar else (lambda a: a)
-                labels = boundary_on_stain(lift(labels), lift(ids), lift(stain), boundary,
-                                           planar).reshape(labels.shape)  # fmt: skip
+                side = stain_side(seg.smoothed(bounded.box, config.smoothing, planar), labels,
+                                  boundary)  # fmt: skip
+                stain = seg.smoothed(bounded.box, stain_sigma(spacing), planar)
+                labels = boundary_on_stain(labels, ids, stain, boundary, side)
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

@@ -12,7 +12,10 @@ A run whose record matches a partial's in every respect (``key``: the source's c
 the model, the parameters, shape, chunks, normalisation) skips the chunks that the log says are
 finished; any other partial of ours at that name is removed and the run starts afresh. On
 success each partial is renamed into place and its record removed; on a failure it is kept
-when it can be resumed (a source on disk, at least one block finished), else removed.
+when it can be resumed (a source on disk, at least one block finished), else removed. Once a
+run rewrites its partials after the blocks (cells mode's labels drawn on their stain:
+``PartialRun.rewriting``) they cannot be resumed: a failure removes them, and the record a
+kill leaves is marked (``REWRITTEN``), so the next run starts afresh.
 """
 
 from __future__ import annotations

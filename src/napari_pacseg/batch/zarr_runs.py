@@ -950,11 +950,11 @@ def segment_zarr(
                 n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token,
                                                   measure, bright)  # fmt: skip
             else:  # cells from a boundary class
-                n_objects, table = cells_pass(run, arrays, boxes, spacing, objects, token,
-                                              boundary, measure, bright)  # fmt: skip
+                n_objects, table, side = cells_pass(run, arrays, boxes, spacing, objects,
+                                                    token, boundary, measure, bright)  # fmt: skip
                 # the labels' boundary class on its stain, as segment() draws it (after the
                 # cells: they come from the classifier's classes)
-                stain_pass(run, arrays, boxes, spacing, token, boundary, bright,
+                stain_pass(run, arrays, boxes, spacing, token, boundary, bright, side,
                            len(model.config.classes), n_objects, partials.rewriting)  # fmt: skip
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())

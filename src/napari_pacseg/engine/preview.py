@@ -88,21 +88,22 @@ class RegionSegmenter:
             )
         return box
 
-    def stain(self, box, planar: bool = False) -> np.ndarray:
-        """The boundary's stain on ``box`` (``cells.stain_image``; float32 ``(d, h, w)``, or
-        ``(h, w)`` for a 2D image, ``planar``): the image read on the box grown by the stain's
-        smoothing, so it equals the whole image's stain there."""
-        from napari_pacseg.instances.cells import stain_image, stain_reach
+    def smoothed(self, box, sigma: float, planar: bool = False) -> np.ndarray:
+        """The image as the object steps read it on ``box`` (``instances.evidence.smoothed_image``
+        at ``sigma``, spacing units; float32 ``(d, h, w)``, or ``(h, w)`` for a 2D image,
+        ``planar``): read on the box grown by the smoothing, so it equals the whole image's
+        there."""
+        from napari_pacseg.instances.evidence import smoothed_on
 
         box = self.check_box(box)
+        vol = self.plan.vol[:, 0] if planar else self.plan.vol
         spacing = self.plan.settings.spacing[1:] if planar else self.plan.settings.spacing
-        reach = (0, *stain_reach(spacing)) if planar else stain_reach(spacing)
-        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, self.shape))
-        region = self.plan.vol[(slice(None), *(slice(a, b) for a, b in ext))]
         lo, hi = self.plan.lo.cpu().numpy(), self.plan.hi.cpu().numpy()
-        stain = stain_image(region[:, 0] if planar else region, lo, hi, spacing)
-        crop = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
-        return stain[crop[1:]] if planar else stain[crop]
+
+        def read(ext):
+            return vol[(slice(None), *(slice(a, b) for a, b in ext))]
+
+        return smoothed_on(read, box[1:] if planar else box, vol.shape[1:], spacing, sigma, lo, hi)
 
     def probabilities(
         self,

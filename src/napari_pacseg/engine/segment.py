@@ -20,6 +20,7 @@ from napari_pacseg.instances.cells import (
     boundary_on_stain,
     enclosed_labels,
     stain_image,
+    stain_side,
 )
 from napari_pacseg.instances.labels import (
     as_table,
@@ -285,9 +286,9 @@ def _objects(plan, labels, should_cancel, seeds=None):
     objects = as_table(object_table(ids, measured, vol, spacing, classes))
     if boundary is not None:  # the boundary class on its stain (the cells are made above)
         stain = stain_image(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing)
-        planar = flat_labels.ndim == 2
-        lift = (lambda a: a.reshape(1, *flat_labels.shape)) if planar else (lambda a: a)
-        thinned = boundary_on_stain(lift(flat_labels), lift(ids), lift(stain), boundary, planar)
+        side = stain_side(bright.reshape(flat_labels.shape), flat_labels, boundary)
+        thinned = boundary_on_stain(flat_labels, ids, stain.reshape(flat_labels.shape), boundary,
+                                    side, measured)  # fmt: skip
         labels = thinned.reshape(labels.shape)
     if plane and not plan.flat:
         ids = ids[None]

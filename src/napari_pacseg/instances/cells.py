@@ -28,11 +28,13 @@ voxels wide paints the boundary class as wide as the strokes, and calls dark int
 not seen boundary, while the stain itself is a thin sheet. So in cells mode the boundary class
 keeps only the voxels whose stain (``stain_image``: the image at its own resolution) is on the
 stain's side of Otsu's threshold of the boundary class's stain (``stain_threshold``: the
-boundary voxels more stained than the interiors' median, split into the stain and its
-flanks), and those beside them; the others take their cell's enclosed class (in no cell: the
-image's most common interior class). The cells themselves come from the classifier's classes, before this: a gap in the
-thinned boundary must not merge two cells. The threshold is a histogram summed over chunks, so
-chunk by chunk gives the same labels.
+boundary voxels more stained than the interiors' median, split into the stain and its flanks),
+and the boundary voxels beside them; the others take their cell's enclosed class (in no cell:
+the image's most common interior class). The side of the stain is the one the cells read
+(``stain_side``, on the smoothed evidence: at the stain's own resolution the edges of a
+boundary painted much wider than the stain see none of it). The cells themselves come from the
+classifier's classes, before this: a gap in the thinned boundary must not merge two cells. The
+threshold is a histogram summed over chunks, so chunk by chunk gives the same labels.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import math
 import numpy as np
 
 from napari_pacseg.checks import short_repr
-from napari_pacseg.instances.evidence import smoothed_image, smoothing_reach
+from napari_pacseg.instances.evidence import smoothed_image
 from napari_pacseg.model.network import InstanceConfig
 
 REACH = 2.0  # the fill reaches this many radii (in steps of the finest axis) into the boundary
@@ -52,8 +54,11 @@ STAIN_SIGMA = 1.0  # the stain's Gaussian (stain_image), voxels of the finest ax
 STAIN_BINS = 256  # bins of the stain's histogram (stain_threshold)
 
 __all__ = [
+    "apply_enclosed",
+    "beside",
     "boundary_label",
     "boundary_on_stain",
+    "contrast_bins",
     "enclosed_labels",
     "enclosed_lut",
     "enclosed_pairs",
@@ -67,7 +72,7 @@ __all__ = [
     "stain_histogram",
     "stain_image",
     "stain_is_bright",
-    "stain_reach",
+    "stain_side",
     "stain_sums",
     "stain_threshold",
     "thin_boundary",
@@ -128,6 +133,18 @@ def fill_halo(spacing, config: InstanceConfig) -> tuple[int, ...]:
     return (rounds,) * len(spacing)
 
 
+def beside(mask: np.ndarray, planar: bool = False) -> np.ndarray:
+    """The voxels with a face neighbour in ``mask`` (bool ``(D, H, W)``; ``planar``: in the
+    plane only): bool of its shape."""
+    out = np.zeros(mask.shape, bool)
+    for axis in (1, 2) if planar else (0, 1, 2):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        out[lo] |= mask[hi]
+        out[hi] |= mask[lo]
+    return out
+
+
 def stain_sums(
     bright: np.ndarray, labels: np.ndarray, boundary: int, planar: bool = False, core=None
 ) -> tuple[int, ...]:
@@ -139,20 +156,22 @@ def stain_sums(
     arrays' indices; the arrays reach one voxel beyond it where the volume goes on), else all."""
     on = labels == boundary
     inner = interior_mask(labels, boundary)
-    on_edge, inner_edge = np.zeros(on.shape, bool), np.zeros(on.shape, bool)
-    for axis in (1, 2) if planar else (0, 1, 2):
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        on_edge[lo] |= on[lo] & inner[hi]
-        on_edge[hi] |= on[hi] & inner[lo]
-        inner_edge[lo] |= inner[lo] & on[hi]
-        inner_edge[hi] |= inner[hi] & on[lo]
+    on_edge, inner_edge = on & beside(inner, planar), inner & beside(on, planar)
     if core is not None:
         window = tuple(slice(a, b) for a, b in core)
         bright, on_edge, inner_edge = bright[window], on_edge[window], inner_edge[window]
     levels = np.rint(np.asarray(bright, np.float64) * LEVELS).astype(np.int64)
     return (int(levels[on_edge].sum()), int(on_edge.sum()), int(levels[inner_edge].sum()),
             int(inner_edge.sum()))  # fmt: skip
+
+
+def stain_side(evidence: np.ndarray, labels: np.ndarray, boundary: int) -> bool:
+    """``stain_is_bright`` of ``stain_sums`` on ``evidence`` (the brightness evidence:
+    ``labels.brightness_evidence``) and ``labels``, ``(D, H, W)`` or a 2D image's ``(H,
+    W)`` (neighbours in the plane). The cells and the labels' boundary read this one side."""
+    planar = np.ndim(labels) == 2
+    lift = (lambda a: np.asarray(a)[None]) if planar else np.asarray
+    return stain_is_bright(stain_sums(lift(evidence), lift(labels), boundary, planar))
 
 
 def stain_is_bright(sums) -> bool:
@@ -200,16 +219,7 @@ def fill_boundary(
     axes = (1, 2) if planar else (0, 1, 2)
     steps = [(sign * strides[a], np.float32(spacing[a])) for a in axes for sign in (1, -1)]
     # round 0: the free voxels beside a cell
-    beside = np.zeros(lab.shape, bool)
-    cells = lab > 0
-    for a in axes:
-        beside[tuple(slice(1, None) if b == a else slice(None) for b in range(3))] |= cells[
-            tuple(slice(None, -1) if b == a else slice(None) for b in range(3))
-        ]
-        beside[tuple(slice(None, -1) if b == a else slice(None) for b in range(3))] |= cells[
-            tuple(slice(1, None) if b == a else slice(None) for b in range(3))
-        ]
-    todo = np.flatnonzero(beside.ravel() & free)
+    todo = np.flatnonzero(beside(lab > 0, planar).ravel() & free)
     marks = np.zeros(free.size, bool)
     half = np.float32(0.5 * STEP_COST)
     for _ in range(fill_rounds([spacing[a] for a in axes], config)):
@@ -289,7 +299,13 @@ def enclosed_labels(ids: np.ndarray, labels: np.ndarray, boundary: int) -> np.nd
     ids = np.asarray(ids)
     lut, has = enclosed_lut(*enclosed_pairs(ids, labels, boundary), int(ids.max(initial=0)) + 1,
                             labels.dtype)  # fmt: skip
-    out = labels.copy()
+    return apply_enclosed(labels, ids, lut, has)
+
+
+def apply_enclosed(labels: np.ndarray, ids: np.ndarray, lut: np.ndarray, has: np.ndarray):
+    """``labels`` with each voxel of a cell ``i`` of ``ids`` that ``has[i]`` set to ``lut[i]``
+    (``enclosed_lut``): a copy, same dtype."""
+    out = np.array(labels, copy=True)
     where = has[ids]
     out[where] = lut[ids[where]]
     return out
@@ -307,56 +323,55 @@ def stain_image(image: np.ndarray, lo, hi, spacing) -> np.ndarray:
     return smoothed_image(image, lo, hi, spacing, stain_sigma(spacing))
 
 
-def stain_reach(spacing) -> tuple[int, ...]:
-    """Voxels per axis that ``stain_image`` of a voxel reads beyond it."""
-    return smoothing_reach(spacing, stain_sigma(spacing))
+def contrast_bins(stain: np.ndarray, is_bright: bool) -> np.ndarray:
+    """The stain (``stain_image``, 0..1) in ``STAIN_BINS`` equal bins, counted from the side
+    away from the stain (``stain_is_bright``: bin 0 the darkest for a bright stain, the
+    brightest for a dark one): int64 of its shape."""
+    bins = np.clip((np.asarray(stain) * STAIN_BINS).astype(np.int64), 0, STAIN_BINS - 1)
+    return bins if is_bright else (STAIN_BINS - 1) - bins
 
 
-def stain_histogram(stain: np.ndarray, labels: np.ndarray, boundary: int, core=None) -> np.ndarray:
-    """int64 ``(2, STAIN_BINS)``: the stain (``stain_image``, 0..1) counted in ``STAIN_BINS``
-    equal bins on the boundary voxels (row 0) and on the interiors' (row 1); ``core``: only
-    the voxels of this box. Summed over chunks it is the whole volume's."""
+def stain_histogram(stain: np.ndarray, labels: np.ndarray, boundary: int, is_bright: bool,
+                    core=None) -> np.ndarray:  # fmt: skip
+    """int64 ``(2, STAIN_BINS)``: ``contrast_bins`` counted on the boundary voxels (row 0)
+    and on the interiors' (row 1); ``core``: only the voxels of this box. Summed over chunks
+    it is the whole volume's."""
     stain, labels = np.asarray(stain), np.asarray(labels)
     if core is not None:
         window = tuple(slice(a, b) for a, b in core)
         stain, labels = stain[window], labels[window]
-    bins = np.clip((stain * STAIN_BINS).astype(np.int64), 0, STAIN_BINS - 1)
+    bins = contrast_bins(stain, is_bright)
     rows = [bins[labels == boundary], bins[interior_mask(labels, boundary)]]
     return np.stack([np.bincount(r, minlength=STAIN_BINS) for r in rows]).astype(np.int64)
 
 
-def stain_threshold(hist, is_bright: bool) -> float | None:
-    """The contrast (``stain_contrast``) above which a boundary voxel is on the stain, from
-    ``stain_histogram`` (added over chunks): Otsu's threshold (a bin centre) of the boundary
-    voxels that are more stained than the interiors' median (those at or below it are surely
-    not the stain: a dark patch the classifier called boundary must not pull the threshold
-    below the stain's flanks), and at least that median. None when fewer than two bins of
-    those hold voxels (nothing to split)."""
+def stain_threshold(hist) -> int | None:
+    """The last contrast bin that is not the stain, from ``stain_histogram`` (added over
+    chunks): Otsu's split of the boundary voxels in the bins above the interiors' median
+    (those at or below it are surely not the stain: a dark patch the classifier called
+    boundary must not pull the split below the stain's flanks). None when fewer than two of
+    those bins hold voxels (nothing to split)."""
     from skimage.filters import threshold_otsu
 
-    hist = np.asarray(hist, np.int64)
-    if not is_bright:  # contrast is 1 - stain: the bins in reverse
-        hist = hist[:, ::-1]
-    on, inner = hist
-    centres = (np.arange(on.size) + 0.5) / on.size
+    on, inner = np.asarray(hist, np.int64)
     median = -1
     if inner.sum():
         median = int(np.searchsorted(np.cumsum(inner), (inner.sum() + 1) // 2))
     above = on[median + 1 :]
     if np.count_nonzero(above) < 2:
         return None
-    otsu = float(threshold_otsu(hist=(above, centres[median + 1 :])))
-    return max(otsu, float(centres[median]) if median >= 0 else 0.0)
+    index = np.arange(median + 1, on.size, dtype=np.float64)
+    return int(threshold_otsu(hist=(above, index)))
 
 
-def thin_boundary(labels: np.ndarray, stain: np.ndarray, boundary: int, threshold: float | None,
+def thin_boundary(labels: np.ndarray, stain: np.ndarray, boundary: int, threshold: int | None,
                   is_bright: bool, enclosed: np.ndarray, fallback: int | None,
                   planar: bool = False) -> np.ndarray:  # fmt: skip
     """``labels`` ``(D, H, W)`` with the boundary class kept on its stain: a boundary voxel
-    stays where its contrast (``stain_contrast`` of ``stain``, ``stain_image``) is above
-    ``threshold`` (``stain_threshold``; None: every voxel stays), or where a face neighbour's
-    is and it is boundary too (the stain's blurred flank: a membrane one voxel wide in noise
-    stays whole). The others take the class of the cell they belong to (``enclosed``:
+    stays where its ``contrast_bins`` of ``stain`` (``stain_image``) is above ``threshold``
+    (``stain_threshold``; None: every voxel stays), or where a face neighbour's is and it is
+    boundary too (the stain's blurred flank: a membrane one voxel wide in noise stays whole).
+    The other boundary voxels take the class of the cell they belong to (``enclosed``:
     ``enclosed_labels`` of the cells), or ``fallback`` (``main_interior``) when in no cell or
     in one without interior (None: they stay boundary). ``planar``: a 2D image (``D`` 1),
     neighbours in the plane. A voxel's result depends on its face neighbours: a chunk's arrays
@@ -366,13 +381,8 @@ def thin_boundary(labels: np.ndarray, stain: np.ndarray, boundary: int, threshol
         return labels.copy()
     enclosed = np.asarray(enclosed)
     on = labels == boundary
-    stained = on & (stain_contrast(stain, is_bright) > threshold)
-    near = stained.copy()
-    for axis in (1, 2) if planar else (0, 1, 2):
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        near[lo] |= stained[hi]
-        near[hi] |= stained[lo]
+    stained = on & (contrast_bins(stain, is_bright) > threshold)
+    near = stained | beside(stained, planar)
     if fallback is not None:
         enclosed = np.where(enclosed == boundary, labels.dtype.type(fallback), enclosed)
     thin = on & ~near & (enclosed != boundary)
@@ -398,14 +408,21 @@ def main_interior(counts) -> int | None:
 
 
 def boundary_on_stain(labels: np.ndarray, ids: np.ndarray, stain: np.ndarray, boundary: int,
-                      planar: bool = False) -> np.ndarray:  # fmt: skip
-    """The labels of cells mode in memory: ``labels`` ``(D, H, W)`` thinned to the stain
-    (``thin_boundary``), with the threshold, the stain's side and the main interior class read
-    on this image (``stain``: ``stain_image``; ``ids``: the cells, ``instance_labels``).
-    ``planar``: a 2D image (``D`` 1)."""
-    labels = np.asarray(labels)
-    is_bright = stain_is_bright(stain_sums(stain, labels, boundary, planar))
-    threshold = stain_threshold(stain_histogram(stain, labels, boundary), is_bright)
-    fallback = main_interior(interior_counts(labels, boundary, int(labels.max(initial=0)) + 1))
-    return thin_boundary(labels, stain, boundary, threshold, is_bright,
-                         enclosed_labels(ids, labels, boundary), fallback, planar)  # fmt: skip
+                      is_bright: bool, enclosed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The labels of cells mode in memory: ``labels`` ``(D, H, W)`` (or a 2D image's ``(H,
+    W)``: neighbours in the plane) thinned to the stain (``thin_boundary``), the threshold and
+    the main interior class read on this image (``stain``: ``stain_image``; ``ids``: the
+    cells, ``instance_labels``; ``is_bright``: the side the cells read, ``stain_side``;
+    ``enclosed``: ``enclosed_labels`` of the cells, when already made). Same shape and dtype
+    as ``labels``."""
+    labels, ids, stain = np.asarray(labels), np.asarray(ids), np.asarray(stain)
+    planar = labels.ndim == 2
+    if enclosed is None:
+        enclosed = enclosed_labels(ids, labels, boundary)
+    lift = (lambda a: np.asarray(a)[None]) if planar else np.asarray
+    labels3, stain3 = lift(labels), lift(stain)
+    threshold = stain_threshold(stain_histogram(stain3, labels3, boundary, is_bright))
+    fallback = main_interior(interior_counts(labels3, boundary, int(labels.max(initial=0)) + 1))
+    out = thin_boundary(labels3, stain3, boundary, threshold, is_bright, lift(enclosed),
+                        fallback, planar)  # fmt: skip
+    return out.reshape(labels.shape)

@@ -31,13 +31,12 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_pacseg.instances.cells import interior_mask, stain_contrast
+from napari_pacseg.instances.cells import interior_mask, stain_contrast, stain_sigma
+from napari_pacseg.instances.evidence import smoothed_on
 from napari_pacseg.instances.labels import (
     FACES,
     InstanceConfig,
-    brightness_evidence,
     cell_weight,
-    evidence_reach,
     on_border,
     split_piece,
 )
@@ -147,9 +146,10 @@ def merge_pieces(cc_path: str, labels_path: str, boxes, comps: list[tuple],
 
 @dataclass(frozen=True)
 class Brightness:
-    """What the passes need for the image's brightness evidence (``brightness_evidence``): the
-    raw zarr source (read here) with its layout and name for messages, and the segmentation's
-    normalisation ``lo``/``hi`` (one value per channel)."""
+    """What the passes need to read the image as the object steps read it: the raw zarr source
+    (read here) with its layout and name for messages, and the segmentation's normalisation
+    ``lo``/``hi`` (one value per channel). ``on`` gives the brightness evidence
+    (``brightness_evidence``), ``stain`` the boundary's stain (``cells.stain_image``)."""
 
     source: object
     layout: object
@@ -157,30 +157,22 @@ class Brightness:
     lo: tuple[float, ...]
     hi: tuple[float, ...]
 
-    def on(self, box, shape, spacing, config: InstanceConfig) -> np.ndarray:
-        """The evidence on ``box`` of a volume of spatial ``shape``: the image read on the box
-        grown by the smoothing's reach (clipped to the volume, as the whole volume's smoothing
-        reflects at its edges), so it equals the whole volume's evidence there."""
+    def _smoothed(self, box, shape, spacing, sigma: float) -> np.ndarray:
         from napari_pacseg.io.volumes import read_region
 
-        reach = evidence_reach(spacing, config)
-        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, shape))
-        region = read_region(self.source, self.layout, ext, self.name)
-        bright = brightness_evidence(region, self.lo, self.hi, spacing, config)
-        return bright[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
+        def read(ext):
+            return read_region(self.source, self.layout, ext, self.name)
 
+        return smoothed_on(read, box, shape, spacing, sigma, self.lo, self.hi)
+
+    def on(self, box, shape, spacing, config: InstanceConfig) -> np.ndarray:
+        """The evidence on ``box`` of a volume of spatial ``shape``: equal to the whole
+        volume's there (``evidence.smoothed_on``)."""
+        return self._smoothed(box, shape, spacing, config.smoothing)
 
     def stain(self, box, shape, spacing) -> np.ndarray:
-        """The boundary's stain on ``box`` (``cells.stain_image``), read as ``on`` reads the
-        evidence: on the box grown by the stain's smoothing."""
-        from napari_pacseg.instances.cells import stain_image, stain_reach
-        from napari_pacseg.io.volumes import read_region
-
-        reach = stain_reach(spacing)
-        ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, shape))
-        region = read_region(self.source, self.layout, ext, self.name)
-        stain = stain_image(region, self.lo, self.hi, spacing)
-        return stain[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]
+        """The boundary's stain on ``box``, equal to the whole volume's there."""
+        return self._smoothed(box, shape, spacing, stain_sigma(spacing))
 
 
 def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,

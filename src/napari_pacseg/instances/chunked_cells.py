@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_pacseg.instances.cells import (
+    apply_enclosed,
     enclosed_labels,
     enclosed_lut,
     enclosed_pairs,
@@ -155,8 +156,9 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
     cells mode: ``boundary`` is the boundary class's label value (``cells.boundary_label``).
     ``run(tasks)`` computes a list of dask delayed tasks and returns their results.
     ``brightness``: the image (the boundary's contrast, as ``segment`` reads it in memory).
-    Returns ``(number of cells, table)``: with ``measure`` the measurement table of every cell
-    (ids as in ``arrays.ids``), else None."""
+    Returns ``(number of cells, table, is_bright)``: with ``measure`` the measurement table of
+    every cell (ids as in ``arrays.ids``), else None; the side of the stain the cells read
+    (``cells.stain_is_bright``; None without ``brightness``)."""
     import dask
     import zarr
 
@@ -213,35 +215,30 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
         ])  # fmt: skip
         parts = [t for _, group in sorted(measured, key=lambda r: r[0]) for t in group]
         table = concat_tables([t for t in parts if t is not None], measure)
-    return int(sum(counts)), table
+    return int(sum(counts)), table, bright
 
 
 def stain_stats_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
-                      boundary: int, size: int):  # fmt: skip
-    """Pass 6 for one chunk: ``(sums, histogram, pairs, counts)``, its ``cells.stain_sums``,
-    ``stain_histogram`` and ``enclosed_pairs`` of the stain (``Brightness.stain``), the labels
-    (read one voxel beyond it) and the cells, and its ``interior_counts`` (``size`` values)."""
+                      boundary: int, is_bright: bool, size: int):  # fmt: skip
+    """Pass 6 for one chunk: ``(histogram, pairs, counts)``, its ``cells.stain_histogram`` of
+    the stain (``Brightness.stain``), its ``enclosed_pairs`` of the cells and its
+    ``interior_counts`` (``size`` values)."""
     import zarr
 
     labels = zarr.open_array(labels_path, mode="r")
-    ext = grown(box, (1, 1, 1), labels.shape)
-    lab = np.asarray(labels[_slices(ext)])
-    stain = brightness.stain(ext, labels.shape, spacing)
-    core = tuple((a - e, b - e) for (a, b), (e, _) in zip(box, ext))
-    inner = lab[_slices(core)]
+    lab = np.asarray(labels[_slices(box)])
+    stain = brightness.stain(box, labels.shape, spacing)
     ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(box)])
-    return (stain_sums(stain, lab, boundary, core=core),
-            stain_histogram(stain, lab, boundary, core=core),
-            enclosed_pairs(ids, inner, boundary), interior_counts(inner, boundary, size))  # fmt: skip
+    return (stain_histogram(stain, lab, boundary, is_bright),
+            enclosed_pairs(ids, lab, boundary), interior_counts(lab, boundary, size))  # fmt: skip
 
 
 def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
                boundary: int, rule: tuple) -> int:  # fmt: skip
     """Pass 7 for one chunk: its labels rewritten on the stain (``cells.thin_boundary``, read
     one voxel beyond it); ``rule``: ``(threshold, is_bright, lut, has, fallback)`` of the
-    whole volume. A neighbour chunk rewritten first reads the same: the rewrite keeps every
-    boundary voxel on the stain, the only ones a neighbour's result depends on. Returns the
-    voxels that changed."""
+    whole volume. No chunk it reads is rewritten meanwhile (``stain_pass`` runs the chunks in
+    waves of non-touching ones). Returns the voxels that changed."""
     import zarr
 
     threshold, is_bright, lut, has, fallback = rule
@@ -249,9 +246,7 @@ def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Bright
     ext = grown(box, (1, 1, 1), labels.shape)
     lab = np.asarray(labels[_slices(ext)])
     ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(ext)])
-    enclosed = lab.copy()
-    where = has[ids]
-    enclosed[where] = lut[ids[where]]
+    enclosed = apply_enclosed(lab, ids, lut, has)
     stain = brightness.stain(ext, labels.shape, spacing)
     out = thin_boundary(lab, stain, boundary, threshold, is_bright, enclosed, fallback)
     core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
@@ -261,38 +256,57 @@ def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Bright
     return changed
 
 
+def waves(boxes) -> list[list[int]]:
+    """The indices of ``boxes`` (a grid of chunks) in up to 8 groups by the parity of each
+    axis's chunk index: no two chunks of a group touch, not even at a corner."""
+    starts = [sorted({box[a][0] for box in boxes}) for a in range(3)]
+    groups: dict[tuple, list[int]] = {}
+    for i, box in enumerate(boxes):
+        key = tuple(starts[a].index(box[a][0]) % 2 for a in range(3))
+        groups.setdefault(key, []).append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
 def stain_pass(run, arrays: IdArrays, boxes, spacing, token: str, boundary: int,
-               brightness: Brightness, classes: int, n_cells: int, before_write=None) -> int:
+               brightness: Brightness, is_bright: bool | None, classes: int, n_cells: int,
+               before_write=None) -> int:  # fmt: skip
     """Passes 6 and 7: the labels zarr array (``arrays.labels``, chunks ``boxes``) rewritten
     with the boundary class on its stain, as ``segment`` draws it in memory
-    (``cells.boundary_on_stain``; the cells in ``arrays.ids``, ids 1..``n_cells``, are
-    final). ``classes``: the model's number of classes; ``before_write()``, when given, is
-    called once the rule is known, before the first chunk is rewritten. Returns the voxels
-    that changed."""
+    (``cells.boundary_on_stain``; the cells in ``arrays.ids``, ids 1..``n_cells``, are final;
+    ``is_bright``: the side of the stain they read, ``cells_pass``). ``classes``: the model's
+    number of classes; ``before_write()``, when given, is called once the rule is known, before
+    the first chunk is rewritten. The rewrite runs in waves of chunks that do not touch
+    (``waves``): a chunk reads its neighbours' voxels, which no task of its wave writes.
+    Returns the voxels that changed."""
     import dask
     import zarr
 
     delayed = dask.delayed
     labels_path, ids_path = arrays.labels, arrays.ids
+    is_bright = True if is_bright is None else is_bright
     stats = run([
         delayed(stain_stats_chunk, pure=False)(labels_path, ids_path, box, spacing, brightness,
-                                               boundary, classes + 1,
+                                               boundary, is_bright, classes + 1,
                                                dask_key_name=f"pacseg-stain-stats-{token}-{i}")
         for i, box in enumerate(boxes)
     ])  # fmt: skip
-    is_bright = stain_is_bright([sum(s[0][k] for s in stats) for k in range(4)])
-    threshold = stain_threshold(np.sum([s[1] for s in stats], axis=0), is_bright)
+    threshold = stain_threshold(np.sum([s[0] for s in stats], axis=0))
     if threshold is None:
         return 0
-    cells, values, counts = (np.concatenate([s[2][k] for s in stats]) for k in range(3))
+    cells, values, counts = (np.concatenate([s[1][k] for s in stats]) for k in range(3))
     dtype = zarr.open_array(labels_path, mode="r").dtype
     lut, has = enclosed_lut(cells, values, counts, n_cells + 1, dtype)
-    fallback = main_interior(np.sum([s[3] for s in stats], axis=0))
+    fallback = main_interior(np.sum([s[2] for s in stats], axis=0))
+    # one key for every task: the cells' table travels to a worker once
+    rule = delayed((threshold, is_bright, lut, has, fallback), pure=True, traverse=False,
+                   name=f"pacseg-thin-rule-{token}")  # fmt: skip
     if before_write is not None:
         before_write()
-    return int(sum(run([
-        delayed(thin_chunk, pure=False)(labels_path, ids_path, box, spacing, brightness, boundary,
-                                        (threshold, is_bright, lut, has, fallback),
-                                        dask_key_name=f"pacseg-thin-{token}-{i}")
-        for i, box in enumerate(boxes)
-    ])))  # fmt: skip
+    changed = 0
+    for wave in waves(boxes):
+        changed += sum(run([
+            delayed(thin_chunk, pure=False)(labels_path, ids_path, boxes[i], spacing, brightness,
+                                            boundary, rule, dask_key_name=f"pacseg-thin-{token}-{i}")
+            for i in wave
+        ]))  # fmt: skip
+    return int(changed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["smoothed_image", "smoothing_reach"]
+__all__ = ["smoothed_image", "smoothed_on", "smoothing_reach"]
 
 
 def smoothed_image(image: np.ndarray, lo, hi, spacing, sigma: float) -> np.ndarray:
@@ -34,3 +34,14 @@ def smoothing_reach(spacing, sigma: float) -> tuple[int, ...]:
     """Voxels per axis that ``smoothed_image`` of a voxel reads beyond it (the Gaussian as
     ``scipy.ndimage.gaussian_filter`` truncates it, at 4 sigma)."""
     return tuple(int(4.0 * sigma / s + 0.5) for s in spacing)
+
+
+def smoothed_on(read, box, shape, spacing, sigma: float, lo, hi) -> np.ndarray:
+    """``smoothed_image`` on ``box`` (a ``(start, stop)`` pair per axis of ``spacing``) of an
+    image of spatial ``shape``: ``read(ext)`` gives the image ``(C, ...)`` on ``ext``, the box
+    grown by ``smoothing_reach`` (clipped to the image, as the whole image's smoothing reflects
+    at its edges), so the result equals the whole image's on the box."""
+    reach = smoothing_reach(spacing, sigma)
+    ext = tuple((max(0, a - r), min(n, b + r)) for (a, b), r, n in zip(box, reach, shape))
+    out = smoothed_image(read(ext), lo, hi, spacing, sigma)
+    return out[tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))]

@@ -25,8 +25,7 @@ from napari_pacseg.instances.cells import (
     fill_boundary,
     interior_mask,
     stain_contrast,
-    stain_is_bright,
-    stain_sums,
+    stain_side,
 )
 from napari_pacseg.instances.evidence import smoothed_image, smoothing_reach
 from napari_pacseg.model.network import InstanceConfig, with_overrides
@@ -139,8 +138,8 @@ def instance_labels(
         return out[0] if planar else out
     contrast = None
     if evidence is not None:
-        bright = stain_is_bright(stain_sums(evidence, labels, boundary, planar))
-        contrast = stain_contrast(evidence, bright)
+        contrast = stain_contrast(evidence, stain_side(evidence[0] if planar else evidence,
+                                                       labels[0] if planar else labels, boundary))
     inner = interior_mask(labels, boundary).view(np.uint8)
     valley = None if contrast is None else np.float32(1.0) - contrast
     out = _split_pieces(inner, spacing, config, planar, valley, cell_weight(config), should_cancel)
