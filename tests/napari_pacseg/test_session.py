@@ -431,8 +431,9 @@ def test_a_live_preview_with_seeds_counts_and_cancels_their_steps(tmp_path):
 
 
 def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
-    """In cells mode the preview's labels keep the boundary class on its stain, as segment()
-    draws it: previewing the whole image gives segment()'s labels (unrefined: exact)."""
+    """In cells mode the preview's labels keep the boundary class on its stain, and its cells
+    read the image's brightness, as segment() does: previewing the whole image gives
+    segment()'s labels and cells (unrefined: exact)."""
     from scipy import ndimage as ndi
 
     from napari_pacseg import save_model
@@ -456,3 +457,4 @@ def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
     plain = segment(image, model, refine={"iterations": 0}, device="cpu")
     assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on its stain
     np.testing.assert_array_equal(result.labels, want.labels)
+    np.testing.assert_array_equal(result.instances, want.instances)

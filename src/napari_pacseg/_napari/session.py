@@ -760,14 +760,16 @@ class Session:
         ids = None
         if config is not None:
             classes = [c.name for c in job.model.config.classes]  # a boundary class's name
-            ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
-                                  classes=classes, background=job.params.background,
-                                  seeds=seeds)  # fmt: skip
             boundary = boundary_label(config, classes, job.params.background)
+            planar = inp.ndim == 2
+            evidence = None  # the image's brightness, as segment() reads it (on the box)
+            if config.brightness != 0 or boundary is not None:
+                evidence = seg.smoothed(bounded.box, config.smoothing, planar)
+            ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
+                                  evidence=evidence, classes=classes,
+                                  background=job.params.background, seeds=seeds)  # fmt: skip
             if boundary is not None:  # the boundary class on its stain, read on the box
-                planar = inp.ndim == 2
-                side = stain_side(seg.smoothed(bounded.box, config.smoothing, planar), labels,
-                                  boundary)  # fmt: skip
+                side = stain_side(evidence, labels, boundary)
                 stain = seg.smoothed(bounded.box, stain_sigma(spacing), planar)
                 labels = boundary_on_stain(labels, ids, stain, boundary, side)
         if inp.frame_axis is not None:
