@@ -458,3 +458,24 @@ def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
     assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on its stain
     np.testing.assert_array_equal(result.labels, want.labels)
     np.testing.assert_array_equal(result.instances, want.instances)
+
+
+def test_a_live_preview_weighs_brightness_in_its_objects_as_segment(tmp_path):
+    """Blobs with a brightness weight: the preview's objects read the image's brightness as
+    segment()'s do (a preview of the whole image, unrefined: the same ids)."""
+    from napari_pacseg import save_model
+    from tests.napari_pacseg.dim_gap import fused_pair
+
+    image, strokes = fused_pair()
+    model = train(image, strokes, seed=0)
+    save_model(model, tmp_path / "pair.safetensors")
+    s = Session()
+    s.use_image(layer(image, (1.0, 1.0), name="pair"))
+    s.load(tmp_path / "pair.safetensors")
+    box = ((0, image.shape[0]), (0, image.shape[1]))
+    for weight in (0.0, 2.0):
+        instances = {"radius": 4.0, "brightness": weight, "split_fit": 0}
+        params = RunParams(refine={"iterations": 0}, device="cpu", instances=instances)
+        result = s.compute_live(s.live_job(box, params))
+        want = segment(image, model, refine={"iterations": 0}, instances=instances, device="cpu")
+        np.testing.assert_array_equal(result.instances, want.instances)
