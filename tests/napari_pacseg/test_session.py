@@ -369,18 +369,30 @@ def test_training_set_is_train_on_every_pair(sample):
         s.training(params, None)
 
 
-def test_a_live_preview_seeds_objects_as_segment(tmp_path):
-    """The preview's objects come from the same seeding refinement as segment()'s
-    (``InstanceConfig.split_fit``): a dim gap the labels fuse splits in the preview too."""
+def _pair_session(tmp_path):
+    """The dim-gap pair (``tests.napari_pacseg.dim_gap.fused_pair``), a model trained on it and
+    saved: ``(image, model, fresh)``, ``fresh()`` a session on them with no logits cached."""
     from napari_pacseg import save_model
     from tests.napari_pacseg.dim_gap import fused_pair
 
     image, strokes = fused_pair()
     model = train(image, strokes, seed=0)
     save_model(model, tmp_path / "pair.safetensors")
-    s = Session()
-    s.use_image(layer(image, (1.0, 1.0), name="pair"))
-    s.load(tmp_path / "pair.safetensors")
+
+    def fresh() -> Session:
+        s = Session()
+        s.use_image(layer(image, (1.0, 1.0), name="pair"))
+        s.load(tmp_path / "pair.safetensors")
+        return s
+
+    return image, model, fresh
+
+
+def test_a_live_preview_seeds_objects_as_segment(tmp_path):
+    """The preview's objects come from the same seeding refinement as segment()'s
+    (``InstanceConfig.split_fit``): a dim gap the labels fuse splits in the preview too."""
+    image, model, fresh = _pair_session(tmp_path)
+    s = fresh()
     box = ((0, image.shape[0]), (0, image.shape[1]))
     for instances, count in (({"radius": 4.0}, 2), ({"radius": 4.0, "split_fit": 0}, 1)):
         params = RunParams(device="cpu", instances=instances)
@@ -394,18 +406,7 @@ def test_a_live_preview_with_seeds_counts_and_cancels_their_steps(tmp_path):
     """The seeding mean field reports its units after the refinement's (the count never goes
     back, and ends above the count without seeds) and stops when the preview is cancelled
     during them."""
-    from napari_pacseg import save_model
-    from tests.napari_pacseg.dim_gap import fused_pair
-
-    image, strokes = fused_pair()
-    save_model(train(image, strokes, seed=0), tmp_path / "pair.safetensors")
-
-    def fresh() -> Session:  # no logits cached yet
-        s = Session()
-        s.use_image(layer(image, (1.0, 1.0), name="pair"))
-        s.load(tmp_path / "pair.safetensors")
-        return s
-
+    image, _, fresh = _pair_session(tmp_path)
     box = ((0, image.shape[0]), (0, image.shape[1]))
     totals = {}
     for split_fit in (0.0, 1.0):
@@ -463,15 +464,8 @@ def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
 def test_a_live_preview_weighs_brightness_in_its_objects_as_segment(tmp_path):
     """Blobs with a brightness weight: the preview's objects read the image's brightness as
     segment()'s do (a preview of the whole image, unrefined: the same ids)."""
-    from napari_pacseg import save_model
-    from tests.napari_pacseg.dim_gap import fused_pair
-
-    image, strokes = fused_pair()
-    model = train(image, strokes, seed=0)
-    save_model(model, tmp_path / "pair.safetensors")
-    s = Session()
-    s.use_image(layer(image, (1.0, 1.0), name="pair"))
-    s.load(tmp_path / "pair.safetensors")
+    image, model, fresh = _pair_session(tmp_path)
+    s = fresh()
     box = ((0, image.shape[0]), (0, image.shape[1]))
     for weight in (0.0, 2.0):
         instances = {"radius": 4.0, "brightness": weight, "split_fit": 0}

@@ -14,8 +14,9 @@ pieces (as in ``instances.chunked``), and the boundary's fill reaches a bounded 
    split on its own box), the fill there, the chunk's part written (``fill_chunk``);
 5. with measurements: per group of pieces, each cell measured on its piece's box grown by the
    halo (it holds the whole cell), read back from the written ids (``measure_cells``);
-6. and 7. the labels on the boundary's stain (``stain_pass``): per chunk the stain's sums,
-   histogram and the cells' enclosed classes (``stain_stats_chunk``), then per chunk the labels
+6. and 7. the labels on the boundary's stain (``stain_pass``, on the side pass 0 read): per
+   chunk the stain's histograms, the cells' enclosed classes and the interior classes' counts
+   (``stain_stats_chunk``), then per chunk, in waves of chunks that do not touch, the labels
    rewritten (``thin_chunk``).
 
 Memory per task: a chunk grown by the halo, plus the box of the largest piece that meets it.

@@ -27,7 +27,7 @@ from napari_pacseg.instances.cells import (
     stain_contrast,
     stain_side,
 )
-from napari_pacseg.instances.evidence import smoothed_image, smoothing_reach
+from napari_pacseg.instances.evidence import smoothed_image
 from napari_pacseg.model.network import InstanceConfig, with_overrides
 from napari_pacseg.progress import stop_if_cancelled
 
@@ -62,11 +62,6 @@ def brightness_evidence(
     if config.brightness == 0 and config.boundary is None:
         return None
     return smoothed_image(image, lo, hi, spacing, config.smoothing)
-
-
-def evidence_reach(spacing, config: InstanceConfig) -> tuple[int, ...]:
-    """Voxels per axis the evidence of a voxel reads beyond it (``smoothing_reach``)."""
-    return smoothing_reach(spacing, config.smoothing)
 
 
 def instance_labels(
