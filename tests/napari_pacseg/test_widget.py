@@ -551,3 +551,34 @@ def test_border_only_scribbles_warn_after_training(docked, qtbot, errors, monkey
     assert errors == []
     assert "warning: the background scribbles are all on the image border" in widget.status.value
     assert len(warned) == 1 and "between objects" in warned[0]
+
+
+def test_output_layers_change_only_what_differs(make_napari_viewer):
+    """Reused output layers keep their scale, translate and colours untouched when they
+    already match (each assignment redraws the layer) and follow the image when it changes."""
+    from napari_pacseg._napari import layers as _layers
+    from napari_pacseg._napari.session import ImageInput
+
+    viewer = make_napari_viewer()
+    model = load_demo_model()
+    shape = (4, 8, 8)
+
+    def image(scale, translate=(0.0, 0.0, 0.0)):
+        return ImageInput(None, "im", np.zeros(shape, np.float32), None, shape, scale, translate)
+
+    labels, matte = _layers.output_layers(viewer, image((1.0, 0.4, 0.4)), model, 0)
+    seen = []
+    for layer in (labels, matte):
+        for name in ("scale", "translate"):
+            getattr(layer.events, name).connect(lambda e, n=name: seen.append(n))
+    labels.events.colormap.connect(lambda e: seen.append("colormap"))
+    assert _layers.output_layers(viewer, image((1.0, 0.4, 0.4)), model, 0) == (labels, matte)
+    assert seen == []
+    _layers.output_layers(viewer, image((2.0, 0.5, 0.5), (1.0, 0.0, 0.0)), model, 0)
+    for layer in (labels, matte):
+        np.testing.assert_allclose(layer.scale, (2.0, 0.5, 0.5))
+        np.testing.assert_allclose(layer.translate, (1.0, 0.0, 0.0))
+    assert "colormap" not in seen
+    _layers.output_layers(viewer, image((2.0, 0.5, 0.5), (1.0, 0.0, 0.0)), model, 1)
+    assert "colormap" in seen  # another background class: other colours
+    assert _layers._same_colormap(labels.colormap, _layers.result_styling(model, 1)["colormap"])
