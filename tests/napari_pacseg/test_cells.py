@@ -335,9 +335,27 @@ def test_the_model_file_carries_a_boundary_class(tmp_path, demo):
     path = save_model(model, tmp_path / "cells.safetensors")
     assert load_model(path).config.instances == cells
     meta = _meta(path)  # a release without cells mode refuses it as newer, not misread
-    assert meta["version"] == 5 and meta["config"]["instances"]["boundary"] == "background"
+    assert meta["version"] == 6 and meta["config"]["instances"]["boundary"] == "background"
     blobs = _meta(save_model(demo, tmp_path / "blobs.safetensors"))  # as before cells mode
     assert blobs["version"] == 4 and "boundary" not in blobs["config"]["instances"]
+
+
+def test_a_version_5_cells_model_keeps_its_contrast_weight(demo):
+    """Before format version 6 cells mode weighed the boundary contrast ``1 + brightness``; now
+    ``2 * brightness``: a version 5 config loads with the brightness of the same weight, a
+    blobs config and a version 6 one as written."""
+    from napari_pacseg.instances.labels import cell_weight
+    from napari_pacseg.io.codec import config_from_dict, config_to_dict
+
+    for brightness in (0.0, 0.25, 3.0):
+        cells = dataclasses.replace(demo.config.instances, boundary="background",
+                                    brightness=brightness)  # fmt: skip
+        data = config_to_dict(dataclasses.replace(demo.config, instances=cells))
+        old = config_from_dict(data, version=5).instances
+        assert cell_weight(old) == pytest.approx(1.0 + brightness)
+        assert config_from_dict(data).instances == cells
+    blobs = config_to_dict(demo.config)
+    assert config_from_dict(blobs, version=5).instances == demo.config.instances
 
 
 def test_the_command_takes_a_boundary_class(tmp_path, demo, crop, capsys):

@@ -493,28 +493,34 @@ def test_segment_seeds_objects_from_a_stronger_fit(fused_pair):
     """The 2D model's labels fuse two nuclei across a dim gap; the refinement with the fit at
     ``split_fit`` drops the gap, and its labels (``Segmentation.seeds``: that refinement run
     alone with ``SEED_ITERATIONS`` steps) seed two objects; ``split_fit`` 0 keeps one, and so
-    does the same ellipse without a gap; tiles change nothing."""
+    does the same ellipse without a gap; tiles change nothing (brightness 0 throughout: the
+    masks' shapes alone). The default brightness splits the gap without those seeds too, and
+    leaves the ellipse without a gap whole."""
     from napari_pacseg.engine.plan import SEED_ITERATIONS
 
     image, no_gap, model = fused_pair
     kw = {"precision": "float32", "device": "cpu"}
+    shape = {"radius": 4.0, "brightness": 0}
     assert model.config.refine.fit_weight < InstanceConfig().split_fit
-    off = segment(image, model, instances={"radius": 4.0, "split_fit": 0}, **kw)
+    off = segment(image, model, instances={**shape, "split_fit": 0}, **kw)
     assert off.instances.max() == 1 and off.seeds is None
-    seg = segment(image, model, instances={"radius": 4.0}, **kw)
+    seg = segment(image, model, instances=shape, **kw)
     assert seg.instances.max() == 2
     np.testing.assert_array_equal(seg.instances > 0, seg.labels > 0)
     alone = segment(image, model, refine={"fit_weight": 1.0, "iterations": SEED_ITERATIONS}, **kw)
     np.testing.assert_array_equal(seg.seeds, alone.labels)
     assert seg.timings["instances"] > 0 and "seeds" not in seg.timings
-    tiled = segment(image, model, instances={"radius": 4.0}, tile_shape=(24, 24), **kw)
+    tiled = segment(image, model, instances=shape, tile_shape=(24, 24), **kw)
     np.testing.assert_array_equal(tiled.instances, seg.instances)
     np.testing.assert_array_equal(tiled.seeds, seg.seeds)
-    assert segment(no_gap, model, instances={"radius": 4.0}, **kw).instances.max() == 1
+    assert segment(no_gap, model, instances=shape, **kw).instances.max() == 1
     # no refinement, or a fit already of that weight: the labels seed the objects themselves
-    assert segment(image, model, refine=False, instances={"radius": 4.0}, **kw).seeds is None
-    same = segment(image, model, refine={"fit_weight": 1.0}, instances={"radius": 4.0}, **kw)
+    assert segment(image, model, refine=False, instances=shape, **kw).seeds is None
+    same = segment(image, model, refine={"fit_weight": 1.0}, instances=shape, **kw)
     assert same.seeds is None
+    bright = {"radius": 4.0, "split_fit": 0}  # InstanceConfig's default brightness
+    assert segment(image, model, instances=bright, **kw).instances.max() == 2
+    assert segment(no_gap, model, instances=bright, **kw).instances.max() == 1
 
 
 def test_cells_mode_takes_no_seeds(fused_pair):

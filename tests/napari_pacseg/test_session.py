@@ -390,11 +390,13 @@ def _pair_session(tmp_path):
 
 def test_a_live_preview_seeds_objects_as_segment(tmp_path):
     """The preview's objects come from the same seeding refinement as segment()'s
-    (``InstanceConfig.split_fit``): a dim gap the labels fuse splits in the preview too."""
+    (``InstanceConfig.split_fit``): a dim gap the labels fuse splits in the preview too
+    (brightness 0: the seeds alone split it)."""
     image, model, fresh = _pair_session(tmp_path)
     s = fresh()
     box = ((0, image.shape[0]), (0, image.shape[1]))
-    for instances, count in (({"radius": 4.0}, 2), ({"radius": 4.0, "split_fit": 0}, 1)):
+    shape = {"radius": 4.0, "brightness": 0}
+    for instances, count in ((shape, 2), ({**shape, "split_fit": 0}, 1)):
         params = RunParams(device="cpu", instances=instances)
         result = s.compute_live(s.live_job(box, params))
         want = segment(image, model, instances=instances, device="cpu")

@@ -32,13 +32,15 @@ from napari_pacseg.model.network import (
 from napari_pacseg.model.normalise import Normalisation
 
 FORMAT = "napari-pacseg-model"
-# 5: the config's "instances" name a boundary class (cells mode); 4: the config holds a
+# 6: cells mode's boundary contrast weighs 2 x "brightness" (in 5: 1 + "brightness"; a version
+# 5 file's value is read as the same weight); 5: the config's "instances" name a boundary class
+# (cells mode); 4: the config holds a
 # "normalisation" (clip, training contrast); 3: a model of 2D images (``"ndim": 2`` in the
 # config); 2: the metadata holds a checksum; 1: none (still read, with a warning). A model is
 # written in the lowest version that holds it (without a normalisation: the version it came
 # in; without a boundary class: no "boundary" key), so older releases keep reading it; a newer
 # model in an older release is refused as "upgrade napari-pacseg" rather than misread.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 META_KEY = "napari_pacseg"
 MAX_JSON_DEPTH = 32  # our header and config nest 5 deep at most
 MAX_JSON_INT = 1 << 53  # larger integers in the config are refused as out of range
@@ -77,10 +79,10 @@ def config_to_dict(config: ModelConfig) -> dict:
 
 
 def file_version(config: ModelConfig) -> int:
-    """The format version a model file of ``config`` is written in: 5 with a boundary class
+    """The format version a model file of ``config`` is written in: 6 with a boundary class
     (cells mode), else 4 with a normalisation, else 3 for a 2D model, else 2."""
     if config.instances.boundary is not None:
-        return 5
+        return 6
     if config.normalisation is not None:
         return 4
     return 3 if config.ndim == 2 else 2
@@ -200,10 +202,11 @@ def _obj(cls, data, where: str, convert=None) -> object:
         raise ModelFileError(f"model config: {where}: {one_line(err)}") from err
 
 
-def config_from_dict(data) -> ModelConfig:
+def config_from_dict(data, version: int = FORMAT_VERSION) -> ModelConfig:
     """Rebuild a ``ModelConfig``, refusing unknown or missing keys and wrong JSON types: an int
     field takes only an integer (not ``3.0`` or ``true``), a float field only a finite number,
-    a string field only a string. Raises ``ModelFileError``."""
+    a string field only a string. ``version``: the file's format version (an older file's
+    values are read as the same settings). Raises ``ModelFileError``."""
     convert = {
         "features": lambda v, w: _obj(FeatureSpec, v, w),
         "head": lambda v, w: _obj(HeadConfig, v, w),
@@ -225,6 +228,12 @@ def config_from_dict(data) -> ModelConfig:
         # volumes written before it take it up
         config = dataclasses.replace(
             config, refine=dataclasses.replace(config.refine, fit_weight=0.0)
+        )
+    if version < 6 and config.instances.boundary is not None:
+        # cells mode's contrast weighed 1 + brightness before version 6, 2 x brightness since
+        inst = config.instances
+        config = dataclasses.replace(
+            config, instances=dataclasses.replace(inst, brightness=(1.0 + inst.brightness) / 2)
         )
     return config
 
@@ -379,7 +388,7 @@ def read_metadata(name: str, header: dict) -> tuple[ModelConfig, dict]:
             f"{name}: file is corrupt: the checksum {short_repr(checksum)} is not 'sha256:' and 64 hex digits"
         )
     try:
-        config = config_from_dict(meta.get("config"))
+        config = config_from_dict(meta.get("config"), version)
     except ModelFileError as err:
         raise ModelFileError(f"{name}: {err}") from None
     return config, meta

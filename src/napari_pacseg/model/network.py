@@ -292,7 +292,8 @@ class InstanceConfig:
       the seeds and the watershed follow the distance in units of ``radius`` plus
       ``brightness`` times the image smoothed at a quarter of ``radius`` (in the segmentation's
       normalised units, clipped to 0..1), so two bright objects with a dim gap split even where
-      the foreground fused them; 0 (the default) uses the mask's shape alone. ``split_fit``
+      the foreground fused them (0.5 by default: half a radius of distance for the full range
+      of brightness); 0 uses the mask's shape alone. ``split_fit``
       seeds the objects from a second refinement whose local intensity fit weighs
       ``split_fit`` (``RefineConfig.fit_weight``; 1.0 by default, stronger than the labels'
       own): the fit judges each voxel against its local surroundings, so the dim gap between
@@ -305,7 +306,7 @@ class InstanceConfig:
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
-      above, its elevation the distance to the boundary in units of ``radius`` plus ``1 +
+      above, its elevation the distance to the boundary in units of ``radius`` plus ``2 *
       brightness`` times the image's boundary contrast turned into a valley (the smoothed image,
       oriented so the boundary's stain is high); then every boundary voxel joins the cell it
       reaches most cheaply, a step across the stain costing more; and the labels keep the
@@ -336,7 +337,7 @@ class InstanceConfig:
         "cells: a ball of a quarter of the radius)",
     )  # fmt: skip
     brightness: float = _param(
-        0.0, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
+        0.5, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
         0.0, 10.0, step=0.25,
     )  # fmt: skip
     split_fit: float = _param(
