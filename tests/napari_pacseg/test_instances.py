@@ -523,6 +523,27 @@ def test_segment_seeds_objects_from_a_stronger_fit(fused_pair):
     assert segment(no_gap, model, instances=bright, **kw).instances.max() == 1
 
 
+def test_volumes_seed_with_a_stronger_fit_than_2d_models(fused_pair):
+    """Volume models seed their objects with the fit at ``InstanceConfig()``'s ``split_fit``
+    (2.0), the 2D models ``train`` makes at ``SPLIT_FIT_2D`` (as their refinement's own fit is
+    weaker); a 2D file written before the seeding fit loads with the 2D value, a volume's with
+    the default."""
+    from napari_pacseg.model.network import SPLIT_FIT_2D
+    from napari_pacseg.training.defaults import default_instances
+
+    assert default_instances(3) == InstanceConfig() and InstanceConfig().split_fit == 2.0
+    assert default_instances(2) == InstanceConfig(split_fit=SPLIT_FIT_2D)
+    assert 0 < SPLIT_FIT_2D < InstanceConfig().split_fit
+    _, _, model = fused_pair
+    assert model.config.ndim == 2 and model.config.instances == default_instances(2)
+    for config, expected in ((model.config, SPLIT_FIT_2D),
+                             (dataclasses.replace(model.config, ndim=3), 2.0)):  # fmt: skip
+        data = config_to_dict(config)
+        del data["instances"]["split_fit"]
+        assert config_from_dict(data).instances.split_fit == expected
+        assert config_from_dict(config_to_dict(config)).instances == config.instances
+
+
 def test_cells_mode_takes_no_seeds(fused_pair):
     image, _, model = fused_pair
     names = [c.name for c in model.config.classes]

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from napari_pacseg.checks import is_int, one_line, short_repr
 from napari_pacseg.model.features import FeatureSpec
 from napari_pacseg.model.network import (
+    SPLIT_FIT_2D,
     ClassInfo,
     ContextConfig,
     HeadConfig,
@@ -228,6 +229,12 @@ def config_from_dict(data, version: int = FORMAT_VERSION) -> ModelConfig:
         # volumes written before it take it up
         config = dataclasses.replace(
             config, refine=dataclasses.replace(config.refine, fit_weight=0.0)
+        )
+    stored = data.get("instances")
+    if config.ndim == 2 and not (isinstance(stored, dict) and "split_fit" in stored):
+        # a 2D model written before the seeding fit takes up the one 2D models are made with
+        config = dataclasses.replace(
+            config, instances=dataclasses.replace(config.instances, split_fit=SPLIT_FIT_2D)
         )
     if version < 6 and config.instances.boundary is not None:
         # cells mode's contrast weighed 1 + brightness before version 6, 2 x brightness since

@@ -270,6 +270,12 @@ def with_overrides(base, value, what: str):
     )
 
 
+# The seeding fit of 2D models (``InstanceConfig.split_fit``; volumes: its default). In a plane
+# a strong fit also grows dim out-of-focus blobs beside bright objects (as the refinement's own
+# fit: ``training.defaults.FIT_WEIGHT_2D``), which then seed objects of their own
+# (benchmarks/results/realdata-cpu.md: 2D DSB nuclei).
+SPLIT_FIT_2D = 1.0
+
 # Objects the image's border cuts are kept (auto size rule, blobs mode) from this share of the
 # smallest whole object up: the cap of a ball of ``radius`` cut at a fifth of its depth. A crop
 # of dense nuclei holds many such pieces (benchmarks/results/realdata-cpu.md counts the reference
@@ -295,8 +301,8 @@ class InstanceConfig:
       the foreground fused them (0.5 by default: half a radius of distance for the full range
       of brightness); 0 uses the mask's shape alone. ``split_fit``
       seeds the objects from a second refinement whose local intensity fit weighs
-      ``split_fit`` (``RefineConfig.fit_weight``; 1.0 by default, stronger than the labels'
-      own): the fit judges each voxel against its local surroundings, so the dim gap between
+      ``split_fit`` (``RefineConfig.fit_weight``; 2.0 by default, 1.0 in the 2D models
+      ``train`` makes, ``SPLIT_FIT_2D``; stronger than the labels' own): the fit judges each voxel against its local surroundings, so the dim gap between
       touching objects drops out of that foreground and its pieces, split as above, are the
       seeds; the objects then grow over the labels' foreground from them, so the labels keep
       their shape. A piece with fewer seeds there than its own shape gives, or that foreground
@@ -341,7 +347,7 @@ class InstanceConfig:
         0.0, 10.0, step=0.25,
     )  # fmt: skip
     split_fit: float = _param(
-        1.0, "Split fit", "local fit weight of the refinement that seeds the objects (0: the "
+        2.0, "Split fit", "local fit weight of the refinement that seeds the objects (0: the "
         "labels' own shapes)", 0.0, 10.0, step=0.25,
     )  # fmt: skip
     boundary: str | None = None

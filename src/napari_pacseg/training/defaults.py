@@ -1,12 +1,12 @@
-"""What ``train`` uses when the caller does not say: steps, feature bank, refinement defaults of
-the model it makes, and the noise added to the features while fitting."""
+"""What ``train`` uses when the caller does not say: steps, feature bank, refinement and object
+defaults of the model it makes, and the noise added to the features while fitting."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from napari_pacseg.model.features import FeatureSpec
-from napari_pacseg.model.network import RefineConfig
+from napari_pacseg.model.network import SPLIT_FIT_2D, InstanceConfig, RefineConfig
 
 DEFAULT_STEPS = 400
 # A 2D model's default steps: fewer, as early stopping: one plane's scribbles overfit sooner
@@ -42,6 +42,13 @@ def default_refine(ndim: int) -> RefineConfig:
     (benchmarks/results/quality-2d-cpu.md). Volumes see the planes above and below, where the
     fit at its full weight helps (benchmarks/results/quality-cpu.md)."""
     return RefineConfig() if ndim == 3 else RefineConfig(fit_weight=FIT_WEIGHT_2D)
+
+
+def default_instances(ndim: int) -> InstanceConfig:
+    """The object defaults a model ``train`` makes carries: ``InstanceConfig()`` for volumes;
+    for 2D images the same with the seeding fit at ``SPLIT_FIT_2D`` (as the refinement's fit is
+    weaker in a plane: ``default_refine``)."""
+    return InstanceConfig() if ndim == 3 else InstanceConfig(split_fit=SPLIT_FIT_2D)
 
 
 def default_features(ndim: int, sigmas=None) -> FeatureSpec:

@@ -52,6 +52,7 @@ from napari_pacseg.training.context import (
 from napari_pacseg.training.defaults import (
     INPUT_NOISE,
     default_features,
+    default_instances,
     default_refine,
     default_steps,
 )
@@ -165,6 +166,7 @@ def train(
         spacing=spacing,
         ndim=ndim,
         refine=default_refine(ndim),
+        instances=default_instances(ndim),
         normalisation=training_normalisation([v for v, _, _ in pairs]),
         provenance=training_provenance(
             sum(np.count_nonzero(m) for _, m, _ in pairs), seed, len(pairs)
