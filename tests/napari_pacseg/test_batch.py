@@ -227,6 +227,25 @@ def test_threads_dask_source_and_channel_axis(tmp_path, crop, model):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def test_a_dask_source_splits_objects_by_shape_when_brightness_is_auto(tmp_path, crop, model):
+    """The tasks that split the objects cannot read a dask source: with the brightness weight
+    on auto the objects are split by shape alone, with a warning saying so (the ids of
+    ``brightness`` 0 in memory); a brightness given is refused before any work."""
+    import dask.array as da
+
+    source = da.from_array(crop, chunks=(12, 40, 40))
+    auto = {"min_volume": 5.0, "brightness": None}
+    ref = segment(crop, model, instances={**auto, "brightness": 0.0})
+    with pytest.warns(UserWarning, match="split by shape alone"):
+        segment_zarr(source, model, tmp_path / "labels.zarr", chunks=CHUNKS,
+                     instances_out=tmp_path / "ids.zarr", instances=auto)  # fmt: skip
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ids.zarr"))[:], ref.instances)
+    with pytest.raises(ValueError, match="needs a zarr source"):
+        segment_zarr(source, model, tmp_path / "l2.zarr", chunks=CHUNKS,
+                     instances_out=tmp_path / "i2.zarr", instances={"brightness": 0.5})  # fmt: skip
+    assert not (tmp_path / "l2.zarr").exists()
+
+
 def test_local_cluster_equals_in_memory(tmp_path, crop, model, whole, cluster):
     segment_zarr(write_zarr(tmp_path / "in.zarr", crop), model, tmp_path / "labels.zarr",
                  tmp_path / "matte.zarr", chunks=CHUNKS, scheduler=cluster)  # fmt: skip

@@ -335,27 +335,35 @@ def test_the_model_file_carries_a_boundary_class(tmp_path, demo):
     path = save_model(model, tmp_path / "cells.safetensors")
     assert load_model(path).config.instances == cells
     meta = _meta(path)  # a release without cells mode refuses it as newer, not misread
-    assert meta["version"] == 6 and meta["config"]["instances"]["boundary"] == "background"
+    assert meta["version"] == 5 and meta["config"]["instances"]["boundary"] == "background"
     blobs = _meta(save_model(demo, tmp_path / "blobs.safetensors"))  # as before cells mode
     assert blobs["version"] == 4 and "boundary" not in blobs["config"]["instances"]
 
 
-def test_a_version_5_cells_model_keeps_its_contrast_weight(demo):
-    """Before format version 6 cells mode weighed the boundary contrast ``1 + brightness``; now
-    ``2 * brightness``: a version 5 config loads with the brightness of the same weight, a
-    blobs config and a version 6 one as written."""
+def test_the_brightness_weight_on_auto(demo, tmp_path):
+    """``brightness`` None (auto, the default) weighs the image ``AUTO_BRIGHTNESS`` in blobs mode
+    and adds nothing to the cells' contrast weight (1); a given value keeps its meaning in both
+    modes (a model saved before auto, with 0, splits blobs by shape and weighs the cells'
+    contrast 1). A model on auto is written in format version 6, its brightness as null."""
     from napari_pacseg.instances.labels import cell_weight
-    from napari_pacseg.io.codec import config_from_dict, config_to_dict
+    from napari_pacseg.model.network import AUTO_BRIGHTNESS
 
-    for brightness in (0.0, 0.25, 3.0):
-        cells = dataclasses.replace(demo.config.instances, boundary="background",
-                                    brightness=brightness)  # fmt: skip
-        data = config_to_dict(dataclasses.replace(demo.config, instances=cells))
-        old = config_from_dict(data, version=5).instances
-        assert cell_weight(old) == pytest.approx(1.0 + brightness)
-        assert config_from_dict(data).instances == cells
-    blobs = config_to_dict(demo.config)
-    assert config_from_dict(blobs, version=5).instances == demo.config.instances
+    auto = InstanceConfig()
+    assert auto.brightness is None and auto.brightness_weight == AUTO_BRIGHTNESS > 0
+    assert cell_weight(dataclasses.replace(auto, boundary="membrane")) == 1.0
+    for value in (0.0, 0.25, 3.0):
+        given = InstanceConfig(brightness=value)
+        assert given.brightness_weight == value
+        assert cell_weight(dataclasses.replace(given, boundary="membrane")) == 1.0 + value
+    assert demo.config.instances.brightness == 0.0  # saved before auto: shape alone in blobs
+    for boundary in (None, "background"):
+        inst = dataclasses.replace(demo.config.instances, brightness=None, boundary=boundary)
+        model = PacSegModel(dataclasses.replace(demo.config, instances=inst))
+        model.load_state_dict(demo.state_dict())
+        path = save_model(model, tmp_path / f"auto-{boundary}.safetensors")
+        meta = _meta(path)
+        assert meta["version"] == 6 and meta["config"]["instances"]["brightness"] is None
+        assert load_model(path).config.instances == inst
 
 
 def test_the_command_takes_a_boundary_class(tmp_path, demo, crop, capsys):

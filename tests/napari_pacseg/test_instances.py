@@ -501,7 +501,7 @@ def test_segment_seeds_objects_from_a_stronger_fit(fused_pair):
     image, no_gap, model = fused_pair
     kw = {"precision": "float32", "device": "cpu"}
     shape = {"radius": 4.0, "brightness": 0}
-    assert model.config.refine.fit_weight < InstanceConfig().split_fit
+    assert model.config.refine.fit_weight < model.config.instances.split_fit
     off = segment(image, model, instances={**shape, "split_fit": 0}, **kw)
     assert off.instances.max() == 1 and off.seeds is None
     seg = segment(image, model, instances=shape, **kw)

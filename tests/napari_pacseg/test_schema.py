@@ -25,7 +25,7 @@ def test_widget_controls_are_the_config(qtbot):
             assert all(v % 2 for v in values)
         else:
             assert control.max == spec.high
-            assert control.min == (0.0 if spec.optional else spec.low)
+            assert control.min == (spec.low - spec.step if spec.optional else spec.low)
     other = RefineConfig(iterations=3, kernel_size=7, spatial_sigma=None, guide_sigma=0.25)
     set_refine_controls(controls, other)
     assert RefineConfig(**refine_values(controls)) == other

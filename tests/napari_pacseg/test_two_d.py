@@ -182,18 +182,27 @@ def test_2d_and_3d_models_are_told_apart(model2d, tmp_path):
         train([image, volume], [_cells()[1], np.stack([_cells()[1]] * 4)])
     with pytest.raises(ValueError, match=r"spacing must be 2 positive numbers \(y, x\)"):
         segment(image, model2d, spacing=(1.0, 0.5, 0.5))
-    # the file says which kind it is; models with a normalisation are version 4 (an older
-    # release refuses them as "upgrade"), and without one keep the versions it reads
+    # the file says which kind it is; trained models (brightness on auto) are version 6,
+    # models with a brightness given and a normalisation version 4 (an older release refuses
+    # them as "upgrade"), and without one keep the versions it reads
     p2, p3 = (
         save_model(model2d, tmp_path / "a.safetensors"),
         save_model(model3d, tmp_path / "b.safetensors"),
     )
     meta2, meta3 = _meta(p2), _meta(p3)
-    assert meta2["version"] == 4 and meta2["config"]["ndim"] == 2
-    assert meta3["version"] == 4 and "ndim" not in meta3["config"]
+    assert meta2["version"] == 6 and meta2["config"]["ndim"] == 2
+    assert meta3["version"] == 6 and "ndim" not in meta3["config"]
+
+    def given(model, **changes):
+        inst = dataclasses.replace(model.config.instances, brightness=0.0)
+        out = type(model)(dataclasses.replace(model.config, instances=inst, **changes))
+        out.load_state_dict(model.state_dict())
+        return out
+
+    for i, model in enumerate((model2d, model3d)):
+        assert _meta(save_model(given(model), tmp_path / f"given{i}.safetensors"))["version"] == 4
     for model, version in ((model2d, 3), (model3d, 2)):
-        old = type(model)(dataclasses.replace(model.config, normalisation=None))
-        old.load_state_dict(model.state_dict())
+        old = given(model, normalisation=None)
         with pytest.warns(ModelFileWarning, match="retrain it"):
             assert _meta(save_model(old, tmp_path / "old.safetensors"))["version"] == version
             assert load_model(tmp_path / "old.safetensors").config.normalisation is None

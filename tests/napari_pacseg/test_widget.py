@@ -582,3 +582,28 @@ def test_output_layers_change_only_what_differs(make_napari_viewer):
     _layers.output_layers(viewer, image((2.0, 0.5, 0.5), (1.0, 0.0, 0.0)), model, 1)
     assert "colormap" in seen  # another background class: other colours
     assert _layers._same_colormap(labels.colormap, _layers.result_styling(model, 1)["colormap"])
+
+
+def test_optional_controls_have_a_value_for_none(qtbot):
+    """An optional parameter's control shows None one step below its range, as the first
+    words of what None means ("auto", "off"), and reads it back as None; the range's own low
+    end stays a value (brightness 0: the shape alone, not auto)."""
+    from napari_pacseg._napari import controls as c
+    from napari_pacseg.model.network import InstanceConfig, instance_params_schema
+
+    schema = instance_params_schema()
+    controls = c.param_controls(schema, InstanceConfig())
+    bright = controls["brightness"]
+    assert bright.native.text() == "auto" and c.param_values(controls, schema)["brightness"] is None
+    bright.value = 0.0
+    assert bright.native.text() != "auto" and c.param_values(controls, schema)["brightness"] == 0.0
+    c.set_param_controls(controls, schema, InstanceConfig(brightness=None, min_volume=None))
+    values = c.param_values(controls, schema)
+    assert values["brightness"] is None and values["min_volume"] is None
+    c.set_param_controls(controls, schema, InstanceConfig(brightness=0.0, min_volume=0.0))
+    values = c.param_values(controls, schema)
+    assert values["brightness"] == 0.0 and values["min_volume"] == 0.0
+    refine = c.refine_controls()
+    refine["spatial_sigma"].value = refine["spatial_sigma"].min
+    assert refine["spatial_sigma"].native.text() == "off"
+    assert c.refine_values(refine)["spatial_sigma"] is None

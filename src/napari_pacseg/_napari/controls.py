@@ -14,10 +14,23 @@ from napari_pacseg.model.network import (
 )
 
 
+def _none_value(spec) -> float:
+    """The value of an optional parameter's control that stands for None: one step below its
+    range (so the range's own low end, e.g. 0, stays a value); any value below the range
+    reads as None."""
+    return spec.low - spec.step
+
+
+def none_text(spec) -> str:
+    """What an optional parameter's control shows for None: the first words of its ``off``
+    ("auto", "off")."""
+    return spec.off.split(",")[0].split(" (")[0]
+
+
 def param_controls(schema: dict, defaults) -> dict:
     """One control per parameter of ``schema``, at ``defaults``' values: a choice of odd sizes
-    for odd integers, a spin box otherwise; an optional parameter's control reads 0 for None
-    ("off")."""
+    for odd integers, a spin box otherwise; an optional parameter's spin box has one more
+    value below its range for None, shown as ``none_text`` ("auto", "off")."""
     controls = {}
     for name, spec in schema.items():
         value = getattr(defaults, name)
@@ -30,11 +43,14 @@ def param_controls(schema: dict, defaults) -> dict:
                 label=spec.label, min=spec.low, max=spec.high, step=spec.step, value=value
             )
         else:
+            low = _none_value(spec) if spec.optional else spec.low
             control = FloatSpinBox(
-                label=spec.label, min=0.0 if spec.optional else spec.low, max=spec.high,
-                step=spec.step, value=value or 0.0,
+                label=spec.label, min=low, max=spec.high, step=spec.step,
+                value=low if value is None else value,
             )  # fmt: skip
-        off = f"; 0: {spec.off}" if spec.optional else ""  # in the tooltip: short labels fit the dock
+            if spec.optional:
+                control.native.setSpecialValueText(none_text(spec))
+        off = f"; {none_text(spec)}: {spec.off}" if spec.optional else ""  # labels stay short
         control.tooltip = f"{spec.help} ({spec.low:g}-{spec.high:g}{off})"
         controls[name] = control
     return controls
@@ -44,7 +60,8 @@ def set_param_controls(controls: dict, schema: dict, config) -> None:
     """Show ``config``'s values in the controls."""
     for name, control in controls.items():
         value = getattr(config, name)
-        control.value = 0.0 if schema[name].optional and value is None else value
+        spec = schema[name]
+        control.value = _none_value(spec) if spec.optional and value is None else value
 
 
 def param_values(controls: dict, schema: dict) -> dict:
@@ -53,7 +70,7 @@ def param_values(controls: dict, schema: dict) -> dict:
     for name, control in controls.items():
         spec = schema[name]
         value = int(control.value) if spec.integer else float(control.value)
-        out[name] = None if spec.optional and value <= 0 else value
+        out[name] = None if spec.optional and value < spec.low else value
     return out
 
 

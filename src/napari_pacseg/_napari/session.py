@@ -763,7 +763,7 @@ class Session:
             boundary = boundary_label(config, classes, job.params.background)
             planar = inp.ndim == 2
             evidence = None  # the image's brightness, as segment() reads it (on the box)
-            if config.brightness != 0 or boundary is not None:
+            if config.brightness_weight != 0 or boundary is not None:
                 evidence = seg.smoothed(bounded.box, config.smoothing, planar)
             ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
                                   evidence=evidence, classes=classes,

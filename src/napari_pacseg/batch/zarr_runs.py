@@ -777,7 +777,15 @@ def segment_zarr(
         raise ValueError(
             "objects_out needs instances_out=PATH and a zarr source (path, ImageFile or zarr.Array)"
         )
-    if objects is not None and objects.brightness != 0 and not readable:
+    if objects is not None and objects.brightness is None and boundary is None and not readable:
+        warnings.warn(
+            "instances_out: the brightness weight is on auto, and a source other than zarr "
+            "cannot be read by the tasks that split the objects: they are split by shape alone "
+            "(pass a zarr source, or instances={'brightness': 0} to say so)",
+            stacklevel=2,
+        )
+        objects = dataclasses.replace(objects, brightness=0.0)
+    if objects is not None and objects.brightness_weight != 0 and not readable:
         raise ValueError(
             "instances_out: splitting objects by the image's brightness reads the image, which "
             "needs a zarr source (path, ImageFile or zarr.Array); pass "
@@ -940,7 +948,7 @@ def segment_zarr(
                 measure = Measure(raw, layout, str(getattr(volume, "path", "source")),
                                   str(tmps[0]), names, shape[0])  # fmt: skip
             bright = None
-            if objects.brightness != 0 or boundary is not None:
+            if objects.brightness_weight != 0 or boundary is not None:
                 bright = Brightness(raw, layout, str(getattr(volume, "path", "source")),
                                     tuple(norm[0]), tuple(norm[1]))  # fmt: skip
             ids_tmp = tmps[outputs.index(Path(instances_out))]

@@ -193,7 +193,7 @@ def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,
         return split_piece(piece_mask, spacing, config, evidence=valley,
                            weight=cell_weight(config))  # fmt: skip
     bright = None
-    if brightness is not None and config.brightness != 0:
+    if brightness is not None and config.brightness_weight != 0:
         bright = brightness.on(piece.box, cc.shape, spacing, config)
     core = None
     if seeds_path is not None:
@@ -306,7 +306,7 @@ def instances_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig
     scheduler and returns their results. Returns ``(number of objects, table)``: with
     ``measure`` the measurement table of every object (``object_table``'s columns, ids as in
     ``arrays.ids``), else None. ``brightness``: the image's evidence for the splits (needed when
-    ``config.brightness`` is not 0, as in memory)."""
+    ``config.brightness_weight`` is not 0, as in memory)."""
     import dask
 
     delayed = dask.delayed

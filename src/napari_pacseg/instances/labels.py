@@ -4,7 +4,7 @@ the cells' interiors, then ``instances.cells`` fills the boundary; see there.)
 
 Each connected piece (6-connected) of a non-background class is handled alone, in its own
 bounding box: its elevation is the distance transform of the piece in physical units (the voxel
-spacing) over ``radius``, plus ``brightness`` times the image's evidence (``evidence``: the
+spacing) over ``radius``, plus ``brightness_weight`` times the image's evidence (``evidence``: the
 image smoothed and normalised, so a dim gap between two bright objects is a valley); seeds at
 its h-maxima (``InstanceConfig.h``), a watershed of the negated elevation from those seeds
 inside the piece. Working piece by piece keeps the cost proportional to the foreground, and
@@ -57,9 +57,9 @@ def brightness_evidence(
 ) -> np.ndarray | None:
     """The brightness evidence of ``instance_labels``: ``smoothed_image`` of ``image`` (``(C,
     D, H, W)``, or ``(C, H, W)`` with a ``(y, x)`` spacing) at ``config.smoothing``: float32 of
-    the spatial shape, 0..1. None when ``config.brightness`` is 0 in blobs mode (cells mode
-    always reads the image: ``instances.cells``)."""
-    if config.brightness == 0 and config.boundary is None:
+    the spatial shape, 0..1. None when ``config.brightness_weight`` is 0 in blobs mode (cells
+    mode always reads the image: ``instances.cells``)."""
+    if config.brightness_weight == 0 and config.boundary is None:
         return None
     return smoothed_image(image, lo, hi, spacing, config.smoothing)
 
@@ -86,7 +86,7 @@ def instance_labels(
     4-connected and ``config.smallest(planar=True)`` is an area (spacing units squared).
 
     ``evidence``: float32 of the labels' shape, the image's brightness in 0..1 (``brightness_evidence``);
-    None (or ``config.brightness`` 0): the pieces' shapes alone.
+    None (or ``config.brightness_weight`` 0): the pieces' shapes alone.
 
     ``seeds``: integer class labels of the labels' shape from a refinement with a stronger local
     fit (``InstanceConfig.split_fit``; ``segment`` makes them), or None: a piece's objects are
@@ -144,10 +144,10 @@ def instance_labels(
 
 
 def cell_weight(config: InstanceConfig) -> float:
-    """The weight of the boundary's contrast in a cell piece's elevation: ``2 * brightness``
-    (at the default 0.5 the contrast counts as much as the distance in radii; 0: the pieces'
-    shapes alone, as in blobs mode)."""
-    return 2.0 * config.brightness
+    """The weight of the boundary's contrast in a cell piece's elevation: ``1 + brightness``
+    (the contrast counts as much as the distance in radii, ``brightness`` adds to it; None,
+    auto, adds nothing)."""
+    return 1.0 + (config.brightness or 0.0)
 
 
 def _split_pieces(
@@ -199,14 +199,14 @@ def split_piece(
     the piece and in dropped fragments), in raster order of each object's first voxel.
     ``planar``: the piece is of a 2D image (``d`` is 1): its distances are in the plane.
     ``evidence``: the image's brightness on the piece's box (``brightness_evidence``), or None;
-    ``weight``: its weight in the elevation (None: ``config.brightness``). ``edges``: which
+    ``weight``: its weight in the elevation (None: ``config.brightness_weight``). ``edges``: which
     sides of the box lie on the image's border (``on_border``; None: none): a piece or
     fragment touching one is kept from ``config.smallest(cut=True)`` up. ``core``: bool of the
     box's shape, or None: the seeding foreground (``instance_labels``' ``seeds``); its pieces
     inside ``piece``, each split as a piece (without a core), are the seeds, and the watershed
     grows them over ``piece``; where they are fewer than the piece's own h-maxima (or the core
     differs from the piece by less than the smallest object), those seed it."""
-    weight = config.brightness if weight is None else weight
+    weight = config.brightness_weight if weight is None else weight
     voxel = float(np.prod(spacing))
     size = int(piece.sum())
     edges = edges or ((False, False),) * 3

@@ -33,11 +33,10 @@ from napari_pacseg.model.network import (
 from napari_pacseg.model.normalise import Normalisation
 
 FORMAT = "napari-pacseg-model"
-# 6: cells mode's boundary contrast weighs 2 x "brightness" (in 5: 1 + "brightness"; a version
-# 5 file's value is read as the same weight); 5: the config's "instances" name a boundary class
-# (cells mode); 4: the config holds a
-# "normalisation" (clip, training contrast); 3: a model of 2D images (``"ndim": 2`` in the
-# config); 2: the metadata holds a checksum; 1: none (still read, with a warning). A model is
+# 6: the config's "instances" hold "brightness": null (auto); 5: they name a boundary class
+# (cells mode); 4: the config holds a "normalisation" (clip, training contrast); 3: a model of
+# 2D images (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1: none (still
+# read, with a warning). A model is
 # written in the lowest version that holds it (without a normalisation: the version it came
 # in; without a boundary class: no "boundary" key), so older releases keep reading it; a newer
 # model in an older release is refused as "upgrade napari-pacseg" rather than misread.
@@ -80,10 +79,13 @@ def config_to_dict(config: ModelConfig) -> dict:
 
 
 def file_version(config: ModelConfig) -> int:
-    """The format version a model file of ``config`` is written in: 6 with a boundary class
-    (cells mode), else 4 with a normalisation, else 3 for a 2D model, else 2."""
-    if config.instances.boundary is not None:
+    """The format version a model file of ``config`` is written in: 6 with the brightness weight
+    on auto (None), else 5 with a boundary class (cells mode), else 4 with a normalisation, else
+    3 for a 2D model, else 2."""
+    if config.instances.brightness is None:
         return 6
+    if config.instances.boundary is not None:
+        return 5
     if config.normalisation is not None:
         return 4
     return 3 if config.ndim == 2 else 2
@@ -203,11 +205,10 @@ def _obj(cls, data, where: str, convert=None) -> object:
         raise ModelFileError(f"model config: {where}: {one_line(err)}") from err
 
 
-def config_from_dict(data, version: int = FORMAT_VERSION) -> ModelConfig:
+def config_from_dict(data) -> ModelConfig:
     """Rebuild a ``ModelConfig``, refusing unknown or missing keys and wrong JSON types: an int
     field takes only an integer (not ``3.0`` or ``true``), a float field only a finite number,
-    a string field only a string. ``version``: the file's format version (an older file's
-    values are read as the same settings). Raises ``ModelFileError``."""
+    a string field only a string. Raises ``ModelFileError``."""
     convert = {
         "features": lambda v, w: _obj(FeatureSpec, v, w),
         "head": lambda v, w: _obj(HeadConfig, v, w),
@@ -230,17 +231,13 @@ def config_from_dict(data, version: int = FORMAT_VERSION) -> ModelConfig:
         config = dataclasses.replace(
             config, refine=dataclasses.replace(config.refine, fit_weight=0.0)
         )
+    # A key a file lacks takes the field's default (a file written before the brightness
+    # weight: auto), except the seeding fit of a 2D model, which takes the 2D one
     stored = data.get("instances")
     if config.ndim == 2 and not (isinstance(stored, dict) and "split_fit" in stored):
         # a 2D model written before the seeding fit takes up the one 2D models are made with
         config = dataclasses.replace(
             config, instances=dataclasses.replace(config.instances, split_fit=SPLIT_FIT_2D)
-        )
-    if version < 6 and config.instances.boundary is not None:
-        # cells mode's contrast weighed 1 + brightness before version 6, 2 x brightness since
-        inst = config.instances
-        config = dataclasses.replace(
-            config, instances=dataclasses.replace(inst, brightness=(1.0 + inst.brightness) / 2)
         )
     return config
 
@@ -395,7 +392,7 @@ def read_metadata(name: str, header: dict) -> tuple[ModelConfig, dict]:
             f"{name}: file is corrupt: the checksum {short_repr(checksum)} is not 'sha256:' and 64 hex digits"
         )
     try:
-        config = config_from_dict(meta.get("config"), version)
+        config = config_from_dict(meta.get("config"))
     except ModelFileError as err:
         raise ModelFileError(f"{name}: {err}") from None
     return config, meta

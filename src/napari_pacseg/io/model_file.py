@@ -8,12 +8,13 @@ holds the JSON text of ``{"format": "napari-pacseg-model", "version": ..., "writ
 ``model_checksum``).
 
 Version 1 files (without a checksum) load with a ``ModelFileWarning`` asking to re-save them;
-a version 2 to 6 file must have a checksum. Version 6 is written for models whose instance
-defaults name a boundary class (cells mode: ``"boundary"`` in the config's ``"instances"``), so
-releases without cells mode, or that weigh its boundary contrast as ``1 + brightness``
-(version 5, read here as the same weight), refuse them as newer rather than misread them.
-Version 4 is written
-for models with a ``"normalisation"`` in the config (every model trained now); files without one
+a version 2 to 6 file must have a checksum. Version 6 is written for models whose brightness
+weight is on auto (``"brightness": null`` in the config's ``"instances"``: every model trained
+now), so releases without it refuse them as newer rather than fail on the null. Version 5 is
+written for models whose instance defaults name a boundary class (cells mode: ``"boundary"``
+in the config's ``"instances"``), so releases without cells mode refuse them as newer rather
+than misread them. Version 4 is written
+for models with a ``"normalisation"`` in the config (every model trained now has one); files without one
 load with each image scaled by its own range, and a ``ModelFileWarning`` saying so. Version 3 is
 written for models of 2D images without it (``"ndim": 2`` in the config), version 2 for volume
 models without it (no ``"ndim"``: 3).

@@ -91,8 +91,9 @@ class Param:
     the command's flags are made, so their ranges, steps and help cannot drift from the config.
 
     ``low``/``high``: the allowed range (inclusive); ``step``: the control's step; ``odd``: odd
-    integers only; ``optional``: None is allowed (the widget's control shows it as 0, the
-    command takes "none"); ``off``: what None means, in the controls' and flags' help.
+    integers only; ``optional``: None is allowed (the widget's control has a value for it one
+    step below the range, shown as the first words of ``off``; the command takes "none");
+    ``off``: what None means, in the controls' and flags' help.
     """
 
     label: str
@@ -276,6 +277,11 @@ def with_overrides(base, value, what: str):
 # (benchmarks/results/realdata-cpu.md: 2D DSB nuclei).
 SPLIT_FIT_2D = 1.0
 
+# The brightness weight of blobs mode when ``InstanceConfig.brightness`` is None (auto): half a
+# radius of distance for the image's full range (benchmarks/results/realdata-cpu.md, the dense
+# nuclei's splits; benchmarks/results/instances-cpu.md, the generator's within 0.005).
+AUTO_BRIGHTNESS = 0.5
+
 # Objects the image's border cuts are kept (auto size rule, blobs mode) from this share of the
 # smallest whole object up: the cap of a ball of ``radius`` cut at a fifth of its depth. A crop
 # of dense nuclei holds many such pieces (benchmarks/results/realdata-cpu.md counts the reference
@@ -298,8 +304,9 @@ class InstanceConfig:
       the seeds and the watershed follow the distance in units of ``radius`` plus
       ``brightness`` times the image smoothed at a quarter of ``radius`` (in the segmentation's
       normalised units, clipped to 0..1), so two bright objects with a dim gap split even where
-      the foreground fused them (0.5 by default: half a radius of distance for the full range
-      of brightness); 0 uses the mask's shape alone. ``split_fit``
+      the foreground fused them; None (the default, auto) weighs it ``AUTO_BRIGHTNESS`` (half a
+      radius of distance for the full range of brightness), 0 uses the mask's shape alone
+      (``brightness_weight``). ``split_fit``
       seeds the objects from a second refinement whose local intensity fit weighs
       ``split_fit`` (``RefineConfig.fit_weight``; 2.0 by default, 1.0 in the 2D models
       ``train`` makes, ``SPLIT_FIT_2D``; stronger than the labels' own): the fit judges each voxel against its local surroundings, so the dim gap between
@@ -312,8 +319,9 @@ class InstanceConfig:
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
-      above, its elevation the distance to the boundary in units of ``radius`` plus ``2 *
-      brightness`` times the image's boundary contrast turned into a valley (the smoothed image,
+      above, its elevation the distance to the boundary in units of ``radius`` plus ``1 +
+      brightness`` (None counts as 0) times the image's boundary contrast turned into a valley
+      (the smoothed image,
       oriented so the boundary's stain is high); then every boundary voxel joins the cell it
       reaches most cheaply, a step across the stain costing more; and the labels keep the
       boundary class only on its stain and a voxel beside it (the rest takes its cell's class:
@@ -342,9 +350,10 @@ class InstanceConfig:
         off="auto, a ball of half the radius (cut by the image's border: a quarter of that; "
         "cells: a ball of a quarter of the radius)",
     )  # fmt: skip
-    brightness: float = _param(
-        0.5, "Brightness weight", "how much dim gaps split bright objects (0: shape only)",
-        0.0, 10.0, step=0.25,
+    brightness: float | None = _param(
+        None, "Brightness weight", "how much dim gaps split bright objects",
+        0.0, 10.0, step=0.25, optional=True,
+        off=f"auto, {AUTO_BRIGHTNESS:g} (cells: the boundary's contrast weighs 1)",
     )  # fmt: skip
     split_fit: float = _param(
         2.0, "Split fit", "local fit weight of the refinement that seeds the objects (0: the "
@@ -382,6 +391,12 @@ class InstanceConfig:
         """The seeds' least height above the saddles, in units of ``radius`` (the elevation's
         unit: ``split_piece``)."""
         return 1.0 - self.sensitivity
+
+    @property
+    def brightness_weight(self) -> float:
+        """The weight of the image's brightness in blobs mode's elevation: ``brightness``, or
+        ``AUTO_BRIGHTNESS`` when it is None (auto)."""
+        return AUTO_BRIGHTNESS if self.brightness is None else self.brightness
 
     @property
     def smoothing(self) -> float:
