@@ -607,3 +607,21 @@ def test_optional_controls_have_a_value_for_none(qtbot):
     refine["spatial_sigma"].value = refine["spatial_sigma"].min
     assert refine["spatial_sigma"].native.text() == "off"
     assert c.refine_values(refine)["spatial_sigma"] is None
+
+
+def test_settings_restore_none_as_none(docked):
+    """A saved session's None (auto, off) comes back as None, and a 0 as 0."""
+    from napari_pacseg._napari.controls import instance_values, refine_values
+
+    _, widget = docked
+    skipped = widget.apply_settings({
+        "instance_controls": {"brightness": None, "min_volume": 0.0},
+        "refine": {"spatial_sigma": None},
+    })  # fmt: skip
+    assert skipped == []
+    values = instance_values(widget.instance_controls)
+    assert values["brightness"] is None and values["min_volume"] == 0.0
+    assert refine_values(widget.refine_controls)["spatial_sigma"] is None
+    widget.apply_settings({"instance_controls": {"brightness": 0.0, "min_volume": None}})
+    values = instance_values(widget.instance_controls)
+    assert values["brightness"] == 0.0 and values["min_volume"] is None

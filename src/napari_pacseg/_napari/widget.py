@@ -651,7 +651,8 @@ class PacSegWidget(mw.Container):
                 if name in groups and isinstance(value, dict):
                     for key, v in value.items():
                         if key in groups[name]:
-                            put(groups[name][key], key, 0.0 if v is None else v)
+                            control = groups[name][key]  # None: an optional one's lowest
+                            put(control, key, control.min if v is None else v)
                         else:
                             skipped.append(key)
                 elif name in SESSION_CONTROLS:
