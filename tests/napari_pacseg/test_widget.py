@@ -615,10 +615,10 @@ def test_settings_restore_none_as_none(docked):
 
     _, widget = docked
     skipped = widget.apply_settings({
-        "instance_controls": {"brightness": None, "min_volume": 0.0},
+        "instance_controls": {"brightness": None, "min_volume": 0.0, "boundary": None},
         "refine": {"spatial_sigma": None},
     })  # fmt: skip
-    assert skipped == []
+    assert skipped == [] and instance_values(widget.instance_controls)["boundary"] is None
     values = instance_values(widget.instance_controls)
     assert values["brightness"] is None and values["min_volume"] == 0.0
     assert refine_values(widget.refine_controls)["spatial_sigma"] is None

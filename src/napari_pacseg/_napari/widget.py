@@ -651,8 +651,10 @@ class PacSegWidget(mw.Container):
                 if name in groups and isinstance(value, dict):
                     for key, v in value.items():
                         if key in groups[name]:
-                            control = groups[name][key]  # None: an optional one's lowest
-                            put(control, key, control.min if v is None else v)
+                            control = groups[name][key]
+                            if v is None:  # an optional number's lowest value; blobs
+                                v = control.min if hasattr(control, "min") else ""
+                            put(control, key, v)
                         else:
                             skipped.append(key)
                 elif name in SESSION_CONTROLS:

@@ -36,10 +36,10 @@ FORMAT = "napari-pacseg-model"
 # 6: the config's "instances" hold "brightness": null (auto); 5: they name a boundary class
 # (cells mode); 4: the config holds a "normalisation" (clip, training contrast); 3: a model of
 # 2D images (``"ndim": 2`` in the config); 2: the metadata holds a checksum; 1: none (still
-# read, with a warning). A model is
-# written in the lowest version that holds it (without a normalisation: the version it came
-# in; without a boundary class: no "boundary" key), so older releases keep reading it; a newer
-# model in an older release is refused as "upgrade napari-pacseg" rather than misread.
+# read, with a warning). A model is written in the lowest version that holds it (without a
+# normalisation: the version it came in; without a boundary class: no "boundary" key), so
+# older releases keep reading it; a newer model in an older release is refused as "upgrade
+# napari-pacseg" rather than misread.
 FORMAT_VERSION = 6
 META_KEY = "napari_pacseg"
 MAX_JSON_DEPTH = 32  # our header and config nest 5 deep at most
