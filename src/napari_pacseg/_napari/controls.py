@@ -60,8 +60,7 @@ def set_param_controls(controls: dict, schema: dict, config) -> None:
     """Show ``config``'s values in the controls."""
     for name, control in controls.items():
         value = getattr(config, name)
-        spec = schema[name]
-        control.value = _none_value(spec) if spec.optional and value is None else value
+        control.value = shown_none(control) if schema[name].optional and value is None else value
 
 
 def param_values(controls: dict, schema: dict) -> dict:
@@ -90,6 +89,12 @@ def refine_values(controls: dict) -> dict:
 
 
 BLOBS = ("blobs (split each piece)", "")  # the boundary control's choice of blobs mode
+
+
+def shown_none(control):
+    """The value a control shows for a setting's None: an optional number's lowest value
+    (``param_controls``), the boundary control's blobs."""
+    return control.min if hasattr(control, "min") else BLOBS[1]
 
 
 def instance_controls() -> dict:

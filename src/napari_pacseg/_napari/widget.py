@@ -27,6 +27,7 @@ from napari_pacseg._napari.controls import (
     refine_values,
     set_instance_controls,
     set_refine_controls,
+    shown_none,
 )
 from napari_pacseg._napari.refine_limits import limit_refine_controls
 from napari_pacseg._napari.session import (
@@ -652,9 +653,7 @@ class PacSegWidget(mw.Container):
                     for key, v in value.items():
                         if key in groups[name]:
                             control = groups[name][key]
-                            if v is None:  # an optional number's lowest value; blobs
-                                v = control.min if hasattr(control, "min") else ""
-                            put(control, key, v)
+                            put(control, key, shown_none(control) if v is None else v)
                         else:
                             skipped.append(key)
                 elif name in SESSION_CONTROLS:
