@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_pacseg import InstanceConfig, PacSegModel, instance_labels, load_model, save_model
-from napari_pacseg.instances.cells import boundary_label, enclosed_labels
+from napari_pacseg.instances.cells import boundary_label, cell_band, enclosed_labels
 from napari_pacseg.instances.labels import brightness_evidence, object_table
 from napari_pacseg.sample import load_demo_model, load_sample
 from tests.napari_pacseg.tables import assert_same_table
@@ -266,10 +266,13 @@ def test_segment_tiled_and_zarr_give_the_same_cells(tmp_path, demo, crop):
     ref = segment(crop, demo, spacing=spacing, instances=CELLS)
     assert ref.instances.max() >= 3
     tissue = ref.instances > 0
-    assert tissue.mean() > 2 * (ref.labels > 0).mean()  # the cells reach beyond the nuclei
-    assert set(ref.objects["class_name"]) == {"nucleus"}
     plain = segment(crop, demo, spacing=spacing)  # no cells: the classifier's labels
-    assert (plain.labels != ref.labels).sum() > 100  # cells mode drew the boundary on its stain
+    assert tissue.mean() > 2 * (plain.labels > 0).mean()  # the cells reach beyond the nuclei
+    assert set(ref.objects["class_name"]) == {"nucleus"}
+    # cells mode drew the cells: their class inside, the boundary where they meet; the
+    # background no cell reaches stays background (the image is the boundary's there)
+    np.testing.assert_array_equal(ref.labels[tissue] > 0, ~cell_band(ref.instances)[tissue])
+    assert (ref.labels[~tissue] > 0).mean() < 0.01
     tiled = segment(crop, demo, spacing=spacing, instances=CELLS, tile_shape=(8, 40, 40))
     np.testing.assert_array_equal(tiled.instances, ref.instances)
     np.testing.assert_array_equal(tiled.labels, ref.labels)
@@ -422,7 +425,7 @@ def test_the_side_of_the_stain_is_read_where_the_classes_meet(stain):
     assert_one_per_cell(ids, truth, np.ones(truth.shape, bool))
 
 
-# --- the labels on the boundary's stain ------------------------------------------------------
+# --- the labels drawn on the cells ------------------------------------------------------------
 
 
 def _thick_prediction(seed=8, stain="bright", width=3):
@@ -444,81 +447,114 @@ def _thick_prediction(seed=8, stain="bright", width=3):
     return truth, membrane, labels, image, spacing
 
 
-def _drawn(labels, image, spacing, classes=CLASSES, radius=8.0):
-    """``boundary_on_stain`` as segment() runs it: the cells, the side they read on the
-    brightness evidence, the stain: ``(out, ids)``."""
-    from napari_pacseg.instances.cells import boundary_on_stain, stain_image, stain_side
-
+def _evidence(image, spacing, radius=8.0):
     config = InstanceConfig(radius=radius, boundary="membrane")
     lo, hi = [float(image.min())], [float(image.max())]
-    evidence = brightness_evidence(image[None], lo, hi, spacing, config)
+    return brightness_evidence(image[None], lo, hi, spacing, config)
+
+
+def _drawn(labels, image, spacing, classes=CLASSES, radius=8.0):
+    """``boundary_on_cells`` as segment() runs it, on the cells of the labels read with the
+    image's contrast: ``(out, ids)``."""
+    from napari_pacseg.instances.cells import boundary_on_cells
+
+    config = InstanceConfig(radius=radius, boundary="membrane")
+    evidence = _evidence(image, spacing, radius)
     ids = instance_labels(labels, spacing, config, evidence=evidence, classes=classes)
-    side = stain_side(evidence, labels, MEMBRANE)
-    stain = stain_image(image[None], lo, hi, spacing)
-    return boundary_on_stain(labels, ids, stain, MEMBRANE, side), ids
+    return boundary_on_cells(labels, ids, MEMBRANE, evidence), ids
+
+
+def _faces_between(ids):
+    """bool of ``ids``' shape: the voxels with a face neighbour of another non-zero id."""
+    out = np.zeros(ids.shape, bool)
+    for axis in range(ids.ndim):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(ids.ndim))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(ids.ndim))
+        differ = (ids[lo] != ids[hi]) & (ids[lo] > 0) & (ids[hi] > 0)
+        out[lo] |= differ
+        out[hi] |= differ
+    return out
 
 
 @pytest.mark.parametrize("stain", ["bright", "dark"])
 @pytest.mark.parametrize("width", [3, 5])
-def test_the_boundary_class_is_drawn_on_its_stain(stain, width):
+def test_the_boundary_class_is_drawn_where_the_cells_meet(stain, width):
     """A boundary class painted 7 or 11 voxels wide over a one-voxel stain (and over a dark
-    patch no stroke covered) is drawn back to the stain and a voxel beside it; the rest takes
-    its cell's class; the stain itself stays whole; nothing else changes. At 11 voxels the
-    band's edges lie where the stain does not reach at its own resolution: the side of the
-    stain is the one the cells read on the smoothed evidence."""
-    _, membrane, labels, image, spacing = _thick_prediction(stain=stain, width=width)
-    out, _ = _drawn(labels, image, spacing)
+    patch no stroke covered) is drawn back to the faces between the cells: both voxels of
+    every face between two cells, which follow the stain (the true membrane lies on the
+    drawn one, which keeps within two voxels of it, within a voxel's diagonal nearly
+    everywhere, but where the dark cell's neighbours meet inside it); the rest of each cell
+    takes its class; nothing outside the boundary class changes but the faces."""
+    truth, membrane, labels, image, spacing = _thick_prediction(stain=stain, width=width)
+    out, ids = _drawn(labels, image, spacing)
     called = out == MEMBRANE
-    assert (called & membrane).sum() >= 0.97 * membrane.sum()  # the stain stays whole
-    # the stain's blur (0.8 voxel, and the stain's own smoothing) leaves it 3 voxels wide:
-    # drawn with a voxel beside it, nothing farther than 2 voxels from the membrane stays
-    assert not called[ndi.distance_transform_edt(~membrane) > 2.5].any()
-    assert called.sum() < 0.75 * (labels == MEMBRANE).sum()
+    # the dark cell, all boundary to the classifier, has no interior: its neighbours take it
+    dark = ndi.binary_dilation(truth == truth[8, 24, 24], iterations=2)
+    assert ids.max() == truth.max() - 1 and np.all(ids > 0)
+    faces = _faces_between(ids)
+    np.testing.assert_array_equal(called, faces)  # the whole image is tissue: no other edge
+    drawn = (called & membrane & ~dark).sum()
+    assert drawn >= 0.95 * (membrane & ~dark).sum()  # the stain is drawn
+    off = ndi.distance_transform_edt(~membrane)[called & ~dark]
+    assert off.max() <= 2 and (off > 1.8).mean() < 0.01
+    assert called.sum() < 0.5 * (labels == MEMBRANE).sum()
     assert set(np.unique(out)) == {MEMBRANE, CELL} and out.dtype == labels.dtype
-    np.testing.assert_array_equal(out[labels != MEMBRANE], labels[labels != MEMBRANE])
+    np.testing.assert_array_equal(out[(labels != MEMBRANE) & ~faces],
+                                  labels[(labels != MEMBRANE) & ~faces])  # fmt: skip
 
 
-def test_the_stain_drawing_keeps_labels_it_cannot_split_and_gives_cells_their_class():
-    """A uniform stain (one histogram bin) changes nothing; with two interior classes a voxel
-    leaving the boundary takes the class its cell encloses; one in no cell the image's most
-    common interior class, or stays without one."""
+def test_the_drawing_gives_cells_their_class_and_tissue_in_no_cell_the_main_one():
+    """With two interior classes a boundary voxel off the faces takes the class its cell
+    encloses, an interior voxel keeps its own; a cell's edge on the background is drawn; a
+    boundary voxel in no cell takes the image's most common interior class where the image
+    is not the stain, stays on the stain, and stays without the image or an interior class;
+    the background never changes."""
     from napari_pacseg.instances.cells import (
-        boundary_on_stain,
+        boundary_on_cells,
+        cell_band,
+        draw_cells,
         enclosed_labels,
         interior_counts,
         main_interior,
-        stain_histogram,
-        stain_threshold,
-        thin_boundary,
+        stain_sums,
+        unstained,
     )
 
-    _, _, labels, image, spacing = _thick_prediction()
-    flat = np.full(labels.shape, 0.5, np.float32)
-    assert stain_threshold(stain_histogram(flat, labels, MEMBRANE, True)) is None
-    ids = instance_labels(labels, spacing, InstanceConfig(radius=8.0, boundary="membrane"),
-                          classes=CLASSES)  # fmt: skip
-    np.testing.assert_array_equal(boundary_on_stain(labels, ids, flat, MEMBRANE, True), labels)
-    # two interior classes: cells of the left half enclose class 4, and a slab outside every
-    # cell (its ids removed) where class 4 is the more common interior
+    _, membrane, labels, image, spacing = _thick_prediction()
+    labels[:, :, 40:] = 0  # outside the tissue
     two = labels.copy()
     two[(two == CELL) & (np.arange(48)[None, None, :] < 30)] = 4
     out, ids = _drawn(two, image, spacing, classes=[*CLASSES, "other"])
     enclosed = enclosed_labels(ids, two, MEMBRANE)
-    moved = (two == MEMBRANE) & (out != MEMBRANE)
+    band = cell_band(ids)
+    moved = (two == MEMBRANE) & ~band
     assert moved.sum() > 1000 and {4, CELL} <= set(np.unique(out[moved]))
     np.testing.assert_array_equal(out[moved], enclosed[moved])
+    np.testing.assert_array_equal(out[band], MEMBRANE)
+    assert band[:, :, 39].all() and not band[:, :, 40].any()  # the tissue's edge, one side
+    inner = (two != MEMBRANE) & (two != 0) & ~band
+    np.testing.assert_array_equal(out[inner], two[inner])
+    np.testing.assert_array_equal(out[two == 0], 0)
     counts = interior_counts(two, MEMBRANE, 5)
     assert counts[4] > counts[CELL] and main_interior(counts) == 4
     assert main_interior(np.zeros(5)) is None
-    lone = np.full((1, 1, 3), MEMBRANE, np.uint8)
-    dim = np.asarray([[[0.9, 0.1, 0.1]]], np.float32)
-    cut = stain_threshold(stain_histogram(dim, lone, MEMBRANE, True))  # no interiors: all bins
-    kept = thin_boundary(lone, dim, MEMBRANE, cut, True, lone, None)
-    np.testing.assert_array_equal(kept, lone)  # no cell, no fallback: stays
-    given = thin_boundary(lone, dim, MEMBRANE, cut, True, lone, CELL)
-    np.testing.assert_array_equal(given, [[[MEMBRANE, MEMBRANE, CELL]]])  # beside the stain
-    dark = thin_boundary(lone, 1.0 - dim, MEMBRANE, cut, False, lone, CELL)
-    np.testing.assert_array_equal(dark, given)  # a dark stain: the same, read the other way
+    # tissue in no cell: a slab whose ids are removed
+    lost = ids.copy()
+    lost[:, 20:26] = 0
+    evidence = _evidence(image, spacing)
+    drawn = boundary_on_cells(two, lost, MEMBRANE, evidence)
+    free = unstained(evidence, stain_sums(evidence, two, MEMBRANE))
+    slab = (lost == 0) & (two == MEMBRANE)
+    assert (slab & free).sum() > 100 and (slab & ~free).sum() > 100
+    np.testing.assert_array_equal(drawn[slab & free], 4)
+    np.testing.assert_array_equal(drawn[slab & ~free], MEMBRANE)
+    assert (slab & ~free & membrane).sum() >= 0.9 * (slab & membrane).sum()  # the stain stays
+    np.testing.assert_array_equal(drawn[cell_band(lost)], MEMBRANE)
+    kept = boundary_on_cells(two, lost, MEMBRANE)  # without the image
+    np.testing.assert_array_equal(kept[slab], MEMBRANE)
+    none = draw_cells(two, lost, cell_band(lost), enclosed, MEMBRANE, None, free)
+    np.testing.assert_array_equal(none[slab], MEMBRANE)  # no interior class: it stays
+    assert unstained(evidence, (0, 0, 5, 1)) is None  # the classes never meet
 
 
 def test_enclosed_classes_summed_over_chunks_equal_the_whole():
@@ -539,28 +575,28 @@ def test_enclosed_classes_summed_over_chunks_equal_the_whole():
 
 
 @pytest.mark.parametrize("stain", ["bright", "dark"])
-def test_the_stain_pass_over_zarr_chunks_equals_memory(tmp_path, stain):
-    """``chunked_cells.stain_pass`` on zarr arrays (odd chunks, a threads scheduler, the
-    membrane a class of its own with the outside as background, two interior classes) gives
-    ``boundary_on_stain``'s labels; chunks rewritten in waves that never touch."""
+def test_the_labels_pass_over_zarr_chunks_equals_memory(tmp_path, stain):
+    """``chunked_cells.labels_pass`` on zarr arrays (odd chunks, a threads scheduler, the
+    membrane a class of its own with the outside as background, two interior classes, tissue
+    in no cell, the image read per chunk) gives ``boundary_on_cells``'s labels."""
     dask = pytest.importorskip("dask")
     zarr = pytest.importorskip("zarr")
     from napari_pacseg.engine.plan import split_box, whole
-    from napari_pacseg.instances.cells import stain_side
+    from napari_pacseg.instances.cells import boundary_on_cells, stain_sums
     from napari_pacseg.instances.chunked import Brightness, IdArrays
-    from napari_pacseg.instances.chunked_cells import stain_pass, waves
+    from napari_pacseg.instances.chunked_cells import labels_pass
     from napari_pacseg.io.volumes import Layout
 
     _, _, labels, image, spacing = _thick_prediction(stain=stain)
     labels[:, :, 40:] = 0  # outside the tissue
     labels[(labels == CELL) & (np.arange(48)[None, :, None] < 20)] = 4
     classes = [*CLASSES, "other"]
-    want, ids = _drawn(labels, image, spacing, classes=classes)
+    _, ids = _drawn(labels, image, spacing, classes=classes)
+    ids[:, 20:26] = 0  # tissue in no cell
+    evidence = _evidence(image, spacing)
+    want = boundary_on_cells(labels, ids, MEMBRANE, evidence)
     assert (want != labels).sum() > 1000
-    lo, hi = float(image.min()), float(image.max())
-    config = InstanceConfig(radius=8.0, boundary="membrane")
-    side = stain_side(brightness_evidence(image[None], [lo], [hi], spacing, config), labels,
-                      MEMBRANE)  # fmt: skip
+    assert ((ids == 0) & (labels == MEMBRANE) & (want != MEMBRANE)).sum() > 100
     chunks = (5, 12, 11)
     paths = {}
     for name, array in (("labels", labels), ("ids", ids), ("image", image)):
@@ -568,30 +604,37 @@ def test_the_stain_pass_over_zarr_chunks_equals_memory(tmp_path, stain):
         zarr.open_array(paths[name], mode="w", shape=array.shape, chunks=chunks,
                         dtype=array.dtype)[:] = array  # fmt: skip
     boxes = split_box(whole(labels.shape), chunks)
-    groups = waves(boxes)
-    assert sorted(i for g in groups for i in g) == list(range(len(boxes))) and len(groups) == 8
+    sums = tuple(sum(parts) for parts in zip(*[
+        stain_sums(evidence, labels, MEMBRANE, core=box) for box in boxes]))  # fmt: skip
+    assert sums == stain_sums(evidence, labels, MEMBRANE)
+    lo, hi = float(image.min()), float(image.max())
     source = zarr.open_array(paths["image"], mode="r")
-    changed = stain_pass(
+    calls = []
+    changed = labels_pass(
         lambda tasks: list(dask.compute(*tasks, scheduler="threads", num_workers=4)),
         IdArrays(paths["labels"], paths["ids"], str(tmp_path / "cc.zarr")), boxes, spacing,
-        "test", MEMBRANE, Brightness(source, Layout((0, 1, 2)), "image", (lo,), (hi,)), side,
-        len(classes), int(ids.max()),
+        InstanceConfig(radius=8.0, boundary="membrane"), "test", MEMBRANE, len(classes),
+        int(ids.max()), Brightness(source, Layout((0, 1, 2)), "image", (lo,), (hi,)), sums,
+        lambda: calls.append(1),
     )  # fmt: skip
     np.testing.assert_array_equal(zarr.open_array(paths["labels"], mode="r")[:], want)
-    assert changed == (want != labels).sum()
+    assert changed == (want != labels).sum() and calls == [1]
 
 
-def test_the_stain_drawing_of_a_2d_image_is_the_one_plane_volume_s():
-    """``boundary_on_stain`` takes a 2D image's ``(H, W)`` arrays (neighbours in the plane):
+def test_the_drawing_of_a_2d_image_is_the_one_plane_volume_s():
+    """``boundary_on_cells`` takes a 2D image's ``(H, W)`` arrays (neighbours in the plane):
     the same as the one-plane volume, which has no neighbour along z."""
-    from napari_pacseg.instances.cells import boundary_on_stain
+    from napari_pacseg.instances.cells import boundary_on_cells
 
     _, _, labels, image, spacing = _thick_prediction()
-    plane, picture = labels[8], image[8]
+    plane = labels[8]
     ids = instance_labels(plane, spacing[1:], InstanceConfig(radius=8.0, boundary="membrane"),
                           classes=CLASSES)  # fmt: skip
-    stain = (picture - picture.min()) / (picture.max() - picture.min())
-    flat = boundary_on_stain(plane, ids, stain, MEMBRANE, True)
+    evidence = _evidence(image[8:9], spacing)[0]
+    ids[:, 20:24] = 0  # tissue in no cell
+    flat = boundary_on_cells(plane, ids, MEMBRANE, evidence)
     assert flat.shape == plane.shape and (flat != plane).sum() > 50
-    lifted = boundary_on_stain(plane[None], ids[None], stain[None], MEMBRANE, True)
+    lifted = boundary_on_cells(plane[None], ids[None], MEMBRANE, evidence[None])
     np.testing.assert_array_equal(flat, lifted[0])
+    faces = _faces_between(ids)
+    np.testing.assert_array_equal(flat[faces], MEMBRANE)

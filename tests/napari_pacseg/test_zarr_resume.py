@@ -471,8 +471,8 @@ def test_the_command_resumes_a_zarr_input(tmp_path, model, image, monkeypatch, c
     capsys.readouterr()
 
 
-def test_a_cells_run_stopped_while_drawing_the_stain_starts_anew(tmp_path, model, image):
-    """Cells mode rewrites the labels after the blocks (the boundary class on its stain): a run
+def test_a_cells_run_stopped_while_drawing_the_labels_starts_anew(tmp_path, model, image):
+    """Cells mode rewrites the labels after the blocks (drawn on the cells): a run
     stopped there cannot be resumed (its partials no longer hold what the blocks wrote), so
     they are removed, and a record a kill left marked (``REWRITTEN``) makes the next run start
     anew; both give the uninterrupted run's labels and cells."""
@@ -485,7 +485,7 @@ def test_a_cells_run_stopped_while_drawing_the_stain_starts_anew(tmp_path, model
     segment_zarr(src, model, tmp_path / "ref.zarr", instances_out=tmp_path / "ref_ids.zarr", **kw)
     out = tmp_path / "out"
     out.mkdir()
-    real, calls = chunked_cells.thin_chunk, []
+    real, calls = chunked_cells.draw_chunk, []
 
     def stopping(*args, **kwargs):
         if calls:
@@ -496,7 +496,7 @@ def test_a_cells_run_stopped_while_drawing_the_stain_starts_anew(tmp_path, model
     run = lambda: segment_zarr(src, model, out / "labels.zarr",  # noqa: E731
                                instances_out=out / "ids.zarr", **kw)  # fmt: skip
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(chunked_cells, "thin_chunk", stopping)
+        m.setattr(chunked_cells, "draw_chunk", stopping)
         with pytest.raises(KeyboardInterrupt):
             run()
     assert calls and hidden(out) == []  # one chunk rewritten, then the partials removed

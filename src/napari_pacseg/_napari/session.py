@@ -29,12 +29,7 @@ from napari_pacseg.engine.plan import Box, bound_preview, preview_budget, seedin
 from napari_pacseg.engine.preview import RegionSegmenter
 from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import Segmentation, segment
-from napari_pacseg.instances.cells import (
-    boundary_label,
-    boundary_on_stain,
-    stain_side,
-    stain_sigma,
-)
+from napari_pacseg.instances.cells import boundary_label, boundary_on_cells
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
 from napari_pacseg.io.model_file import load_model, save_model
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
@@ -718,8 +713,8 @@ class Session:
         segmenter (made anew when image, model, spacing or device changed; cached logits),
         then the label rule. The refinement's work is bounded by ``engine.preview_budget``
         (``engine.bound_preview``: within it the labels are the full run's). Objects are made
-        on the box alone (in cells mode the boundary's stain is read on the box too, so the
-        labels equal the full run's where the box is the whole image). ``should_cancel`` and
+        on the box alone (in cells mode the labels are drawn on the box's cells, so they equal
+        the full run's where the box is the whole image). ``should_cancel`` and
         ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
         inp = job.image
@@ -768,10 +763,8 @@ class Session:
             ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
                                   evidence=evidence, classes=classes,
                                   background=job.params.background, seeds=seeds)  # fmt: skip
-            if boundary is not None:  # the boundary class on its stain, read on the box
-                side = stain_side(evidence, labels, boundary)
-                stain = seg.smoothed(bounded.box, stain_sigma(spacing), planar)
-                labels = boundary_on_stain(labels, ids, stain, boundary, side)
+            if boundary is not None:  # the boundary class where the box's cells meet
+                labels = boundary_on_cells(labels, ids, boundary, evidence)
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

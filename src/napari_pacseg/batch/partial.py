@@ -13,7 +13,7 @@ the model, the parameters, shape, chunks, normalisation) skips the chunks that t
 finished; any other partial of ours at that name is removed and the run starts afresh. On
 success each partial is renamed into place and its record removed; on a failure it is kept
 when it can be resumed (a source on disk, at least one block finished), else removed. Once a
-run rewrites its partials after the blocks (cells mode's labels drawn on their stain:
+run rewrites its partials after the blocks (cells mode's labels drawn on the cells:
 ``PartialRun.rewriting``) they cannot be resumed: a failure removes them, and the record a
 kill leaves is marked (``REWRITTEN``), so the next run starts afresh.
 """
@@ -297,7 +297,7 @@ class PartialRun:
 
     def rewriting(self) -> None:
         """Say that the partials are being rewritten after their blocks (cells mode's labels on
-        their stain): from here they cannot be resumed (their blocks no longer hold what the
+        the cells): from here they cannot be resumed (their blocks no longer hold what the
         blocks wrote), so a failure removes them, and a record left by a kill says so
         (``REWRITTEN``; ``_open`` then starts anew)."""
         (next(iter(self.paths.values())) / RECORD_DIR / REWRITTEN).touch()

@@ -60,7 +60,7 @@ from napari_pacseg.engine.request import SegmentRequest
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
 from napari_pacseg.instances.cells import boundary_label
 from napari_pacseg.instances.chunked import Brightness, IdArrays, Measure, instances_pass
-from napari_pacseg.instances.chunked_cells import cells_pass, stain_pass
+from napari_pacseg.instances.chunked_cells import cells_pass, labels_pass
 from napari_pacseg.instances.labels import table_csv
 from napari_pacseg.io.atomic import (
     check_replaceable,
@@ -793,7 +793,7 @@ def segment_zarr(
         )
     if boundary is not None and not readable:
         raise ValueError(
-            "instances_out: cells from a boundary class read the image (the boundary's stain), "
+            "instances_out: cells from a boundary class read the image (the boundary's contrast), "
             "which needs a zarr source (path, ImageFile or zarr.Array)"
         )
     outputs = [Path(p) for p in (labels_out, matte_out, instances_out, objects_out) if p is not None]
@@ -958,12 +958,12 @@ def segment_zarr(
                 n_objects, table = instances_pass(run, arrays, boxes, spacing, objects, token,
                                                   measure, bright)  # fmt: skip
             else:  # cells from a boundary class
-                n_objects, table, side = cells_pass(run, arrays, boxes, spacing, objects,
+                n_objects, table, sums = cells_pass(run, arrays, boxes, spacing, objects,
                                                     token, boundary, measure, bright)  # fmt: skip
-                # the labels' boundary class on its stain, as segment() draws it (after the
-                # cells: they come from the classifier's classes)
-                stain_pass(run, arrays, boxes, spacing, token, boundary, bright, side,
-                           len(model.config.classes), n_objects, partials.rewriting)  # fmt: skip
+                # the labels' boundary class where the cells meet, as segment() draws it
+                labels_pass(run, arrays, boxes, spacing, objects, token, boundary,
+                            len(model.config.classes), n_objects, bright, sums,
+                            partials.rewriting)  # fmt: skip
             if table is not None:
                 write_bytes(tmps[outputs.index(Path(objects_out))], table_csv(table).encode())
             timings["instances"] = time.perf_counter() - t0

@@ -15,13 +15,7 @@ from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.frames import frame_views
 from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
 from napari_pacseg.engine.request import SegmentRequest
-from napari_pacseg.instances.cells import (
-    boundary_label,
-    boundary_on_stain,
-    enclosed_labels,
-    stain_image,
-    stain_side,
-)
+from napari_pacseg.instances.cells import boundary_label, boundary_on_cells, enclosed_labels
 from napari_pacseg.instances.labels import (
     as_table,
     brightness_evidence,
@@ -264,7 +258,7 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
 def _objects(plan, labels, should_cancel, seeds=None):
     """``(ids, table, labels)``: the object ids and measurement table of ``labels``
     (``plan``'s image and request), and the labels (in cells mode with the boundary class
-    thinned to its stain: ``cells.boundary_on_stain``; else ``labels`` itself); ``seeds``: the
+    drawn where the cells meet: ``cells.boundary_on_cells``; else ``labels`` itself); ``seeds``: the
     labels that seed the objects (``refine(split_fit=...)``), or None."""
     model = plan.model
     plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
@@ -284,12 +278,10 @@ def _objects(plan, labels, should_cancel, seeds=None):
     if boundary is not None:  # a cell's class is the one it encloses
         measured = enclosed_labels(ids, flat_labels, boundary)
     objects = as_table(object_table(ids, measured, vol, spacing, classes))
-    if boundary is not None:  # the boundary class on its stain (the cells are made above)
-        stain = stain_image(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing)
-        side = stain_side(bright.reshape(flat_labels.shape), flat_labels, boundary)
-        thinned = boundary_on_stain(flat_labels, ids, stain.reshape(flat_labels.shape), boundary,
-                                    side, measured)  # fmt: skip
-        labels = thinned.reshape(labels.shape)
+    if boundary is not None:  # the boundary class where the cells meet
+        drawn = boundary_on_cells(flat_labels, ids, boundary, bright.reshape(flat_labels.shape),
+                                  measured)  # fmt: skip
+        labels = drawn.reshape(labels.shape)
     if plane and not plan.flat:
         ids = ids[None]
     return ids, objects, labels

@@ -23,18 +23,20 @@ on the boundary voxels beside an interior against the interior voxels beside the
 the classes' means: a classifier that calls dark cells boundary would turn those round), summed
 in integers so chunk by chunk gives the same answer.
 
-The labels follow the stain (``boundary_on_stain``): a classifier trained on strokes a few
+The labels follow the cells (``boundary_on_cells``): a classifier trained on strokes a few
 voxels wide paints the boundary class as wide as the strokes, and calls dark interiors it has
-not seen boundary, while the stain itself is a thin sheet. So in cells mode the boundary class
-keeps only the voxels whose stain (``stain_image``: the image at its own resolution) is on the
-stain's side of Otsu's threshold of the boundary class's stain (``stain_threshold``: the
-boundary voxels more stained than the interiors' median, split into the stain and its flanks),
-and the boundary voxels beside them; the others take their cell's enclosed class (in no cell:
-the image's most common interior class). The side of the stain is the one the cells read
-(``stain_side``, on the smoothed evidence: at the stain's own resolution the edges of a
-boundary painted much wider than the stain see none of it). The cells themselves come from the
-classifier's classes, before this: a gap in the thinned boundary must not merge two cells. The
-threshold is a histogram summed over chunks, so chunk by chunk gives the same labels.
+not seen boundary, while a membrane is a thin sheet between two cells. So in cells mode the
+boundary class is where the cells meet (``cell_band``: a cell's voxels with a face neighbour
+of another cell, the background or tissue no cell reaches; two voxels across a face between
+cells), and the rest of a cell takes its enclosed class (the interior class most of its
+interior voxels have). Tissue no cell reaches stays as the classifier called it where the
+image looks like the boundary's stain (``unstained``: on the boundary's side of the level
+halfway between the two classes where they meet), and takes the image's most common interior
+class elsewhere: dark cells a classifier called membrane beyond the fill's reach are
+interiors, the background around nuclei taken as cells stays background.
+The labels and the objects then tell one story: every face between two cells is drawn, and a
+membrane the cells do not follow is not. The band depends on the ids one voxel around, and the
+classes on sums over chunks, so chunk by chunk gives the same labels.
 """
 
 from __future__ import annotations
@@ -44,21 +46,19 @@ import math
 import numpy as np
 
 from napari_pacseg.checks import short_repr
-from napari_pacseg.instances.evidence import smoothed_image
 from napari_pacseg.model.network import InstanceConfig
 
 REACH = 2.0  # the fill reaches this many radii (in steps of the finest axis) into the boundary
 STEP_COST = 10.0  # a step through the strongest stain costs 1 + STEP_COST plain steps
 LEVELS = 1 << 16  # the contrast's sums count the evidence in units of 1 / LEVELS
-STAIN_SIGMA = 1.0  # the stain's Gaussian (stain_image), voxels of the finest axis
-STAIN_BINS = 256  # bins of the stain's histogram (stain_threshold)
 
 __all__ = [
     "apply_enclosed",
     "beside",
     "boundary_label",
-    "boundary_on_stain",
-    "contrast_bins",
+    "boundary_on_cells",
+    "cell_band",
+    "draw_cells",
     "enclosed_labels",
     "enclosed_lut",
     "enclosed_pairs",
@@ -69,13 +69,10 @@ __all__ = [
     "interior_mask",
     "main_interior",
     "stain_contrast",
-    "stain_histogram",
-    "stain_image",
     "stain_is_bright",
     "stain_side",
     "stain_sums",
-    "stain_threshold",
-    "thin_boundary",
+    "unstained",
 ]
 
 
@@ -181,6 +178,20 @@ def stain_is_bright(sums) -> bool:
     if on_n == 0 or in_n == 0:
         return True
     return on_sum * in_n >= in_sum * on_n
+
+
+def unstained(bright: np.ndarray, sums) -> np.ndarray | None:
+    """The voxels whose ``bright`` (the brightness evidence, 0..1) lies on the interiors' side
+    of the level halfway between the boundary's and the interiors' means where they meet
+    (``stain_sums``, added over chunks; the side: ``stain_is_bright``): bool of its shape, or
+    None when they never meet. Counted in units of ``1 / LEVELS`` as the sums are, so a chunk
+    gives the whole volume's answer."""
+    on_sum, on_n, in_sum, in_n = (int(v) for v in sums)
+    if on_n == 0 or in_n == 0:
+        return None
+    middle = 0.5 * (on_sum / on_n + in_sum / in_n)
+    levels = np.rint(np.asarray(bright, np.float64) * LEVELS)
+    return levels < middle if stain_is_bright(sums) else levels > middle
 
 
 def stain_contrast(bright: np.ndarray, is_bright: bool) -> np.ndarray:
@@ -311,84 +322,6 @@ def apply_enclosed(labels: np.ndarray, ids: np.ndarray, lut: np.ndarray, has: np
     return out
 
 
-def stain_sigma(spacing) -> float:
-    """The stain's Gaussian (``stain_image``): ``STAIN_SIGMA`` voxels of the finest axis, in
-    spacing units."""
-    return STAIN_SIGMA * min(float(s) for s in spacing)
-
-
-def stain_image(image: np.ndarray, lo, hi, spacing) -> np.ndarray:
-    """The boundary's stain at the image's resolution: ``smoothed_image`` of ``image`` (``(C,
-    D, H, W)``, or ``(C, H, W)`` with a ``(y, x)`` spacing) at ``stain_sigma``; float32 0..1."""
-    return smoothed_image(image, lo, hi, spacing, stain_sigma(spacing))
-
-
-def contrast_bins(stain: np.ndarray, is_bright: bool) -> np.ndarray:
-    """The stain (``stain_image``, 0..1) in ``STAIN_BINS`` equal bins, counted from the side
-    away from the stain (``stain_is_bright``: bin 0 the darkest for a bright stain, the
-    brightest for a dark one): int64 of its shape."""
-    bins = np.clip((np.asarray(stain) * STAIN_BINS).astype(np.int64), 0, STAIN_BINS - 1)
-    return bins if is_bright else (STAIN_BINS - 1) - bins
-
-
-def stain_histogram(stain: np.ndarray, labels: np.ndarray, boundary: int, is_bright: bool,
-                    core=None) -> np.ndarray:  # fmt: skip
-    """int64 ``(2, STAIN_BINS)``: ``contrast_bins`` counted on the boundary voxels (row 0)
-    and on the interiors' (row 1); ``core``: only the voxels of this box. Summed over chunks
-    it is the whole volume's."""
-    stain, labels = np.asarray(stain), np.asarray(labels)
-    if core is not None:
-        window = tuple(slice(a, b) for a, b in core)
-        stain, labels = stain[window], labels[window]
-    bins = contrast_bins(stain, is_bright)
-    rows = [bins[labels == boundary], bins[interior_mask(labels, boundary)]]
-    return np.stack([np.bincount(r, minlength=STAIN_BINS) for r in rows]).astype(np.int64)
-
-
-def stain_threshold(hist) -> int | None:
-    """The last contrast bin that is not the stain, from ``stain_histogram`` (added over
-    chunks): Otsu's split of the boundary voxels in the bins above the interiors' median
-    (those at or below it are surely not the stain: a dark patch the classifier called
-    boundary must not pull the split below the stain's flanks). None when fewer than two of
-    those bins hold voxels (nothing to split)."""
-    from skimage.filters import threshold_otsu
-
-    on, inner = np.asarray(hist, np.int64)
-    median = -1
-    if inner.sum():
-        median = int(np.searchsorted(np.cumsum(inner), (inner.sum() + 1) // 2))
-    above = on[median + 1 :]
-    if np.count_nonzero(above) < 2:
-        return None
-    index = np.arange(median + 1, on.size, dtype=np.float64)
-    return int(threshold_otsu(hist=(above, index)))
-
-
-def thin_boundary(labels: np.ndarray, stain: np.ndarray, boundary: int, threshold: int | None,
-                  is_bright: bool, enclosed: np.ndarray, fallback: int | None,
-                  planar: bool = False) -> np.ndarray:  # fmt: skip
-    """``labels`` ``(D, H, W)`` with the boundary class kept on its stain: a boundary voxel
-    stays where its ``contrast_bins`` of ``stain`` (``stain_image``) is above ``threshold``
-    (``stain_threshold``; None: every voxel stays), or where a face neighbour's is and it is
-    boundary too (the stain's blurred flank: a membrane one voxel wide in noise stays whole).
-    The other boundary voxels take the class of the cell they belong to (``enclosed``:
-    ``enclosed_labels`` of the cells), or ``fallback`` (``main_interior``) when in no cell or
-    in one without interior (None: they stay boundary). ``planar``: a 2D image (``D`` 1),
-    neighbours in the plane. A voxel's result depends on its face neighbours: a chunk's arrays
-    reach one voxel beyond it. Same shape and dtype as ``labels``."""
-    labels = np.asarray(labels)
-    if threshold is None:
-        return labels.copy()
-    enclosed = np.asarray(enclosed)
-    on = labels == boundary
-    stained = on & (contrast_bins(stain, is_bright) > threshold)
-    near = stained | beside(stained, planar)
-    if fallback is not None:
-        enclosed = np.where(enclosed == boundary, labels.dtype.type(fallback), enclosed)
-    thin = on & ~near & (enclosed != boundary)
-    return np.where(thin, enclosed, labels).astype(labels.dtype, copy=False)
-
-
 def interior_counts(labels: np.ndarray, boundary: int, size: int, core=None) -> np.ndarray:
     """int64 ``(size,)``: voxels per label value (``size`` more than the largest) of the
     interior classes of ``labels`` (0 for the background and the boundary); ``core``: only the
@@ -407,22 +340,61 @@ def main_interior(counts) -> int | None:
     return int(np.argmax(counts)) if counts.any() else None
 
 
-def boundary_on_stain(labels: np.ndarray, ids: np.ndarray, stain: np.ndarray, boundary: int,
-                      is_bright: bool, enclosed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """The labels of cells mode in memory: ``labels`` ``(D, H, W)`` (or a 2D image's ``(H,
-    W)``: neighbours in the plane) thinned to the stain (``thin_boundary``), the threshold and
-    the main interior class read on this image (``stain``: ``stain_image``; ``ids``: the
-    cells, ``instance_labels``; ``is_bright``: the side the cells read, ``stain_side``;
-    ``enclosed``: ``enclosed_labels`` of the cells, when already made). Same shape and dtype
-    as ``labels``."""
-    labels, ids, stain = np.asarray(labels), np.asarray(ids), np.asarray(stain)
+def cell_band(ids: np.ndarray, planar: bool = False) -> np.ndarray:
+    """The voxels of a cell (``ids`` > 0, ``(D, H, W)``) with a face neighbour (``planar``:
+    in the plane) of another id: where cells meet one another (both sides of the face), the
+    background, or tissue no cell reaches. bool of its shape; a chunk's ``ids`` reach one
+    voxel beyond it."""
+    ids = np.asarray(ids)
+    out = np.zeros(ids.shape, bool)
+    for axis in (1, 2) if planar else (0, 1, 2):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        differ = ids[lo] != ids[hi]
+        out[lo] |= differ
+        out[hi] |= differ
+    return out & (ids > 0)
+
+
+def draw_cells(labels: np.ndarray, ids: np.ndarray, band: np.ndarray, enclosed: np.ndarray,
+               boundary: int, fallback: int | None, free: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """The labels of cells mode: ``labels`` with the boundary class (label value
+    ``boundary``) on the cells' ``band`` (``cell_band``) and nowhere else in a cell: a
+    boundary voxel of cell ``i`` off the band takes ``enclosed``'s class there (its cell's
+    enclosed class: ``apply_enclosed``). A boundary voxel in no cell (tissue the fill does not
+    reach) where ``free`` (``unstained``: the image does not look like the boundary's stain
+    there) takes ``fallback`` (``main_interior``); elsewhere, or without them (None), it
+    stays. Interior voxels off the band and the background keep their class. All arrays of
+    one shape; same dtype as ``labels``."""
+    labels, ids = np.asarray(labels), np.asarray(ids)
+    on = labels == boundary
+    out = np.where(on & (ids > 0), np.asarray(enclosed), labels)
+    if fallback is not None and free is not None:
+        out[on & (ids == 0) & free] = fallback
+    out[band] = boundary
+    return out.astype(labels.dtype, copy=False)
+
+
+def boundary_on_cells(labels: np.ndarray, ids: np.ndarray, boundary: int,
+                      evidence: np.ndarray | None = None,
+                      enclosed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The labels of cells mode in memory (``draw_cells``): ``labels`` ``(D, H, W)`` (or a 2D
+    image's ``(H, W)``: neighbours in the plane) with the boundary class where the cells
+    ``ids`` (``instance_labels``) meet; ``evidence``: the brightness evidence of the same
+    shape (``labels.brightness_evidence``), which tells the tissue in no cell that is not the
+    boundary's stain (None: that tissue keeps its class); ``enclosed``: ``enclosed_labels`` of
+    the cells, when already made. Same shape and dtype as ``labels``."""
+    labels, ids = np.asarray(labels), np.asarray(ids)
     planar = labels.ndim == 2
     if enclosed is None:
         enclosed = enclosed_labels(ids, labels, boundary)
     lift = (lambda a: np.asarray(a)[None]) if planar else np.asarray
-    labels3, stain3 = lift(labels), lift(stain)
-    threshold = stain_threshold(stain_histogram(stain3, labels3, boundary, is_bright))
+    labels3, ids3 = lift(labels), lift(ids)
+    free = None
+    if evidence is not None:
+        bright = lift(evidence)
+        free = unstained(bright, stain_sums(bright, labels3, boundary, planar))
     fallback = main_interior(interior_counts(labels3, boundary, int(labels.max(initial=0)) + 1))
-    out = thin_boundary(labels3, stain3, boundary, threshold, is_bright, lift(enclosed),
-                        fallback, planar)  # fmt: skip
+    out = draw_cells(labels3, ids3, cell_band(ids3, planar), lift(enclosed), boundary,
+                     fallback, free)  # fmt: skip
     return out.reshape(labels.shape)

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_pacseg.instances.cells import interior_mask, stain_contrast, stain_sigma
+from napari_pacseg.instances.cells import interior_mask, stain_contrast
 from napari_pacseg.instances.evidence import smoothed_on
 from napari_pacseg.instances.labels import (
     FACES,
@@ -149,7 +149,7 @@ class Brightness:
     """What the passes need to read the image as the object steps read it: the raw zarr source
     (read here) with its layout and name for messages, and the segmentation's normalisation
     ``lo``/``hi`` (one value per channel). ``on`` gives the brightness evidence
-    (``brightness_evidence``), ``stain`` the boundary's stain (``cells.stain_image``)."""
+    (``brightness_evidence``)."""
 
     source: object
     layout: object
@@ -157,22 +157,15 @@ class Brightness:
     lo: tuple[float, ...]
     hi: tuple[float, ...]
 
-    def _smoothed(self, box, shape, spacing, sigma: float) -> np.ndarray:
+    def on(self, box, shape, spacing, config: InstanceConfig) -> np.ndarray:
+        """The evidence on ``box`` of a volume of spatial ``shape``: equal to the whole
+        volume's there (``evidence.smoothed_on``)."""
         from napari_pacseg.io.volumes import read_region
 
         def read(ext):
             return read_region(self.source, self.layout, ext, self.name)
 
-        return smoothed_on(read, box, shape, spacing, sigma, self.lo, self.hi)
-
-    def on(self, box, shape, spacing, config: InstanceConfig) -> np.ndarray:
-        """The evidence on ``box`` of a volume of spatial ``shape``: equal to the whole
-        volume's there (``evidence.smoothed_on``)."""
-        return self._smoothed(box, shape, spacing, config.smoothing)
-
-    def stain(self, box, shape, spacing) -> np.ndarray:
-        """The boundary's stain on ``box``, equal to the whole volume's there."""
-        return self._smoothed(box, shape, spacing, stain_sigma(spacing))
+        return smoothed_on(read, box, shape, spacing, config.smoothing, self.lo, self.hi)
 
 
 def split_of(cc_path: str, piece: Piece, spacing, config: InstanceConfig,

@@ -14,10 +14,9 @@ pieces (as in ``instances.chunked``), and the boundary's fill reaches a bounded 
    split on its own box), the fill there, the chunk's part written (``fill_chunk``);
 5. with measurements: per group of pieces, each cell measured on its piece's box grown by the
    halo (it holds the whole cell), read back from the written ids (``measure_cells``);
-6. and 7. the labels on the boundary's stain (``stain_pass``, on the side pass 0 read): per
-   chunk the stain's histograms, the cells' enclosed classes and the interior classes' counts
-   (``stain_stats_chunk``), then per chunk, in waves of chunks that do not touch, the labels
-   rewritten (``thin_chunk``).
+6. and 7. the labels drawn on the cells (``labels_pass``, with pass 0's sums): per chunk the
+   cells' enclosed classes and the interior classes' counts (``labels_stats_chunk``), then
+   per chunk the labels rewritten (``draw_chunk``).
 
 Memory per task: a chunk grown by the halo, plus the box of the largest piece that meets it.
 """
@@ -28,6 +27,8 @@ import numpy as np
 
 from napari_pacseg.instances.cells import (
     apply_enclosed,
+    cell_band,
+    draw_cells,
     enclosed_labels,
     enclosed_lut,
     enclosed_pairs,
@@ -36,11 +37,9 @@ from napari_pacseg.instances.cells import (
     interior_counts,
     main_interior,
     stain_contrast,
-    stain_histogram,
     stain_is_bright,
     stain_sums,
-    stain_threshold,
-    thin_boundary,
+    unstained,
 )
 from napari_pacseg.instances.chunked import (
     Brightness,
@@ -157,23 +156,25 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
     cells mode: ``boundary`` is the boundary class's label value (``cells.boundary_label``).
     ``run(tasks)`` computes a list of dask delayed tasks and returns their results.
     ``brightness``: the image (the boundary's contrast, as ``segment`` reads it in memory).
-    Returns ``(number of cells, table, is_bright)``: with ``measure`` the measurement table of
-    every cell (ids as in ``arrays.ids``), else None; the side of the stain the cells read
-    (``cells.stain_is_bright``; None without ``brightness``)."""
+    Returns ``(number of cells, table, sums)``: with ``measure`` the measurement table of
+    every cell (ids as in ``arrays.ids``), else None; the whole volume's ``cells.stain_sums``,
+    whose side of the stain the cells read (``cells.stain_is_bright``; None without
+    ``brightness``)."""
     import dask
     import zarr
 
     delayed = dask.delayed
     labels_path, out_path, cc_path = arrays.labels, arrays.ids, arrays.scratch
     shape = zarr.open_array(labels_path, mode="r").shape
-    bright = None
+    bright = total = None
     if brightness is not None:
         sums = run([
             delayed(stain_chunk, pure=False)(labels_path, box, spacing, config, brightness,
                                              boundary, dask_key_name=f"pacseg-stain-{token}-{i}")
             for i, box in enumerate(boxes)
         ])  # fmt: skip
-        bright = stain_is_bright([sum(parts) for parts in zip(*sums)])
+        total = tuple(sum(parts) for parts in zip(*sums))
+        bright = stain_is_bright(total)
     cells = CellRule(boundary, bright)
     comps_per_chunk = run([
         delayed(components_chunk, pure=False)(labels_path, cc_path, i, box, cells,
@@ -216,98 +217,79 @@ def cells_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, to
         ])  # fmt: skip
         parts = [t for _, group in sorted(measured, key=lambda r: r[0]) for t in group]
         table = concat_tables([t for t in parts if t is not None], measure)
-    return int(sum(counts)), table, bright
+    return int(sum(counts)), table, total
 
 
-def stain_stats_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
-                      boundary: int, is_bright: bool, size: int):  # fmt: skip
-    """Pass 6 for one chunk: ``(histogram, pairs, counts)``, its ``cells.stain_histogram`` of
-    the stain (``Brightness.stain``), its ``enclosed_pairs`` of the cells and its
+def labels_stats_chunk(labels_path: str, ids_path: str, box, boundary: int, size: int):
+    """Pass 6 for one chunk: ``(pairs, counts)``, its ``enclosed_pairs`` of the cells and its
     ``interior_counts`` (``size`` values)."""
     import zarr
 
-    labels = zarr.open_array(labels_path, mode="r")
-    lab = np.asarray(labels[_slices(box)])
-    stain = brightness.stain(box, labels.shape, spacing)
+    lab = np.asarray(zarr.open_array(labels_path, mode="r")[_slices(box)])
     ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(box)])
-    return (stain_histogram(stain, lab, boundary, is_bright),
-            enclosed_pairs(ids, lab, boundary), interior_counts(lab, boundary, size))  # fmt: skip
+    return enclosed_pairs(ids, lab, boundary), interior_counts(lab, boundary, size)
 
 
-def thin_chunk(labels_path: str, ids_path: str, box, spacing, brightness: Brightness,
-               boundary: int, rule: tuple) -> int:  # fmt: skip
-    """Pass 7 for one chunk: its labels rewritten on the stain (``cells.thin_boundary``, read
-    one voxel beyond it); ``rule``: ``(threshold, is_bright, lut, has, fallback)`` of the
-    whole volume. No chunk it reads is rewritten meanwhile (``stain_pass`` runs the chunks in
-    waves of non-touching ones). Returns the voxels that changed."""
+def draw_chunk(labels_path: str, ids_path: str, box, spacing, config: InstanceConfig,
+               brightness: Brightness | None, boundary: int, rule: tuple) -> int:  # fmt: skip
+    """Pass 7 for one chunk: its labels drawn on the cells (``cells.draw_cells``, the cells'
+    band read one voxel beyond it); ``rule``: ``(lut, has, fallback, sums)`` of the whole
+    volume (``sums``: ``cells.stain_sums``, None without ``brightness``). A chunk's result
+    depends on its own labels and image and on the ids around it, which no task writes:
+    chunks run in any order. Returns the voxels that changed."""
     import zarr
 
-    threshold, is_bright, lut, has, fallback = rule
+    lut, has, fallback, sums = rule
     labels = zarr.open_array(labels_path, mode="r+")
     ext = grown(box, (1, 1, 1), labels.shape)
-    lab = np.asarray(labels[_slices(ext)])
     ids = np.asarray(zarr.open_array(ids_path, mode="r")[_slices(ext)])
-    enclosed = apply_enclosed(lab, ids, lut, has)
-    stain = brightness.stain(ext, labels.shape, spacing)
-    out = thin_boundary(lab, stain, boundary, threshold, is_bright, enclosed, fallback)
     core = tuple(slice(a - e, b - e) for (a, b), (e, _) in zip(box, ext))
-    changed = int(np.count_nonzero(out[core] != lab[core]))
+    band = cell_band(ids)[core]
+    ids = ids[core]
+    lab = np.asarray(labels[_slices(box)])
+    free = None
+    if brightness is not None and sums is not None and fallback is not None:
+        free = unstained(brightness.on(box, labels.shape, spacing, config), sums)
+    out = draw_cells(lab, ids, band, apply_enclosed(lab, ids, lut, has), boundary, fallback,
+                     free)  # fmt: skip
+    changed = int(np.count_nonzero(out != lab))
     if changed:
-        labels[_slices(box)] = out[core]
+        labels[_slices(box)] = out
     return changed
 
 
-def waves(boxes) -> list[list[int]]:
-    """The indices of ``boxes`` (a grid of chunks) in up to 8 groups by the parity of each
-    axis's chunk index: no two chunks of a group touch, not even at a corner."""
-    starts = [sorted({box[a][0] for box in boxes}) for a in range(3)]
-    groups: dict[tuple, list[int]] = {}
-    for i, box in enumerate(boxes):
-        key = tuple(starts[a].index(box[a][0]) % 2 for a in range(3))
-        groups.setdefault(key, []).append(i)
-    return [groups[k] for k in sorted(groups)]
-
-
-def stain_pass(run, arrays: IdArrays, boxes, spacing, token: str, boundary: int,
-               brightness: Brightness, is_bright: bool | None, classes: int, n_cells: int,
-               before_write=None) -> int:  # fmt: skip
-    """Passes 6 and 7: the labels zarr array (``arrays.labels``, chunks ``boxes``) rewritten
-    with the boundary class on its stain, as ``segment`` draws it in memory
-    (``cells.boundary_on_stain``; the cells in ``arrays.ids``, ids 1..``n_cells``, are final;
-    ``is_bright``: the side of the stain they read, ``cells_pass``). ``classes``: the model's
-    number of classes; ``before_write()``, when given, is called once the rule is known, before
-    the first chunk is rewritten. The rewrite runs in waves of chunks that do not touch
-    (``waves``): a chunk reads its neighbours' voxels, which no task of its wave writes.
-    Returns the voxels that changed."""
+def labels_pass(run, arrays: IdArrays, boxes, spacing, config: InstanceConfig, token: str,
+                boundary: int, classes: int, n_cells: int, brightness: Brightness | None = None,
+                sums=None, before_write=None) -> int:  # fmt: skip
+    """Passes 6 and 7: the labels zarr array (``arrays.labels``, chunks ``boxes``) drawn on
+    the cells, as ``segment`` draws them in memory (``cells.boundary_on_cells``; the cells in
+    ``arrays.ids``, ids 1..``n_cells``, are final). ``classes``: the model's number of
+    classes; ``brightness`` and ``sums`` (the image and its ``cells.stain_sums``:
+    ``cells_pass``), or None: tissue in no cell keeps its class. ``before_write()``, when
+    given, is called once the rule is known, before the first chunk is rewritten. Returns the
+    voxels that changed."""
     import dask
     import zarr
 
     delayed = dask.delayed
     labels_path, ids_path = arrays.labels, arrays.ids
-    is_bright = True if is_bright is None else is_bright
     stats = run([
-        delayed(stain_stats_chunk, pure=False)(labels_path, ids_path, box, spacing, brightness,
-                                               boundary, is_bright, classes + 1,
-                                               dask_key_name=f"pacseg-stain-stats-{token}-{i}")
+        delayed(labels_stats_chunk, pure=False)(labels_path, ids_path, box, boundary,
+                                                classes + 1,
+                                                dask_key_name=f"pacseg-cell-stats-{token}-{i}")
         for i, box in enumerate(boxes)
     ])  # fmt: skip
-    threshold = stain_threshold(np.sum([s[0] for s in stats], axis=0))
-    if threshold is None:
-        return 0
-    cells, values, counts = (np.concatenate([s[1][k] for s in stats]) for k in range(3))
+    cells, values, counts = (np.concatenate([s[0][k] for s in stats]) for k in range(3))
     dtype = zarr.open_array(labels_path, mode="r").dtype
     lut, has = enclosed_lut(cells, values, counts, n_cells + 1, dtype)
-    fallback = main_interior(np.sum([s[2] for s in stats], axis=0))
+    fallback = main_interior(np.sum([s[1] for s in stats], axis=0))
     # one key for every task: the cells' table travels to a worker once
-    rule = delayed((threshold, is_bright, lut, has, fallback), pure=True, traverse=False,
-                   name=f"pacseg-thin-rule-{token}")  # fmt: skip
+    rule = delayed((lut, has, fallback, sums), pure=True, traverse=False,
+                   name=f"pacseg-draw-rule-{token}")  # fmt: skip
     if before_write is not None:
         before_write()
-    changed = 0
-    for wave in waves(boxes):
-        changed += sum(run([
-            delayed(thin_chunk, pure=False)(labels_path, ids_path, boxes[i], spacing, brightness,
-                                            boundary, rule, dask_key_name=f"pacseg-thin-{token}-{i}")
-            for i in wave
-        ]))  # fmt: skip
-    return int(changed)
+    return int(sum(run([
+        delayed(draw_chunk, pure=False)(labels_path, ids_path, box, spacing, config, brightness,
+                                        boundary, rule, dask_key_name=f"pacseg-draw-{token}-{i}")
+        for i, box in enumerate(boxes)
+    ])))  # fmt: skip

@@ -321,12 +321,11 @@ class InstanceConfig:
       connected piece of the other non-background classes (the cells' interiors) is split as
       above, its elevation the distance to the boundary in units of ``radius`` plus ``1 +
       brightness`` (None counts as 0) times the image's boundary contrast turned into a valley
-      (the smoothed image,
-      oriented so the boundary's stain is high); then every boundary voxel joins the cell it
-      reaches most cheaply, a step across the stain costing more; and the labels keep the
-      boundary class only on its stain and a voxel beside it (the rest takes its cell's class:
-      ``cells.boundary_on_stain``). ``radius`` is the cells' radius. Naming the background
-      class means the whole image is tissue (a crop inside it).
+      (the smoothed image, oriented so the boundary's stain is high); then every boundary
+      voxel joins the cell it reaches most cheaply, a step across the stain costing more; and
+      the labels draw the boundary class where the cells meet (the rest of a cell takes its
+      class: ``cells.boundary_on_cells``). ``radius`` is the cells' radius. Naming the
+      background class means the whole image is tissue (a crop inside it).
 
     Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
     their neighbour; in cells mode a dropped piece joins the cells around it); its default,
