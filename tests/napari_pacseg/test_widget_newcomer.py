@@ -371,6 +371,31 @@ def test_the_progress_bar_is_drawn_with_the_next_paint_not_at_once(docked, qtbot
     assert not widget.progress.visible and bar.value() == 0
 
 
+def test_the_bar_appears_in_a_place_kept_for_it(docked, qtbot):
+    """Showing the bar as a task starts and hiding it as it ends moves nothing: the run
+    buttons, the status line and the scrolled controls above keep their places and sizes (no
+    new layout of the dock while a run needs the cores)."""
+    _, widget = docked
+    bar = widget.progress.native
+    watched = (widget.run_button.native, widget.cancel_button.native, widget.status.native,
+               widget.controls.root_native_widget)  # fmt: skip
+
+    def places():
+        return [(w.mapTo(widget.native, w.rect().topLeft()).y(), w.height()) for w in watched]
+
+    qtbot.waitUntil(lambda: widget.status.native.isVisible(), timeout=WAIT_MS)
+    qtbot.wait(100)  # laid out
+    before = places()
+    widget._set_running(True)
+    qtbot.waitUntil(lambda: bar.isVisible(), timeout=WAIT_MS)
+    qtbot.wait(100)  # any new layout done
+    assert places() == before
+    widget._set_running(False)
+    qtbot.waitUntil(lambda: not bar.isVisible(), timeout=WAIT_MS)
+    qtbot.wait(100)
+    assert places() == before and not widget.progress.visible
+
+
 def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):
     viewer, widget = docked
     crop = (slice(24, 40), slice(160, 256), slice(0, 96))  # scribbles of both classes

@@ -244,6 +244,15 @@ class PacSegWidget(mw.Container):
         layout = self.native.layout()  # Qt level: magicgui would insert the scroll area's content
         layout.addWidget(self.controls.root_native_widget)
         layout.addWidget(self.run_controls.native)
+        # The bar's row keeps its place while hidden: showing it as a task starts and hiding it
+        # as the task ends moves nothing below it (the status line stays put) and asks the
+        # window for no new layout while the run needs the cores (benchmarks/results/
+        # live-cpu.md, full-run rows).
+        bar = self.progress.native
+        for native in (bar, bar.parentWidget()):
+            policy = native.sizePolicy()
+            policy.setRetainSizeWhenHidden(True)
+            native.setSizePolicy(policy)
         self._fit_narrow_dock()
 
     def _fit_narrow_dock(self) -> None:
