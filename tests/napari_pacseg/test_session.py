@@ -433,10 +433,10 @@ def test_a_live_preview_with_seeds_counts_and_cancels_their_steps(tmp_path):
     assert reports[-1][0] > totals[0.0]
 
 
-def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
-    """In cells mode the preview's labels keep the boundary class on its stain, and its cells
-    read the image's brightness, as segment() does: previewing the whole image gives
-    segment()'s labels and cells (unrefined: exact)."""
+def test_a_live_preview_draws_the_cells_boundary_where_they_meet(tmp_path):
+    """In cells mode the preview's labels draw the boundary class where the cells meet, and
+    its cells read the image's brightness, as segment() does: previewing the whole image
+    gives segment()'s labels and cells (unrefined: exact)."""
     from scipy import ndimage as ndi
 
     from napari_pacseg import save_model
@@ -458,7 +458,7 @@ def test_a_live_preview_draws_the_cells_boundary_on_its_stain(tmp_path):
     result = s.compute_live(s.live_job(tuple((0, n) for n in shape), params))
     want = segment(image, model, refine={"iterations": 0}, instances=instances, device="cpu")
     plain = segment(image, model, refine={"iterations": 0}, device="cpu")
-    assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on its stain
+    assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on the cells
     np.testing.assert_array_equal(result.labels, want.labels)
     np.testing.assert_array_equal(result.instances, want.instances)
 

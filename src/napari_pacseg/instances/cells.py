@@ -357,7 +357,8 @@ def cell_band(ids: np.ndarray, planar: bool = False) -> np.ndarray:
 
 
 def draw_cells(labels: np.ndarray, ids: np.ndarray, band: np.ndarray, enclosed: np.ndarray,
-               boundary: int, fallback: int | None, free: np.ndarray | None) -> np.ndarray:  # fmt: skip
+               boundary: int, fallback: int | None,
+               free: np.ndarray | None) -> np.ndarray:  # fmt: skip
     """The labels of cells mode: ``labels`` with the boundary class (label value
     ``boundary``) on the cells' ``band`` (``cell_band``) and nowhere else in a cell: a
     boundary voxel of cell ``i`` off the band takes ``enclosed``'s class there (its cell's

@@ -1,8 +1,7 @@
 """The image as the object steps read it: normalised, smoothed by a Gaussian in physical units.
 
 ``instances.labels.brightness_evidence`` (the objects' brightness, smoothed at a quarter of
-the radius) and ``instances.cells.stain_image`` (a boundary's stain at the image's own
-resolution) are this at two scales.
+the radius; in cells mode also the boundary's contrast) is this.
 """
 
 from __future__ import annotations
