@@ -27,9 +27,11 @@ def errors(monkeypatch):
 def quiet_preview_budget(monkeypatch):
     """Live previews get the quiet machine's budget (``engine.plan.preview_budget`` shrinks it
     while other processes hold every core): which previews are exact must not depend on what
-    else runs on the test machine. ``test_session.test_preview_budget_follows_the_load`` tests
-    the load rule itself."""
+    else runs on the test machine. ``test_session.test_preview_budget_follows_the_load`` and
+    ``test_preview_budget_follows_the_measured_rate`` test the rules themselves."""
     monkeypatch.setattr("napari_pacseg.engine.plan.current_load", lambda: 0.0)
+    # nor on how fast the test machine refines: no refinement is counted in a rate
+    monkeypatch.setattr("napari_pacseg.engine.preview.RATE_MIN_WORK", float("inf"))
 
 
 @pytest.fixture(autouse=True)

@@ -285,6 +285,49 @@ def test_preview_budget_follows_the_load(monkeypatch):
     assert engine.preview_budget("cuda", 2.0) == engine.PREVIEW_WORK_GPU
 
 
+def test_preview_budget_follows_the_measured_rate(monkeypatch):
+    """At most ``PREVIEW_REFINE_S`` seconds at the rate recent refinements ran: a slower
+    machine gets less work, a faster one never more than one core's budget; the GPU's budget
+    stays."""
+    from napari_pacseg.engine import plan as engine
+
+    monkeypatch.setattr(engine, "usable_cores", lambda: 2)
+    full = engine.PREVIEW_WORK_CPU
+    slow = 0.25 * full / engine.PREVIEW_REFINE_S  # a quarter of the calibrated rate
+    assert engine.preview_budget("cpu", 0.0, slow) == pytest.approx(full / 4)
+    assert engine.preview_budget("cpu", 0.0, 100 * slow) == full
+    assert engine.preview_budget("cpu", 0.0, None) == full
+    assert engine.preview_budget("cpu", 2.0, 2 * slow) == pytest.approx(full / 2)
+    assert engine.preview_budget("cpu", 40.0, 2 * slow) == full / 4  # the load's is less
+    assert engine.preview_budget("cuda", 0.0, slow) == engine.PREVIEW_WORK_GPU
+
+
+def test_a_preview_s_work_follows_the_rate_its_refinements_ran(session, monkeypatch):
+    """The segmenter counts each refinement (work over time) in its rate; with a rate that
+    slow the next preview is bounded, with none it is exact."""
+    from napari_pacseg.engine import plan as engine
+    from napari_pacseg.engine import preview
+
+    monkeypatch.setattr(preview, "RATE_MIN_WORK", 0)
+    box = ((7, 10), (0, 64), (0, 64))
+    assert session.compute_live(session.live_job(box, RunParams(device="cpu"))).note == ""
+    seg = session.segmenter
+    first = seg.rate
+    assert first is not None and first > 0
+    seg._measured(1000, 1.0)  # a later refinement at 1000 tap visits per second
+    assert seg.rate == pytest.approx(preview.RATE_WEIGHT * 1000 + (1 - preview.RATE_WEIGHT) * first)
+    seg._measured(10**9, 0.0)  # no time measured: not counted
+    seg.rate = 1000.0
+    result = session.compute_live(session.live_job(box, RunParams(refine={"compat": 9.0},
+                                                                  device="cpu")))  # fmt: skip
+    assert result.note and "budget" in result.note  # bounded at that rate
+    assert engine.preview_budget("cpu", 0.0, seg.rate) < engine.PREVIEW_WORK_CPU
+    seg.rate = None
+    result = session.compute_live(session.live_job(box, RunParams(refine={"compat": 8.0},
+                                                                  device="cpu")))  # fmt: skip
+    assert result.note == ""
+
+
 def test_bound_preview_rule():
     from napari_pacseg.engine import plan as engine
 

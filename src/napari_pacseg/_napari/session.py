@@ -711,8 +711,9 @@ class Session:
     ) -> LiveResult:
         """Labels and matte of the job's box (any thread): probabilities from the region
         segmenter (made anew when image, model, spacing or device changed; cached logits),
-        then the label rule. The refinement's work is bounded by ``engine.preview_budget``
-        (``engine.bound_preview``: within it the labels are the full run's). Objects are made
+        then the label rule. The refinement's work is bounded by ``engine.preview_budget`` (at
+        the rate the segmenter's recent refinements ran; ``engine.bound_preview``: within it
+        the labels are the full run's). Objects are made
         on the box alone (in cells mode the labels are drawn on the box's cells, so they equal
         the full run's where the box is the whole image). ``should_cancel`` and
         ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
@@ -738,7 +739,8 @@ class Session:
         if job.params.instances is not None:
             config = instance_config(job.model.config.instances, job.params.instances)
         split_fit = seeding_fit(config, plan.settings)  # the objects seeded as segment() seeds them
-        bounded = bound_preview(plan, box, preview_budget(seg.device), split_fit is not None)
+        budget = preview_budget(seg.device, rate=seg.rate)  # the rate: this machine's now
+        bounded = bound_preview(plan, box, budget, split_fit is not None)
         reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
         p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach,
                               split_fit=split_fit)  # fmt: skip

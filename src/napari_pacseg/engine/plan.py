@@ -436,18 +436,29 @@ MIN_PREVIEW_WINDOW = 16  # the in-plane window a bounded preview never shrinks b
 # its logits stays within ~3 s even on a busy machine; GPUs visit ~100x more per second.
 PREVIEW_WORK_CPU = 1.2e9
 PREVIEW_WORK_GPU = 1e11
+# The refinement's seconds that budget takes at that rate: where the refinements of recent
+# previews ran slower (another machine, a laptop, a host that slows this one), the budget
+# shrinks to this many seconds at their rate.
+PREVIEW_REFINE_S = 1.1
 
 
-def preview_budget(device: torch.device, load: float | None = None) -> float:
+def preview_budget(device: torch.device, load: float | None = None,
+                   rate: float | None = None) -> float:  # fmt: skip
     """Tap visits a live preview's refinement may make on ``device``. On the CPU the budget is
     one core's; where other processes keep busy (``load``, cores; default: measured,
     ``pacseg_kernels.threads.current_load``) all but a share of a core, it shrinks to that
-    share, so the preview's time stays bounded on a saturated machine."""
+    share, so the preview's time stays bounded on a saturated machine. ``rate``: the tap
+    visits per second recent refinements made (``RegionSegmenter.rate``), or None: on the CPU
+    the budget is also at most ``PREVIEW_REFINE_S`` seconds at that rate, so a slower machine
+    gets less work (never more than one core's budget)."""
     if torch.device(device).type != "cpu":
         return PREVIEW_WORK_GPU
     if load is None:
         load = current_load()
-    return PREVIEW_WORK_CPU * core_share(load)
+    budget = PREVIEW_WORK_CPU * core_share(load)
+    if rate is not None and rate > 0:
+        budget = min(budget, PREVIEW_REFINE_S * float(rate))
+    return budget
 
 
 def core_share(load: float | None) -> float:

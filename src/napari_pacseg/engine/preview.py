@@ -34,6 +34,10 @@ from pacseg_kernels.threads import adaptive_threads
 Progress = Callable[[str, int, int], None]
 
 DEFAULT_CACHE_BYTES = 256 << 20
+# A refinement counts towards ``RegionSegmenter.rate`` from this many tap visits up (about a
+# tenth of a second on this project's CPU; smaller ones mostly measure the fixed costs).
+RATE_MIN_WORK = 1e8
+RATE_WEIGHT = 0.5  # a new refinement's weight in the rate, the earlier ones' the rest
 
 
 class RegionSegmenter:
@@ -78,6 +82,10 @@ class RegionSegmenter:
         #: Counters for callers and tests: planes of head logits computed, CRF runs.
         self.stats = {"logit_planes": 0, "crf_runs": 0}
         self.timings = {"features": 0.0, "context": 0.0, "head": 0.0, "refine": 0.0}
+        #: Tap visits per second of the recent refinements of at least ``RATE_MIN_WORK``
+        #: (``Plan.refine_work`` over their time, the later ones weighing ``RATE_WEIGHT``), or
+        #: None before the first: what ``engine.preview_budget`` holds a preview's work to.
+        self.rate: float | None = None
 
     def check_box(self, box) -> Box:
         """``box`` as three ``(start, stop)`` int pairs inside the volume, or ValueError."""
@@ -157,12 +165,23 @@ class RegionSegmenter:
         stop_if_cancelled(should_cancel, "region segmentation cancelled")
         if refining and progress is not None:
             progress(tiles, tiles + 1)  # the logits are done before the CRF's first unit
+        spent = -(self.timings["refine"] + self.timings.get("seeds", 0.0))
         p = engine.refine(plan, box, diffs, self.device, self.timings, progress=step,
                           split_fit=split_fit)  # fmt: skip
-        if plan.settings.refine is not None:
+        if refining:
             self.stats["crf_runs"] += 1
+            spent += self.timings["refine"] + self.timings.get("seeds", 0.0)
+            self._measured(plan.refine_work(box, split_fit is not None), spent)
         self._last = (key, p)
         return p
+
+    def _measured(self, work: int, seconds: float) -> None:
+        """Count a refinement of ``work`` tap visits that took ``seconds`` in ``rate``."""
+        if work < RATE_MIN_WORK or seconds <= 0:
+            return
+        rate = work / seconds
+        old = rate if self.rate is None else self.rate
+        self.rate = RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
 
     def _logit_diffs(
         self, ext: Box, should_cancel, progress=None, later: int = 0
