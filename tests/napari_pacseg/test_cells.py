@@ -638,3 +638,6 @@ def test_the_drawing_of_a_2d_image_is_the_one_plane_volume_s():
     np.testing.assert_array_equal(flat, lifted[0])
     faces = _faces_between(ids)
     np.testing.assert_array_equal(flat[faces], MEMBRANE)
+    # in the plane only: two planes of different cells have no band between them
+    stacked = np.stack([np.ones((4, 4), np.int32), np.full((4, 4), 2, np.int32)])
+    assert not cell_band(stacked, planar=True).any() and cell_band(stacked).all()

@@ -295,6 +295,7 @@ def test_preview_budget_follows_the_measured_rate(monkeypatch):
     full = engine.PREVIEW_WORK_CPU
     slow = 0.25 * full / engine.PREVIEW_REFINE_S  # a quarter of the calibrated rate
     assert engine.preview_budget("cpu", 0.0, slow) == pytest.approx(full / 4)
+    assert engine.preview_budget("cpu", 0.0, slow / 10) == full / 4  # never below a quarter
     assert engine.preview_budget("cpu", 0.0, 100 * slow) == full
     assert engine.preview_budget("cpu", 0.0, None) == full
     assert engine.preview_budget("cpu", 2.0, 2 * slow) == pytest.approx(full / 2)
@@ -316,15 +317,20 @@ def test_a_preview_s_work_follows_the_rate_its_refinements_ran(session, monkeypa
     assert first is not None and first > 0
     seg._measured(1000, 1.0)  # a later refinement at 1000 tap visits per second
     assert seg.rate == pytest.approx(preview.RATE_WEIGHT * 1000 + (1 - preview.RATE_WEIGHT) * first)
+    counted = seg.rate
     seg._measured(10**9, 0.0)  # no time measured: not counted
-    seg.rate = 1000.0
-    result = session.compute_live(session.live_job(box, RunParams(refine={"compat": 9.0},
-                                                                  device="cpu")))  # fmt: skip
+    assert seg.rate == counted
+    # settings whose work lies between the least budget and one core's
+    full = engine.PREVIEW_WORK_CPU
+    refine = next({"kernel_size": 9, "iterations": n} for n in range(1, 51)
+                  if seg.plan.with_refine({"kernel_size": 9, "iterations": n}).refine_work(box)
+                  > 0.5 * full)  # fmt: skip
+    assert seg.plan.with_refine(refine).refine_work(box) < full
+    seg.rate = 1000.0  # slow: the least budget, a quarter of one core's
+    result = session.compute_live(session.live_job(box, RunParams(refine=refine, device="cpu")))
     assert result.note and "budget" in result.note  # bounded at that rate
-    assert engine.preview_budget("cpu", 0.0, seg.rate) < engine.PREVIEW_WORK_CPU
     seg.rate = None
-    result = session.compute_live(session.live_job(box, RunParams(refine={"compat": 8.0},
-                                                                  device="cpu")))  # fmt: skip
+    result = session.compute_live(session.live_job(box, RunParams(refine=refine, device="cpu")))
     assert result.note == ""
 
 

@@ -440,6 +440,7 @@ PREVIEW_WORK_GPU = 1e11
 # previews ran slower (another machine, a laptop, a host that slows this one), the budget
 # shrinks to this many seconds at their rate.
 PREVIEW_REFINE_S = 1.1
+MIN_CORE_SHARE = 0.25  # the least share of its budget a preview gets (load or rate)
 
 
 def preview_budget(device: torch.device, load: float | None = None,
@@ -450,25 +451,29 @@ def preview_budget(device: torch.device, load: float | None = None,
     share, so the preview's time stays bounded on a saturated machine. ``rate``: the tap
     visits per second recent refinements made (``RegionSegmenter.rate``), or None: on the CPU
     the budget is also at most ``PREVIEW_REFINE_S`` seconds at that rate, so a slower machine
-    gets less work (never more than one core's budget)."""
+    gets less work (never more than one core's budget, nor less than ``MIN_CORE_SHARE`` of
+    it)."""
     if torch.device(device).type != "cpu":
         return PREVIEW_WORK_GPU
     if load is None:
         load = current_load()
     budget = PREVIEW_WORK_CPU * core_share(load)
     if rate is not None and rate > 0:
-        budget = min(budget, PREVIEW_REFINE_S * float(rate))
+        # never below the load rule's least share: every preview then does enough work to
+        # count towards the rate (``preview.RATE_MIN_WORK``), which so follows the machine back
+        floor = PREVIEW_WORK_CPU * MIN_CORE_SHARE
+        budget = min(budget, max(floor, PREVIEW_REFINE_S * float(rate)))
     return budget
 
 
 def core_share(load: float | None) -> float:
     """The share of one core a thread of this process gets while other processes keep ``load``
     cores busy: 1 while a core is free, else the cores split evenly between them and it (at
-    least a quarter)."""
+    least ``MIN_CORE_SHARE``)."""
     cores = usable_cores()
     if load is None or cores - load >= 1:
         return 1.0
-    return max(0.25, min(1.0, cores / (load + 1)))
+    return max(MIN_CORE_SHARE, min(1.0, cores / (load + 1)))
 
 
 def _centred(a: int, b: int, n: int) -> tuple[int, int]:

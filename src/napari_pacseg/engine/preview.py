@@ -35,7 +35,9 @@ Progress = Callable[[str, int, int], None]
 
 DEFAULT_CACHE_BYTES = 256 << 20
 # A refinement counts towards ``RegionSegmenter.rate`` from this many tap visits up (about a
-# tenth of a second on this project's CPU; smaller ones mostly measure the fixed costs).
+# tenth of a second on this project's CPU; smaller ones mostly measure the fixed costs). The
+# least budget a rate gives (``engine.MIN_CORE_SHARE`` of ``engine.PREVIEW_WORK_CPU``) is more,
+# so a rate measured low is measured again.
 RATE_MIN_WORK = 1e8
 RATE_WEIGHT = 0.5  # a new refinement's weight in the rate, the earlier ones' the rest
 

@@ -30,9 +30,9 @@ boundary class is where the cells meet (``cell_band``: a cell's voxels with a fa
 of another cell, the background or tissue no cell reaches; two voxels across a face between
 cells), and the rest of a cell takes its enclosed class (the interior class most of its
 interior voxels have). Tissue no cell reaches stays as the classifier called it where the
-image looks like the boundary's stain (``unstained``: on the boundary's side of the level
-halfway between the two classes where they meet), and takes the image's most common interior
-class elsewhere: dark cells a classifier called membrane beyond the fill's reach are
+image looks like the boundary's stain (on the boundary's side of the level halfway between
+the two classes where they meet), and takes the image's most common interior class where it
+does not (``unstained``): dark cells a classifier called membrane beyond the fill's reach are
 interiors, the background around nuclei taken as cells stays background.
 The labels and the objects then tell one story: every face between two cells is drawn, and a
 membrane the cells do not follow is not. The band depends on the ids one voxel around, and the
@@ -365,8 +365,9 @@ def draw_cells(labels: np.ndarray, ids: np.ndarray, band: np.ndarray, enclosed: 
     enclosed class: ``apply_enclosed``). A boundary voxel in no cell (tissue the fill does not
     reach) where ``free`` (``unstained``: the image does not look like the boundary's stain
     there) takes ``fallback`` (``main_interior``); elsewhere, or without them (None), it
-    stays. Interior voxels off the band and the background keep their class. All arrays of
-    one shape; same dtype as ``labels``."""
+    stays. Interior voxels off the band keep their class, and so does the background unless
+    it is the boundary class (``boundary`` 0: the whole image is tissue). All arrays of one
+    shape; same dtype as ``labels``."""
     labels, ids = np.asarray(labels), np.asarray(ids)
     on = labels == boundary
     out = np.where(on & (ids > 0), np.asarray(enclosed), labels)
