@@ -332,8 +332,8 @@ def main() -> None:
     lines += [
         "",
         "Costly settings (the preview's refinement is bounded to "
-        "`engine.PREVIEW_WORK_CPU` tap visits, and to `engine.PREVIEW_REFINE_S` seconds at the rate "
-        "the previews' refinements ran; the status says what was cut):",
+        "`engine.PREVIEW_WORK_CPU` tap visits, and to `engine.PREVIEW_REFINE_S` seconds at the "
+        "rate the previews' refinements ran; the status says what was cut):",
         "",
         "| config | settings | preview | status |",
         "|---|---|---|---|",

@@ -713,10 +713,10 @@ class Session:
         segmenter (made anew when image, model, spacing or device changed; cached logits),
         then the label rule. The refinement's work is bounded by ``engine.preview_budget`` (at
         the rate the segmenter's recent refinements ran; ``engine.bound_preview``: within it
-        the labels are the full run's). Objects are made
-        on the box alone (in cells mode the labels are drawn on the box's cells, so they equal
-        the full run's where the box is the whole image). ``should_cancel`` and
-        ``progress(done, total)`` as in ``RegionSegmenter.probabilities``."""
+        the labels are the full run's). Objects are made on the box alone (in cells mode the
+        labels are drawn on the box's cells, so they equal the full run's where the box is the
+        whole image). ``should_cancel`` and ``progress(done, total)`` as in
+        ``RegionSegmenter.probabilities``."""
         start = time.perf_counter()
         inp = job.image
         data, axis = inp.data, inp.channel_axis

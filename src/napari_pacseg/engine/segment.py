@@ -258,8 +258,8 @@ def run(image, request: SegmentRequest, options: ImageOptions, progress=None, sh
 def _objects(plan, labels, should_cancel, seeds=None):
     """``(ids, table, labels)``: the object ids and measurement table of ``labels``
     (``plan``'s image and request), and the labels (in cells mode with the boundary class
-    drawn where the cells meet: ``cells.boundary_on_cells``; else ``labels`` itself); ``seeds``: the
-    labels that seed the objects (``refine(split_fit=...)``), or None."""
+    drawn where the cells meet: ``cells.boundary_on_cells``; else ``labels`` itself);
+    ``seeds``: the labels that seed the objects (``refine(split_fit=...)``), or None."""
     model = plan.model
     plane = model.config.ndim == 2  # a 2D model's objects are 2D (also of a (1, H, W) input)
     flat_labels = labels if plan.flat or not plane else labels[0]

@@ -33,10 +33,10 @@ interior voxels have). Tissue no cell reaches stays as the classifier called it 
 image looks like the boundary's stain (on the boundary's side of the level halfway between
 the two classes where they meet), and takes the image's most common interior class where it
 does not (``unstained``): dark cells a classifier called membrane beyond the fill's reach are
-interiors, the background around nuclei taken as cells stays background.
-The labels and the objects then tell one story: every face between two cells is drawn, and a
-membrane the cells do not follow is not. The band depends on the ids one voxel around, and the
-classes on sums over chunks, so chunk by chunk gives the same labels.
+interiors, the background around nuclei taken as cells stays background. The labels and the
+objects then tell one story: every face between two cells is drawn, and a membrane the cells
+do not follow is not. The band depends on the ids one voxel around, and the classes on sums
+over chunks, so chunk by chunk gives the same labels.
 """
 
 from __future__ import annotations
@@ -62,11 +62,13 @@ __all__ = [
     "enclosed_labels",
     "enclosed_lut",
     "enclosed_pairs",
+    "face_pairs",
     "fill_boundary",
     "fill_halo",
     "fill_rounds",
     "interior_counts",
     "interior_mask",
+    "levels",
     "main_interior",
     "stain_contrast",
     "stain_is_bright",
@@ -130,13 +132,20 @@ def fill_halo(spacing, config: InstanceConfig) -> tuple[int, ...]:
     return (rounds,) * len(spacing)
 
 
+def face_pairs(planar: bool = False):
+    """``(lo, hi)`` index tuples per axis of a ``(D, H, W)`` array (``planar``: y and x only):
+    ``a[lo]`` and ``a[hi]`` are the two voxels of each face along that axis."""
+    for axis in (1, 2) if planar else (0, 1, 2):
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        yield lo, hi
+
+
 def beside(mask: np.ndarray, planar: bool = False) -> np.ndarray:
     """The voxels with a face neighbour in ``mask`` (bool ``(D, H, W)``; ``planar``: in the
     plane only): bool of its shape."""
     out = np.zeros(mask.shape, bool)
-    for axis in (1, 2) if planar else (0, 1, 2):
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+    for lo, hi in face_pairs(planar):
         out[lo] |= mask[hi]
         out[hi] |= mask[lo]
     return out
@@ -157,9 +166,16 @@ def stain_sums(
     if core is not None:
         window = tuple(slice(a, b) for a, b in core)
         bright, on_edge, inner_edge = bright[window], on_edge[window], inner_edge[window]
-    levels = np.rint(np.asarray(bright, np.float64) * LEVELS).astype(np.int64)
-    return (int(levels[on_edge].sum()), int(on_edge.sum()), int(levels[inner_edge].sum()),
-            int(inner_edge.sum()))  # fmt: skip
+    bright = np.asarray(bright)
+    on_sum, in_sum = (int(levels(bright[edge]).sum()) for edge in (on_edge, inner_edge))
+    return on_sum, int(on_edge.sum()), in_sum, int(inner_edge.sum())
+
+
+def levels(bright: np.ndarray) -> np.ndarray:
+    """``bright`` (the brightness evidence, 0..1) in units of ``1 / LEVELS``, rounded: int64 of
+    its shape. ``LEVELS`` is a power of two, so the scaling is exact in the evidence's own
+    float type and every caller gets the same integers for the same value."""
+    return np.rint(np.asarray(bright) * LEVELS).astype(np.int64)
 
 
 def stain_side(evidence: np.ndarray, labels: np.ndarray, boundary: int) -> bool:
@@ -190,8 +206,8 @@ def unstained(bright: np.ndarray, sums) -> np.ndarray | None:
     if on_n == 0 or in_n == 0:
         return None
     middle = 0.5 * (on_sum / on_n + in_sum / in_n)
-    levels = np.rint(np.asarray(bright, np.float64) * LEVELS)
-    return levels < middle if stain_is_bright(sums) else levels > middle
+    counted = levels(bright)
+    return counted < middle if stain_is_bright(sums) else counted > middle
 
 
 def stain_contrast(bright: np.ndarray, is_bright: bool) -> np.ndarray:
@@ -347,9 +363,7 @@ def cell_band(ids: np.ndarray, planar: bool = False) -> np.ndarray:
     voxel beyond it."""
     ids = np.asarray(ids)
     out = np.zeros(ids.shape, bool)
-    for axis in (1, 2) if planar else (0, 1, 2):
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+    for lo, hi in face_pairs(planar):
         differ = ids[lo] != ids[hi]
         out[lo] |= differ
         out[hi] |= differ

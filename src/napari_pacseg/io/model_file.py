@@ -13,11 +13,11 @@ weight is on auto (``"brightness": null`` in the config's ``"instances"``: every
 now), so releases without it refuse them as newer rather than fail on the null. Version 5 is
 written for models whose instance defaults name a boundary class (cells mode: ``"boundary"``
 in the config's ``"instances"``), so releases without cells mode refuse them as newer rather
-than misread them. Version 4 is written
-for models with a ``"normalisation"`` in the config (every model trained now has one); files without one
-load with each image scaled by its own range, and a ``ModelFileWarning`` saying so. Version 3 is
-written for models of 2D images without it (``"ndim": 2`` in the config), version 2 for volume
-models without it (no ``"ndim"``: 3).
+than misread them. Version 4 is written for models with a ``"normalisation"`` in the config
+(every model trained now has one); files without one load with each image scaled by its own
+range, and a ``ModelFileWarning`` saying so. Version 3 is written for models of 2D images
+without it (``"ndim": 2`` in the config), version 2 for volume models without it (no
+``"ndim"``: 3).
 
 Loading parses and checks everything (sizes, offsets, names, shapes, JSON types, finiteness,
 the config, the checksum) before building anything, and never unpickles: the file is only

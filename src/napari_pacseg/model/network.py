@@ -306,10 +306,10 @@ class InstanceConfig:
       normalised units, clipped to 0..1), so two bright objects with a dim gap split even where
       the foreground fused them; None (the default, auto) weighs it ``AUTO_BRIGHTNESS`` (half a
       radius of distance for the full range of brightness), 0 uses the mask's shape alone
-      (``brightness_weight``). ``split_fit``
-      seeds the objects from a second refinement whose local intensity fit weighs
-      ``split_fit`` (``RefineConfig.fit_weight``; 2.0 by default, 1.0 in the 2D models
-      ``train`` makes, ``SPLIT_FIT_2D``; stronger than the labels' own): the fit judges each voxel against its local surroundings, so the dim gap between
+      (``brightness_weight``). ``split_fit`` seeds the objects from a second refinement whose
+      local intensity fit weighs ``split_fit`` (``RefineConfig.fit_weight``; 2.0 by default,
+      1.0 in the 2D models ``train`` makes, ``SPLIT_FIT_2D``; stronger than the labels' own):
+      the fit judges each voxel against its local surroundings, so the dim gap between
       touching objects drops out of that foreground and its pieces, split as above, are the
       seeds; the objects then grow over the labels' foreground from them, so the labels keep
       their shape. A piece with fewer seeds there than its own shape gives, or that foreground
