@@ -62,18 +62,40 @@ def _onednn_linear():
     return None
 
 
+@functools.cache
+def _onednn_bfloat16() -> bool:
+    """Whether ``_onednn_linear`` runs bfloat16 here: oneDNN has no bfloat16 inner product
+    on CPUs without AVX-512 (an AVX2-only CPU refuses to create the primitive); the addmm
+    path then runs the bfloat16 layers."""
+    op = _onednn_linear()
+    if op is None:
+        return False
+    bf16 = torch.bfloat16
+    try:
+        probe = op(torch.ones(2, 3, dtype=bf16), torch.ones(4, 3, dtype=bf16),
+                   torch.full((4,), -4.0, dtype=bf16), "relu", [], "")  # fmt: skip
+    except RuntimeError:
+        return False
+    return probe.shape == (2, 4) and float(probe.float().sum()) == 0.0
+
+
 ONEDNN_ENABLED = True
 # Below this widest layer the addmm path was faster (16->8->8->4 at 128^3: 0.025 s vs 0.053 s).
 ONEDNN_MIN_WIDTH = 32
 
 
-def use_onednn(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+def use_onednn(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], matmul_dtype: torch.dtype | None = None
+) -> bool:
+    """Whether ``mlp_forward`` runs oneDNN's fused linear (``matmul_dtype``: bfloat16 layers,
+    where oneDNN has them here) rather than addmm."""
     return (
         ONEDNN_ENABLED
         and x.device.type == "cpu"
         and weights[0].dtype == torch.float32
         and max(w.shape[0] for w in weights) >= ONEDNN_MIN_WIDTH
         and _onednn_linear() is not None
+        and (matmul_dtype is None or _onednn_bfloat16())
     )
 
 
@@ -139,7 +161,7 @@ def mlp_forward(
         bfloat16); ``out`` stays float32.
     """
     dtype = weights[0].dtype
-    if use_onednn(x, weights):
+    if use_onednn(x, weights, matmul_dtype):
         _forward_onednn(x, out, weights, biases, activation, matmul_dtype)
         return
     if matmul_dtype is not None:  # every layer in bfloat16, as oneDNN's path runs them

@@ -324,6 +324,8 @@ def test_from_state_dict_refuses_other_layers():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
 def test_bfloat16_matmuls_match_reference_within_their_rounding(case, activation, cpu_path):
+    if cpu_path == "onednn" and not mlp_torch._onednn_bfloat16():
+        pytest.skip("oneDNN has no bfloat16 linear on this CPU (no AVX-512): addmm runs it")
     n, c, spatial, hidden, k = case
     gen = torch.Generator().manual_seed(hash((case[1], tuple(hidden), activation, "bf16")) % 2**31)
     x = torch.randn(n, c, *spatial, generator=gen)
@@ -336,6 +338,22 @@ def test_bfloat16_matmuls_match_reference_within_their_rounding(case, activation
     torch.testing.assert_close(out.double(), ref, rtol=4e-2, atol=4e-2 * (len(hidden) + 1))
     if x.numel() * k > 200:  # the products did run in bfloat16: not float32's result
         assert not torch.equal(out, voxel_mlp(x, weights, biases, activation))
+
+
+def test_bfloat16_matmuls_run_where_onednn_has_none(monkeypatch):
+    """A CPU whose oneDNN has no bfloat16 linear runs bfloat16 layers on the addmm path: the
+    same result as that path, no error."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 6, 4, 5, 6, generator=gen)
+    weights, biases = _mlp(6, [40], 3, gen)
+    monkeypatch.setattr(mlp_torch, "_onednn_bfloat16", lambda: False)
+    assert mlp_torch.use_onednn(x, weights) == (mlp_torch._onednn_linear() is not None)
+    assert not mlp_torch.use_onednn(x, weights, torch.bfloat16)
+    with torch.no_grad():
+        out = voxel_mlp(x, weights, biases, "relu", matmul_dtype=torch.bfloat16)
+        monkeypatch.setattr(mlp_torch, "ONEDNN_ENABLED", False)
+        addmm = voxel_mlp(x, weights, biases, "relu", matmul_dtype=torch.bfloat16)
+    torch.testing.assert_close(out, addmm, rtol=0, atol=0)
 
 
 def test_bfloat16_matmuls_are_for_inference_on_the_torch_path():
