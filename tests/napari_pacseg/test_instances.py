@@ -4,6 +4,7 @@ measurement table (``instances.object_table``)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -544,8 +545,27 @@ def test_volumes_seed_with_a_stronger_fit_than_2d_models(fused_pair):
         assert config_from_dict(config_to_dict(config)).instances == config.instances
 
 
-def test_cells_mode_takes_no_seeds(fused_pair):
+def test_cells_mode_takes_no_seeds_and_refines_with_the_split_fit(fused_pair):
+    """Cells mode runs one refinement, its local fit weighing ``split_fit``
+    (``objects_refine``): no seeds; the labels are those of that refinement, drawn on the
+    cells."""
+    from napari_pacseg.engine.request import SegmentRequest
+
     image, _, model = fused_pair
     names = [c.name for c in model.config.classes]
-    seg = segment(image, model, instances={"radius": 4.0, "boundary": names[0]}, device="cpu")
+    cells = {"radius": 4.0, "boundary": names[0]}
+    seg = segment(image, model, instances=cells, device="cpu")
     assert seg.seeds is None and seg.instances.max() >= 1
+    default = model.config.refine.fit_weight
+    assert 0 < default != model.config.instances.split_fit
+    build = functools.partial(SegmentRequest.build, model)
+    assert build(instances=cells).refine.fit_weight == model.config.instances.split_fit
+    assert build(instances={**cells, "split_fit": 1.5}).refine.fit_weight == 1.5
+    assert build(instances={**cells, "split_fit": 0}).refine.fit_weight == default
+    assert build(instances=cells, refine={"fit_weight": 0}).refine.fit_weight == 0  # fit off
+    assert build(instances=cells, refine=False).refine is None
+    assert build(instances={"radius": 4.0}).refine.fit_weight == default  # blobs: seeds
+    assert build().refine.fit_weight == default
+    fitted = segment(image, model, refine={"fit_weight": model.config.instances.split_fit},
+                     device="cpu")  # fmt: skip
+    np.testing.assert_array_equal(seg.matte, fitted.matte)

@@ -510,6 +510,14 @@ def test_a_live_preview_draws_the_cells_boundary_where_they_meet(tmp_path):
     assert (want.labels != plain.labels).sum() > 100  # the boundary was drawn on the cells
     np.testing.assert_array_equal(result.labels, want.labels)
     np.testing.assert_array_equal(result.instances, want.instances)
+    # refined: the preview refines with the fit cells mode gives (objects_refine), as segment()
+    params = RunParams(device="cpu", instances=instances)
+    result = s.compute_live(s.live_job(tuple((0, n) for n in shape), params))
+    want = segment(image, model, instances=instances, device="cpu")
+    own = segment(image, model, device="cpu")  # the model's own fit weight
+    assert (want.matte != own.matte).any()
+    np.testing.assert_allclose(result.matte, want.matte, atol=1e-5)
+    np.testing.assert_array_equal(result.instances, want.instances)
 
 
 def test_a_live_preview_weighs_brightness_in_its_objects_as_segment(tmp_path):

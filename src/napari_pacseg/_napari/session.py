@@ -25,9 +25,15 @@ import numpy as np
 
 from napari_pacseg.describe import describe_model, model_headline
 from napari_pacseg.engine.frames import painted_frames
-from napari_pacseg.engine.plan import Box, bound_preview, preview_budget, seeding_fit
+from napari_pacseg.engine.plan import (
+    Box,
+    bound_preview,
+    preview_budget,
+    refine_params,
+    seeding_fit,
+)
 from napari_pacseg.engine.preview import RegionSegmenter
-from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.engine.request import SegmentRequest, objects_refine
 from napari_pacseg.engine.segment import Segmentation, segment
 from napari_pacseg.instances.cells import boundary_label, boundary_on_cells
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
@@ -734,15 +740,17 @@ class Session:
                 self._segmenter_refs = (inp.layer, inp.data, job.model)
             seg = self._segmenter
         planes = seg.stats["logit_planes"]
-        plan = seg.plan.with_refine(job.params.refine)
         config = None
         if job.params.instances is not None:
             config = instance_config(job.model.config.instances, job.params.instances)
+        # the refinement segment() runs for these objects (cells mode: its fit, objects_refine)
+        refine = objects_refine(refine_params(job.model, job.params.refine), config)
+        plan = seg.plan.with_refine(refine)
         split_fit = seeding_fit(config, plan.settings)  # the objects seeded as segment() seeds them
         budget = preview_budget(seg.device, rate=seg.rate)  # the rate: this machine's now
         bounded = bound_preview(plan, box, budget, split_fit is not None)
         reach = bounded.plan.settings.reach  # the refinement's own unless the bound cut it
-        p = seg.probabilities(bounded.box, job.params.refine, should_cancel, progress, reach=reach,
+        p = seg.probabilities(bounded.box, refine, should_cancel, progress, reach=reach,
                               split_fit=split_fit)  # fmt: skip
         seeds = None
         if split_fit is not None:

@@ -27,6 +27,23 @@ CPU = torch.device("cpu")
 PRECISIONS = ("auto", "float32")
 
 
+def objects_refine(
+    refine: RefineConfig | None, objects: InstanceConfig | None
+) -> RefineConfig | None:
+    """The refinement a request for ``objects`` runs: ``refine``, except in cells mode
+    (``objects.boundary``) with a ``split_fit`` and a refinement with a local fit, whose fit
+    then weighs ``split_fit``. Cells mode draws its labels on the cells
+    (``cells.boundary_on_cells``), so one refinement serves both: the stronger fit judges each
+    voxel against its surroundings and keeps the dim membranes between cells that a moderate
+    fit lets the interiors cross (``benchmarks/results/realdata-cpu.md``), where blobs mode
+    runs a second one to seed its objects (``engine.plan.seeding_fit``)."""
+    if refine is None or objects is None or objects.boundary is None:
+        return refine
+    if not objects.split_fit or not refine.fit_weight:
+        return refine
+    return dataclasses.replace(refine, fit_weight=objects.split_fit)
+
+
 @functools.cache
 def cpu_has_amx() -> bool:
     """True where this CPU has AMX tiles and this torch's oneDNN runs bfloat16 on them."""
@@ -114,6 +131,7 @@ class SegmentRequest:
             )
         objects = instance_config(config.instances, instances)
         boundary_label(objects, config.classes, background)  # a boundary class: checked here
+        params = objects_refine(params, objects)
         return cls(
             model, params, objects, threshold, background,
             resolve_device(device), tile_shape, spacing, channel_axis, frame_axis, precision,

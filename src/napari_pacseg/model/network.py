@@ -315,7 +315,9 @@ class InstanceConfig:
       their shape. A piece with fewer seeds there than its own shape gives, or that foreground
       shaves by less than the smallest object, is split by its own shape. There are no such
       seeds with ``split_fit`` 0, without refinement or its local fit (``fit_weight`` 0),
-      where the refinement's fit weighs ``split_fit`` already, and in cells mode.
+      where the refinement's fit weighs ``split_fit`` already, and in cells mode, where the
+      refinement's own fit weighs ``split_fit`` instead (its labels are drawn on the cells:
+      ``engine.request.objects_refine``).
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
@@ -355,8 +357,8 @@ class InstanceConfig:
         off=f"auto, {AUTO_BRIGHTNESS:g} (cells: the boundary's contrast weighs 1)",
     )  # fmt: skip
     split_fit: float = _param(
-        2.0, "Split fit", "local fit weight of the refinement that seeds the objects (0: the "
-        "labels' own shapes)", 0.0, 10.0, step=0.25,
+        2.0, "Split fit", "local fit weight of the refinement that seeds the objects (cells: "
+        "of the refinement; 0: the labels' own shapes)", 0.0, 10.0, step=0.25,
     )  # fmt: skip
     boundary: str | None = None
 
