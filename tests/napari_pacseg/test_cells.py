@@ -641,3 +641,27 @@ def test_the_drawing_of_a_2d_image_is_the_one_plane_volume_s():
     # in the plane only: two planes of different cells have no band between them
     stacked = np.stack([np.ones((4, 4), np.int32), np.full((4, 4), 2, np.int32)])
     assert not cell_band(stacked, planar=True).any() and cell_band(stacked).all()
+
+
+def test_the_stain_sums_given_are_the_ones_read():
+    """``instance_labels``' ``stain`` and ``boundary_on_cells``' ``sums`` (``image_sums``,
+    counted once by their callers): the image's own give what counting them there gives, sums
+    of the other side turn the contrast and give other cells."""
+    from napari_pacseg.instances.cells import boundary_on_cells, image_sums
+
+    spacing, radius = (1.0, 1.0, 1.0), 5.0
+    _, membrane = honeycomb((10, 36, 36), spacing, radius, seed=3)
+    labels = np.where(membrane, MEMBRANE, CELL).astype(np.uint8)
+    labels[:, ::7] = CELL  # gaps in the membrane: the stain splits the cells there
+    evidence = ndi.gaussian_filter(membrane.astype(np.float32), 1.0)
+    config = InstanceConfig(radius=radius, boundary="membrane")
+    boundary = boundary_label(config, CLASSES)
+    sums = image_sums(evidence, labels, boundary)
+    kw = dict(evidence=evidence, classes=CLASSES)
+    ids = instance_labels(labels, spacing, config, **kw)
+    np.testing.assert_array_equal(instance_labels(labels, spacing, config, stain=sums, **kw), ids)
+    turned = (sums[2], sums[3], sums[0], sums[1])  # the interiors' side as the stain's
+    assert not np.array_equal(instance_labels(labels, spacing, config, stain=turned, **kw), ids)
+    drawn = boundary_on_cells(labels, ids, boundary, evidence)
+    np.testing.assert_array_equal(boundary_on_cells(labels, ids, boundary, evidence, sums=sums),
+                                  drawn)  # fmt: skip

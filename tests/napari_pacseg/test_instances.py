@@ -546,14 +546,20 @@ def test_volumes_seed_with_a_stronger_fit_than_2d_models(fused_pair):
 
 
 def test_cells_mode_takes_no_seeds_and_refines_with_the_split_fit(fused_pair):
-    """Cells mode runs one refinement, its local fit weighing ``split_fit``
-    (``objects_refine``): no seeds; the labels are those of that refinement, drawn on the
-    cells."""
-    from napari_pacseg.engine.request import SegmentRequest
+    """Cells mode runs one refinement, a volume model's local fit weighing ``split_fit``
+    (``objects_refine``; 2D models keep theirs): no seeds; the matte is that refinement's."""
+    from napari_pacseg.engine.request import SegmentRequest, objects_refine
 
-    image, _, model = fused_pair
-    names = [c.name for c in model.config.classes]
-    cells = {"radius": 4.0, "boundary": names[0]}
+    image, _, flat = fused_pair  # a 2D model: its own fit (no 2D membrane image measured it)
+    cells = {"radius": 4.0, "boundary": flat.config.classes[0].name}
+    seg = segment(image, flat, instances=cells, device="cpu")
+    assert seg.seeds is None and seg.instances.max() >= 1
+    request = SegmentRequest.build(flat, instances=cells)
+    assert request.refine == flat.config.refine
+    assert objects_refine(flat.config.refine, request.instances, 2) == flat.config.refine
+    model = load_demo_model()  # a volume model
+    image = np.ascontiguousarray(load_sample().image[24:32, 80:144, 80:144])
+    cells = {"radius": 3.0, "boundary": "background"}
     seg = segment(image, model, instances=cells, device="cpu")
     assert seg.seeds is None and seg.instances.max() >= 1
     default = model.config.refine.fit_weight
@@ -569,3 +575,4 @@ def test_cells_mode_takes_no_seeds_and_refines_with_the_split_fit(fused_pair):
     fitted = segment(image, model, refine={"fit_weight": model.config.instances.split_fit},
                      device="cpu")  # fmt: skip
     np.testing.assert_array_equal(seg.matte, fitted.matte)
+    assert (seg.matte != segment(image, model, device="cpu").matte).any()  # the fit counts

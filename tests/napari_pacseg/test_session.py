@@ -511,6 +511,14 @@ def test_a_live_preview_draws_the_cells_boundary_where_they_meet(tmp_path):
     np.testing.assert_array_equal(result.labels, want.labels)
     np.testing.assert_array_equal(result.instances, want.instances)
     # refined: the preview refines with the fit cells mode gives (objects_refine), as segment()
+    # does, also beside a full run's objects (without_objects)
+    from napari_pacseg._napari.session import without_objects
+
+    alone = without_objects(model, RunParams(instances=instances))
+    assert alone.instances is None
+    assert alone.refine["fit_weight"] == model.config.instances.split_fit
+    blobs = RunParams(refine={"iterations": 3}, instances={"radius": radius})
+    assert without_objects(model, blobs) == RunParams(refine={"iterations": 3})
     params = RunParams(device="cpu", instances=instances)
     result = s.compute_live(s.live_job(tuple((0, n) for n in shape), params))
     want = segment(image, model, instances=instances, device="cpu")

@@ -15,6 +15,7 @@ driven directly (``tests/napari_pacseg/test_session.py``)::
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from napari_pacseg.engine.plan import (
 from napari_pacseg.engine.preview import RegionSegmenter
 from napari_pacseg.engine.request import SegmentRequest, objects_refine
 from napari_pacseg.engine.segment import Segmentation, segment
-from napari_pacseg.instances.cells import boundary_label, boundary_on_cells
+from napari_pacseg.instances.cells import boundary_label, boundary_on_cells, image_sums
 from napari_pacseg.instances.labels import instance_config, instance_labels, table_csv
 from napari_pacseg.io.model_file import load_model, save_model
 from napari_pacseg.model.classes import DEFAULT_THRESHOLD, labels_from_probabilities
@@ -289,6 +290,19 @@ class RunParams:
     background: int = 0
     device: str = "auto"
     instances: dict | None = None
+
+
+def without_objects(model: PacSegModel, params: RunParams) -> RunParams:
+    """``params`` without objects, refining as the run with them does (cells mode:
+    ``engine.request.objects_refine``'s fit): a preview beside a full run's objects."""
+    refine = dict(params.refine)
+    if params.instances is not None:
+        config = instance_config(model.config.instances, params.instances)
+        own = refine_params(model, refine)
+        resolved = objects_refine(own, config, model.config.ndim)
+        if resolved is not None and resolved.fit_weight != own.fit_weight:
+            refine["fit_weight"] = resolved.fit_weight
+    return dataclasses.replace(params, refine=refine, instances=None)
 
 
 @dataclass(frozen=True)
@@ -744,7 +758,8 @@ class Session:
         if job.params.instances is not None:
             config = instance_config(job.model.config.instances, job.params.instances)
         # the refinement segment() runs for these objects (cells mode: its fit, objects_refine)
-        refine = objects_refine(refine_params(job.model, job.params.refine), config)
+        refine = objects_refine(refine_params(job.model, job.params.refine), config,
+                                job.model.config.ndim)
         plan = seg.plan.with_refine(refine)
         split_fit = seeding_fit(config, plan.settings)  # the objects seeded as segment() seeds them
         budget = preview_budget(seg.device, rate=seg.rate)  # the rate: this machine's now
@@ -770,11 +785,14 @@ class Session:
             evidence = None  # the image's brightness, as segment() reads it (on the box)
             if config.brightness_weight != 0 or boundary is not None:
                 evidence = seg.smoothed(bounded.box, config.smoothing, planar)
+            sums = None  # cells mode: the stain sums the cells and the drawing read
+            if boundary is not None:
+                sums = image_sums(evidence, labels, boundary)
             ids = instance_labels(labels, spacing, config, should_cancel=should_cancel,
-                                  evidence=evidence, classes=classes,
+                                  evidence=evidence, classes=classes, stain=sums,
                                   background=job.params.background, seeds=seeds)  # fmt: skip
             if boundary is not None:  # the boundary class where the box's cells meet
-                labels = boundary_on_cells(labels, ids, boundary, evidence)
+                labels = boundary_on_cells(labels, ids, boundary, evidence, sums=sums)
         if inp.frame_axis is not None:
             labels, matte = labels[None], matte[None]
             ids = None if ids is None else ids[None]

@@ -9,7 +9,6 @@ layers are ``_layers``' helpers. The widget adds no maths of its own.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
 from functools import partial
 from pathlib import Path
@@ -39,6 +38,7 @@ from napari_pacseg._napari.session import (
     model_file_name,
     save_measurements,
     spacing_note,
+    without_objects,
 )  # fmt: skip
 from napari_pacseg._napari.workers import (
     LiveRunner,
@@ -860,7 +860,7 @@ class PacSegWidget(mw.Container):
             # A full run's objects and measurements stay until the next full run: a preview
             # of a slab would cut objects at its edges and leave no measurements.
             if self.instances.value and _layers.holds_full_run(self.viewer, inp.name):
-                params = dataclasses.replace(params, instances=None)
+                params = without_objects(self.model, params)  # the run's own refinement
             elif self.instances.value:
                 names += (_layers.instance_name(inp.name),)
             redo = not all(n in self.viewer.layers for n in names)

@@ -56,7 +56,7 @@ from napari_pacseg.engine.plan import (
     tiling_work,
     whole,
 )
-from napari_pacseg.engine.request import SegmentRequest
+from napari_pacseg.engine.request import SegmentRequest, objects_refine
 from napari_pacseg.engine.segment import ImageOptions, as_request, receptive_field, run
 from napari_pacseg.instances.cells import boundary_label
 from napari_pacseg.instances.chunked import Brightness, IdArrays, Measure, instances_pass
@@ -772,6 +772,8 @@ def segment_zarr(
     if instances_out is not None:
         objects = request.instances or request.model.config.instances
         boundary = boundary_label(objects, model.config.classes, request.background)
+        # the refinement these objects run (a request built without them: its own)
+        request = request.replace(refine=objects_refine(request.refine, objects))
     raw, layout, volume, readable = _open_source(source, request.channel_axis)
     if objects_out is not None and (instances_out is None or not readable):
         raise ValueError(

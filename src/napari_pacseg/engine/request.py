@@ -28,16 +28,18 @@ PRECISIONS = ("auto", "float32")
 
 
 def objects_refine(
-    refine: RefineConfig | None, objects: InstanceConfig | None
+    refine: RefineConfig | None, objects: InstanceConfig | None, ndim: int = 3
 ) -> RefineConfig | None:
-    """The refinement a request for ``objects`` runs: ``refine``, except in cells mode
-    (``objects.boundary``) with a ``split_fit`` and a refinement with a local fit, whose fit
-    then weighs ``split_fit``. Cells mode draws its labels on the cells
-    (``cells.boundary_on_cells``), so one refinement serves both: the stronger fit judges each
-    voxel against its surroundings and keeps the dim membranes between cells that a moderate
-    fit lets the interiors cross (``benchmarks/results/realdata-cpu.md``), where blobs mode
-    runs a second one to seed its objects (``engine.plan.seeding_fit``)."""
-    if refine is None or objects is None or objects.boundary is None:
+    """The refinement a request of a model of ``ndim`` for ``objects`` runs: ``refine``,
+    except for a volume model (``ndim`` 3) in cells mode (``objects.boundary``) with a
+    ``split_fit`` and a refinement with a local fit, whose fit then weighs ``split_fit``.
+    Cells mode draws its labels on the cells (``cells.boundary_on_cells``), so one refinement
+    serves both: the stronger fit judges each voxel against its surroundings and keeps the dim
+    membranes between cells that a moderate fit lets the interiors cross
+    (``benchmarks/results/realdata-cpu.md``), where blobs mode runs a second one to seed its
+    objects (``engine.plan.seeding_fit``). 2D models keep their fit: no 2D membrane image
+    measured it, and in a plane a strong fit grows dim out-of-focus blobs."""
+    if refine is None or objects is None or objects.boundary is None or ndim != 3:
         return refine
     if not objects.split_fit or not refine.fit_weight:
         return refine
@@ -131,7 +133,7 @@ class SegmentRequest:
             )
         objects = instance_config(config.instances, instances)
         boundary_label(objects, config.classes, background)  # a boundary class: checked here
-        params = objects_refine(params, objects)
+        params = objects_refine(params, objects, config.ndim)
         return cls(
             model, params, objects, threshold, background,
             resolve_device(device), tile_shape, spacing, channel_axis, frame_axis, precision,

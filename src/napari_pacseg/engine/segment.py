@@ -15,7 +15,12 @@ from napari_pacseg.engine import plan as engine
 from napari_pacseg.engine.frames import frame_views
 from napari_pacseg.engine.plan import STAGES, TileRunner, prepare, settle
 from napari_pacseg.engine.request import SegmentRequest
-from napari_pacseg.instances.cells import boundary_label, boundary_on_cells, enclosed_labels
+from napari_pacseg.instances.cells import (
+    boundary_label,
+    boundary_on_cells,
+    enclosed_labels,
+    image_sums,
+)
 from napari_pacseg.instances.labels import (
     as_table,
     brightness_evidence,
@@ -270,17 +275,21 @@ def _objects(plan, labels, should_cancel, seeds=None):
     vol = plan.vol[:, 0] if plane else plan.vol
     bright = brightness_evidence(vol, plan.lo.cpu().numpy(), plan.hi.cpu().numpy(), spacing, config)
     classes, background = plan.request.classes, plan.request.background
+    boundary = boundary_label(config, classes, background)
+    # cells mode: the boundary's stain sums, read by the cells and by the labels' drawing
+    sums = None
+    if boundary is not None:
+        sums = image_sums(bright.reshape(flat_labels.shape), flat_labels, boundary)
     ids = instance_labels(flat_labels, spacing, config, should_cancel=should_cancel,
                           evidence=bright, classes=classes, background=background,
-                          seeds=seeds)  # fmt: skip
-    boundary = boundary_label(config, classes, background)
+                          seeds=seeds, stain=sums)  # fmt: skip
     measured = flat_labels
     if boundary is not None:  # a cell's class is the one it encloses
         measured = enclosed_labels(ids, flat_labels, boundary)
     objects = as_table(object_table(ids, measured, vol, spacing, classes))
     if boundary is not None:  # the boundary class where the cells meet
         drawn = boundary_on_cells(flat_labels, ids, boundary, bright.reshape(flat_labels.shape),
-                                  measured)  # fmt: skip
+                                  measured, sums)  # fmt: skip
         labels = drawn.reshape(labels.shape)
     if plane and not plan.flat:
         ids = ids[None]

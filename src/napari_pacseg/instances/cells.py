@@ -66,13 +66,13 @@ __all__ = [
     "fill_boundary",
     "fill_halo",
     "fill_rounds",
+    "image_sums",
     "interior_counts",
     "interior_mask",
     "levels",
     "main_interior",
     "stain_contrast",
     "stain_is_bright",
-    "stain_side",
     "stain_sums",
     "unstained",
 ]
@@ -178,13 +178,15 @@ def levels(bright: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(bright) * LEVELS).astype(np.int64)
 
 
-def stain_side(evidence: np.ndarray, labels: np.ndarray, boundary: int) -> bool:
-    """``stain_is_bright`` of ``stain_sums`` on ``evidence`` (the brightness evidence:
-    ``labels.brightness_evidence``) and ``labels``, ``(D, H, W)`` or a 2D image's ``(H,
-    W)`` (neighbours in the plane). The cells and the labels' boundary read this one side."""
+def image_sums(evidence: np.ndarray, labels: np.ndarray, boundary: int) -> tuple[int, ...]:
+    """``stain_sums`` of a whole image: ``evidence`` (the brightness evidence:
+    ``labels.brightness_evidence``) and ``labels``, ``(D, H, W)`` or a 2D image's ``(H, W)``
+    (neighbours in the plane). The cells (``instance_labels``' ``stain``) and the labels'
+    drawing (``boundary_on_cells``' ``sums``) read these one sums."""
     planar = np.ndim(labels) == 2
     lift = (lambda a: np.asarray(a)[None]) if planar else np.asarray
-    return stain_is_bright(stain_sums(lift(evidence), lift(labels), boundary, planar))
+    return stain_sums(lift(evidence), lift(labels), boundary, planar)
+
 
 
 def stain_is_bright(sums) -> bool:
@@ -393,13 +395,14 @@ def draw_cells(labels: np.ndarray, ids: np.ndarray, band: np.ndarray, enclosed: 
 
 def boundary_on_cells(labels: np.ndarray, ids: np.ndarray, boundary: int,
                       evidence: np.ndarray | None = None,
-                      enclosed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                      enclosed: np.ndarray | None = None, sums=None) -> np.ndarray:  # fmt: skip
     """The labels of cells mode in memory (``draw_cells``): ``labels`` ``(D, H, W)`` (or a 2D
     image's ``(H, W)``: neighbours in the plane) with the boundary class where the cells
     ``ids`` (``instance_labels``) meet; ``evidence``: the brightness evidence of the same
     shape (``labels.brightness_evidence``), which tells the tissue in no cell that is not the
     boundary's stain (None: that tissue keeps its class); ``enclosed``: ``enclosed_labels`` of
-    the cells, when already made. Same shape and dtype as ``labels``."""
+    the cells, and ``sums``: ``image_sums`` of ``evidence`` and ``labels``, when already made.
+    Same shape and dtype as ``labels``."""
     labels, ids = np.asarray(labels), np.asarray(ids)
     planar = labels.ndim == 2
     if enclosed is None:
@@ -409,7 +412,9 @@ def boundary_on_cells(labels: np.ndarray, ids: np.ndarray, boundary: int,
     free = None
     if evidence is not None:
         bright = lift(evidence)
-        free = unstained(bright, stain_sums(bright, labels3, boundary, planar))
+        if sums is None:
+            sums = stain_sums(bright, labels3, boundary, planar)
+        free = unstained(bright, sums)
     fallback = main_interior(interior_counts(labels3, boundary, int(labels.max(initial=0)) + 1))
     out = draw_cells(labels3, ids3, cell_band(ids3, planar), lift(enclosed), boundary,
                      fallback, free)  # fmt: skip

@@ -23,9 +23,10 @@ from napari_pacseg.checks import check_callable, check_spacing
 from napari_pacseg.instances.cells import (
     boundary_label,
     fill_boundary,
+    image_sums,
     interior_mask,
     stain_contrast,
-    stain_side,
+    stain_is_bright,
 )
 from napari_pacseg.instances.evidence import smoothed_image
 from napari_pacseg.model.network import InstanceConfig, with_overrides
@@ -74,6 +75,7 @@ def instance_labels(
     classes=None,
     background: int = 0,
     seeds: np.ndarray | None = None,
+    stain=None,
 ) -> np.ndarray:
     """One id per object: ``(D, H, W)`` int32, 0 where ``labels`` is 0 (background) or the
     object was smaller than ``config.smallest()``, 1..N objects (consecutive), each one
@@ -98,7 +100,8 @@ def instance_labels(
     are cells that tile the tissue, numbered by the interiors' pieces (any interior class) in
     raster order of their first voxel, then the cells of a piece in raster order of theirs;
     ``evidence`` (the brightness evidence, as above) gives the boundary's contrast
-    (``instances.cells``)."""
+    (``instances.cells``), its side read from ``stain`` (``cells.image_sums`` of ``evidence``
+    and ``labels``) when given, else from ``evidence`` and ``labels`` here."""
     check_callable(should_cancel, "instance_labels: should_cancel", "should_cancel() -> bool")
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or not np.issubdtype(labels.dtype, np.integer):
@@ -133,8 +136,9 @@ def instance_labels(
         return out[0] if planar else out
     contrast = None
     if evidence is not None:
-        contrast = stain_contrast(evidence, stain_side(evidence[0] if planar else evidence,
-                                                       labels[0] if planar else labels, boundary))
+        if stain is None:
+            stain = image_sums(evidence, labels, boundary)  # a 2D image: its one-plane volume
+        contrast = stain_contrast(evidence, stain_is_bright(stain))
     inner = interior_mask(labels, boundary).view(np.uint8)
     valley = None if contrast is None else np.float32(1.0) - contrast
     out = _split_pieces(inner, spacing, config, planar, valley, cell_weight(config), should_cancel)

@@ -162,7 +162,8 @@ class RefineConfig:
     # 0.841, 0.836; quality-cpu.md holds 0.75's run); on real dense nuclei it splits more
     # touching nuclei than 0.5 (benchmarks/results/realdata-cpu.md).
     fit_weight: float = _param(
-        0.75, "Local fit", "weight of the local intensity fit (0: off)", 0.0, 10.0, step=0.1
+        0.75, "Local fit", "weight of the local intensity fit (0: off; volumes in cells mode: "
+        "the objects' Split fit unless 0)", 0.0, 10.0, step=0.1,
     )
     fit_sigma: float = _param(
         5.0, "Fit window", "local fit's window, voxels of the finest axis", 0.5, 32.0, step=0.5
@@ -315,9 +316,7 @@ class InstanceConfig:
       their shape. A piece with fewer seeds there than its own shape gives, or that foreground
       shaves by less than the smallest object, is split by its own shape. There are no such
       seeds with ``split_fit`` 0, without refinement or its local fit (``fit_weight`` 0),
-      where the refinement's fit weighs ``split_fit`` already, and in cells mode, where the
-      refinement's own fit weighs ``split_fit`` instead (its labels are drawn on the cells:
-      ``engine.request.objects_refine``).
+      where the refinement's fit weighs ``split_fit`` already, and in cells mode.
     * cells (``boundary`` the name of a class, e.g. ``"membrane"``): objects are the regions
       that class encloses, and they tile the tissue (``napari_pacseg.instances.cells``). Each
       connected piece of the other non-background classes (the cells' interiors) is split as
@@ -326,7 +325,9 @@ class InstanceConfig:
       (the smoothed image, oriented so the boundary's stain is high); then every boundary
       voxel joins the cell it reaches most cheaply, a step across the stain costing more; and
       the labels draw the boundary class where the cells meet (the rest of a cell takes its
-      class: ``cells.boundary_on_cells``). ``radius`` is the cells' radius. Naming the
+      class: ``cells.boundary_on_cells``); in volumes the refinement's own fit then weighs
+      ``split_fit`` (a user's ``fit_weight`` other than 0 included; ``split_fit`` 0 keeps it:
+      ``engine.request.objects_refine``). ``radius`` is the cells' radius. Naming the
       background class means the whole image is tissue (a crop inside it).
 
     Pieces and fragments under ``min_volume`` are dropped (fragments of a split first join
