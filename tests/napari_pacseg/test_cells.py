@@ -665,3 +665,31 @@ def test_the_stain_sums_given_are_the_ones_read():
     drawn = boundary_on_cells(labels, ids, boundary, evidence)
     np.testing.assert_array_equal(boundary_on_cells(labels, ids, boundary, evidence, sums=sums),
                                   drawn)  # fmt: skip
+
+
+def test_a_zarr_run_of_a_request_without_objects_refines_as_its_cells_do(tmp_path, demo, crop):
+    """``segment_zarr`` of a ``SegmentRequest`` built without objects, with ``instances_out``:
+    the model's own objects (cells mode here) run at their fit (``objects_refine``), as
+    ``segment(instances=True)`` does."""
+    pytest.importorskip("distributed")
+    zarr = pytest.importorskip("zarr")
+    from napari_pacseg import segment
+    from napari_pacseg.batch import segment_zarr
+    from napari_pacseg.engine.request import SegmentRequest
+
+    cells = dataclasses.replace(demo.config.instances, **CELLS)
+    model = PacSegModel(dataclasses.replace(demo.config, instances=cells))
+    model.load_state_dict(demo.state_dict())
+    spacing = load_sample().spacing
+    want = segment(crop, model, spacing=spacing, instances=True)
+    source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=crop.shape,
+                             chunks=(8, 32, 32), dtype=crop.dtype)  # fmt: skip
+    source[:] = crop
+    request = SegmentRequest.build(model, spacing=spacing)
+    assert request.instances is None and request.refine.fit_weight != cells.split_fit
+    segment_zarr(tmp_path / "in.zarr", request, tmp_path / "labels.zarr", chunks=(8, 32, 32),
+                 matte_out=tmp_path / "matte.zarr", instances_out=tmp_path / "ids.zarr")  # fmt: skip
+    matte = zarr.open_array(str(tmp_path / "matte.zarr"), mode="r")[:]
+    np.testing.assert_allclose(matte, want.matte, atol=1e-5)
+    ids = zarr.open_array(str(tmp_path / "ids.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(ids, want.instances)
