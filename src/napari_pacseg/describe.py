@@ -46,8 +46,13 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
     values, features, head, context net, refinement and instance defaults, training spacing, halo
     (receptive field) and provenance. ``summary`` is ``model_summary(model, ...)`` (made
     without a file when not given). Lines are not escaped: a terminal needs ``checks.printable``."""
+    from napari_pacseg.engine.request import objects_refine
+
     info = model_summary(model) if summary is None else summary
     cfg = model.config
+    # a volume model whose objects are cells refines them at its split_fit (objects_refine)
+    cells = objects_refine(cfg.refine, cfg.instances, cfg.ndim)
+    cells_fit = "" if cells == cfg.refine else f"   (cells, --instances: fit_weight={cells.fit_weight})"
     values = label_values(cfg.n_classes)
     lines = []
     if "path" in info:
@@ -71,7 +76,8 @@ def model_lines(model: PacSegModel, summary: dict | None = None, source: str = "
         f"{' + raw' if cfg.features.include_raw else ''} ({cfg.n_features} per voxel)",
         f"head         MLP hidden {list(cfg.head.hidden)}, {cfg.head.activation}",
         f"context      {'none' if cfg.context is None else dataclasses.asdict(cfg.context)}",
-        "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items()),
+        "refine       " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.refine).items())
+        + cells_fit,
         "instances    " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.instances).items())
         + "   (segment --instances)",
         "intensities  " + _normalisation_text(cfg.normalisation),

@@ -4,13 +4,20 @@ and the model description shared by the widget and ``pacseg info``."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from napari_pacseg import SegmentationCancelled, labels_from_probabilities, segment, train
+from napari_pacseg import (
+    PacSegModel,
+    SegmentationCancelled,
+    labels_from_probabilities,
+    segment,
+    train,
+)
 from napari_pacseg._napari.session import (
     RunParams,
     Session,
@@ -233,6 +240,13 @@ def test_description_is_what_pacseg_info_prints():
     with_file = model_lines(model, info)
     assert with_file[0] == f"model        {DEMO_MODEL_FILE}"
     assert with_file[1] == f"sha256       {info['sha256']}"
+    refine = next(line for line in lines if line.startswith("refine"))
+    own = f"fit_weight={model.config.refine.fit_weight}"
+    assert own in refine and "cells" not in refine  # blobs: the fit as it runs
+    cells = dataclasses.replace(model.config.instances, boundary="background")
+    volume = PacSegModel(dataclasses.replace(model.config, instances=cells))
+    refine = next(line for line in describe_model(volume).splitlines() if line.startswith("refine"))
+    assert own in refine and refine.endswith(f"   (cells, --instances: fit_weight={cells.split_fit})")
     assert with_file[2:] == lines[1:]
 
 
