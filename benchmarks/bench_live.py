@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ TIMEOUT_S = 120.0
 CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)
 POLL = os.environ.get("BENCH_LIVE_POLL") == "1"  # the old busy-polling wait, for comparison
 TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
-FULL_ROUNDS = 5  # full runs of the sample per way (widget, API), alternated
+FULL_ROUNDS = 6  # pairs of full runs of the sample (widget, API), in alternating order
 SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
 REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
     ("compat", 8.0), ("guide_sigma", 0.15), ("temperature", 6.0), ("iterations", 4),
@@ -101,8 +102,9 @@ def _measure() -> dict:
 
     def turn(done, deadline: float, on_status: bool = False) -> None:
         """Run Qt's event loop until ``done()`` or ``deadline`` (perf_counter seconds);
-        ``on_status``: ``done()`` is checked when the widget writes its status line (and every
-        100 ms for the deadline) instead of every ``CHECK_MS``."""
+        ``on_status``: ``done()`` is checked when the widget writes its status line (and once
+        at the deadline) instead of every ``CHECK_MS``: no timer of the benchmark's wakes the
+        main thread during a full run (each wake-up takes the GIL from the run's thread)."""
         if POLL:  # the old way: the main thread spins through processEvents every 2 ms
             while not done() and time.perf_counter() < deadline:
                 app.processEvents()
@@ -111,7 +113,11 @@ def _measure() -> dict:
         # As napari runs: the main thread sleeps in the event loop between events; a timer
         # checks done() every CHECK_MS
         loop, timer = QEventLoop(), QTimer()
-        timer.setInterval(100 if on_status else CHECK_MS)
+        if on_status:
+            timer.setSingleShot(True)
+            timer.setInterval(max(0, int(1000 * (deadline - time.perf_counter()))))
+        else:
+            timer.setInterval(CHECK_MS)
 
         def check() -> None:
             if done() or time.perf_counter() >= deadline:
@@ -176,7 +182,9 @@ def _measure() -> dict:
 
     # A full run: the widget's (the button to the result in its layers, the worker thread and
     # the progress bar included) against segment() (in a thread of its own) plus the same layer
-    # update in this process, alternated.
+    # update in this process. One unmeasured run of each first (a run's first thread maps fresh
+    # memory for the whole volume), then pairs in alternating order (widget first, then API
+    # first), so neither way always runs on the machine state the other one left.
     import numpy as np
 
     from napari_pacseg import segment
@@ -185,17 +193,20 @@ def _measure() -> dict:
     widget.live.value = False
     turn(lambda: not runner.busy, time.perf_counter() + TIMEOUT_S)
     names = _layers.output_names("nuclei")
-    out["full"] = {k: [] for k in ("widget", "api", "widget_cpu", "api_cpu")}
-    for _ in range(FULL_ROUNDS):
+    shown: list = []  # the widget's labels after its latest run
+
+    def widget_run():
         start, cpu = time.perf_counter(), _cpu_seconds()
         widget.run_full()  # waited for on its status line: no timer wakes the main thread
         turn(lambda: widget.status.value.startswith("full image done"), start + TIMEOUT_S, True)
         if not widget.status.value.startswith("full image done"):
             raise RuntimeError(f"no full run within {TIMEOUT_S} s: {widget.status.value!r}")
-        out["full"]["widget"].append(time.perf_counter() - start)
-        out["full"]["widget_cpu"].append(_cpu_seconds(cpu))
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds(cpu)
         turn(lambda: not widget.running, time.perf_counter() + TIMEOUT_S)
-        shown = np.array(viewer.layers[names[0]].data)  # the widget's labels
+        shown[:] = [np.array(viewer.layers[names[0]].data)]
+        return seconds, cpu
+
+    def api_run():
         params = widget.run_params()
         start, cpu = time.perf_counter(), _cpu_seconds()
         seg = _in_a_thread(segment, sample.image, widget.model, spacing=sample.spacing,
@@ -203,23 +214,57 @@ def _measure() -> dict:
                            background=params.background)  # fmt: skip
         _layers.write_full(*(viewer.layers[n] for n in names), seg.labels, seg.matte, "api")
         turn(lambda: True, time.perf_counter())  # the repaint the layer change asks for
-        out["full"]["api"].append(time.perf_counter() - start)
-        out["full"]["api_cpu"].append(_cpu_seconds(cpu))
-        if not np.array_equal(shown, seg.labels):
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds(cpu)
+        if not np.array_equal(shown[0], seg.labels):
             raise RuntimeError("the widget's full run and segment() gave different labels")
+        return seconds, cpu
+
+    widget_run(), api_run()  # the unmeasured first runs
+    out["full"] = {k: [] for k in ("widget", "api", "widget_cpu", "api_cpu")}
+    for i in range(FULL_ROUNDS):
+        ways = (("widget", widget_run), ("api", api_run))
+        for way, run in ways if i % 2 == 0 else ways[::-1]:
+            seconds, cpu = run()
+            out["full"][way].append(seconds)
+            out["full"][f"{way}_cpu"].append(cpu)
     out["threads"] = __import__("torch").get_num_threads()
     viewer.close()
     return out
 
 
 def _cpu_seconds(since=None):
-    """CPU seconds of (this process, the calling thread: napari's main thread), or their
-    increase ``since`` an earlier reading."""
+    """CPU seconds of (this process, the calling thread: napari's main thread, the other
+    threads that lasted: Qt's and the renderer's), or their increase ``since`` an earlier
+    reading. A job's thread, started after the reading and ended by the next, counts in the
+    process's alone."""
     import resource
 
     use = resource.getrusage(resource.RUSAGE_SELF)
-    now = (use.ru_utime + use.ru_stime, time.thread_time())
-    return now if since is None else tuple(a - b for a, b in zip(now, since))
+    now = (use.ru_utime + use.ru_stime, time.thread_time(), _threads_cpu())
+    if since is None:
+        return now
+    main = threading.get_native_id()
+    lasted = sum(now[2][t] - since[2][t] for t in now[2].keys() & since[2].keys() if t != main)
+    return now[0] - since[0], now[1] - since[1], lasted
+
+
+def _threads_cpu() -> dict:
+    """CPU seconds per thread id of this process (``/proc/self/task``; empty where there is
+    none)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _in_a_thread(fn, *args, **kwargs):
@@ -227,8 +272,6 @@ def _in_a_thread(fn, *args, **kwargs):
     calls it. Called from napari's main thread it would give that thread an OpenMP team of its
     own for the rest of the process, which throttles every later widget job
     (``napari_pacseg._napari.workers._Job``) and would make the widget's arm pay for the API's."""
-    import threading
-
     out: list = []
     thread = threading.Thread(target=lambda: out.append(fn(*args, **kwargs)))
     thread.start()
@@ -349,23 +392,29 @@ def main() -> None:
         "Full run of the sample (64 x 256 x 256, default refinement): the widget's *Run on full "
         "image* (button to the result in its layers: worker thread, progress bar, layer update) "
         "against `segment()` (in a thread of its own, waited for) plus the same layer update in "
-        "the same process with the widget's settings (the model's defaults; same labels), "
-        "alternated; "
-        f"median of {FULL_ROUNDS} each. CPU seconds of the process (all threads) and of "
-        "napari's main thread during each, medians:",
+        "the same process with the widget's settings (the model's defaults; same labels): one "
+        f"unmeasured run of each, then {FULL_ROUNDS} pairs in alternating order (widget first, "
+        "API first); medians, and the lowest and highest ratio of a pair's two runs. CPU "
+        "seconds during each, medians: of the process (all threads), of napari's main thread, "
+        "and of the process's other threads that lasted (Qt's, and the renderer's: the "
+        "window composited in software here), the run's own thread counting in the "
+        "process's alone:",
         "",
-        "| config | widget | API + layer update | widget / API | process CPU s, widget / API "
-        "| main thread CPU s, widget / API |",
-        "|---|---|---|---|---|---|",
+        "| config | widget | API + layer update | widget / API | pairs' widget / API | "
+        "process CPU s, widget / API | main thread | other threads |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         f = r["full"]
         w, a = (statistics.median(f[k]) for k in ("widget", "api"))
         cpu = [[statistics.median(c[i] for c in f[k]) for k in ("widget_cpu", "api_cpu")]
-               for i in (0, 1)]  # fmt: skip
+               for i in (0, 1, 2)]  # fmt: skip
+        pairs = [x / y for x, y in zip(f["widget"], f["api"])]
         lines.append(
             f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} "
-            f"| {cpu[0][0]:.2f} / {cpu[0][1]:.2f} | {cpu[1][0]:.2f} / {cpu[1][1]:.2f} |"
+            f"| {min(pairs):.2f}-{max(pairs):.2f} | "
+            + " | ".join(f"{ours:.2f} / {api:.2f}" for ours, api in cpu)
+            + " |"
         )
     lines += [
         "",
