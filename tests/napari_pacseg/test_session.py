@@ -309,7 +309,8 @@ def test_preview_budget_follows_the_measured_rate(monkeypatch):
     full = engine.PREVIEW_WORK_CPU
     slow = 0.25 * full / engine.PREVIEW_REFINE_S  # a quarter of the calibrated rate
     assert engine.preview_budget("cpu", 0.0, slow) == pytest.approx(full / 4)
-    assert engine.preview_budget("cpu", 0.0, slow / 10) == full / 4  # never below a quarter
+    # never below the floor, which a preview's refinement counts towards the rate from
+    assert engine.preview_budget("cpu", 0.0, slow / 10) == engine.PREVIEW_RATE_FLOOR
     assert engine.preview_budget("cpu", 0.0, 100 * slow) == full
     assert engine.preview_budget("cpu", 0.0, None) == full
     assert engine.preview_budget("cpu", 2.0, 2 * slow) == pytest.approx(full / 2)
@@ -330,22 +331,56 @@ def test_a_preview_s_work_follows_the_rate_its_refinements_ran(session, monkeypa
     first = seg.rate
     assert first is not None and first > 0
     seg._measured(1000, 1.0)  # a later refinement at 1000 tap visits per second
-    assert seg.rate == pytest.approx(preview.RATE_WEIGHT * 1000 + (1 - preview.RATE_WEIGHT) * first)
-    counted = seg.rate
+    assert seg.rate == 1000.0  # the slowest recent one
     seg._measured(10**9, 0.0)  # no time measured: not counted
-    assert seg.rate == counted
+    assert seg.rate == 1000.0
+    for _ in range(preview.RATE_KEPT - 1):  # faster ones: the slow one is still recent
+        seg._measured(10**6, 1.0)
+        assert seg.rate == 1000.0
+    seg._measured(10**6, 1.0)  # ... and now it is not: the machine is fast again
+    assert seg.rate == 10**6
     # settings whose work lies between the least budget and one core's
     full = engine.PREVIEW_WORK_CPU
     refine = next({"kernel_size": 9, "iterations": n} for n in range(1, 51)
                   if seg.plan.with_refine({"kernel_size": 9, "iterations": n}).refine_work(box)
-                  > 0.5 * full)  # fmt: skip
+                  > 2 * engine.PREVIEW_RATE_FLOOR)  # fmt: skip
     assert seg.plan.with_refine(refine).refine_work(box) < full
-    seg.rate = 1000.0  # slow: the least budget, a quarter of one core's
+    seg.rate = 1000.0  # slow: the least budget (``PREVIEW_RATE_FLOOR``)
     result = session.compute_live(session.live_job(box, RunParams(refine=refine, device="cpu")))
     assert result.note and "budget" in result.note  # bounded at that rate
     seg.rate = None
     result = session.compute_live(session.live_job(box, RunParams(refine=refine, device="cpu")))
     assert result.note == ""
+
+
+def test_refine_work_counts_the_steps_the_z_wavefront_runs():
+    """Step k of n runs on the planes within n - k steps' z reach of the box, clipped to the
+    volume; with no z reach every step runs on the box's planes; the seeding mean field adds
+    its own steps."""
+    from napari_pacseg.engine import plan as engine
+
+    model = load_demo_model()
+    vol = np.zeros((40, 300, 300), np.uint16)
+    plan = engine.prepare(
+        vol, SegmentRequest.build(model, spacing=(1.0, 0.4, 0.4)), intensity_range=(0, 1)
+    )
+    s = plan.settings
+    n, step_z = s.refine.iterations, (s.kernel[0] // 2) * s.refine.dilation
+    assert n > 1 and step_z > 0
+    taps = int(np.prod(s.kernel)) - 1
+    for box in (((19, 22), (100, 200), (100, 200)), ((0, 3), (0, 300), (0, 300))):
+        ext, _ = engine.extend_box(box, s.reach, plan.shape)
+        plane = (ext[1][1] - ext[1][0]) * (ext[2][1] - ext[2][0])
+        (z0, z1) = box[0]
+        planes = sum(min(40, z1 + (n - k) * step_z) - max(0, z0 - (n - k) * step_z)
+                     for k in range(1, n + 1))  # fmt: skip
+        assert plan.refine_work(box) == planes * plane * taps
+        flat = plan.with_reach((0, *s.reach[1:]))
+        assert flat.refine_work(box) == (z1 - z0) * plane * n * taps
+        seeds = min(engine.SEED_ITERATIONS, n)
+        more = sum(min(40, z1 + (seeds - k) * step_z) - max(0, z0 - (seeds - k) * step_z)
+                   for k in range(1, seeds + 1))  # fmt: skip
+        assert plan.refine_work(box, True) == (planes + more) * plane * taps
 
 
 def test_bound_preview_rule():

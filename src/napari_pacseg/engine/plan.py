@@ -353,18 +353,28 @@ class Plan:
         return dataclasses.replace(self, settings=settings)
 
     def refine_work(self, box: Box, seeding: bool = False) -> int:
-        """Tap visits of the refinement of ``box``, at most: voxels of the box grown by the CRF's
-        reach x iterations x taps (``pac_crf3d``'s ``keep`` skips some of them on the CPU; the
-        local fit's few smoothings are not counted); ``seeding``: with the mean field that
+        """Tap visits of the mean-field steps of the refinement of ``box``, at most: per step,
+        the voxels it runs on x the window's taps. The CRF runs on the box grown by its reach,
+        and its z wavefront runs step ``k`` of ``n`` only on the planes within ``n - k`` steps'
+        z reach of the box (``pac_crf3d``'s ``keep``, which also skips some taps on the CPU;
+        the weights and the local fit are not counted). ``seeding``: with the mean field that
         seeds the objects (``refine``'s ``split_fit``)."""
         s = self.settings
         if s.refine is None:
             return 0
-        steps = s.refine.iterations
+        ext = extend_box(box, s.reach, self.shape)[0]
+        (e0, e1), plane = ext[0], math.prod(b - a for a, b in ext[1:])
+        step_z = (s.kernel[0] // 2) * s.refine.dilation  # z voxels one step carries messages
+        (z0, z1), taps = box[0], math.prod(s.kernel) - 1
+        runs = [s.refine.iterations]
         if seeding:
-            steps += min(SEED_ITERATIONS, steps)
-        voxels = math.prod(b - a for a, b in extend_box(box, s.reach, self.shape)[0])
-        return voxels * steps * (math.prod(s.kernel) - 1)
+            runs.append(min(SEED_ITERATIONS, s.refine.iterations))
+        planes = sum(
+            min(e1, z1 + (n - k) * step_z) - max(e0, z0 - (n - k) * step_z)
+            for n in runs
+            for k in range(1, n + 1)
+        )
+        return plane * planes * taps
 
 
 @dataclass(frozen=True)
@@ -440,7 +450,11 @@ PREVIEW_WORK_GPU = 1e11
 # previews ran slower (another machine, a laptop, a host that slows this one), the budget
 # shrinks to this many seconds at their rate.
 PREVIEW_REFINE_S = 1.1
-MIN_CORE_SHARE = 0.25  # the least share of its budget a preview gets (load or rate)
+MIN_CORE_SHARE = 0.25  # the least share of its budget a preview gets from the load
+# The least budget a rate gives: every preview then does enough work to count towards the rate
+# (more than ``preview.RATE_MIN_WORK``), which so follows the machine back, and no more, so a
+# rate measured low holds the preview to it.
+PREVIEW_RATE_FLOOR = 1.5e8
 
 
 def preview_budget(device: torch.device, load: float | None = None,
@@ -451,18 +465,15 @@ def preview_budget(device: torch.device, load: float | None = None,
     share, so the preview's time stays bounded on a saturated machine. ``rate``: the tap
     visits per second recent refinements made (``RegionSegmenter.rate``), or None: on the CPU
     the budget is also at most ``PREVIEW_REFINE_S`` seconds at that rate, so a slower machine
-    gets less work (never more than one core's budget, nor less than ``MIN_CORE_SHARE`` of
-    it)."""
+    gets less work (never more than one core's budget, nor less than
+    ``PREVIEW_RATE_FLOOR``)."""
     if torch.device(device).type != "cpu":
         return PREVIEW_WORK_GPU
     if load is None:
         load = current_load()
     budget = PREVIEW_WORK_CPU * core_share(load)
     if rate is not None and rate > 0:
-        # never below the load rule's least share: every preview then does enough work to
-        # count towards the rate (``preview.RATE_MIN_WORK``), which so follows the machine back
-        floor = PREVIEW_WORK_CPU * MIN_CORE_SHARE
-        budget = min(budget, max(floor, PREVIEW_REFINE_S * float(rate)))
+        budget = min(budget, max(PREVIEW_RATE_FLOOR, PREVIEW_REFINE_S * float(rate)))
     return budget
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import numpy as np
@@ -36,10 +36,16 @@ Progress = Callable[[str, int, int], None]
 DEFAULT_CACHE_BYTES = 256 << 20
 # A refinement counts towards ``RegionSegmenter.rate`` from this many tap visits up (about a
 # tenth of a second on this project's CPU; smaller ones mostly measure the fixed costs). The
-# least budget a rate gives (``engine.MIN_CORE_SHARE`` of ``engine.PREVIEW_WORK_CPU``) is more,
-# so a rate measured low is measured again.
+# least budget a rate gives (``engine.PREVIEW_RATE_FLOOR``) is more, so a rate measured low is
+# measured again.
 RATE_MIN_WORK = 1e8
-RATE_WEIGHT = 0.5  # a new refinement's weight in the rate, the earlier ones' the rest
+# The rate is the slowest of this many recent refinements: per tap visit, refinements of other
+# settings run up to several times faster or slower (the taps a window skips at a thin
+# region's ends, the weights' share of the work), so the slowest recent one holds the next
+# preview's time when the settings change (with an average, a costly preview right after a
+# fast one ran up to 3.9 s with two busy processes: ``benchmarks/results/live-cpu.md``); it
+# follows the machine back up after this many faster ones.
+RATE_KEPT = 4
 
 
 class RegionSegmenter:
@@ -84,10 +90,11 @@ class RegionSegmenter:
         #: Counters for callers and tests: planes of head logits computed, CRF runs.
         self.stats = {"logit_planes": 0, "crf_runs": 0}
         self.timings = {"features": 0.0, "context": 0.0, "head": 0.0, "refine": 0.0}
-        #: Tap visits per second of the recent refinements of at least ``RATE_MIN_WORK``
-        #: (``Plan.refine_work`` over their time, the later ones weighing ``RATE_WEIGHT``), or
-        #: None before the first: what ``engine.preview_budget`` holds a preview's work to.
+        #: Tap visits per second of the slowest of the last ``RATE_KEPT`` refinements of at
+        #: least ``RATE_MIN_WORK`` (``Plan.refine_work`` over their time), or None before the
+        #: first: what ``engine.preview_budget`` holds a preview's work to.
         self.rate: float | None = None
+        self._rates: deque[float] = deque(maxlen=RATE_KEPT)
 
     def check_box(self, box) -> Box:
         """``box`` as three ``(start, stop)`` int pairs inside the volume, or ValueError."""
@@ -181,9 +188,8 @@ class RegionSegmenter:
         """Count a refinement of ``work`` tap visits that took ``seconds`` in ``rate``."""
         if work < RATE_MIN_WORK or seconds <= 0:
             return
-        rate = work / seconds
-        old = rate if self.rate is None else self.rate
-        self.rate = RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
+        self._rates.append(work / seconds)
+        self.rate = min(self._rates)
 
     def _logit_diffs(
         self, ext: Box, should_cancel, progress=None, later: int = 0
