@@ -354,9 +354,9 @@ def test_a_preview_s_work_follows_the_rate_its_refinements_ran(session, monkeypa
 
 
 def test_refine_work_counts_the_steps_the_z_wavefront_runs():
-    """Step k of n runs on the planes within n - k steps' z reach of the box, clipped to the
-    volume; with no z reach every step runs on the box's planes; the seeding mean field adds
-    its own steps."""
+    """Where the CRF runs its z wavefront, step k of n runs on the planes within n - k steps'
+    z reach of the box, clipped to the volume; with no z reach every step runs on the box's
+    planes; the seeding mean field adds its own steps."""
     from napari_pacseg.engine import plan as engine
 
     model = load_demo_model()
@@ -368,7 +368,7 @@ def test_refine_work_counts_the_steps_the_z_wavefront_runs():
     n, step_z = s.refine.iterations, (s.kernel[0] // 2) * s.refine.dilation
     assert n > 1 and step_z > 0
     taps = int(np.prod(s.kernel)) - 1
-    for box in (((19, 22), (100, 200), (100, 200)), ((0, 3), (0, 300), (0, 300))):
+    for box in (((19, 22), (100, 200), (100, 200)), ((0, 3), (100, 200), (100, 200))):
         ext, _ = engine.extend_box(box, s.reach, plan.shape)
         plane = (ext[1][1] - ext[1][0]) * (ext[2][1] - ext[2][0])
         (z0, z1) = box[0]
@@ -381,6 +381,16 @@ def test_refine_work_counts_the_steps_the_z_wavefront_runs():
         more = sum(min(40, z1 + (seeds - k) * step_z) - max(0, z0 - (seeds - k) * step_z)
                    for k in range(1, seeds + 1))  # fmt: skip
         assert plan.refine_work(box, True) == (planes + more) * plane * taps
+        assert plan._z_wavefront(ext)
+    # where the CRF runs no z wavefront (its weights do not fit along z), every step runs on
+    # every plane
+    wide = plan.with_refine({"kernel_size": 9, "iterations": 4})
+    w = wide.settings
+    box = ((19, 22), (0, 300), (0, 300))
+    ext, _ = engine.extend_box(box, w.reach, plan.shape)
+    assert not wide._z_wavefront(ext)
+    voxels = int(np.prod([b - a for a, b in ext]))
+    assert wide.refine_work(box) == voxels * w.refine.iterations * (int(np.prod(w.kernel)) - 1)
 
 
 def test_bound_preview_rule():

@@ -44,6 +44,7 @@ from napari_pacseg.progress import stop_if_cancelled
 from napari_pacseg.refine.guide import GuideFilter, guide_filter, make_guide
 from napari_pacseg.refine.local_fit import local_fit
 from pacseg_kernels import pac_crf3d
+from pacseg_kernels.crf_torch import wavefront_plan
 from pacseg_kernels.threads import current_load, readapt, usable_cores
 
 # Core tile sizes (D, H, W) of the two passes on this budget: at 256^3 on a 2-core CPU, peak
@@ -354,27 +355,40 @@ class Plan:
 
     def refine_work(self, box: Box, seeding: bool = False) -> int:
         """Tap visits of the mean-field steps of the refinement of ``box``, at most: per step,
-        the voxels it runs on x the window's taps. The CRF runs on the box grown by its reach,
-        and its z wavefront runs step ``k`` of ``n`` only on the planes within ``n - k`` steps'
-        z reach of the box (``pac_crf3d``'s ``keep``, which also skips some taps on the CPU;
-        the weights and the local fit are not counted). ``seeding``: with the mean field that
-        seeds the objects (``refine``'s ``split_fit``)."""
+        the voxels it runs on x the window's taps. The CRF runs on the box grown by its reach;
+        where it runs its z wavefront, step ``k`` of ``n`` runs only on the planes within
+        ``n - k`` steps' z reach of the box (``pac_crf3d``'s ``keep``, which also skips some
+        taps on the CPU), else on every plane (the y wavefront's cone is not counted; the
+        weights and the local fit are not counted either). ``seeding``: with the mean field
+        that seeds the objects (``refine``'s ``split_fit``)."""
         s = self.settings
         if s.refine is None:
             return 0
         ext = extend_box(box, s.reach, self.shape)[0]
         (e0, e1), plane = ext[0], math.prod(b - a for a, b in ext[1:])
-        step_z = (s.kernel[0] // 2) * s.refine.dilation  # z voxels one step carries messages
         (z0, z1), taps = box[0], math.prod(s.kernel) - 1
         runs = [s.refine.iterations]
         if seeding:
             runs.append(min(SEED_ITERATIONS, s.refine.iterations))
+        if not self._z_wavefront(ext):
+            return plane * (e1 - e0) * sum(runs) * taps  # every step on every plane
+        step_z = (s.kernel[0] // 2) * s.refine.dilation  # z voxels one step carries messages
         planes = sum(
             min(e1, z1 + (n - k) * step_z) - max(e0, z0 - (n - k) * step_z)
             for n in runs
             for k in range(1, n + 1)
         )
         return plane * planes * taps
+
+    def _z_wavefront(self, ext: Box) -> bool:
+        """Whether ``pac_crf3d`` refines the region ``ext`` with its z wavefront (float32,
+        ``crf_torch.wavefront_plan``: its weights fit the memory budget along z)."""
+        s, shape = self.settings, [b - a for a, b in ext]
+        unary = torch.empty((1, self.model.config.n_classes, *shape), device="meta")
+        guide = torch.empty((1, self.vol.shape[0], *shape), device="meta")
+        dilation = (s.refine.dilation,) * 3
+        wave = wavefront_plan(unary, guide, s.refine.iterations, s.kernel, dilation)
+        return wave is not None and wave[0] == 0
 
 
 @dataclass(frozen=True)
