@@ -434,11 +434,16 @@ def bound_preview(plan: Plan, box: Box, budget: float, seeding: bool = False) ->
 
     if work(plan, box) <= budget:
         return Bounded(box, plan, box, full)
-    for zr in range(full[0] - 1, -1, -1):
-        cut = plan.with_reach((zr, *full[1:]))
-        if work(cut, box) <= budget:
-            return Bounded(box, cut, box, full)
     cut = plan.with_reach((0, *full[1:]))
+    if work(cut, box) <= budget:  # the longest z reach that fits (the work grows with it)
+        fits, over = 0, full[0]
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            if work(plan.with_reach((mid, *full[1:])), box) <= budget:
+                fits = mid
+            else:
+                over = mid
+        return Bounded(box, plan.with_reach((fits, *full[1:])), box, full)
     (z0, z1), (y0, y1), (x0, x1) = box
     sizes = (y1 - y0, x1 - x0)
     smallest = tuple(min(MIN_PREVIEW_WINDOW, n) for n in sizes)
@@ -447,11 +452,21 @@ def bound_preview(plan: Plan, box: Box, budget: float, seeding: bool = False) ->
         factor *= 0.9
         shape = tuple(max(m, int(n * factor)) for n, m in zip(sizes, smallest))
         window = ((z0, z1), _centred(y0, y1, shape[0]), _centred(x0, x1, shape[1]))
-    for r in range(max(full[1:]), -1, -1):
-        cut = plan.with_reach((0, min(full[1], r), min(full[2], r)))
-        if work(cut, window) <= budget:
-            break
-    return Bounded(window, cut, box, full)
+
+    def in_plane(r: int) -> Plan:
+        return plan.with_reach((0, min(full[1], r), min(full[2], r)))
+
+    # the longest in-plane reach that fits, else none
+    fits, over = 0, max(full[1:])
+    if work(in_plane(over), window) <= budget:
+        fits = over
+    while over - fits > 1:
+        mid = (fits + over) // 2
+        if work(in_plane(mid), window) <= budget:
+            fits = mid
+        else:
+            over = mid
+    return Bounded(window, in_plane(fits), box, full)
 
 
 MIN_PREVIEW_WINDOW = 16  # the in-plane window a bounded preview never shrinks below
