@@ -435,15 +435,9 @@ def bound_preview(plan: Plan, box: Box, budget: float, seeding: bool = False) ->
     if work(plan, box) <= budget:
         return Bounded(box, plan, box, full)
     cut = plan.with_reach((0, *full[1:]))
-    if work(cut, box) <= budget:  # the longest z reach that fits (the work grows with it)
-        fits, over = 0, full[0]
-        while over - fits > 1:
-            mid = (fits + over) // 2
-            if work(plan.with_reach((mid, *full[1:])), box) <= budget:
-                fits = mid
-            else:
-                over = mid
-        return Bounded(box, plan.with_reach((fits, *full[1:])), box, full)
+    if work(cut, box) <= budget:  # the longest z reach that fits
+        zr = _longest(lambda r: work(plan.with_reach((r, *full[1:])), box) <= budget, full[0] - 1)
+        return Bounded(box, plan.with_reach((zr, *full[1:])), box, full)
     (z0, z1), (y0, y1), (x0, x1) = box
     sizes = (y1 - y0, x1 - x0)
     smallest = tuple(min(MIN_PREVIEW_WINDOW, n) for n in sizes)
@@ -456,17 +450,23 @@ def bound_preview(plan: Plan, box: Box, budget: float, seeding: bool = False) ->
     def in_plane(r: int) -> Plan:
         return plan.with_reach((0, min(full[1], r), min(full[2], r)))
 
-    # the longest in-plane reach that fits, else none
-    fits, over = 0, max(full[1:])
-    if work(in_plane(over), window) <= budget:
-        fits = over
-    while over - fits > 1:
-        mid = (fits + over) // 2
-        if work(in_plane(mid), window) <= budget:
-            fits = mid
+    r = _longest(lambda r: work(in_plane(r), window) <= budget, max(full[1:]))
+    return Bounded(window, in_plane(r), box, full)
+
+
+def _longest(fits, top: int) -> int:
+    """The largest reach ``r`` in ``0 .. top`` with ``fits(r)``, or 0 where none fits (the
+    work grows with the reach, so ``fits`` holds up to some reach and not beyond: bisected)."""
+    if fits(top):
+        return top
+    low, high = 0, top  # high does not fit; low fits, or is the answer anyway
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
         else:
-            over = mid
-    return Bounded(window, in_plane(fits), box, full)
+            high = mid
+    return low
 
 
 MIN_PREVIEW_WINDOW = 16  # the in-plane window a bounded preview never shrinks below
