@@ -11,6 +11,7 @@ napari = pytest.importorskip("napari")
 
 from qtpy.QtWidgets import QApplication, QScrollArea, QWidget  # noqa: E402
 
+from napari_pacseg._napari.widget import IDLE_BAR  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
 
 SCREEN = (1366, 768)
@@ -368,32 +369,54 @@ def test_the_progress_bar_is_drawn_with_the_next_paint_not_at_once(docked, qtbot
     finally:
         bar.removeEventFilter(paints)
         widget._set_running(False)
-    assert not widget.progress.visible and bar.value() == 0
+    assert bar.isVisible() and not bar.isEnabled()
+    assert (bar.value(), bar.format()) == (0, IDLE_BAR)
 
 
-def test_the_bar_appears_in_a_place_kept_for_it(docked, qtbot):
-    """Showing the bar as a task starts and hiding it as it ends moves nothing: the run
-    buttons, the status line and the scrolled controls above keep their places and sizes (no
-    new layout of the dock while a run needs the cores)."""
+def test_a_task_starting_and_ending_asks_for_no_new_layout(docked, qtbot):
+    """The bar is always there, greyed between tasks: a task's start and end move nothing (the
+    run buttons, the status line and the scrolled controls keep their places and sizes) and
+    post no layout request to the dock or the main window (showing or hiding a widget would:
+    napari's main window then animates every dock while the run needs the cores)."""
+    from qtpy.QtCore import QEvent, QObject
+
     _, widget = docked
     bar = widget.progress.native
     watched = (widget.run_button.native, widget.cancel_button.native, widget.status.native,
                widget.controls.root_native_widget)  # fmt: skip
+    window = widget.native.window()
+    dock = widget.native.parentWidget()
+    while dock is not None and dock.parentWidget() is not window:
+        dock = dock.parentWidget()
 
     def places():
         return [(w.mapTo(widget.native, w.rect().topLeft()).y(), w.height()) for w in watched]
 
+    seen = []
+
+    class Layouts(QObject):
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.LayoutRequest and obj in (window, dock):
+                seen.append(obj)
+            return False
+
     qtbot.waitUntil(lambda: widget.status.native.isVisible(), timeout=WAIT_MS)
     qtbot.wait(100)  # laid out
     before = places()
-    widget._set_running(True)
-    qtbot.waitUntil(lambda: bar.isVisible(), timeout=WAIT_MS)
-    qtbot.wait(100)  # any new layout done
-    assert places() == before
-    widget._set_running(False)
-    qtbot.waitUntil(lambda: not bar.isVisible(), timeout=WAIT_MS)
-    qtbot.wait(100)
-    assert places() == before and not widget.progress.visible
+    assert bar.isVisible() and not bar.isEnabled() and bar.format() == IDLE_BAR
+    layouts = Layouts()
+    app = QApplication.instance()
+    app.installEventFilter(layouts)
+    try:
+        widget._set_running(True)
+        qtbot.wait(100)  # any new layout done
+        assert bar.isVisible() and bar.isEnabled() and places() == before
+        widget._set_running(False)
+        qtbot.wait(100)
+    finally:
+        app.removeEventFilter(layouts)
+    assert places() == before and bar.isVisible() and not bar.isEnabled()
+    assert seen == []
 
 
 def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):
@@ -405,16 +428,16 @@ def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtb
     seen, lines = [], []
     say, show = widget.tasks.status, widget.tasks.progressed
 
-    def progressed(done, total, text):  # the bar's text, and whether the bar is in sight
+    def progressed(done, total, text):  # the bar's text, and whether the bar is active
         show(done, total, text)
-        seen.append((widget.progress.native.text(), widget.progress.visible))
+        seen.append((widget.progress.native.text(), widget.progress.enabled))
 
     def status(text):
         lines.append(text)
         say(text)
 
     widget.tasks.progressed, widget.tasks.status = progressed, status
-    assert not widget.progress.visible
+    assert not widget.progress.enabled
     widget.train_steps.value = 30
     widget.start_training()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
@@ -432,7 +455,8 @@ def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtb
     # the task's status line says it started (the widget's own, that it is done); the progress
     # goes to the bar alone (a new status line re-lays out the window: workers.TaskRunner)
     assert lines == ["segmentation running…"], lines
-    assert not widget.progress.visible  # only while a task runs
+    assert not widget.progress.enabled  # greyed between tasks
+    assert widget.progress.native.format() == IDLE_BAR
 
 
 def test_saving_a_model_again_under_its_name_asks_to_replace(docked, tmp_path, errors, monkeypatch):

@@ -70,6 +70,7 @@ def confirm_replace(parent, path: Path) -> bool:
     return answer == buttons.Yes
 
 
+IDLE_BAR = "no task running"  # the progress bar's text between tasks
 CONTROLS_WIDTH = 300  # px: the controls' least width; the dock is this plus its scroll bar
 
 
@@ -217,7 +218,7 @@ class PacSegWidget(mw.Container):
         self.run_button = mw.PushButton(text="Run on full image")
         self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
         self.progress = mw.ProgressBar(
-            min=0, max=1, value=0, visible=False,
+            min=0, max=1, value=0, enabled=False,
             tooltip="the full run's tiles or the training's steps done",
         )  # fmt: skip
         self.status = mw.Label(label="Status", value="ready")
@@ -244,15 +245,11 @@ class PacSegWidget(mw.Container):
         layout = self.native.layout()  # Qt level: magicgui would insert the scroll area's content
         layout.addWidget(self.controls.root_native_widget)
         layout.addWidget(self.run_controls.native)
-        # The bar's row keeps its place while hidden: showing it as a task starts and hiding it
-        # as the task ends moves nothing below it (the status line stays put) and asks the
-        # window for no new layout while the run needs the cores (benchmarks/results/
-        # live-cpu.md, full-run rows).
-        bar = self.progress.native
-        for native in (bar, bar.parentWidget()):
-            policy = native.sizePolicy()
-            policy.setRetainSizeWhenHidden(True)
-            native.setSizePolicy(policy)
+        # The bar is always there, greyed while no task runs: showing or hiding a widget asks
+        # the window for a new layout (napari's main window animates every dock to it), whose
+        # events pass napari's Python event filter and take the GIL from the run's thread as it
+        # starts and ends.
+        self._set_bar(0, 1, IDLE_BAR)
         self._fit_narrow_dock()
 
     def _fit_narrow_dock(self) -> None:
@@ -802,13 +799,9 @@ class PacSegWidget(mw.Container):
         for w in (self.run_button, self.train_button, self.load_button):
             w.enabled = not running
         self.cancel_button.enabled = running
-        # the task's bar, in sight below Run and Cancel (``workers.TaskRunner``), set while
-        # hidden
-        if not running:
-            self.progress.visible = False
-        self._set_bar(0, 1, "starting…")
-        if running:
-            self.progress.visible = True
+        # the task's bar below Run and Cancel (``workers.TaskRunner``), greyed between tasks
+        self.progress.enabled = running
+        self._set_bar(0, 1, "starting…" if running else IDLE_BAR)
 
     def _task_progress(self, done: int, total: int, text: str) -> None:
         total = max(1, int(total))
