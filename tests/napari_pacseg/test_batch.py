@@ -25,7 +25,7 @@ tifffile = pytest.importorskip("tifffile")
 from napari_pacseg import FeatureSpec, receptive_field, save_model, segment, train  # noqa: E402
 from napari_pacseg.batch import ModelPayload, segment_zarr  # noqa: E402
 from napari_pacseg.engine.plan import extend_box  # noqa: E402
-from napari_pacseg.engine.request import model_from_payload  # noqa: E402
+from napari_pacseg.engine.request import SegmentRequest, model_from_payload  # noqa: E402
 from napari_pacseg.io.volumes import (  # noqa: E402
     VolumeError,
     layout_from_axes,
@@ -618,3 +618,10 @@ def test_segment_zarr_instances_on_a_cluster_equal_in_memory(tmp_path, crop, mod
     with pytest.raises(ValueError, match="objects_out needs instances"):
         segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr",
                      objects_out=tmp_path / "o.csv")  # fmt: skip
+    for instances in (True, {"radius": 2.0}, {"boundary": "background"}):
+        with pytest.raises(ValueError, match="pass instances_out=PATH"):
+            segment_zarr(tmp_path / "in.zarr", model, tmp_path / "l3.zarr", instances=instances)
+    request = SegmentRequest.build(model, instances=True)
+    with pytest.raises(ValueError, match="the request's instances asks for objects"):
+        segment_zarr(tmp_path / "in.zarr", request, tmp_path / "l3.zarr")
+    assert not (tmp_path / "l3.zarr").exists()

@@ -744,7 +744,7 @@ def segment_zarr(
         piece by piece on the workers; needs a zarr source (read there).
     instances : how objects are separated for ``instances_out``: True (the default with
         ``instances_out``: the model's ``InstanceConfig``), an ``InstanceConfig`` or a dict of
-        overrides.
+        overrides; without ``instances_out`` a ValueError (the objects would go nowhere).
 
     Returns
     -------
@@ -762,6 +762,14 @@ def segment_zarr(
         model, spacing=spacing, channel_axis=channel_axis, refine=refine, device=device,
         tile_shape=tile_shape, threshold=threshold, instances=instances,
     )  # fmt: skip
+    if instances_out is None and request.instances is not None:
+        asked = ("the request's instances" if isinstance(model, SegmentRequest)
+                 else f"instances={short_repr(instances)}")  # fmt: skip
+        raise ValueError(
+            f"segment_zarr: {asked} asks for objects, which a zarr run writes to an array of "
+            "their own: pass instances_out=PATH (and objects_out=PATH for the measurements), "
+            "or leave instances out"
+        )
     model = request.model
     if model.config.ndim == 2:
         raise ValueError(
