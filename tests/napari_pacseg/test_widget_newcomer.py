@@ -11,7 +11,7 @@ napari = pytest.importorskip("napari")
 
 from qtpy.QtWidgets import QApplication, QScrollArea, QWidget  # noqa: E402
 
-from napari_pacseg._napari.widget import IDLE_BAR  # noqa: E402
+from napari_pacseg._napari.widget import IDLE_BAR, STATUS_LINES  # noqa: E402
 from napari_pacseg.sample import DEMO_MODEL_FILE, load_sample  # noqa: E402
 
 SCREEN = (1366, 768)
@@ -417,6 +417,45 @@ def test_a_task_starting_and_ending_asks_for_no_new_layout(docked, qtbot):
         app.removeEventFilter(layouts)
     assert places() == before and bar.isVisible() and not bar.isEnabled()
     assert seen == []
+
+
+def test_the_status_line_asks_for_no_new_layout_once_grown(docked, qtbot):
+    """A wrapped label's new text asks the window for a new layout (napari's main window then
+    animates every dock); the status line sits in a box of its own that only grows, up to
+    ``STATUS_LINES`` lines, so once grown a new status re-lays out nothing outside it. The
+    whole text is its tooltip."""
+    from qtpy.QtCore import QEvent, QObject
+
+    _, widget = docked
+    window = widget.native.window()
+    box, label = widget._status_box, widget.status.native
+    seen = []
+
+    class Layouts(QObject):
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.LayoutRequest and obj is window:
+                seen.append(obj)
+            return False
+
+    long = "approximate preview: " + "the refinement's reach cut to stay in budget; " * 12
+    qtbot.waitUntil(lambda: label.isVisible(), timeout=WAIT_MS)
+    widget._say(long)
+    qtbot.wait(100)  # grown and laid out
+    lines = label.fontMetrics().lineSpacing()
+    assert lines < box.height() <= STATUS_LINES * lines + 2 * box.frameWidth()
+    assert box.verticalScrollBar().maximum() > 0  # the rest scrolls
+    height = box.height()
+    layouts = Layouts()
+    app = QApplication.instance()
+    app.installEventFilter(layouts)
+    try:
+        for text in ("segmentation running…", "full image done in 3.1 s", long[:90], "ready"):
+            widget._say(text)
+            qtbot.wait(50)
+            assert label.text() == widget.status.value == label.toolTip() == text
+    finally:
+        app.removeEventFilter(layouts)
+    assert seen == [] and box.height() == height
 
 
 def test_a_full_run_and_training_show_progress_in_the_widget(docked, sample, qtbot, errors):

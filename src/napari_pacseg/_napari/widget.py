@@ -71,6 +71,7 @@ def confirm_replace(parent, path: Path) -> bool:
 
 
 IDLE_BAR = "no task running"  # the progress bar's text between tasks
+STATUS_LINES = 4  # the status box grows to this many lines of text, then scrolls
 CONTROLS_WIDTH = 300  # px: the controls' least width; the dock is this plus its scroll bar
 
 
@@ -251,6 +252,7 @@ class PacSegWidget(mw.Container):
         # starts and ends.
         self._set_bar(0, 1, IDLE_BAR)
         self._fit_narrow_dock()
+        self._box_status()
 
     def _fit_narrow_dock(self) -> None:
         """Make the controls fit a narrow dock (the dock opens at about 330 px at 1366 x 768):
@@ -292,6 +294,43 @@ class PacSegWidget(mw.Container):
         chrome = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
         least = max(CONTROLS_WIDTH, content.minimumSizeHint().width())
         scroll.setMinimumWidth(least + chrome)
+
+    def _box_status(self) -> None:
+        """Put the status line in a scroll area of its own that only grows (up to
+        ``STATUS_LINES`` lines, then it scrolls): a wrapped label's new text asks its parents
+        for a new layout, and napari's main window then animates every dock, 3-4 times per
+        live preview (its progress, then its result) while the preview needs the cores
+        (docs/benchmarks.md, the live preview). In the box the request stops there."""
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
+
+        label = self.status.native
+        row = label.parentWidget()
+        box = QScrollArea(row)
+        box.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        box.setFrameShape(QFrame.Shape.NoFrame)
+        box.setWidgetResizable(True)
+        box.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        box.viewport().setAutoFillBackground(False)
+        row.layout().replaceWidget(label, box)
+        box.setWidget(label)
+        name = self.status._labeled_widget()._label_widget.native  # "Status", by the first line
+        row.layout().setAlignment(name, Qt.AlignmentFlag.AlignTop)
+        label.setAutoFillBackground(False)
+        label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self._status_box = box
+        self._fit_status()
+
+    def _fit_status(self) -> None:
+        """Grow the status box to its text (never shrink it: each change of height is one new
+        layout of the window), at most ``STATUS_LINES`` lines."""
+        label, box = self.status.native, self._status_box
+        width = box.viewport().width() if box.isVisible() else box.width()
+        lines = label.fontMetrics().lineSpacing()
+        need = label.heightForWidth(max(width, 1)) if width > 0 else lines
+        need = min(max(need, lines), STATUS_LINES * lines) + 2 * box.frameWidth()
+        if need > box.minimumHeight():
+            box.setFixedHeight(need)
 
     def _connect(self) -> None:
         self.image.changed.connect(self._on_image_changed)
@@ -918,7 +957,9 @@ class PacSegWidget(mw.Container):
 
     def _say(self, text: str) -> None:
         self.status.value = text
+        self.status.native.setToolTip(text)  # the whole text where the box scrolls
+        self._fit_status()
 
     def _error(self, text: str) -> None:
-        self.status.value = f"error: {text}"
+        self._say(f"error: {text}")
         show_error(f"PAC Segmentation: {text}")
