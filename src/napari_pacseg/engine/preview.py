@@ -42,9 +42,9 @@ RATE_MIN_WORK = 1e8
 # The rate is the slowest of this many recent refinements: per tap visit, refinements of other
 # settings run up to several times faster or slower (the taps a window skips at a thin
 # region's ends, the weights' share of the work), so the slowest recent one holds the next
-# preview's time when the settings change (with an average, a costly preview right after a
-# fast one ran up to 3.9 s with two busy processes: docs/benchmarks.md, the live preview); it
-# follows the machine back up after this many faster ones.
+# preview's time when the settings change (an average lets a costly preview right after a fast
+# one overrun its time: docs/benchmarks.md, the live preview); it follows the machine back up
+# after this many faster ones.
 RATE_KEPT = 4
 
 
