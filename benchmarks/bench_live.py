@@ -15,7 +15,12 @@ flight, not queue behind it), and the status line (never stale). Each configurat
 ``--rounds`` times, interleaved: this machine's timings drift by tens of percent between runs.
 Writes ``benchmarks/results/live-cpu.md`` (``live-cpu-poll.md`` with ``--poll``).
 
+``--full-only``: the full runs alone (``--full-pairs`` pairs per configuration, a bootstrap
+interval of the pairs' median ratio), written to ``live-full-cpu.md``: a single pair varies by
+tens of percent here, so whether the widget's full run costs more than the API's takes many.
+
 Usage: python benchmarks/bench_live.py [--busy 0 1 2] [--rounds 2] [--poll]
+       python benchmarks/bench_live.py --full-only [--full-pairs 20] [--busy 0 1 2]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -38,7 +44,10 @@ TIMEOUT_S = 120.0
 CHECK_MS = 5  # how often the event loop checks for the result (the times are up to this late)
 POLL = os.environ.get("BENCH_LIVE_POLL") == "1"  # the old busy-polling wait, for comparison
 TARGET_S, COSTLY_TARGET_S = 1.0, 3.0
-FULL_ROUNDS = 6  # pairs of full runs of the sample (widget, API), in alternating order
+# Pairs of full runs of the sample (widget, API), in alternating order; --full-pairs
+FULL_PAIRS = int(os.environ.get("BENCH_LIVE_FULL_PAIRS", "6"))
+FULL_ONLY = os.environ.get("BENCH_LIVE_FULL_ONLY") == "1"  # --full-only: no previews measured
+BOOTSTRAP = 10_000  # resamples of the pairs for the interval of their median ratio
 SLICES = (33, 34, 30, 20, 45)  # after the warm-up at 32: one new plane, then further moves
 REFINE_CHANGES = (  # (control, value): each from the defaults, then back to them
     ("compat", 8.0), ("guide_sigma", 0.15), ("temperature", 6.0), ("iterations", 4),
@@ -153,6 +162,17 @@ def _measure() -> dict:
     viewer.dims.set_current_step(0, 32)
     out: dict = {"threads": None}
     out["warmup"] = wait(lambda: widget.load_model_file(DEMO_MODEL_FILE))
+    if not FULL_ONLY:
+        _previews(out, widget, viewer, wait, turn)  # they end at the model's defaults
+    out["full"] = _full_runs(widget, viewer, sample, turn)
+    out["threads"] = __import__("torch").get_num_threads()
+    viewer.close()
+    return out
+
+
+def _previews(out: dict, widget, viewer, wait, turn) -> None:
+    """The live previews' latencies into ``out``: slice moves, refinement controls, the
+    threshold, costly settings and a newer change during a costly preview."""
     out["slice"] = [wait(lambda z=z: viewer.dims.set_current_step(0, z)) for z in SLICES]
     out["refine"] = []
     for name, value in REFINE_CHANGES:
@@ -178,7 +198,12 @@ def _measure() -> dict:
     out["abort"] = wait(newer)
     out["abort"]["after_newer"] = out["abort"]["end"] - marks["newer"]
     out["final_status"] = widget.status.value
-    wait(widget._reset_refine)  # the full runs below at the model's defaults
+    wait(widget._reset_refine)  # the full runs at the model's defaults
+
+
+def _full_runs(widget, viewer, sample, turn) -> dict:
+    """Seconds and CPU seconds (``_cpu_seconds``) of the widget's full runs and of the API's
+    (+ the same layer update), ``FULL_PAIRS`` pairs after one unmeasured run of each."""
 
     # A full run: the widget's (the button to the result in its layers, the worker thread and
     # the progress bar included) against segment() (in a thread of its own) plus the same layer
@@ -191,7 +216,7 @@ def _measure() -> dict:
     from napari_pacseg._napari import layers as _layers
 
     widget.live.value = False
-    turn(lambda: not runner.busy, time.perf_counter() + TIMEOUT_S)
+    turn(lambda: not widget.live_runner.busy, time.perf_counter() + TIMEOUT_S)
     names = _layers.output_names("nuclei")
     shown: list = []  # the widget's labels after its latest run
 
@@ -201,6 +226,7 @@ def _measure() -> dict:
         turn(lambda: widget.status.value.startswith("full image done"), start + TIMEOUT_S, True)
         if not widget.status.value.startswith("full image done"):
             raise RuntimeError(f"no full run within {TIMEOUT_S} s: {widget.status.value!r}")
+        turn(lambda: True, time.perf_counter())  # the repaint the layer change asks for, as below
         seconds, cpu = time.perf_counter() - start, _cpu_seconds(cpu)
         turn(lambda: not widget.running, time.perf_counter() + TIMEOUT_S)
         shown[:] = [np.array(viewer.layers[names[0]].data)]
@@ -220,16 +246,14 @@ def _measure() -> dict:
         return seconds, cpu
 
     widget_run(), api_run()  # the unmeasured first runs
-    out["full"] = {k: [] for k in ("widget", "api", "widget_cpu", "api_cpu")}
-    for i in range(FULL_ROUNDS):
+    full: dict = {k: [] for k in ("widget", "api", "widget_cpu", "api_cpu")}
+    for i in range(FULL_PAIRS):
         ways = (("widget", widget_run), ("api", api_run))
         for way, run in ways if i % 2 == 0 else ways[::-1]:
             seconds, cpu = run()
-            out["full"][way].append(seconds)
-            out["full"][f"{way}_cpu"].append(cpu)
-    out["threads"] = __import__("torch").get_num_threads()
-    viewer.close()
-    return out
+            full[way].append(seconds)
+            full[f"{way}_cpu"].append(cpu)
+    return full
 
 
 def _cpu_seconds(since=None):
@@ -297,6 +321,57 @@ def _percent(share) -> str:
     return "-" if share is None else f"{100 * share:.0f}%"
 
 
+def _full_lines(results: dict, label, pairs: int) -> list[str]:
+    """The full runs' table (markdown lines) of ``results`` (configuration -> a worker's
+    output; ``pairs`` full-run pairs each), each row named by ``label(configuration)``."""
+    lines = [
+        "",
+        "Full run of the sample (64 x 256 x 256, default refinement): the widget's *Run on full "
+        "image* (button to the result in its layers: worker thread, progress bar, layer update) "
+        "against `segment()` (in a thread of its own, waited for) plus the same layer update in "
+        "the same process with the widget's settings (the model's defaults; same labels), each "
+        "timed to the first turn of napari's event loop after its result is in the layers (the "
+        "repaint it asks for): one unmeasured run of each, then "
+        f"{pairs} pairs in alternating order (widget first, API first); medians, the "
+        "median of the pairs' ratios with its 95% bootstrap interval (the pairs resampled "
+        f"{BOOTSTRAP} times), and the lowest and highest ratio of a pair. CPU seconds during "
+        "each, medians: of the process (all threads), of napari's main thread, and of the "
+        "process's other threads that lasted (Qt's, and the renderer's: the window composited "
+        "in software here), the run's own thread counting in the process's alone; and the "
+        "median of the pairs' differences in the process's CPU seconds (widget - API) with its "
+        "interval:",
+        "",
+        "| config | widget | API + layer update | widget / API | pairs' ratio, median (95%) "
+        "| pairs' widget / API | process CPU s, widget / API | main thread | other threads "
+        "| process CPU s, widget - API (95%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        f = r["full"]
+        w, a = (statistics.median(f[k]) for k in ("widget", "api"))
+        cpu = [[statistics.median(c[i] for c in f[k]) for k in ("widget_cpu", "api_cpu")]
+               for i in (0, 1, 2)]  # fmt: skip
+        pairs = [x / y for x, y in zip(f["widget"], f["api"])]
+        extra = [x[0] - y[0] for x, y in zip(f["widget_cpu"], f["api_cpu"])]
+        (lo, hi), (clo, chi) = _interval(pairs), _interval(extra)
+        lines.append(
+            f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} "
+            f"| {statistics.median(pairs):.2f} ({lo:.2f}-{hi:.2f}) "
+            f"| {min(pairs):.2f}-{max(pairs):.2f} | "
+            + " | ".join(f"{ours:.2f} / {api:.2f}" for ours, api in cpu)
+            + f" | {statistics.median(extra):+.2f} ({clo:+.2f} to {chi:+.2f}) |"
+        )
+    return lines
+
+
+def _interval(values, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of the median of ``values`` (``n`` resamples
+    with replacement, a fixed seed: the same values give the same interval)."""
+    rng = random.Random(0)
+    stats = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return stats[int(0.025 * n)], stats[int(0.975 * n) - 1]
+
+
 def _median(rows) -> float:
     return statistics.median(r["seconds"] for r in rows)
 
@@ -313,10 +388,24 @@ def main() -> None:
         help="wait the old way, the main thread polling processEvents every 2 ms (for comparison;"
         " writes live-cpu-poll.md)",
     )  # fmt: skip
+    parser.add_argument(
+        "--full-only", action="store_true",
+        help="measure the full runs alone, widget against API (writes live-full-cpu.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full-pairs", type=int, default=FULL_PAIRS,
+        help="pairs of full runs (widget, API) per configuration and round",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.full_pairs < 1:
+        parser.error(f"--full-pairs must be at least 1, got {args.full_pairs}")
+    # the worker processes inherit these
+    os.environ["BENCH_LIVE_FULL_PAIRS"] = str(args.full_pairs)
+    if args.full_only:
+        os.environ["BENCH_LIVE_FULL_ONLY"] = "1"
     if args.poll:
-        os.environ["BENCH_LIVE_POLL"] = "1"  # the worker processes inherit it
+        os.environ["BENCH_LIVE_POLL"] = "1"
     if args.worker:
         print(json.dumps(worker()))
         return
@@ -346,11 +435,22 @@ def main() -> None:
         name = names.get(busy, f"{busy} busy processes")
         return f"{name} (run {n})" if args.rounds > 1 else name
 
+    command = " ".join(["python benchmarks/bench_live.py", *sys.argv[1:]])
+    if args.full_only:
+        lines = [
+            "# Full runs in napari: the widget against the API (CPU)",
+            "",
+            f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')})  ",
+            f"Machine: {common.describe_machine('cpu')}  ",
+            *_full_lines(results, label, args.full_pairs),
+        ]
+        out = common.write_result("live-full-cpu.md", "\n".join(lines) + "\n")
+        print(f"wrote {out}")
+        return
     lines = [
         "# Live preview latency in napari (CPU)",
         "",
-        f"Command: `python benchmarks/bench_live.py{' --poll' if args.poll else ''}` "
-        f"({time.strftime('%Y-%m-%d %H:%M')})  ",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')})  ",
         f"Machine: {common.describe_machine('cpu')}  ",
         "Sample 64x256x256 at spacing (1, 0.4, 0.4), demo model, default refinement, 2D view: "
         "the preview computes the visible plane +-1 (3 planes of 256 x 256). Time from the "
@@ -387,35 +487,7 @@ def main() -> None:
             lines.append(
                 f"| {label(key)} | {settings} | {row['seconds']:.2f} s | {row['status']} |"
             )
-    lines += [
-        "",
-        "Full run of the sample (64 x 256 x 256, default refinement): the widget's *Run on full "
-        "image* (button to the result in its layers: worker thread, progress bar, layer update) "
-        "against `segment()` (in a thread of its own, waited for) plus the same layer update in "
-        "the same process with the widget's settings (the model's defaults; same labels): one "
-        f"unmeasured run of each, then {FULL_ROUNDS} pairs in alternating order (widget first, "
-        "API first); medians, and the lowest and highest ratio of a pair's two runs. CPU "
-        "seconds during each, medians: of the process (all threads), of napari's main thread, "
-        "and of the process's other threads that lasted (Qt's, and the renderer's: the "
-        "window composited in software here), the run's own thread counting in the "
-        "process's alone:",
-        "",
-        "| config | widget | API + layer update | widget / API | pairs' widget / API | "
-        "process CPU s, widget / API | main thread | other threads |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, r in results.items():
-        f = r["full"]
-        w, a = (statistics.median(f[k]) for k in ("widget", "api"))
-        cpu = [[statistics.median(c[i] for c in f[k]) for k in ("widget_cpu", "api_cpu")]
-               for i in (0, 1, 2)]  # fmt: skip
-        pairs = [x / y for x, y in zip(f["widget"], f["api"])]
-        lines.append(
-            f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} "
-            f"| {min(pairs):.2f}-{max(pairs):.2f} | "
-            + " | ".join(f"{ours:.2f} / {api:.2f}" for ours, api in cpu)
-            + " |"
-        )
+    lines += _full_lines(results, label, args.full_pairs)
     lines += [
         "",
         f"A newer, cheap change ({_settings(NEWER)}) 0.6 s into a costly preview "
