@@ -358,13 +358,13 @@ def _full_lines(results: dict, label, pairs: int) -> list[str]:
         w, a = (statistics.median(f[k]) for k in ("widget", "api"))
         cpu = [[statistics.median(c[i] for c in f[k]) for k in ("widget_cpu", "api_cpu")]
                for i in (0, 1, 2)]  # fmt: skip
-        pairs = [x / y for x, y in zip(f["widget"], f["api"])]
+        ratios = [x / y for x, y in zip(f["widget"], f["api"])]
         extra = [x[0] - y[0] for x, y in zip(f["widget_cpu"], f["api_cpu"])]
-        (lo, hi), (clo, chi) = _interval(pairs), _interval(extra)
+        (lo, hi), (clo, chi) = _interval(ratios), _interval(extra)
         lines.append(
             f"| {label(key)} | {w:.2f} s | {a:.2f} s | {w / a:.2f} "
-            f"| {statistics.median(pairs):.2f} ({lo:.2f}-{hi:.2f}) "
-            f"| {min(pairs):.2f}-{max(pairs):.2f} | "
+            f"| {statistics.median(ratios):.2f} ({lo:.2f}-{hi:.2f}) "
+            f"| {min(ratios):.2f}-{max(ratios):.2f} | "
             + " | ".join(f"{ours:.2f} / {api:.2f}" for ours, api in cpu)
             + f" | {statistics.median(extra):+.2f} ({clo:+.2f} to {chi:+.2f}) |"
         )
