@@ -4,6 +4,8 @@ again under its name after asking."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,28 @@ def sample():
 def _settle(qtbot, ms: int = 200) -> None:
     qtbot.wait(ms)
     QApplication.processEvents()
+
+
+@contextlib.contextmanager
+def _layout_requests(*targets):
+    """Record, while the block runs, every LayoutRequest event posted to one of ``targets``
+    (Qt objects): yields the list they are appended to."""
+    from qtpy.QtCore import QEvent, QObject
+
+    seen: list = []
+
+    class Layouts(QObject):
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.LayoutRequest and any(obj is t for t in targets):
+                seen.append(obj)
+            return False
+
+    layouts, app = Layouts(), QApplication.instance()
+    app.installEventFilter(layouts)
+    try:
+        yield seen
+    finally:
+        app.removeEventFilter(layouts)
 
 
 @pytest.fixture
@@ -378,8 +402,6 @@ def test_a_task_starting_and_ending_asks_for_no_new_layout(docked, qtbot):
     run buttons, the status line and the scrolled controls keep their places and sizes) and
     post no layout request to the dock or the main window (showing or hiding a widget would:
     napari's main window then animates every dock while the run needs the cores)."""
-    from qtpy.QtCore import QEvent, QObject
-
     _, widget = docked
     bar = widget.progress.native
     watched = (widget.run_button.native, widget.cancel_button.native, widget.status.native,
@@ -392,29 +414,16 @@ def test_a_task_starting_and_ending_asks_for_no_new_layout(docked, qtbot):
     def places():
         return [(w.mapTo(widget.native, w.rect().topLeft()).y(), w.height()) for w in watched]
 
-    seen = []
-
-    class Layouts(QObject):
-        def eventFilter(self, obj, event):
-            if event.type() == QEvent.Type.LayoutRequest and obj in (window, dock):
-                seen.append(obj)
-            return False
-
     qtbot.waitUntil(lambda: widget.status.native.isVisible(), timeout=WAIT_MS)
     qtbot.wait(100)  # laid out
     before = places()
     assert bar.isVisible() and not bar.isEnabled() and bar.format() == IDLE_BAR
-    layouts = Layouts()
-    app = QApplication.instance()
-    app.installEventFilter(layouts)
-    try:
+    with _layout_requests(window, dock) as seen:
         widget._set_running(True)
         qtbot.wait(100)  # any new layout done
         assert bar.isVisible() and bar.isEnabled() and places() == before
         widget._set_running(False)
         qtbot.wait(100)
-    finally:
-        app.removeEventFilter(layouts)
     assert places() == before and bar.isVisible() and not bar.isEnabled()
     assert seen == []
 
@@ -424,19 +433,9 @@ def test_the_status_line_asks_for_no_new_layout_once_grown(docked, qtbot):
     animates every dock); the status line sits in a box of its own that only grows, up to
     ``STATUS_LINES`` lines, so once grown a new status re-lays out nothing outside it. The
     whole text is its tooltip."""
-    from qtpy.QtCore import QEvent, QObject
-
     _, widget = docked
     window = widget.native.window()
     box, label = widget._status_box, widget.status.native
-    seen = []
-
-    class Layouts(QObject):
-        def eventFilter(self, obj, event):
-            if event.type() == QEvent.Type.LayoutRequest and obj is window:
-                seen.append(obj)
-            return False
-
     long = "approximate preview: " + "the refinement's reach cut to stay in budget; " * 12
     qtbot.waitUntil(lambda: label.isVisible(), timeout=WAIT_MS)
     widget._say(long)
@@ -445,16 +444,11 @@ def test_the_status_line_asks_for_no_new_layout_once_grown(docked, qtbot):
     assert lines < box.height() <= STATUS_LINES * lines + 2 * box.frameWidth()
     assert box.verticalScrollBar().maximum() > 0  # the rest scrolls
     height = box.height()
-    layouts = Layouts()
-    app = QApplication.instance()
-    app.installEventFilter(layouts)
-    try:
+    with _layout_requests(window) as seen:
         for text in ("segmentation running…", "full image done in 3.1 s", long[:90], "ready"):
             widget._say(text)
             qtbot.wait(50)
             assert label.text() == widget.status.value == label.toolTip() == text
-    finally:
-        app.removeEventFilter(layouts)
     assert seen == [] and box.height() == height
 
 
