@@ -495,7 +495,7 @@ def test_chunked_instances_equal_in_memory(tmp_path, seed, auto):
 
     labels = _touching_balls(seed=seed)
     spacing = (1.5, 1.0, 1.0)
-    # auto: objects the volume's border cuts are kept from a quarter of the whole size up
+    # auto: objects the volume's border cuts are kept from an eighth of the whole size up
     config = InstanceConfig(radius=5.0) if auto else InstanceConfig(min_volume=20.0)
     if auto:  # small blobs (27 spacing units, under the whole 65) on the border, across chunks
         labels[7:9, 15:18, 0:3] = 2

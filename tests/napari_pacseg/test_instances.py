@@ -146,17 +146,18 @@ def test_min_volume_auto_is_a_ball_of_half_the_radius(tmp_path):
     assert load_model(tmp_path / "m.safetensors").config.instances.min_volume is None
 
 
-def test_objects_cut_by_the_border_are_kept_from_a_quarter_of_the_auto_size():
+def test_objects_cut_by_the_border_are_kept_from_an_eighth_of_the_auto_size():
     from napari_pacseg.model.network import BORDER_SHARE
 
-    auto = InstanceConfig(radius=4.0)  # whole objects from 33.5 voxels up, cut ones from 8.4
+    auto = InstanceConfig(radius=4.0)  # whole objects from 33.5 voxels up, cut ones from 4.2
     assert auto.smallest(cut=True) == pytest.approx(BORDER_SHARE * auto.smallest())
     labels = np.zeros((12, 20, 30), np.uint8)
     labels[5:7, 8:11, 8:11] = 1  # 18 voxels inside: dropped
     labels[5:7, 0:3, 20:23] = 1  # 18 voxels on the y border: kept (a cut nucleus)
-    labels[0:2, 14:16, 26:28] = 1  # 8 voxels on the z border: under a quarter, dropped
+    labels[0:2, 14:16, 26:28] = 1  # 8 voxels on the z border: kept
+    labels[11, 0:2, 0:2] = 1  # 4 voxels in a corner: under an eighth, dropped
     ids = instance_labels(labels, (1.0, 1.0, 1.0), auto)
-    assert ids.max() == 1 and ids[5, 0, 20] == 1
+    assert ids.max() == 2 and ids[5, 0, 20] and ids[0, 14, 26] and not ids[11, 0, 0]
     # a size the user gives holds everywhere
     given = InstanceConfig(radius=4.0, min_volume=auto.smallest())
     assert instance_labels(labels, (1.0, 1.0, 1.0), given).max() == 0
@@ -164,11 +165,11 @@ def test_objects_cut_by_the_border_are_kept_from_a_quarter_of_the_auto_size():
     assert InstanceConfig(radius=8.0, boundary="m").smallest(cut=True) == pytest.approx(
         InstanceConfig(radius=8.0, boundary="m").smallest()
     )
-    # 2D: whole from 12.6 pixels, cut from 3.1; the plane itself is no border
+    # 2D: whole from 12.6 pixels, cut from 1.6; the plane itself is no border
     flat = np.zeros((20, 30), np.uint8)
     flat[8:10, 8:10] = 1  # 4 pixels inside: dropped
     flat[0:2, 20:22] = 1  # 4 pixels on the border: kept
-    flat[18:20, 5] = 1  # 2 pixels on the border: dropped
+    flat[19, 5] = 1  # 1 pixel on the border: dropped
     ids = instance_labels(flat, (1.0, 1.0), auto)
     assert ids.max() == 1 and ids[0, 20] == 1
 

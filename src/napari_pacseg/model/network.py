@@ -284,10 +284,10 @@ SPLIT_FIT_2D = 1.0
 AUTO_BRIGHTNESS = 0.5
 
 # Objects the image's border cuts are kept (auto size rule, blobs mode) from this share of the
-# smallest whole object up: the cap of a ball of ``radius`` cut at a fifth of its depth. A crop
-# of dense nuclei holds many such pieces (benchmarks/results/realdata-cpu.md counts the reference
-# objects under either size).
-BORDER_SHARE = 0.25
+# smallest whole object up: a ball of a quarter of ``radius``, the smallest cell of cells mode. A
+# crop of dense nuclei holds many such pieces, most of them nuclei partly in view
+# (benchmarks/results/realdata-cpu.md counts the reference objects under either size).
+BORDER_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,7 @@ class InstanceConfig:
     their neighbour; in cells mode a dropped piece joins the cells around it); its default,
     None, keeps objects from a ball of half ``radius`` up (``smallest``), so the one size a
     user gives sets both, and in blobs mode objects the image's border cuts from
-    ``BORDER_SHARE`` of that up (a nucleus of ``radius`` showing a fifth of its depth). The
+    ``BORDER_SHARE`` of that up (a ball of a quarter of ``radius``). The
     defaults were chosen on ``benchmarks/bench_instances.py`` (nuclei of 3-6.5 um radius) and
     ``benchmarks/bench_realdata.py``."""
 
@@ -349,7 +349,7 @@ class InstanceConfig:
     min_volume: float | None = _param(
         None, "Min volume", "smallest object kept (spacing units cubed; a 2D image's: squared)",
         0.0, 1e12, step=5.0, optional=True,
-        off="auto, a ball of half the radius (cut by the image's border: a quarter of that; "
+        off="auto, a ball of half the radius (cut by the image's border: an eighth of that; "
         "cells: a ball of a quarter of the radius)",
     )  # fmt: skip
     brightness: float | None = _param(
