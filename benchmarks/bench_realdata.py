@@ -68,6 +68,11 @@ Scores against the reference:
   membrane band), and objects are compared off the band (the band's voxels are removed from
   the reference and predicted objects alike): the membrane belongs to two cells, so a method
   whose cells tile the tissue and one whose cells stop at the membrane are scored alike.
+* cells, what the image shows of the reference's faces (``face_ridges``): per face between
+  two touching reference cells, the ridge contrast across it (the brightest of the image near
+  the face minus the brighter of the two cells a few voxels in; at or below 0 the image draws
+  no membrane there), for all faces and for the faces ours merges across (the under-splits'
+  cells, ``merged_faces``): how many of ours' merges the image itself gives no face for.
 
 Targets (issue 35), per image: foreground Dice >= best Otsu + 0.02; object F1 >= the best tuned
 anchor (recipe; for cells also the membrane watershed) + 0.05; refinement never below the
@@ -125,6 +130,10 @@ RECIPE_MIN = (0.0, 0.35, 0.5, 0.7, 1.0)  # radius of the smallest kept ball, x R
 MEMBRANE_SIGMAS = (1.0, 2.0, 3.0)  # voxels
 MEMBRANE_MIN_DISTANCE = (2, 3, 5, 7, 10, 14, 20)  # voxels
 MEMBRANE_MERGE = (0.0, 0.35, 0.5)  # radius of the smallest kept cell, x R
+RIDGE_SIGMA = 1.0  # voxels: the Gaussian the image is read through at a face (face_ridges)
+RIDGE_REACH = 2  # voxels either side of a reference face where its membrane may lie
+RIDGE_DEPTH = 6  # voxels into each cell where its inside is read
+RIDGE_LEAST = 30  # voxel pairs: the smallest face read
 
 OURS, UNREFINED = "ours, refined", "ours, no refinement"
 OTSU = ("Otsu, raw", "Otsu, Gaussian sigma 1", "Otsu, Gaussian sigma 2")
@@ -269,6 +278,58 @@ def _scored(case: Case, ids: np.ndarray) -> np.ndarray:
     if case.ignore is None:
         return ids
     return np.where(case.ignore, 0, ids)
+
+
+def face_ridges(case: Case) -> dict:
+    """How plainly the image shows each face between two scored reference cells: ``{(a, b):
+    contrast}`` (``a < b`` reference ids, faces of at least ``RIDGE_LEAST`` voxel pairs along
+    the axes). Per voxel pair across the face, along its axis: the brightest of the image
+    (Gaussian ``RIDGE_SIGMA`` voxels) within ``RIDGE_REACH`` voxels of the face, minus the
+    brighter of the image ``RIDGE_DEPTH`` voxels into either cell (pairs whose cells do not
+    reach that deep are skipped); the face's contrast is the median over its pairs, in the
+    image's units. Above 0 the face shows as a ridge (a membrane brighter than both cells
+    beside it); at or below 0 the image does not separate the two cells there."""
+    labels = case.labels.astype(np.int64)
+    scored = set(np.unique(case.truth).tolist()) - {0}
+    smooth = ndi.gaussian_filter(case.pixels.astype(np.float64), RIDGE_SIGMA)
+    values: dict[tuple[int, int], list] = {}
+    reach, depth = RIDGE_REACH, RIDGE_DEPTH
+    for axis, n in enumerate(labels.shape):
+        lo, hi = depth, n - depth - 1  # the face lies between index i and i + 1
+        if hi <= lo:
+            continue
+
+        def at(offset, lo=lo, hi=hi, axis=axis):
+            return tuple(slice(lo + offset, hi + offset) if a == axis else slice(None)
+                         for a in range(labels.ndim))  # fmt: skip
+
+        a, b = labels[at(0)], labels[at(1)]
+        deep = (labels[at(-depth)] == a) & (labels[at(depth + 1)] == b)
+        pick = (a != b) & (a > 0) & (b > 0) & deep
+        face = np.max([smooth[at(k)][pick] for k in range(-reach, reach + 2)], axis=0)
+        inside = np.maximum(smooth[at(-depth)][pick], smooth[at(depth + 1)][pick])
+        keys = zip(np.minimum(a[pick], b[pick]).tolist(), np.maximum(a[pick], b[pick]).tolist())
+        for key, value in zip(keys, (face - inside).tolist()):
+            values.setdefault(key, []).append(value)
+    return {key: float(np.median(v)) for key, v in values.items()
+            if len(v) >= RIDGE_LEAST and key[0] in scored and key[1] in scored}  # fmt: skip
+
+
+def merged_faces(case: Case, ids: np.ndarray, ridges: dict) -> list[float]:
+    """The ``face_ridges`` contrasts of the reference faces that ``ids`` draws no face across:
+    pairs of touching reference cells each at least half inside one predicted object (the
+    under-splits' cells)."""
+    truth, pred = case.truth.astype(np.int64), _scored(case, ids).astype(np.int64)
+    t_sizes = np.bincount(truth.ravel())
+    both = (truth > 0) & (pred > 0)
+    base = int(pred.max()) + 1
+    pairs, inter = np.unique(truth[both] * base + pred[both], return_counts=True)
+    most = inter / t_sizes[pairs // base] >= 0.5  # the reference cell at least half inside
+    held: dict[int, list[int]] = {}
+    for t, p in zip((pairs[most] // base).tolist(), (pairs[most] % base).tolist()):
+        held.setdefault(p, []).append(t)
+    return [ridges[(x, y)] for cells in held.values() for x in cells for y in cells
+            if x < y and (x, y) in ridges]  # fmt: skip
 
 
 def score(case: Case, fg=None, ids=None, train_s=None, segment_s=None, note="") -> dict:
@@ -419,7 +480,11 @@ def run_apoc(python: str, case: Case, scribbles: np.ndarray) -> dict:
 CELL_CLASSES = ("membrane", "cell")  # the strokes' values 1 and 2 on the cells image
 
 
-def run_ours(case: Case, scribbles, instances: dict, device: str, train_kw=None) -> dict:
+def run_ours(
+    case: Case, scribbles, instances: dict, device: str, train_kw=None, ridges=None
+) -> dict:
+    """Ours refined and unrefined on one stroke set: ``{method: row}``; ``ridges``
+    (``face_ridges``, or None): each row also gets ``merged_faces``."""
     from napari_pacseg import segment, train
 
     names = CELL_CLASSES if case.image.kind == "cells" else None
@@ -434,6 +499,8 @@ def run_ours(case: Case, scribbles, instances: dict, device: str, train_kw=None)
                       instances=instances, device=device)  # fmt: skip
         seconds = time.perf_counter() - start
         rows[name] = score(case, seg.labels > 0, seg.instances, train_s, seconds)
+        if ridges is not None:
+            rows[name]["merged_faces"] = merged_faces(case, seg.instances, ridges)
     return rows
 
 
@@ -493,19 +560,20 @@ def evaluate(
         anchors[MEMBRANE] = membrane_watershed(case)
     for name, row in anchors.items():
         print(f"  {name}: {_brief(row)}", flush=True)
+    ridges = face_ridges(case) if case.image.kind == "cells" else None
     per_seed: dict[str, list] = {}
     coverage = []
     for seed in seeds:
         scribbles = strokes(case, seed)
         coverage.append(np.count_nonzero(scribbles) / scribbles.size)
-        rows = run_ours(case, scribbles, instances, device, train_kw)
+        rows = run_ours(case, scribbles, instances, device, train_kw, ridges)
         if apoc_python:
             rows.update(run_apoc(apoc_python, case, scribbles))
         for name, row in rows.items():
             per_seed.setdefault(name, []).append(row)
             print(f"  seed {seed}, {name}: {_brief(row)}", flush=True)
     return {"case": case, "anchors": anchors, "seeds": per_seed, "coverage": float(np.mean(coverage)),
-            "instances": instances}  # fmt: skip
+            "instances": instances, "ridges": ridges}  # fmt: skip
 
 
 def _brief(row: dict) -> str:
@@ -582,6 +650,30 @@ def _fragments_line(case: Case, instances: dict) -> str:
     )
 
 
+def _ridges_line(result: dict) -> str:
+    """What the image shows of the reference's faces (``face_ridges``), and of those ours
+    merges across (refined, every seed: ``merged_faces``)."""
+    case: Case = result["case"]
+    faces = np.array(list(result["ridges"].values()))
+    merged = np.array([v for row in result["seeds"][OURS] for v in row.get("merged_faces", [])])
+    lo, hi = np.percentile(case.pixels, [1, 99])
+
+    def part(values):
+        if values.size == 0:
+            return "none"
+        return (f"{values.size}, of which {int(np.count_nonzero(values <= 0))} show no ridge "
+                f"(median contrast {np.median(values):.2f})")  # fmt: skip
+
+    return (
+        f"Faces the image shows (`face_ridges`: per face between two touching scored reference "
+        f"cells, the brightest of the image, Gaussian {RIDGE_SIGMA:g} voxel, within "
+        f"{RIDGE_REACH} voxels of the face minus the brighter of the two cells {RIDGE_DEPTH} "
+        f"voxels in; the image's 1st-99th percentile range is {hi - lo:.3g}): faces of at least "
+        f"{RIDGE_LEAST} voxel pairs {part(faces)}; the faces ours (refined) merges across, "
+        f"counted over the seeds: {part(merged)}."
+    )
+
+
 def image_section(result: dict, seeds) -> list[str]:
     case: Case = result["case"]
     im = case.image
@@ -610,6 +702,7 @@ def image_section(result: dict, seeds) -> list[str]:
             "predicted voxels on the band are left out).",
             "",
         ]
+        lines += [_ridges_line(result), ""]
     lines += [HEAD, RULE]
     for name, rows in result["seeds"].items():
         lines.append(_line(f"{name}, mean", _mean_row(rows), ".1f"))

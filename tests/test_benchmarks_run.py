@@ -74,6 +74,31 @@ def test_realdata_strokes_and_object_scores(monkeypatch):
     assert bench_realdata.match(truth, merged)["under"] == 1
 
 
+def test_realdata_face_ridges_tell_stained_faces_from_bare_ones(monkeypatch):
+    """``face_ridges``: a face drawn in the image (a bright membrane) has a contrast above 0, a
+    face the image does not show one at or below 0; ``merged_faces`` gives the contrasts of the
+    faces a prediction draws no face across."""
+    import numpy as np
+
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    import bench_realdata as br
+
+    labels = np.zeros((16, 40, 40), np.uint16)  # four cells; the image stains two faces only
+    labels[:, :20, :20], labels[:, :20, 20:], labels[:, 20:, :20], labels[:, 20:, 20:] = 1, 2, 3, 4
+    pixels = np.full(labels.shape, 10.0) + np.random.default_rng(0).normal(0, 0.2, labels.shape)
+    pixels[:, :, 19:21] += 20  # the membrane between 1 | 2 and 3 | 4, along y
+    image = br.RealImage("tiles", "cells", (1.0, 1.0, 1.0), (4, 8, 12), 8.0)
+    band = br.membrane_band(labels)
+    case = br.Case(image, pixels, labels, np.where(band, 0, labels), band, (1.0, 1.0, 1.0), 8.0)
+    ridges = br.face_ridges(case)
+    assert set(ridges) == {(1, 2), (3, 4), (1, 3), (2, 4)}
+    assert ridges[(1, 2)] > 10 and ridges[(3, 4)] > 10
+    assert ridges[(1, 3)] <= 0.5 and ridges[(2, 4)] <= 0.5
+    pred = np.where(labels > 2, labels - 2, labels)  # 1 with 3 and 2 with 4: the bare faces
+    assert sorted(br.merged_faces(case, pred, ridges)) == sorted([ridges[(1, 3)], ridges[(2, 4)]])
+    assert br.merged_faces(case, labels, ridges) == []
+
+
 def test_realdata_halves_are_cases_of_their_own(monkeypatch):
     """``bench_realdata --halves``: a 3D image splits along y, a 2D one along x, each half with
     its own pixels, labels, truth and ignore mask, named after the half."""
