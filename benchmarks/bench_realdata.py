@@ -71,7 +71,7 @@ Scores against the reference:
 * cells, what the image shows of the reference's faces (``face_ridges``): per face between
   two touching reference cells, the ridge contrast across it (the brightest of the image near
   the face minus the brighter of the two cells a few voxels in; at or below 0 the image draws
-  no membrane there), for all faces and for the faces ours merges across (the under-splits'
+  no membrane there, a count noise can only lower), for all faces and for the faces ours merges across (the under-splits'
   cells, ``merged_faces``): how many of ours' merges the image itself gives no face for.
 
 Targets (issue 35), per image: foreground Dice >= best Otsu + 0.02; object F1 >= the best tuned
@@ -288,7 +288,9 @@ def face_ridges(case: Case) -> dict:
     brighter of the image ``RIDGE_DEPTH`` voxels into either cell (pairs whose cells do not
     reach that deep are skipped); the face's contrast is the median over its pairs, in the
     image's units. Above 0 the face shows as a ridge (a membrane brighter than both cells
-    beside it); at or below 0 the image does not separate the two cells there."""
+    beside it); at or below 0 the image does not separate the two cells there. The brightest of
+    ``2 * RIDGE_REACH + 2`` samples against the brighter of 2 reads a flat noisy face slightly
+    above 0, so the faces at or below 0 are a lower bound of those the image does not show."""
     labels = case.labels.astype(np.int64)
     scored = set(np.unique(case.truth).tolist()) - {0}
     smooth = ndi.gaussian_filter(case.pixels.astype(np.float64), RIDGE_SIGMA)

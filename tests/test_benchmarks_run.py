@@ -75,9 +75,9 @@ def test_realdata_strokes_and_object_scores(monkeypatch):
 
 
 def test_realdata_face_ridges_tell_stained_faces_from_bare_ones(monkeypatch):
-    """``face_ridges``: a face drawn in the image (a bright membrane) has a contrast above 0, a
-    face the image does not show one at or below 0; ``merged_faces`` gives the contrasts of the
-    faces a prediction draws no face across."""
+    """``face_ridges``: a face drawn in the image (a bright membrane) has a contrast of about the
+    membrane's brightness, a face the image does not show one near 0 (noise reads it a little
+    above); ``merged_faces`` gives the contrasts of the faces a prediction draws no face across."""
     import numpy as np
 
     monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
@@ -93,7 +93,7 @@ def test_realdata_face_ridges_tell_stained_faces_from_bare_ones(monkeypatch):
     ridges = br.face_ridges(case)
     assert set(ridges) == {(1, 2), (3, 4), (1, 3), (2, 4)}
     assert ridges[(1, 2)] > 10 and ridges[(3, 4)] > 10
-    assert ridges[(1, 3)] <= 0.5 and ridges[(2, 4)] <= 0.5
+    assert abs(ridges[(1, 3)]) < 0.1 and abs(ridges[(2, 4)]) < 0.1
     pred = np.where(labels > 2, labels - 2, labels)  # 1 with 3 and 2 with 4: the bare faces
     assert sorted(br.merged_faces(case, pred, ridges)) == sorted([ridges[(1, 3)], ridges[(2, 4)]])
     assert br.merged_faces(case, labels, ridges) == []
