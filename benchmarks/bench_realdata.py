@@ -670,7 +670,8 @@ def _ridges_line(result: dict) -> str:
         f"Faces the image shows (`face_ridges`: per face between two touching scored reference "
         f"cells, the brightest of the image, Gaussian {RIDGE_SIGMA:g} voxel, within "
         f"{RIDGE_REACH} voxels of the face minus the brighter of the two cells {RIDGE_DEPTH} "
-        f"voxels in; the image's 1st-99th percentile range is {hi - lo:.3g}): faces of at least "
+        f"voxels in; no ridge: at or below 0, a count noise can only lower; the image's "
+        f"1st-99th percentile range is {hi - lo:.3g}): faces of at least "
         f"{RIDGE_LEAST} voxel pairs {part(faces)}; the faces ours (refined) merges across, "
         f"counted over the seeds: {part(merged)}."
     )
