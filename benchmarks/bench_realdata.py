@@ -71,8 +71,9 @@ Scores against the reference:
 * cells, what the image shows of the reference's faces (``face_ridges``): per face between
   two touching reference cells, the ridge contrast across it (the brightest of the image near
   the face minus the brighter of the two cells a few voxels in; at or below 0 the image draws
-  no membrane there, a count noise can only lower), for all faces and for the faces ours merges across (the under-splits'
-  cells, ``merged_faces``): how many of ours' merges the image itself gives no face for.
+  no membrane there, a count noise can only lower), for all faces and for the faces ours
+  merges across (the under-splits' cells, ``merged_faces``): how many of ours' merges the
+  image itself gives no face for.
 
 Targets (issue 35), per image: foreground Dice >= best Otsu + 0.02; object F1 >= the best tuned
 anchor (recipe; for cells also the membrane watershed) + 0.05; refinement never below the
@@ -245,16 +246,22 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * np.count_nonzero(pred & truth) / max(1, pred.sum() + truth.sum()))
 
 
+def _overlaps(truth: np.ndarray, pred: np.ndarray):
+    """Every overlapping pair of a reference and a predicted object (int64 labels, 0
+    background): ``(truth ids, predicted ids, shared voxels)``, int64 arrays, one row a pair."""
+    both = (truth > 0) & (pred > 0)
+    base = int(pred.max()) + 1
+    pairs, inter = np.unique(truth[both] * base + pred[both], return_counts=True)
+    return pairs // base, pairs % base, inter
+
+
 def match(truth: np.ndarray, pred: np.ndarray) -> dict:
     """Object scores of ``pred`` against ``truth`` (integer labels, 0 background); see the
     module docstring."""
     truth, pred = truth.astype(np.int64), pred.astype(np.int64)
     t_sizes, p_sizes = np.bincount(truth.ravel()), np.bincount(pred.ravel())
     n_t, n_p = int(np.count_nonzero(t_sizes[1:])), int(np.count_nonzero(p_sizes[1:]))
-    both = (truth > 0) & (pred > 0)
-    base = int(pred.max()) + 1
-    pairs, inter = np.unique(truth[both] * base + pred[both], return_counts=True)
-    ti, pi = pairs // base, pairs % base
+    ti, pi, inter = _overlaps(truth, pred)
     iou = inter / (t_sizes[ti] + p_sizes[pi] - inter)
     hit = iou > IOU  # above 0.5 each object has at most one partner: one-to-one
     tp = int(np.count_nonzero(hit))
@@ -322,13 +329,10 @@ def merged_faces(case: Case, ids: np.ndarray, ridges: dict) -> list[float]:
     pairs of touching reference cells each at least half inside one predicted object (the
     under-splits' cells)."""
     truth, pred = case.truth.astype(np.int64), _scored(case, ids).astype(np.int64)
-    t_sizes = np.bincount(truth.ravel())
-    both = (truth > 0) & (pred > 0)
-    base = int(pred.max()) + 1
-    pairs, inter = np.unique(truth[both] * base + pred[both], return_counts=True)
-    most = inter / t_sizes[pairs // base] >= 0.5  # the reference cell at least half inside
+    ti, pi, inter = _overlaps(truth, pred)
+    most = inter / np.bincount(truth.ravel())[ti] >= 0.5  # the reference cell at least half inside
     held: dict[int, list[int]] = {}
-    for t, p in zip((pairs[most] // base).tolist(), (pairs[most] % base).tolist()):
+    for t, p in zip(ti[most].tolist(), pi[most].tolist()):
         held.setdefault(p, []).append(t)
     return [ridges[(x, y)] for cells in held.values() for x in cells for y in cells
             if x < y and (x, y) in ridges]  # fmt: skip
